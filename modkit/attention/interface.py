@@ -1,0 +1,128 @@
+"""The contract between the model and an attention backend.
+
+A forward pass runs one *flat batch*: the new tokens of many requests laid end to end,
+with no padding. Request ``s`` owns tokens ``query_start_loc[s] : query_start_loc[s+1]``
+of the batch. Those tokens are the last ``query_len`` of its context, so a request whose
+whole prompt is new, one that is half-way through a chunked prompt, and one that decodes
+a single token look alike::
+
+    request s's context (seq_lens[s] tokens), stored in its blocks
+    |<--------- already in the KV cache --------->|<--- new in this batch --->|
+    0                             seq_len - query_len                     seq_len
+
+    flat batch:  [ s0 new tokens | s1 new tokens | s2 new tokens | ... ]
+
+The KV cache of one layer is a single tensor::
+
+    kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim)
+              [0] keys, [1] values
+
+Token ``t`` of request ``s`` lives in block ``block_tables[s, t // block_size]`` at offset
+``t % block_size``. Its *slot* is ``block_id * block_size + offset``; ``slot_mapping``
+gives the slot of every new token, which is where a backend writes its key and value.
+
+A backend must, for every layer call: write the new keys and values to their slots, then
+compute causal attention of each new token over its request's context (itself and every
+earlier token, nothing later, nothing of another request). Grouped-query attention: query
+head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where each request's tokens sit in the flat batch and in the KV cache.
+
+    The tensors live on the model's device. ``query_start_loc_cpu`` and ``seq_lens_cpu``
+    are host copies of the same numbers, so backends that loop in Python need no device
+    synchronisation.
+    """
+
+    query_start_loc: torch.Tensor  # (num_seqs + 1,) int32, cumulative query lengths
+    seq_lens: torch.Tensor  # (num_seqs,) int32, context length after this step
+    block_tables: torch.Tensor  # (num_seqs, max_blocks_per_seq) int32, unused entries 0
+    slot_mapping: torch.Tensor  # (num_tokens,) int64, cache slot of each new token
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    block_size: int
+
+    def __post_init__(self) -> None:
+        num_seqs = len(self.seq_lens_cpu)
+        assert len(self.query_start_loc_cpu) == num_seqs + 1, "one start per sequence, plus the end"
+        assert self.slot_mapping.shape[0] == self.query_start_loc_cpu[-1], "one slot per new token"
+        for s in range(num_seqs):
+            query_len = self.query_start_loc_cpu[s + 1] - self.query_start_loc_cpu[s]
+            assert 0 < query_len <= self.seq_lens_cpu[s], "new tokens are the tail of the context"
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc_cpu[-1]
+
+
+class AttentionBackend(ABC):
+    """One implementation of paged attention. Stateless: all state is in the arguments."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # (num_tokens, num_heads, head_dim)
+        key: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
+        value: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Store key/value in the cache, then return attention output (num_tokens, num_heads, head_dim)."""
+
+
+def write_to_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter the new tokens' keys and values into their slots."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+_BACKENDS: dict[str, type[AttentionBackend]] = {}
+B = TypeVar("B", bound=type[AttentionBackend])
+
+
+def register_attention_backend(name: str) -> Callable[[B], B]:
+    """Class decorator: make a backend available by name to ``get_attention_backend``."""
+
+    def register(cls: B) -> B:
+        if name in _BACKENDS:
+            raise ValueError(f"attention backend {name!r} is already registered")
+        cls.name = name
+        _BACKENDS[name] = cls
+        return cls
+
+    return register
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    """An instance of the backend registered under ``name``."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]()
+
+
+def attention_backends() -> list[str]:
+    """Names of every registered backend."""
+    return sorted(_BACKENDS)
