@@ -147,3 +147,12 @@ def test_a_registered_backend_is_used_by_the_model(random_checkpoint) -> None:
     torch.testing.assert_close(logits[0], logits[1])
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         get_attention_backend("nope")
+
+
+def test_eos_ids_come_from_config_and_generation_config(random_checkpoint, tmp_path: Path) -> None:
+    source = random_checkpoint("qwen2")
+    hf = json.loads((source / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "eos_token_id": 7}))
+    assert ModelConfig.from_pretrained(tmp_path).eos_token_ids == (7,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 7]}))
+    assert ModelConfig.from_pretrained(tmp_path).eos_token_ids == (7, 9)

@@ -149,8 +149,18 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
-        """Read ``config.json`` from a checkpoint folder."""
+        """Read ``config.json`` from a checkpoint folder.
+
+        End-of-sequence ids are the union of config.json's and generation_config.json's:
+        chat models often list their end-of-turn token only in the latter.
+        """
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {model_dir}")
-        return cls.from_hf_dict(json.loads(path.read_text()))
+        hf = json.loads(path.read_text())
+        generation = Path(model_dir) / "generation_config.json"
+        if generation.is_file():
+            ids = [hf.get("eos_token_id"), json.loads(generation.read_text()).get("eos_token_id")]
+            flat = [i for x in ids if x is not None for i in (x if isinstance(x, list) else [x])]
+            hf = {**hf, "eos_token_id": list(dict.fromkeys(flat))}
+        return cls.from_hf_dict(hf)
