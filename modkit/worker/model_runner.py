@@ -50,21 +50,67 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     def prepare(self, chunks: list[SequenceChunk]) -> ForwardInputs:
-        """Lay the chunks end to end and describe where their tokens go in the cache."""
+        """Lay the chunks end to end and describe where their tokens go in the cache.
+
+        Python loops here run once per chunk; everything per token is a tensor operation,
+        so preparing a step costs little next to the forward it feeds.
+        """
+        self._validate(chunks)
+        block_size = self.kv_cache.block_size
+        num_seqs = len(chunks)
+        query_lens = torch.tensor([len(c.token_ids) for c in chunks])  # (S,)
+        computed = torch.tensor([c.num_computed_tokens for c in chunks])  # (S,)
+        num_logits = torch.tensor([c.num_logits for c in chunks])  # (S,)
+        query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int64)
+        torch.cumsum(query_lens, 0, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        block_tables = torch.zeros((num_seqs, max(len(c.block_table) for c in chunks)), dtype=torch.int64)
+        for i, chunk in enumerate(chunks):
+            block_tables[i, : len(chunk.block_table)] = torch.tensor(chunk.block_table)
+
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), query_lens)  # (T,)
+        offset_in_chunk = torch.arange(num_tokens) - query_start_loc[seq_of_token]  # (T,)
+        positions = computed[seq_of_token] + offset_in_chunk  # (T,)
+        blocks = block_tables[seq_of_token, positions // block_size]  # (T,)
+        slot_mapping = blocks * block_size + positions % block_size  # (T,)
+        # Logit rows: the last num_logits tokens of each chunk.
+        seq_of_logit = torch.repeat_interleave(torch.arange(num_seqs), num_logits)  # (N,)
+        logit_starts = torch.cumsum(num_logits, 0) - num_logits  # (S,)
+        offset_in_tail = torch.arange(int(num_logits.sum())) - logit_starts[seq_of_logit]  # (N,)
+        logits_indices = query_start_loc[seq_of_logit + 1] - num_logits[seq_of_logit] + offset_in_tail
+
+        seq_lens = computed + query_lens
+        input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64)
+        dev = self.device
+        metadata = AttentionMetadata(
+            query_start_loc=query_start_loc.to(dev, torch.int32),
+            seq_lens=seq_lens.to(dev, torch.int32),
+            block_tables=block_tables.to(dev, torch.int32),
+            slot_mapping=slot_mapping.to(dev),
+            query_start_loc_cpu=query_start_loc.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+            block_size=block_size,
+        )
+        return ForwardInputs(
+            input_ids=input_ids.to(dev),
+            positions=positions.to(dev),
+            metadata=metadata,
+            logits_indices=logits_indices.to(dev),
+            num_logits=num_logits.tolist(),
+        )
+
+    def _validate(self, chunks: list[SequenceChunk]) -> None:
+        """Refuse work the cache or the model cannot hold, naming the chunk and the reason."""
         if not chunks:
             raise ValueError("a forward pass needs at least one sequence chunk")
-        block_size = self.kv_cache.block_size
+        block_size, num_blocks = self.kv_cache.block_size, self.kv_cache.num_blocks
         max_len = self.model.config.max_position_embeddings
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_indices: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
         for i, chunk in enumerate(chunks):
-            start, end = chunk.num_computed_tokens, chunk.num_computed_tokens + len(chunk.token_ids)
+            end = chunk.num_computed_tokens + len(chunk.token_ids)
             if not chunk.token_ids:
                 raise ValueError(f"chunk {i} has no tokens")
+            if chunk.num_computed_tokens < 0:
+                raise ValueError(f"chunk {i} has negative num_computed_tokens")
             if end > max_len:
                 raise ValueError(f"chunk {i} reaches position {end}, past the model's limit of {max_len}")
             if len(chunk.block_table) * block_size < end:
@@ -72,41 +118,10 @@ class ModelRunner:
                     f"chunk {i} needs {-(-end // block_size)} blocks for {end} tokens, "
                     f"its block table has {len(chunk.block_table)}"
                 )
-            if any(not 0 <= b < self.kv_cache.num_blocks for b in chunk.block_table):
-                raise ValueError(f"chunk {i} names a block outside 0..{self.kv_cache.num_blocks - 1}")
+            if chunk.block_table and not 0 <= min(chunk.block_table) <= max(chunk.block_table) < num_blocks:
+                raise ValueError(f"chunk {i} names a block outside 0..{num_blocks - 1}")
             if not 0 <= chunk.num_logits <= len(chunk.token_ids):
                 raise ValueError(f"chunk {i} asks for {chunk.num_logits} logits of {len(chunk.token_ids)} tokens")
-            input_ids.extend(chunk.token_ids)
-            positions.extend(range(start, end))
-            slots.extend(chunk.block_table[p // block_size] * block_size + p % block_size for p in range(start, end))
-            row_end = query_start_loc[-1] + len(chunk.token_ids)
-            logits_indices.extend(range(row_end - chunk.num_logits, row_end))
-            query_start_loc.append(row_end)
-            seq_lens.append(end)
-        max_blocks = max(len(c.block_table) for c in chunks)
-        block_tables = torch.zeros((len(chunks), max_blocks), dtype=torch.int32)
-        for i, chunk in enumerate(chunks):
-            block_tables[i, : len(chunk.block_table)] = torch.tensor(chunk.block_table, dtype=torch.int32)
-
-        def on_device(values: list[int] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-            return torch.as_tensor(values, dtype=dtype).to(self.device)
-
-        metadata = AttentionMetadata(
-            query_start_loc=on_device(query_start_loc, torch.int32),
-            seq_lens=on_device(seq_lens, torch.int32),
-            block_tables=on_device(block_tables, torch.int32),
-            slot_mapping=on_device(slots, torch.int64),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
-            block_size=block_size,
-        )
-        return ForwardInputs(
-            input_ids=on_device(input_ids, torch.int64),
-            positions=on_device(positions, torch.int64),
-            metadata=metadata,
-            logits_indices=on_device(logits_indices, torch.int64),
-            num_logits=[c.num_logits for c in chunks],
-        )
 
     @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
