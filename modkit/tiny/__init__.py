@@ -1,0 +1,1 @@
+"""The embedded tiny chat model: its synthetic corpus and the script that trains it."""
