@@ -10,4 +10,8 @@ The package is laid out one subpackage per component of a serving engine:
   step's work into one flat forward pass.
 """
 
+from modkit.engine.llm import LLM
+from modkit.sampling_params import SamplingParams
+
 __version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams"]

@@ -191,6 +191,7 @@ def compare_mixed_batch(
     chunk_size: int = 8,
     seed: int = 0,
     hf_model: Any = None,
+    attention_backend: str = "torch_ref",
 ) -> dict[str, float]:
     """Max |modkit - HF| over every logit of a mixed schedule, with HF run in the same dtype.
 
@@ -199,7 +200,7 @@ def compare_mixed_batch(
     (relative norm): how far each is from HF in float32, so modkit's error can be judged
     against what HF itself loses at that precision.
     """
-    model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_model(model_dir, dtype=dtype, device=device, attention_backend=attention_backend)
     vocab = model.config.vocab_size
     rng = random.Random(seed)
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in prompt_lens]

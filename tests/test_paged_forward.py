@@ -12,19 +12,23 @@ from modkit.worker import ModelRunner, PagedKVCache, SequenceChunk
 SHAPES = ["qwen2", "qwen2-untied", "qwen3", "llama3"]
 
 
+@pytest.mark.parametrize("backend", ["torch_ref", "torch_batched"])
 @pytest.mark.parametrize("block_size", [1, 16, 5])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_random_models_match_hf_on_a_mixed_schedule(random_checkpoint, shape: str, block_size: int) -> None:
+def test_random_models_match_hf_on_a_mixed_schedule(random_checkpoint, shape: str, block_size: int, backend) -> None:
     # Prompts of 1..40 tokens, chunked by 8, arriving one per step, with decode tokens:
     # most forwards hold prompt chunks and decode tokens of several requests at once.
-    stats = compare_mixed_batch(random_checkpoint(shape), block_size=block_size)
+    stats = compare_mixed_batch(random_checkpoint(shape), block_size=block_size, attention_backend=backend)
     assert stats["mixed_steps"] >= 5
     assert stats["max_abs_diff"] < 1e-4, stats
 
 
+@pytest.mark.parametrize("backend", ["torch_ref", "torch_batched"])
 @pytest.mark.parametrize("block_size", [1, 16, 7])
-def test_tiny_model_matches_hf_on_a_mixed_schedule(tiny_model_dir, block_size: int) -> None:
-    stats = compare_mixed_batch(tiny_model_dir, block_size=block_size, prompt_lens=(12, 64, 31, 1, 100, 17))
+def test_tiny_model_matches_hf_on_a_mixed_schedule(tiny_model_dir, block_size: int, backend: str) -> None:
+    stats = compare_mixed_batch(
+        tiny_model_dir, block_size=block_size, prompt_lens=(12, 64, 31, 1, 100, 17), attention_backend=backend
+    )
     assert stats["mixed_steps"] >= 5
     assert stats["max_abs_diff"] < 2e-4, stats
 

@@ -3,6 +3,7 @@
 Importing this package registers the built-in backends.
 """
 
+from modkit.attention import torch_batched as _torch_batched  # noqa: F401  (registers "torch_batched")
 from modkit.attention import torch_ref as _torch_ref  # noqa: F401  (registers "torch_ref")
 from modkit.attention.interface import (
     AttentionBackend,

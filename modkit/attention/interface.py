@@ -29,6 +29,7 @@ head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     block_size: int
+    # Per new token: which request it belongs to, and its index among that request's new
+    # tokens. Derivable from query_start_loc; computed once per step for backends that
+    # scatter tokens into a padded (num_seqs, max_query_len) layout.
+    token_seq_idx: torch.Tensor | None = None  # (num_tokens,) int64
+    token_offset: torch.Tensor | None = None  # (num_tokens,) int64
 
     def __post_init__(self) -> None:
         num_seqs = len(self.seq_lens_cpu)
@@ -69,6 +75,15 @@ class AttentionMetadata:
     @property
     def num_tokens(self) -> int:
         return self.query_start_loc_cpu[-1]
+
+    @property
+    def max_query_len(self) -> int:
+        starts = self.query_start_loc_cpu
+        return max(b - a for a, b in itertools.pairwise(starts))
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_cpu)
 
 
 class AttentionBackend(ABC):

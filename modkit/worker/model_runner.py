@@ -90,6 +90,8 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
             block_size=block_size,
+            token_seq_idx=seq_of_token.to(dev),
+            token_offset=offset_in_chunk.to(dev),
         )
         return ForwardInputs(
             input_ids=input_ids.to(dev),

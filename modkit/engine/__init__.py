@@ -1,0 +1,1 @@
+"""The in-process engine: requests, output processing, and the offline LLM API."""

@@ -1,0 +1,49 @@
+"""The engine's configuration: one typed object, validated once, never changed afterwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str | Path | None = None  # local folder, hub id, or None for the embedded tiny model
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 (or float16) on GPU
+    device: str | None = None  # None: cuda if available, else cpu
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # None: sized from free memory
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_num_seqs: int = 256  # requests running at once
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    scheduling_policy: str = "fcfs"
+    sampler: str = "default"
+    attention_backend: str = "torch_batched"
+    kv_cache_memory_fraction: float = 0.9  # of free memory after weights, when num_kv_blocks is None
+    seed: int = 0  # seeds unseeded random sampling
+
+    def __post_init__(self) -> None:
+        positive = ("block_size", "max_num_batched_tokens", "max_num_seqs")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2):
+            raise ConfigError(
+                "num_kv_blocks", f"must be None or an integer >= 2 (block 0 is reserved), got {self.num_kv_blocks!r}"
+            )
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ConfigError("max_model_len", f"must be None or an integer >= 2, got {self.max_model_len!r}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ConfigError("kv_cache_memory_fraction", f"must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise ConfigError("device", f"must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")

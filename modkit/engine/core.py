@@ -1,0 +1,139 @@
+"""The engine core: one step = schedule, run the model, sample, update.
+
+::
+
+    scheduler.schedule()          which requests compute how many tokens; blocks allocated
+        -> worker.execute_model() the flat forward over exactly those blocks -> logits
+        -> sampler.sample()       next token for each request that reached its end
+        -> scheduler.update_from_output()  append tokens, finish requests, free blocks
+
+The same objects run in one process here and, later, each behind ZeroMQ in its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from modkit.engine.config import ConfigError, EngineConfig
+from modkit.kvcache import KVCacheManager, KVEventSink
+from modkit.model import load_model
+from modkit.model.config import ModelConfig
+from modkit.request import Request, RequestStatus
+from modkit.sampler import SamplingState, get_sampler
+from modkit.scheduler import EngineCoreOutput, ModelRunnerOutput, Scheduler
+from modkit.worker import ModelRunner, PagedKVCache, Worker, kv_cache_bytes_per_block
+
+CPU_KV_CACHE_CAP_BYTES = 512 * 2**20  # a laptop runs several engines side by side in notebooks
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, kv_event_sink: KVEventSink | None = None) -> None:
+        self.config = config
+        self.model = load_model(
+            config.model, dtype=config.dtype, device=config.device, attention_backend=config.attention_backend
+        )
+        self.device = self.model.lm_head.weight.device
+        self.dtype = self.model.lm_head.weight.dtype
+        limit = self.model.config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ConfigError(
+                "max_model_len", f"must be <= the model's max_position_embeddings ({limit}), got {config.max_model_len}"
+            )
+        self.max_model_len = config.max_model_len or limit
+        num_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
+        self.kv_cache = PagedKVCache.allocate(self.model.config, num_blocks, config.block_size, self.dtype, self.device)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, kv_event_sink)
+        self.scheduler = Scheduler(
+            self.kv_manager,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            self.max_model_len,
+            config.scheduling_policy,
+        )
+        self.worker = Worker(ModelRunner(self.model, self.kv_cache))
+        self.sampler = get_sampler(config.sampler, seed=config.seed)
+        self.sampling_states: dict[str, SamplingState] = {}
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    def add_request(self, request: Request) -> None:
+        request.eos_token_ids = request.eos_token_ids or self.model.config.eos_token_ids
+        vocab = self.model.config.vocab_size
+        if not all(0 <= t < vocab for t in request.prompt_token_ids):
+            bad = next(t for t in request.prompt_token_ids if not 0 <= t < vocab)
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        request.sampling_params.check_token_ids(vocab)
+        self.scheduler.add_request(request)
+        state = SamplingState.create(
+            request.sampling_params, request.prompt_token_ids, self.device, request.eos_token_ids
+        )
+        state.output_token_ids = request.output_token_ids  # the same list: the sampler sees each new token
+        self.sampling_states[request.req_id] = state
+
+    def abort_requests(self, req_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        self.scheduler.finish_requests(req_ids, status)
+        for req_id in req_ids:
+            self.sampling_states.pop(req_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        result = self.worker.execute_model(scheduler_output)
+        sampled = []
+        if result.req_ids:
+            states = [self.sampling_states[r] for r in result.req_ids]
+            sampled = self.sampler.sample(result.logits, states).to_lists()  # the one host copy
+        runner_output = ModelRunnerOutput(result.req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])
+        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        for out in outputs:
+            if out.finish_reason is not None:
+                self.sampling_states.pop(out.req_id, None)
+        return outputs
+
+    def check_invariants(self) -> None:
+        self.scheduler.check_invariants()
+        assert set(self.sampling_states) == set(self.scheduler.requests), "sampling state for every live request"
+
+    def _num_blocks_from_memory(self) -> int:
+        """Blocks that fit in the memory left after the weights (and, on a GPU, activations)."""
+        cfg = self.config
+        per_block = kv_cache_bytes_per_block(self.model.config, cfg.block_size, self.dtype)
+        # Never more than every running request at full length needs.
+        enough = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) + 1
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.kv_cache_memory_fraction) - self._activation_bytes()
+        else:
+            budget = min(int(_available_host_memory() * 0.25), CPU_KV_CACHE_CAP_BYTES)
+        if budget < 2 * per_block:
+            raise ConfigError("num_kv_blocks", f"no memory left for a KV cache ({budget} bytes free after weights)")
+        return max(2, min(enough, budget // per_block))
+
+    def _activation_bytes(self) -> int:
+        """A generous estimate of one step's activation peak (measured sizing comes with the GPU work)."""
+        m, cfg = self.model.config, self.config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_token = (
+            4 * m.hidden_size
+            + 3 * m.intermediate_size
+            + (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
+        )
+        logits = min(cfg.max_num_seqs, cfg.max_num_batched_tokens) * m.vocab_size * 4 * 3
+        return 2 * cfg.max_num_batched_tokens * per_token * elem + logits
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

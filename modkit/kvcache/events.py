@@ -1,0 +1,56 @@
+"""KV cache events in vLLM's format, for routers and live views that mirror the cache.
+
+vLLM publishes these over ZeroMQ (``vllm/distributed/kv_events.py``); a KV-aware router
+learns from them which prefixes each worker holds. Here they go to a pluggable sink: any
+callable taking one event. ``EventLog`` is a sink that keeps them in a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from modkit.kvcache.hashing import BlockHash
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """Full blocks whose KV was computed and can now be found by hash (prefix-cache entries)."""
+
+    block_hashes: list[BlockHash]
+    parent_block_hash: BlockHash | None  # None when the first block starts the request
+    token_ids: list[int]  # every token of the stored blocks, in order
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    """Cached blocks that were evicted: their hashes no longer find anything."""
+
+    block_hashes: list[BlockHash]
+    medium: str | None = "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    """The whole prefix cache was reset."""
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+KVEventSink = Callable[[KVEvent], None]
+
+
+@dataclass(slots=True)
+class EventLog:
+    """A sink that keeps every event; ``take()`` hands them over and starts afresh."""
+
+    events: list[KVEvent] = field(default_factory=list)
+
+    def __call__(self, event: KVEvent) -> None:
+        self.events.append(event)
+
+    def take(self) -> list[KVEvent]:
+        taken, self.events = self.events, []
+        return taken

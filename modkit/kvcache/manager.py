@@ -1,0 +1,171 @@
+"""The KV cache manager: which blocks each request holds, and prefix-cache lookups.
+
+The scheduler asks it two questions each step, in vLLM V1's terms:
+
+- ``get_computed_blocks(request)``: for a request about to be admitted, the longest run of
+  its leading full blocks already in the cache (a prefix hit), so those tokens are skipped;
+- ``allocate_slots(request, num_new_tokens, ...)``: make room for ``num_new_tokens`` more
+  tokens; ``None`` when there are not enough free blocks (the scheduler then preempts or
+  waits; nothing is half-allocated).
+
+and tells it one thing: ``free(request)`` when a request finishes or is preempted.
+The block ids it hands out are exactly the block tables the worker runs the model on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from modkit.kvcache.block_pool import NULL_BLOCK_ID, BlockPool, KVCacheBlock
+from modkit.kvcache.events import KVEventSink
+from modkit.kvcache.hashing import hash_request_blocks
+
+if TYPE_CHECKING:  # the request module imports block hashes from this package
+    from modkit.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheStats:
+    num_blocks_total: int  # allocatable blocks (the reserved null block not counted)
+    num_blocks_free: int  # free now, cached or not
+    num_blocks_cached: int  # blocks findable by hash (held or free)
+    usage: float  # fraction of blocks held by requests (vllm:kv_cache_usage_perc)
+    prefix_cache_queries: int  # tokens looked up (vllm:prefix_cache_queries)
+    prefix_cache_hits: int  # of those, tokens found cached (vllm:prefix_cache_hits)
+    num_evictions: int  # cached blocks whose content was dropped to reuse the block
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        event_sink: KVEventSink | None = None,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching, event_sink)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.num_cached_blocks: dict[str, int] = {}  # per request: leading blocks already hashed
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """Leading blocks of ``request`` found in the prefix cache, and how many tokens they hold.
+
+        At most ``num_tokens - 1`` tokens count as a hit: the last token must be computed
+        anyway, since its logits are what the next token is sampled from.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        self._update_hashes(request)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for block_hash in request.block_hashes[:max_hit_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[KVCacheBlock] = (),
+        num_new_computed_tokens: int = 0,
+    ) -> list[KVCacheBlock] | None:
+        """Blocks for ``num_new_tokens`` more tokens, after taking ``new_computed_blocks`` (a prefix hit).
+
+        ::
+
+            | computed | prefix hit (new_computed) | new tokens (num_new_tokens) |
+            |<-- request's blocks -->|<-- blocks to allocate now -------------->|
+
+        Returns the newly allocated blocks (possibly none), or ``None``, changing nothing,
+        when the free blocks do not suffice.
+        """
+        first_allocation = request.req_id not in self.req_to_blocks
+        held = self.req_to_blocks.get(request.req_id, [])
+        total = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        num_needed = -(-total // self.block_size) - len(held) - len(new_computed_blocks)
+        # Hit blocks that nobody holds sit in the free queue; taking them uses up free blocks too.
+        num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_free_hits:
+            return None
+
+        blocks = self.req_to_blocks.setdefault(request.req_id, held)
+        self.pool.touch(new_computed_blocks)
+        blocks.extend(new_computed_blocks)
+        new_blocks = self.pool.get_new_blocks(max(num_needed, 0))
+        blocks.extend(new_blocks)
+        if first_allocation and self.enable_prefix_caching:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_new_computed_tokens
+
+        if self.enable_prefix_caching:
+            # Blocks that will be full once this step's tokens are computed become findable
+            # now; a request hitting them in this same step reads them after they are
+            # written, since a forward writes every new token's KV before any attention.
+            self._update_hashes(request)
+            num_full = min(total, request.num_tokens) // self.block_size
+            num_cached = self.num_cached_blocks.get(request.req_id, len(new_computed_blocks) if first_allocation else 0)
+            self.pool.cache_full_blocks(blocks, request.block_hashes, request.all_token_ids, num_cached, num_full)
+            self.num_cached_blocks[request.req_id] = max(num_cached, num_full)
+        return new_blocks
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, last block first, so its tail is evicted before its prefix."""
+        blocks = self.req_to_blocks.pop(request.req_id, [])
+        self.num_cached_blocks.pop(request.req_id, None)
+        self.pool.free_blocks(reversed(blocks))
+
+    def get_block_ids(self, req_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(req_id, [])]
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()
+
+    def stats(self) -> KVCacheStats:
+        return KVCacheStats(
+            num_blocks_total=self.pool.num_blocks - 1,
+            num_blocks_free=self.pool.num_free_blocks,
+            num_blocks_cached=len(self.pool.cached),
+            usage=self.pool.usage,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+            num_evictions=self.pool.num_evictions,
+        )
+
+    def _update_hashes(self, request: Request) -> None:
+        hash_request_blocks(request.all_token_ids, self.block_size, request.block_hashes)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent. Cheap enough for every test step."""
+        pool = self.pool
+        holders = [0] * pool.num_blocks
+        for req_id, blocks in self.req_to_blocks.items():
+            assert len({b.block_id for b in blocks}) == len(blocks), f"{req_id} holds a block twice"
+            for block in blocks:
+                holders[block.block_id] += 1
+        free_ids = {b.block_id for b in pool.free_queue}
+        assert len(free_ids) == pool.num_free_blocks, "free queue count is off"
+        assert NULL_BLOCK_ID not in free_ids and holders[NULL_BLOCK_ID] == 0, "null block handed out"
+        for block in pool.blocks[1:]:
+            assert block.ref_cnt == holders[block.block_id], f"{block}: {holders[block.block_id]} holders"
+            assert (block.block_id in free_ids) == (block.ref_cnt == 0), f"{block} free-queue membership"
+            if block.block_hash is not None:
+                assert pool.cached.get(block.block_hash) is block, f"{block} hash not indexed"
+        for block_hash, block in pool.cached.items():
+            assert block.block_hash == block_hash, f"index entry of {block} has a stale hash"
+        used = sum(1 for b in pool.blocks[1:] if b.ref_cnt > 0)
+        assert used + pool.num_free_blocks == pool.num_blocks - 1, "free + used != total"

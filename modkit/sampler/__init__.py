@@ -1,0 +1,33 @@
+"""The sampler: turns a step's logits into tokens. One interface (``interface.py``), a registry, implementations.
+
+Importing this package registers the built-in samplers ("default").
+"""
+
+from modkit.sampler import sampler as _sampler  # noqa: F401  (registers "default")
+from modkit.sampler.interface import (
+    LogprobsTensors,
+    SampledToken,
+    Sampler,
+    SamplerOutput,
+    SamplingState,
+    TokenLogprobs,
+    get_sampler,
+    register_sampler,
+    samplers,
+)
+from modkit.sampler.metadata import SamplingMetadata
+from modkit.sampler.sampler import DefaultSampler
+
+__all__ = [
+    "DefaultSampler",
+    "LogprobsTensors",
+    "SampledToken",
+    "Sampler",
+    "SamplerOutput",
+    "SamplingMetadata",
+    "SamplingState",
+    "TokenLogprobs",
+    "get_sampler",
+    "register_sampler",
+    "samplers",
+]

@@ -1,0 +1,90 @@
+"""What the scheduler hands out each step, and what comes back.
+
+``SchedulerOutput`` is a *diff*, as in vLLM V1: the worker keeps each running request's
+tokens and block table between steps, so a step sends new requests in full and, for the
+ones the worker already knows, only what changed (new blocks, newly sampled tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from modkit.sampler.interface import TokenLogprobs
+from modkit.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the worker has not seen (or forgot after a preemption): everything it needs."""
+
+    req_id: str
+    token_ids: list[int]  # prompt, plus the outputs so far when resuming after preemption
+    num_prompt_tokens: int
+    block_ids: list[int]  # its whole block table
+    num_computed_tokens: int  # tokens already in the cache (a prefix-cache hit), skipped this step
+    sampling_params: SamplingParams
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A request the worker already holds: only what changed since it last ran."""
+
+    req_id: str
+    new_token_ids: list[int]  # tokens sampled since the worker last saw it (usually one)
+    new_block_ids: list[int]  # blocks appended to its block table
+    num_computed_tokens: int  # before this step
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    step: int
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step, in batch order
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str]  # finished or aborted since the last step: the worker drops them
+    preempted_req_ids: set[str]  # lost their blocks this step: the worker drops them too
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """One step's sampled tokens, for the requests that reached the end of their known tokens."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[int]
+    # Per sampled request: the sampled token's logprob and the top alternatives, when asked for.
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """What happened to one request in one step."""
+
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # 'stop', 'length', 'abort'
+    stop_reason: int | str | None = None
+    new_logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass(slots=True)
+class ScheduledEntry:
+    req_id: str
+    num_tokens: int
+    kind: str  # 'prompt' (a prompt chunk, maybe the whole prompt) or 'decode'
+    num_computed_tokens: int  # before this step
+    num_cached_tokens: int = 0  # prefix-cache hit skipped on admission
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """Why the batch of one step looks the way it does; drives the live views."""
+
+    step: int
+    scheduled: list[ScheduledEntry]
+    waiting: dict[str, str]  # req_id -> why it was not scheduled
+    preempted: dict[str, str]  # req_id -> why it lost its blocks
+    token_budget: int
+    tokens_used: int
+    num_running: int
+    kv_usage: float

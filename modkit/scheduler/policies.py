@@ -1,0 +1,71 @@
+"""Scheduling policies: who is admitted first, and who is preempted when blocks run out.
+
+The scheduler's mechanics (budget, blocks, chunking, preemption by recompute) are the same
+for every policy; a policy only orders requests. Register new ones with
+``register_policy`` and pass the name to the scheduler.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar, TypeVar
+
+from modkit.request import Request
+
+
+class SchedulingPolicy(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def admission_key(self, request: Request) -> tuple[float, ...]:
+        """Waiting requests are admitted in increasing key order."""
+
+    @abstractmethod
+    def pick_victim(self, running: list[Request]) -> Request:
+        """The running request to preempt when a block is needed and none is free."""
+
+
+_POLICIES: dict[str, type[SchedulingPolicy]] = {}
+P = TypeVar("P", bound=type[SchedulingPolicy])
+
+
+def register_policy(name: str) -> Callable[[P], P]:
+    def register(cls: P) -> P:
+        cls.name = name
+        _POLICIES[name] = cls
+        return cls
+
+    return register
+
+
+def get_policy(name: str) -> SchedulingPolicy:
+    if name not in _POLICIES:
+        raise ValueError(f"unknown scheduling policy {name!r}; registered: {sorted(_POLICIES)}")
+    return _POLICIES[name]()
+
+
+def policies() -> list[str]:
+    return sorted(_POLICIES)
+
+
+@register_policy("fcfs")
+class FCFSPolicy(SchedulingPolicy):
+    """First come, first served. The latest arrival is preempted first (vLLM's FCFS)."""
+
+    def admission_key(self, request: Request) -> tuple[float, ...]:
+        return (request.arrival_time,)
+
+    def pick_victim(self, running: list[Request]) -> Request:
+        return max(running, key=lambda r: r.arrival_time)
+
+
+@register_policy("priority")
+class PriorityPolicy(SchedulingPolicy):
+    """Lower ``priority`` first, ties by arrival; the largest (priority, arrival) is preempted first."""
+
+    def admission_key(self, request: Request) -> tuple[float, ...]:
+        return (request.priority, request.arrival_time)
+
+    def pick_victim(self, running: list[Request]) -> Request:
+        return max(running, key=lambda r: (r.priority, r.arrival_time))

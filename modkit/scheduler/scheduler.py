@@ -1,0 +1,306 @@
+"""The scheduler: each step, decide how many tokens of which requests the worker computes.
+
+The invariant (vLLM V1's): there is no prefill phase and no decode phase. Each request has
+``num_computed_tokens`` and ``num_tokens``; each step hands out a token budget
+(``max_num_batched_tokens``) so that computed catches up with total. Chunked prefill falls
+out of this: a prompt longer than what is left of the budget gets what is left, and the
+rest next step.
+
+One step:
+
+1. Running requests first, in order: each gets ``num_tokens - num_computed_tokens`` (one
+   for a decoding request), capped by the budget. If the KV cache manager has no block for
+   it, the policy's victim (under FCFS the latest arrival) is preempted: its blocks are
+   freed, its ``num_computed_tokens`` drops to 0, and it waits to be recomputed.
+2. Then waiting requests, in the policy's order, while budget, ``max_num_seqs`` and free
+   blocks last; their prefix-cache hits are skipped. No admissions in a step that preempted.
+3. Every scheduled request's ``num_computed_tokens`` advances by what it was given, before
+   the model runs; ``update_from_output`` then appends the sampled tokens and finishes
+   requests on eos, a stop token id, ``max_tokens`` or the model's length limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from modkit.kvcache import KVCacheManager
+from modkit.request import Request, RequestStatus
+from modkit.scheduler.output import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    ScheduledEntry,
+    SchedulerOutput,
+    StepRecord,
+)
+from modkit.scheduler.policies import SchedulingPolicy, get_policy
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_cache_manager: KVCacheManager,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        max_model_len: int = 2048,
+        policy: str | SchedulingPolicy = "fcfs",
+    ) -> None:
+        for name, value in (
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_num_seqs", max_num_seqs),
+            ("max_model_len", max_model_len),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.kv = kv_cache_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # kept in the policy's admission order
+        self.running: list[Request] = []
+        self.finished_req_ids: set[str] = set()  # since the last schedule(), for the worker
+        self.worker_num_tokens: dict[str, int] = {}  # tokens of each request the worker holds
+        self._worker_blocks: dict[str, int] = {}  # length of each request's block table there
+        self.step_count = 0
+        self.num_preemptions = 0
+        self.records: list[StepRecord] = []
+        self.last_record: StepRecord | None = None
+
+    # -- requests in and out -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        if request.num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {request.num_tokens} tokens; the model's limit is {self.max_model_len} "
+                "including at least one generated token"
+            )
+        request.max_tokens = min(
+            request.sampling_params.max_tokens or self.max_model_len, self.max_model_len - request.num_tokens
+        )
+        request.status = RequestStatus.WAITING
+        self.requests[request.req_id] = request
+        self._enqueue(request)
+
+    def finish_requests(self, req_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """Finish requests from outside (a stop string, a client abort). Unknown ids are ignored."""
+        assert status.is_finished
+        for req_id in [req_ids] if isinstance(req_ids, str) else req_ids:
+            request = self.requests.get(req_id)
+            if request is not None and not request.is_finished:
+                self._finish(request, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        entries: list[ScheduledEntry] = []
+        preempted: dict[str, str] = {}
+        waiting_why: dict[str, str] = {}
+
+        # 1. Running requests: decodes and the rest of chunked prompts.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert num_new > 0, f"running request {request.req_id} has nothing to compute"
+            while self.kv.allocate_slots(request, num_new) is None:
+                victim = self.policy.pick_victim(self.running)
+                if self.running.index(victim) < i:
+                    i -= 1  # it was scheduled earlier this step: take that back
+                    budget += scheduled.pop(victim.req_id)
+                    entries = [e for e in entries if e.req_id != victim.req_id]
+                self._preempt(victim)
+                preempted[victim.req_id] = f"no free KV block for {request.req_id}"
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted itself; the request now at index i is the next one
+            kind = "prompt" if request.num_computed_tokens < request.num_prompt_tokens else "decode"
+            entries.append(ScheduledEntry(request.req_id, num_new, kind, request.num_computed_tokens))
+            scheduled[request.req_id] = num_new
+            budget -= num_new
+            i += 1
+        for request in self.running[i:]:
+            waiting_why[request.req_id] = "token budget used up by earlier running requests"
+
+        # 2. Waiting requests, unless this step had to preempt.
+        admitted: list[Request] = []
+        for request in list(self.waiting):
+            if preempted:
+                waiting_why[request.req_id] = "preemption this step: no admissions"
+            elif budget == 0:
+                waiting_why[request.req_id] = "token budget used up"
+            elif len(self.running) + len(admitted) >= self.max_num_seqs:
+                waiting_why[request.req_id] = f"max_num_seqs={self.max_num_seqs} running"
+            else:
+                hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+                num_new = min(request.num_tokens - num_hit, budget)
+                if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
+                    waiting_why[request.req_id] = "not enough free KV blocks"
+                else:
+                    request.num_computed_tokens = num_hit
+                    if request.num_cached_tokens < 0:
+                        request.num_cached_tokens = num_hit
+                    admitted.append(request)
+                    entries.append(ScheduledEntry(request.req_id, num_new, "prompt", num_hit, num_hit))
+                    scheduled[request.req_id] = num_new
+                    budget -= num_new
+                    continue
+            # FCFS: nobody overtakes the head of the queue.
+            for later in self.waiting[self.waiting.index(request) + 1 :]:
+                waiting_why.setdefault(later.req_id, f"queued behind {request.req_id}")
+            break
+        for request in admitted:
+            self.waiting.remove(request)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+
+        output = self._make_output(scheduled, admitted, preempted)
+        # 3. Advance before the model runs: the scheduler already counts these as computed.
+        for req_id, n in scheduled.items():
+            self.requests[req_id].num_computed_tokens += n
+        self.last_record = StepRecord(
+            step=self.step_count,
+            scheduled=entries,
+            waiting=waiting_why,
+            preempted=preempted,
+            token_budget=self.max_num_batched_tokens,
+            tokens_used=self.max_num_batched_tokens - budget,
+            num_running=len(self.running),
+            kv_usage=self.kv.pool.usage,
+        )
+        self.records.append(self.last_record)
+        self.step_count += 1
+        return output
+
+    def _make_output(
+        self, scheduled: dict[str, int], admitted: list[Request], preempted: dict[str, str]
+    ) -> SchedulerOutput:
+        new_reqs, cached_reqs = [], []
+        admitted_ids = {r.req_id for r in admitted}
+        for req_id in scheduled:
+            request = self.requests[req_id]
+            block_ids = self.kv.get_block_ids(req_id)
+            if req_id in admitted_ids:
+                new_reqs.append(
+                    NewRequestData(
+                        req_id,
+                        list(request.all_token_ids),
+                        request.num_prompt_tokens,
+                        block_ids,
+                        request.num_computed_tokens,
+                        request.sampling_params,
+                    )
+                )
+                self.worker_num_tokens[req_id] = request.num_tokens
+                self._worker_blocks[req_id] = len(block_ids)
+            else:
+                known = self.worker_num_tokens[req_id]
+                known_blocks = self._worker_blocks[req_id]
+                cached_reqs.append(
+                    CachedRequestData(
+                        req_id, request.all_token_ids[known:], block_ids[known_blocks:], request.num_computed_tokens
+                    )
+                )
+                self.worker_num_tokens[req_id] = request.num_tokens
+                self._worker_blocks[req_id] = len(block_ids)
+        output = SchedulerOutput(
+            step=self.step_count,
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=scheduled,
+            total_num_scheduled_tokens=sum(scheduled.values()),
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids=set(preempted),
+        )
+        self.finished_req_ids = set()
+        return output
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Append each sampled token to its request and finish the requests that are done."""
+        outputs = []
+        logprobs = runner_output.logprobs or [None] * len(runner_output.req_ids)
+        for req_id, token, lp in zip(runner_output.req_ids, runner_output.sampled_token_ids, logprobs, strict=True):
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue  # aborted while its step ran
+            request.append_output_token_ids(token)
+            status = self._check_stop(request, token)
+            if status is not None:
+                self._finish(request, status)
+            outputs.append(
+                EngineCoreOutput(
+                    req_id, [token], request.status.finish_reason, request.stop_reason, [lp] if lp is not None else None
+                )
+            )
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= (params.min_tokens or 0):
+            if token in request.eos_token_ids and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token in (params.stop_token_ids or ()):
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        return None
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def _enqueue(self, request: Request) -> None:
+        self.waiting.append(request)
+        self.waiting.sort(key=self.policy.admission_key)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.worker_num_tokens.pop(request.req_id, None)
+        self._worker_blocks.pop(request.req_id, None)
+        self._enqueue(request)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = status
+        self.worker_num_tokens.pop(request.req_id, None)
+        self._worker_blocks.pop(request.req_id, None)
+        self.finished_req_ids.add(request.req_id)
+        del self.requests[request.req_id]
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if requests, queues and blocks disagree."""
+        self.kv.check_invariants()
+        running_ids = {r.req_id for r in self.running}
+        waiting_ids = {r.req_id for r in self.waiting}
+        assert not running_ids & waiting_ids, "a request is both running and waiting"
+        assert running_ids | waiting_ids == set(self.requests), "every live request is queued exactly once"
+        assert set(self.kv.req_to_blocks) <= running_ids, "only running requests hold blocks"
+        assert len(self.running) <= self.max_num_seqs
+        for r in self.running:
+            assert r.status == RequestStatus.RUNNING
+            assert r.num_computed_tokens <= r.num_tokens
+            held = len(self.kv.get_block_ids(r.req_id)) * self.kv.block_size
+            assert held >= r.num_computed_tokens, f"{r.req_id} computed tokens beyond its blocks"
+        for r in self.waiting:
+            assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert r.num_computed_tokens == 0

@@ -1,0 +1,73 @@
+"""The worker: keeps each scheduled request's tokens and block table, and runs each step.
+
+It executes exactly what the scheduler decided: the block ids in its tables are the ones
+the KV cache manager handed out, and the number of tokens each request computes is the
+scheduler's ``num_scheduled_tokens``. It holds no policy of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modkit.scheduler.output import SchedulerOutput
+from modkit.worker.model_runner import ModelRunner, SequenceChunk
+
+
+@dataclass(slots=True)
+class CachedRequestState:
+    """What the worker remembers of a request between steps."""
+
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Logits for the requests that reached the end of their known tokens this step."""
+
+    req_ids: list[str]  # in the order of the logits rows
+    logits: torch.Tensor  # (len(req_ids), vocab_size) float32, on the model's device
+    num_tokens: int  # tokens computed in the forward
+
+
+class Worker:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.requests: dict[str, CachedRequestState] = {}
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> StepResult:
+        self._apply_diff(scheduler_output)
+        chunks, sample_ids = [], []
+        for req_id, n in scheduler_output.num_scheduled_tokens.items():
+            state = self.requests[req_id]
+            start = state.num_computed_tokens
+            assert start + n <= len(state.token_ids), f"{req_id}: scheduled past its known tokens"
+            # Only a request whose every known token is now computed samples a next token;
+            # a prompt chunk that stops mid-prompt gets no logits.
+            samples = start + n == len(state.token_ids)
+            chunks.append(SequenceChunk(state.token_ids[start : start + n], start, state.block_ids, int(samples)))
+            if samples:
+                sample_ids.append(req_id)
+            state.num_computed_tokens += n
+        if not chunks:
+            vocab = self.runner.model.config.vocab_size
+            return StepResult([], torch.empty((0, vocab), device=self.runner.device), 0)
+        logits = self.runner.execute(chunks)
+        return StepResult(sample_ids, logits, scheduler_output.total_num_scheduled_tokens)
+
+    def _apply_diff(self, out: SchedulerOutput) -> None:
+        for req_id in out.finished_req_ids | out.preempted_req_ids:
+            self.requests.pop(req_id, None)
+        for new in out.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, list(new.token_ids), list(new.block_ids), new.num_computed_tokens
+            )
+        for cached in out.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+            assert state.num_computed_tokens == cached.num_computed_tokens, f"{cached.req_id}: out of step"
