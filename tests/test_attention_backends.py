@@ -12,7 +12,7 @@ from modkit.model import load_model
 from modkit.worker import ModelRunner, PagedKVCache, SequenceChunk
 
 
-def random_batch(runner: ModelRunner, seed: int, num_seqs: int) -> AttentionMetadata:
+def random_batch(runner: ModelRunner, seed: int, num_seqs: int, decodes_first: bool) -> AttentionMetadata:
     """Metadata for random requests (context 1..70 tokens, 1..20 of them new) with scattered blocks."""
     rng = random.Random(seed)
     free = list(range(1, runner.kv_cache.num_blocks))
@@ -23,20 +23,23 @@ def random_batch(runner: ModelRunner, seed: int, num_seqs: int) -> AttentionMeta
         new = rng.choice([1, rng.randrange(1, 21)])
         table = [free.pop() for _ in range(-(-(computed + new) // runner.kv_cache.block_size))]
         chunks.append(SequenceChunk([0] * new, computed, table))
+    if decodes_first:  # as the worker orders them
+        chunks.sort(key=lambda c: len(c.token_ids) > 1)
     return runner.prepare(chunks).metadata
 
 
+@pytest.mark.parametrize("decodes_first", [False, True])
 @pytest.mark.parametrize("backend", [b for b in attention_backends() if b != "torch_ref"])
 @pytest.mark.parametrize(
     ("seed", "block_size", "heads"), [(0, 16, (8, 2)), (1, 1, (4, 4)), (2, 5, (6, 1)), (3, 7, (4, 2))]
 )
 def test_backend_matches_reference(
-    random_checkpoint, backend: str, seed: int, block_size: int, heads: tuple[int, int]
+    random_checkpoint, decodes_first: bool, backend: str, seed: int, block_size: int, heads: tuple[int, int]
 ) -> None:
     num_heads, num_kv_heads = heads
     model = load_model(random_checkpoint("qwen2"))
     runner = ModelRunner(model, PagedKVCache.allocate(model.config, 256, block_size, torch.float32, "cpu"))
-    metadata = random_batch(runner, seed, num_seqs=12)
+    metadata = random_batch(runner, seed, num_seqs=12, decodes_first=decodes_first)
     gen = torch.Generator().manual_seed(seed)
     t = metadata.num_tokens
     q = torch.randn(t, num_heads, 32, generator=gen)

@@ -233,3 +233,17 @@ def test_max_model_len_caps_the_output(tiny_model_dir) -> None:
 def test_bad_config_values_are_named(kwargs, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         LLM(**kwargs)
+
+
+def test_prompt_formats(tiny_model_dir) -> None:
+    llm = LLM(num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=5)
+    ids = llm.get_tokenizer().encode("The cat", add_special_tokens=False)
+    one = llm.generate(ids, params, use_tqdm=False)
+    assert len(one) == 1 and one[0].prompt_token_ids == ids and one[0].prompt is None
+    by_text = llm.generate("The cat", params, use_tqdm=False)[0]
+    as_dicts = llm.generate([{"prompt_token_ids": ids}, {"prompt": "The cat"}], params, use_tqdm=False)
+    assert by_text.prompt_token_ids == ids
+    assert {tuple(o.outputs[0].token_ids) for o in [*one, by_text, *as_dicts]} == {tuple(one[0].outputs[0].token_ids)}
+    with pytest.raises(ValueError, match="sampling params for 2 prompts"):
+        llm.generate(["a", "b"], [params], use_tqdm=False)

@@ -189,8 +189,9 @@ class Scheduler:
         admitted_ids = {r.req_id for r in admitted}
         for req_id in scheduled:
             request = self.requests[req_id]
-            block_ids = self.kv.get_block_ids(req_id)
+            blocks = self.kv.req_to_blocks[req_id]
             if req_id in admitted_ids:
+                block_ids = [b.block_id for b in blocks]
                 new_reqs.append(
                     NewRequestData(
                         req_id,
@@ -201,18 +202,14 @@ class Scheduler:
                         request.sampling_params,
                     )
                 )
-                self.worker_num_tokens[req_id] = request.num_tokens
-                self._worker_blocks[req_id] = len(block_ids)
             else:
-                known = self.worker_num_tokens[req_id]
-                known_blocks = self._worker_blocks[req_id]
+                known, known_blocks = self.worker_num_tokens[req_id], self._worker_blocks[req_id]
+                new_block_ids = [b.block_id for b in blocks[known_blocks:]]
                 cached_reqs.append(
-                    CachedRequestData(
-                        req_id, request.all_token_ids[known:], block_ids[known_blocks:], request.num_computed_tokens
-                    )
+                    CachedRequestData(req_id, request.all_token_ids[known:], new_block_ids, request.num_computed_tokens)
                 )
-                self.worker_num_tokens[req_id] = request.num_tokens
-                self._worker_blocks[req_id] = len(block_ids)
+            self.worker_num_tokens[req_id] = request.num_tokens
+            self._worker_blocks[req_id] = len(blocks)
         output = SchedulerOutput(
             step=self.step_count,
             scheduled_new_reqs=new_reqs,

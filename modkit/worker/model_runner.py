@@ -64,9 +64,8 @@ class ModelRunner:
         query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int64)
         torch.cumsum(query_lens, 0, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
-        block_tables = torch.zeros((num_seqs, max(len(c.block_table) for c in chunks)), dtype=torch.int64)
-        for i, chunk in enumerate(chunks):
-            block_tables[i, : len(chunk.block_table)] = torch.tensor(chunk.block_table)
+        width = max(len(c.block_table) for c in chunks)
+        block_tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in chunks])  # (S, nb)
 
         seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), query_lens)  # (T,)
         offset_in_chunk = torch.arange(num_tokens) - query_start_loc[seq_of_token]  # (T,)

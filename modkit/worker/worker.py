@@ -42,7 +42,9 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> StepResult:
         self._apply_diff(scheduler_output)
         chunks, sample_ids = [], []
-        for req_id, n in scheduler_output.num_scheduled_tokens.items():
+        # Decodes first: attention backends batch the one-token requests apart from prompt chunks.
+        order = sorted(scheduler_output.num_scheduled_tokens.items(), key=lambda item: item[1] > 1)
+        for req_id, n in order:
             state = self.requests[req_id]
             start = state.num_computed_tokens
             assert start + n <= len(state.token_ids), f"{req_id}: scheduled past its known tokens"
