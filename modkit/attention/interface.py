@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 import torch
+
+from modkit.registry import Registry
 
 
 @dataclass(slots=True)
@@ -114,30 +115,15 @@ def write_to_kv_cache(
     flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {}
-B = TypeVar("B", bound=type[AttentionBackend])
-
-
-def register_attention_backend(name: str) -> Callable[[B], B]:
-    """Class decorator: make a backend available by name to ``get_attention_backend``."""
-
-    def register(cls: B) -> B:
-        if name in _BACKENDS:
-            raise ValueError(f"attention backend {name!r} is already registered")
-        cls.name = name
-        _BACKENDS[name] = cls
-        return cls
-
-    return register
+ATTENTION_BACKENDS: Registry[AttentionBackend] = Registry("attention backend")
+register_attention_backend = ATTENTION_BACKENDS.register
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
     """An instance of the backend registered under ``name``."""
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}")
-    return _BACKENDS[name]()
+    return ATTENTION_BACKENDS.get(name)()
 
 
 def attention_backends() -> list[str]:
     """Names of every registered backend."""
-    return sorted(_BACKENDS)
+    return ATTENTION_BACKENDS.names()

@@ -35,12 +35,13 @@ host in one copy: the one device-to-host synchronisation of a step.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 import torch
 
+from modkit.registry import Registry
 from modkit.sampling_params import SamplingParams, SamplingType
 
 
@@ -181,30 +182,15 @@ class Sampler(ABC):
         """
 
 
-_SAMPLERS: dict[str, type[Sampler]] = {}
-S = TypeVar("S", bound=type[Sampler])
-
-
-def register_sampler(name: str) -> Callable[[S], S]:
-    """Class decorator: make a sampler available by name to ``get_sampler``."""
-
-    def register(cls: S) -> S:
-        if name in _SAMPLERS:
-            raise ValueError(f"sampler {name!r} is already registered")
-        cls.name = name
-        _SAMPLERS[name] = cls
-        return cls
-
-    return register
+SAMPLERS: Registry[Sampler] = Registry("sampler")
+register_sampler = SAMPLERS.register
 
 
 def get_sampler(name: str = "default", seed: int | None = None) -> Sampler:
     """An instance of the sampler registered under ``name``."""
-    if name not in _SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; registered: {sorted(_SAMPLERS)}")
-    return _SAMPLERS[name](seed=seed)
+    return SAMPLERS.get(name)(seed=seed)
 
 
 def samplers() -> list[str]:
     """Names of every registered sampler."""
-    return sorted(_SAMPLERS)
+    return SAMPLERS.names()

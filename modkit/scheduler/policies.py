@@ -8,9 +8,9 @@ for every policy; a policy only orders requests. Register new ones with
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
+from modkit.registry import Registry
 from modkit.request import Request
 
 
@@ -26,27 +26,16 @@ class SchedulingPolicy(ABC):
         """The running request to preempt when a block is needed and none is free."""
 
 
-_POLICIES: dict[str, type[SchedulingPolicy]] = {}
-P = TypeVar("P", bound=type[SchedulingPolicy])
-
-
-def register_policy(name: str) -> Callable[[P], P]:
-    def register(cls: P) -> P:
-        cls.name = name
-        _POLICIES[name] = cls
-        return cls
-
-    return register
+POLICIES: Registry[SchedulingPolicy] = Registry("scheduling policy")
+register_policy = POLICIES.register
 
 
 def get_policy(name: str) -> SchedulingPolicy:
-    if name not in _POLICIES:
-        raise ValueError(f"unknown scheduling policy {name!r}; registered: {sorted(_POLICIES)}")
-    return _POLICIES[name]()
+    return POLICIES.get(name)()
 
 
 def policies() -> list[str]:
-    return sorted(_POLICIES)
+    return POLICIES.names()
 
 
 @register_policy("fcfs")

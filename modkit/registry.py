@@ -1,0 +1,39 @@
+"""Named implementations of one interface, so a notebook or a config can pick one by name.
+
+Every swappable component (attention backends, samplers, scheduling policies, ...) keeps
+one ``Registry``; its module exposes ``register_x`` / ``get_x`` helpers around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+C = TypeVar("C", bound=type)
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind  # what the entries are, for error messages: "attention backend"
+        self._classes: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[C], C]:
+        """Class decorator: make the class available under ``name`` (also set as ``cls.name``)."""
+
+        def register(cls: C) -> C:
+            if name in self._classes:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            cls.name = name  # type: ignore[attr-defined]
+            self._classes[name] = cls
+            return cls
+
+        return register
+
+    def get(self, name: str) -> type[T]:
+        if name not in self._classes:
+            raise ValueError(f"unknown {self.kind} {name!r}; registered: {self.names()}")
+        return self._classes[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
