@@ -247,3 +247,15 @@ def test_prompt_formats(tiny_model_dir) -> None:
     assert {tuple(o.outputs[0].token_ids) for o in [*one, by_text, *as_dicts]} == {tuple(one[0].outputs[0].token_ids)}
     with pytest.raises(ValueError, match="sampling params for 2 prompts"):
         llm.generate(["a", "b"], [params], use_tqdm=False)
+
+
+def test_kv_cache_is_sized_from_memory_by_default(tiny_model_dir) -> None:
+    from modkit.engine.core import CPU_KV_CACHE_CAP_BYTES
+    from modkit.worker import kv_cache_bytes_per_block
+
+    llm = LLM(max_num_seqs=4, max_model_len=256)
+    blocks = llm.stats()["kv_blocks_total"]
+    # Enough for every running request at full length, never more than the CPU cap.
+    assert blocks == 4 * 256 // 16
+    per_block = kv_cache_bytes_per_block(llm.engine.model_config, 16, torch.float32)
+    assert (blocks + 1) * per_block <= CPU_KV_CACHE_CAP_BYTES
