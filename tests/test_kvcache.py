@@ -31,6 +31,7 @@ def compute(manager: KVCacheManager, request: Request) -> list[int]:
     hits, num_hit = manager.get_computed_blocks(request)
     assert manager.allocate_slots(request, request.num_tokens - num_hit, hits, num_hit) is not None
     request.num_computed_tokens = request.num_tokens
+    manager.cache_blocks(request, request.num_computed_tokens)  # after "the forward"
     manager.check_invariants()
     return manager.get_block_ids(request.req_id)
 

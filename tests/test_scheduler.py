@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from modkit.kvcache import KVCacheManager
+from modkit.kvcache import BlockStored, EventLog, KVCacheManager
 from modkit.request import Request, RequestStatus
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
@@ -142,3 +142,18 @@ def test_abort_frees_blocks_and_tells_the_worker() -> None:
     assert s.kv.num_free_blocks == 15 and not s.has_unfinished_requests()
     assert s.schedule().finished_req_ids == {"a"}
     s.check_invariants()
+
+
+
+def test_blocks_become_findable_only_after_their_step_ran() -> None:
+    events = EventLog()
+    s = Scheduler(KVCacheManager(16, 4, event_sink=events))
+    a = make("a", 10)
+    s.add_request(a)
+    out = s.schedule()
+    # Allocated, not yet computed: nothing is cached, no BlockStored is published.
+    assert s.kv.stats().num_blocks_cached == 0 and events.events == []
+    finish_step(s, out)
+    assert s.kv.stats().num_blocks_cached == 2
+    [stored] = events.events
+    assert isinstance(stored, BlockStored) and stored.token_ids == a.prompt_token_ids[:8]

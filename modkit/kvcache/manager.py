@@ -8,7 +8,9 @@ The scheduler asks it two questions each step, in vLLM V1's terms:
   tokens; ``None`` when there are not enough free blocks (the scheduler then preempts or
   waits; nothing is half-allocated).
 
-and tells it one thing: ``free(request)`` when a request finishes or is preempted.
+and tells it two things: ``cache_blocks(request, n)`` once a forward has computed the
+request's first ``n`` tokens (their full blocks become findable by hash), and
+``free(request)`` when a request finishes or is preempted.
 The block ids it hands out are exactly the block tables the worker runs the model on.
 """
 
@@ -112,16 +114,23 @@ class KVCacheManager:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += num_new_computed_tokens
 
-        if self.enable_prefix_caching:
-            # Blocks that will be full once this step's tokens are computed become findable
-            # now; a request hitting them in this same step reads them after they are
-            # written, since a forward writes every new token's KV before any attention.
-            self._update_hashes(request)
-            num_full = min(total, request.num_tokens) // self.block_size
-            num_cached = self.num_cached_blocks.get(request.req_id, len(new_computed_blocks) if first_allocation else 0)
-            self.pool.cache_full_blocks(blocks, request.block_hashes, request.all_token_ids, num_cached, num_full)
-            self.num_cached_blocks[request.req_id] = max(num_cached, num_full)
         return new_blocks
+
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Make the request's full, computed blocks findable by hash (and publish BlockStored).
+
+        Called after the forward that computed them, never at allocation: a request may be
+        preempted after its blocks were allocated in a step and before that step ran, and
+        a block indexed then would hand uncomputed keys and values to the next prefix hit.
+        """
+        blocks = self.req_to_blocks.get(request.req_id)
+        if not self.enable_prefix_caching or not blocks:
+            return
+        self._update_hashes(request)
+        num_full = min(num_computed_tokens, request.num_tokens) // self.block_size
+        num_cached = self.num_cached_blocks.get(request.req_id, 0)
+        self.pool.cache_full_blocks(blocks, request.block_hashes, request.all_token_ids, num_cached, num_full)
+        self.num_cached_blocks[request.req_id] = max(num_cached, num_full)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, last block first, so its tail is evicted before its prefix."""

@@ -225,7 +225,11 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Append each sampled token to its request and finish the requests that are done."""
+        """Cache the blocks this step computed, append each sampled token, finish the requests that are done."""
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                self.kv.cache_blocks(request, request.num_computed_tokens)
         outputs = []
         logprobs = runner_output.logprobs or [None] * len(runner_output.req_ids)
         for req_id, token, lp in zip(runner_output.req_ids, runner_output.sampled_token_ids, logprobs, strict=True):
