@@ -102,11 +102,19 @@ class LLM:
         """Complete each prompt: a string, a list of token ids, or ``{"prompt_token_ids": [...]}``."""
         prompt_list = _as_prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompt_list))
-        outputs = [
-            self._add(p, sp, priority[i] if priority else 0)
-            for i, (p, sp) in enumerate(zip(prompt_list, params, strict=True))
-        ]
-        self._run(outputs, use_tqdm)
+        added: list[str] = []
+        try:
+            outputs = [
+                self._add(p, sp, priority[i] if priority else 0, added)
+                for i, (p, sp) in enumerate(zip(prompt_list, params, strict=True))
+            ]
+            self._run(outputs, use_tqdm)
+        except BaseException:
+            # A bad prompt, an interrupt (Ctrl-C in a notebook): nothing of this call stays queued.
+            self.engine.abort_requests([r for r in added if r in self._tracked])
+            for req_id in added:
+                self._tracked.pop(req_id, None)
+            raise
         return outputs
 
     def chat(
@@ -138,7 +146,7 @@ class LLM:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _add(self, prompt: PromptType, params: SamplingParams, priority: int) -> RequestOutput:
+    def _add(self, prompt: PromptType, params: SamplingParams, priority: int, added: list[str]) -> RequestOutput:
         text, token_ids = self._tokenize(prompt)
         req_id = str(next(self._ids))
         output = RequestOutput(req_id, text, token_ids, [], metrics=RequestMetrics(time.time()))
@@ -163,9 +171,10 @@ class LLM:
                     include_stop_str_in_output=child.include_stop_str_in_output,
                 )
             tracked.append(_Tracked(request, detok, output.outputs[i], output))
-        for t in tracked:  # validated first, so a bad request adds nothing
+        for t in tracked:
             self.engine.add_request(t.request)
             self._tracked[t.request.req_id] = t
+            added.append(t.request.req_id)
         return output
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
