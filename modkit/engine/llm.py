@@ -8,40 +8,28 @@
     print(out[0].outputs[0].text)
 
 Under the hood: each prompt becomes a ``Request`` (``n`` of them for ``n`` > 1), the engine
-core steps until all are finished, and each new token is detokenized incrementally, which
-is also where stop strings are found (as in vLLM, the output processor finishes a request
-whose text reached a stop string).
+core steps until all are finished, and the ``OutputProcessor`` turns each step's tokens
+into text, where stop strings are found (as in vLLM, a stop string found there finishes
+the request in the engine too).
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from modkit.engine.config import EngineConfig
 from modkit.engine.core import EngineCore
-from modkit.engine.detokenizer import IncrementalDetokenizer
-from modkit.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from modkit.engine.output_processor import OutputProcessor
+from modkit.engine.outputs import RequestOutput
 from modkit.kvcache import KVEventSink
 from modkit.model import encode_chat, load_tokenizer
-from modkit.request import Request, RequestStatus
+from modkit.request import RequestStatus
 from modkit.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
-
-
-@dataclass(slots=True)
-class _Tracked:
-    """Output-side state of one sequence (one of the ``n`` of a prompt)."""
-
-    request: Request
-    detokenizer: IncrementalDetokenizer | None
-    completion: CompletionOutput
-    parent: RequestOutput
 
 
 class LLM:
@@ -83,7 +71,7 @@ class LLM:
         self.engine = EngineCore(self.config, kv_event_sink)
         self.tokenizer = load_tokenizer(model)
         self._ids = itertools.count()
-        self._tracked: dict[str, _Tracked] = {}  # req_id -> output-side state, while unfinished
+        self.processor = OutputProcessor(self.tokenizer)
         self.check_invariants_each_step = False  # tests turn this on
 
     def get_tokenizer(self) -> Any:
@@ -111,9 +99,8 @@ class LLM:
             self._run(outputs, use_tqdm)
         except BaseException:
             # A bad prompt, an interrupt (Ctrl-C in a notebook): nothing of this call stays queued.
-            self.engine.abort_requests([r for r in added if r in self._tracked])
-            for req_id in added:
-                self._tracked.pop(req_id, None)
+            self.engine.abort_requests([r for r in added if self.processor.is_tracked(r)])
+            self.processor.forget(added)
             raise
         return outputs
 
@@ -148,33 +135,11 @@ class LLM:
 
     def _add(self, prompt: PromptType, params: SamplingParams, priority: int, added: list[str]) -> RequestOutput:
         text, token_ids = self._tokenize(prompt)
-        req_id = str(next(self._ids))
-        output = RequestOutput(req_id, text, token_ids, [], metrics=RequestMetrics(time.time()))
-        output.outputs = [CompletionOutput(i, "", []) for i in range(params.n)]
-        tracked = []
-        for i in range(params.n):
-            child = params if params.n == 1 else params.child_params(i)
-            request = Request(
-                req_id if params.n == 1 else f"{req_id}-{i}",
-                list(token_ids),
-                child,
-                arrival_time=output.metrics.arrival_time,
-                priority=priority,
-            )
-            detok = None
-            if child.detokenize:
-                detok = IncrementalDetokenizer(
-                    self.tokenizer,
-                    token_ids,
-                    skip_special_tokens=child.skip_special_tokens,
-                    stop=child.stop,
-                    include_stop_str_in_output=child.include_stop_str_in_output,
-                )
-            tracked.append(_Tracked(request, detok, output.outputs[i], output))
-        for t in tracked:
-            self.engine.add_request(t.request)
-            self._tracked[t.request.req_id] = t
-            added.append(t.request.req_id)
+        output, requests = self.processor.make_requests(str(next(self._ids)), text, token_ids, params, priority)
+        for index, request in enumerate(requests):
+            self.engine.add_request(request)
+            self.processor.track(output, index, request)
+            added.append(request.req_id)
         return output
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -199,53 +164,16 @@ class LLM:
             bar = tqdm(total=total, desc="Processed prompts", unit="req")
         try:
             while self.engine.has_unfinished_requests():
-                now_outputs = self.engine.step()
-                now = time.time()
-                for out in now_outputs:
-                    if self._process(out, now) and bar is not None:
-                        bar.update(1)
+                step = self.processor.process(self.engine.step())
+                if step.stopped:  # finished by a stop string: end them in the engine too
+                    self.engine.abort_requests(step.stopped, RequestStatus.FINISHED_STOPPED)
+                if bar is not None:
+                    bar.update(sum(d.finish_reason is not None for d in step.deltas))
                 if self.check_invariants_each_step:
                     self.engine.check_invariants()
         finally:
             if bar is not None:
                 bar.close()
-
-    def _process(self, out: Any, now: float) -> bool:
-        """Fold one engine output into its RequestOutput; True when that sequence finished."""
-        t = self._tracked[out.req_id]
-        completion, metrics = t.completion, t.parent.metrics
-        if metrics.first_token_time is None:
-            metrics.first_token_time = now
-        metrics.last_token_time = now
-        completion.token_ids.extend(out.new_token_ids)
-        if out.new_logprobs is not None:
-            completion.logprobs = completion.logprobs or []
-            for lp, token in zip(out.new_logprobs, out.new_token_ids, strict=True):
-                entry = {
-                    tid: Logprob(v, rank=r + 1)
-                    for r, (tid, v) in enumerate(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
-                }
-                entry[token] = Logprob(lp.logprob, rank=lp.rank)
-                completion.logprobs.append(entry)
-                completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + lp.logprob
-        finish_reason, stop_reason = out.finish_reason, out.stop_reason
-        if t.detokenizer is not None:
-            stop_string = t.detokenizer.update(out.new_token_ids, finished=finish_reason is not None)
-            completion.text = t.detokenizer.output_text
-            if stop_string is not None:
-                if finish_reason is None:  # still running in the engine: end it there too
-                    self.engine.abort_requests([out.req_id], RequestStatus.FINISHED_STOPPED)
-                finish_reason, stop_reason = "stop", stop_string
-        if finish_reason is None:
-            return False
-        completion.finish_reason, completion.stop_reason = finish_reason, stop_reason
-        metrics.num_cached_tokens = max(metrics.num_cached_tokens, t.request.num_cached_tokens)
-        metrics.num_preemptions += t.request.num_preemptions
-        del self._tracked[out.req_id]
-        if all(c.finish_reason is not None for c in t.parent.outputs):
-            t.parent.finished = True
-            metrics.finished_time = now
-        return True
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
