@@ -1,0 +1,421 @@
+"""The pipeline's configuration: one typed object that every component process starts from.
+
+The pipeline runs six components as separate processes that talk over ZeroMQ; each also
+answers ``GET /health`` on its own HTTP port::
+
+    component          port   role
+    frontend           8001   the OpenAI-compatible API
+    scheduler          8002   decides which requests compute how many tokens each step
+    worker-0           8003   runs the model (worker-1, worker-2, ... take 8007, 8008, ...)
+    router             8004   picks the worker for each request
+    kv_cache_manager   8005   owns the KV blocks and the prefix cache
+    sampler            8006   turns logits into tokens
+
+Four ways to build one, all validated once, in ``__post_init__``::
+
+    PipelineConfig(num_workers=2)
+    PipelineConfig.from_dict({"num_workers": 2})
+    PipelineConfig.from_file("pipeline.yaml")             # or .yml, .json
+    PipelineConfig.from_cli(["--config", "pipeline.yaml", "--num-workers", "2"])
+
+Nothing changes a config afterwards; derive a variant with ``dataclasses.replace``, which
+validates it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import ipaddress
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import yaml
+
+from modkit.attention import attention_backends
+from modkit.engine.config import ConfigError, EngineConfig
+from modkit.sampler import samplers
+from modkit.scheduler import policies
+
+__all__ = ["COMPONENTS", "DEFAULT_GPU_MODEL", "DTYPES", "ROUTER_POLICIES", "ConfigError", "PipelineConfig"]
+
+DEFAULT_GPU_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"  # what model=None loads on a CUDA GPU
+ROUTER_POLICIES = ("round_robin", "least_loaded", "kv_aware")
+DTYPES = ("float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")  # what parse_dtype accepts
+DEVICES = ("cpu", "cuda", "mps")  # and cuda:N
+# Each component's HTTP port is the field f"{component}_port"; urls() lists them in this order.
+COMPONENTS = ("frontend", "scheduler", "worker", "router", "kv_cache_manager", "sampler")
+REDACTED = "<redacted>"  # what to_dict() writes in place of the API key
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    # -- the model and each worker's engine (see to_engine_config) -------------------------
+    model: str | None = None  # None: Qwen/Qwen2.5-0.5B-Instruct on a CUDA GPU, else the embedded tiny model
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 (or float16) on GPU
+    device: str | None = None  # None: cuda if available, else cpu
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    gpu_memory_utilization: float = 0.9  # share of free memory after the weights that the KV cache takes
+    max_num_batched_tokens: int = 2048  # token budget of one step: enough for a long prompt chunk plus decodes
+    max_num_seqs: int = 256  # requests running at once in one worker, as in vLLM
+    block_size: int = 16  # tokens per KV block, as in vLLM: small enough to waste little, big enough to batch
+    num_kv_blocks: int | None = None  # None: as many as gpu_memory_utilization allows
+    enable_prefix_caching: bool = True  # requests that share a prompt prefix share its KV blocks
+    # -- policies and swappable parts, each chosen by name ------------------------------------
+    scheduling_policy: str = "fcfs"  # first come, first served; "priority" admits low priority values first
+    router_policy: str = "round_robin"  # needs no load reports; "least_loaded" and "kv_aware" do
+    sampler: str = "default"  # the one built-in sampler
+    attention_backend: str = "torch_batched"  # batched SDPA; "torch_ref" is the slow, obvious reference
+    seed: int = 0  # seeds requests that bring no seed, so a run can be repeated
+    # -- processes and network --------------------------------------------------------------
+    num_workers: int = 1  # one model replica; the router spreads requests over more
+    host: str = "127.0.0.1"  # loopback: only this machine can reach the components
+    allow_remote: bool = False  # a non-loopback host is refused unless this is True
+    api_key: str | None = field(default=None, repr=False)  # None: the frontend asks no key (fine on loopback)
+    frontend_port: int = 8001  # 8001..8006: one port per component, as in the module docstring
+    scheduler_port: int = 8002
+    worker_port: int = 8003  # worker-0's; further workers take the next ports no component uses
+    router_port: int = 8004
+    kv_cache_manager_port: int = 8005
+    sampler_port: int = 8006
+    log_dir: str | None = None  # None: each component logs to its stderr
+
+    # NOTE: the dataclass's __init__ would answer an unknown keyword with a bare TypeError;
+    # checking the names here first gives it the same "did you mean ...?" as the other sources.
+    def __new__(cls, *args: Any, **kwargs: Any) -> PipelineConfig:
+        _reject_unknown_keys(kwargs)
+        return object.__new__(cls)
+
+    def __post_init__(self) -> None:
+        _check_str("model", self.model, optional=True)
+        _check_choice("dtype", self.dtype, DTYPES, optional=True)
+        if self.device is not None:
+            _check_str("device", self.device)
+            kind, colon, index = self.device.partition(":")
+            if kind not in DEVICES or (colon and (kind != "cuda" or not index.isdigit())):
+                raise ConfigError("device", f"must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+        _check_int("max_model_len", self.max_model_len, minimum=2, optional=True)
+        _check_fraction("gpu_memory_utilization", self.gpu_memory_utilization)
+        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("num_kv_blocks", self.num_kv_blocks, minimum=2, optional=True)  # block 0 is reserved
+        _check_bool("enable_prefix_caching", self.enable_prefix_caching)
+        # NOTE: three policies are checked against their registries, so a notebook that
+        # registers its own must do so before building the config (and in that component's process).
+        _check_choice("scheduling_policy", self.scheduling_policy, policies())
+        _check_choice("router_policy", self.router_policy, ROUTER_POLICIES)
+        _check_choice("sampler", self.sampler, samplers())
+        _check_choice("attention_backend", self.attention_backend, attention_backends())
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("num_workers", self.num_workers, minimum=1)
+        _check_bool("allow_remote", self.allow_remote)
+        _check_host(self.host, self.allow_remote)
+        _check_str("api_key", self.api_key, optional=True)
+        if self.api_key == REDACTED:
+            raise ConfigError(
+                "api_key",
+                f"is {REDACTED!r}, what to_dict() writes in place of a key; "
+                "use to_dict(include_secrets=True) to keep the key",
+            )
+        _check_str("log_dir", self.log_dir, optional=True)
+        self._check_ports()
+
+    def _check_ports(self) -> None:
+        owner: dict[int, str] = {}  # port -> the field that took it first
+        for component in COMPONENTS:
+            name = f"{component}_port"
+            port = getattr(self, name)
+            _check_int(name, port, minimum=1, maximum=65535)
+            if port in owner:
+                raise ConfigError(name, f"is {port}, the same as {owner[port]}; every component needs its own port")
+            owner[port] = name
+        last = self.worker_ports()[-1]
+        if last > 65535:
+            raise ConfigError(
+                "num_workers",
+                f"is {self.num_workers}, so the workers need ports up to {last} "
+                f"(counting from worker_port {self.worker_port}); ports end at 65535",
+            )
+
+    # -- sources ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, mapping: Mapping[str, Any]) -> PipelineConfig:
+        """A config from field names to values; unknown names are refused."""
+        if not isinstance(mapping, Mapping):
+            raise ConfigError("config", f"must be a mapping of field names to values, got {type(mapping).__name__}")
+        _reject_unknown_keys(mapping)
+        return cls(**mapping)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> PipelineConfig:
+        """A config from a YAML (.yaml, .yml) or JSON (.json) file holding one mapping of fields."""
+        values = _read_file(Path(path))  # its errors name the file already
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            reason = str(err).removeprefix(f"{err.field} ")  # ConfigError's message is f"{field} {reason}"
+            raise ConfigError(err.field, f"{reason} (in {os.fspath(path)})") from err
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> PipelineConfig:
+        """A config from command-line flags (``sys.argv[1:]`` when None): ``--config FILE``, then
+        one ``--flag-name`` per field, which overrides the file's value."""
+        args, extra = _argument_parser().parse_known_args(argv)
+        if extra:
+            _reject_unknown_flags(extra)
+        given = vars(args)  # only the flags on the command line: every default is SUPPRESS
+        config_file = given.pop("config", None)
+        values = _read_file(Path(config_file)) if config_file is not None else {}
+        values.update({name: _parse_flag_value(name, value) for name, value in given.items()})
+        return cls.from_dict(values)
+
+    # -- derived values -----------------------------------------------------------------------
+
+    def resolved_model(self) -> str | None:
+        """The model the workers load: ``model`` if set; else, on a CUDA device, Qwen2.5-0.5B-Instruct;
+        else None, the embedded tiny model. Asks torch about CUDA only when ``device`` is None."""
+        if self.model is not None:
+            return self.model
+        on_cuda = self.device.startswith("cuda") if self.device is not None else torch.cuda.is_available()
+        return DEFAULT_GPU_MODEL if on_cuda else None
+
+    def worker_ports(self) -> list[int]:
+        """One port per worker: ``worker_port``, then the next ports that no other component uses."""
+        taken = {getattr(self, f"{c}_port") for c in COMPONENTS if c != "worker"}
+        ports = [self.worker_port]
+        candidate = self.worker_port + 1
+        while len(ports) < self.num_workers:
+            if candidate not in taken:
+                ports.append(candidate)
+            candidate += 1
+        return ports
+
+    def ports(self) -> dict[str, int]:
+        """Every component's HTTP port: frontend, scheduler, worker-0 .. worker-N-1, router, ...."""
+        ports: dict[str, int] = {}
+        for component in COMPONENTS:
+            if component == "worker":
+                ports.update({f"worker-{i}": port for i, port in enumerate(self.worker_ports())})
+            else:
+                ports[component] = getattr(self, f"{component}_port")
+        return ports
+
+    def urls(self) -> dict[str, str]:
+        """The ``/health`` URL of every component, named as in ``ports()``."""
+        host = self.host
+        address = _ip_address(host)
+        if address is not None and address.is_unspecified:  # bound to every interface: ask over loopback
+            host = "127.0.0.1" if address.version == 4 else "::1"
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 address in a URL
+        return {name: f"http://{host}:{port}/health" for name, port in self.ports().items()}
+
+    def to_engine_config(self, worker_index: int = 0) -> EngineConfig:
+        """The in-process engine's config for one worker. Workers are replicas, so all get the same
+        settings; ``gpu_memory_utilization`` becomes ``kv_cache_memory_fraction``."""
+        if type(worker_index) is not int or not 0 <= worker_index < self.num_workers:  # a bool is no index
+            raise ConfigError("worker_index", f"must be an integer in [0, {self.num_workers}), got {worker_index!r}")
+        return EngineConfig(
+            model=self.resolved_model(),
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_model_len=self.max_model_len,
+            scheduling_policy=self.scheduling_policy,
+            sampler=self.sampler,
+            attention_backend=self.attention_backend,
+            kv_cache_memory_fraction=self.gpu_memory_utilization,
+            seed=self.seed,
+        )
+
+    def to_dict(self, *, include_secrets: bool = False) -> dict[str, Any]:
+        """Every field, JSON- and YAML-ready. The API key is written as '<redacted>' unless
+        ``include_secrets``, so the dict can go to logs."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.api_key is not None and not include_secrets:
+            values["api_key"] = REDACTED
+        return values
+
+
+# -- checks: each raises ConfigError naming the field, the bad value and what is allowed -------
+
+
+def _got(value: object) -> str:
+    """'got VALUE (TYPE)', for a value of the wrong type; a number in quotes (YAML's "16") says so."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            pass
+        else:
+            return f"got {value!r}, a string (write it without quotes)"
+    return f"got {value!r} ({type(value).__name__})"
+
+
+def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    allowed = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+    if optional:
+        allowed = f"None or {allowed}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be {allowed}, {_got(value)}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ConfigError(name, f"must be {allowed}, got {value!r}")
+
+
+def _check_fraction(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be a number in (0, 1], {_got(value)}")
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise ConfigError(name, f"must be a number in (0, 1], got {value!r}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"must be True or False, {_got(value)}")
+
+
+def _check_str(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value:
+        allowed = "None or a non-empty string" if optional else "a non-empty string"
+        raise ConfigError(name, f"must be {allowed}, {_got(value)}")
+
+
+def _check_choice(name: str, value: object, choices: Iterable[str], *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    choices = list(choices)
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        allowed = ", ".join(map(repr, choices))
+        raise ConfigError(name, f"must be {'None or ' if optional else ''}one of {allowed}, got {value!r}{hint}")
+
+
+def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The host as an IP address; None for a host name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _check_host(host: object, allow_remote: bool) -> None:
+    _check_str("host", host)
+    address = _ip_address(str(host))
+    # A host name other than localhost may resolve to any interface, so it counts as remote.
+    loopback = host == "localhost" or (address is not None and address.is_loopback)
+    if not loopback and not allow_remote:
+        raise ConfigError(
+            "host",
+            f"is {host!r}, which is not loopback: other machines could reach every component, and "
+            "only the frontend checks an API key, so anyone on the network could run the model or "
+            "drive the scheduler and workers. Use 127.0.0.1, ::1 or localhost, or set "
+            "allow_remote=True (with an api_key) if you mean to serve other machines",
+        )
+
+
+def _reject_unknown_keys(keys: Iterable[object], where: str = "") -> None:
+    names = [f.name for f in fields(PipelineConfig)]
+    for key in keys:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the fields are {', '.join(names)}"
+            raise ConfigError(str(key), f"is not a PipelineConfig field{where}; {hint}")
+
+
+# -- files and the command line ---------------------------------------------------------------
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The mapping a config file holds; every failure is a ConfigError naming the file."""
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError("config", f"file {str(path)!r} must end in .yaml, .yml or .json, got {suffix!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError("config", f"file {str(path)!r} cannot be read: {err.strerror or err}") from err
+    try:
+        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        kind = "JSON" if suffix == ".json" else "YAML"
+        raise ConfigError("config", f"file {str(path)!r} does not parse as {kind}: {err}") from err
+    if data is None:  # an empty YAML file: every default
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"file {str(path)!r} must hold a mapping of fields, got {type(data).__name__}")
+    _reject_unknown_keys(data, where=f" (in {path})")
+    return data
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a bad command line raises ConfigError, as every other source does."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError("command line", message)
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        description="Configuration of the modkit pipeline. Optional values take 'none' for their default.",
+        allow_abbrev=False,  # --block would otherwise mean --block-size
+        argument_default=argparse.SUPPRESS,  # so the namespace holds only the flags given
+    )
+    parser.add_argument("--config", metavar="FILE", help="a .yaml, .yml or .json file of fields; flags override it")
+    for f in fields(PipelineConfig):
+        text = f"default: {f.default}"
+        if f.name == "api_key":
+            text += " (the process list shows flags to every user: prefer --config)"
+        if f.type == "bool":
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(_flag(f.name), metavar=str(f.type).removesuffix(" | None").upper(), help=text)
+    return parser
+
+
+def _parse_flag_value(name: str, value: Any) -> Any:
+    """A flag's text as its field's type: 'none' -> None where allowed, '16' -> 16; bools come parsed."""
+    kind = str(next(f.type for f in fields(PipelineConfig) if f.name == name))
+    if not isinstance(value, str):
+        return value
+    if kind.endswith(" | None") and value.lower() == "none":
+        return None
+    parse = {"int": int, "float": float}.get(kind.removesuffix(" | None"))
+    if parse is None:
+        return value
+    try:
+        return parse(value)
+    except ValueError:
+        noun = "an integer" if parse is int else "a number"
+        raise ConfigError(name, f"must be {noun}, got {value!r} (from {_flag(name)})") from None
+
+
+def _reject_unknown_flags(extra: list[str]) -> NoReturn:
+    known = ["--config"]
+    for f in fields(PipelineConfig):
+        known += [_flag(f.name), "--no-" + _flag(f.name)[2:]] if f.type == "bool" else [_flag(f.name)]
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("-"):
+            close = difflib.get_close_matches(flag, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see --help"
+            raise ConfigError(flag, f"is not a flag of the pipeline's command line; {hint}")
+    raise ConfigError("command line", f"has unexpected arguments {extra!r}; every value follows its --flag")
