@@ -10,8 +10,27 @@ The package is laid out one subpackage per component of a serving engine:
   step's work into one flat forward pass.
 """
 
-from modkit.engine.llm import LLM
-from modkit.sampling_params import SamplingParams
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from modkit.engine.llm import LLM
+    from modkit.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name: str) -> Any:
+    # NOTE: imported on first use, so a component process that needs no torch (the router,
+    # the KV cache manager) starts in a fraction of a second instead of importing it.
+    if name == "LLM":
+        from modkit.engine.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from modkit.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'modkit' has no attribute {name!r}")

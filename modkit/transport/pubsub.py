@@ -1,0 +1,145 @@
+"""Pub/sub: one publisher streams numbered messages to any number of subscribers.
+
+Frames, as vLLM's KV cache events (``vllm/distributed/kv_events.py``)::
+
+    [ topic (utf-8) | seq (8 bytes, big-endian, unsigned) | payload (msgpack) ]
+
+``seq`` counts up from 0 *per topic* of each publisher. (vLLM numbers all of a
+publisher's messages together; with one topic per publisher, as there, the two agree.
+Counting per topic lets a subscriber that filters topics still spot real gaps.)
+
+NOTE: a PUB socket never blocks and never waits for a slow subscriber: once a
+subscriber's queue reaches the high-water mark (``hwm`` messages, on each side), new
+messages for it are *dropped*. Messages sent before a subscriber has connected and
+subscribed are lost as well (the "slow joiner"). ``Subscriber`` notices drops from the
+gaps in ``seq`` and counts them in ``missed``; a consumer that must not miss anything
+(a router mirroring a KV cache) then resynchronises, e.g. by asking for a snapshot.
+
+Timeouts: ``Subscriber.recv(timeout_s)`` returns None when nothing arrives in time, so a
+loop that also serves RPC or checks its parent never blocks on a quiet publisher.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import zmq
+
+from modkit.transport.addresses import check_bind_address
+from modkit.transport.codec import DecodeError, Decoder, encode
+from modkit.transport.rpc import new_socket
+
+log = logging.getLogger(__name__)
+DEFAULT_HWM = 10_000  # messages queued per subscriber (on each side) before PUB drops
+
+
+class Delivery(NamedTuple):
+    """One received message; unpacks as ``topic, seq, payload``."""
+
+    topic: str
+    seq: int
+    payload: Any
+
+
+class Publisher:
+    """Binds a PUB socket on ``address`` (``address`` attribute: the real endpoint) and numbers what it sends."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        hwm: int = DEFAULT_HWM,
+        allow_remote: bool = False,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        self.socket = new_socket(zmq.PUB, ctx)
+        self.socket.setsockopt(zmq.SNDHWM, hwm)
+        self.socket.bind(check_bind_address(address, allow_remote=allow_remote))
+        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._next_seq: dict[str, int] = {}
+
+    def publish(self, topic: str, payload: Any) -> int:
+        """Send ``payload`` (msgpack-able) on ``topic``; return its seq. Never blocks; may drop (see module doc)."""
+        seq = self._next_seq.get(topic, 0)
+        self._next_seq[topic] = seq + 1
+        self.socket.send_multipart([topic.encode(), seq.to_bytes(8, "big"), encode(payload)])
+        return seq
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Subscriber:
+    """Connects a SUB socket to ``address`` for ``topics`` (prefixes; "" means all) and counts missed messages.
+
+    ``payload_type`` is what payloads decode to (a Struct, a tagged union, or ``Any`` for
+    plain builtins). ``missed`` totals the seq gaps seen; ``last_seq`` is per topic. A
+    subscriber starts counting from the first message it sees on each topic.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        topics: Iterable[str] = ("",),
+        *,
+        payload_type: Any = Any,
+        hwm: int = DEFAULT_HWM,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        self.address = address
+        self.socket = new_socket(zmq.SUB, ctx)
+        self.socket.setsockopt(zmq.RCVHWM, hwm)
+        for topic in topics:
+            self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self.socket.connect(address)
+        self.missed = 0
+        self.last_seq: dict[str, int] = {}
+        self._decoder: Decoder[Any] = Decoder(payload_type)
+
+    def recv(self, timeout_s: float) -> Delivery | None:
+        """The next message, or None if none arrives within ``timeout_s``. Malformed ones are logged and skipped."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if not self.socket.poll(max(0, math.ceil(remaining * 1000)), zmq.POLLIN):
+                return None
+            delivery = self._parse(self.socket.recv_multipart())
+            if delivery is not None:
+                return delivery
+
+    def _parse(self, frames: list[bytes]) -> Delivery | None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            log.warning("dropped a malformed message of %d frames from %s", len(frames), self.address)
+            return None
+        topic, seq = frames[0].decode(errors="replace"), int.from_bytes(frames[1], "big")
+        last = self.last_seq.get(topic)
+        if last is not None and seq > last + 1:
+            self.missed += seq - last - 1
+            log.info("missed %d message(s) on %r from %s", seq - last - 1, topic, self.address)
+        elif last is not None and seq <= last:
+            log.warning("seq on %r went back from %d to %d: the publisher restarted?", topic, last, seq)
+        self.last_seq[topic] = seq
+        try:
+            return Delivery(topic, seq, self._decoder.decode(frames[2]))
+        except DecodeError as error:
+            log.warning("dropped seq %d on %r from %s: %s", seq, topic, self.address, error)
+            return None
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

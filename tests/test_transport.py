@@ -1,0 +1,347 @@
+"""The ZeroMQ transport: RPC, pub/sub and component processes, with real processes and sockets.
+
+The objects served in child processes are in tests/transport_targets.py. Every wait is
+bounded; the module fixture starts one child that most tests share.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+from transport_targets import Echo, Pair, Point
+
+from modkit.protocol import Call, ErrorReply, Reply
+from modkit.transport import (
+    QUIET_THREADS,
+    ComponentProcess,
+    ComponentStartError,
+    InsecureAddressError,
+    Publisher,
+    RemoteError,
+    RpcClient,
+    RpcServer,
+    RpcTimeoutError,
+    Subscriber,
+    check_bind_address,
+    decode,
+    encode,
+    tcp_address,
+)
+from modkit.transport.addresses import ipc_path
+
+pytestmark = pytest.mark.timeout(60)
+
+TESTS_DIR = Path(__file__).resolve().parent
+PYTHONPATH = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+CHILD_ENV = {"PYTHONPATH": PYTHONPATH, **QUIET_THREADS}  # the child imports transport_targets
+
+
+def start_echo(name: str, log_dir: Path, address: str | None = None) -> ComponentProcess:
+    return ComponentProcess.start(
+        name,
+        "transport_targets:Echo",
+        {"greeting": "hi", "origin": Point(5, 6)},
+        address,
+        env=CHILD_ENV,
+        log_dir=log_dir,
+        ready_timeout_s=30,
+        heartbeat_interval_s=0.1,
+        heartbeat_timeout_s=1.0,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only a zombie left for its (possibly non-reaping) new parent."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComponentProcess]:
+    proc = start_echo("echo", tmp_path_factory.mktemp("logs"))
+    yield proc
+    proc.stop()
+
+
+def test_child_answers_over_ipc_and_is_ready(echo: ComponentProcess) -> None:
+    assert echo.address.startswith("ipc://")
+    with echo.client() as client:
+        assert client.call("pid") == echo.pid  # READY named the process that serves
+        assert client.call("greet", "ada") == "hi, ada"
+        assert client.call("echo", {"a": [1, 2.5, None, b"\x00"]}) == {"a": [1, 2.5, None, b"\x00"]}
+        assert client.ping()["pid"] == echo.pid
+        # Struct and dataclass arguments are rebuilt from the method's annotations; proxy converts results.
+        assert client.proxy(Echo).shift(Point(1, 2), Pair(10, 20)) == Point(11, 22)
+        assert client.call("get_origin") == {"x": 5, "y": 6}  # plain call(): the Struct arrives as a dict
+        assert client.proxy(Echo).get_origin() == Point(5, 6)
+    assert wait_until(echo.is_alive, 5)
+    assert echo.state() == "running" and "echo ready" in echo.log_tail()
+
+
+def test_child_answers_over_tcp_and_stops_politely(tmp_path: Path) -> None:
+    proc = start_echo("echo-tcp", tmp_path, tcp_address())
+    try:
+        assert proc.address.startswith("tcp://127.0.0.1:") and not proc.address.endswith(":*")
+        with proc.client() as client:
+            assert client.call("greet", "tcp") == "hi, tcp"
+    finally:
+        assert proc.stop() == 0  # the SHUTDOWN call was enough
+    assert process_gone(proc.pid) and proc.state() == "exited"
+    control_file = ipc_path(proc.spec.control_address)
+    assert control_file is not None and list(control_file.parent.glob("echo-tcp*")) == []
+
+
+def test_remote_error_then_next_call_succeeds(echo: ComponentProcess) -> None:
+    with echo.client() as client:
+        with pytest.raises(RemoteError) as caught:
+            client.call("fail", "boom")
+        assert caught.value.type_name == "ValueError" and caught.value.message == "boom"
+        assert "raise ValueError(message)" in caught.value.remote_traceback
+        for method, args, type_name in [
+            ("_secret", (), "PermissionError"),
+            ("no_such_method", (), "AttributeError"),
+            ("greet", (), "TypeError"),  # missing argument
+            ("shift", ({"x": "not an int", "y": 0}, {"left": 0, "right": 0}), "TypeError"),
+        ]:
+            with pytest.raises(RemoteError, match=type_name):
+                client.call(method, *args)
+        with pytest.raises(TypeError):  # not msgpack-able: refused before anything is sent
+            client.call("echo", object())
+        assert client.call("echo", "still serving") == "still serving"
+
+
+def test_allowed_methods_and_serve_forever_in_a_thread(tmp_path: Path) -> None:
+    stop = threading.Event()
+    with RpcServer(Echo(), f"ipc://{tmp_path}/allow", allowed_methods=["echo"]) as server:
+        thread = threading.Thread(target=server.serve_forever, args=(stop,))
+        thread.start()
+        try:
+            with RpcClient(server.address, timeout_s=5) as client:
+                assert client.call("echo", 3) == 3
+                with pytest.raises(RemoteError, match="PermissionError"):
+                    client.call("greet", "x")
+        finally:
+            stop.set()
+            thread.join(5)
+        assert not thread.is_alive()
+    with pytest.raises(ValueError, match="_secret"):
+        RpcServer(Echo(), f"ipc://{tmp_path}/allow2", allowed_methods=["_secret"])
+
+
+def test_garbage_frames_do_not_kill_the_server(echo: ComponentProcess) -> None:
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(echo.address)
+    try:
+        raw.send(b"\xc1 not msgpack at all")  # dropped and logged
+        raw.send_multipart([b"three", b"frames", b"here"])  # not [identity, call]: dropped
+        raw.send(encode(Reply(5, "a reply is not a call")))  # dropped
+        raw.send(msgspec.msgpack.encode({"type": "bogus", "req_id": 77}))  # unknown tag, but answerable
+        assert raw.poll(5000, zmq.POLLIN)
+        answer = decode(raw.recv())
+        assert isinstance(answer, ErrorReply) and answer.req_id == 77 and answer.type_name == "DecodeError"
+    finally:
+        raw.close()
+    with echo.client() as client:
+        assert client.call("echo", "alive") == "alive"
+
+
+def test_timeout_then_late_reply_is_not_returned_to_the_next_call(echo: ComponentProcess) -> None:
+    with echo.client(timeout_s=10) as client:
+        started = time.monotonic()
+        with pytest.raises(RpcTimeoutError, match=r"'sleep'.*ipc://"):
+            client.invoke("sleep", (1.0, "late"), timeout_s=0.3)
+        assert 0.3 <= time.monotonic() - started < 0.3 + 0.5
+        assert client.call("echo", "next") == "next"  # waits out the sleep; "late" must not show up
+
+
+def test_timeout_when_nobody_listens(tmp_path: Path) -> None:
+    with RpcClient(f"ipc://{tmp_path}/nobody", timeout_s=0.2) as client:
+        started = time.monotonic()
+        with pytest.raises(RpcTimeoutError):
+            client.call("anything")
+        assert time.monotonic() - started < 0.2 + 0.5
+
+
+def test_replies_with_other_request_ids_are_discarded(tmp_path: Path) -> None:
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(f"ipc://{tmp_path}/stale")
+
+    def answer_once() -> None:  # a stale reply and a garbage one before the real one
+        if router.poll(5000, zmq.POLLIN):
+            identity, frame = router.recv_multipart()
+            call = decode(frame)
+            assert isinstance(call, Call)
+            router.send_multipart([identity, encode(Reply(call.req_id + 1000, "stale"))])
+            router.send_multipart([identity, b"\xc1"])
+            router.send_multipart([identity, encode(Reply(call.req_id, "fresh"))])
+
+    thread = threading.Thread(target=answer_once)
+    thread.start()
+    try:
+        with RpcClient(f"ipc://{tmp_path}/stale", timeout_s=5) as client:
+            assert client.call("anything") == "fresh"
+    finally:
+        thread.join(5)
+        router.close()
+
+
+def test_binding_beyond_loopback_is_refused(tmp_path: Path) -> None:
+    for address in ["tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://[::]:5555", "tcp://192.168.1.7:5555", "tcp://eth0:1"]:
+        with pytest.raises(InsecureAddressError):
+            check_bind_address(address)
+    with pytest.raises(InsecureAddressError):
+        RpcServer(Echo(), "tcp://0.0.0.0:0")
+    with pytest.raises(InsecureAddressError):
+        Publisher("tcp://*:0")
+    with pytest.raises(InsecureAddressError):
+        ComponentProcess.start("remote", "transport_targets:Echo", address="tcp://0.0.0.0:0", log_dir=tmp_path)
+    assert check_bind_address("tcp://0.0.0.0:5555", allow_remote=True) == "tcp://0.0.0.0:5555"
+    for address in ["tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://localhost:1", "ipc:///tmp/x", "inproc://x"]:
+        assert check_bind_address(address) == address
+    with pytest.raises(ValueError, match="unsupported"):
+        check_bind_address("udp://127.0.0.1:1")
+
+
+def subscribed(publisher: Publisher, subscriber: Subscriber) -> bool:
+    """Publish on a warm-up topic until the subscriber hears it (messages before that are lost)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        publisher.publish("kv.hello", None)
+        if subscriber.recv(0.05) is not None:
+            while subscriber.recv(0.05) is not None:
+                pass
+            return True
+    return False
+
+
+def test_pubsub_delivers_in_order_with_seq(tmp_path: Path) -> None:
+    address = f"ipc://{tmp_path}/events"
+    with Publisher(address) as publisher, Subscriber(address, topics=["kv"]) as subscriber:
+        assert subscribed(publisher, subscriber)
+        for i in range(100):
+            publisher.publish("kv", {"i": i})
+            publisher.publish("other", i)  # not subscribed: never delivered
+        received = [subscriber.recv(2.0) for _ in range(100)]
+        assert [(d.topic, d.seq, d.payload) for d in received if d] == [("kv", i, {"i": i}) for i in range(100)]
+        assert subscriber.missed == 0 and subscriber.recv(0.1) is None
+
+
+def test_subscriber_reports_what_pub_dropped_at_the_high_water_mark(tmp_path: Path) -> None:
+    address = f"ipc://{tmp_path}/flood"
+    with Publisher(address, hwm=10) as publisher, Subscriber(address, topics=["kv"], hwm=10) as subscriber:
+        assert subscribed(publisher, subscriber)
+        blob = bytes(64 * 1024)
+        for _ in range(500):  # 32 MB nobody reads meanwhile: far beyond the queues
+            publisher.publish("kv", blob)
+        seqs = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # read until a marker sent after the flood gets through
+            delivery = subscriber.recv(0.2)
+            if delivery is None:
+                publisher.publish("kv", b"end")
+            elif delivery.topic == "kv":
+                seqs.append(delivery.seq)
+                if delivery.payload == b"end":
+                    break
+        assert seqs == sorted(seqs) and seqs[-1] >= 500
+        assert subscriber.missed > 0 and len(seqs) + subscriber.missed == seqs[-1] + 1
+
+
+def test_heartbeats_tell_busy_from_dead(echo: ComponentProcess) -> None:
+    assert wait_until(lambda: echo.heartbeat_age() < 0.5, 5)
+    def sleep_in_the_child() -> None:
+        with RpcClient(echo.address, timeout_s=10) as client:
+            client.call("sleep", 2.0)
+
+    busy = threading.Thread(target=sleep_in_the_child)
+    busy.start()
+    try:
+        assert wait_until(lambda: echo.state() == "unresponsive", 1.9)  # alive, but its loop is in a call
+        assert not echo.is_alive() and echo.returncode is None
+    finally:
+        busy.join(10)
+    assert wait_until(lambda: echo.state() == "running", 5)
+
+
+def test_start_failure_raises_with_the_childs_stderr(tmp_path: Path) -> None:
+    with pytest.raises(ComponentStartError, match=r"exited with code 1(.|\n)*No module named 'no_such_module'"):
+        ComponentProcess.start("broken", "no_such_module:Thing", env=CHILD_ENV, log_dir=tmp_path, ready_timeout_s=30)
+    with pytest.raises(ValueError, match=r"package\.module:Name"):
+        ComponentProcess.start("broken", "no_colon_here", log_dir=tmp_path)
+
+
+def test_stop_escalates_to_sigterm_and_leaves_no_process_or_socket_file(tmp_path: Path) -> None:
+    proc = start_echo("stuck", tmp_path)
+    files = [ipc_path(a) for a in (proc.address, proc.spec.control_address, proc.spec.heartbeat_address)]
+    assert all(path is not None and path.exists() for path in files)
+    with RpcClient(proc.address) as client, pytest.raises(RpcTimeoutError):
+        client.invoke("sleep", (30,), timeout_s=0.2)  # now busy for 30 s: the SHUTDOWN call goes unanswered
+    started = time.monotonic()
+    assert proc.stop(timeout_s=1.5) == 128 + signal.SIGTERM  # torch's own exit takes ~0.6 s here
+    assert time.monotonic() - started < 1.5 + 1.5 + 1
+    assert process_gone(proc.pid)
+    assert not any(path is not None and path.exists() for path in files)
+    assert proc.log_path.exists()
+
+
+HELPER = """
+import sys, time
+from pathlib import Path
+from modkit.transport import ComponentProcess, run_dir
+env = {"PYTHONPATH": sys.argv[1]}
+proc = ComponentProcess.start("orphan", "transport_targets:Echo", env=env, log_dir=Path(sys.argv[2]),
+                              heartbeat_interval_s=0.1, ready_timeout_s=30)
+print(proc.pid, run_dir(), flush=True)
+time.sleep(60)
+"""
+
+
+def test_component_exits_when_its_launcher_is_killed(tmp_path: Path) -> None:
+    helper = subprocess.Popen(
+        [sys.executable, "-c", HELPER, CHILD_ENV["PYTHONPATH"], str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    child_pid, run_dir = None, None
+    try:
+        assert helper.stdout is not None
+        ready, _, _ = select.select([helper.stdout], [], [], 45)
+        assert ready, "the helper did not start its component in time"
+        pid_text, run_dir = helper.stdout.readline().split()
+        child_pid = int(pid_text)
+        assert not process_gone(child_pid)
+        helper.send_signal(signal.SIGKILL)
+        helper.wait(5)
+        assert wait_until(lambda: process_gone(child_pid), 5), "the orphaned component kept running"
+        assert "exiting" in (tmp_path / "orphan.log").read_text()  # it left by itself, nobody killed it
+    finally:
+        helper.kill()
+        if child_pid is not None and not process_gone(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
