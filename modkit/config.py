@@ -39,13 +39,13 @@ import yaml
 
 from modkit.attention import attention_backends
 from modkit.engine.config import ConfigError, EngineConfig
+from modkit.router import ROUTER_POLICIES
 from modkit.sampler import samplers
 from modkit.scheduler import policies
 
-__all__ = ["COMPONENTS", "DEFAULT_GPU_MODEL", "DTYPES", "ROUTER_POLICIES", "ConfigError", "PipelineConfig"]
+__all__ = ["COMPONENTS", "DEFAULT_GPU_MODEL", "DTYPES", "ConfigError", "PipelineConfig"]
 
 DEFAULT_GPU_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"  # what model=None loads on a CUDA GPU
-ROUTER_POLICIES = ("round_robin", "least_loaded", "kv_aware")
 DTYPES = ("float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")  # what parse_dtype accepts
 DEVICES = ("cpu", "cuda", "mps")  # and cuda:N
 # Each component's HTTP port is the field f"{component}_port"; urls() lists them in this order.
@@ -108,7 +108,7 @@ class PipelineConfig:
         # NOTE: three policies are checked against their registries, so a notebook that
         # registers its own must do so before building the config (and in that component's process).
         _check_choice("scheduling_policy", self.scheduling_policy, policies())
-        _check_choice("router_policy", self.router_policy, ROUTER_POLICIES)
+        _check_choice("router_policy", self.router_policy, ROUTER_POLICIES.names())
         _check_choice("sampler", self.sampler, samplers())
         _check_choice("attention_backend", self.attention_backend, attention_backends())
         _check_int("seed", self.seed, minimum=0)

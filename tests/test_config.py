@@ -129,7 +129,7 @@ def test_a_quoted_number_is_not_an_integer() -> None:
 
 
 def test_choices_suggest_the_nearest() -> None:
-    with pytest.raises(ConfigError, match=r"one of 'round_robin', 'least_loaded', 'kv_aware'.*did you mean 'kv_aware'"):
+    with pytest.raises(ConfigError, match=r"one of 'kv_aware', 'least_loaded', 'round_robin'.*did you mean 'kv_aware'"):
         PipelineConfig(router_policy="kv-aware")
 
 

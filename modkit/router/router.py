@@ -1,0 +1,72 @@
+"""The router: picks a worker for each request among N, each with its own KV cache.
+
+It keeps a ``WorkerView`` per worker: whether it is alive, the requests it routed there
+and the blocks they hold (its load), and which block hashes that worker caches, learned
+from the worker's KV events (``BlockStored`` adds hashes, ``BlockRemoved`` drops them,
+``AllBlocksCleared`` forgets them all). A policy then chooses. A worker marked dead gets
+no more requests; if every worker is dead, routing fails with ``NoWorkerError``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from modkit.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from modkit.kvcache.hashing import hash_request_blocks
+from modkit.router.policies import RouterPolicy, WorkerView, get_router_policy
+
+
+class NoWorkerError(RuntimeError):
+    """No live worker can take the request."""
+
+
+class Router:
+    def __init__(self, num_workers: int, block_size: int, policy: str | RouterPolicy = "round_robin") -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.block_size = block_size
+        self.policy = get_router_policy(policy) if isinstance(policy, str) else policy
+        self.workers = {i: WorkerView(i) for i in range(num_workers)}
+        self._routed: dict[str, tuple[int, int]] = {}  # request id -> (worker id, blocks counted)
+        self.decisions: Counter[int] = Counter()
+
+    def route(self, request_id: str, prompt_token_ids: Sequence[int]) -> int:
+        """Choose a worker for a request and count it there until ``finish`` is called."""
+        live = [w for w in self.workers.values() if w.alive]
+        if not live:
+            raise NoWorkerError("no live worker to route to")
+        hashes = hash_request_blocks(prompt_token_ids, self.block_size, [])
+        num_blocks = -(-len(prompt_token_ids) // self.block_size)
+        worker_id = self.policy.choose(hashes, num_blocks, live)
+        worker = self.workers[worker_id]
+        worker.num_active_requests += 1
+        worker.active_blocks += num_blocks
+        self._routed[request_id] = (worker_id, num_blocks)
+        self.decisions[worker_id] += 1
+        return worker_id
+
+    def finish(self, request_id: str) -> None:
+        """The request is done (or aborted): it no longer loads its worker."""
+        routed = self._routed.pop(request_id, None)
+        if routed is not None:
+            worker = self.workers[routed[0]]
+            worker.num_active_requests -= 1
+            worker.active_blocks -= routed[1]
+
+    def on_kv_event(self, worker_id: int, event: KVEvent) -> None:
+        cached = self.workers[worker_id].cached
+        if isinstance(event, BlockStored):
+            cached.update(event.block_hashes)
+        elif isinstance(event, BlockRemoved):
+            cached.difference_update(event.block_hashes)
+        elif isinstance(event, AllBlocksCleared):
+            cached.clear()
+
+    def mark_dead(self, worker_id: int) -> None:
+        """Stop routing to a worker (its process died or stopped answering)."""
+        self.workers[worker_id].alive = False
+        self.workers[worker_id].cached.clear()
+
+    def mark_alive(self, worker_id: int) -> None:
+        self.workers[worker_id].alive = True
