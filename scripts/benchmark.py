@@ -7,8 +7,8 @@
 
 Every engine gets the same prompts (random token ids of one length, so HF needs no
 padding), greedy decoding and ``ignore_eos``, so each produces exactly num_prompts x
-output_len tokens. Each is run once to warm up on a few prompts, then timed. A table is
-printed last; the full results go to --out as JSON.
+output_len tokens. Each warms up on a few prompts, then runs the whole workload --repeats
+times; the median is reported. A table is printed last; the full results go to --out.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import gc
 import json
 import platform
 import random
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +36,22 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_modkit(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> float:
+def bench_modkit(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> Callable[[], None]:
     from modkit import LLM, SamplingParams
 
     llm = LLM(model_dir, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params, use_tqdm=False)
-    synchronize(args.device)
-    start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    synchronize(args.device)
-    elapsed = time.perf_counter() - start
-    assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
-    del llm
-    return elapsed
+
+    def run(ps: list[list[int]]) -> None:
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
+
+    run(prompts[:4])  # warm-up
+    return lambda: run(prompts)
 
 
-def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> float:
+def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> Callable[[], None]:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = load_hf_model(model_dir, dtype, args.device)
     batch = args.hf_batch_size or len(prompts)
@@ -64,26 +64,34 @@ def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace
             assert out.shape[1] == ids.shape[1] + args.output_len
 
     run(prompts[:4])
-    synchronize(args.device)
-    start = time.perf_counter()
-    run(prompts)
-    synchronize(args.device)
-    return time.perf_counter() - start
+    return lambda: run(prompts)
 
 
-def bench_vllm(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> float:
+def bench_vllm(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> Callable[[], None]:
     import vllm
 
     llm = vllm.LLM(model=str(model_dir), dtype=args.dtype, enforce_eager=args.device == "cpu", seed=0,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     params = vllm.SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    as_inputs: Any = [{"prompt_token_ids": p} for p in prompts]
-    llm.generate(as_inputs[:4], params, use_tqdm=False)
-    start = time.perf_counter()
-    outs = llm.generate(as_inputs, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
-    return elapsed
+
+    def run(ps: list[list[int]]) -> None:
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)  # type: ignore[misc]
+        assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
+
+    run(prompts[:4])
+    return lambda: run(prompts)
+
+
+def timed(run: Callable[[], None], repeats: int, device: str) -> list[float]:
+    """Seconds of each of ``repeats`` runs of the whole workload."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -100,6 +108,7 @@ def main() -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
     parser.add_argument("--engines", nargs="+", default=["modkit", "hf", "vllm"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
     parser.add_argument("--out", default="results/benchmark_offline.json")
     args = parser.parse_args()
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -113,14 +122,18 @@ def main() -> None:
         runners = {"modkit": bench_modkit, "hf": bench_hf, "vllm": bench_vllm}
         for name in args.engines:
             try:
-                seconds = runners[name](Path(model_dir), prompts, args)
+                run = runners[name](Path(model_dir), prompts, args)
             except ImportError as err:
                 print(f"{name}: skipped ({err})")
                 results[name] = {"skipped": str(err)}
                 continue
+            times = timed(run, args.repeats, args.device)
+            del run
+            seconds = statistics.median(times)
             tokens = args.num_prompts * args.output_len
-            results[name] = {"seconds": seconds, "output_tokens_per_s": tokens / seconds}
-            print(f"{name}: {seconds:.2f} s, {tokens / seconds:,.0f} output tok/s", flush=True)
+            results[name] = {"seconds": seconds, "runs_s": times, "output_tokens_per_s": tokens / seconds}
+            print(f"{name}: median {seconds:.2f} s of {[round(t, 2) for t in times]}, "
+                  f"{tokens / seconds:,.0f} output tok/s", flush=True)
             gc.collect()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -129,12 +142,12 @@ def main() -> None:
     meta = {"model": args.model_shape or "embedded tiny-chat", "device": args.device, "device_name": device_name,
             "dtype": args.dtype, "num_prompts": args.num_prompts, "input_len": args.input_len,
             "output_len": args.output_len, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"\nOffline throughput, {meta['model']}, {args.num_prompts} prompts x {args.input_len} in / "
           f"{args.output_len} out, greedy, ignore_eos, {args.dtype} on {device_name}")
-    print(f"{'engine':<10}{'seconds':>10}{'out tok/s':>12}{'vs hf':>8}{'vs vllm':>9}")
+    print(f"{'engine':<10}{'median s':>10}{'out tok/s':>12}{'vs hf':>8}{'vs vllm':>9}")
     for name, r in results.items():
         if "seconds" not in r:
             print(f"{name:<10}{'skipped':>10}")

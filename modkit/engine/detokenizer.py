@@ -69,6 +69,8 @@ class IncrementalDetokenizer:
         if any(not s for s in stop):
             raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
         self.tokenizer = tokenizer
+        # The Rust tokenizer inside a transformers fast tokenizer, when there is one.
+        self._rust = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop)
         self.include_stop_str_in_output = include_stop_str_in_output
@@ -121,6 +123,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         # NOTE: clean_up_tokenization_spaces rewrites " ." and " 's" by looking at neighbours,
         # which a window cannot reproduce; vLLM does not apply it when streaming either.
+        if self._rust is not None:  # a fast tokenizer: skip the Python wrapper, twice per token
+            return str(self._rust.decode(ids, skip_special_tokens=self.skip_special_tokens))
         text = self.tokenizer.decode(
             ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )
