@@ -67,6 +67,8 @@ class EngineCore:
             bad = next(t for t in request.prompt_token_ids if not 0 <= t < vocab)
             raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
         request.sampling_params.check_token_ids(vocab)
+        if request.sampling_params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported yet (the worker computes logits only for sampled rows)")
         self.scheduler.add_request(request)
         state = SamplingState.create(
             request.sampling_params, request.prompt_token_ids, self.device, request.eos_token_ids
