@@ -8,7 +8,7 @@ token a decoding request just sampled; any mix goes into the same forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +38,6 @@ class ForwardInputs:
     positions: torch.Tensor  # (T,) int64
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # (N,) int64, rows of the batch whose logits are returned
-    num_logits: list[int] = field(default_factory=list)  # per chunk, to split the logits
 
 
 class ModelRunner:
@@ -97,7 +96,6 @@ class ModelRunner:
             positions=positions.to(dev),
             metadata=metadata,
             logits_indices=logits_indices.to(dev),
-            num_logits=num_logits.tolist(),
         )
 
     def _validate(self, chunks: list[SequenceChunk]) -> None:
