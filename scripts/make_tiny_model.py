@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: data/models/tiny-chat in the repo, "
                              "or a temporary folder with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (1000)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (2000, as the committed model)")
     parser.add_argument("--seed", type=int, default=0, help="seed for corpus, init, batches")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 30 steps on a 2000-document corpus")
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
                           log_every=10, val_every=10)
         out = args.out or Path(tempfile.mkdtemp(prefix="tiny-chat-"))
     else:
-        cfg = TrainConfig(steps=args.steps or 1000, seed=args.seed)
+        cfg = TrainConfig(steps=args.steps or 2000, seed=args.seed)
         out = args.out or REPO_ROOT / "data" / "models" / "tiny-chat"
     command = " ".join(["python", "scripts/make_tiny_model.py",
                         *(argv if argv is not None else sys.argv[1:])])
