@@ -114,19 +114,7 @@ class AsyncEngine:
         self._commands.put(abort)
 
     def stats(self) -> dict[str, float]:
-        kv = self.core.kv_manager.stats()
-        scheduler = self.core.scheduler
-        return {
-            "num_requests_running": len(scheduler.running),
-            "num_requests_waiting": len(scheduler.waiting),
-            "num_preemptions": scheduler.num_preemptions,
-            "prefix_cache_queries": kv.prefix_cache_queries,
-            "prefix_cache_hits": kv.prefix_cache_hits,
-            "kv_blocks_total": kv.num_blocks_total,
-            "kv_blocks_free": kv.num_blocks_free,
-            "kv_cache_usage": kv.usage,
-            "num_steps": scheduler.step_count,
-        }
+        return self.core.stats()
 
     def shutdown(self) -> None:
         self._stopping.set()

@@ -98,6 +98,23 @@ class EngineCore:
                 self.sampling_states.pop(out.req_id, None)
         return outputs
 
+    def stats(self) -> dict[str, float]:
+        """Counters in vLLM's vocabulary, for ``LLM.stats()`` and the server's ``/stats``."""
+        kv = self.kv_manager.stats()
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": kv.prefix_cache_queries,
+            "prefix_cache_hits": kv.prefix_cache_hits,
+            "kv_blocks_total": kv.num_blocks_total,
+            "kv_blocks_free": kv.num_blocks_free,
+            "kv_blocks_cached": kv.num_blocks_cached,
+            "kv_cache_usage": kv.usage,
+            "num_evictions": kv.num_evictions,
+            "num_steps": self.scheduler.step_count,
+        }
+
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
         assert set(self.sampling_states) == set(self.scheduler.requests), "sampling state for every live request"

@@ -118,18 +118,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def stats(self) -> dict[str, float]:
-        kv = self.engine.kv_manager.stats()
-        return {
-            "num_preemptions": self.engine.scheduler.num_preemptions,
-            "prefix_cache_queries": kv.prefix_cache_queries,
-            "prefix_cache_hits": kv.prefix_cache_hits,
-            "kv_blocks_total": kv.num_blocks_total,
-            "kv_blocks_free": kv.num_blocks_free,
-            "kv_blocks_cached": kv.num_blocks_cached,
-            "kv_cache_usage": kv.usage,
-            "num_evictions": kv.num_evictions,
-            "num_steps": self.engine.scheduler.step_count,
-        }
+        return self.engine.stats()
 
     # -- internals ----------------------------------------------------------------------
 

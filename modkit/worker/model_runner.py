@@ -8,6 +8,7 @@ token a decoding request just sampled; any mix goes into the same forward.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ class ModelRunner:
         logits_indices = query_start_loc[seq_of_logit + 1] - num_logits[seq_of_logit] + offset_in_tail
 
         seq_lens = computed + query_lens
-        input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64)
+        input_ids = torch.tensor(list(itertools.chain.from_iterable(c.token_ids for c in chunks)))
         dev = self.device
         metadata = AttentionMetadata(
             query_start_loc=query_start_loc.to(dev, torch.int32),
