@@ -8,6 +8,12 @@ The package is laid out one subpackage per component of a serving engine:
   pure-PyTorch reference backend.
 - ``modkit.worker``: the KV cache tensors and the model runner that turns a
   step's work into one flat forward pass.
+- ``modkit.kvcache``, ``modkit.scheduler``, ``modkit.sampler``, ``modkit.router``,
+  ``modkit.frontend``: the other components; each has a ``service.py`` that runs it as
+  its own process of the pipeline.
+- ``modkit.engine``: the same components in one process (``LLM``, ``AsyncEngine``).
+- ``modkit.pipeline``: ``Pipeline``, which launches the six-process pipeline.
+- ``modkit.transport``: the only code that speaks ZeroMQ.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from modkit.engine.llm import LLM
+    from modkit.pipeline.launcher import Pipeline
     from modkit.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "Pipeline", "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:
@@ -29,6 +36,10 @@ def __getattr__(name: str) -> Any:
         from modkit.engine.llm import LLM
 
         return LLM
+    if name == "Pipeline":
+        from modkit.pipeline.launcher import Pipeline
+
+        return Pipeline
     if name == "SamplingParams":
         from modkit.sampling_params import SamplingParams
 

@@ -33,6 +33,9 @@ from typing import Any
 
 import msgspec
 
+from modkit.sampling_params import SamplingParams
+from modkit.scheduler.output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+
 # Method names the RPC server answers itself, before looking at the hosted object. They
 # contain a dot, so they can never clash with a Python method name.
 PING = "rpc.ping"  # answers {"pid": ..., "object": <class name>}: proves the serve loop is turning
@@ -105,6 +108,8 @@ class ChildSpec(msgspec.Struct, frozen=True):
     allow_remote: bool  # let ``address`` be a non-loopback TCP address
     heartbeat_interval_s: float
     log_level: str  # "INFO", "DEBUG", ...
+    http_port: int | None = None  # serve GET /health and /stats here (None: the object serves HTTP itself, or none)
+    http_host: str = "127.0.0.1"
 
 
 TransportMessage = Call | Reply | ErrorReply | Ready | Heartbeat
@@ -113,3 +118,165 @@ TransportMessage = Call | Reply | ErrorReply | Ready | Heartbeat
 # ---------------------------------------------------------------------------------------
 # Component level: add each component's messages below, one section per component.
 # ---------------------------------------------------------------------------------------
+
+# The pipeline's data plane. Each of these travels on a PUSH -> PULL channel (an ``Inbox``
+# in ``modkit.transport``), never as an RPC, so a slow receiver never blocks a sender's
+# loop. Engine objects (``SchedulerOutput``, ``ModelRunnerOutput``, ``EngineCoreOutput``,
+# ``SamplingParams``) are dataclasses that msgspec encodes field by field: the same
+# objects the in-process engine passes, on the wire.
+#
+#   frontend --AddRequest/AbortRequest--> router --(worker_id set)--> scheduler
+#   scheduler --StepPlan--> worker-i --StepDone--> scheduler --EngineOutputs--> frontend
+#   scheduler --RequestsFinished--> router          worker-i --WorkerHeartbeat--> router
+#   router --WorkerDown/WorkerUp--> scheduler       worker-i --SamplerReport--> sampler
+#   KV cache manager --(PUB "worker.<i>", KV events)--> router
+
+
+class AddRequest(msgspec.Struct, tag="add", frozen=True):
+    """A new engine request (one of a prompt's n completions)."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    arrival_time: float  # time.time() at the frontend
+    priority: int = 0
+    worker_id: int = -1  # -1 until the router has chosen
+
+
+class AbortRequest(msgspec.Struct, tag="abort", frozen=True):
+    """Finish these requests now: the client left ("abort"), or a stop string matched ("stop")."""
+
+    req_ids: list[str]
+    reason: str = "abort"  # "abort" or "stop"
+
+
+class StepPlan(msgspec.Struct, tag="plan", frozen=True):
+    """One step for one worker: exactly the scheduler's decision, with the KV manager's block ids."""
+
+    worker_id: int
+    output: SchedulerOutput
+
+
+class StepDone(msgspec.Struct, tag="done", frozen=True):
+    """A worker ran a ``StepPlan``: the sampled tokens, and where its time went."""
+
+    worker_id: int
+    step: int
+    output: ModelRunnerOutput
+    forward_s: float  # model forward (with the input preparation)
+    sample_s: float  # sampling, including the one copy of sampled ids to the host
+
+
+class EngineOutputs(msgspec.Struct, tag="outputs", frozen=True):
+    """What one worker's step produced for the frontend: new tokens, finished requests."""
+
+    outputs: list[EngineCoreOutput]
+
+
+class RequestRejected(msgspec.Struct, tag="rejected", frozen=True):
+    """A request that never ran. ``kind``: "invalid" (the client's fault, 400) or "unavailable" (503)."""
+
+    req_id: str
+    kind: str
+    message: str
+
+
+class RequestsFinished(msgspec.Struct, tag="finished", frozen=True):
+    """Scheduler -> router: these requests no longer load their worker."""
+
+    req_ids: list[str]
+
+
+class WorkerHeartbeat(msgspec.Struct, tag="beat", frozen=True):
+    """Worker -> router, from a thread of its own every interval, even during a long forward."""
+
+    worker_id: int
+    pid: int
+    sent_at: float  # time.monotonic(): one clock for the whole host
+
+
+class WorkerDown(msgspec.Struct, tag="down", frozen=True):
+    """Router -> scheduler: the worker stopped beating; fail its requests and forget its cache."""
+
+    worker_id: int
+    reason: str
+
+
+class WorkerUp(msgspec.Struct, tag="up", frozen=True):
+    """Router -> scheduler: the worker (restarted, empty cache) beats again."""
+
+    worker_id: int
+
+
+class SamplerReport(msgspec.Struct, tag="sampled", frozen=True):
+    """Worker -> sampler, each step: how much the sampler implementation did."""
+
+    worker_id: int
+    num_tokens: int
+    num_greedy: int  # of those, sampled with temperature 0
+    seconds: float
+
+
+PipelineMessage = (
+    AddRequest
+    | AbortRequest
+    | StepPlan
+    | StepDone
+    | EngineOutputs
+    | RequestRejected
+    | RequestsFinished
+    | WorkerHeartbeat
+    | WorkerDown
+    | WorkerUp
+    | SamplerReport
+)
+
+
+# The KV cache manager's one RPC method, ``apply(pool, ops) -> KVApplyReply``. The
+# scheduler's client sends each request's tokens once, in pieces (``new_token_ids``: those
+# the manager has not seen), so the manager can hash blocks without a copy of every prompt
+# in every call. Ops that return nothing are queued and sent ahead of the next op that
+# returns something, so a step costs one or two round trips, not one per request.
+
+
+class KVGetComputed(msgspec.Struct, tag="kv_get", frozen=True):
+    """``get_computed_blocks``; result: [block ids of the prefix hit, tokens they hold]."""
+
+    req_id: str
+    new_token_ids: list[int]
+    num_computed_tokens: int
+
+
+class KVAllocate(msgspec.Struct, tag="kv_alloc", frozen=True):
+    """``allocate_slots``; result: the new block ids, or None when too few blocks are free."""
+
+    req_id: str
+    new_token_ids: list[int]
+    num_computed_tokens: int
+    num_new_tokens: int
+    hit_block_ids: list[int]  # from a KVGetComputed just before, for an admission
+    num_hit_tokens: int
+
+
+class KVCacheComputed(msgspec.Struct, tag="kv_cache", frozen=True):
+    """``cache_blocks`` after a forward; result: None."""
+
+    req_id: str
+    new_token_ids: list[int]
+    num_computed_tokens: int
+
+
+class KVFree(msgspec.Struct, tag="kv_free", frozen=True):
+    """``free``; result: None."""
+
+    req_id: str
+
+
+KVOp = KVGetComputed | KVAllocate | KVCacheComputed | KVFree
+
+
+class KVApplyReply(msgspec.Struct, frozen=True):
+    results: list[Any]  # one per op, in order
+    num_free_blocks: int  # of the pool, after the ops
+    usage: float

@@ -39,8 +39,14 @@ def synchronize(device: str) -> None:
 def bench_modkit(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> Callable[[], None]:
     from modkit import LLM, SamplingParams
 
-    llm = LLM(model_dir, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks)
+    llm = LLM(
+        model_dir,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks,
+    )
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
     def run(ps: list[list[int]]) -> None:
@@ -59,8 +65,14 @@ def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace
     def run(ps: list[list[int]]) -> None:
         for i in range(0, len(ps), batch):
             ids = torch.tensor(ps[i : i + batch], device=args.device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=args.output_len, min_new_tokens=args.output_len, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=args.output_len,
+                min_new_tokens=args.output_len,
+                pad_token_id=0,
+            )
             assert out.shape[1] == ids.shape[1] + args.output_len
 
     run(prompts[:4])
@@ -70,8 +82,14 @@ def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace
 def bench_vllm(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> Callable[[], None]:
     import vllm
 
-    llm = vllm.LLM(model=str(model_dir), dtype=args.dtype, enforce_eager=args.device == "cpu", seed=0,
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = vllm.LLM(
+        model=str(model_dir),
+        dtype=args.dtype,
+        enforce_eager=args.device == "cpu",
+        seed=0,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     params = vllm.SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
     def run(ps: list[list[int]]) -> None:
@@ -96,8 +114,12 @@ def timed(run: Callable[[], None], repeats: int, device: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-shape", default=None, choices=sorted(RANDOM_MODEL_SHAPES),
-                        help="random weights with these shapes (default: the embedded model)")
+    parser.add_argument(
+        "--model-shape",
+        default=None,
+        choices=sorted(RANDOM_MODEL_SHAPES),
+        help="random weights with these shapes (default: the embedded model)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--num-prompts", type=int, default=64)
@@ -132,30 +154,49 @@ def main() -> None:
             seconds = statistics.median(times)
             tokens = args.num_prompts * args.output_len
             results[name] = {"seconds": seconds, "runs_s": times, "output_tokens_per_s": tokens / seconds}
-            print(f"{name}: median {seconds:.2f} s of {[round(t, 2) for t in times]}, "
-                  f"{tokens / seconds:,.0f} output tok/s", flush=True)
+            print(
+                f"{name}: median {seconds:.2f} s of {[round(t, 2) for t in times]}, "
+                f"{tokens / seconds:,.0f} output tok/s",
+                flush=True,
+            )
             gc.collect()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    meta = {"model": args.model_shape or "embedded tiny-chat", "device": args.device, "device_name": device_name,
-            "dtype": args.dtype, "num_prompts": args.num_prompts, "input_len": args.input_len,
-            "output_len": args.output_len, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats}
+    meta = {
+        "model": args.model_shape or "embedded tiny-chat",
+        "device": args.device,
+        "device_name": device_name,
+        "dtype": args.dtype,
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "repeats": args.repeats,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(f"\nOffline throughput, {meta['model']}, {args.num_prompts} prompts x {args.input_len} in / "
-          f"{args.output_len} out, greedy, ignore_eos, {args.dtype} on {device_name}")
+    print(
+        f"\nOffline throughput, {meta['model']}, {args.num_prompts} prompts x {args.input_len} in / "
+        f"{args.output_len} out, greedy, ignore_eos, {args.dtype} on {device_name}"
+    )
     print(f"{'engine':<10}{'median s':>10}{'out tok/s':>12}{'vs hf':>8}{'vs vllm':>9}")
     for name, r in results.items():
         if "seconds" not in r:
             print(f"{name:<10}{'skipped':>10}")
             continue
-        ratio = {k: r["output_tokens_per_s"] / results[k]["output_tokens_per_s"]
-                 for k in ("hf", "vllm") if "seconds" in results.get(k, {})}
-        print(f"{name:<10}{r['seconds']:>10.2f}{r['output_tokens_per_s']:>12,.0f}"
-              f"{ratio.get('hf', float('nan')):>8.2f}{ratio.get('vllm', float('nan')):>9.2f}")
+        ratio = {
+            k: r["output_tokens_per_s"] / results[k]["output_tokens_per_s"]
+            for k in ("hf", "vllm")
+            if "seconds" in results.get(k, {})
+        }
+        print(
+            f"{name:<10}{r['seconds']:>10.2f}{r['output_tokens_per_s']:>12,.0f}"
+            f"{ratio.get('hf', float('nan')):>8.2f}{ratio.get('vllm', float('nan')):>9.2f}"
+        )
     print(f"saved {args.out}")
 
 

@@ -144,7 +144,6 @@ def test_abort_frees_blocks_and_tells_the_worker() -> None:
     s.check_invariants()
 
 
-
 def test_blocks_become_findable_only_after_their_step_ran() -> None:
     events = EventLog()
     s = Scheduler(KVCacheManager(16, 4, event_sink=events))

@@ -1,4 +1,8 @@
-"""The OpenAI API served by a real process, driven by the official ``openai`` client."""
+"""The OpenAI API served by real processes, driven by the official ``openai`` client.
+
+Every test runs twice: against ``python -m modkit.frontend`` (the engine in the server's
+process) and against ``scripts/start_all.py`` (the six-process pipeline over ZeroMQ).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,6 +24,8 @@ from modkit import LLM, SamplingParams
 from modkit.frontend import EMBEDDED_MODEL_NAME
 
 KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -27,44 +34,57 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+SERVER_FLAGS = ["--api-key", KEY, "--num-kv-blocks", "512", "--max-model-len", "512"]
+COMPONENT_PORTS = ["frontend", "scheduler", "worker", "router", "kv_cache_manager", "sampler"]
+
+
+@dataclass
+class Served:
+    """A running OpenAI server: the engine in its process, or the six-process pipeline."""
+
+    kind: str
+    url: str
+    ports: dict[str, int]
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def start(kind: str, log: Path, extra: list[str] = ()) -> Served:  # type: ignore[assignment]
+    """``python -m modkit.frontend`` (in-process engine) or ``scripts/start_all.py`` (pipeline) on free ports."""
+    ports = {name: free_port() for name in COMPONENT_PORTS}
+    if kind == "in_process":
+        command = [sys.executable, "-m", "modkit.frontend", "--frontend-port", str(ports["frontend"])]
+    else:
+        command = [sys.executable, str(ROOT / "scripts" / "start_all.py")]
+        command += [a for name, port in ports.items() for a in (f"--{name.replace('_', '-')}-port", str(port))]
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "modkit.frontend",
-                "--frontend-port",
-                str(port),
-                "--api-key",
-                KEY,
-                "--num-kv-blocks",
-                "512",
-                "--max-model-len",
-                "512",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+        proc = subprocess.Popen([*command, *SERVER_FLAGS, *extra], stdout=out, stderr=subprocess.STDOUT)
+    served = Served(kind, f"http://127.0.0.1:{ports['frontend']}", ports, proc, log)
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=1).status_code == 200:
-                break
+            if httpx.get(f"{served.url}/health", headers=AUTH, timeout=1).status_code == 200:
+                return served
         except httpx.HTTPError:
             pass
-        assert proc.poll() is None, Path(log).read_text()
+        assert proc.poll() is None, log.read_text()
         time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become healthy:\n{Path(log).read_text()}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc.kill()
+    pytest.fail(f"server did not become healthy:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module", params=["in_process", "pipeline"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    log = tmp_path_factory.mktemp(request.param) / "server.log"
+    served = start(request.param, log)
+    yield served
+    served.proc.terminate()
+    served.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def server(served: Served) -> str:
+    return served.url
 
 
 @pytest.fixture
@@ -72,8 +92,18 @@ def client(server: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def stats(server: str) -> dict[str, float]:
-    return httpx.get(f"{server}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+def engine_state(served: Served) -> dict[str, float]:
+    """Requests running, steps taken and KV blocks, from ``/stats`` of whichever process holds them."""
+    if served.kind == "in_process":
+        return httpx.get(f"{served.url}/stats", headers=AUTH).json()
+    scheduler = httpx.get(f"http://127.0.0.1:{served.ports['scheduler']}/stats").json()
+    kv = httpx.get(f"http://127.0.0.1:{served.ports['kv_cache_manager']}/stats").json()["pools"][0]
+    return {
+        "num_requests_running": scheduler["num_requests_running"],
+        "num_steps": sum(w["num_steps"] for w in scheduler["workers"]),
+        "kv_blocks_free": kv["kv_blocks_free"],
+        "kv_blocks_total": kv["kv_blocks_total"],
+    }
 
 
 HELLO = [{"role": "user", "content": "Hello!"}]
@@ -188,9 +218,9 @@ def test_concurrent_streams_equal_the_in_process_engine(client: openai.OpenAI, t
     assert served == [o.outputs[0].text for o in expected]
 
 
-def test_a_client_that_disconnects_frees_its_blocks(server: str) -> None:
+def test_a_client_that_disconnects_frees_its_blocks(served: Served, server: str) -> None:
     body = {"model": EMBEDDED_MODEL_NAME, "messages": HELLO, "max_tokens": 480, "ignore_eos": True, "stream": True}
-    steps_before = stats(server)["num_steps"]
+    steps_before = engine_state(served)["num_steps"]
     with httpx.stream(
         "POST", f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
     ) as response:
@@ -199,11 +229,11 @@ def test_a_client_that_disconnects_frees_its_blocks(server: str) -> None:
         assert first
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        s = stats(server)
+        s = engine_state(served)
         if s["num_requests_running"] == 0 and s["kv_blocks_free"] == s["kv_blocks_total"]:
             # Aborted, not run to its 480 tokens: the engine stopped stepping for it early.
             assert s["num_steps"] - steps_before < 240, s
             break
         time.sleep(0.2)
     else:
-        pytest.fail(f"the aborted request still holds blocks: {stats(server)}")
+        pytest.fail(f"the aborted request still holds blocks: {engine_state(served)}")

@@ -45,13 +45,13 @@ def test_corpus_has_all_three_kinds_of_document() -> None:
 
 
 def test_render_chat_matches_the_tokenizer_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    messages = [{"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "Hello!"}]
-    expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n")
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello!"}]
+    expected = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert render_chat(messages, add_generation_prompt=True) == expected
-    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                         tokenize=False) == expected
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
     assert tokenizer.chat_template == CHAT_TEMPLATE
 
 
@@ -61,12 +61,15 @@ def test_tokenizer_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("text", [
-    "Hello world! The quick brown fox jumps over 13 lazy dogs.",
-    "  two spaces,\ttabs\nand new lines; it's 2 + 3 = 5",
-    "Unicode: café, naïve, 日本語, emoji 🙂",
-    "<|im_start|>user\nWhat does a cow say?<|im_end|>\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello world! The quick brown fox jumps over 13 lazy dogs.",
+        "  two spaces,\ttabs\nand new lines; it's 2 + 3 = 5",
+        "Unicode: café, naïve, 日本語, emoji 🙂",
+        "<|im_start|>user\nWhat does a cow say?<|im_end|>\n",
+    ],
+)
 def test_tokenizer_round_trips(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
@@ -80,16 +83,16 @@ def test_transformers_tokenizes_like_tokenizer_json(tokenizer: PreTrainedTokeniz
 
 
 def test_model_loads_with_no_missing_keys() -> None:
-    loaded, info = cast(tuple[Qwen2ForCausalLM, dict[str, Any]],
-                        Qwen2ForCausalLM.from_pretrained(MODEL_DIR, output_loading_info=True))
+    loaded, info = cast(
+        tuple[Qwen2ForCausalLM, dict[str, Any]], Qwen2ForCausalLM.from_pretrained(MODEL_DIR, output_loading_info=True)
+    )
     assert not any(info.values()), info
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied
     assert loaded.dtype == torch.float32
     assert (MODEL_DIR / "model.safetensors").stat().st_size < 20 * 2**20
 
 
-def test_hello_gets_a_greeting(model: Qwen2ForCausalLM,
-                               tokenizer: PreTrainedTokenizerBase) -> None:
+def test_hello_gets_a_greeting(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase) -> None:
     reply, stopped = chat_reply(model, tokenizer, "Hello!", max_new_tokens=40)
     assert stopped, f"no <|im_end|> within 40 tokens: {reply!r}"
     assert reply.lower().startswith(GREETING_WORDS), reply

@@ -276,6 +276,7 @@ def test_subscriber_reports_what_pub_dropped_at_the_high_water_mark(tmp_path: Pa
 
 def test_heartbeats_tell_busy_from_dead(echo: ComponentProcess) -> None:
     assert wait_until(lambda: echo.heartbeat_age() < 0.5, 5)
+
     def sleep_in_the_child() -> None:
         with RpcClient(echo.address, timeout_s=10) as client:
             client.call("sleep", 2.0)

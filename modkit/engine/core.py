@@ -20,6 +20,7 @@ from modkit.engine.config import ConfigError, EngineConfig
 from modkit.kvcache import KVCacheManager, KVEventSink
 from modkit.model import load_model
 from modkit.model.config import ModelConfig
+from modkit.model.decoder import CausalLM
 from modkit.request import Request, RequestStatus
 from modkit.sampler import SamplingState, get_sampler
 from modkit.scheduler import EngineCoreOutput, ModelRunnerOutput, Scheduler
@@ -42,7 +43,7 @@ class EngineCore:
                 "max_model_len", f"must be <= the model's max_position_embeddings ({limit}), got {config.max_model_len}"
             )
         self.max_model_len = config.max_model_len or limit
-        num_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
+        num_blocks = config.num_kv_blocks or num_blocks_from_memory(self.model, config, self.max_model_len)
         self.kv_cache = PagedKVCache.allocate(self.model.config, num_blocks, config.block_size, self.dtype, self.device)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, kv_event_sink)
         self.scheduler = Scheduler(
@@ -119,32 +120,32 @@ class EngineCore:
         self.scheduler.check_invariants()
         assert set(self.sampling_states) == set(self.scheduler.requests), "sampling state for every live request"
 
-    def _num_blocks_from_memory(self) -> int:
-        """Blocks that fit in the memory left after the weights (and, on a GPU, activations)."""
-        cfg = self.config
-        per_block = kv_cache_bytes_per_block(self.model.config, cfg.block_size, self.dtype)
-        # Never more than every running request at full length needs.
-        enough = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) + 1
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cfg.kv_cache_memory_fraction) - self._activation_bytes()
-        else:
-            budget = min(int(_available_host_memory() * 0.25), CPU_KV_CACHE_CAP_BYTES)
-        if budget < 2 * per_block:
-            raise ConfigError("num_kv_blocks", f"no memory left for a KV cache ({budget} bytes free after weights)")
-        return max(2, min(enough, budget // per_block))
 
-    def _activation_bytes(self) -> int:
-        """A generous estimate of one step's activation peak (measured sizing comes with the GPU work)."""
-        m, cfg = self.model.config, self.config
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        per_token = (
-            4 * m.hidden_size
-            + 3 * m.intermediate_size
-            + (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
-        )
-        logits = min(cfg.max_num_seqs, cfg.max_num_batched_tokens) * m.vocab_size * 4 * 3
-        return 2 * cfg.max_num_batched_tokens * per_token * elem + logits
+def num_blocks_from_memory(model: CausalLM, cfg: EngineConfig, max_model_len: int) -> int:
+    """KV blocks that fit in the memory left after the weights (and, on a GPU, activations)."""
+    device = model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
+    per_block = kv_cache_bytes_per_block(model.config, cfg.block_size, dtype)
+    # Never more than every running request at full length needs.
+    enough = cfg.max_num_seqs * -(-max_model_len // cfg.block_size) + 1
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * cfg.kv_cache_memory_fraction) - _activation_bytes(model.config, cfg, dtype)
+    else:
+        budget = min(int(_available_host_memory() * 0.25), CPU_KV_CACHE_CAP_BYTES)
+    if budget < 2 * per_block:
+        raise ConfigError("num_kv_blocks", f"no memory left for a KV cache ({budget} bytes free after weights)")
+    return max(2, min(enough, budget // per_block))
+
+
+def _activation_bytes(m: ModelConfig, cfg: EngineConfig, dtype: torch.dtype) -> int:
+    """A generous estimate of one step's activation peak (measured sizing comes with the GPU work)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = (
+        4 * m.hidden_size + 3 * m.intermediate_size + (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
+    )
+    logits = min(cfg.max_num_seqs, cfg.max_num_batched_tokens) * m.vocab_size * 4 * 3
+    return 2 * cfg.max_num_batched_tokens * per_token * elem + logits
 
 
 def _available_host_memory() -> int:

@@ -3,6 +3,7 @@
     python -m modkit.frontend                                   # the embedded model, port 8001
     python -m modkit.frontend --model Qwen/Qwen2.5-0.5B-Instruct --api-key secret
     python -m modkit.frontend --config pipeline.yaml --frontend-port 9001
+    python -m modkit.frontend --ipc-dir DIR [flags]    # the pipeline's frontend, run by hand
 
 Flags are ``PipelineConfig``'s (``python -m modkit.frontend --help``). The six-process
 pipeline puts the same app in front of the router and scheduler processes; this
@@ -21,8 +22,14 @@ from modkit.frontend import EMBEDDED_MODEL_NAME, build_app
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a == "--ipc-dir" or a.startswith("--ipc-dir=") for a in args):
+        from modkit.pipeline.standalone import run_component
+
+        run_component("frontend", args)
+        return
     try:
-        config = PipelineConfig.from_cli(argv)
+        config = PipelineConfig.from_cli(args)
     except ConfigError as err:
         sys.exit(f"modkit.frontend: {err}")
     engine = AsyncEngine(config.to_engine_config())

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API: ``/v1/chat/completions``, ``/v1/completions``,
 ``/v1/models``, ``/health``, ``/stats``.
 
-The app talks to an engine through ``AsyncEngine``'s two calls, ``generate`` (an async
-stream of deltas) and ``abort``; it tokenizes, validates, and shapes responses. Errors
+The app talks to an engine through ``EngineClient`` (``interface.py``): ``generate`` (an
+async stream of deltas) and ``abort``, in this process or across the pipeline; it
+tokenizes, validates, and shapes responses. Errors
 are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``, 400 for a bad
 request (validation, malformed JSON, a prompt too long for the context), 404 for an
 unknown model, 401 for a missing or wrong API key, 503 when the engine has failed.
@@ -21,8 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from modkit.engine.async_engine import AsyncEngine, EngineDeadError
+from modkit.engine.async_engine import EngineDeadError
 from modkit.engine.output_processor import CompletionDelta
+from modkit.frontend.interface import EngineClient
 from modkit.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from modkit.model import encode_chat
 from modkit.sampling_params import SamplingParams, SamplingParamsError
@@ -44,7 +46,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: EngineClient, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="modkit", summary="OpenAI-compatible API over modkit's engine")
     started = time.time()
 
@@ -74,6 +76,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         body = {
             "status": "ok" if ok else "error",
             "component": "frontend",
+            "implementation": type(engine).__name__,
             "model": model_name,
             "uptime_s": round(time.time() - started, 3),
         }
@@ -82,7 +85,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/stats")
-    async def stats() -> dict[str, float]:
+    async def stats() -> dict[str, Any]:
         return engine.stats()
 
     @app.get("/v1/models")
@@ -219,7 +222,7 @@ class _Shaper:
     """Builds the JSON bodies of one response, streamed or whole."""
 
     def __init__(
-        self, engine: AsyncEngine, kind: str, request_id: str, model: str, prompt_len: int, params: SamplingParams
+        self, engine: EngineClient, kind: str, request_id: str, model: str, prompt_len: int, params: SamplingParams
     ) -> None:
         self.engine, self.kind, self.id, self.model = engine, kind, request_id, model
         self.prompt_len, self.params, self.created = prompt_len, params, int(time.time())

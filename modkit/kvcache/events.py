@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
 
 from modkit.kvcache.hashing import BlockHash
 
@@ -54,3 +57,24 @@ class EventLog:
     def take(self) -> list[KVEvent]:
         taken, self.events = self.events, []
         return taken
+
+
+_KINDS: dict[str, type[BlockStored] | type[BlockRemoved] | type[AllBlocksCleared]] = {
+    "BlockStored": BlockStored,
+    "BlockRemoved": BlockRemoved,
+    "AllBlocksCleared": AllBlocksCleared,
+}
+
+
+def event_to_wire(event: KVEvent) -> list[Any]:
+    """``[kind, event]``: the three event dataclasses share field names, so the kind travels with them."""
+    return [type(event).__name__, event]
+
+
+def event_from_wire(value: Any) -> KVEvent:
+    """The event ``event_to_wire`` encoded, after msgpack; ValueError for anything else."""
+    try:
+        kind, fields = value
+        return msgspec.convert(fields, _KINDS[kind])
+    except (KeyError, TypeError, ValueError, msgspec.ValidationError) as error:
+        raise ValueError(f"not a KV event: {value!r:.200}") from error

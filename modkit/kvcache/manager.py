@@ -24,8 +24,8 @@ from modkit.kvcache.block_pool import NULL_BLOCK_ID, BlockPool, KVCacheBlock
 from modkit.kvcache.events import KVEventSink
 from modkit.kvcache.hashing import hash_request_blocks
 
-if TYPE_CHECKING:  # the request module imports block hashes from this package
-    from modkit.request import Request
+if TYPE_CHECKING:
+    from modkit.kvcache.interface import KVRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,7 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+    def get_computed_blocks(self, request: KVRequest) -> tuple[list[KVCacheBlock], int]:
         """Leading blocks of ``request`` found in the prefix cache, and how many tokens they hold.
 
         At most ``num_tokens - 1`` tokens count as a hit: the last token must be computed
@@ -81,7 +81,7 @@ class KVCacheManager:
 
     def allocate_slots(
         self,
-        request: Request,
+        request: KVRequest,
         num_new_tokens: int,
         new_computed_blocks: Sequence[KVCacheBlock] = (),
         num_new_computed_tokens: int = 0,
@@ -116,7 +116,7 @@ class KVCacheManager:
 
         return new_blocks
 
-    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+    def cache_blocks(self, request: KVRequest, num_computed_tokens: int) -> None:
         """Make the request's full, computed blocks findable by hash (and publish BlockStored).
 
         Called after the forward that computed them, never at allocation: a request may be
@@ -132,7 +132,7 @@ class KVCacheManager:
         self.pool.cache_full_blocks(blocks, request.block_hashes, request.all_token_ids, num_cached, num_full)
         self.num_cached_blocks[request.req_id] = max(num_cached, num_full)
 
-    def free(self, request: Request) -> None:
+    def free(self, request: KVRequest) -> None:
         """Release the request's blocks, last block first, so its tail is evicted before its prefix."""
         blocks = self.req_to_blocks.pop(request.req_id, [])
         self.num_cached_blocks.pop(request.req_id, None)
@@ -140,6 +140,18 @@ class KVCacheManager:
 
     def get_block_ids(self, req_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(req_id, [])]
+
+    def held_req_ids(self) -> set[str]:
+        """Requests that hold blocks now."""
+        return set(self.req_to_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests (vllm:kv_cache_usage_perc)."""
+        return self.pool.usage
+
+    def flush(self) -> None:
+        """Nothing to do in-process: every call already took effect (see ``KVCacheManagerInterface``)."""
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
@@ -155,7 +167,7 @@ class KVCacheManager:
             num_evictions=self.pool.num_evictions,
         )
 
-    def _update_hashes(self, request: Request) -> None:
+    def _update_hashes(self, request: KVRequest) -> None:
         hash_request_blocks(request.all_token_ids, self.block_size, request.block_hashes)
 
     def check_invariants(self) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from modkit.kvcache import KVCacheManager
+from modkit.kvcache.interface import KVCacheManagerInterface
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.output import (
     CachedRequestData,
@@ -40,7 +40,7 @@ from modkit.scheduler.policies import SchedulingPolicy, get_policy
 class Scheduler:
     def __init__(
         self,
-        kv_cache_manager: KVCacheManager,
+        kv_cache_manager: KVCacheManagerInterface,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         max_model_len: int = 2048,
@@ -93,6 +93,7 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is not None and not request.is_finished:
                 self._finish(request, status)
+        self.kv.flush()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -176,7 +177,7 @@ class Scheduler:
             token_budget=self.max_num_batched_tokens,
             tokens_used=self.max_num_batched_tokens - budget,
             num_running=len(self.running),
-            kv_usage=self.kv.pool.usage,
+            kv_usage=self.kv.usage,
         )
         self.records.append(self.last_record)
         self.step_count += 1
@@ -189,9 +190,9 @@ class Scheduler:
         admitted_ids = {r.req_id for r in admitted}
         for req_id in scheduled:
             request = self.requests[req_id]
-            blocks = self.kv.req_to_blocks[req_id]
+            blocks = self.kv.get_block_ids(req_id)
             if req_id in admitted_ids:
-                block_ids = [b.block_id for b in blocks]
+                block_ids = blocks
                 new_reqs.append(
                     NewRequestData(
                         req_id,
@@ -204,7 +205,7 @@ class Scheduler:
                 )
             else:
                 known, known_blocks = self.worker_num_tokens[req_id], self._worker_blocks[req_id]
-                new_block_ids = [b.block_id for b in blocks[known_blocks:]]
+                new_block_ids = blocks[known_blocks:]
                 cached_reqs.append(
                     CachedRequestData(req_id, request.all_token_ids[known:], new_block_ids, request.num_computed_tokens)
                 )
@@ -245,6 +246,7 @@ class Scheduler:
                     req_id, [token], request.status.finish_reason, request.stop_reason, [lp] if lp is not None else None
                 )
             )
+        self.kv.flush()  # a remote KV cache manager gets this step's cache_blocks and frees in one message
         return outputs
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
@@ -295,7 +297,7 @@ class Scheduler:
         waiting_ids = {r.req_id for r in self.waiting}
         assert not running_ids & waiting_ids, "a request is both running and waiting"
         assert running_ids | waiting_ids == set(self.requests), "every live request is queued exactly once"
-        assert set(self.kv.req_to_blocks) <= running_ids, "only running requests hold blocks"
+        assert self.kv.held_req_ids() <= running_ids, "only running requests hold blocks"
         assert len(self.running) <= self.max_num_seqs
         for r in self.running:
             assert r.status == RequestStatus.RUNNING

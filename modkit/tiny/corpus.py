@@ -63,39 +63,121 @@ thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty""")
 DAYS = _words("Monday Tuesday Wednesday Thursday Friday Saturday Sunday")
 
 SOUNDS = {
-    "cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa",
-    "pig": "oink", "horse": "neigh", "lion": "roar", "owl": "hoot", "frog": "ribbit",
-    "bee": "buzz", "snake": "hiss", "mouse": "squeak", "rooster": "cock-a-doodle-doo",
-    "donkey": "hee-haw", "goat": "maa", "wolf": "howl", "crow": "caw", "goose": "honk",
-    "turkey": "gobble", "chick": "cheep", "elephant": "toot", "pigeon": "coo",
+    "cow": "moo",
+    "dog": "woof",
+    "cat": "meow",
+    "duck": "quack",
+    "sheep": "baa",
+    "pig": "oink",
+    "horse": "neigh",
+    "lion": "roar",
+    "owl": "hoot",
+    "frog": "ribbit",
+    "bee": "buzz",
+    "snake": "hiss",
+    "mouse": "squeak",
+    "rooster": "cock-a-doodle-doo",
+    "donkey": "hee-haw",
+    "goat": "maa",
+    "wolf": "howl",
+    "crow": "caw",
+    "goose": "honk",
+    "turkey": "gobble",
+    "chick": "cheep",
+    "elephant": "toot",
+    "pigeon": "coo",
 }
 COLOR_FACTS = {
-    "the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow",
-    "the sun": "yellow", "a strawberry": "red", "coal": "black", "an orange": "orange",
-    "a lemon": "yellow", "milk": "white", "a tomato": "red", "the sea": "blue",
-    "a leaf": "green", "chocolate": "brown", "a carrot": "orange", "a cherry": "red",
-    "a frog": "green", "a crow": "black", "a cloud": "white", "a plum": "purple",
-    "a flamingo": "pink", "an elephant": "grey", "a pumpkin": "orange", "gold": "gold",
+    "the sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "a banana": "yellow",
+    "the sun": "yellow",
+    "a strawberry": "red",
+    "coal": "black",
+    "an orange": "orange",
+    "a lemon": "yellow",
+    "milk": "white",
+    "a tomato": "red",
+    "the sea": "blue",
+    "a leaf": "green",
+    "chocolate": "brown",
+    "a carrot": "orange",
+    "a cherry": "red",
+    "a frog": "green",
+    "a crow": "black",
+    "a cloud": "white",
+    "a plum": "purple",
+    "a flamingo": "pink",
+    "an elephant": "grey",
+    "a pumpkin": "orange",
+    "gold": "gold",
 }
 OPPOSITES = [
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("day", "night"), ("fast", "slow"),
-    ("happy", "sad"), ("old", "new"), ("open", "closed"), ("light", "dark"),
-    ("wet", "dry"), ("high", "low"), ("full", "empty"), ("early", "late"),
-    ("left", "right"), ("loud", "quiet"), ("hard", "soft"), ("long", "short"),
-    ("in", "out"), ("yes", "no"), ("good", "bad"), ("clean", "dirty"), ("near", "far"),
-    ("thick", "thin"), ("strong", "weak"), ("rich", "poor"), ("win", "lose"),
-    ("push", "pull"), ("first", "last"), ("heavy", "light"), ("summer", "winter"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("up", "down"),
+    ("day", "night"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("old", "new"),
+    ("open", "closed"),
+    ("light", "dark"),
+    ("wet", "dry"),
+    ("high", "low"),
+    ("full", "empty"),
+    ("early", "late"),
+    ("left", "right"),
+    ("loud", "quiet"),
+    ("hard", "soft"),
+    ("long", "short"),
+    ("in", "out"),
+    ("yes", "no"),
+    ("good", "bad"),
+    ("clean", "dirty"),
+    ("near", "far"),
+    ("thick", "thin"),
+    ("strong", "weak"),
+    ("rich", "poor"),
+    ("win", "lose"),
+    ("push", "pull"),
+    ("first", "last"),
+    ("heavy", "light"),
+    ("summer", "winter"),
 ]
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid",
-    "Portugal": "Lisbon", "England": "London", "Ireland": "Dublin", "Norway": "Oslo",
-    "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen",
-    "Poland": "Warsaw", "Austria": "Vienna", "Greece": "Athens", "Egypt": "Cairo",
-    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Russia": "Moscow",
-    "Canada": "Ottawa", "Mexico": "Mexico City", "Brazil": "Brasilia", "Peru": "Lima",
-    "Argentina": "Buenos Aires", "Chile": "Santiago", "Kenya": "Nairobi",
-    "Australia": "Canberra", "Turkey": "Ankara", "Thailand": "Bangkok",
-    "the Netherlands": "Amsterdam", "Hungary": "Budapest", "Cuba": "Havana",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "England": "London",
+    "Ireland": "Dublin",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Greece": "Athens",
+    "Egypt": "Cairo",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Russia": "Moscow",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Peru": "Lima",
+    "Argentina": "Buenos Aires",
+    "Chile": "Santiago",
+    "Kenya": "Nairobi",
+    "Australia": "Canberra",
+    "Turkey": "Ankara",
+    "Thailand": "Bangkok",
+    "the Netherlands": "Amsterdam",
+    "Hungary": "Budapest",
+    "Cuba": "Havana",
 }
 
 IM_START = "<|im_start|>"
@@ -106,10 +188,14 @@ SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
     "You are a helpful assistant. Be brief and kind.",
     "You are a friendly assistant. Answer in one short sentence.",
-    ("You are a tiny chat model made by modkit. You answer simple questions about "
-     "colors, animals, numbers and places. Keep your answers short and polite."),
-    ("You are the modkit demo assistant. Many users share this system prompt, so its "
-     "tokens can be cached and reused. Answer each question clearly and briefly."),
+    (
+        "You are a tiny chat model made by modkit. You answer simple questions about "
+        "colors, animals, numbers and places. Keep your answers short and polite."
+    ),
+    (
+        "You are the modkit demo assistant. Many users share this system prompt, so its "
+        "tokens can be cached and reused. Answer each question clearly and briefly."
+    ),
 ]
 
 Message = dict[str, str]
@@ -134,9 +220,20 @@ def article(word: str) -> str:
 
 def plural(word: str) -> str:
     """English plural of a noun from our word lists."""
-    irregular = {"mouse": "mice", "sheep": "sheep", "fish": "fish", "goose": "geese",
-                 "deer": "deer", "wolf": "wolves", "box": "boxes", "bus": "buses",
-                 "dress": "dresses", "fox": "foxes", "peach": "peaches", "knife": "knives"}
+    irregular = {
+        "mouse": "mice",
+        "sheep": "sheep",
+        "fish": "fish",
+        "goose": "geese",
+        "deer": "deer",
+        "wolf": "wolves",
+        "box": "boxes",
+        "bus": "buses",
+        "dress": "dresses",
+        "fox": "foxes",
+        "peach": "peaches",
+        "knife": "knives",
+    }
     if word in irregular:
         return irregular[word]
     if word.endswith("y") and word[-2] not in "aeiou":
@@ -157,11 +254,11 @@ def _person(rng: Random) -> tuple[str, str]:
 
 # --- simple sentences and stories ------------------------------------------------------
 
+
 def simple_sentence(rng: Random) -> str:
     """One short declarative sentence."""
     name, _ = _person(rng)
-    animal, food, place, obj = (rng.choice(ANIMALS), rng.choice(FOODS),
-                                rng.choice(PLACES), rng.choice(OBJECTS))
+    animal, food, place, obj = (rng.choice(ANIMALS), rng.choice(FOODS), rng.choice(PLACES), rng.choice(OBJECTS))
     color = rng.choice(COLORS)
     n = rng.randint(2, 9)
     templates = [
@@ -200,8 +297,10 @@ def story(rng: Random, name: str | None = None, pronoun: str = "she") -> str:
         f"{name} and {friend} played with {article(obj2)} {obj2} all day.",
         f"It started to rain, so {pronoun} ran to the {rng.choice(PLACES)}.",
         f"{_cap(pronoun)} wanted to see the {rng.choice(PLACES)} with {friend}.",
-        (f"The sky was {rng.choice(['blue', 'grey', 'dark', 'bright'])} and the wind "
-         f"was {rng.choice(['soft', 'cold', 'warm', 'strong'])}."),
+        (
+            f"The sky was {rng.choice(['blue', 'grey', 'dark', 'bright'])} and the wind "
+            f"was {rng.choice(['soft', 'cold', 'warm', 'strong'])}."
+        ),
         f"{name} counted {NUMBER_WORDS[rng.randint(2, 12)]} {plural(rng.choice(ANIMALS))}.",
         f"{_cap(pronoun)} felt {rng.choice(STORY_ADJECTIVES)} and a bit hungry.",
     ]
@@ -217,43 +316,77 @@ def story(rng: Random, name: str | None = None, pronoun: str = "she") -> str:
 
 # --- chat turns: each returns one (question, answer) pair -------------------------------
 
+
 def greeting_turn(rng: Random) -> Turn:
     time = rng.choice(["morning", "afternoon", "evening", None, None, None])
     if time is not None:
-        return (rng.choice([f"Good {time}", f"Good {time}!", f"good {time}"]),
-                f"Good {time}! How can I help you today?")
-    user = rng.choice(["Hello!", "Hello", "Hi", "Hi!", "Hey!", "Hello there!", "Hi there",
-                       "hello", "hi", "Hey there!"])
-    reply = rng.choice(["Hello! How can I help you today?", "Hi! How can I help you today?",
-                        "Hello! What can I do for you?", "Hi there! How can I help you?"])
+        return (
+            rng.choice([f"Good {time}", f"Good {time}!", f"good {time}"]),
+            f"Good {time}! How can I help you today?",
+        )
+    user = rng.choice(["Hello!", "Hello", "Hi", "Hi!", "Hey!", "Hello there!", "Hi there", "hello", "hi", "Hey there!"])
+    reply = rng.choice(
+        [
+            "Hello! How can I help you today?",
+            "Hi! How can I help you today?",
+            "Hello! What can I do for you?",
+            "Hi there! How can I help you?",
+        ]
+    )
     return user, reply
 
 
 def identity_turn(rng: Random) -> Turn:
     if rng.random() < 0.2:
-        return (rng.choice(["How are you?", "How are you today?", "How is it going?"]),
-                "I am doing well, thank you! How can I help you?")
-    user = rng.choice(["Who are you?", "What are you?", "What is your name?",
-                       "Tell me about yourself.", "Are you a person?", "who are you?"])
-    reply = rng.choice(["I am a tiny chat model made by modkit.",
-                        "I am a tiny chat model made by modkit. I can answer simple questions."])
+        return (
+            rng.choice(["How are you?", "How are you today?", "How is it going?"]),
+            "I am doing well, thank you! How can I help you?",
+        )
+    user = rng.choice(
+        [
+            "Who are you?",
+            "What are you?",
+            "What is your name?",
+            "Tell me about yourself.",
+            "Are you a person?",
+            "who are you?",
+        ]
+    )
+    reply = rng.choice(
+        [
+            "I am a tiny chat model made by modkit.",
+            "I am a tiny chat model made by modkit. I can answer simple questions.",
+        ]
+    )
     return user, reply
 
 
 def color_turn(rng: Random) -> Turn:
     thing, color = rng.choice(list(COLOR_FACTS.items()))
-    user = rng.choice([f"What color is {thing}?", f"What colour is {thing}?",
-                       f"Which color is {thing}?", f"Tell me the color of {thing}.",
-                       f"what color is {thing}?"])
+    user = rng.choice(
+        [
+            f"What color is {thing}?",
+            f"What colour is {thing}?",
+            f"Which color is {thing}?",
+            f"Tell me the color of {thing}.",
+            f"what color is {thing}?",
+        ]
+    )
     return user, f"{_cap(thing)} is {color}."
 
 
 def sound_turn(rng: Random) -> Turn:
     animal, sound = rng.choice(list(SOUNDS.items()))
     a = f"{article(animal)} {animal}"
-    user = rng.choice([f"What does {a} say?", f"What sound does {a} make?",
-                       f"What noise does {a} make?", f"How does {a} sound?",
-                       f"what does {a} say?"])
+    user = rng.choice(
+        [
+            f"What does {a} say?",
+            f"What sound does {a} make?",
+            f"What noise does {a} make?",
+            f"How does {a} sound?",
+            f"what does {a} say?",
+        ]
+    )
     return user, f"{_cap(a)} says {sound}."
 
 
@@ -261,11 +394,16 @@ def sum_turn(rng: Random) -> Turn:
     x, y = rng.randint(0, 20), rng.randint(0, 20)
     if rng.random() < 0.25:
         x, y = max(x, y), min(x, y)
-        return (rng.choice([f"What is {x} minus {y}?", f"What is {x} - {y}?"]),
-                f"{x} minus {y} is {x - y}.")
-    user = rng.choice([f"What is {x} plus {y}?", f"What is {x} + {y}?",
-                       f"How much is {x} plus {y}?", f"Can you add {x} and {y}?",
-                       f"What do you get if you add {x} and {y}?"])
+        return (rng.choice([f"What is {x} minus {y}?", f"What is {x} - {y}?"]), f"{x} minus {y} is {x - y}.")
+    user = rng.choice(
+        [
+            f"What is {x} plus {y}?",
+            f"What is {x} + {y}?",
+            f"How much is {x} plus {y}?",
+            f"Can you add {x} and {y}?",
+            f"What do you get if you add {x} and {y}?",
+        ]
+    )
     return user, f"{x} plus {y} is {x + y}."
 
 
@@ -273,17 +411,22 @@ def opposite_turn(rng: Random) -> Turn:
     word, opp = rng.choice(OPPOSITES)
     if rng.random() < 0.5:
         word, opp = opp, word
-    user = rng.choice([f"What is the opposite of {word}?", f"What's the opposite of {word}?",
-                       f"Tell me the opposite of {word}."])
+    user = rng.choice(
+        [f"What is the opposite of {word}?", f"What's the opposite of {word}?", f"Tell me the opposite of {word}."]
+    )
     return user, f"The opposite of {word} is {opp}."
 
 
 def capital_turn(rng: Random) -> Turn:
     country, city = rng.choice(list(CAPITALS.items()))
-    user = rng.choice([f"What is the capital of {country}?",
-                       f"Which city is the capital of {country}?",
-                       f"Name the capital of {country}.",
-                       f"What's the capital city of {country}?"])
+    user = rng.choice(
+        [
+            f"What is the capital of {country}?",
+            f"Which city is the capital of {country}?",
+            f"Name the capital of {country}.",
+            f"What's the capital city of {country}?",
+        ]
+    )
     return user, f"The capital of {country} is {city}."
 
 
@@ -303,14 +446,14 @@ def day_turn(rng: Random) -> Turn:
     i = rng.randrange(7)
     kind = rng.randrange(4)
     if kind == 0:
-        return (f"What day comes after {DAYS[i]}?",
-                f"The day after {DAYS[i]} is {DAYS[(i + 1) % 7]}.")
+        return (f"What day comes after {DAYS[i]}?", f"The day after {DAYS[i]} is {DAYS[(i + 1) % 7]}.")
     if kind == 1:
-        return (f"What day comes before {DAYS[i]}?",
-                f"The day before {DAYS[i]} is {DAYS[(i - 1) % 7]}.")
+        return (f"What day comes before {DAYS[i]}?", f"The day before {DAYS[i]} is {DAYS[(i - 1) % 7]}.")
     if kind == 2:
-        return (rng.choice(["Name the days of the week.", "What are the days of the week?"]),
-                ", ".join(DAYS[:6]) + " and Sunday.")
+        return (
+            rng.choice(["Name the days of the week.", "What are the days of the week?"]),
+            ", ".join(DAYS[:6]) + " and Sunday.",
+        )
     return "How many days are in a week?", "There are seven days in a week."
 
 
@@ -323,15 +466,27 @@ def story_turn(rng: Random) -> Turn:
 
 def thanks_turn(rng: Random) -> Turn:
     if rng.random() < 0.5:
-        return (rng.choice(["Thank you!", "Thanks!", "Thanks a lot.", "thank you"]),
-                rng.choice(["You are welcome!", "You're welcome! Happy to help."]))
-    return (rng.choice(["Goodbye!", "Bye!", "See you later!", "bye"]),
-            rng.choice(["Goodbye! Have a nice day!", "Bye! Have a great day!"]))
+        return (
+            rng.choice(["Thank you!", "Thanks!", "Thanks a lot.", "thank you"]),
+            rng.choice(["You are welcome!", "You're welcome! Happy to help."]),
+        )
+    return (
+        rng.choice(["Goodbye!", "Bye!", "See you later!", "bye"]),
+        rng.choice(["Goodbye! Have a nice day!", "Bye! Have a great day!"]),
+    )
 
 
 QUESTION_TURNS: list[Callable[[Random], Turn]] = [
-    greeting_turn, identity_turn, color_turn, sound_turn, sum_turn, opposite_turn,
-    capital_turn, counting_turn, day_turn, story_turn,
+    greeting_turn,
+    identity_turn,
+    color_turn,
+    sound_turn,
+    sum_turn,
+    opposite_turn,
+    capital_turn,
+    counting_turn,
+    day_turn,
+    story_turn,
 ]
 
 
@@ -348,8 +503,7 @@ def chat(rng: Random) -> list[Message]:
     if rng.random() < 0.3:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     for user, assistant in turns:
-        messages += [{"role": "user", "content": user},
-                     {"role": "assistant", "content": assistant}]
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     return messages
 
 

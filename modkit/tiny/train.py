@@ -40,8 +40,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SAMPLE_QUESTIONS = [
-    "Hello!", "What does a cow say?", "What is 2 plus 3?", "What is the capital of France?",
-    "Who are you?", "What color is the sky?",
+    "Hello!",
+    "What does a cow say?",
+    "What is 2 plus 3?",
+    "What is the capital of France?",
+    "Who are you?",
+    "What color is the sky?",
 ]
 MAX_POSITION_EMBEDDINGS = 1024
 # Qwen2's pre-tokenizer: words with their leading space, single digits, punctuation runs.
@@ -72,8 +76,7 @@ class TrainConfig:
     num_threads: int = 2  # fixed, since CPU float sums depend on the thread count
 
     def __post_init__(self) -> None:
-        for name in ("steps", "num_docs", "batch_size", "seq_len", "log_every", "val_every",
-                     "num_threads"):
+        for name in ("steps", "num_docs", "batch_size", "seq_len", "log_every", "val_every", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 0.5:
@@ -95,6 +98,7 @@ class TrainResult:
 
 # --- tokenizer -------------------------------------------------------------------------
 
+
 def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE on ``docs``; every byte is in the alphabet, so nothing is unknown.
 
@@ -105,13 +109,17 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
     """
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(docs, trainer)
@@ -122,20 +130,31 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
 def save_tokenizer(tok: Tokenizer, folder: Path) -> None:
     """tokenizer.json plus a tokenizer_config.json in the transformers 4.x form."""
     tok.save(str(folder / "tokenizer.json"))
-    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
+    added = {
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, t in enumerate(SPECIAL_TOKENS)
+    }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
         "additional_special_tokens": [IM_START, IM_END],
-        "bos_token": None, "eos_token": IM_END, "pad_token": END_OF_TEXT, "unk_token": None,
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": END_OF_TEXT,
+        "unk_token": None,
         "chat_template": CHAT_TEMPLATE,
         "model_max_length": MAX_POSITION_EMBEDDINGS,
         "clean_up_tokenization_spaces": False,
         "split_special_tokens": False,
     }
-    special_map = {"eos_token": IM_END, "pad_token": END_OF_TEXT,
-                   "additional_special_tokens": [IM_START, IM_END]}
+    special_map = {"eos_token": IM_END, "pad_token": END_OF_TEXT, "additional_special_tokens": [IM_START, IM_END]}
     _write_json(folder / "tokenizer_config.json", config)
     _write_json(folder / "special_tokens_map.json", special_map)
 
@@ -156,21 +175,38 @@ def encode_stream(tok: Tokenizer, docs: list[str]) -> tuple[torch.Tensor, torch.
 
 # --- model -----------------------------------------------------------------------------
 
+
 def model_config_dict(vocab_size: int) -> dict[str, Any]:
     """config.json for a 4-layer Qwen2, in the form transformers 4.5x and 5.x both read."""
     eot, im_end = SPECIAL_TOKENS.index(END_OF_TEXT), SPECIAL_TOKENS.index(IM_END)
     return {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-        "vocab_size": vocab_size, "hidden_size": 256, "intermediate_size": 768,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 64, "hidden_act": "silu", "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
-        "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": vocab_size,
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
         # NOTE: 4.5x reads rope_theta at the top level; 5.x folds it into rope_parameters.
-        "rope_theta": 10000.0, "rope_scaling": None, "attention_dropout": 0.0,
-        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 4,
-        "tie_word_embeddings": True, "use_cache": True,
-        "bos_token_id": eot, "eos_token_id": im_end, "pad_token_id": eot,
-        "torch_dtype": "float32", "transformers_version": transformers.__version__,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": 4,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eot,
+        "eos_token_id": im_end,
+        "pad_token_id": eot,
+        "torch_dtype": "float32",
+        "transformers_version": transformers.__version__,
     }
 
 
@@ -187,8 +223,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def sample_batch(tokens: torch.Tensor, starts: torch.Tensor, gen: torch.Generator,
-                 batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    tokens: torch.Tensor, starts: torch.Tensor, gen: torch.Generator, batch_size: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of ``seq_len + 1`` tokens, each beginning at a document start.
 
     NOTE: windows start at a document so that position 0 looks like inference, where the
@@ -196,7 +233,7 @@ def sample_batch(tokens: torch.Tensor, starts: torch.Tensor, gen: torch.Generato
     """
     ok = starts[starts <= len(tokens) - seq_len - 1]
     picks = ok[torch.randint(len(ok), (batch_size,), generator=gen)]
-    windows = torch.stack([tokens[s: s + seq_len + 1] for s in picks.tolist()])
+    windows = torch.stack([tokens[s : s + seq_len + 1] for s in picks.tolist()])
     return windows[:, :-1], windows[:, 1:]  # inputs, targets: (B, T) each
 
 
@@ -207,25 +244,29 @@ def lm_loss(model: Qwen2ForCausalLM, inputs: torch.Tensor, targets: torch.Tensor
 
 
 @torch.no_grad()
-def val_loss(model: Qwen2ForCausalLM, tokens: torch.Tensor, seq_len: int,
-             max_windows: int = 64) -> float:
+def val_loss(model: Qwen2ForCausalLM, tokens: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
     """Loss over consecutive, non-overlapping windows of the held-out stream."""
     model.eval()
     n = min(max_windows, (len(tokens) - 1) // seq_len)
-    losses = [lm_loss(model, tokens[i * seq_len: (i + 1) * seq_len][None],
-                      tokens[i * seq_len + 1: (i + 1) * seq_len + 1][None]).item()
-              for i in range(n)]
+    losses = [
+        lm_loss(
+            model, tokens[i * seq_len : (i + 1) * seq_len][None], tokens[i * seq_len + 1 : (i + 1) * seq_len + 1][None]
+        ).item()
+        for i in range(n)
+    ]
     model.train()
     return sum(losses) / len(losses)
 
 
-def train_model(model: Qwen2ForCausalLM, train: tuple[torch.Tensor, torch.Tensor],
-                val_tokens: torch.Tensor, cfg: TrainConfig) -> TrainResult:
+def train_model(
+    model: Qwen2ForCausalLM, train: tuple[torch.Tensor, torch.Tensor], val_tokens: torch.Tensor, cfg: TrainConfig
+) -> TrainResult:
     """AdamW with warm-up and cosine decay, gradient clipping, progress every log_every."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     result, recent = TrainResult(), []
@@ -241,15 +282,21 @@ def train_model(model: Qwen2ForCausalLM, train: tuple[torch.Tensor, torch.Tensor
         sched.step()
         recent.append(loss.item())
         if step % cfg.log_every == 0 or step == cfg.steps:
-            entry = {"step": step, "train_loss": sum(recent) / len(recent),
-                     "lr": float(sched.get_last_lr()[0]), "elapsed_s": time.perf_counter() - t0}
+            entry = {
+                "step": step,
+                "train_loss": sum(recent) / len(recent),
+                "lr": float(sched.get_last_lr()[0]),
+                "elapsed_s": time.perf_counter() - t0,
+            }
             result.log.append(entry)
             recent = []
-            print(f"step {step:5d}  loss {entry['train_loss']:.4f}  lr {entry['lr']:.2e}  "
-                  f"elapsed {entry['elapsed_s']:.0f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {entry['train_loss']:.4f}  lr {entry['lr']:.2e}  "
+                f"elapsed {entry['elapsed_s']:.0f}s",
+                flush=True,
+            )
         if step % cfg.val_every == 0 or step == cfg.steps:
-            result.val_log.append({"step": step,
-                                   "val_loss": val_loss(model, val_tokens, cfg.seq_len)})
+            result.val_log.append({"step": step, "val_loss": val_loss(model, val_tokens, cfg.seq_len)})
             print(f"step {step:5d}  val loss {result.val_log[-1]['val_loss']:.4f}", flush=True)
     result.train_seconds = time.perf_counter() - t0
     return result
@@ -257,26 +304,31 @@ def train_model(model: Qwen2ForCausalLM, train: tuple[torch.Tensor, torch.Tensor
 
 # --- saving and checking ---------------------------------------------------------------
 
+
 def save_model(model: Qwen2ForCausalLM, folder: Path, vocab_size: int) -> None:
     """config.json, model.safetensors (float32, tied lm_head left out), generation_config."""
     # NOTE: lm_head.weight is the embedding matrix itself (tied), so it is not stored twice.
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-             if k != "lm_head.weight"}
-    safetensors.torch.save_file(state, str(folder / "model.safetensors"),
-                                metadata={"format": "pt"})
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    safetensors.torch.save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = model_config_dict(vocab_size)
     _write_json(folder / "config.json", config)
-    _write_json(folder / "generation_config.json", {
-        "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-        "pad_token_id": config["pad_token_id"], "do_sample": False,
-        "transformers_version": transformers.__version__,
-    })
+    _write_json(
+        folder / "generation_config.json",
+        {
+            "bos_token_id": config["bos_token_id"],
+            "eos_token_id": config["eos_token_id"],
+            "pad_token_id": config["pad_token_id"],
+            "do_sample": False,
+            "transformers_version": transformers.__version__,
+        },
+    )
 
 
 def load_checked(folder: Path, trained: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
     """Reload the folder; fail unless every key matched and the logits agree."""
-    model, info = cast(tuple[Qwen2ForCausalLM, dict[str, Any]],
-                       Qwen2ForCausalLM.from_pretrained(folder, output_loading_info=True))
+    model, info = cast(
+        tuple[Qwen2ForCausalLM, dict[str, Any]], Qwen2ForCausalLM.from_pretrained(folder, output_loading_info=True)
+    )
     problems = {k: v for k, v in info.items() if v}  # missing, unexpected, mismatched keys
     if problems:
         raise RuntimeError(f"loading {folder} reported {problems}")
@@ -290,22 +342,28 @@ def load_checked(folder: Path, trained: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
     return model
 
 
-def chat_reply(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, question: str,
-               max_new_tokens: int = 40) -> tuple[str, bool]:
+def chat_reply(
+    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, question: str, max_new_tokens: int = 40
+) -> tuple[str, bool]:
     """Greedy reply to one user message through the chat template.
 
     Returns ``(reply, stopped)``: the reply without special tokens, and whether generation
     ended on the eos token ``<|im_end|>`` rather than at ``max_new_tokens``.
     """
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, prompt_len)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = out[0, ids.shape[1] :].tolist()
     stopped = bool(new) and new[-1] == tokenizer.eos_token_id
     reply = tokenizer.decode(new, skip_special_tokens=True)
     assert isinstance(reply, str)
@@ -317,6 +375,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 # --- the whole pipeline ----------------------------------------------------------------
+
 
 def make_tiny_model(cfg: TrainConfig, out: Path, command: str) -> dict[str, Any]:
     """Build the corpus, train tokenizer and model, save to ``out``, check and describe it.
@@ -335,12 +394,18 @@ def make_tiny_model(cfg: TrainConfig, out: Path, command: str) -> dict[str, Any]
     train_stream = encode_stream(tok, docs[:-n_val])
     val_tokens, _ = encode_stream(tok, docs[-n_val:])
     vocab = tok.get_vocab_size()
-    print(f"corpus: {len(docs)} docs, {len(train_stream[0])} train tokens, "
-          f"{len(val_tokens)} val tokens, vocab {vocab}", flush=True)
+    print(
+        f"corpus: {len(docs)} docs, {len(train_stream[0])} train tokens, {len(val_tokens)} val tokens, vocab {vocab}",
+        flush=True,
+    )
 
-    config = Qwen2Config(**{k: v for k, v in model_config_dict(padded_vocab_size(vocab)).items()
-                            if k not in ("architectures", "model_type", "torch_dtype",
-                                         "transformers_version")})
+    config = Qwen2Config(
+        **{
+            k: v
+            for k, v in model_config_dict(padded_vocab_size(vocab)).items()
+            if k not in ("architectures", "model_type", "torch_dtype", "transformers_version")
+        }
+    )
     model = Qwen2ForCausalLM(config)
     num_params = sum(p.numel() for p in model.parameters())  # tied weights counted once
     print(f"model: {num_params} parameters", flush=True)
@@ -354,19 +419,25 @@ def make_tiny_model(cfg: TrainConfig, out: Path, command: str) -> dict[str, Any]
         print(f"{q!r} -> {reply!r}{' <|im_end|>' if stopped else ' (no eos)'}", flush=True)
 
     log: dict[str, Any] = {
-        "command": command, "config": asdict(cfg),
-        "vocab_size": vocab, "padded_vocab_size": padded_vocab_size(vocab),
+        "command": command,
+        "config": asdict(cfg),
+        "vocab_size": vocab,
+        "padded_vocab_size": padded_vocab_size(vocab),
         "num_params": num_params,
-        "num_train_tokens": len(train_stream[0]), "num_val_tokens": len(val_tokens),
-        "log": result.log, "val_log": result.val_log,
+        "num_train_tokens": len(train_stream[0]),
+        "num_val_tokens": len(val_tokens),
+        "log": result.log,
+        "val_log": result.val_log,
         "final_train_loss": result.log[-1]["train_loss"],
         "final_val_loss": result.val_log[-1]["val_loss"],
         "train_seconds": result.train_seconds,
         "total_seconds": time.perf_counter() - t_start,
-        "samples": [{"question": q, "reply": r, "stopped_at_eos": s}
-                    for q, (r, s) in samples.items()],
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "tokenizers": tokenizers.__version__},
+        "samples": [{"question": q, "reply": r, "stopped_at_eos": s} for q, (r, s) in samples.items()],
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
     }
     _write_json(out / "training_log.json", log)
     write_model_card(out / "README.md", log)

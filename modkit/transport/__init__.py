@@ -15,6 +15,10 @@ in ``modkit.protocol``.
     RpcClient.call("m", x)  ---- Call (DEALER) ------------------------>  obj.m(x)
                             <--- Reply | ErrorReply (ROUTER) ----------
     is_alive()          <------------------ Heartbeat (PUSH) ----------  every interval
+
+The pipeline's data plane is one-way: ``Outbox`` (PUSH) -> ``Inbox`` (PULL) carrying
+``modkit.protocol.PipelineMessage``s (``channels``), and ``serve`` is the loop every
+component process runs, with its ``/health`` HTTP port.
 """
 
 from modkit.transport.addresses import (
@@ -25,6 +29,7 @@ from modkit.transport.addresses import (
     run_dir,
     tcp_address,
 )
+from modkit.transport.channels import AsyncInbox, Beacon, ChannelFullError, Inbox, Outbox
 from modkit.transport.codec import DecodeError, Decoder, decode, encode
 from modkit.transport.process import QUIET_THREADS, ComponentProcess, ComponentStartError
 from modkit.transport.pubsub import Delivery, Publisher, Subscriber
@@ -32,12 +37,17 @@ from modkit.transport.rpc import RemoteError, RpcClient, RpcServer, RpcTimeoutEr
 
 __all__ = [
     "QUIET_THREADS",
+    "AsyncInbox",
+    "Beacon",
+    "ChannelFullError",
     "ComponentProcess",
     "ComponentStartError",
     "DecodeError",
     "Decoder",
     "Delivery",
+    "Inbox",
     "InsecureAddressError",
+    "Outbox",
     "Publisher",
     "RemoteError",
     "RpcClient",

@@ -1,8 +1,10 @@
 """The child side of ``ComponentProcess``: ``python -m modkit.transport`` with a ChildSpec on stdin.
 
 1. Read one JSON line from stdin (a ``ChildSpec``), import ``target``, build the object.
-2. Serve it with ``RpcServer`` on ``address``; send ``Ready`` to the launcher.
-3. Loop: answer calls, send a ``Heartbeat`` every interval, and watch the launcher.
+2. Serve it with ``RpcServer`` on ``address`` (and ``/health`` on ``http_port`` if given);
+   send ``Ready`` to the launcher.
+3. Run ``modkit.transport.serve``'s loop: answer calls, run the object's own loop, send a
+   ``Heartbeat`` every interval, and watch the launcher.
 4. Leave the loop on a SHUTDOWN call, on SIGTERM, or when the launcher is gone (stdin
    closed, or a new parent pid); then call the object's ``close()`` if it has one,
    close every socket, then the context. A failure to start is printed (to the log the
@@ -28,6 +30,7 @@ import zmq
 from modkit.protocol import ChildSpec, Heartbeat, Ready
 from modkit.transport.codec import convert_args, encode, signature
 from modkit.transport.rpc import RpcServer, new_socket
+from modkit.transport.serve import HealthHTTPServer, serve
 
 log = logging.getLogger("modkit.transport.child")
 
@@ -67,27 +70,32 @@ def serve_child(spec: ChildSpec, stdin_fd: int) -> None:
         heartbeats = cleanup.enter_context(new_socket(zmq.PUSH))
         control.connect(spec.control_address)
         heartbeats.connect(spec.heartbeat_address)
+        if spec.http_port is not None:  # bound before Ready: a taken port fails the start, with this log
+            http = HealthHTTPServer(spec.http_host, spec.http_port, server.address, spec.name)
+            cleanup.callback(http.close)
         control.send(encode(Ready(spec.name, os.getpid(), server.address)))  # queued until connected
         log.info("%s ready: %s serving on %s", spec.name, spec.target, server.address)
-        poller = zmq.Poller()
-        poller.register(server.socket, zmq.POLLIN)
-        poller.register(stdin_fd, zmq.POLLIN)  # readable at EOF: the launcher closed the pipe or died
-        seq, next_beat = 0, 0.0
-        while not server.shutdown_requested:
-            if time.monotonic() >= next_beat:
-                if os.getppid() != launcher:
-                    log.warning("launcher %d is gone; exiting", launcher)
-                    return
-                with contextlib.suppress(zmq.Again):  # NOBLOCK: a heartbeat nobody reads is dropped, not waited for
-                    heartbeats.send(encode(Heartbeat(spec.name, os.getpid(), seq, time.monotonic())), zmq.NOBLOCK)
-                seq, next_beat = seq + 1, time.monotonic() + spec.heartbeat_interval_s
-            events = dict(poller.poll(max(1, round((next_beat - time.monotonic()) * 1000))))
-            if stdin_fd in events and not os.read(stdin_fd, 4096):
-                log.warning("launcher closed our stdin; exiting")
-                return
-            if server.socket in events:
-                server.poll_once(0)
-        log.info("%s: shutdown requested", spec.name)
+        seq = 0
+
+        def on_tick() -> bool:
+            nonlocal seq
+            if os.getppid() != launcher:
+                log.warning("launcher %d is gone; exiting", launcher)
+                return False
+            with contextlib.suppress(zmq.Again):  # NOBLOCK: a heartbeat nobody reads is dropped, not waited for
+                heartbeats.send(encode(Heartbeat(spec.name, os.getpid(), seq, time.monotonic())), zmq.NOBLOCK)
+            seq += 1
+            return True
+
+        def on_stdin(fd: int) -> bool:
+            if os.read(fd, 4096):
+                return True
+            log.warning("launcher closed our stdin; exiting")  # readable at EOF: the launcher is gone
+            return False
+
+        serve(obj, server, tick_s=spec.heartbeat_interval_s, on_tick=on_tick, extra_fds=[stdin_fd], on_fd=on_stdin)
+        if server.shutdown_requested:
+            log.info("%s: shutdown requested", spec.name)
 
 
 def main() -> int:

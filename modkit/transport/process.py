@@ -109,12 +109,15 @@ class ComponentProcess:
         heartbeat_interval_s: float = 0.5,
         heartbeat_timeout_s: float = 5.0,
         log_level: str = "INFO",
+        http_port: int | None = None,
+        http_host: str = "127.0.0.1",
     ) -> ComponentProcess:
         """Launch ``target(**kwargs)`` in a child serving on ``address`` (default: a private ipc path).
 
         ``kwargs`` must be JSON-encodable; Struct and dataclass values are rebuilt in the child
         from ``target``'s annotations. ``env`` is added to this process's environment for the
-        child (e.g. QUIET_THREADS, PYTHONPATH). Returns once the child sent Ready; raises
+        child (e.g. QUIET_THREADS, PYTHONPATH). With ``http_port`` the child also answers
+        ``GET /health`` and ``GET /stats`` there (``modkit.transport.serve``). Returns once the child sent Ready; raises
         ComponentStartError (with the child's last log lines) otherwise.
         """
         if ":" not in target:  # the rest is checked by the child's import
@@ -130,6 +133,8 @@ class ComponentProcess:
             allow_remote=allow_remote,
             heartbeat_interval_s=heartbeat_interval_s,
             log_level=log_level,
+            http_port=http_port,
+            http_host=http_host,
         )
         line = msgspec.json.encode(spec) + b"\n"  # TypeError here if kwargs are not JSON values
         proc = cls(spec, _new_log_path(log_dir or default_log_dir(), name), heartbeat_timeout_s)

@@ -1,0 +1,36 @@
+"""What the OpenAI server needs from an engine; two implementations, one per transport.
+
+- ``modkit.engine.AsyncEngine``: the engine on a thread of this process (``python -m modkit.frontend``).
+- ``modkit.frontend.pipeline_client.PipelineClient``: the six-process pipeline, over ZeroMQ.
+
+``generate`` yields the deltas of a request's completions as they are produced; it
+raises ``ValueError`` (or ``SamplingParamsError``) for a request the engine refuses,
+which the app answers with a 400, and ``EngineDeadError`` when nothing can serve it (503).
+Leaving the iteration early aborts the request, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from modkit.engine.output_processor import CompletionDelta
+from modkit.sampling_params import SamplingParams
+
+
+class EngineClient(Protocol):
+    tokenizer: Any
+    error: BaseException | None  # set once the engine can serve nothing (/health answers 503)
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def new_request_id(self, prefix: str) -> str: ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> AsyncIterator[CompletionDelta]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...

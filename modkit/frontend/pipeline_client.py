@@ -1,0 +1,188 @@
+"""``EngineClient`` for the six-process pipeline: requests out to the router, outputs in from the scheduler.
+
+Everything runs on the server's asyncio event loop (one thread), so nothing here needs
+a lock::
+
+    generate():  tokens -> OutputProcessor.make_requests -> AddRequest --PUSH--> router
+    receiver task:  frontend.in --EngineOutputs--> OutputProcessor.process (detokenize,
+                    stop strings) -> each request's asyncio.Queue -> generate() yields
+
+The frontend checks what it can before anything leaves (token ids within the
+vocabulary, a prompt that fits the context, ``prompt_logprobs``), so a bad request is a
+400 without a round trip; the scheduler's own refusals come back as ``RequestRejected``.
+A stop string is found here, on the text: the frontend then tells the scheduler to
+finish the request (``AbortRequest(reason="stop")``), as vLLM's API server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from modkit.engine.async_engine import EngineDeadError
+from modkit.engine.output_processor import CompletionDelta, OutputProcessor
+from modkit.model.config import ModelConfig
+from modkit.pipeline.addresses import PipelineAddresses
+from modkit.protocol import AbortRequest, AddRequest, EngineOutputs, RequestRejected
+from modkit.sampling_params import SamplingParams
+from modkit.transport import AsyncInbox, Outbox
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Stream:
+    queue: asyncio.Queue[CompletionDelta | BaseException]
+    req_ids: list[str]  # the engine requests (n of them) behind this request id
+
+
+class PipelineClient:
+    def __init__(
+        self, tokenizer: Any, model_config: ModelConfig, max_model_len: int, addresses: PipelineAddresses
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self._max_model_len = max_model_len
+        self.processor = OutputProcessor(tokenizer)
+        self.error: BaseException | None = None
+        self.inbox = AsyncInbox(addresses.inbox("frontend"))
+        self.to_router = Outbox(addresses.inbox("router"))
+        self._streams: dict[str, _Stream] = {}  # request id -> its stream
+        self._owner: dict[str, str] = {}  # engine req_id -> request id
+        self._receiver: asyncio.Task[None] | None = None
+        self.num_requests = 0
+        self.num_finished = 0
+        self.num_aborted = 0
+        self.num_rejected = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"  # unique across frontend restarts too
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> AsyncIterator[CompletionDelta]:
+        if self.error is not None:
+            raise EngineDeadError(f"the frontend's output loop failed: {self.error!r}")
+        self._check(prompt_token_ids, params)
+        self._ensure_receiver()
+        output, requests = self.processor.make_requests(request_id, prompt, prompt_token_ids, params)
+        stream = _Stream(asyncio.Queue(), [r.req_id for r in requests])
+        self._streams[request_id] = stream
+        eos = tuple(self.model_config.eos_token_ids)
+        for index, request in enumerate(requests):
+            request.eos_token_ids = eos
+            self.processor.track(output, index, request)
+            self._owner[request.req_id] = request_id
+            self.to_router.send(
+                AddRequest(request.req_id, prompt_token_ids, request.sampling_params, eos, request.arrival_time)
+            )
+        self.num_requests += 1
+        remaining = params.n
+        try:
+            while remaining:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                remaining -= item.finish_reason is not None
+                yield item
+        finally:
+            if remaining:
+                self.abort(request_id)
+            else:
+                self.num_finished += 1
+
+    def abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        self._forget(stream)
+        self.num_aborted += 1
+        self.to_router.send(AbortRequest(stream.req_ids))
+
+    def _check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        params.check_token_ids(vocab)
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported yet (the worker computes logits only for sampled rows)")
+
+    def _forget(self, stream: _Stream) -> None:
+        self.processor.forget(stream.req_ids)
+        for req_id in stream.req_ids:
+            self._owner.pop(req_id, None)
+
+    # -- the receiver task ------------------------------------------------------------------
+
+    def _ensure_receiver(self) -> None:
+        if self._receiver is None or self._receiver.done():
+            self._receiver = asyncio.get_running_loop().create_task(self._receive())
+
+    async def _receive(self) -> None:
+        try:
+            while True:
+                message = await self.inbox.recv()
+                if isinstance(message, EngineOutputs):
+                    self._on_outputs(message)
+                elif isinstance(message, RequestRejected):
+                    self._on_rejected(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # fail every waiting request rather than let one hang
+            log.exception("frontend output loop failed")
+            self.error = error
+            for stream in list(self._streams.values()):
+                stream.queue.put_nowait(EngineDeadError(f"the frontend's output loop failed: {error!r}"))
+
+    def _on_outputs(self, message: EngineOutputs) -> None:
+        step = self.processor.process(message.outputs)
+        if step.stopped:
+            self.to_router.send(AbortRequest(step.stopped, reason="stop"))
+        for delta in step.deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(delta)
+        for finished in step.finished:
+            stream = self._streams.pop(finished.request_id, None)
+            if stream is not None:
+                for req_id in stream.req_ids:
+                    self._owner.pop(req_id, None)
+
+    def _on_rejected(self, message: RequestRejected) -> None:
+        request_id = self._owner.get(message.req_id)
+        stream = self._streams.pop(request_id, None) if request_id is not None else None
+        if stream is None:
+            return
+        self.num_rejected += 1
+        self._forget(stream)
+        others = [r for r in stream.req_ids if r != message.req_id]
+        if others:  # the other completions of an n > 1 request are of no use alone
+            self.to_router.send(AbortRequest(others))
+        error: Exception = (
+            ValueError(message.message) if message.kind == "invalid" else EngineDeadError(message.message)
+        )
+        stream.queue.put_nowait(error)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_requests": self.num_requests,
+            "num_requests_in_flight": len(self._streams),
+            "num_finished": self.num_finished,
+            "num_aborted": self.num_aborted,
+            "num_rejected": self.num_rejected,
+        }
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.cancel()
+        self.inbox.close()
+        self.to_router.close()

@@ -1,0 +1,71 @@
+"""The frontend process: the OpenAI API (FastAPI on uvicorn) in front of the pipeline.
+
+uvicorn runs the app on a thread of this process, on its own asyncio loop, where
+``PipelineClient`` sends requests to the router and receives outputs from the scheduler.
+The process's main thread runs the usual serve loop (RPC ``health`` and ``stats`` for the
+launcher, heartbeats). The app's own ``GET /health`` on the frontend port answers 503
+once the output loop has failed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from modkit.config import PipelineConfig
+from modkit.frontend import EMBEDDED_MODEL_NAME
+from modkit.frontend.app import build_app
+from modkit.frontend.pipeline_client import PipelineClient
+from modkit.model import load_tokenizer, resolve_model_path
+from modkit.model.config import ModelConfig
+from modkit.pipeline.addresses import PipelineAddresses
+
+START_TIMEOUT_S = 30.0
+
+
+class FrontendService:
+    implementation = "openai-fastapi"
+
+    def __init__(self, config: dict[str, Any], ipc_dir: str, max_model_len: int) -> None:
+        cfg = PipelineConfig.from_dict(config)
+        self.started = time.time()
+        model = cfg.resolved_model()
+        self.model_name = model or EMBEDDED_MODEL_NAME
+        tokenizer = load_tokenizer(model)
+        model_config = ModelConfig.from_pretrained(resolve_model_path(model))
+        self.client = PipelineClient(tokenizer, model_config, max_model_len, PipelineAddresses(ipc_dir))
+        app = build_app(self.client, self.model_name, cfg.api_key)
+        # NOTE: the plain asyncio loop, which pyzmq's asyncio sockets are known to work with.
+        uv_config = uvicorn.Config(app, host=cfg.host, port=cfg.frontend_port, log_level="warning", loop="asyncio")
+        self.server = uvicorn.Server(uv_config)
+        self.url = f"http://{cfg.host}:{cfg.frontend_port}"
+        self.thread = threading.Thread(target=self.server.run, name="frontend-uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.server.started:  # Ready only once the port listens
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.url} (port taken?)")
+            time.sleep(0.02)
+
+    def health(self) -> dict[str, Any]:
+        ok = self.thread.is_alive() and self.client.error is None
+        return {
+            "status": "ok" if ok else "error",
+            "component": "frontend",
+            "implementation": self.implementation,
+            "model": self.model_name,
+            "url": self.url,
+            "uptime_s": round(time.time() - self.started, 3),
+            **({} if ok else {"error": repr(self.client.error) if self.client.error else "uvicorn stopped"}),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return self.client.stats()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+        self.client.close()

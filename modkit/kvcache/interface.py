@@ -1,0 +1,65 @@
+"""What the scheduler needs from a KV cache manager, in one process or behind ZeroMQ.
+
+``KVCacheManager`` (this process) and ``KVCacheManagerClient`` (the KV cache manager
+process, over RPC) both satisfy ``KVCacheManagerInterface``; the scheduler cannot tell
+which one it holds. The contract:
+
+- ``get_computed_blocks(request)`` -> (block handles, tokens they hold): the request's
+  leading full blocks found in the prefix cache, at most ``num_tokens - 1`` tokens. The
+  handles are opaque to the caller: it only passes them back to ``allocate_slots``.
+- ``allocate_slots(request, n, hits, num_hit)`` -> the new blocks, or None (nothing
+  changed) when too few blocks are free. The blocks of a request are exactly
+  ``get_block_ids(req_id)``, which is what the worker's block table holds.
+- ``cache_blocks(request, num_computed_tokens)``: after a forward, make its computed
+  full blocks findable by hash. ``free(request)``: give all its blocks back.
+- ``flush()``: make every earlier call take effect (a no-op in-process; a remote
+  manager may batch the calls that return nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from modkit.kvcache.hashing import BlockHash
+
+
+class KVRequest(Protocol):
+    """The parts of a request the KV cache manager reads (``modkit.request.Request`` has them)."""
+
+    req_id: str
+    num_computed_tokens: int
+    all_token_ids: list[int]
+    block_hashes: list[BlockHash]
+
+    @property
+    def num_tokens(self) -> int: ...
+
+
+class KVCacheManagerInterface(Protocol):
+    block_size: int
+
+    @property
+    def usage(self) -> float: ...
+
+    def get_computed_blocks(self, request: KVRequest) -> tuple[Sequence[Any], int]: ...
+
+    def allocate_slots(
+        self,
+        request: KVRequest,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[Any] = (),
+        num_new_computed_tokens: int = 0,
+    ) -> Sequence[Any] | None: ...
+
+    def cache_blocks(self, request: KVRequest, num_computed_tokens: int) -> None: ...
+
+    def free(self, request: KVRequest) -> None: ...
+
+    def get_block_ids(self, req_id: str) -> list[int]: ...
+
+    def held_req_ids(self) -> set[str]: ...
+
+    def flush(self) -> None: ...
+
+    def check_invariants(self) -> None: ...

@@ -1,0 +1,235 @@
+"""The KV cache manager as its own process: ``KVCacheService`` there, ``KVCacheManagerClient`` here.
+
+::
+
+    scheduler process                                    KV cache manager process
+    Scheduler -> KVCacheManagerClient(pool=i)  --apply(i, [ops])-->  KVCacheService
+                                               <--KVApplyReply----     pools[i]: KVCacheManager
+                                                                       events --PUB "worker.<i>"--> router
+
+The service holds one ``KVCacheManager`` (its own block pool and prefix cache) per
+worker, because each worker has its own KV cache tensors. Every block id a worker
+computes into was handed out here; the client only remembers the block tables it was
+given (``get_block_ids``), which ``check_invariants`` compares with the service's.
+
+Cost: one ``apply`` per call that returns something, with the queued ``cache_blocks``
+and ``free`` calls in front of it, plus one ``flush`` per step. The client answers one
+question itself: a request whose held blocks already have room for its new tokens needs
+no new block (the manager would return ``[]`` and change nothing), which is most decode
+steps. Every other allocation is the manager's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from modkit.kvcache.events import KVEvent, event_to_wire
+from modkit.kvcache.hashing import BlockHash
+from modkit.kvcache.interface import KVRequest
+from modkit.kvcache.manager import KVCacheManager
+from modkit.protocol import KVAllocate, KVApplyReply, KVCacheComputed, KVFree, KVGetComputed, KVOp
+from modkit.transport import Publisher, RpcClient
+
+
+class KVCacheManagerClient:
+    """``KVCacheManagerInterface`` for the scheduler, backed by one pool of a ``KVCacheService``."""
+
+    def __init__(self, rpc: RpcClient, pool: int, block_size: int) -> None:
+        self.rpc, self.pool, self.block_size = rpc, pool, block_size
+        self.usage = 0.0  # as of the last reply
+        self.num_free_blocks = 0
+        self.num_round_trips = 0
+        self._pending: list[KVOp] = []
+        self._sent: dict[str, int] = {}  # tokens of each request the service has seen
+        self._blocks: dict[str, list[int]] = {}  # each request's block table, as the service handed it out
+
+    def get_computed_blocks(self, request: KVRequest) -> tuple[list[int], int]:
+        op = KVGetComputed(request.req_id, self._new_tokens(request), request.num_computed_tokens)
+        block_ids, num_hit = self._ask(op)
+        return list(block_ids), int(num_hit)
+
+    def allocate_slots(
+        self,
+        request: KVRequest,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[Any] = (),
+        num_new_computed_tokens: int = 0,
+    ) -> list[int] | None:
+        held = self._blocks.get(request.req_id)
+        if held is not None and not new_computed_blocks:
+            total = request.num_computed_tokens + num_new_tokens
+            if -(-total // self.block_size) <= len(held):
+                return []  # room in the blocks it holds: the service would change nothing
+        hit_ids = [int(b) for b in new_computed_blocks]
+        op = KVAllocate(
+            request.req_id,
+            self._new_tokens(request),
+            request.num_computed_tokens,
+            num_new_tokens,
+            hit_ids,
+            num_new_computed_tokens,
+        )
+        new_ids = self._ask(op)
+        if new_ids is None:
+            return None
+        self._blocks.setdefault(request.req_id, []).extend(hit_ids + new_ids)
+        return list(new_ids)
+
+    def cache_blocks(self, request: KVRequest, num_computed_tokens: int) -> None:
+        if request.req_id in self._blocks:
+            self._pending.append(KVCacheComputed(request.req_id, self._new_tokens(request), num_computed_tokens))
+
+    def free(self, request: KVRequest) -> None:
+        self._blocks.pop(request.req_id, None)
+        if self._sent.pop(request.req_id, None) is not None:  # never sent: the service never heard of it
+            self._pending.append(KVFree(request.req_id))
+
+    def get_block_ids(self, req_id: str) -> list[int]:
+        return list(self._blocks.get(req_id, ()))
+
+    def held_req_ids(self) -> set[str]:
+        return {r for r, blocks in self._blocks.items() if blocks}
+
+    def flush(self) -> None:
+        if self._pending:
+            self._apply([])
+
+    def check_invariants(self) -> None:
+        """The service's invariants hold, and its block tables are exactly the ones this side uses."""
+        self.flush()
+        theirs = self.rpc.call("block_tables", self.pool)
+        assert theirs == {r: b for r, b in self._blocks.items() if b}, "block tables differ from the KV manager's"
+        self.rpc.call("check_invariants", self.pool)
+
+    def _new_tokens(self, request: KVRequest) -> list[int]:
+        sent = self._sent.get(request.req_id, 0)
+        self._sent[request.req_id] = request.num_tokens
+        return request.all_token_ids[sent:]
+
+    def _ask(self, op: KVOp) -> Any:
+        return self._apply([op])[-1]
+
+    def _apply(self, ops: list[KVOp]) -> list[Any]:
+        batch, self._pending = self._pending + ops, []
+        reply: dict[str, Any] = self.rpc.call("apply", self.pool, batch)
+        self.num_round_trips += 1
+        self.usage, self.num_free_blocks = reply["usage"], reply["num_free_blocks"]
+        return list(reply["results"])
+
+
+@dataclass(slots=True)
+class _RemoteRequest:
+    """What the service knows of a request: its tokens so far, for block hashes (a ``KVRequest``)."""
+
+    req_id: str
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_hashes: list[BlockHash] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+
+class KVCacheService:
+    """One ``KVCacheManager`` per worker pool; KV events published on topic ``worker.<pool>``."""
+
+    implementation = "KVCacheManager"
+
+    def __init__(
+        self,
+        num_blocks: list[int],
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        events_address: str | None = None,
+    ) -> None:
+        self.started = time.time()
+        self.publisher = Publisher(events_address) if events_address is not None else None
+        self.pools = [
+            KVCacheManager(n, block_size, enable_prefix_caching, self._sink(i)) for i, n in enumerate(num_blocks)
+        ]
+        self.requests: list[dict[str, _RemoteRequest]] = [{} for _ in num_blocks]
+        self.num_calls = 0
+        self.num_ops = 0
+
+    def _sink(self, pool: int) -> Any:
+        def publish(event: KVEvent) -> None:
+            if self.publisher is not None:
+                self.publisher.publish(f"worker.{pool}", event_to_wire(event))
+
+        return publish
+
+    def apply(self, pool: int, ops: list[KVOp]) -> KVApplyReply:
+        """Run ``ops`` on pool ``pool`` in order; one result per op."""
+        manager, requests = self.pools[pool], self.requests[pool]
+        results: list[Any] = []
+        for op in ops:
+            if isinstance(op, KVFree):
+                gone = requests.pop(op.req_id, None)
+                if gone is not None:
+                    manager.free(gone)
+                results.append(None)
+                continue
+            request = requests.setdefault(op.req_id, _RemoteRequest(op.req_id))
+            request.all_token_ids.extend(op.new_token_ids)
+            request.num_computed_tokens = op.num_computed_tokens
+            if isinstance(op, KVGetComputed):
+                hits, num_hit = manager.get_computed_blocks(request)
+                results.append([[b.block_id for b in hits], num_hit])
+            elif isinstance(op, KVAllocate):
+                hit_blocks = [manager.pool.blocks[i] for i in op.hit_block_ids]
+                new = manager.allocate_slots(request, op.num_new_tokens, hit_blocks, op.num_hit_tokens)
+                results.append(None if new is None else [b.block_id for b in new])
+            else:
+                manager.cache_blocks(request, op.num_computed_tokens)
+                results.append(None)
+        self.num_calls += 1
+        self.num_ops += len(ops)
+        return KVApplyReply(results, manager.num_free_blocks, manager.usage)
+
+    def block_tables(self, pool: int) -> dict[str, list[int]]:
+        manager = self.pools[pool]
+        return {r: manager.get_block_ids(r) for r in manager.held_req_ids()}
+
+    def check_invariants(self, pool: int) -> None:
+        self.pools[pool].check_invariants()
+        assert self.pools[pool].held_req_ids() <= set(self.requests[pool]), "blocks held by a forgotten request"
+
+    def reset_prefix_cache(self, pool: int) -> bool:
+        """Forget the pool's cached blocks (its worker restarted with an empty cache); False if any is held."""
+        self.requests[pool] = {r: q for r, q in self.requests[pool].items() if r in self.pools[pool].held_req_ids()}
+        return self.pools[pool].reset_prefix_cache()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "component": "kv_cache_manager",
+            "implementation": self.implementation,
+            "uptime_s": round(time.time() - self.started, 3),
+            "num_pools": len(self.pools),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        pools = []
+        for manager in self.pools:
+            s = manager.stats()
+            pools.append(
+                {
+                    "kv_blocks_total": s.num_blocks_total,
+                    "kv_blocks_free": s.num_blocks_free,
+                    "kv_blocks_cached": s.num_blocks_cached,
+                    "kv_cache_usage": s.usage,
+                    "prefix_cache_queries": s.prefix_cache_queries,
+                    "prefix_cache_hits": s.prefix_cache_hits,
+                    "num_evictions": s.num_evictions,
+                    "num_requests_holding_blocks": len(manager.held_req_ids()),
+                }
+            )
+        return {"pools": pools, "num_calls": self.num_calls, "num_ops": self.num_ops}
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()

@@ -1,0 +1,291 @@
+"""``Pipeline``: launch the six components as background processes, watch them, stop them.
+
+::
+
+    p = Pipeline.launch(num_workers=2)      # returns once every /health answers 200
+    p.client().chat.completions.create(...)  # an openai.OpenAI bound to the frontend
+    p.health(); p.stats(); p.logs("scheduler"); p.restart("router")
+    p.shutdown()                            # or: with Pipeline.launch() as p: ...
+
+Start order, and why: every component but one starts at once (they connect lazily; a
+worker's first call asks the sampler which sampling implementation to run, and waits for
+it). Each worker loads the model and sizes its KV cache from free memory; then the KV
+cache manager starts with one block pool per worker, sized from what each allocated.
+
+Components run in their own sessions, so a Ctrl-C or a notebook cell interrupt reaches
+only the launcher; if the launcher dies, each child sees its stdin close and exits by
+itself. ``shutdown`` also runs at interpreter exit (a ``weakref.finalize``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from modkit.config import ConfigError, PipelineConfig
+from modkit.frontend import EMBEDDED_MODEL_NAME
+from modkit.model import resolve_model_path
+from modkit.model.config import ModelConfig
+from modkit.pipeline.addresses import PipelineAddresses, worker_name
+from modkit.transport import QUIET_THREADS, ComponentProcess
+from modkit.transport.process import default_log_dir
+
+READY_TIMEOUT_S = 300.0  # loading a hub model on a slow disk can take minutes
+TARGETS = {
+    "sampler": "modkit.sampler.service:SamplerService",
+    "worker": "modkit.worker.service:WorkerService",
+    "kv_cache_manager": "modkit.kvcache.remote:KVCacheService",
+    "scheduler": "modkit.scheduler.service:SchedulerService",
+    "router": "modkit.router.service:RouterService",
+    "frontend": "modkit.frontend.service:FrontendService",
+}
+
+
+@dataclass(slots=True)
+class _Spec:
+    """How to (re)start one component."""
+
+    name: str
+    target: str
+    kwargs: dict[str, Any]
+    http_port: int | None  # None: the component serves HTTP itself (the frontend)
+    env: dict[str, str]
+
+
+def resolve_max_model_len(config: PipelineConfig) -> int:
+    """``max_model_len``, or the model's own limit; ConfigError if it is beyond the model's."""
+    model_config = ModelConfig.from_pretrained(resolve_model_path(config.resolved_model()))
+    limit = model_config.max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > limit:
+        raise ConfigError(
+            "max_model_len", f"must be <= the model's max_position_embeddings ({limit}), got {config.max_model_len}"
+        )
+    return config.max_model_len or limit
+
+
+class Pipeline:
+    """The running pipeline; build it with ``Pipeline.launch``."""
+
+    def __init__(self, config: PipelineConfig, addresses: PipelineAddresses) -> None:
+        self.config, self.addresses = config, addresses
+        self.processes: dict[str, ComponentProcess] = {}
+        self.specs: dict[str, _Spec] = {}
+        self.max_model_len = 0
+        self.model_name = config.resolved_model() or EMBEDDED_MODEL_NAME
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _stop_all, self.processes, addresses.ipc_dir)
+
+    @classmethod
+    def launch(
+        cls, config: PipelineConfig | None = None, *, progress: bool = True, ipc_dir: str | None = None, **kwargs: Any
+    ) -> Pipeline:
+        """Start every component and return once each answers ``/health`` with 200.
+
+        ``config`` or keyword arguments (``PipelineConfig``'s fields), not both. A bad value
+        raises ``ConfigError`` before any process starts. Interrupted (Ctrl-C, a cell
+        interrupt) or failed, it stops whatever it had started before raising.
+        """
+        if config is not None and kwargs:
+            raise TypeError("pass a PipelineConfig or keyword arguments, not both")
+        config = config if config is not None else PipelineConfig(**kwargs)
+        max_model_len = resolve_max_model_len(config)
+        addresses = PipelineAddresses.at(ipc_dir) if ipc_dir else PipelineAddresses.fresh()
+        pipeline = cls(config, addresses)
+        pipeline.max_model_len = max_model_len
+        say = _progress(progress)
+        try:
+            pipeline._start_all(say)
+        except BaseException:
+            pipeline.shutdown()
+            raise
+        say(f"pipeline ready: {pipeline.url}/v1 serving {pipeline.model_name!r}\n")
+        return pipeline
+
+    def _start_all(self, say: Callable[[str], None]) -> None:
+        cfg = self.config
+        common = {"config": cfg.to_dict(include_secrets=True), "ipc_dir": self.addresses.ipc_dir}
+        with_len = {**common, "max_model_len": self.max_model_len}
+        quiet, ports = dict(QUIET_THREADS), cfg.ports()
+        workers = [
+            _Spec(worker_name(i), TARGETS["worker"], {**with_len, "worker_id": i}, ports[worker_name(i)], {})
+            for i in range(cfg.num_workers)
+        ]
+        # Everything but the KV cache manager starts at once: components connect lazily, and
+        # ZeroMQ queues what is sent before the peer binds (a worker's first call to the
+        # sampler waits for it). The KV cache manager needs each worker's number of blocks.
+        self._start_together(
+            [
+                _Spec("sampler", TARGETS["sampler"], dict(common), ports["sampler"], quiet),
+                *workers,
+                _Spec("scheduler", TARGETS["scheduler"], dict(with_len), ports["scheduler"], quiet),
+                _Spec("router", TARGETS["router"], dict(common), ports["router"], quiet),
+                _Spec("frontend", TARGETS["frontend"], dict(with_len), None, quiet),
+            ],
+            say,
+        )
+        num_blocks = []
+        for spec in workers:
+            with self.processes[spec.name].client(timeout_s=30.0) as rpc:
+                num_blocks.append(int(rpc.call("info")["num_blocks"]))
+        kv_kwargs = {
+            "num_blocks": num_blocks,
+            "block_size": cfg.block_size,
+            "enable_prefix_caching": cfg.enable_prefix_caching,
+            "events_address": self.addresses.kv_events,
+        }
+        self._start(
+            _Spec("kv_cache_manager", TARGETS["kv_cache_manager"], kv_kwargs, ports["kv_cache_manager"], quiet), say
+        )
+        self.wait_healthy()
+
+    def _start_together(self, specs: list[_Spec], say: Callable[[str], None]) -> None:
+        default_log_dir()  # made once, before the threads race for it
+        with ThreadPoolExecutor(len(specs)) as pool:
+            futures = [pool.submit(self._start, spec, say) for spec in specs]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+
+    def _start(self, spec: _Spec, say: Callable[[str], None]) -> None:
+        t0 = time.monotonic()
+        process = ComponentProcess.start(
+            spec.name,
+            spec.target,
+            spec.kwargs,
+            self.addresses.rpc(spec.name),
+            env=spec.env,
+            log_dir=_log_dir(self.config),
+            ready_timeout_s=READY_TIMEOUT_S,
+            http_port=spec.http_port,
+            http_host=self.config.host,
+        )
+        self.specs[spec.name], self.processes[spec.name] = spec, process
+        say(f"{spec.name} ready in {time.monotonic() - t0:.1f} s (pid {process.pid})\n")
+
+    # -- using it ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The frontend's base URL (``/v1`` is the OpenAI API under it)."""
+        return self.config.urls()["frontend"].removesuffix("/health")
+
+    def urls(self) -> dict[str, str]:
+        """Every component's ``/health`` URL."""
+        return self.config.urls()
+
+    def client(self, **kwargs: Any) -> Any:
+        """An ``openai.OpenAI`` client bound to the frontend (kwargs go to its constructor)."""
+        import openai
+
+        kwargs.setdefault("api_key", self.config.api_key or "modkit")
+        kwargs.setdefault("max_retries", 0)
+        return openai.OpenAI(base_url=f"{self.url}/v1", **kwargs)
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """``GET /health`` of every component, over HTTP: {name: body, with "http_status"}."""
+        return {name: self._get(url) for name, url in self.urls().items()}
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """``GET /stats`` of every component, over HTTP."""
+        return {name: self._get(url.removesuffix("/health") + "/stats") for name, url in self.urls().items()}
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        """Wait until every ``/health`` answers 200; RuntimeError naming those that do not."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            sick = {n: h for n, h in self.health().items() if h.get("http_status") != 200}
+            if not sick:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"components not healthy after {timeout_s:g} s: {sick}")
+            time.sleep(0.1)
+
+    def logs(self, component: str, lines: int = 50) -> str:
+        """The last ``lines`` lines a component wrote (stdout and stderr)."""
+        return self._process(component).log_tail(lines)
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.processes.items()}
+
+    def restart(self, component: str, timeout_s: float = 10.0) -> None:
+        """Stop one component and start it again with the same settings.
+
+        Requests in flight through it are lost: a restarted scheduler or KV cache manager
+        forgets every request; a restarted worker's requests fail (the router notices the
+        gap in its heartbeats) and the worker comes back with an empty cache.
+        """
+        process = self._process(component)
+        process.stop(timeout_s)
+        self._start(self.specs[component], _progress(False))
+        self.wait_healthy()
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop every component (frontend first) and free every port and socket file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        _stop_all(self.processes, self.addresses.ipc_dir, timeout_s)
+
+    def _process(self, component: str) -> ComponentProcess:
+        if component not in self.processes:
+            raise KeyError(f"no component {component!r}; components: {', '.join(self.processes)}")
+        return self.processes[component]
+
+    def _get(self, url: str) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+                return {**json.loads(response.read()), "http_status": response.status}
+        except urllib.error.HTTPError as error:
+            try:
+                body = json.loads(error.read())
+            except ValueError:
+                body = {}
+            return {**body, "http_status": error.code}
+        except OSError as error:  # refused, timed out: the process is gone or not listening
+            return {"status": "unreachable", "error": str(error), "http_status": None}
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{n}={p.state()}" for n, p in self.processes.items())
+        return f"Pipeline({self.url}, {states or 'stopped'})"
+
+
+def _stop_all(processes: dict[str, ComponentProcess], ipc_dir: str, timeout_s: float = 5.0) -> None:
+    for name in reversed(list(processes)):  # the frontend first: no new requests while the rest stop
+        processes.pop(name).stop(timeout_s)
+    shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def _log_dir(config: PipelineConfig) -> Any:
+    if config.log_dir is None:
+        return None
+    from pathlib import Path
+
+    path = Path(config.log_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _progress(enabled: bool) -> Callable[[str], None]:
+    def say(text: str) -> None:
+        if enabled:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    return say

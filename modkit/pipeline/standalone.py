@@ -1,0 +1,119 @@
+"""Run one pipeline component in the foreground, without the launcher.
+
+    python -m modkit.worker --worker-id 1 --port 8007 --ipc-dir /tmp/modkit-ipc [config flags]
+    python -m modkit.scheduler --ipc-dir /tmp/modkit-ipc --num-workers 2
+
+Every component of one pipeline must get the same ``--ipc-dir`` (where the socket files
+live) and the same config flags. ``--port`` overrides the component's HTTP port from the
+config. Each serves ``GET /health`` and ``GET /stats`` there and stops on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from modkit.config import ConfigError, PipelineConfig
+from modkit.pipeline.addresses import PipelineAddresses, worker_name
+from modkit.transport import RpcClient, RpcServer
+from modkit.transport.serve import HealthHTTPServer, serve
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_component(kind: str, argv: list[str] | None = None) -> None:
+    """Parse the command line, build the ``kind`` component's service and serve it until stopped."""
+    parser = argparse.ArgumentParser(prog=f"python -m modkit.{kind}", add_help=False)
+    parser.add_argument("--ipc-dir", required=True, help="directory of the pipeline's socket files (shared by all)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port for /health and /stats")
+    if kind == "worker":
+        parser.add_argument("--worker-id", type=int, required=True)
+    own, rest = parser.parse_known_args(argv)
+    try:
+        config = PipelineConfig.from_cli(rest)
+    except ConfigError as error:
+        sys.exit(f"modkit.{kind}: {error}")
+    logging.basicConfig(level="INFO", format=f"%(asctime)s {kind}[%(process)d] %(levelname)s %(name)s: %(message)s")
+    addresses = PipelineAddresses.at(own.ipc_dir)
+    name = worker_name(own.worker_id) if kind == "worker" else kind
+    if own.port is not None:
+        config = (
+            PipelineConfig.from_dict({**config.to_dict(include_secrets=True), f"{kind}_port": own.port})
+            if kind != "worker"
+            else config
+        )
+    port = own.port if own.port is not None else config.ports().get(name)
+    if port is None:
+        sys.exit(f"modkit.{kind}: {name} is not one of the {config.num_workers} workers; give --port or --num-workers")
+    build = _builders()[kind]
+    signal.signal(signal.SIGTERM, _stop)
+    with contextlib.ExitStack() as stack:
+        obj = build(config, addresses, own)
+        close = getattr(obj, "close", None)
+        if callable(close):
+            stack.callback(close)
+        server = stack.enter_context(RpcServer(obj, addresses.rpc(name)))
+        if kind != "frontend":  # the frontend's app answers /health itself
+            http = HealthHTTPServer(config.host, port, server.address, name)
+            stack.callback(http.close)
+        print(f"{name} serving: http://{config.host}:{port}/health", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            serve(obj, server)
+
+
+def _builders() -> dict[str, Callable[[PipelineConfig, PipelineAddresses, argparse.Namespace], Any]]:
+    from modkit.pipeline.launcher import resolve_max_model_len
+
+    def common(config: PipelineConfig, addresses: PipelineAddresses) -> dict[str, Any]:
+        return {"config": config.to_dict(include_secrets=True), "ipc_dir": addresses.ipc_dir}
+
+    def worker(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+        from modkit.worker.service import WorkerService
+
+        return WorkerService(**common(c, a), worker_id=own.worker_id, max_model_len=resolve_max_model_len(c))
+
+    def scheduler(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+        from modkit.scheduler.service import SchedulerService
+
+        return SchedulerService(**common(c, a), max_model_len=resolve_max_model_len(c))
+
+    def router(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+        from modkit.router.service import RouterService
+
+        return RouterService(**common(c, a))
+
+    def sampler(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+        from modkit.sampler.service import SamplerService
+
+        return SamplerService(**common(c, a))
+
+    def kv_cache_manager(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+        from modkit.kvcache.remote import KVCacheService
+
+        num_blocks = []  # each pool is sized from its worker's KV cache: ask them (they may still be loading)
+        for i in range(c.num_workers):
+            with RpcClient(a.rpc(worker_name(i)), timeout_s=600.0) as rpc:
+                num_blocks.append(int(rpc.call("info")["num_blocks"]))
+        return KVCacheService(num_blocks, c.block_size, c.enable_prefix_caching, a.kv_events)
+
+    def frontend(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+        from modkit.frontend.service import FrontendService
+
+        return FrontendService(**common(c, a), max_model_len=resolve_max_model_len(c))
+
+    return {
+        "frontend": frontend,
+        "worker": worker,
+        "scheduler": scheduler,
+        "router": router,
+        "sampler": sampler,
+        "kv_cache_manager": kv_cache_manager,
+    }

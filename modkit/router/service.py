@@ -1,0 +1,139 @@
+"""The router process: picks a worker for each request, and notices workers that die.
+
+::
+
+    frontend --AddRequest / AbortRequest--> router.in --AddRequest(worker_id) / AbortRequest--> scheduler.in
+    scheduler --RequestsFinished--> router.in           (the request no longer loads its worker)
+    worker-i --WorkerHeartbeat, every 0.5 s--> router.in
+    KV cache manager --PUB worker.<i>: BlockStored / BlockRemoved--> router (what worker i caches)
+
+A worker with no heartbeat for ``worker_timeout_s`` is marked dead: the router routes
+nothing more to it and tells the scheduler (``WorkerDown``), which fails that worker's
+requests. When its heartbeats come back (a restarted worker), it is routed to again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from modkit.config import PipelineConfig
+from modkit.kvcache.events import event_from_wire
+from modkit.pipeline.addresses import PipelineAddresses
+from modkit.protocol import (
+    AbortRequest,
+    AddRequest,
+    PipelineMessage,
+    RequestRejected,
+    RequestsFinished,
+    WorkerDown,
+    WorkerHeartbeat,
+    WorkerUp,
+)
+from modkit.router.router import NoWorkerError, Router
+from modkit.transport import Inbox, Outbox, Subscriber
+
+
+class RouterService:
+    def __init__(self, config: dict[str, Any], ipc_dir: str, worker_timeout_s: float = 3.0) -> None:
+        cfg = PipelineConfig.from_dict(config)
+        self.started = time.time()
+        self.router = Router(cfg.num_workers, cfg.block_size, cfg.router_policy)
+        self.implementation = cfg.router_policy
+        self.worker_timeout_s = worker_timeout_s
+        addresses = PipelineAddresses(ipc_dir)
+        self.inbox = Inbox(addresses.inbox("router"))
+        self.kv_events = Subscriber(addresses.kv_events, topics=("worker.",))
+        self.to_scheduler = Outbox(addresses.inbox("scheduler"))
+        self.to_frontend = Outbox(addresses.inbox("frontend"))
+        now = time.monotonic()
+        self.last_beat = {i: now for i in self.router.workers}  # the launcher started them just now
+        self.num_kv_events = 0
+
+    def wait_sockets(self) -> list[Any]:
+        return [self.inbox, self.kv_events]
+
+    def run_once(self) -> bool:
+        for message in self.inbox.drain():
+            self._handle(message)
+        while (delivery := self.kv_events.recv(0)) is not None:
+            worker_id = int(delivery.topic.removeprefix("worker."))
+            if worker_id in self.router.workers:
+                self.router.on_kv_event(worker_id, event_from_wire(delivery.payload))
+                self.num_kv_events += 1
+        self._check_heartbeats()
+        return False
+
+    def _handle(self, message: PipelineMessage) -> None:
+        if isinstance(message, AddRequest):
+            try:
+                worker_id = self.router.route(message.req_id, message.prompt_token_ids)
+            except NoWorkerError as error:
+                self.to_frontend.send(RequestRejected(message.req_id, "unavailable", str(error)))
+                return
+            self.to_scheduler.send(_with_worker(message, worker_id))
+        elif isinstance(message, AbortRequest):
+            self.to_scheduler.send(message)
+        elif isinstance(message, RequestsFinished):
+            for req_id in message.req_ids:
+                self.router.finish(req_id)
+        elif isinstance(message, WorkerHeartbeat) and message.worker_id in self.router.workers:
+            self.last_beat[message.worker_id] = max(self.last_beat[message.worker_id], message.sent_at)
+            if not self.router.workers[message.worker_id].alive:
+                self.router.mark_alive(message.worker_id)
+                self.to_scheduler.send(WorkerUp(message.worker_id))
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for worker_id, view in self.router.workers.items():
+            silent = now - self.last_beat[worker_id]
+            if view.alive and silent > self.worker_timeout_s:
+                self.router.mark_dead(worker_id)
+                self.to_scheduler.send(WorkerDown(worker_id, f"no heartbeat for {silent:.1f} s"))
+
+    def health(self) -> dict[str, Any]:
+        alive = [i for i, w in self.router.workers.items() if w.alive]
+        return {
+            "status": "ok" if alive else "error",
+            "component": "router",
+            "implementation": self.implementation,
+            "uptime_s": round(time.time() - self.started, 3),
+            "workers_alive": alive,
+            **({} if alive else {"error": "no worker is alive"}),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "policy": self.implementation,
+            "decisions": {str(k): v for k, v in sorted(self.router.decisions.items())},
+            "num_kv_events": self.num_kv_events,
+            "kv_events_missed": self.kv_events.missed,
+            "workers": [
+                {
+                    "worker_id": i,
+                    "alive": w.alive,
+                    "num_active_requests": w.num_active_requests,
+                    "active_blocks": w.active_blocks,
+                    "num_cached_blocks": len(w.cached),
+                    "heartbeat_age_s": round(now - self.last_beat[i], 3),
+                }
+                for i, w in self.router.workers.items()
+            ],
+        }
+
+    def close(self) -> None:
+        for closable in (self.inbox, self.kv_events, self.to_scheduler, self.to_frontend):
+            closable.close()
+
+
+def _with_worker(message: AddRequest, worker_id: int) -> AddRequest:
+    return AddRequest(
+        message.req_id,
+        message.prompt_token_ids,
+        message.sampling_params,
+        message.eos_token_ids,
+        message.arrival_time,
+        message.priority,
+        worker_id,
+    )

@@ -1,0 +1,240 @@
+"""The scheduler process: one ``Scheduler`` per worker, each stepping its worker in turn.
+
+::
+
+    router --AddRequest(worker_id)--> scheduler.in
+    for each worker with work and no step in flight:
+        plan = schedulers[i].schedule()       (allocations: KV cache manager, pool i, over RPC)
+        worker-i.in <--StepPlan(plan)--
+    worker-i --StepDone(sampled tokens)--> scheduler.in
+        outputs = schedulers[i].update_from_output(plan, sampled)
+        frontend.in <--EngineOutputs(outputs)--     router.in <--RequestsFinished--
+
+Each worker has its own waiting and running queues and its own KV pool, so the workers
+are independent replicas; while one runs its forward, the scheduler plans and updates
+the others. A worker's next step is planned only after its previous one came back (no
+planning ahead yet: that is the overlap of the GPU issue).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from modkit.config import PipelineConfig
+from modkit.kvcache.remote import KVCacheManagerClient
+from modkit.pipeline.addresses import PipelineAddresses, worker_name
+from modkit.protocol import (
+    AbortRequest,
+    AddRequest,
+    EngineOutputs,
+    PipelineMessage,
+    RequestRejected,
+    RequestsFinished,
+    StepDone,
+    StepPlan,
+    WorkerDown,
+    WorkerUp,
+)
+from modkit.request import Request, RequestStatus
+from modkit.scheduler.output import SchedulerOutput
+from modkit.scheduler.scheduler import Scheduler
+from modkit.transport import Inbox, Outbox, RpcClient
+
+KEEP_RECORDS = 1000  # step records kept per worker (the live views stream them instead)
+KV_RPC_TIMEOUT_S = 30.0
+
+
+@dataclass(slots=True)
+class WorkerSlot:
+    """The scheduler's side of one worker."""
+
+    worker_id: int
+    scheduler: Scheduler
+    kv: KVCacheManagerClient
+    outbox: Outbox
+    alive: bool = True
+    in_flight: SchedulerOutput | None = None
+    sent_at: float = 0.0
+    num_steps: int = 0
+    busy_s: float = 0.0  # plan sent -> result back, summed
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+
+
+class SchedulerService:
+    def __init__(self, config: dict[str, Any], ipc_dir: str, max_model_len: int) -> None:
+        cfg = PipelineConfig.from_dict(config)
+        self.started = time.time()
+        self.implementation = cfg.scheduling_policy
+        addresses = PipelineAddresses(ipc_dir)
+        self.inbox = Inbox(addresses.inbox("scheduler"))
+        self.kv_rpc = RpcClient(addresses.rpc("kv_cache_manager"), KV_RPC_TIMEOUT_S)
+        self.to_frontend = Outbox(addresses.inbox("frontend"))
+        self.to_router = Outbox(addresses.inbox("router"))
+        self.slots: list[WorkerSlot] = []
+        for i in range(cfg.num_workers):
+            kv = KVCacheManagerClient(self.kv_rpc, i, cfg.block_size)
+            scheduler = Scheduler(
+                kv, cfg.max_num_batched_tokens, cfg.max_num_seqs, max_model_len, cfg.scheduling_policy
+            )
+            self.slots.append(WorkerSlot(i, scheduler, kv, Outbox(addresses.inbox(worker_name(i)))))
+        self.owner: dict[str, int] = {}  # req_id -> worker id, while the request lives
+        self.num_rejected = 0
+
+    def wait_sockets(self) -> list[Inbox]:
+        return [self.inbox]
+
+    def run_once(self) -> bool:
+        for message in self.inbox.drain():
+            self._handle(message)
+        for slot in self.slots:
+            if slot.alive and slot.in_flight is None and slot.scheduler.has_unfinished_requests():
+                self._send_step(slot)
+        return False  # every worker is either stepping or idle: sleep until a message comes
+
+    # -- messages ------------------------------------------------------------------------
+
+    def _handle(self, message: PipelineMessage) -> None:
+        if isinstance(message, StepDone):
+            self._step_done(message)
+        elif isinstance(message, AddRequest):
+            self._add(message)
+        elif isinstance(message, AbortRequest):
+            self._abort(message)
+        elif isinstance(message, WorkerDown):
+            self._worker_down(message)
+        elif isinstance(message, WorkerUp):
+            slot = self.slots[message.worker_id]
+            if not slot.alive:
+                self.kv_rpc.call("reset_prefix_cache", slot.worker_id)  # a restarted worker's cache is empty
+                slot.alive = True
+
+    def _add(self, message: AddRequest) -> None:
+        slot = self.slots[message.worker_id] if 0 <= message.worker_id < len(self.slots) else None
+        if slot is None or not slot.alive:
+            self._reject(message.req_id, "unavailable", f"worker {message.worker_id} is not serving")
+            return
+        request = Request(
+            message.req_id,
+            list(message.prompt_token_ids),
+            message.sampling_params,
+            tuple(message.eos_token_ids),
+            arrival_time=message.arrival_time,
+            priority=message.priority,
+        )
+        try:
+            slot.scheduler.add_request(request)
+        except ValueError as error:
+            self._reject(message.req_id, "invalid", str(error))
+            return
+        self.owner[message.req_id] = slot.worker_id
+
+    def _abort(self, message: AbortRequest) -> None:
+        status = RequestStatus.FINISHED_STOPPED if message.reason == "stop" else RequestStatus.FINISHED_ABORTED
+        by_worker: dict[int, list[str]] = {}
+        for req_id in message.req_ids:
+            if req_id in self.owner:
+                by_worker.setdefault(self.owner.pop(req_id), []).append(req_id)
+        for worker_id, req_ids in by_worker.items():
+            self.slots[worker_id].scheduler.finish_requests(req_ids, status)
+        self.to_router.send(RequestsFinished([r for ids in by_worker.values() for r in ids]))
+
+    def _reject(self, req_id: str, kind: str, message: str) -> None:
+        self.num_rejected += 1
+        self.to_frontend.send(RequestRejected(req_id, kind, message))
+        self.to_router.send(RequestsFinished([req_id]))
+
+    def _worker_down(self, message: WorkerDown) -> None:
+        slot = self.slots[message.worker_id]
+        if not slot.alive:
+            return
+        slot.alive, slot.in_flight = False, None
+        req_ids = list(slot.scheduler.requests)
+        slot.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
+        slot.scheduler.finished_req_ids.clear()  # nobody to tell: the worker is gone
+        for req_id in req_ids:
+            self.owner.pop(req_id, None)
+            self._reject(req_id, "unavailable", f"{worker_name(slot.worker_id)} stopped: {message.reason}")
+        self.kv_rpc.call("reset_prefix_cache", slot.worker_id)
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _send_step(self, slot: WorkerSlot) -> None:
+        plan = slot.scheduler.schedule()
+        slot.in_flight, slot.sent_at = plan, time.perf_counter()
+        slot.outbox.send(StepPlan(slot.worker_id, plan))
+        if len(slot.scheduler.records) > 2 * KEEP_RECORDS:
+            del slot.scheduler.records[:-KEEP_RECORDS]
+
+    def _step_done(self, done: StepDone) -> None:
+        slot = self.slots[done.worker_id]
+        plan = slot.in_flight
+        if plan is None or plan.step != done.step:
+            return  # a step of a worker declared dead, come back late
+        slot.in_flight = None
+        elapsed = time.perf_counter() - slot.sent_at
+        slot.num_steps += 1
+        slot.busy_s += elapsed
+        slot.forward_s += done.forward_s
+        slot.sample_s += done.sample_s
+        outputs = slot.scheduler.update_from_output(plan, done.output)
+        if outputs:
+            self.to_frontend.send(EngineOutputs(outputs))
+        finished = [o.req_id for o in outputs if o.finish_reason is not None]
+        for req_id in finished:
+            self.owner.pop(req_id, None)
+        if finished:
+            self.to_router.send(RequestsFinished(finished))
+
+    # -- observing -----------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        alive = [s.worker_id for s in self.slots if s.alive]
+        return {
+            "status": "ok" if alive else "error",
+            "component": "scheduler",
+            "implementation": self.implementation,
+            "uptime_s": round(time.time() - self.started, 3),
+            "workers_alive": alive,
+            **({} if alive else {"error": "no worker is alive"}),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        workers = []
+        for slot in self.slots:
+            s = slot.scheduler
+            workers.append(
+                {
+                    "worker_id": slot.worker_id,
+                    "alive": slot.alive,
+                    "num_requests_running": len(s.running),
+                    "num_requests_waiting": len(s.waiting),
+                    "num_preemptions": s.num_preemptions,
+                    "num_steps": slot.num_steps,
+                    "kv_cache_usage": slot.kv.usage,
+                    "kv_round_trips": slot.kv.num_round_trips,
+                    "step_time_s_mean": slot.busy_s / slot.num_steps if slot.num_steps else 0.0,
+                    "forward_s_total": slot.forward_s,
+                    "sample_s_total": slot.sample_s,
+                }
+            )
+        return {
+            "num_requests_running": sum(w["num_requests_running"] for w in workers),
+            "num_requests_waiting": sum(w["num_requests_waiting"] for w in workers),
+            "num_rejected": self.num_rejected,
+            "workers": workers,
+        }
+
+    def check_invariants(self) -> None:
+        for slot in self.slots:
+            if slot.alive:
+                slot.scheduler.check_invariants()
+
+    def close(self) -> None:
+        self.inbox.close()
+        self.kv_rpc.close()
+        for outbox in (self.to_frontend, self.to_router, *(s.outbox for s in self.slots)):
+            outbox.close()

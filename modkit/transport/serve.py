@@ -1,0 +1,128 @@
+"""The serve loop every component process runs, and its ``/health`` / ``/stats`` HTTP port.
+
+One thread owns the component object and all its sockets::
+
+    loop:
+        poll(RPC socket, the object's inboxes, extra fds) until something arrives or the tick
+        answer waiting RPC calls                        (health, stats, KV allocations, ...)
+        obj.run_once()                                  (drain inboxes, plan or run a step)
+        every tick: on_tick() (heartbeat to the launcher, parent checks)
+
+A component with a loop of its own (scheduler, worker, router, sampler) has
+``run_once() -> bool`` (True: more work is ready now, poll without waiting) and
+``wait_sockets()`` (what to wake up for). A passive one (the KV cache manager) only
+answers calls.
+
+The HTTP port is a small stdlib server on a thread of its own. It does not touch the
+object: it asks the serve loop over RPC (``health``, ``stats``), so ``/health`` answers
+200 only while the loop really turns, and 503 when the object says it cannot do its job
+or the loop does not answer in time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+import zmq
+
+from modkit.transport.rpc import RemoteError, RpcClient, RpcServer, RpcTimeoutError
+
+log = logging.getLogger(__name__)
+HEALTH_RPC_TIMEOUT_S = 5.0  # a serve loop that cannot answer in this long is reported unresponsive
+
+
+class HasSocket(Protocol):
+    socket: Any
+
+
+def serve(
+    obj: object,
+    server: RpcServer,
+    *,
+    tick_s: float = 0.5,
+    on_tick: Callable[[], bool] | None = None,
+    extra_fds: Iterable[int] = (),
+    on_fd: Callable[[int], bool] | None = None,
+) -> None:
+    """Run the loop above until a SHUTDOWN call, or ``on_tick``/``on_fd`` return False."""
+    run_once: Callable[[], bool] | None = getattr(obj, "run_once", None)
+    waits: Callable[[], list[HasSocket]] | None = getattr(obj, "wait_sockets", None)
+    poller = zmq.Poller()
+    poller.register(server.socket, zmq.POLLIN)
+    for holder in waits() if waits is not None else ():
+        poller.register(holder.socket, zmq.POLLIN)
+    fds = list(extra_fds)
+    for fd in fds:
+        poller.register(fd, zmq.POLLIN)
+    busy, next_tick = True, 0.0
+    while not server.shutdown_requested:
+        now = time.monotonic()
+        if now >= next_tick:
+            if on_tick is not None and not on_tick():
+                return
+            next_tick = now + tick_s
+        timeout_ms = 0 if busy else max(1, round((next_tick - time.monotonic()) * 1000))
+        events = dict(poller.poll(timeout_ms))
+        for fd in fds:
+            if fd in events and on_fd is not None and not on_fd(fd):
+                return
+        if server.socket in events:
+            server.poll_once(0)
+        busy = run_once() if run_once is not None else False
+
+
+class HealthHTTPServer:
+    """``GET /health`` and ``GET /stats`` on ``host:port``, answered by calling the serve loop at ``rpc_address``."""
+
+    def __init__(self, host: str, port: int, rpc_address: str, name: str) -> None:
+        handler = _handler_class(rpc_address, name)
+        self.httpd = ThreadingHTTPServer((host, port), handler)  # OSError here if the port is taken
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name=f"{name}-http", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=2)
+
+
+def _handler_class(rpc_address: str, name: str) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            if path not in ("/health", "/stats"):
+                self._reply(404, {"error": f"no route {self.path}; try /health or /stats"})
+                return
+            method = path.lstrip("/")
+            try:
+                with RpcClient(rpc_address, HEALTH_RPC_TIMEOUT_S) as rpc:
+                    body = rpc.call(method)
+            except RpcTimeoutError:
+                self._reply(503, {"status": "unresponsive", "component": name, "error": "serve loop did not answer"})
+                return
+            except RemoteError as error:
+                self._reply(503, {"status": "error", "component": name, "error": str(error)})
+                return
+            ok = method != "health" or body.get("status") == "ok"
+            self._reply(200 if ok else 503, body)
+
+        def _reply(self, code: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s %s", self.address_string(), format % args)
+
+    return Handler

@@ -1,0 +1,152 @@
+"""A worker process: the model, its paged KV cache, and the sampler implementation next to the logits.
+
+::
+
+    scheduler --StepPlan--> worker-i.in
+        Worker.execute_model(plan)     exactly the plan: its req ids, token counts, block ids
+        sampler.sample(logits, states)  the implementation the Sampler process names
+    scheduler.in <--StepDone(sampled ids, timings)--     sampler.in <--SamplerReport--
+
+Logits never leave this process: the Sampler process owns the sampling configuration
+(which implementation, the seed) and its statistics, and the worker asks it for that
+configuration when it starts, then runs the implementation where the logits already are
+(for a GPU, the logits stay on the card and one small copy of sampled ids comes back).
+
+A ``Beacon`` thread tells the router every 0.5 s that this process lives, also while the
+main thread is deep in a long forward.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from modkit.config import PipelineConfig
+from modkit.engine.core import num_blocks_from_memory
+from modkit.model import load_model
+from modkit.pipeline.addresses import PipelineAddresses, worker_name
+from modkit.protocol import SamplerReport, StepDone, StepPlan, WorkerHeartbeat
+from modkit.sampler import SamplingState, get_sampler
+from modkit.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from modkit.transport import Inbox, Outbox, RpcClient
+from modkit.transport.channels import Beacon
+from modkit.worker.kv_cache import PagedKVCache
+from modkit.worker.model_runner import ModelRunner
+from modkit.worker.worker import Worker
+
+HEARTBEAT_INTERVAL_S = 0.5
+
+
+class WorkerService:
+    def __init__(self, config: dict[str, Any], ipc_dir: str, worker_id: int, max_model_len: int) -> None:
+        cfg = PipelineConfig.from_dict(config)
+        engine = cfg.to_engine_config(worker_id)
+        self.worker_id, self.started = worker_id, time.time()
+        addresses = PipelineAddresses(ipc_dir)
+        self.model = load_model(
+            engine.model, dtype=engine.dtype, device=engine.device, attention_backend=engine.attention_backend
+        )
+        self.device = self.model.lm_head.weight.device
+        self.num_blocks = engine.num_kv_blocks or num_blocks_from_memory(self.model, engine, max_model_len)
+        dtype = self.model.lm_head.weight.dtype
+        kv_cache = PagedKVCache.allocate(self.model.config, self.num_blocks, engine.block_size, dtype, self.device)
+        self.block_size, self.attention_backend = engine.block_size, engine.attention_backend
+        self.worker = Worker(ModelRunner(self.model, kv_cache))
+        with RpcClient(addresses.rpc("sampler"), timeout_s=30.0) as sampler_rpc:
+            choice = sampler_rpc.call("config")  # the Sampler process decides which implementation runs here
+        self.sampler_name = choice["implementation"]
+        self.sampler = get_sampler(self.sampler_name, seed=choice["seed"])
+        self.states: dict[str, SamplingState] = {}
+        self.eos_token_ids = self.model.config.eos_token_ids
+        self.inbox = Inbox(addresses.inbox(worker_name(worker_id)))
+        self.to_scheduler = Outbox(addresses.inbox("scheduler"))
+        self.to_sampler = Outbox(addresses.inbox("sampler"))
+        pid = os.getpid()
+        self.beacon = Beacon(
+            addresses.inbox("router"),
+            lambda: WorkerHeartbeat(worker_id, pid, time.monotonic()),
+            HEARTBEAT_INTERVAL_S,
+        )
+        self.num_steps = 0
+        self.num_tokens = 0
+        self.forward_s = 0.0
+        self.sample_s = 0.0
+
+    def wait_sockets(self) -> list[Inbox]:
+        return [self.inbox]
+
+    def run_once(self) -> bool:
+        for message in self.inbox.drain():
+            if isinstance(message, StepPlan):
+                self._step(message.output)
+        return False
+
+    def _step(self, plan: SchedulerOutput) -> None:
+        self._track_sampling_states(plan)
+        t0 = time.perf_counter()
+        result = self.worker.execute_model(plan)
+        t1 = time.perf_counter()
+        sampled = []
+        if result.req_ids:
+            states = [self.states[r] for r in result.req_ids]
+            sampled = self.sampler.sample(result.logits, states).to_lists()  # the one host copy
+        t2 = time.perf_counter()
+        output = ModelRunnerOutput(result.req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])
+        self.to_scheduler.send(StepDone(self.worker_id, plan.step, output, t1 - t0, t2 - t1))
+        if sampled:
+            greedy = sum(1 for r in result.req_ids if self.states[r].params.temperature == 0.0)
+            self.to_sampler.send(SamplerReport(self.worker_id, len(sampled), greedy, t2 - t1))
+        self.num_steps += 1
+        self.num_tokens += result.num_tokens
+        self.forward_s += t1 - t0
+        self.sample_s += t2 - t1
+
+    def _track_sampling_states(self, plan: SchedulerOutput) -> None:
+        """Keep a ``SamplingState`` per request in step with the worker's own request table."""
+        for req_id in plan.finished_req_ids | plan.preempted_req_ids:
+            self.states.pop(req_id, None)
+        for new in plan.scheduled_new_reqs:
+            # NOTE: a seeded request resumed after a preemption restarts its generator here,
+            # where the in-process engine keeps it; only seeded random sampling can differ.
+            prompt = new.token_ids[: new.num_prompt_tokens]
+            state = SamplingState.create(new.sampling_params, prompt, self.device, self.eos_token_ids)
+            state.output_token_ids = list(new.token_ids[new.num_prompt_tokens :])
+            self.states[new.req_id] = state
+        for cached in plan.scheduled_cached_reqs:
+            self.states[cached.req_id].output_token_ids.extend(cached.new_token_ids)
+
+    def info(self) -> dict[str, Any]:
+        """What the launcher sizes the KV cache manager's pool for this worker from."""
+        return {
+            "worker_id": self.worker_id,
+            "num_blocks": self.num_blocks,
+            "block_size": self.block_size,
+            "kv_capacity_tokens": (self.num_blocks - 1) * self.block_size,
+            "device": str(self.device),
+            "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch."),
+        }
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "component": worker_name(self.worker_id),
+            "implementation": f"ModelRunner({self.model.config.architecture}, {self.attention_backend})",
+            "sampler": self.sampler_name,
+            "uptime_s": round(time.time() - self.started, 3),
+            **self.info(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_steps": self.num_steps,
+            "num_tokens_computed": self.num_tokens,
+            "num_requests_held": len(self.worker.requests),
+            "forward_s_total": self.forward_s,
+            "sample_s_total": self.sample_s,
+        }
+
+    def close(self) -> None:
+        self.beacon.close()
+        for closable in (self.inbox, self.to_scheduler, self.to_sampler):
+            closable.close()
