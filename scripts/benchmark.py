@@ -4,6 +4,12 @@
     python scripts/benchmark.py                                   # embedded model, CPU
     python scripts/benchmark.py --model-shape qwen2.5-0.5b --device cuda --num-prompts 1024 \\
         --input-len 256 --output-len 128                          # a GPU
+    python scripts/benchmark.py --engines modkit pipeline         # the cost of the process split
+
+The ``pipeline`` engine is the six-process pipeline behind its OpenAI API: launched once
+(its launch is timed apart), then every prompt sent at once as token ids, one request
+each; output tokens are counted from each response's ``usage``. Its outputs are checked
+against modkit's LLM, and ``vs modkit`` is the cost of splitting the engine into processes.
 
 Every engine gets the same prompts (random token ids of one length, so HF needs no
 padding), greedy decoding and ``ignore_eos``, so each produces exactly num_prompts x
@@ -14,6 +20,7 @@ times; the median is reported. A table is printed last; the full results go to -
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import platform
@@ -22,6 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_modkit(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> Callable[[], None]:
+Run = Callable[[], dict[str, Any] | None]
+"""One run of the whole workload. It may return what it measured beyond wall time: ``output_tokens``
+(default num_prompts x output_len), ``texts`` (compared across engines), and numbers (their median is kept)."""
+
+
+def bench_modkit(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack) -> Run:
     from modkit import LLM, SamplingParams
 
     llm = LLM(
@@ -49,15 +62,16 @@ def bench_modkit(model_dir: Path, prompts: list[list[int]], args: argparse.Names
     )
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
-    def run(ps: list[list[int]]) -> None:
+    def run(ps: list[list[int]]) -> dict[str, Any]:
         outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
+        return {"texts": [o.outputs[0].text for o in outs]}
 
     run(prompts[:4])  # warm-up
     return lambda: run(prompts)
 
 
-def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> Callable[[], None]:
+def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack) -> Run:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = load_hf_model(model_dir, dtype, args.device)
     batch = args.hf_batch_size or len(prompts)
@@ -79,7 +93,7 @@ def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace
     return lambda: run(prompts)
 
 
-def bench_vllm(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> Callable[[], None]:
+def bench_vllm(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack) -> Run:
     import vllm
 
     llm = vllm.LLM(
@@ -100,16 +114,90 @@ def bench_vllm(model_dir: Path, prompts: list[list[int]], args: argparse.Namespa
     return lambda: run(prompts)
 
 
-def timed(run: Callable[[], None], repeats: int, device: str) -> list[float]:
-    """Seconds of each of ``repeats`` runs of the whole workload."""
-    times = []
+def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack) -> Run:
+    """The six-process pipeline on free ports, up until ``stack`` closes; every prompt is sent at once."""
+    import openai
+
+    from modkit import Pipeline
+    from modkit.config import COMPONENTS
+    from modkit.transport import free_tcp_port
+
+    ports: set[int] = set()
+    while len(ports) < len(COMPONENTS):  # free_tcp_port is racy: make sure no two components share one
+        ports.add(free_tcp_port())
+    config: dict[str, Any] = {f"{c}_port": port for c, port in zip(COMPONENTS, sorted(ports), strict=True)}
+    start = time.perf_counter()
+    pipeline = Pipeline.launch(
+        model=str(model_dir),
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks,
+        progress=False,
+        **config,
+    )
+    stack.enter_context(pipeline)
+    launch_s = time.perf_counter() - start
+    body = {"model": pipeline.model_name, "max_tokens": args.output_len, "temperature": 0}
+
+    async def one(client: openai.AsyncOpenAI, prompt: list[int]) -> tuple[str, int, float]:
+        """The completion's text, its usage.completion_tokens and seconds to its first token (streamed only)."""
+        sent = time.perf_counter()
+        if not args.stream:
+            done = await client.completions.create(prompt=prompt, extra_body={"ignore_eos": True}, **body)
+            assert done.usage is not None
+            return done.choices[0].text, done.usage.completion_tokens, 0.0
+        text: list[str] = []
+        tokens, ttft = 0, 0.0
+        chunks = await client.completions.create(
+            prompt=prompt, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **body
+        )
+        async for chunk in chunks:
+            if chunk.choices:  # one per step; its text may be "" (a character's first bytes)
+                if not text:
+                    ttft = time.perf_counter() - sent
+                text.append(chunk.choices[0].text)
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return "".join(text), tokens, ttft
+
+    async def send(ps: list[list[int]]) -> list[tuple[str, int, float]]:
+        # A client per run, as an AsyncOpenAI belongs to the event loop it first ran in. Its pool of
+        # 1,000 connections is plenty: the scheduler queues all but max_num_seqs requests anyway.
+        async with openai.AsyncOpenAI(base_url=f"{pipeline.url}/v1", api_key="modkit", max_retries=0) as client:
+            return await asyncio.gather(*(one(client, p) for p in ps))
+
+    def run(ps: list[list[int]]) -> dict[str, Any]:
+        texts, tokens, ttfts = zip(*asyncio.run(send(ps)), strict=True)
+        assert all(n == args.output_len for n in tokens), tokens
+        ttft = {"mean_ttft_s": statistics.mean(ttfts)} if args.stream else {}
+        return {"texts": list(texts), "output_tokens": sum(tokens), "launch_s": launch_s, **ttft}
+
+    run(prompts[:4])  # warm-up
+    return lambda: run(prompts)
+
+
+# Each loads its engine and warms it up; what must be stopped once its runs are done goes on the ExitStack.
+RUNNERS: dict[str, Callable[[Path, list[list[int]], argparse.Namespace, ExitStack], Run]] = {
+    "modkit": bench_modkit,
+    "hf": bench_hf,
+    "vllm": bench_vllm,
+    "pipeline": bench_pipeline,
+}
+
+
+def timed(run: Run, repeats: int, device: str) -> tuple[list[float], list[dict[str, Any]]]:
+    """Seconds of each of ``repeats`` runs of the whole workload, and what each run returned."""
+    times, measured = [], []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        run()
+        out = run()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return times
+        measured.append(out or {})
+    return times, measured
 
 
 def main() -> None:
@@ -129,7 +217,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
-    parser.add_argument("--engines", nargs="+", default=["modkit", "hf", "vllm"])
+    parser.add_argument("--engines", nargs="+", default=["modkit", "hf", "vllm"], choices=list(RUNNERS))
+    parser.add_argument("--stream", action="store_true", help="pipeline: stream, and report the mean TTFT")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
     parser.add_argument("--out", default="results/benchmark_offline.json")
     args = parser.parse_args()
@@ -141,28 +230,37 @@ def main() -> None:
         rng = random.Random(0)
         prompts = [[rng.randrange(3, min(vocab, 2000)) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
         results: dict[str, Any] = {}
-        runners = {"modkit": bench_modkit, "hf": bench_hf, "vllm": bench_vllm}
+        texts: dict[str, list[str]] = {}
         for name in args.engines:
-            try:
-                run = runners[name](Path(model_dir), prompts, args)
-            except ImportError as err:
-                print(f"{name}: skipped ({err})")
-                results[name] = {"skipped": str(err)}
-                continue
-            times = timed(run, args.repeats, args.device)
-            del run
-            seconds = statistics.median(times)
-            tokens = args.num_prompts * args.output_len
-            results[name] = {"seconds": seconds, "runs_s": times, "output_tokens_per_s": tokens / seconds}
+            with ExitStack() as stack:  # the engine's processes, if any, stop when it is done
+                try:
+                    run = RUNNERS[name](Path(model_dir), prompts, args, stack)
+                except ImportError as err:
+                    print(f"{name}: skipped ({err})")
+                    results[name] = {"skipped": str(err)}
+                    continue
+                times, measured = timed(run, args.repeats, args.device)
+                del run
+            seconds, last = statistics.median(times), measured[-1]
+            texts[name] = last.get("texts", [])
+            # Each run checks that it made every token, so the count is the same every run.
+            tokens = last.get("output_tokens", args.num_prompts * args.output_len)
+            numbers = [k for k in last if k not in ("texts", "output_tokens")]
+            extra = {k: statistics.median([m[k] for m in measured]) for k in numbers}
+            results[name] = {"seconds": seconds, "runs_s": times, "output_tokens_per_s": tokens / seconds, **extra}
             print(
                 f"{name}: median {seconds:.2f} s of {[round(t, 2) for t in times]}, "
-                f"{tokens / seconds:,.0f} output tok/s",
+                f"{tokens / seconds:,.0f} output tok/s" + "".join(f", {k} {v:.3g}" for k, v in extra.items()),
                 flush=True,
             )
             gc.collect()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
+    pipeline, llm = results.get("pipeline", {}), results.get("modkit", {})
+    if "seconds" in pipeline and "seconds" in llm:  # the cost of the process split, on the same prompts
+        pipeline["vs_modkit"] = pipeline["output_tokens_per_s"] / llm["output_tokens_per_s"]
+        pipeline["outputs_equal_modkit"] = sum(a == b for a, b in zip(texts["pipeline"], texts["modkit"], strict=True))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     meta = {
         "model": args.model_shape or "embedded tiny-chat",
@@ -183,20 +281,29 @@ def main() -> None:
         f"\nOffline throughput, {meta['model']}, {args.num_prompts} prompts x {args.input_len} in / "
         f"{args.output_len} out, greedy, ignore_eos, {args.dtype} on {device_name}"
     )
-    print(f"{'engine':<10}{'median s':>10}{'out tok/s':>12}{'vs hf':>8}{'vs vllm':>9}")
+    print(f"{'engine':<10}{'median s':>10}{'out tok/s':>12}{'vs hf':>8}{'vs vllm':>9}{'vs modkit':>11}")
     for name, r in results.items():
         if "seconds" not in r:
             print(f"{name:<10}{'skipped':>10}")
             continue
         ratio = {
             k: r["output_tokens_per_s"] / results[k]["output_tokens_per_s"]
-            for k in ("hf", "vllm")
+            for k in ("hf", "vllm", "modkit")
             if "seconds" in results.get(k, {})
         }
         print(
             f"{name:<10}{r['seconds']:>10.2f}{r['output_tokens_per_s']:>12,.0f}"
             f"{ratio.get('hf', float('nan')):>8.2f}{ratio.get('vllm', float('nan')):>9.2f}"
+            f"{ratio.get('modkit', float('nan')):>11.2f}"
         )
+    if "seconds" in pipeline:
+        notes = [f"launched in {pipeline['launch_s']:.1f} s (not timed)"]
+        if "mean_ttft_s" in pipeline:
+            notes.append(f"mean TTFT {pipeline['mean_ttft_s']:.2f} s")
+        if "vs_modkit" in pipeline:
+            notes.append(f"{pipeline['vs_modkit']:.2f}x the in-process LLM's throughput")
+            notes.append(f"{pipeline['outputs_equal_modkit']}/{args.num_prompts} outputs equal to the LLM's")
+        print("pipeline: " + "; ".join(notes))
     print(f"saved {args.out}")
 
 

@@ -121,18 +121,25 @@ class EngineCore:
         assert set(self.sampling_states) == set(self.scheduler.requests), "sampling state for every live request"
 
 
-def num_blocks_from_memory(model: CausalLM, cfg: EngineConfig, max_model_len: int) -> int:
-    """KV blocks that fit in the memory left after the weights (and, on a GPU, activations)."""
+def num_blocks_from_memory(model: CausalLM, cfg: EngineConfig, max_model_len: int, num_sharing: int = 1) -> int:
+    """KV blocks that fit in the memory left after the weights (and, on a GPU, activations).
+
+    On a GPU, as vLLM does, ``kv_cache_memory_fraction`` is a share of the card's *total*
+    memory for this engine (weights, activations and KV cache together), split evenly
+    between ``num_sharing`` workers on one card; never more than is free now.
+    """
     device = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
     per_block = kv_cache_bytes_per_block(model.config, cfg.block_size, dtype)
     # Never more than every running request at full length needs.
     enough = cfg.max_num_seqs * -(-max_model_len // cfg.block_size) + 1
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * cfg.kv_cache_memory_fraction) - _activation_bytes(model.config, cfg, dtype)
+        free, total = torch.cuda.mem_get_info(device)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        share = int(total * cfg.kv_cache_memory_fraction / num_sharing) - weights
+        budget = min(share, free) - _activation_bytes(model.config, cfg, dtype)
     else:
-        budget = min(int(_available_host_memory() * 0.25), CPU_KV_CACHE_CAP_BYTES)
+        budget = min(int(_available_host_memory() * 0.25 / num_sharing), CPU_KV_CACHE_CAP_BYTES)
     if budget < 2 * per_block:
         raise ConfigError("num_kv_blocks", f"no memory left for a KV cache ({budget} bytes free after weights)")
     return max(2, min(enough, budget // per_block))

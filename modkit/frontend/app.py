@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -77,6 +78,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             "status": "ok" if ok else "error",
             "component": "frontend",
             "implementation": type(engine).__name__,
+            "pid": os.getpid(),
             "model": model_name,
             "uptime_s": round(time.time() - started, 3),
         }

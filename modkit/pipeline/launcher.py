@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,7 @@ class Pipeline:
         self.max_model_len = 0
         self.model_name = config.resolved_model() or EMBEDDED_MODEL_NAME
         self._closed = False
+        self._cancel = threading.Event()
         self._finalizer = weakref.finalize(self, _stop_all, self.processes, addresses.ipc_dir)
 
     @classmethod
@@ -149,11 +151,19 @@ class Pipeline:
 
     def _start_together(self, specs: list[_Spec], say: Callable[[str], None]) -> None:
         default_log_dir()  # made once, before the threads race for it
-        with ThreadPoolExecutor(len(specs)) as pool:
-            futures = [pool.submit(self._start, spec, say) for spec in specs]
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            raise errors[0]  # type: ignore[misc]
+        pool = ThreadPoolExecutor(len(specs))
+        futures = [pool.submit(self._start, spec, say) for spec in specs]
+        try:
+            for future in futures:
+                future.result()  # the first start that failed raises here
+        except BaseException:
+            # A failed start, or Ctrl-C / a cell interrupt: stop the starts still waiting, and
+            # let every thread finish, so that shutdown() sees (and stops) every process.
+            self._cancel.set()
+            _wait_uninterrupted(futures)
+            raise
+        finally:
+            pool.shutdown(wait=False)
 
     def _start(self, spec: _Spec, say: Callable[[str], None]) -> None:
         t0 = time.monotonic()
@@ -165,6 +175,7 @@ class Pipeline:
             env=spec.env,
             log_dir=_log_dir(self.config),
             ready_timeout_s=READY_TIMEOUT_S,
+            cancel=self._cancel,
             http_port=spec.http_port,
             http_host=self.config.host,
         )
@@ -270,6 +281,16 @@ def _stop_all(processes: dict[str, ComponentProcess], ipc_dir: str, timeout_s: f
     for name in reversed(list(processes)):  # the frontend first: no new requests while the rest stop
         processes.pop(name).stop(timeout_s)
     shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def _wait_uninterrupted(futures: list[Future[None]]) -> None:
+    """Wait for every future, even through further Ctrl-Cs (each start ends within 0.1 s of its cancel)."""
+    while True:
+        try:
+            wait(futures)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _log_dir(config: PipelineConfig) -> Any:

@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,13 +112,15 @@ class ComponentProcess:
         log_level: str = "INFO",
         http_port: int | None = None,
         http_host: str = "127.0.0.1",
+        cancel: threading.Event | None = None,
     ) -> ComponentProcess:
         """Launch ``target(**kwargs)`` in a child serving on ``address`` (default: a private ipc path).
 
         ``kwargs`` must be JSON-encodable; Struct and dataclass values are rebuilt in the child
         from ``target``'s annotations. ``env`` is added to this process's environment for the
         child (e.g. QUIET_THREADS, PYTHONPATH). With ``http_port`` the child also answers
-        ``GET /health`` and ``GET /stats`` there (``modkit.transport.serve``). Returns once the child sent Ready; raises
+        ``GET /health`` and ``GET /stats`` there (``modkit.transport.serve``). Setting
+        ``cancel`` (from another thread) stops a start that is still waiting. Returns once the child sent Ready; raises
         ComponentStartError (with the child's last log lines) otherwise.
         """
         if ":" not in target:  # the rest is checked by the child's import
@@ -153,15 +156,17 @@ class ComponentProcess:
             with contextlib.suppress(BrokenPipeError):  # a child that died at once is reported below
                 proc._popen.stdin.write(line)
                 proc._popen.stdin.flush()  # NOTE: never closed while the child runs: that means "launcher gone"
-            proc._wait_ready(ready_timeout_s)
+            proc._wait_ready(ready_timeout_s, cancel)
         except BaseException:
             proc.stop(timeout_s=1.0)
             raise
         return proc
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float, cancel: threading.Event | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                self._fail("was cancelled before it was ready")
             if self._popen.poll() is not None:
                 self._fail(f"exited with code {self._popen.returncode} before it was ready")
             if not self._control.poll(100, zmq.POLLIN):  # short, so an early death is noticed quickly

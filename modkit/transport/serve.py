@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -111,6 +112,8 @@ def _handler_class(rpc_address: str, name: str) -> type[BaseHTTPRequestHandler]:
             except RemoteError as error:
                 self._reply(503, {"status": "error", "component": name, "error": str(error)})
                 return
+            if method == "health":
+                body.setdefault("pid", os.getpid())
             ok = method != "health" or body.get("status") == "ok"
             self._reply(200 if ok else 503, body)
 

@@ -48,7 +48,10 @@ class WorkerService:
             engine.model, dtype=engine.dtype, device=engine.device, attention_backend=engine.attention_backend
         )
         self.device = self.model.lm_head.weight.device
-        self.num_blocks = engine.num_kv_blocks or num_blocks_from_memory(self.model, engine, max_model_len)
+        # Workers of one machine share its memory: each sizes its cache for 1 / num_workers of the budget.
+        self.num_blocks = engine.num_kv_blocks or num_blocks_from_memory(
+            self.model, engine, max_model_len, num_sharing=cfg.num_workers
+        )
         dtype = self.model.lm_head.weight.dtype
         kv_cache = PagedKVCache.allocate(self.model.config, self.num_blocks, engine.block_size, dtype, self.device)
         self.block_size, self.attention_backend = engine.block_size, engine.attention_backend

@@ -1,0 +1,350 @@
+"""The six-process pipeline as a whole: health of every port, a worker killed, restarts,
+clean shutdown, and the KV cache manager behind ZeroMQ making the in-process decisions.
+
+The OpenAI surface (chat, streaming, errors, 32 concurrent streams equal to ``LLM``)
+is tested against the pipeline in ``test_server.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from modkit import Pipeline
+from modkit.config import ConfigError
+from modkit.frontend import EMBEDDED_MODEL_NAME
+from modkit.kvcache import KVCacheManager
+from modkit.kvcache.remote import KVCacheManagerClient
+from modkit.request import Request
+from modkit.sampling_params import SamplingParams
+from modkit.scheduler import ModelRunnerOutput, Scheduler
+from modkit.transport import ComponentProcess, free_tcp_port, ipc_address
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPONENTS = ["frontend", "scheduler", "worker-0", "worker-1", "router", "kv_cache_manager", "sampler"]
+
+
+def free_ports() -> dict[str, int]:
+    names = ["frontend", "scheduler", "worker", "router", "kv_cache_manager", "sampler"]
+    return {f"{name}_port": free_tcp_port() for name in names}
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on it: a server could bind it now (a closed connection's TIME_WAIT does not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); its /proc status says so.
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())
+
+
+def wait_for(check: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def hello(client: openai.OpenAI) -> str:
+    reply = client.chat.completions.create(
+        model=EMBEDDED_MODEL_NAME,
+        messages=[{"role": "user", "content": "Hello!"}],
+        temperature=0,
+        max_tokens=12,
+    )
+    return reply.choices[0].message.content or ""
+
+
+# -- the KV cache manager in its own process decides exactly as in-process --------------------
+
+
+def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions() -> None:
+    """Same trace, two transports: every SchedulerOutput (block ids included) is equal, with
+    prefix hits, chunked prompts and preemptions (a cache too small for all requests)."""
+    num_blocks, block_size = 24, 4
+    service = ComponentProcess.start(
+        "kv-test",
+        "modkit.kvcache.remote:KVCacheService",
+        {"num_blocks": [num_blocks], "block_size": block_size},
+        ipc_address("kv-test.rpc"),
+    )
+    try:
+        with service.client(timeout_s=10) as rpc:
+            local = Scheduler(KVCacheManager(num_blocks, block_size), 32, 8, 64)
+            remote_kv = KVCacheManagerClient(rpc, 0, block_size)
+            remote = Scheduler(remote_kv, 32, 8, 64)
+            shared = list(range(1, 13))
+            for i in range(8):
+                prompt = shared + [20 + i] * (3 + 2 * i) if i % 2 == 0 else [40 + i] * (5 + i)
+                for s in (local, remote):
+                    s.add_request(Request(f"r{i}", list(prompt), SamplingParams(temperature=0, max_tokens=12)))
+            steps = 0
+            while local.has_unfinished_requests():
+                a, b = local.schedule(), remote.schedule()
+                assert a == b, f"step {steps}: the schedules differ"
+                # A request samples once every known token is computed (a prompt chunk mid-prompt does not).
+                sampled = [
+                    r
+                    for r in a.num_scheduled_tokens
+                    if local.requests[r].num_computed_tokens == local.requests[r].num_tokens
+                ]
+                tokens = [(steps * 7 + k) % 50 + 60 for k in range(len(sampled))]
+                for s, out in ((local, a), (remote, b)):
+                    s.update_from_output(out, ModelRunnerOutput(sampled, tokens))
+                local.check_invariants()
+                remote.check_invariants()  # also: its block tables are exactly the service's
+                steps += 1
+                assert steps < 500
+            assert not remote.has_unfinished_requests()
+            assert local.num_preemptions > 0, "the trace should preempt"
+            stats = rpc.call("stats")
+            pool = stats["pools"][0]
+            assert pool["prefix_cache_hits"] == local.kv.stats().prefix_cache_hits > 0  # type: ignore[attr-defined]
+            assert pool["kv_blocks_free"] == num_blocks - 1
+            assert stats["num_calls"] < stats["num_ops"], "calls that return nothing travel together"
+    finally:
+        service.stop()
+
+
+# -- a launched pipeline --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Iterator[Pipeline]:
+    with Pipeline.launch(
+        num_workers=2, num_kv_blocks=256, max_model_len=512, router_policy="round_robin", progress=False, **free_ports()
+    ) as p:
+        yield p
+
+
+def test_every_component_answers_health_and_stats_on_its_port(pipeline: Pipeline) -> None:
+    health = pipeline.health()
+    assert sorted(health) == sorted(COMPONENTS)
+    for name, body in health.items():
+        assert body["http_status"] == 200 and body["status"] == "ok", (name, body)
+        assert body["component"] == name and body["implementation"] and body["uptime_s"] >= 0
+        assert body["pid"] == pipeline.pids()[name]
+    stats = pipeline.stats()
+    assert all(s["http_status"] == 200 for s in stats.values()), stats
+    assert stats["kv_cache_manager"]["pools"][0]["kv_blocks_total"] == 255
+    assert [w["num_blocks"] for n, w in health.items() if n.startswith("worker")] == [256, 256]
+    url = pipeline.urls()["scheduler"].removesuffix("/health")
+    assert httpx.get(f"{url}/nothing").status_code == 404
+
+
+def test_requests_spread_over_workers_and_each_step_is_the_schedulers(pipeline: Pipeline) -> None:
+    client = pipeline.client(timeout=60)
+    before = pipeline.stats()
+    replies = [hello(client) for _ in range(4)]
+    assert all(r.startswith("Hello") for r in replies)
+    after = pipeline.stats()
+    assert after["router"]["decisions"] == {"0": 2, "1": 2} or sum(after["router"]["decisions"].values()) >= 4
+    for i in (0, 1):
+        ran = after[f"worker-{i}"]["num_steps"] - before[f"worker-{i}"]["num_steps"]
+        scheduled = after["scheduler"]["workers"][i]["num_steps"] - before["scheduler"]["workers"][i]["num_steps"]
+        assert ran == scheduled > 0, "each worker runs exactly the steps the scheduler planned for it"
+    sampler = after["sampler"]
+    assert sampler["num_tokens_sampled"] > before["sampler"]["num_tokens_sampled"]
+    assert "ready" in pipeline.logs("scheduler")
+
+
+def test_a_restarted_component_serves_again(pipeline: Pipeline) -> None:
+    old = pipeline.pids()["router"]
+    pipeline.restart("router")
+    assert pipeline.pids()["router"] != old and not pid_exists(old)
+    assert hello(pipeline.client(timeout=60)).startswith("Hello")
+    with pytest.raises(KeyError, match="no component"):
+        pipeline.logs("nope")
+
+
+def test_a_killed_worker_is_routed_around(pipeline: Pipeline) -> None:
+    os.kill(pipeline.pids()["worker-1"], signal.SIGKILL)
+
+    def router_noticed() -> bool:
+        return pipeline.health()["router"]["workers_alive"] == [0]
+
+    wait_for(router_noticed, 15, "the router to mark worker-1 dead")
+    assert pipeline.health()["worker-1"]["http_status"] is None  # its port is gone with it
+    before = pipeline.stats()["router"]["decisions"]
+    client = pipeline.client(timeout=60)
+    assert all(hello(client).startswith("Hello") for _ in range(4))
+    after = pipeline.stats()["router"]["decisions"]
+    assert after.get("1", 0) == before.get("1", 0) and after["0"] == before["0"] + 4
+    assert pipeline.health()["scheduler"]["workers_alive"] == [0]
+
+
+def test_shutdown_leaves_no_process_port_or_socket_file() -> None:
+    ports = free_ports()
+    p = Pipeline.launch(num_kv_blocks=64, progress=False, **ports)
+    pids, ipc_dir = p.pids(), Path(p.addresses.ipc_dir)
+    assert hello(p.client(timeout=60)).startswith("Hello")
+    p.shutdown()
+    p.shutdown()  # idempotent
+    assert not [name for name, pid in pids.items() if pid_exists(pid)]
+    assert all(port_is_free(port) for port in ports.values())
+    assert not ipc_dir.exists()
+
+
+def test_a_bad_config_value_is_refused_before_anything_starts() -> None:
+    with pytest.raises(ConfigError, match="block_size"):
+        Pipeline.launch(block_size=0, progress=False)
+    with pytest.raises(ConfigError, match="max_model_len"):
+        Pipeline.launch(max_model_len=10**9, progress=False)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "start_all.py"), "--num-workers", "zero"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "num_workers" in done.stderr
+
+
+def test_start_all_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    ports = free_ports()
+    flags = [a for name, port in ports.items() for a in (f"--{name.replace('_', '-')}", str(port))]
+    log = tmp_path / "start_all.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "start_all.py"), "--num-kv-blocks", "64", *flags],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: "serving" in log.read_text() or proc.poll() is not None, 120, "start_all to serve")
+        assert proc.poll() is None, log.read_text()
+        pids = []
+        for name, port in ports.items():
+            body = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+            assert body["status"] == "ok", (name, body)
+            pids.append(body["pid"])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped" in log.read_text()
+    assert not [pid for pid in pids if pid_exists(pid)]
+    assert all(port_is_free(port) for port in ports.values())
+
+
+def test_a_component_runs_alone(tmp_path: Path) -> None:
+    port = free_tcp_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modkit.sampler", "--ipc-dir", str(tmp_path / "ipc"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["component"] == "sampler"
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 60, "the sampler's /health")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert port_is_free(port)
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if f"\nPPid:\t{pid}\n" in text:
+            found.add(int(status.parent.name))
+    return found
+
+
+LAUNCH_SCRIPT = """
+import os, signal, sys, threading, json
+from modkit import Pipeline
+ports = json.loads(sys.argv[2])
+if sys.argv[1] == "interrupt":  # a notebook cell interrupt, 4 s into the launch
+    threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    try:
+        Pipeline.launch(num_kv_blocks=64, progress=False, **ports)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+else:  # launched, used, and left without shutdown(): the interpreter's exit must clean up
+    p = Pipeline.launch(num_kv_blocks=64, progress=False, **ports)
+    print("launched", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["interrupt", "exit"])
+def test_no_process_outlives_an_interrupted_launch_or_a_forgotten_pipeline(how: str, tmp_path: Path) -> None:
+    ports = free_ports()
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCH_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), how, json.dumps(ports)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    seen: set[int] = set()
+    while proc.poll() is None:  # every component process the launcher starts is its child
+        seen |= children_of(proc.pid)
+        time.sleep(0.05)
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert proc.returncode == 0 and ("interrupted" if how == "interrupt" else "launched") in output, output
+    assert len(seen) >= 3, f"expected component processes, saw {seen}"
+    wait_for(lambda: not [pid for pid in seen if pid_exists(pid)], 10, "every component process to exit")
+    assert all(port_is_free(port) for port in ports.values())
+
+
+def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -> None:
+    system = "You are a helpful assistant who answers questions about animals and colors. " * 4
+    with Pipeline.launch(
+        num_workers=2, num_kv_blocks=128, router_policy="kv_aware", progress=False, **free_ports()
+    ) as p:
+        client = p.client(timeout=60)
+
+        def ask(question: str) -> None:
+            client.completions.create(model=EMBEDDED_MODEL_NAME, prompt=system + question, max_tokens=4, temperature=0)
+
+        ask("What does a cow say?")
+        first = {k: v for k, v in p.stats()["router"]["decisions"].items() if v}
+        assert len(first) == 1
+        (warm,) = first
+
+        def router_knows() -> bool:
+            return p.stats()["router"]["workers"][int(warm)]["num_cached_blocks"] > 0
+
+        wait_for(router_knows, 10, "the router to learn the cached blocks from KV events")
+        for question in ("What does a dog say?", "What color is the sky?", "Who are you?"):
+            ask(question)
+        stats = p.stats()
+        assert stats["router"]["decisions"] == {warm: 4}, stats["router"]
+        pool = stats["kv_cache_manager"]["pools"][int(warm)]
+        assert pool["prefix_cache_hits"] >= 3 * 16, pool  # each later request reused the system prompt's blocks
