@@ -194,8 +194,18 @@ def test_a_killed_worker_is_routed_around(pipeline: Pipeline) -> None:
     client = pipeline.client(timeout=60)
     assert all(hello(client).startswith("Hello") for _ in range(4))
     after = pipeline.stats()["router"]["decisions"]
-    assert after.get("1", 0) == before.get("1", 0) and after["0"] == before["0"] + 4
+    assert after.get("1", 0) == before.get("1", 0) and after["0"] == before.get("0", 0) + 4
     assert pipeline.health()["scheduler"]["workers_alive"] == [0]
+
+    pipeline.restart("worker-1")  # back, with an empty cache: routed to again
+
+    def back() -> bool:
+        health = pipeline.health()
+        return health["router"]["workers_alive"] == health["scheduler"]["workers_alive"] == [0, 1]
+
+    wait_for(back, 15, "worker-1 to be routed to again")
+    assert all(hello(client).startswith("Hello") for _ in range(4))
+    assert pipeline.stats()["router"]["decisions"]["1"] == after.get("1", 0) + 2
 
 
 def test_shutdown_leaves_no_process_port_or_socket_file() -> None:
@@ -203,11 +213,26 @@ def test_shutdown_leaves_no_process_port_or_socket_file() -> None:
     p = Pipeline.launch(num_kv_blocks=64, progress=False, **ports)
     pids, ipc_dir = p.pids(), Path(p.addresses.ipc_dir)
     assert hello(p.client(timeout=60)).startswith("Hello")
+    os.kill(pids["worker-0"], signal.SIGKILL)  # the only worker: nothing can serve
+
+    def unavailable() -> bool:
+        return pipeline_health_codes(p) == {"router": 503, "scheduler": 503, "worker-0": None}
+
+    wait_for(unavailable, 15, "router and scheduler to answer 503")
+    assert p.health()["router"]["error"] == "no worker is alive"
+    with pytest.raises(openai.InternalServerError) as refused:
+        hello(p.client(timeout=60))
+    assert refused.value.status_code == 503 and refused.value.body["type"] == "server_error"  # type: ignore[index]
     p.shutdown()
     p.shutdown()  # idempotent
     assert not [name for name, pid in pids.items() if pid_exists(pid)]
     assert all(port_is_free(port) for port in ports.values())
     assert not ipc_dir.exists()
+
+
+def pipeline_health_codes(p: Pipeline) -> dict[str, int | None]:
+    """The components whose /health is not 200, with their HTTP status (None: nothing answers)."""
+    return {name: body["http_status"] for name, body in p.health().items() if body["http_status"] != 200}
 
 
 def test_a_bad_config_value_is_refused_before_anything_starts() -> None:

@@ -138,6 +138,8 @@ class Pipeline:
         for spec in workers:
             with self.processes[spec.name].client(timeout_s=30.0) as rpc:
                 num_blocks.append(int(rpc.call("info")["num_blocks"]))
+            # A restarted worker must match its pool in the KV cache manager, block for block.
+            spec.kwargs["config"] = {**spec.kwargs["config"], "num_kv_blocks": num_blocks[-1]}
         kv_kwargs = {
             "num_blocks": num_blocks,
             "block_size": cfg.block_size,
