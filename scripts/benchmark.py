@@ -134,6 +134,7 @@ def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
+        num_workers=args.num_workers,
         progress=False,
         **config,
     )
@@ -168,11 +169,41 @@ def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
         async with openai.AsyncOpenAI(base_url=f"{pipeline.url}/v1", api_key="modkit", max_retries=0) as client:
             return await asyncio.gather(*(one(client, p) for p in ps))
 
+    def step_totals() -> dict[str, float]:
+        """The scheduler's running totals over every worker: where each step's time went."""
+        workers = pipeline.stats()["scheduler"]["workers"]
+        return {
+            "steps": sum(w["num_steps"] for w in workers),
+            "worker": sum(w["step_time_s_mean"] * w["num_steps"] for w in workers),  # plan sent -> result back
+            "forward": sum(w["forward_s_total"] for w in workers),
+            "sample": sum(w["sample_s_total"] for w in workers),
+            "schedule": sum(w["schedule_s_total"] for w in workers),
+            "update": sum(w["update_s_total"] for w in workers),
+            "kv_round_trips": sum(w["kv_round_trips"] for w in workers),
+        }
+
     def run(ps: list[list[int]]) -> dict[str, Any]:
+        before, start = step_totals(), time.perf_counter()
         texts, tokens, ttfts = zip(*asyncio.run(send(ps)), strict=True)
+        wall, after = time.perf_counter() - start, step_totals()
         assert all(n == args.output_len for n in tokens), tokens
         ttft = {"mean_ttft_s": statistics.mean(ttfts)} if args.stream else {}
-        return {"texts": list(texts), "output_tokens": sum(tokens), "launch_s": launch_s, **ttft}
+        steps = after["steps"] - before["steps"]
+        per_step = {  # milliseconds per step (round trips: count per step)
+            f"{k}_ms" if k != "kv_round_trips" else k: (after[k] - before[k])
+            / steps
+            * (1 if k == "kv_round_trips" else 1e3)
+            for k in ("worker", "forward", "sample", "schedule", "update", "kv_round_trips")
+        }
+        return {
+            "texts": list(texts),
+            "output_tokens": sum(tokens),
+            "launch_s": launch_s,
+            "steps": steps,
+            "wall_ms": 1e3 * wall / steps,
+            **per_step,
+            **ttft,
+        }
 
     run(prompts[:4])  # warm-up
     return lambda: run(prompts)
@@ -218,6 +249,7 @@ def main() -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
     parser.add_argument("--engines", nargs="+", default=["modkit", "hf", "vllm"], choices=list(RUNNERS))
+    parser.add_argument("--num-workers", type=int, default=1, help="pipeline: workers (replicas; one GPU is shared)")
     parser.add_argument("--stream", action="store_true", help="pipeline: stream, and report the mean TTFT")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
     parser.add_argument("--out", default="results/benchmark_offline.json")
@@ -304,6 +336,12 @@ def main() -> None:
             notes.append(f"{pipeline['vs_modkit']:.2f}x the in-process LLM's throughput")
             notes.append(f"{pipeline['outputs_equal_modkit']}/{args.num_prompts} outputs equal to the LLM's")
         print("pipeline: " + "; ".join(notes))
+        print(
+            f"pipeline, per step (ms): wall {pipeline['wall_ms']:.1f} = worker {pipeline['worker_ms']:.1f} "
+            f"(forward {pipeline['forward_ms']:.1f}, sample {pipeline['sample_ms']:.1f}) + scheduler "
+            f"(schedule {pipeline['schedule_ms']:.1f}, update {pipeline['update_ms']:.1f}, "
+            f"{pipeline['kv_round_trips']:.1f} KV round trips) + the rest (transit, waiting for a core, HTTP)"
+        )
     print(f"saved {args.out}")
 
 

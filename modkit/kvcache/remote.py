@@ -13,7 +13,8 @@ computes into was handed out here; the client only remembers the block tables it
 given (``get_block_ids``), which ``check_invariants`` compares with the service's.
 
 Cost: one ``apply`` per call that returns something, with the queued ``cache_blocks``
-and ``free`` calls in front of it, plus one ``flush`` per step. The client answers one
+and ``free`` calls in front of it, in order; the scheduler flushes what is left when it
+goes idle. The client answers one
 question itself: a request whose held blocks already have room for its new tokens needs
 no new block (the manager would return ``[]`` and change nothing), which is most decode
 steps. Every other allocation is the manager's.

@@ -246,7 +246,6 @@ class Scheduler:
                     req_id, [token], request.status.finish_reason, request.stop_reason, [lp] if lp is not None else None
                 )
             )
-        self.kv.flush()  # a remote KV cache manager gets this step's cache_blocks and frees in one message
         return outputs
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:

@@ -19,7 +19,7 @@ planning ahead yet: that is the overlap of the GPU issue).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from modkit.config import PipelineConfig
@@ -59,9 +59,10 @@ class WorkerSlot:
     sent_at: float = 0.0
     num_steps: int = 0
     busy_s: float = 0.0  # plan sent -> result back, summed
-    forward_s: float = 0.0
+    forward_s: float = 0.0  # the worker's own account of its forward
     sample_s: float = 0.0
-    step_times: list[float] = field(default_factory=list)
+    schedule_s: float = 0.0  # this process: schedule(), with its KV cache manager round trips
+    update_s: float = 0.0  # this process: update_from_output(), with its flush
 
 
 class SchedulerService:
@@ -91,8 +92,12 @@ class SchedulerService:
         for message in self.inbox.drain():
             self._handle(message)
         for slot in self.slots:
-            if slot.alive and slot.in_flight is None and slot.scheduler.has_unfinished_requests():
-                self._send_step(slot)
+            if not slot.alive or slot.in_flight is not None:
+                continue
+            if slot.scheduler.has_unfinished_requests():
+                self._send_step(slot)  # its KV calls carry the last step's cache_blocks and frees
+            else:
+                slot.kv.flush()  # idle: the KV cache manager (and its events) catch up now
         return False  # every worker is either stepping or idle: sleep until a message comes
 
     # -- messages ------------------------------------------------------------------------
@@ -163,8 +168,10 @@ class SchedulerService:
     # -- steps ---------------------------------------------------------------------------
 
     def _send_step(self, slot: WorkerSlot) -> None:
+        t0 = time.perf_counter()
         plan = slot.scheduler.schedule()
         slot.in_flight, slot.sent_at = plan, time.perf_counter()
+        slot.schedule_s += slot.sent_at - t0
         slot.outbox.send(StepPlan(slot.worker_id, plan))
         if len(slot.scheduler.records) > 2 * KEEP_RECORDS:
             del slot.scheduler.records[:-KEEP_RECORDS]
@@ -180,7 +187,9 @@ class SchedulerService:
         slot.busy_s += elapsed
         slot.forward_s += done.forward_s
         slot.sample_s += done.sample_s
+        t0 = time.perf_counter()
         outputs = slot.scheduler.update_from_output(plan, done.output)
+        slot.update_s += time.perf_counter() - t0
         if outputs:
             self.to_frontend.send(EngineOutputs(outputs))
         finished = [o.req_id for o in outputs if o.finish_reason is not None]
@@ -219,6 +228,8 @@ class SchedulerService:
                     "step_time_s_mean": slot.busy_s / slot.num_steps if slot.num_steps else 0.0,
                     "forward_s_total": slot.forward_s,
                     "sample_s_total": slot.sample_s,
+                    "schedule_s_total": slot.schedule_s,
+                    "update_s_total": slot.update_s,
                 }
             )
         return {
