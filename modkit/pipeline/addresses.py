@@ -44,8 +44,16 @@ class PipelineAddresses:
 
     @classmethod
     def at(cls, ipc_dir: str) -> PipelineAddresses:
-        """A given directory, created (mode 0700) if missing; for components started by hand."""
-        Path(ipc_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        """A given directory, created (mode 0700) if missing; for components started by hand.
+
+        PermissionError if another user owns it: whoever can write there could bind the
+        pipeline's sockets first.
+        """
+        path = Path(ipc_dir)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_uid != os.getuid():
+            raise PermissionError(f"ipc_dir {ipc_dir!r} belongs to another user; use a directory of your own")
+        path.chmod(0o700)
         return cls(os.path.abspath(ipc_dir))
 
     def _ipc(self, name: str) -> str:

@@ -280,8 +280,13 @@ class Pipeline:
 
 
 def _stop_all(processes: dict[str, ComponentProcess], ipc_dir: str, timeout_s: float = 5.0) -> None:
-    for name in reversed(list(processes)):  # the frontend first: no new requests while the rest stop
-        processes.pop(name).stop(timeout_s)
+    """The frontend first (no new requests while the rest stop), then every other component at once."""
+    if "frontend" in processes:
+        processes.pop("frontend").stop(timeout_s)
+    rest = [processes.pop(name) for name in list(processes)]
+    if rest:
+        with ThreadPoolExecutor(len(rest)) as pool:
+            list(pool.map(lambda p: p.stop(timeout_s), rest))
     shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
