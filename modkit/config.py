@@ -84,6 +84,9 @@ class PipelineConfig:
     kv_cache_manager_port: int = 8005
     sampler_port: int = 8006
     log_dir: str | None = None  # None: each component logs to its stderr
+    # Socket name -> endpoint, for sockets that must not be ipc files in one directory
+    # (components on other hosts or containers); names as in modkit/pipeline/addresses.py.
+    addresses: dict[str, str] | None = None
 
     # NOTE: the dataclass's __init__ would answer an unknown keyword with a bare TypeError;
     # checking the names here first gives it the same "did you mean ...?" as the other sources.
@@ -124,6 +127,7 @@ class PipelineConfig:
             )
         _check_str("log_dir", self.log_dir, optional=True)
         self._check_ports()
+        self._check_addresses()
 
     def _check_ports(self) -> None:
         owner: dict[int, str] = {}  # port -> the field that took it first
@@ -141,6 +145,27 @@ class PipelineConfig:
                 f"is {self.num_workers}, so the workers need ports up to {last} "
                 f"(counting from worker_port {self.worker_port}); ports end at 65535",
             )
+
+    def _check_addresses(self) -> None:
+        if self.addresses is None:
+            return
+        if not isinstance(self.addresses, Mapping):
+            raise ConfigError("addresses", f"must be a mapping of socket names to endpoints, {_got(self.addresses)}")
+        from modkit.pipeline.addresses import socket_names
+        from modkit.transport.addresses import InsecureAddressError, check_bind_address
+
+        known = socket_names(self.num_workers)
+        for name, endpoint in self.addresses.items():
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"sockets: {', '.join(known)}"
+                raise ConfigError("addresses", f"has an unknown socket {name!r}; {hint}")
+            if not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://")):
+                raise ConfigError("addresses", f"[{name!r}] must be an 'ipc://' or 'tcp://' endpoint, got {endpoint!r}")
+            try:
+                check_bind_address(endpoint, allow_remote=self.allow_remote)
+            except (InsecureAddressError, ValueError) as error:
+                raise ConfigError("addresses", f"[{name!r}]: {error}") from None
 
     # -- sources ------------------------------------------------------------------------------
 
@@ -398,6 +423,11 @@ def _parse_flag_value(name: str, value: Any) -> Any:
         return value
     if kind.endswith(" | None") and value.lower() == "none":
         return None
+    if kind.startswith("dict"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ConfigError(name, f"must be a JSON object, got {value!r} (from {_flag(name)})") from None
     parse = {"int": int, "float": float}.get(kind.removesuffix(" | None"))
     if parse is None:
         return value

@@ -26,6 +26,7 @@ from modkit.config import ConfigError
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.kvcache import KVCacheManager
 from modkit.kvcache.remote import KVCacheManagerClient
+from modkit.pipeline.addresses import socket_names
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import ModelRunnerOutput, Scheduler
@@ -240,6 +241,10 @@ def test_a_bad_config_value_is_refused_before_anything_starts() -> None:
         Pipeline.launch(block_size=0, progress=False)
     with pytest.raises(ConfigError, match="max_model_len"):
         Pipeline.launch(max_model_len=10**9, progress=False)
+    with pytest.raises(ConfigError, match=r"did you mean 'scheduler\.in'"):
+        Pipeline.launch(addresses={"scheduler.inn": "tcp://127.0.0.1:9000"}, progress=False)
+    with pytest.raises(ConfigError, match="allow_remote"):
+        Pipeline.launch(addresses={"scheduler.in": "tcp://0.0.0.0:9000"}, progress=False)
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "start_all.py"), "--num-workers", "zero"],
         capture_output=True,
@@ -373,3 +378,12 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         assert stats["router"]["decisions"] == {warm: 4}, stats["router"]
         pool = stats["kv_cache_manager"]["pools"][int(warm)]
         assert pool["prefix_cache_hits"] >= 3 * 16, pool  # each later request reused the system prompt's blocks
+
+
+def test_every_socket_can_be_given_another_endpoint() -> None:
+    """All of them on loopback TCP, as components in separate containers would have them."""
+    endpoints = {name: f"tcp://127.0.0.1:{free_tcp_port()}" for name in socket_names(1)}
+    with Pipeline.launch(num_kv_blocks=64, addresses=endpoints, progress=False, **free_ports()) as p:
+        assert hello(p.client(timeout=60)).startswith("Hello")
+        assert all(body["http_status"] == 200 for body in p.health().values())
+        assert not list(Path(p.addresses.ipc_dir).glob("*.in"))  # no inbox fell back to an ipc file

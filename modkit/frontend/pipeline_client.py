@@ -42,14 +42,19 @@ class _Stream:
 
 class PipelineClient:
     def __init__(
-        self, tokenizer: Any, model_config: ModelConfig, max_model_len: int, addresses: PipelineAddresses
+        self,
+        tokenizer: Any,
+        model_config: ModelConfig,
+        max_model_len: int,
+        addresses: PipelineAddresses,
+        allow_remote: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.model_config = model_config
         self._max_model_len = max_model_len
         self.processor = OutputProcessor(tokenizer)
         self.error: BaseException | None = None
-        self.inbox = AsyncInbox(addresses.inbox("frontend"))
+        self.inbox = AsyncInbox(addresses.inbox("frontend"), allow_remote=allow_remote)
         self.to_router = Outbox(addresses.inbox("router"))
         self._streams: dict[str, _Stream] = {}  # request id -> its stream
         self._owner: dict[str, str] = {}  # engine req_id -> request id

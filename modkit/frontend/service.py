@@ -36,7 +36,9 @@ class FrontendService:
         self.model_name = model or EMBEDDED_MODEL_NAME
         tokenizer = load_tokenizer(model)
         model_config = ModelConfig.from_pretrained(resolve_model_path(model))
-        self.client = PipelineClient(tokenizer, model_config, max_model_len, PipelineAddresses(ipc_dir))
+        self.client = PipelineClient(
+            tokenizer, model_config, max_model_len, PipelineAddresses(ipc_dir, cfg.addresses or {}), cfg.allow_remote
+        )
         app = build_app(self.client, self.model_name, cfg.api_key)
         # NOTE: the plain asyncio loop, which pyzmq's asyncio sockets are known to work with.
         uv_config = uvicorn.Config(app, host=cfg.host, port=cfg.frontend_port, log_level="warning", loop="asyncio")

@@ -146,9 +146,10 @@ class KVCacheService:
         block_size: int,
         enable_prefix_caching: bool = True,
         events_address: str | None = None,
+        allow_remote: bool = False,
     ) -> None:
         self.started = time.time()
-        self.publisher = Publisher(events_address) if events_address is not None else None
+        self.publisher = Publisher(events_address, allow_remote=allow_remote) if events_address is not None else None
         self.pools = [
             KVCacheManager(n, block_size, enable_prefix_caching, self._sink(i)) for i, n in enumerate(num_blocks)
         ]

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 COMPONENT_ORDER = ("sampler", "worker", "kv_cache_manager", "scheduler", "router", "frontend")  # start order
@@ -33,17 +34,33 @@ def worker_name(worker_id: int) -> str:
     return f"worker-{worker_id}"
 
 
+def socket_names(num_workers: int) -> list[str]:
+    """Every socket of a pipeline with ``num_workers`` workers, by the names of the table above."""
+    components = ["frontend", "router", "scheduler", "kv_cache_manager", "sampler"]
+    components += [worker_name(i) for i in range(num_workers)]
+    inboxes = ["router", "scheduler", "frontend", "sampler", *(worker_name(i) for i in range(num_workers))]
+    return [f"{c}.rpc" for c in components] + [f"{c}.in" for c in inboxes] + ["kv.events"]
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineAddresses:
+    """``ipc_dir/<name>`` for each socket, unless ``overrides`` gives it another endpoint.
+
+    Overrides (``PipelineConfig.addresses``) put sockets on TCP, e.g. to run a worker in
+    another container: ``{"worker-1.in": "tcp://10.0.0.7:9100", "scheduler.in":
+    "tcp://10.0.0.2:9000", ...}``; each component binds its own and connects to the others.
+    """
+
     ipc_dir: str
+    overrides: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def fresh(cls) -> PipelineAddresses:
+    def fresh(cls, overrides: Mapping[str, str] | None = None) -> PipelineAddresses:
         """A new private directory (mode 0700) for one launch."""
-        return cls(tempfile.mkdtemp(prefix="modkit-ipc-"))
+        return cls(tempfile.mkdtemp(prefix="modkit-ipc-"), dict(overrides or {}))
 
     @classmethod
-    def at(cls, ipc_dir: str) -> PipelineAddresses:
+    def at(cls, ipc_dir: str, overrides: Mapping[str, str] | None = None) -> PipelineAddresses:
         """A given directory, created (mode 0700) if missing; for components started by hand.
 
         PermissionError if another user owns it: whoever can write there could bind the
@@ -54,10 +71,10 @@ class PipelineAddresses:
         if path.stat().st_uid != os.getuid():
             raise PermissionError(f"ipc_dir {ipc_dir!r} belongs to another user; use a directory of your own")
         path.chmod(0o700)
-        return cls(os.path.abspath(ipc_dir))
+        return cls(os.path.abspath(ipc_dir), dict(overrides or {}))
 
     def _ipc(self, name: str) -> str:
-        return f"ipc://{self.ipc_dir}/{name}"
+        return self.overrides.get(name) or f"ipc://{self.ipc_dir}/{name}"
 
     def rpc(self, component: str) -> str:
         return self._ipc(f"{component}.rpc")

@@ -100,7 +100,9 @@ class Pipeline:
             raise TypeError("pass a PipelineConfig or keyword arguments, not both")
         config = config if config is not None else PipelineConfig(**kwargs)
         max_model_len = resolve_max_model_len(config)
-        addresses = PipelineAddresses.at(ipc_dir) if ipc_dir else PipelineAddresses.fresh()
+        addresses = (
+            PipelineAddresses.at(ipc_dir, config.addresses) if ipc_dir else PipelineAddresses.fresh(config.addresses)
+        )
         pipeline = cls(config, addresses)
         pipeline.max_model_len = max_model_len
         say = _progress(progress)
@@ -145,6 +147,7 @@ class Pipeline:
             "block_size": cfg.block_size,
             "enable_prefix_caching": cfg.enable_prefix_caching,
             "events_address": self.addresses.kv_events,
+            "allow_remote": cfg.allow_remote,
         }
         self._start(
             _Spec("kv_cache_manager", TARGETS["kv_cache_manager"], kv_kwargs, ports["kv_cache_manager"], quiet), say
@@ -176,6 +179,7 @@ class Pipeline:
             self.addresses.rpc(spec.name),
             env=spec.env,
             log_dir=_log_dir(self.config),
+            allow_remote=self.config.allow_remote,
             ready_timeout_s=READY_TIMEOUT_S,
             cancel=self._cancel,
             http_port=spec.http_port,

@@ -42,7 +42,7 @@ def run_component(kind: str, argv: list[str] | None = None) -> None:
     except ConfigError as error:
         sys.exit(f"modkit.{kind}: {error}")
     logging.basicConfig(level="INFO", format=f"%(asctime)s {kind}[%(process)d] %(levelname)s %(name)s: %(message)s")
-    addresses = PipelineAddresses.at(own.ipc_dir)
+    addresses = PipelineAddresses.at(own.ipc_dir, config.addresses)
     name = worker_name(own.worker_id) if kind == "worker" else kind
     if own.port is not None:
         config = (
@@ -60,7 +60,7 @@ def run_component(kind: str, argv: list[str] | None = None) -> None:
         close = getattr(obj, "close", None)
         if callable(close):
             stack.callback(close)
-        server = stack.enter_context(RpcServer(obj, addresses.rpc(name)))
+        server = stack.enter_context(RpcServer(obj, addresses.rpc(name), allow_remote=config.allow_remote))
         if kind != "frontend":  # the frontend's app answers /health itself
             http = HealthHTTPServer(config.host, port, server.address, name)
             stack.callback(http.close)
@@ -102,7 +102,7 @@ def _builders() -> dict[str, Callable[[PipelineConfig, PipelineAddresses, argpar
         for i in range(c.num_workers):
             with RpcClient(a.rpc(worker_name(i)), timeout_s=600.0) as rpc:
                 num_blocks.append(int(rpc.call("info")["num_blocks"]))
-        return KVCacheService(num_blocks, c.block_size, c.enable_prefix_caching, a.kv_events)
+        return KVCacheService(num_blocks, c.block_size, c.enable_prefix_caching, a.kv_events, c.allow_remote)
 
     def frontend(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
         from modkit.frontend.service import FrontendService

@@ -41,8 +41,8 @@ class RouterService:
         self.router = Router(cfg.num_workers, cfg.block_size, cfg.router_policy)
         self.implementation = cfg.router_policy
         self.worker_timeout_s = worker_timeout_s
-        addresses = PipelineAddresses(ipc_dir)
-        self.inbox = Inbox(addresses.inbox("router"))
+        addresses = PipelineAddresses(ipc_dir, cfg.addresses or {})
+        self.inbox = Inbox(addresses.inbox("router"), allow_remote=cfg.allow_remote)
         self.kv_events = Subscriber(addresses.kv_events, topics=("worker.",))
         self.to_scheduler = Outbox(addresses.inbox("scheduler"))
         self.to_frontend = Outbox(addresses.inbox("frontend"))

@@ -25,7 +25,9 @@ class SamplerService:
         SAMPLERS.get(cfg.sampler)  # an unknown name fails the start, with the registry's message
         self.implementation, self.seed = cfg.sampler, cfg.seed
         self.started = time.time()
-        self.inbox = Inbox(PipelineAddresses(ipc_dir).inbox("sampler"))
+        self.inbox = Inbox(
+            PipelineAddresses(ipc_dir, cfg.addresses or {}).inbox("sampler"), allow_remote=cfg.allow_remote
+        )
         self.per_worker: dict[int, dict[str, float]] = {}
 
     def config(self) -> dict[str, Any]:

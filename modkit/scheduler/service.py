@@ -70,8 +70,8 @@ class SchedulerService:
         cfg = PipelineConfig.from_dict(config)
         self.started = time.time()
         self.implementation = cfg.scheduling_policy
-        addresses = PipelineAddresses(ipc_dir)
-        self.inbox = Inbox(addresses.inbox("scheduler"))
+        addresses = PipelineAddresses(ipc_dir, cfg.addresses or {})
+        self.inbox = Inbox(addresses.inbox("scheduler"), allow_remote=cfg.allow_remote)
         self.kv_rpc = RpcClient(addresses.rpc("kv_cache_manager"), KV_RPC_TIMEOUT_S)
         self.to_frontend = Outbox(addresses.inbox("frontend"))
         self.to_router = Outbox(addresses.inbox("router"))

@@ -43,7 +43,7 @@ class WorkerService:
         cfg = PipelineConfig.from_dict(config)
         engine = cfg.to_engine_config(worker_id)
         self.worker_id, self.started = worker_id, time.time()
-        addresses = PipelineAddresses(ipc_dir)
+        addresses = PipelineAddresses(ipc_dir, cfg.addresses or {})
         self.model = load_model(
             engine.model, dtype=engine.dtype, device=engine.device, attention_backend=engine.attention_backend
         )
@@ -62,7 +62,7 @@ class WorkerService:
         self.sampler = get_sampler(self.sampler_name, seed=choice["seed"])
         self.states: dict[str, SamplingState] = {}
         self.eos_token_ids = self.model.config.eos_token_ids
-        self.inbox = Inbox(addresses.inbox(worker_name(worker_id)))
+        self.inbox = Inbox(addresses.inbox(worker_name(worker_id)), allow_remote=cfg.allow_remote)
         self.to_scheduler = Outbox(addresses.inbox("scheduler"))
         self.to_sampler = Outbox(addresses.inbox("sampler"))
         pid = os.getpid()
