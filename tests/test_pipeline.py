@@ -387,3 +387,43 @@ def test_every_socket_can_be_given_another_endpoint() -> None:
         assert hello(p.client(timeout=60)).startswith("Hello")
         assert all(body["http_status"] == 200 for body in p.health().values())
         assert not list(Path(p.addresses.ipc_dir).glob("*.in"))  # no inbox fell back to an ipc file
+
+
+def test_the_six_components_started_by_hand_serve_together(tmp_path: Path) -> None:
+    """``python -m modkit.<component>`` for each, one shared --ipc-dir: the pipeline without the launcher."""
+    ports = free_ports()
+    flags = [a for name, port in ports.items() for a in (f"--{name.replace('_', '-')}", str(port))]
+    common = ["--ipc-dir", str(tmp_path / "ipc"), "--num-kv-blocks", "64", *flags]
+    commands = {
+        "sampler": ["modkit.sampler"],
+        "worker-0": ["modkit.worker", "--worker-id", "0"],
+        "kv_cache_manager": ["modkit.kvcache"],
+        "scheduler": ["modkit.scheduler"],
+        "router": ["modkit.router"],
+        "frontend": ["modkit.frontend"],
+    }
+    procs = {}
+    try:
+        for name, command in commands.items():
+            log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+            procs[name] = subprocess.Popen([sys.executable, "-m", *command, *common], stdout=log, stderr=log)
+        url = f"http://127.0.0.1:{ports['frontend_port']}"
+
+        def serving() -> bool:
+            assert all(p.poll() is None for p in procs.values()), {n: p.returncode for n, p in procs.items()}
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(serving, 120, "the hand-started pipeline's frontend")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert hello(client).startswith("Hello")
+        for name in ("scheduler", "worker", "router", "kv_cache_manager", "sampler"):
+            body = httpx.get(f"http://127.0.0.1:{ports[f'{name}_port']}/health", timeout=5).json()
+            assert body["status"] == "ok", body
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        codes = {name: proc.wait(timeout=30) for name, proc in procs.items()}
+    assert set(codes.values()) <= {0}, codes

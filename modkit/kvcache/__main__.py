@@ -1,4 +1,4 @@
-"""``python -m modkit.kvcache --ipc-dir DIR [--port N] [config flags]``: run the KV cache manager alone.
+"""``python -m modkit.kvcache [--ipc-dir DIR] [--port N] [config flags]``: run the KV cache manager alone.
 
 It sizes one block pool per worker from the worker's own KV cache, so it waits for the
 workers to answer (see ``modkit.pipeline.standalone``).

@@ -1,11 +1,13 @@
 """Run one pipeline component in the foreground, without the launcher.
 
-    python -m modkit.worker --worker-id 1 --port 8007 --ipc-dir /tmp/modkit-ipc [config flags]
-    python -m modkit.scheduler --ipc-dir /tmp/modkit-ipc --num-workers 2
+    python -m modkit.worker --worker-id 1 --port 8007 [config flags]
+    python -m modkit.scheduler --num-workers 2
+    python -m modkit.frontend --ipc-dir /tmp/modkit-1000     # the pipeline's frontend needs the flag
 
 Every component of one pipeline must get the same ``--ipc-dir`` (where the socket files
-live) and the same config flags. ``--port`` overrides the component's HTTP port from the
-config. Each serves ``GET /health`` and ``GET /stats`` there and stops on Ctrl-C or SIGTERM.
+live; by default ``/tmp/modkit-<uid>``) and the same config flags. ``--port`` overrides
+the component's HTTP port from the config. Each serves ``GET /health`` and ``GET /stats``
+there and stops on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -25,6 +29,11 @@ from modkit.transport import RpcClient, RpcServer
 from modkit.transport.serve import HealthHTTPServer, serve
 
 
+def default_ipc_dir() -> str:
+    """One directory per user, so components started by hand find each other with no flag."""
+    return os.path.join(tempfile.gettempdir(), f"modkit-{os.getuid()}")
+
+
 def _stop(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -32,7 +41,11 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 def run_component(kind: str, argv: list[str] | None = None) -> None:
     """Parse the command line, build the ``kind`` component's service and serve it until stopped."""
     parser = argparse.ArgumentParser(prog=f"python -m modkit.{kind}", add_help=False)
-    parser.add_argument("--ipc-dir", required=True, help="directory of the pipeline's socket files (shared by all)")
+    parser.add_argument(
+        "--ipc-dir",
+        default=default_ipc_dir(),
+        help="directory of the pipeline's socket files, the same for every component (default: %(default)s)",
+    )
     parser.add_argument("--port", type=int, default=None, help="HTTP port for /health and /stats")
     if kind == "worker":
         parser.add_argument("--worker-id", type=int, required=True)

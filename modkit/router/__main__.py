@@ -1,4 +1,4 @@
-"""Run the router alone: ``python -m modkit.router --ipc-dir DIR [--port N] [config flags]``.
+"""Run the router alone: ``python -m modkit.router [--ipc-dir DIR] [--port N] [config flags]``.
 
 See ``modkit.pipeline.standalone``.
 """

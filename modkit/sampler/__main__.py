@@ -1,4 +1,4 @@
-"""Run the sampler alone: ``python -m modkit.sampler --ipc-dir DIR [--port N] [config flags]``.
+"""Run the sampler alone: ``python -m modkit.sampler [--ipc-dir DIR] [--port N] [config flags]``.
 
 See ``modkit.pipeline.standalone``.
 """

@@ -1,4 +1,4 @@
-"""Run the scheduler alone: ``python -m modkit.scheduler --ipc-dir DIR [--port N] [config flags]``.
+"""Run the scheduler alone: ``python -m modkit.scheduler [--ipc-dir DIR] [--port N] [config flags]``.
 
 See ``modkit.pipeline.standalone``.
 """

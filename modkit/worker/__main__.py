@@ -1,4 +1,4 @@
-"""Run the worker alone: ``python -m modkit.worker --ipc-dir DIR [--port N] [config flags]``. Needs ``--worker-id``.
+"""Run the worker alone: ``python -m modkit.worker [--ipc-dir DIR] [--port N] [config flags]``. Needs ``--worker-id``.
 
 See ``modkit.pipeline.standalone``.
 """
