@@ -142,6 +142,9 @@ class AddRequest(msgspec.Struct, tag="add", frozen=True):
     arrival_time: float  # time.time() at the frontend
     priority: int = 0
     worker_id: int = -1  # -1 until the router has chosen
+    # Tokens already generated: set when a request moves off a worker that died; the new
+    # worker recomputes prompt + these, and generation carries on where it stopped.
+    output_token_ids: list[int] = []
 
 
 class AbortRequest(msgspec.Struct, tag="abort", frozen=True):

@@ -15,13 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from modkit import Pipeline
+from modkit import LLM, Pipeline
 from modkit.config import ConfigError
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.kvcache import KVCacheManager
@@ -184,7 +185,42 @@ def test_a_restarted_component_serves_again(pipeline: Pipeline) -> None:
 
 
 def test_a_killed_worker_is_routed_around(pipeline: Pipeline) -> None:
-    os.kill(pipeline.pids()["worker-1"], signal.SIGKILL)
+    """Requests running on the killed worker move to the live one and finish as if nothing happened."""
+    client = pipeline.client(timeout=120)
+    conversations = [[{"role": "user", "content": q}] for q in ("Hello!", "What does a cow say?", "Who are you?")] * 2
+
+    def stream(messages: list[dict[str, str]]) -> tuple[str, int]:
+        chunks = client.chat.completions.create(
+            model=EMBEDDED_MODEL_NAME,
+            messages=messages,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=120,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        text, tokens = [], 0
+        for chunk in chunks:
+            text += [c.delta.content or "" for c in chunk.choices]
+            tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+        return "".join(text), tokens
+
+    with ThreadPoolExecutor(len(conversations)) as pool:
+        streams = [pool.submit(stream, c) for c in conversations]
+
+        def running_on_both() -> bool:
+            workers = pipeline.stats()["scheduler"]["workers"]
+            return all(w["num_requests_running"] > 0 and w["num_steps"] > 0 for w in workers)
+
+        wait_for(running_on_both, 30, "requests running on both workers")
+        os.kill(pipeline.pids()["worker-1"], signal.SIGKILL)
+        served = [s.result(timeout=120) for s in streams]
+    assert [n for _, n in served] == [120] * len(conversations)  # every token, none lost or repeated
+    expected = LLM(num_kv_blocks=256).chat(
+        conversations, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True), use_tqdm=False
+    )
+    assert [t for t, _ in served] == [o.outputs[0].text for o in expected]
+    assert pipeline.stats()["scheduler"]["num_moved"] > 0
 
     def router_noticed() -> bool:
         return pipeline.health()["router"]["workers_alive"] == [0]
@@ -192,7 +228,6 @@ def test_a_killed_worker_is_routed_around(pipeline: Pipeline) -> None:
     wait_for(router_noticed, 15, "the router to mark worker-1 dead")
     assert pipeline.health()["worker-1"]["http_status"] is None  # its port is gone with it
     before = pipeline.stats()["router"]["decisions"]
-    client = pipeline.client(timeout=60)
     assert all(hello(client).startswith("Hello") for _ in range(4))
     after = pipeline.stats()["router"]["decisions"]
     assert after.get("1", 0) == before.get("1", 0) and after["0"] == before.get("0", 0) + 4
@@ -320,7 +355,7 @@ def children_of(pid: int) -> set[int]:
 
 LAUNCH_SCRIPT = """
 import os, signal, sys, threading, json
-from modkit import Pipeline
+from modkit import LLM, Pipeline
 ports = json.loads(sys.argv[2])
 if sys.argv[1] == "interrupt":  # a notebook cell interrupt, 4 s into the launch
     threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()

@@ -32,7 +32,11 @@ class Router:
         self.decisions: Counter[int] = Counter()
 
     def route(self, request_id: str, prompt_token_ids: Sequence[int]) -> int:
-        """Choose a worker for a request and count it there until ``finish`` is called."""
+        """Choose a worker for a request and count it there until ``finish`` is called.
+
+        A request routed again (it moved off a dead worker) stops counting on its old one.
+        """
+        self.finish(request_id)
         live = [w for w in self.workers.values() if w.alive]
         if not live:
             raise NoWorkerError("no live worker to route to")

@@ -8,8 +8,9 @@
     KV cache manager --PUB worker.<i>: BlockStored / BlockRemoved--> router (what worker i caches)
 
 A worker with no heartbeat for ``worker_timeout_s`` is marked dead: the router routes
-nothing more to it and tells the scheduler (``WorkerDown``), which fails that worker's
-requests. When its heartbeats come back (a restarted worker), it is routed to again.
+nothing more to it and tells the scheduler (``WorkerDown``), which sends that worker's
+requests back here, with their outputs so far, to be routed to a live worker. When its
+heartbeats come back (a restarted worker), it is routed to again.
 """
 
 from __future__ import annotations
@@ -136,4 +137,5 @@ def _with_worker(message: AddRequest, worker_id: int) -> AddRequest:
         message.arrival_time,
         message.priority,
         worker_id,
+        message.output_token_ids,
     )

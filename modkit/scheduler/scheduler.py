@@ -79,8 +79,9 @@ class Scheduler:
                 f"prompt has {request.num_tokens} tokens; the model's limit is {self.max_model_len} "
                 "including at least one generated token"
             )
+        # Counted from the prompt: a request moved here from another worker brings its outputs so far.
         request.max_tokens = min(
-            request.sampling_params.max_tokens or self.max_model_len, self.max_model_len - request.num_tokens
+            request.sampling_params.max_tokens or self.max_model_len, self.max_model_len - request.num_prompt_tokens
         )
         request.status = RequestStatus.WAITING
         self.requests[request.req_id] = request
@@ -94,6 +95,29 @@ class Scheduler:
             if request is not None and not request.is_finished:
                 self._finish(request, status)
         self.kv.flush()
+
+    def take_requests(self, req_ids: Iterable[str]) -> list[Request]:
+        """Hand requests over to another scheduler (their worker is gone). Unknown ids are ignored.
+
+        Each leaves unfinished, as a preemption leaves: its blocks are freed and it keeps its
+        outputs so far, so the scheduler that takes it recomputes and carries on.
+        """
+        taken = []
+        for req_id in list(req_ids):
+            request = self.requests.pop(req_id, None)
+            if request is None:
+                continue
+            if request in self.running:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self.kv.free(request)
+            request.status, request.num_computed_tokens = RequestStatus.WAITING, 0
+            self.worker_num_tokens.pop(req_id, None)
+            self._worker_blocks.pop(req_id, None)
+            taken.append(request)
+        self.kv.flush()
+        return taken
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)

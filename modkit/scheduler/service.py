@@ -84,6 +84,7 @@ class SchedulerService:
             self.slots.append(WorkerSlot(i, scheduler, kv, Outbox(addresses.inbox(worker_name(i)))))
         self.owner: dict[str, int] = {}  # req_id -> worker id, while the request lives
         self.num_rejected = 0
+        self.num_moved = 0  # requests moved off a dead worker
 
     def wait_sockets(self) -> list[Inbox]:
         return [self.inbox]
@@ -130,6 +131,8 @@ class SchedulerService:
             arrival_time=message.arrival_time,
             priority=message.priority,
         )
+        for token in message.output_token_ids:  # moved here from a worker that died
+            request.append_output_token_ids(token)
         try:
             slot.scheduler.add_request(request)
         except ValueError as error:
@@ -153,16 +156,27 @@ class SchedulerService:
         self.to_router.send(RequestsFinished([req_id]))
 
     def _worker_down(self, message: WorkerDown) -> None:
+        """Move the dead worker's requests, with their outputs so far, back to the router for another worker."""
         slot = self.slots[message.worker_id]
         if not slot.alive:
             return
         slot.alive, slot.in_flight = False, None
-        req_ids = list(slot.scheduler.requests)
-        slot.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
+        moved = slot.scheduler.take_requests(list(slot.scheduler.requests))
         slot.scheduler.finished_req_ids.clear()  # nobody to tell: the worker is gone
-        for req_id in req_ids:
-            self.owner.pop(req_id, None)
-            self._reject(req_id, "unavailable", f"{worker_name(slot.worker_id)} stopped: {message.reason}")
+        for request in moved:
+            self.owner.pop(request.req_id, None)
+            self.to_router.send(
+                AddRequest(
+                    request.req_id,
+                    request.prompt_token_ids,
+                    request.sampling_params,
+                    request.eos_token_ids,
+                    request.arrival_time,
+                    request.priority,
+                    output_token_ids=list(request.output_token_ids),
+                )
+            )
+        self.num_moved += len(moved)
         self.kv_rpc.call("reset_prefix_cache", slot.worker_id)
 
     # -- steps ---------------------------------------------------------------------------
@@ -236,6 +250,7 @@ class SchedulerService:
             "num_requests_running": sum(w["num_requests_running"] for w in workers),
             "num_requests_waiting": sum(w["num_requests_waiting"] for w in workers),
             "num_rejected": self.num_rejected,
+            "num_moved": self.num_moved,
             "workers": workers,
         }
 
