@@ -5,8 +5,10 @@
     python scripts/start_all.py --model Qwen/Qwen2.5-0.5B-Instruct --config pipeline.yaml
 
 Flags are ``PipelineConfig``'s (``--help``). It starts every component, waits until each
-``/health`` answers 200, prints the URLs, and serves; on Ctrl-C or SIGTERM it stops every
-process and frees every port, then exits 0. A bad flag exits 2 with the field named.
+``/health`` answers 200, prints the URLs, and serves. On Ctrl-C or SIGTERM it drains:
+new requests get 503 while those in flight finish (30 s at most; a second signal cuts
+that short); then it stops every process, frees every port and exits 0. A bad flag exits 2
+with the field named.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from types import FrameType
 from modkit import Pipeline
 from modkit.config import ConfigError, PipelineConfig
 
+DRAIN_TIMEOUT_S = 30.0
+
 
 def main(argv: list[str] | None = None) -> int:
     try:
@@ -28,24 +32,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stop = threading.Event()
 
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop draining
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, interrupt)  # while starting, SIGTERM stops what started, as Ctrl-C does
     try:
         pipeline = Pipeline.launch(config)
     except ConfigError as error:
         print(f"start_all: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("start_all: interrupted while starting; stopped what had started", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     with pipeline:
         print(f"OpenAI API: {pipeline.url}/v1  (model {pipeline.model_name!r})")
         for name, url in pipeline.urls().items():
             print(f"  {name:<17} {url}")
-        print("serving; Ctrl-C or SIGTERM stops every component", flush=True)
+        print("serving; Ctrl-C or SIGTERM drains, then stops every component", flush=True)
         while not stop.wait(1.0):
             pass
-        print("stopping ...", flush=True)
+        print(f"draining (at most {DRAIN_TIMEOUT_S:g} s; signal again to stop now) ...", flush=True)
+        try:
+            drained = pipeline.drain(DRAIN_TIMEOUT_S)
+        except KeyboardInterrupt:
+            drained = False
+        print("stopping ..." if drained else "stopping with requests in flight ...", flush=True)
     print("stopped", flush=True)
     return 0
 

@@ -289,7 +289,7 @@ def test_a_bad_config_value_is_refused_before_anything_starts() -> None:
     assert done.returncode == 2 and "num_workers" in done.stderr
 
 
-def test_start_all_stops_everything_on_sigterm(tmp_path: Path) -> None:
+def test_start_all_drains_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
     ports = free_ports()
     flags = [a for name, port in ports.items() for a in (f"--{name.replace('_', '-')}", str(port))]
     log = tmp_path / "start_all.log"
@@ -307,7 +307,24 @@ def test_start_all_stops_everything_on_sigterm(tmp_path: Path) -> None:
             body = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
             assert body["status"] == "ok", (name, body)
             pids.append(body["pid"])
+        url = f"http://127.0.0.1:{ports['frontend_port']}"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        long = client.chat.completions.create(
+            model=EMBEDDED_MODEL_NAME,
+            messages=[{"role": "user", "content": "Hello!"}],
+            max_tokens=200,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        first = next(iter(long))  # in flight when SIGTERM comes
         proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503, 10, "the frontend to drain")
+        assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "draining"
+        with pytest.raises(openai.InternalServerError) as refused:
+            hello(client)
+        assert refused.value.status_code == 503
+        rest = list(long)  # the request in flight finishes in full
+        assert len([first, *rest]) >= 200 and rest[-1].choices[0].finish_reason == "length"
         assert proc.wait(timeout=60) == 0, log.read_text()
     finally:
         if proc.poll() is None:

@@ -48,6 +48,7 @@ class AsyncEngine:
         self.tokenizer = load_tokenizer(config.model)
         self.processor = OutputProcessor(self.tokenizer)
         self.error: BaseException | None = None
+        self.draining = False  # the one-process server stops at once; kept for the EngineClient interface
         self._ids = itertools.count()
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}

@@ -73,16 +73,16 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = engine.error is None
+        ok = engine.error is None and not engine.draining
         body = {
-            "status": "ok" if ok else "error",
+            "status": "ok" if ok else ("draining" if engine.error is None else "error"),
             "component": "frontend",
             "implementation": type(engine).__name__,
             "pid": os.getpid(),
             "model": model_name,
             "uptime_s": round(time.time() - started, 3),
         }
-        if not ok:
+        if engine.error is not None:
             body["error"] = repr(engine.error)
         return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -21,6 +21,7 @@ from modkit.sampling_params import SamplingParams
 class EngineClient(Protocol):
     tokenizer: Any
     error: BaseException | None  # set once the engine can serve nothing (/health answers 503)
+    draining: bool  # shutting down: new requests get 503, those in flight finish
 
     @property
     def max_model_len(self) -> int: ...

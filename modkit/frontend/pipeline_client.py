@@ -54,6 +54,7 @@ class PipelineClient:
         self._max_model_len = max_model_len
         self.processor = OutputProcessor(tokenizer)
         self.error: BaseException | None = None
+        self.draining = False  # set by drain(): new requests are refused with 503, those in flight finish
         self.inbox = AsyncInbox(addresses.inbox("frontend"), allow_remote=allow_remote)
         self.to_router = Outbox(addresses.inbox("router"))
         self._streams: dict[str, _Stream] = {}  # request id -> its stream
@@ -76,6 +77,8 @@ class PipelineClient:
     ) -> AsyncIterator[CompletionDelta]:
         if self.error is not None:
             raise EngineDeadError(f"the frontend's output loop failed: {self.error!r}")
+        if self.draining:
+            raise EngineDeadError("the server is shutting down: it finishes the requests it has and takes no new ones")
         self._check(prompt_token_ids, params)
         self._ensure_receiver()
         output, requests = self.processor.make_requests(request_id, prompt, prompt_token_ids, params)

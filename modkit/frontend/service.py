@@ -52,8 +52,13 @@ class FrontendService:
                 raise RuntimeError(f"uvicorn did not start on {self.url} (port taken?)")
             time.sleep(0.02)
 
+    def drain(self) -> int:
+        """Refuse new requests (503) from now on; return how many are still in flight."""
+        self.client.draining = True
+        return int(self.client.stats()["num_requests_in_flight"])
+
     def health(self) -> dict[str, Any]:
-        ok = self.thread.is_alive() and self.client.error is None
+        ok = self.thread.is_alive() and self.client.error is None and not self.client.draining
         return {
             "status": "ok" if ok else "error",
             "component": "frontend",

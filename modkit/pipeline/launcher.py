@@ -19,6 +19,7 @@ itself. ``shutdown`` also runs at interpreter exit (a ``weakref.finalize``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -245,10 +246,29 @@ class Pipeline:
         self._start(self.specs[component], _progress(False))
         self.wait_healthy()
 
-    def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Stop every component (frontend first) and free every port and socket file. Idempotent."""
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Refuse new requests (503) and wait up to ``timeout_s`` for those in flight; True if all finished."""
+        if "frontend" not in self.processes:
+            return True
+        deadline = time.monotonic() + timeout_s
+        with self.processes["frontend"].client(timeout_s=5.0) as rpc:
+            in_flight = int(rpc.call("drain"))
+            while in_flight and time.monotonic() < deadline:
+                time.sleep(0.1)
+                in_flight = int(rpc.call("stats")["num_requests_in_flight"])
+        return in_flight == 0
+
+    def shutdown(self, timeout_s: float = 5.0, drain_timeout_s: float = 0.0) -> None:
+        """Stop every component (frontend first) and free every port and socket file. Idempotent.
+
+        With ``drain_timeout_s`` > 0, first ``drain``: requests in flight finish (for that long
+        at most) while new ones get 503.
+        """
         if self._closed:
             return
+        if drain_timeout_s > 0:
+            with contextlib.suppress(Exception):  # a frontend that cannot drain is stopped all the same
+                self.drain(drain_timeout_s)
         self._closed = True
         self._finalizer.detach()
         _stop_all(self.processes, self.addresses.ipc_dir, timeout_s)
