@@ -126,7 +126,7 @@ TransportMessage = Call | Reply | ErrorReply | Ready | Heartbeat
 # objects the in-process engine passes, on the wire.
 #
 #   frontend --AddRequest/AbortRequest--> router --(worker_id set)--> scheduler
-#   scheduler --StepPlan--> worker-i --StepDone--> scheduler --EngineOutputs--> frontend
+#   scheduler --StepPlan--> worker-i --StepDone | StepFailed--> scheduler --EngineOutputs--> frontend
 #   scheduler --RequestsFinished--> router          worker-i --WorkerHeartbeat--> router
 #   router --WorkerDown/WorkerUp--> scheduler       worker-i --SamplerReport--> sampler
 #   KV cache manager --(PUB "worker.<i>", KV events)--> router
@@ -171,6 +171,14 @@ class StepDone(msgspec.Struct, tag="done", frozen=True):
     sample_s: float  # sampling, including the one copy of sampled ids to the host
 
 
+class StepFailed(msgspec.Struct, tag="failed", frozen=True):
+    """A worker's step raised: the scheduler fails that step's requests; the worker carries on."""
+
+    worker_id: int
+    step: int
+    error: str  # the exception, as text
+
+
 class EngineOutputs(msgspec.Struct, tag="outputs", frozen=True):
     """What one worker's step produced for the frontend: new tokens, finished requests."""
 
@@ -178,7 +186,8 @@ class EngineOutputs(msgspec.Struct, tag="outputs", frozen=True):
 
 
 class RequestRejected(msgspec.Struct, tag="rejected", frozen=True):
-    """A request that never ran. ``kind``: "invalid" (the client's fault, 400) or "unavailable" (503)."""
+    """A request the pipeline gave up: "invalid" (the client's fault, 400), "unavailable" (no
+    worker can take it, 503) or "error" (its step failed in the worker, 503)."""
 
     req_id: str
     kind: str
@@ -226,6 +235,7 @@ PipelineMessage = (
     | AbortRequest
     | StepPlan
     | StepDone
+    | StepFailed
     | EngineOutputs
     | RequestRejected
     | RequestsFinished

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from pipeline_targets import POISON_TOKEN
 
 from modkit import LLM, Pipeline
 from modkit.config import ConfigError
@@ -479,3 +480,26 @@ def test_the_six_components_started_by_hand_serve_together(tmp_path: Path) -> No
             proc.send_signal(signal.SIGTERM)
         codes = {name: proc.wait(timeout=30) for name, proc in procs.items()}
     assert set(codes.values()) <= {0}, codes
+
+
+def test_a_step_that_fails_fails_its_requests_and_the_worker_serves_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
+    with Pipeline.launch(num_kv_blocks=64, progress=False, **free_ports()) as p:
+        p.restart("worker-0", target="pipeline_targets:PoisonedWorker")
+        client = p.client(timeout=60)
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as failed:
+                reply = client.completions.create(
+                    model=EMBEDDED_MODEL_NAME, prompt=[POISON_TOKEN, 5, 6, 7], max_tokens=5, stream=stream
+                )
+                if stream:  # the error comes as the first thing the stream has
+                    list(reply)  # type: ignore[arg-type]
+            assert failed.value.status_code == 503 and "poisoned prompt" in str(failed.value)
+        health = p.health()["worker-0"]
+        assert health["http_status"] == 503 and "poisoned prompt" in health["error"]
+        assert hello(client).startswith("Hello")  # the same worker, next step
+        assert p.health()["worker-0"]["http_status"] == 200
+        stats = p.stats()
+        assert stats["worker-0"]["num_failed_steps"] == 2 and stats["scheduler"]["workers"][0]["num_failed_steps"] == 2
+        pool = stats["kv_cache_manager"]["pools"][0]
+        assert pool["kv_blocks_free"] == pool["kv_blocks_total"]  # the failed requests' blocks came back

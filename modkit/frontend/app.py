@@ -180,7 +180,11 @@ async def _respond(
         if not collect.done() and await http.is_disconnected():
             collect.cancel()
             return Response(status_code=499)
-    return JSONResponse(shaper.full(collect.result()))
+    try:
+        deltas_seen = collect.result()
+    except EngineDeadError as err:  # failed after it began (a worker's step failed, no worker left)
+        raise APIError(503, str(err), "server_error") from err
+    return JSONResponse(shaper.full(deltas_seen))
 
 
 async def _first(deltas: AsyncIterator[CompletionDelta]) -> CompletionDelta:

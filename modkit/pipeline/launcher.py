@@ -20,6 +20,7 @@ itself. ``shutdown`` also runs at interpreter exit (a ``weakref.finalize``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import sys
@@ -234,8 +235,9 @@ class Pipeline:
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.processes.items()}
 
-    def restart(self, component: str, timeout_s: float = 10.0) -> None:
-        """Stop one component and start it again with the same settings.
+    def restart(self, component: str, timeout_s: float = 10.0, target: str | None = None) -> None:
+        """Stop one component and start it again with the same settings (from ``target``,
+        "package.module:Class" with the same constructor, if given).
 
         Requests in flight through it are lost: a restarted scheduler or KV cache manager
         forgets every request; a restarted worker's requests fail (the router notices the
@@ -243,6 +245,8 @@ class Pipeline:
         """
         process = self._process(component)
         process.stop(timeout_s)
+        if target is not None:
+            self.specs[component] = dataclasses.replace(self.specs[component], target=target)
         self._start(self.specs[component], _progress(False))
         self.wait_healthy()
 

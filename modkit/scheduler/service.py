@@ -33,6 +33,7 @@ from modkit.protocol import (
     RequestRejected,
     RequestsFinished,
     StepDone,
+    StepFailed,
     StepPlan,
     WorkerDown,
     WorkerUp,
@@ -58,6 +59,7 @@ class WorkerSlot:
     in_flight: SchedulerOutput | None = None
     sent_at: float = 0.0
     num_steps: int = 0
+    num_failed_steps: int = 0
     busy_s: float = 0.0  # plan sent -> result back, summed
     forward_s: float = 0.0  # the worker's own account of its forward
     sample_s: float = 0.0
@@ -106,6 +108,8 @@ class SchedulerService:
     def _handle(self, message: PipelineMessage) -> None:
         if isinstance(message, StepDone):
             self._step_done(message)
+        elif isinstance(message, StepFailed):
+            self._step_failed(message)
         elif isinstance(message, AddRequest):
             self._add(message)
         elif isinstance(message, AbortRequest):
@@ -212,6 +216,20 @@ class SchedulerService:
         if finished:
             self.to_router.send(RequestsFinished(finished))
 
+    def _step_failed(self, failed: StepFailed) -> None:
+        """The worker could not run the step: its requests fail (503), the others carry on."""
+        slot = self.slots[failed.worker_id]
+        plan = slot.in_flight
+        if plan is None or plan.step != failed.step:
+            return
+        slot.in_flight = None
+        slot.num_failed_steps += 1
+        req_ids = [r for r in plan.num_scheduled_tokens if r in slot.scheduler.requests]
+        slot.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)  # blocks freed, never cached
+        for req_id in req_ids:
+            self.owner.pop(req_id, None)
+            self._reject(req_id, "error", f"{worker_name(slot.worker_id)} failed the step: {failed.error}")
+
     # -- observing -----------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
@@ -237,6 +255,7 @@ class SchedulerService:
                     "num_requests_waiting": len(s.waiting),
                     "num_preemptions": s.num_preemptions,
                     "num_steps": slot.num_steps,
+                    "num_failed_steps": slot.num_failed_steps,
                     "kv_cache_usage": slot.kv.usage,
                     "kv_round_trips": slot.kv.num_round_trips,
                     "step_time_s_mean": slot.busy_s / slot.num_steps if slot.num_steps else 0.0,

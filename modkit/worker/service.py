@@ -18,6 +18,7 @@ main thread is deep in a long forward.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -26,7 +27,7 @@ from modkit.config import PipelineConfig
 from modkit.engine.core import num_blocks_from_memory
 from modkit.model import load_model
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
-from modkit.protocol import SamplerReport, StepDone, StepPlan, WorkerHeartbeat
+from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, WorkerHeartbeat
 from modkit.sampler import SamplingState, get_sampler
 from modkit.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from modkit.transport import Inbox, Outbox, RpcClient
@@ -36,6 +37,7 @@ from modkit.worker.model_runner import ModelRunner
 from modkit.worker.worker import Worker
 
 HEARTBEAT_INTERVAL_S = 0.5
+log = logging.getLogger(__name__)
 
 
 class WorkerService:
@@ -72,6 +74,8 @@ class WorkerService:
             HEARTBEAT_INTERVAL_S,
         )
         self.num_steps = 0
+        self.num_failed_steps = 0
+        self.last_error: str | None = None  # of the last step, if it failed
         self.num_tokens = 0
         self.forward_s = 0.0
         self.sample_s = 0.0
@@ -86,6 +90,26 @@ class WorkerService:
         return False
 
     def _step(self, plan: SchedulerOutput) -> None:
+        try:
+            output, forward_s, sample_s, num_tokens = self._run(plan)
+        except Exception as error:  # a failed step fails its requests, not the worker
+            log.exception("step %d failed", plan.step)
+            self.num_failed_steps += 1
+            self.last_error = f"{type(error).__name__}: {error}"
+            self.to_scheduler.send(StepFailed(self.worker_id, plan.step, self.last_error))
+            return
+        self.last_error = None
+        self.to_scheduler.send(StepDone(self.worker_id, plan.step, output, forward_s, sample_s))
+        if output.req_ids:
+            greedy = sum(1 for r in output.req_ids if self.states[r].params.temperature == 0.0)
+            self.to_sampler.send(SamplerReport(self.worker_id, len(output.req_ids), greedy, sample_s))
+        self.num_steps += 1
+        self.num_tokens += num_tokens
+        self.forward_s += forward_s
+        self.sample_s += sample_s
+
+    def _run(self, plan: SchedulerOutput) -> tuple[ModelRunnerOutput, float, float, int]:
+        """Exactly the plan: its forward, then sampling next to the logits."""
         self._track_sampling_states(plan)
         t0 = time.perf_counter()
         result = self.worker.execute_model(plan)
@@ -96,14 +120,7 @@ class WorkerService:
             sampled = self.sampler.sample(result.logits, states).to_lists()  # the one host copy
         t2 = time.perf_counter()
         output = ModelRunnerOutput(result.req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])
-        self.to_scheduler.send(StepDone(self.worker_id, plan.step, output, t1 - t0, t2 - t1))
-        if sampled:
-            greedy = sum(1 for r in result.req_ids if self.states[r].params.temperature == 0.0)
-            self.to_sampler.send(SamplerReport(self.worker_id, len(sampled), greedy, t2 - t1))
-        self.num_steps += 1
-        self.num_tokens += result.num_tokens
-        self.forward_s += t1 - t0
-        self.sample_s += t2 - t1
+        return output, t1 - t0, t2 - t1, result.num_tokens
 
     def _track_sampling_states(self, plan: SchedulerOutput) -> None:
         """Keep a ``SamplingState`` per request in step with the worker's own request table."""
@@ -131,8 +148,10 @@ class WorkerService:
         }
 
     def health(self) -> dict[str, Any]:
+        """503 while its last step failed (a worker that cannot compute cannot do its job)."""
         return {
-            "status": "ok",
+            "status": "ok" if self.last_error is None else "error",
+            **({} if self.last_error is None else {"error": self.last_error}),
             "component": worker_name(self.worker_id),
             "implementation": f"ModelRunner({self.model.config.architecture}, {self.attention_backend})",
             "sampler": self.sampler_name,
@@ -143,6 +162,7 @@ class WorkerService:
     def stats(self) -> dict[str, Any]:
         return {
             "num_steps": self.num_steps,
+            "num_failed_steps": self.num_failed_steps,
             "num_tokens_computed": self.num_tokens,
             "num_requests_held": len(self.worker.requests),
             "forward_s_total": self.forward_s,
