@@ -6,6 +6,7 @@
         Worker.execute_model(plan)     exactly the plan: its req ids, token counts, block ids
         sampler.sample(logits, states)  the implementation the Sampler process names
     scheduler.in <--StepDone(sampled ids, timings)--     sampler.in <--SamplerReport--
+    (or StepFailed, if the step raised: the scheduler fails its requests, the worker goes on)
 
 Logits never leave this process: the Sampler process owns the sampling configuration
 (which implementation, the seed) and its statistics, and the worker asks it for that
