@@ -24,20 +24,18 @@ validates it again.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import ipaddress
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
-import yaml
 
 from modkit.attention import attention_backends
+from modkit.config_sources import parse_cli, read_file, reject_unknown_keys
 from modkit.engine.config import ConfigError, EngineConfig
 from modkit.router import ROUTER_POLICIES
 from modkit.sampler import samplers
@@ -180,7 +178,7 @@ class PipelineConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> PipelineConfig:
         """A config from a YAML (.yaml, .yml) or JSON (.json) file holding one mapping of fields."""
-        values = _read_file(Path(path))  # its errors name the file already
+        values = read_file(Path(path), _field_names())  # its errors name the file already
         try:
             return cls(**values)
         except ConfigError as err:
@@ -191,13 +189,9 @@ class PipelineConfig:
     def from_cli(cls, argv: list[str] | None = None) -> PipelineConfig:
         """A config from command-line flags (``sys.argv[1:]`` when None): ``--config FILE``, then
         one ``--flag-name`` per field, which overrides the file's value."""
-        args, extra = _argument_parser().parse_known_args(argv)
-        if extra:
-            _reject_unknown_flags(extra)
-        given = vars(args)  # only the flags on the command line: every default is SUPPRESS
-        config_file = given.pop("config", None)
-        values = _read_file(Path(config_file)) if config_file is not None else {}
-        values.update({name: _parse_flag_value(name, value) for name, value in given.items()})
+        flags, config_file = parse_cli(argv, fields(cls))
+        values = read_file(Path(config_file), _field_names()) if config_file is not None else {}
+        values.update(flags)
         return cls.from_dict(values)
 
     # -- derived values -----------------------------------------------------------------------
@@ -353,99 +347,9 @@ def _check_host(host: object, allow_remote: bool) -> None:
         )
 
 
-def _reject_unknown_keys(keys: Iterable[object], where: str = "") -> None:
-    names = [f.name for f in fields(PipelineConfig)]
-    for key in keys:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"the fields are {', '.join(names)}"
-            raise ConfigError(str(key), f"is not a PipelineConfig field{where}; {hint}")
+def _field_names() -> list[str]:
+    return [f.name for f in fields(PipelineConfig)]
 
 
-# -- files and the command line ---------------------------------------------------------------
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    """The mapping a config file holds; every failure is a ConfigError naming the file."""
-    suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".json"):
-        raise ConfigError("config", f"file {str(path)!r} must end in .yaml, .yml or .json, got {suffix!r}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError("config", f"file {str(path)!r} cannot be read: {err.strerror or err}") from err
-    try:
-        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        kind = "JSON" if suffix == ".json" else "YAML"
-        raise ConfigError("config", f"file {str(path)!r} does not parse as {kind}: {err}") from err
-    if data is None:  # an empty YAML file: every default
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("config", f"file {str(path)!r} must hold a mapping of fields, got {type(data).__name__}")
-    _reject_unknown_keys(data, where=f" (in {path})")
-    return data
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, except that a bad command line raises ConfigError, as every other source does."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError("command line", message)
-
-
-def _argument_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        description="Configuration of the modkit pipeline. Optional values take 'none' for their default.",
-        allow_abbrev=False,  # --block would otherwise mean --block-size
-        argument_default=argparse.SUPPRESS,  # so the namespace holds only the flags given
-    )
-    parser.add_argument("--config", metavar="FILE", help="a .yaml, .yml or .json file of fields; flags override it")
-    for f in fields(PipelineConfig):
-        text = f"default: {f.default}"
-        if f.name == "api_key":
-            text += " (the process list shows flags to every user: prefer --config)"
-        if f.type == "bool":
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=text)
-        else:
-            parser.add_argument(_flag(f.name), metavar=str(f.type).removesuffix(" | None").upper(), help=text)
-    return parser
-
-
-def _parse_flag_value(name: str, value: Any) -> Any:
-    """A flag's text as its field's type: 'none' -> None where allowed, '16' -> 16; bools come parsed."""
-    kind = str(next(f.type for f in fields(PipelineConfig) if f.name == name))
-    if not isinstance(value, str):
-        return value
-    if kind.endswith(" | None") and value.lower() == "none":
-        return None
-    if kind.startswith("dict"):
-        try:
-            return json.loads(value)
-        except ValueError:
-            raise ConfigError(name, f"must be a JSON object, got {value!r} (from {_flag(name)})") from None
-    parse = {"int": int, "float": float}.get(kind.removesuffix(" | None"))
-    if parse is None:
-        return value
-    try:
-        return parse(value)
-    except ValueError:
-        noun = "an integer" if parse is int else "a number"
-        raise ConfigError(name, f"must be {noun}, got {value!r} (from {_flag(name)})") from None
-
-
-def _reject_unknown_flags(extra: list[str]) -> NoReturn:
-    known = ["--config"]
-    for f in fields(PipelineConfig):
-        known += [_flag(f.name), "--no-" + _flag(f.name)[2:]] if f.type == "bool" else [_flag(f.name)]
-    for arg in extra:
-        flag = arg.split("=", 1)[0]
-        if flag.startswith("-"):
-            close = difflib.get_close_matches(flag, known, n=1)
-            hint = f"did you mean {close[0]}?" if close else "see --help"
-            raise ConfigError(flag, f"is not a flag of the pipeline's command line; {hint}")
-    raise ConfigError("command line", f"has unexpected arguments {extra!r}; every value follows its --flag")
+def _reject_unknown_keys(keys: Iterable[object]) -> None:
+    reject_unknown_keys(keys, _field_names())
