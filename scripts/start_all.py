@@ -20,6 +20,7 @@ from types import FrameType
 
 from modkit import Pipeline
 from modkit.config import ConfigError, PipelineConfig
+from modkit.pipeline.launcher import PortInUseError
 
 DRAIN_TIMEOUT_S = 30.0
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)  # while starting, SIGTERM stops what started, as Ctrl-C does
     try:
         pipeline = Pipeline.launch(config)
-    except ConfigError as error:
+    except (ConfigError, PortInUseError) as error:
         print(f"start_all: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.kvcache import KVCacheManager
 from modkit.kvcache.remote import KVCacheManagerClient
 from modkit.pipeline.addresses import socket_names
+from modkit.pipeline.launcher import PortInUseError
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import ModelRunnerOutput, Scheduler
@@ -270,6 +271,15 @@ def test_shutdown_leaves_no_process_port_or_socket_file() -> None:
 def pipeline_health_codes(p: Pipeline) -> dict[str, int | None]:
     """The components whose /health is not 200, with their HTTP status (None: nothing answers)."""
     return {name: body["http_status"] for name, body in p.health().items() if body["http_status"] != 200}
+
+
+def test_a_taken_port_is_named_before_anything_starts() -> None:
+    ports = free_ports()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports["router_port"]))
+        taken.listen()
+        with pytest.raises(PortInUseError, match=f"port {ports['router_port']} of router is in use"):
+            Pipeline.launch(progress=False, **ports)
 
 
 def test_a_bad_config_value_is_refused_before_anything_starts() -> None:

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -75,6 +76,25 @@ def resolve_max_model_len(config: PipelineConfig) -> int:
     return config.max_model_len or limit
 
 
+class PortInUseError(OSError):
+    """A component's HTTP port is taken, most often by a pipeline launched earlier and still running."""
+
+
+def check_ports_free(config: PipelineConfig) -> None:
+    """PortInUseError naming the first component whose port something already listens on."""
+    for name, port in config.ports().items():
+        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+            try:
+                probe.bind((config.host, port))
+            except OSError as error:
+                field = "worker_port" if name.startswith("worker") else f"{name}_port"
+                raise PortInUseError(
+                    f"port {port} of {name} is in use ({error.strerror}): is a pipeline already running? "
+                    f"Shut it down, or pick other ports ({field}=...)"
+                ) from None
+
+
 class Pipeline:
     """The running pipeline; build it with ``Pipeline.launch``."""
 
@@ -95,13 +115,15 @@ class Pipeline:
         """Start every component and return once each answers ``/health`` with 200.
 
         ``config`` or keyword arguments (``PipelineConfig``'s fields), not both. A bad value
-        raises ``ConfigError`` before any process starts. Interrupted (Ctrl-C, a cell
-        interrupt) or failed, it stops whatever it had started before raising.
+        raises ``ConfigError``, and a port already taken ``PortInUseError``, before any
+        process starts. Interrupted (Ctrl-C, a cell interrupt) or failed, it stops whatever
+        it had started before raising.
         """
         if config is not None and kwargs:
             raise TypeError("pass a PipelineConfig or keyword arguments, not both")
         config = config if config is not None else PipelineConfig(**kwargs)
         max_model_len = resolve_max_model_len(config)
+        check_ports_free(config)
         addresses = (
             PipelineAddresses.at(ipc_dir, config.addresses) if ipc_dir else PipelineAddresses.fresh(config.addresses)
         )
