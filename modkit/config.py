@@ -81,7 +81,7 @@ class PipelineConfig:
     router_port: int = 8004
     kv_cache_manager_port: int = 8005
     sampler_port: int = 8006
-    log_dir: str | None = None  # None: each component logs to its stderr
+    log_dir: str | None = None  # where each component writes <name>.log; None: a temporary directory per launch
     # Socket name -> endpoint, for sockets that must not be ipc files in one directory
     # (components on other hosts or containers); names as in modkit/pipeline/addresses.py.
     addresses: dict[str, str] | None = None

@@ -33,6 +33,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from modkit.config import ConfigError, PipelineConfig
@@ -350,11 +351,10 @@ def _wait_uninterrupted(futures: list[Future[None]]) -> None:
             continue
 
 
-def _log_dir(config: PipelineConfig) -> Any:
+def _log_dir(config: PipelineConfig) -> Path | None:
+    """``log_dir`` if set (made if missing); None: each launch's own temporary directory."""
     if config.log_dir is None:
         return None
-    from pathlib import Path
-
     path = Path(config.log_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
