@@ -21,7 +21,7 @@ from modkit.kvcache import KVCacheManager, KVEventSink
 from modkit.model import load_model
 from modkit.model.config import ModelConfig
 from modkit.model.decoder import CausalLM
-from modkit.request import Request, RequestStatus
+from modkit.request import Request, RequestStatus, check_prompt
 from modkit.sampler import SamplingState, get_sampler
 from modkit.scheduler import EngineCoreOutput, ModelRunnerOutput, Scheduler
 from modkit.worker import ModelRunner, PagedKVCache, Worker, kv_cache_bytes_per_block
@@ -63,13 +63,7 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         request.eos_token_ids = request.eos_token_ids or self.model.config.eos_token_ids
-        vocab = self.model.config.vocab_size
-        if not all(0 <= t < vocab for t in request.prompt_token_ids):
-            bad = next(t for t in request.prompt_token_ids if not 0 <= t < vocab)
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        request.sampling_params.check_token_ids(vocab)
-        if request.sampling_params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet (the worker computes logits only for sampled rows)")
+        check_prompt(request.prompt_token_ids, request.sampling_params, self.model.config.vocab_size)
         self.scheduler.add_request(request)
         state = SamplingState.create(
             request.sampling_params, request.prompt_token_ids, self.device, request.eos_token_ids

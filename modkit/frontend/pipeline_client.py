@@ -28,6 +28,7 @@ from modkit.engine.output_processor import CompletionDelta, OutputProcessor
 from modkit.model.config import ModelConfig
 from modkit.pipeline.addresses import PipelineAddresses
 from modkit.protocol import AbortRequest, AddRequest, EngineOutputs, RequestRejected
+from modkit.request import check_prompt
 from modkit.sampling_params import SamplingParams
 from modkit.transport import AsyncInbox, Outbox
 
@@ -79,7 +80,7 @@ class PipelineClient:
             raise EngineDeadError(f"the frontend's output loop failed: {self.error!r}")
         if self.draining:
             raise EngineDeadError("the server is shutting down: it finishes the requests it has and takes no new ones")
-        self._check(prompt_token_ids, params)
+        check_prompt(prompt_token_ids, params, self.model_config.vocab_size)  # a 400 without a round trip
         self._ensure_receiver()
         output, requests = self.processor.make_requests(request_id, prompt, prompt_token_ids, params)
         stream = _Stream(asyncio.Queue(), [r.req_id for r in requests])
@@ -114,15 +115,6 @@ class PipelineClient:
         self._forget(stream)
         self.num_aborted += 1
         self.to_router.send(AbortRequest(stream.req_ids))
-
-    def _check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        params.check_token_ids(vocab)
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet (the worker computes logits only for sampled rows)")
 
     def _forget(self, stream: _Stream) -> None:
         self.processor.forget(stream.req_ids)
