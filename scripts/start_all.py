@@ -20,7 +20,7 @@ from types import FrameType
 
 from modkit import Pipeline
 from modkit.config import ConfigError, PipelineConfig
-from modkit.pipeline.launcher import PortInUseError
+from modkit.pipeline.preflight import PortInUseError
 
 DRAIN_TIMEOUT_S = 30.0
 

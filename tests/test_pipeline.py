@@ -29,7 +29,7 @@ from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.kvcache import KVCacheManager
 from modkit.kvcache.remote import KVCacheManagerClient
 from modkit.pipeline.addresses import socket_names
-from modkit.pipeline.launcher import PortInUseError
+from modkit.pipeline.preflight import PortInUseError
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import ModelRunnerOutput, Scheduler

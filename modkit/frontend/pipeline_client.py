@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from modkit.pipeline.addresses import PipelineAddresses
 from modkit.protocol import AbortRequest, AddRequest, EngineOutputs, RequestRejected
 from modkit.request import check_prompt
 from modkit.sampling_params import SamplingParams
+from modkit.scheduler.output import EngineCoreOutput
+from modkit.trace.events import EventPublisher, RequestArrived, RequestDone, TokensOut
 from modkit.transport import AsyncInbox, Outbox
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ class PipelineClient:
         self.draining = False  # set by drain(): new requests are refused with 503, those in flight finish
         self.inbox = AsyncInbox(addresses.inbox("frontend"), allow_remote=allow_remote)
         self.to_router = Outbox(addresses.inbox("router"))
+        self.events = EventPublisher("frontend", addresses.events("frontend"), allow_remote)
         self._streams: dict[str, _Stream] = {}  # request id -> its stream
         self._owner: dict[str, str] = {}  # engine req_id -> request id
         self._receiver: asyncio.Task[None] | None = None
@@ -93,6 +97,10 @@ class PipelineClient:
             self.to_router.send(
                 AddRequest(request.req_id, prompt_token_ids, request.sampling_params, eos, request.arrival_time)
             )
+            arrived = RequestArrived(
+                request.arrival_time, request.req_id, request_id, len(prompt_token_ids), params.max_tokens
+            )
+            self.events.publish("request", arrived)
         self.num_requests += 1
         remaining = params.n
         try:
@@ -115,6 +123,9 @@ class PipelineClient:
         self._forget(stream)
         self.num_aborted += 1
         self.to_router.send(AbortRequest(stream.req_ids))
+        now = time.time()
+        for req_id in stream.req_ids:
+            self.events.publish("request", RequestDone(now, req_id, "abort"))
 
     def _forget(self, stream: _Stream) -> None:
         self.processor.forget(stream.req_ids)
@@ -144,9 +155,11 @@ class PipelineClient:
                 stream.queue.put_nowait(EngineDeadError(f"the frontend's output loop failed: {error!r}"))
 
     def _on_outputs(self, message: EngineOutputs) -> None:
+        tracked = [o for o in message.outputs if self.processor.is_tracked(o.req_id)]
         step = self.processor.process(message.outputs)
         if step.stopped:
             self.to_router.send(AbortRequest(step.stopped, reason="stop"))
+        self._publish_outputs(tracked, step.stopped)
         for delta in step.deltas:
             stream = self._streams.get(delta.request_id)
             if stream is not None:
@@ -157,6 +170,17 @@ class PipelineClient:
                 for req_id in stream.req_ids:
                     self._owner.pop(req_id, None)
 
+    def _publish_outputs(self, outputs: list[EngineCoreOutput], stopped: list[str]) -> None:
+        """When each token left the engine, and which requests it finished (for TTFT and inter-token latency)."""
+        if not outputs:
+            return
+        now = time.time()
+        self.events.publish("request", TokensOut(now, {o.req_id: len(o.new_token_ids) for o in outputs}))
+        finished = {o.req_id: o.finish_reason for o in outputs if o.finish_reason is not None}
+        finished.update(dict.fromkeys(stopped, "stop"))
+        for req_id, reason in finished.items():
+            self.events.publish("request", RequestDone(now, req_id, reason))
+
     def _on_rejected(self, message: RequestRejected) -> None:
         request_id = self._owner.get(message.req_id)
         stream = self._streams.pop(request_id, None) if request_id is not None else None
@@ -164,6 +188,10 @@ class PipelineClient:
             return
         self.num_rejected += 1
         self._forget(stream)
+        now = time.time()
+        for req_id in stream.req_ids:
+            reason = "rejected" if message.kind == "invalid" else "error"
+            self.events.publish("request", RequestDone(now, req_id, reason, message.message))
         others = [r for r in stream.req_ids if r != message.req_id]
         if others:  # the other completions of an n > 1 request are of no use alone
             self.to_router.send(AbortRequest(others))
@@ -186,3 +214,4 @@ class PipelineClient:
             self._receiver.cancel()
         self.inbox.close()
         self.to_router.close()
+        self.events.close()

@@ -57,6 +57,10 @@ class FrontendService:
         self.client.draining = True
         return int(self.client.stats()["num_requests_in_flight"])
 
+    def announce_events(self, token: str) -> None:
+        """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
+        self.client.events.announce(token)
+
     def health(self) -> dict[str, Any]:
         ok = self.thread.is_alive() and self.client.error is None and not self.client.draining
         return {

@@ -116,13 +116,16 @@ class BlockPool:
     def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
         return self.cached.get(block_hash)
 
-    def get_new_blocks(self, n: int) -> list[KVCacheBlock]:
-        """Take ``n`` blocks from the head of the free queue, evicting their cached content."""
+    def get_new_blocks(self, n: int, evicted: list[int] | None = None) -> list[KVCacheBlock]:
+        """Take ``n`` blocks from the head of the free queue, evicting their cached content
+        (the ids of blocks that lost a hash are appended to ``evicted``, if given)."""
         if n > self.num_free_blocks:
             raise ValueError(f"asked for {n} blocks, {self.num_free_blocks} are free")
         blocks = []
         for _ in range(n):
             block = self.free_queue.popleft()
+            if evicted is not None and block.block_hash is not None:
+                evicted.append(block.block_id)
             self._evict(block)
             block.ref_cnt = 1
             blocks.append(block)

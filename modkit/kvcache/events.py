@@ -44,6 +44,11 @@ class AllBlocksCleared:
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 KVEventSink = Callable[[KVEvent], None]
 
+# Block activity, for views that draw the pool: (kind, req_id, block ids). Unlike vLLM's
+# events above, which say what the cache *holds*, these say who did what to which block:
+# "allocated", "hit", "cached", "freed", "evicted" (to make room for req_id), "cleared".
+BlockActivitySink = Callable[[str, "str | None", list[int]], None]
+
 
 @dataclass(slots=True)
 class EventLog:

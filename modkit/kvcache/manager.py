@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from modkit.kvcache.block_pool import NULL_BLOCK_ID, BlockPool, KVCacheBlock
-from modkit.kvcache.events import KVEventSink
+from modkit.kvcache.events import BlockActivitySink, KVEventSink
 from modkit.kvcache.hashing import hash_request_blocks
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class KVCacheManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         event_sink: KVEventSink | None = None,
+        activity_sink: BlockActivitySink | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -56,6 +57,7 @@ class KVCacheManager:
         self.num_cached_blocks: dict[str, int] = {}  # per request: leading blocks already hashed
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        self.activity_sink = activity_sink  # told who did what to which block (live views)
 
     @property
     def num_free_blocks(self) -> int:
@@ -108,8 +110,13 @@ class KVCacheManager:
         blocks = self.req_to_blocks.setdefault(request.req_id, held)
         self.pool.touch(new_computed_blocks)
         blocks.extend(new_computed_blocks)
-        new_blocks = self.pool.get_new_blocks(max(num_needed, 0))
+        evicted: list[int] = []
+        new_blocks = self.pool.get_new_blocks(max(num_needed, 0), evicted)
         blocks.extend(new_blocks)
+        if self.activity_sink is not None:
+            self._tell("hit", request.req_id, [b.block_id for b in new_computed_blocks])
+            self._tell("evicted", request.req_id, evicted)
+            self._tell("allocated", request.req_id, [b.block_id for b in new_blocks])
         if first_allocation and self.enable_prefix_caching:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += num_new_computed_tokens
@@ -129,14 +136,19 @@ class KVCacheManager:
         self._update_hashes(request)
         num_full = min(num_computed_tokens, request.num_tokens) // self.block_size
         num_cached = self.num_cached_blocks.get(request.req_id, 0)
+        unhashed = [b for b in blocks[num_cached:num_full] if b.block_hash is None]
         self.pool.cache_full_blocks(blocks, request.block_hashes, request.all_token_ids, num_cached, num_full)
         self.num_cached_blocks[request.req_id] = max(num_cached, num_full)
+        if self.activity_sink is not None:
+            self._tell("cached", request.req_id, [b.block_id for b in unhashed if b.block_hash is not None])
 
     def free(self, request: KVRequest) -> None:
         """Release the request's blocks, last block first, so its tail is evicted before its prefix."""
         blocks = self.req_to_blocks.pop(request.req_id, [])
         self.num_cached_blocks.pop(request.req_id, None)
         self.pool.free_blocks(reversed(blocks))
+        if self.activity_sink is not None:
+            self._tell("freed", request.req_id, [b.block_id for b in reversed(blocks)])
 
     def get_block_ids(self, req_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(req_id, [])]
@@ -154,7 +166,14 @@ class KVCacheManager:
         """Nothing to do in-process: every call already took effect (see ``KVCacheManagerInterface``)."""
 
     def reset_prefix_cache(self) -> bool:
-        return self.pool.reset_prefix_cache()
+        reset = self.pool.reset_prefix_cache()
+        if reset and self.activity_sink is not None:
+            self.activity_sink("cleared", None, [])
+        return reset
+
+    def _tell(self, kind: str, req_id: str, block_ids: list[int]) -> None:
+        if block_ids and self.activity_sink is not None:
+            self.activity_sink(kind, req_id, block_ids)
 
     def stats(self) -> KVCacheStats:
         return KVCacheStats(

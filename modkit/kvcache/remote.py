@@ -32,7 +32,8 @@ from modkit.kvcache.hashing import BlockHash
 from modkit.kvcache.interface import KVRequest
 from modkit.kvcache.manager import KVCacheManager
 from modkit.protocol import KVAllocate, KVApplyReply, KVCacheComputed, KVFree, KVGetComputed, KVOp
-from modkit.transport import Publisher, RpcClient
+from modkit.trace.events import BlockActivity, BlockEvents, EventPublisher
+from modkit.transport import RpcClient
 
 
 class KVCacheManagerClient:
@@ -136,7 +137,12 @@ class _RemoteRequest:
 
 
 class KVCacheService:
-    """One ``KVCacheManager`` per worker pool; KV events published on topic ``worker.<pool>``."""
+    """One ``KVCacheManager`` per worker pool.
+
+    Publishes vLLM's KV events on topic ``worker.<pool>`` (what the router learns the
+    cache from) and, for views and traces, each call's block activity as one
+    ``BlockEvents`` on ``blocks.<pool>``.
+    """
 
     implementation = "KVCacheManager"
 
@@ -149,9 +155,13 @@ class KVCacheService:
         allow_remote: bool = False,
     ) -> None:
         self.started = time.time()
-        self.publisher = Publisher(events_address, allow_remote=allow_remote) if events_address is not None else None
+        self.publisher = (
+            EventPublisher("kv_cache_manager", events_address, allow_remote) if events_address is not None else None
+        )
+        self.activity: list[BlockActivity] = []  # of the call being served; published when it ends
         self.pools = [
-            KVCacheManager(n, block_size, enable_prefix_caching, self._sink(i)) for i, n in enumerate(num_blocks)
+            KVCacheManager(n, block_size, enable_prefix_caching, self._sink(i), self._note)
+            for i, n in enumerate(num_blocks)
         ]
         self.requests: list[dict[str, _RemoteRequest]] = [{} for _ in num_blocks]
         self.num_calls = 0
@@ -163,6 +173,22 @@ class KVCacheService:
                 self.publisher.publish(f"worker.{pool}", event_to_wire(event))
 
         return publish
+
+    def _note(self, kind: str, req_id: str | None, block_ids: list[int]) -> None:
+        if self.publisher is not None:
+            self.activity.append(BlockActivity(kind, req_id, block_ids))
+
+    def _publish_activity(self, pool: int) -> None:
+        if self.publisher is not None and self.activity:
+            manager = self.pools[pool]
+            event = BlockEvents(pool, time.time(), self.activity, manager.num_free_blocks, manager.usage)
+            self.publisher.publish(f"blocks.{pool}", event)
+        self.activity = []
+
+    def announce_events(self, token: str) -> None:
+        """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
+        if self.publisher is not None:
+            self.publisher.announce(token)
 
     def apply(self, pool: int, ops: list[KVOp]) -> KVApplyReply:
         """Run ``ops`` on pool ``pool`` in order; one result per op."""
@@ -190,6 +216,7 @@ class KVCacheService:
                 results.append(None)
         self.num_calls += 1
         self.num_ops += len(ops)
+        self._publish_activity(pool)
         return KVApplyReply(results, manager.num_free_blocks, manager.usage)
 
     def block_tables(self, pool: int) -> dict[str, list[int]]:
@@ -203,7 +230,9 @@ class KVCacheService:
     def reset_prefix_cache(self, pool: int) -> bool:
         """Forget the pool's cached blocks (its worker restarted with an empty cache); False if any is held."""
         self.requests[pool] = {r: q for r, q in self.requests[pool].items() if r in self.pools[pool].held_req_ids()}
-        return self.pools[pool].reset_prefix_cache()
+        reset = self.pools[pool].reset_prefix_cache()
+        self._publish_activity(pool)
+        return reset
 
     def health(self) -> dict[str, Any]:
         return {

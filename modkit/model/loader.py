@@ -44,6 +44,9 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not fit the architecture its config.json describes."""
 
 
+EMBEDDED_MODEL_NAME = "modkit/tiny-chat"  # the name the embedded model is served under (and may be asked by)
+
+
 def embedded_model_dir() -> Path:
     """Folder of the embedded tiny chat model (``MODKIT_TINY_MODEL`` overrides it)."""
     return Path(os.environ.get("MODKIT_TINY_MODEL", EMBEDDED_MODEL_DIR))
@@ -52,10 +55,11 @@ def embedded_model_dir() -> Path:
 def resolve_model_path(model: str | Path | None) -> Path:
     """Turn a model name into a local folder holding config.json and safetensors files.
 
-    Order: ``None`` -> the embedded model; an existing folder -> itself; otherwise a hub
-    id, taken from the local Hugging Face cache if present, else downloaded.
+    Order: ``None`` or ``"modkit/tiny-chat"`` -> the embedded model; an existing folder ->
+    itself; otherwise a hub id, taken from the local Hugging Face cache if present, else
+    downloaded.
     """
-    if model is None:
+    if model is None or str(model) == EMBEDDED_MODEL_NAME:
         path = embedded_model_dir()
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(

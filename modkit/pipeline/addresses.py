@@ -15,7 +15,10 @@ socket                     kind    who talks to it
 ``worker-<i>.in``          PULL    scheduler (``StepPlan``)
 ``frontend.in``            PULL    scheduler (``EngineOutputs``), router (rejections)
 ``sampler.in``             PULL    workers (``SamplerReport``)
-``kv.events``              PUB     the KV cache manager's block events, topic ``worker.<i>``
+``kv.events``              PUB     the KV cache manager's block events: vLLM's on ``worker.<i>``
+                                   (the router), modkit's on ``blocks.<i>`` (views, traces)
+``<component>.ev``         PUB     scheduler, workers, frontend: the event stream
+                                   (``modkit.trace.events``)
 =========================  ======  ==========================================================
 """
 
@@ -39,7 +42,13 @@ def socket_names(num_workers: int) -> list[str]:
     components = ["frontend", "router", "scheduler", "kv_cache_manager", "sampler"]
     components += [worker_name(i) for i in range(num_workers)]
     inboxes = ["router", "scheduler", "frontend", "sampler", *(worker_name(i) for i in range(num_workers))]
-    return [f"{c}.rpc" for c in components] + [f"{c}.in" for c in inboxes] + ["kv.events"]
+    publishers = ["scheduler", "frontend", *(worker_name(i) for i in range(num_workers))]
+    return (
+        [f"{c}.rpc" for c in components]
+        + [f"{c}.in" for c in inboxes]
+        + [f"{c}.ev" for c in publishers]
+        + ["kv.events"]
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,3 +94,7 @@ class PipelineAddresses:
     @property
     def kv_events(self) -> str:
         return self._ipc("kv.events")
+
+    def events(self, component: str) -> str:
+        """Where ``component`` publishes its part of the event stream (the KV manager: ``kv_events``)."""
+        return self.kv_events if component == "kv_cache_manager" else self._ipc(f"{component}.ev")

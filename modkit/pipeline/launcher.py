@@ -5,6 +5,7 @@
     p = Pipeline.launch(num_workers=2)      # returns once every /health answers 200
     p.client().chat.completions.create(...)  # an openai.OpenAI bound to the frontend
     p.health(); p.stats(); p.logs("scheduler"); p.restart("router")
+    p.trace().steps                         # what the scheduler decided each step (modkit.trace)
     p.shutdown()                            # or: with Pipeline.launch() as p: ...
 
 Start order, and why: every component but one starts at once (they connect lazily; a
@@ -23,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modkit.config import ConfigError, PipelineConfig
+from modkit.config import PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
-from modkit.model import resolve_model_path
-from modkit.model.config import ModelConfig
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
+from modkit.pipeline.preflight import check_ports_free, resolve_max_model_len
+from modkit.trace import EventStream, Recorder, Trace
 from modkit.transport import QUIET_THREADS, ComponentProcess
 from modkit.transport.process import default_log_dir
 
@@ -66,36 +66,6 @@ class _Spec:
     env: dict[str, str]
 
 
-def resolve_max_model_len(config: PipelineConfig) -> int:
-    """``max_model_len``, or the model's own limit; ConfigError if it is beyond the model's."""
-    model_config = ModelConfig.from_pretrained(resolve_model_path(config.resolved_model()))
-    limit = model_config.max_position_embeddings
-    if config.max_model_len is not None and config.max_model_len > limit:
-        raise ConfigError(
-            "max_model_len", f"must be <= the model's max_position_embeddings ({limit}), got {config.max_model_len}"
-        )
-    return config.max_model_len or limit
-
-
-class PortInUseError(OSError):
-    """A component's HTTP port is taken, most often by a pipeline launched earlier and still running."""
-
-
-def check_ports_free(config: PipelineConfig) -> None:
-    """PortInUseError naming the first component whose port something already listens on."""
-    for name, port in config.ports().items():
-        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
-            try:
-                probe.bind((config.host, port))
-            except OSError as error:
-                field = "worker_port" if name.startswith("worker") else f"{name}_port"
-                raise PortInUseError(
-                    f"port {port} of {name} is in use ({error.strerror}): is a pipeline already running? "
-                    f"Shut it down, or pick other ports ({field}=...)"
-                ) from None
-
-
 class Pipeline:
     """The running pipeline; build it with ``Pipeline.launch``."""
 
@@ -105,20 +75,29 @@ class Pipeline:
         self.specs: dict[str, _Spec] = {}
         self.max_model_len = 0
         self.model_name = config.resolved_model() or EMBEDDED_MODEL_NAME
+        self.num_blocks: list[int] = []  # each worker's KV pool
+        self.recorder: Recorder | None = None
         self._closed = False
         self._cancel = threading.Event()
         self._finalizer = weakref.finalize(self, _stop_all, self.processes, addresses.ipc_dir)
 
     @classmethod
     def launch(
-        cls, config: PipelineConfig | None = None, *, progress: bool = True, ipc_dir: str | None = None, **kwargs: Any
+        cls,
+        config: PipelineConfig | None = None,
+        *,
+        progress: bool = True,
+        ipc_dir: str | None = None,
+        record: bool = True,
+        **kwargs: Any,
     ) -> Pipeline:
         """Start every component and return once each answers ``/health`` with 200.
 
         ``config`` or keyword arguments (``PipelineConfig``'s fields), not both. A bad value
         raises ``ConfigError``, and a port already taken ``PortInUseError``, before any
         process starts. Interrupted (Ctrl-C, a cell interrupt) or failed, it stops whatever
-        it had started before raising.
+        it had started before raising. With ``record`` (the default), a thread of this
+        process keeps the event stream from the start, for ``trace()``.
         """
         if config is not None and kwargs:
             raise TypeError("pass a PipelineConfig or keyword arguments, not both")
@@ -133,6 +112,8 @@ class Pipeline:
         say = _progress(progress)
         try:
             pipeline._start_all(say)
+            if record:
+                pipeline.recorder = Recorder(pipeline.events(), pipeline._trace_meta())
         except BaseException:
             pipeline.shutdown()
             raise
@@ -161,7 +142,7 @@ class Pipeline:
             ],
             say,
         )
-        num_blocks = []
+        num_blocks = self.num_blocks
         for spec in workers:
             with self.processes[spec.name].client(timeout_s=30.0) as rpc:
                 num_blocks.append(int(rpc.call("info")["num_blocks"]))
@@ -251,6 +232,50 @@ class Pipeline:
                 raise RuntimeError(f"components not healthy after {timeout_s:g} s: {sick}")
             time.sleep(0.1)
 
+    # -- the event stream ------------------------------------------------------------------
+
+    def events(self, timeout_s: float = 10.0) -> EventStream:
+        """A new subscription to every component's events (``modkit.trace.events``); iterate it, or ``recv()``.
+
+        It returns once every publisher has confirmed the subscription, so nothing that
+        happens afterwards is missed. Close it when done (or use it in a ``with``).
+        """
+        names = ["scheduler", "kv_cache_manager", "frontend", *(worker_name(i) for i in range(self.config.num_workers))]
+        endpoints = {n: (self.addresses.events(n), self.addresses.rpc(n)) for n in names}
+        return EventStream(endpoints, timeout_s)
+
+    def trace(self, settle_s: float = 0.1) -> Trace:
+        """What the recorder kept since launch (or ``clear_trace``): DataFrames of steps, requests, blocks...
+
+        First waits until no event came for ``settle_s`` (2 s at most), so that the events of
+        requests that just returned are in; 0 takes the snapshot at once (live views).
+        """
+        if self.recorder is None:
+            raise RuntimeError("this pipeline was launched with record=False: subscribe with events() instead")
+        if settle_s > 0:
+            self.recorder.settle(settle_s)
+        return self.recorder.trace()
+
+    def clear_trace(self) -> None:
+        """Start the next ``trace()`` from now (its times count from now, too)."""
+        if self.recorder is not None:
+            self.recorder.clear()
+
+    def _trace_meta(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "model": self.model_name,
+            "num_workers": cfg.num_workers,
+            "num_blocks": list(self.num_blocks),
+            "block_size": cfg.block_size,
+            "max_num_batched_tokens": cfg.max_num_batched_tokens,
+            "max_num_seqs": cfg.max_num_seqs,
+            "max_model_len": self.max_model_len,
+            "enable_prefix_caching": cfg.enable_prefix_caching,
+            "scheduling_policy": cfg.scheduling_policy,
+            "router_policy": cfg.router_policy,
+        }
+
     def logs(self, component: str, lines: int = 50) -> str:
         """The last ``lines`` lines a component wrote (stdout and stderr)."""
         return self._process(component).log_tail(lines)
@@ -297,6 +322,8 @@ class Pipeline:
             with contextlib.suppress(Exception):  # a frontend that cannot drain is stopped all the same
                 self.drain(drain_timeout_s)
         self._closed = True
+        if self.recorder is not None:
+            self.recorder.close()
         self._finalizer.detach()
         _stop_all(self.processes, self.addresses.ipc_dir, timeout_s)
 

@@ -83,7 +83,7 @@ def run_component(kind: str, argv: list[str] | None = None) -> None:
 
 
 def _builders() -> dict[str, Callable[[PipelineConfig, PipelineAddresses, argparse.Namespace], Any]]:
-    from modkit.pipeline.launcher import resolve_max_model_len
+    from modkit.pipeline.preflight import resolve_max_model_len
 
     def common(config: PipelineConfig, addresses: PipelineAddresses) -> dict[str, Any]:
         return {"config": config.to_dict(include_secrets=True), "ipc_dir": addresses.ipc_dir}

@@ -55,13 +55,21 @@ class RouterService:
         return [self.inbox, self.kv_events]
 
     def run_once(self) -> bool:
-        for message in self.inbox.drain():
-            self._handle(message)
+        # What changed in the workers first (finished requests, heartbeats, cached blocks), then
+        # the decisions: a request that arrives in the same batch as the news that another one
+        # finished is routed knowing it (the scheduler also tells this router before the frontend).
+        messages = self.inbox.drain()
+        for message in messages:
+            if not isinstance(message, AddRequest | AbortRequest):
+                self._handle(message)
         while (delivery := self.kv_events.recv(0)) is not None:
             worker_id = int(delivery.topic.removeprefix("worker."))
             if worker_id in self.router.workers:
                 self.router.on_kv_event(worker_id, event_from_wire(delivery.payload))
                 self.num_kv_events += 1
+        for message in messages:
+            if isinstance(message, AddRequest | AbortRequest):  # in their order: an abort may follow its add
+                self._handle(message)
         self._check_heartbeats()
         return False
 

@@ -71,7 +71,7 @@ class EngineCoreOutput:
 class ScheduledEntry:
     req_id: str
     num_tokens: int
-    kind: str  # 'prompt' (a prompt chunk, maybe the whole prompt) or 'decode'
+    kind: str  # 'decode' (the one newest token) or 'prompt' (a prefill: prompt chunk, or recompute after preemption)
     num_computed_tokens: int  # before this step
     num_cached_tokens: int = 0  # prefix-cache hit skipped on admission
 
@@ -88,3 +88,6 @@ class StepRecord:
     tokens_used: int
     num_running: int
     kv_usage: float
+    num_waiting: int = 0  # in the waiting queue after this step's admissions
+    prefix_cache_queries: int = 0  # tokens of the requests admitted this step (vllm:prefix_cache_queries)
+    prefix_cache_hits: int = 0  # of those, found in the prefix cache

@@ -149,7 +149,9 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted itself; the request now at index i is the next one
-            kind = "prompt" if request.num_computed_tokens < request.num_prompt_tokens else "decode"
+            # Decode: only the newest token is left. Anything longer is a prefill: a prompt chunk,
+            # or prompt + outputs recomputed after a preemption.
+            kind = "decode" if request.num_computed_tokens == request.num_tokens - 1 else "prompt"
             entries.append(ScheduledEntry(request.req_id, num_new, kind, request.num_computed_tokens))
             scheduled[request.req_id] = num_new
             budget -= num_new
@@ -159,6 +161,7 @@ class Scheduler:
 
         # 2. Waiting requests, unless this step had to preempt.
         admitted: list[Request] = []
+        queries = hits = 0
         for request in list(self.waiting):
             if preempted:
                 waiting_why[request.req_id] = "preemption this step: no admissions"
@@ -173,6 +176,7 @@ class Scheduler:
                     waiting_why[request.req_id] = "not enough free KV blocks"
                 else:
                     request.num_computed_tokens = num_hit
+                    queries, hits = queries + request.num_tokens, hits + num_hit
                     if request.num_cached_tokens < 0:
                         request.num_cached_tokens = num_hit
                     admitted.append(request)
@@ -202,6 +206,9 @@ class Scheduler:
             tokens_used=self.max_num_batched_tokens - budget,
             num_running=len(self.running),
             kv_usage=self.kv.usage,
+            num_waiting=len(self.waiting),
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
         )
         self.records.append(self.last_record)
         self.step_count += 1

@@ -41,6 +41,7 @@ from modkit.protocol import (
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.output import SchedulerOutput
 from modkit.scheduler.scheduler import Scheduler
+from modkit.trace.events import MAX_WAITING_REASONS, EventPublisher, ScheduledReq, StepEvent
 from modkit.transport import Inbox, Outbox, RpcClient
 
 KEEP_RECORDS = 1000  # step records kept per worker (the live views stream them instead)
@@ -57,7 +58,9 @@ class WorkerSlot:
     outbox: Outbox
     alive: bool = True
     in_flight: SchedulerOutput | None = None
-    sent_at: float = 0.0
+    sent_at: float = 0.0  # perf_counter() when the step in flight left
+    sent_wall: float = 0.0  # time.time() then, for the event stream
+    last_schedule_s: float = 0.0  # what planning the step in flight took
     num_steps: int = 0
     num_failed_steps: int = 0
     busy_s: float = 0.0  # plan sent -> result back, summed
@@ -77,6 +80,7 @@ class SchedulerService:
         self.kv_rpc = RpcClient(addresses.rpc("kv_cache_manager"), KV_RPC_TIMEOUT_S)
         self.to_frontend = Outbox(addresses.inbox("frontend"))
         self.to_router = Outbox(addresses.inbox("router"))
+        self.events = EventPublisher("scheduler", addresses.events("scheduler"), cfg.allow_remote)
         self.slots: list[WorkerSlot] = []
         for i in range(cfg.num_workers):
             kv = KVCacheManagerClient(self.kv_rpc, i, cfg.block_size)
@@ -188,8 +192,9 @@ class SchedulerService:
     def _send_step(self, slot: WorkerSlot) -> None:
         t0 = time.perf_counter()
         plan = slot.scheduler.schedule()
-        slot.in_flight, slot.sent_at = plan, time.perf_counter()
-        slot.schedule_s += slot.sent_at - t0
+        slot.in_flight, slot.sent_at, slot.sent_wall = plan, time.perf_counter(), time.time()
+        slot.last_schedule_s = slot.sent_at - t0
+        slot.schedule_s += slot.last_schedule_s
         slot.outbox.send(StepPlan(slot.worker_id, plan))
         if len(slot.scheduler.records) > 2 * KEEP_RECORDS:
             del slot.scheduler.records[:-KEEP_RECORDS]
@@ -205,16 +210,17 @@ class SchedulerService:
         slot.busy_s += elapsed
         slot.forward_s += done.forward_s
         slot.sample_s += done.sample_s
+        self._publish_step(slot, elapsed, done.forward_s, done.sample_s)
         t0 = time.perf_counter()
         outputs = slot.scheduler.update_from_output(plan, done.output)
         slot.update_s += time.perf_counter() - t0
-        if outputs:
-            self.to_frontend.send(EngineOutputs(outputs))
         finished = [o.req_id for o in outputs if o.finish_reason is not None]
         for req_id in finished:
             self.owner.pop(req_id, None)
-        if finished:
+        if finished:  # the router first: a client's next request, sent on this reply, is routed knowing it
             self.to_router.send(RequestsFinished(finished))
+        if outputs:
+            self.to_frontend.send(EngineOutputs(outputs))
 
     def _step_failed(self, failed: StepFailed) -> None:
         """The worker could not run the step: its requests fail (503), the others carry on."""
@@ -224,6 +230,7 @@ class SchedulerService:
             return
         slot.in_flight = None
         slot.num_failed_steps += 1
+        self._publish_step(slot, time.perf_counter() - slot.sent_at, 0.0, 0.0, failed.error)
         req_ids = [r for r in plan.num_scheduled_tokens if r in slot.scheduler.requests]
         slot.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)  # blocks freed, never cached
         for req_id in req_ids:
@@ -231,6 +238,43 @@ class SchedulerService:
             self._reject(req_id, "error", f"{worker_name(slot.worker_id)} failed the step: {failed.error}")
 
     # -- observing -----------------------------------------------------------------------
+
+    def _publish_step(
+        self, slot: WorkerSlot, step_s: float, forward_s: float, sample_s: float, failed: str | None = None
+    ) -> None:
+        """The step record of the step that just came back, with its timings, on topic ``step.<worker>``."""
+        record = slot.scheduler.last_record
+        if record is None:
+            return
+        waiting = dict(list(record.waiting.items())[:MAX_WAITING_REASONS])
+        event = StepEvent(
+            worker_id=slot.worker_id,
+            step=record.step,
+            started=slot.sent_wall,
+            step_s=step_s,
+            schedule_s=slot.last_schedule_s,
+            forward_s=forward_s,
+            sample_s=sample_s,
+            scheduled=[
+                ScheduledReq(e.req_id, e.num_tokens, e.kind, e.num_computed_tokens, e.num_cached_tokens)
+                for e in record.scheduled
+            ],
+            preempted=record.preempted,
+            waiting=waiting,
+            num_waiting=record.num_waiting,
+            num_running=record.num_running,
+            token_budget=record.token_budget,
+            tokens_used=record.tokens_used,
+            kv_usage=record.kv_usage,
+            prefix_cache_queries=record.prefix_cache_queries,
+            prefix_cache_hits=record.prefix_cache_hits,
+            failed=failed,
+        )
+        self.events.publish(f"step.{slot.worker_id}", event)
+
+    def announce_events(self, token: str) -> None:
+        """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
+        self.events.announce(token)
 
     def health(self) -> dict[str, Any]:
         alive = [s.worker_id for s in self.slots if s.alive]
@@ -281,5 +325,6 @@ class SchedulerService:
     def close(self) -> None:
         self.inbox.close()
         self.kv_rpc.close()
+        self.events.close()
         for outbox in (self.to_frontend, self.to_router, *(s.outbox for s in self.slots)):
             outbox.close()

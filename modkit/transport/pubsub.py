@@ -103,8 +103,14 @@ class Subscriber:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.socket.connect(address)
         self.missed = 0
+        self.addresses = [address]
         self.last_seq: dict[str, int] = {}
         self._decoder: Decoder[Any] = Decoder(payload_type)
+
+    def connect(self, address: str) -> None:
+        """Also listen to the publisher at ``address`` (one SUB socket merges many publishers)."""
+        self.socket.connect(address)
+        self.addresses.append(address)
 
     def recv(self, timeout_s: float) -> Delivery | None:
         """The next message, or None if none arrives within ``timeout_s``. Malformed ones are logged and skipped."""

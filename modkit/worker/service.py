@@ -31,6 +31,7 @@ from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, WorkerHeartbeat
 from modkit.sampler import SamplingState, get_sampler
 from modkit.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from modkit.trace.events import EventPublisher, ForwardEvent
 from modkit.transport import Inbox, Outbox, RpcClient
 from modkit.transport.channels import Beacon
 from modkit.worker.kv_cache import PagedKVCache
@@ -68,6 +69,7 @@ class WorkerService:
         self.inbox = Inbox(addresses.inbox(worker_name(worker_id)), allow_remote=cfg.allow_remote)
         self.to_scheduler = Outbox(addresses.inbox("scheduler"))
         self.to_sampler = Outbox(addresses.inbox("sampler"))
+        self.events = EventPublisher(worker_name(worker_id), addresses.events(worker_name(worker_id)), cfg.allow_remote)
         pid = os.getpid()
         self.beacon = Beacon(
             addresses.inbox("router"),
@@ -91,6 +93,7 @@ class WorkerService:
         return False
 
     def _step(self, plan: SchedulerOutput) -> None:
+        started = time.time()
         try:
             output, forward_s, sample_s, num_tokens = self._run(plan)
         except Exception as error:  # a failed step fails its requests, not the worker
@@ -98,9 +101,11 @@ class WorkerService:
             self.num_failed_steps += 1
             self.last_error = f"{type(error).__name__}: {error}"
             self.to_scheduler.send(StepFailed(self.worker_id, plan.step, self.last_error))
+            self._publish(plan, started, 0.0, 0.0, 0, self.last_error)
             return
         self.last_error = None
         self.to_scheduler.send(StepDone(self.worker_id, plan.step, output, forward_s, sample_s))
+        self._publish(plan, started, forward_s, sample_s, len(output.req_ids))
         if output.req_ids:
             greedy = sum(1 for r in output.req_ids if self.states[r].params.temperature == 0.0)
             self.to_sampler.send(SamplerReport(self.worker_id, len(output.req_ids), greedy, sample_s))
@@ -108,6 +113,32 @@ class WorkerService:
         self.num_tokens += num_tokens
         self.forward_s += forward_s
         self.sample_s += sample_s
+
+    def _publish(
+        self,
+        plan: SchedulerOutput,
+        started: float,
+        forward_s: float,
+        sample_s: float,
+        num_sampled: int,
+        failed: str | None = None,
+    ) -> None:
+        event = ForwardEvent(
+            worker_id=self.worker_id,
+            step=plan.step,
+            started=started,
+            forward_s=forward_s,
+            sample_s=sample_s,
+            num_tokens=plan.total_num_scheduled_tokens,
+            num_seqs=len(plan.num_scheduled_tokens),
+            num_sampled=num_sampled,
+            failed=failed,
+        )
+        self.events.publish(f"forward.{self.worker_id}", event)
+
+    def announce_events(self, token: str) -> None:
+        """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
+        self.events.announce(token)
 
     def _run(self, plan: SchedulerOutput) -> tuple[ModelRunnerOutput, float, float, int]:
         """Exactly the plan: its forward, then sampling next to the logits."""
@@ -172,5 +203,6 @@ class WorkerService:
 
     def close(self) -> None:
         self.beacon.close()
+        self.events.close()
         for closable in (self.inbox, self.to_scheduler, self.to_sampler):
             closable.close()

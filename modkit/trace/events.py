@@ -1,0 +1,170 @@
+"""The event stream: what each pipeline component publishes about its own decisions.
+
+These are the messages of the pipeline's *observation* plane. The data plane
+(``modkit.protocol``) moves requests and tokens; this one tells anyone who subscribes
+why the batch of each step looks as it does, where each KV block went, and when each
+token left. Nothing in the pipeline reads them back: a view that subscribes late, or
+not at all, changes nothing.
+
+Each publisher numbers its messages per topic (``modkit.transport.pubsub``), so a
+subscriber can tell a dropped message from a quiet component.
+
+=====================  =========================  =====================================================
+topic                  publisher (socket)         message
+=====================  =========================  =====================================================
+``step.<worker>``      scheduler (scheduler.ev)   ``StepEvent``: one per step of that worker
+``forward.<worker>``   worker-i (worker-i.ev)     ``ForwardEvent``: the worker's own timing of the step
+``blocks.<worker>``    KV manager (kv.events)     ``BlockEvents``: block activity of one ``apply`` call
+``request``            frontend (frontend.ev)     ``RequestArrived``, ``TokensOut``, ``RequestDone``
+``hello.<component>``  every one of them          ``Hello``: the answer to ``announce_events`` (below)
+=====================  =========================  =====================================================
+
+ZeroMQ drops what a PUB socket sends before a subscriber's subscription has reached it
+(the "slow joiner"). So a subscriber asks each publisher, over RPC, to ``announce_events``
+with a token of its choosing, and counts itself subscribed once that ``Hello`` came back.
+The KV manager's ``kv.events`` also carries vLLM-format events on ``worker.<i>`` (for the
+router); subscribers of this stream do not subscribe to those.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import msgspec
+
+from modkit.transport import Publisher
+
+TOPICS = ("step.", "forward.", "blocks.", "request", "hello")  # what a subscriber of the whole stream asks for
+MAX_WAITING_REASONS = 16  # a step names why its first waiting requests wait; the rest are counted
+
+
+class ScheduledReq(msgspec.Struct, array_like=True, frozen=True):
+    """One request's share of one step."""
+
+    req_id: str
+    num_tokens: int  # tokens computed for it this step
+    kind: str  # "decode" (its newest token) or "prompt" (a prefill chunk: of the prompt, or a recompute)
+    num_computed_tokens: int  # before this step
+    num_cached_tokens: int  # prefix-cache hit skipped when it was admitted this step (else 0)
+
+
+class StepEvent(msgspec.Struct, tag="step", frozen=True):
+    """The scheduler's account of one step of one worker, sent when the step's result came back."""
+
+    worker_id: int
+    step: int
+    started: float  # time.time() when the plan left for the worker
+    step_s: float  # plan sent -> result back (forward, sampling and both hops)
+    schedule_s: float  # schedule() in the scheduler, with its KV cache manager calls
+    forward_s: float  # the worker's forward, as the worker reported it
+    sample_s: float
+    scheduled: list[ScheduledReq]  # in batch order
+    preempted: dict[str, str]  # req_id -> why it lost its blocks this step
+    waiting: dict[str, str]  # req_id -> why it was not scheduled (the first MAX_WAITING_REASONS of them)
+    num_waiting: int  # in the waiting queue after this step's admissions
+    num_running: int  # after this step's admissions and preemptions
+    token_budget: int  # max_num_batched_tokens
+    tokens_used: int
+    kv_usage: float  # fraction of the worker's blocks held by requests, after scheduling
+    prefix_cache_queries: int  # tokens of the requests admitted this step (with outputs, for a re-admission)
+    prefix_cache_hits: int  # of those, found in the prefix cache (as vllm:prefix_cache_queries/hits)
+    failed: str | None = None  # the worker's error, if the step raised
+
+
+class ForwardEvent(msgspec.Struct, tag="forward", frozen=True):
+    """A worker's own timing of one step (what the model did, measured where it ran)."""
+
+    worker_id: int
+    step: int
+    started: float  # time.time() when the plan arrived
+    forward_s: float  # input preparation and the model forward
+    sample_s: float  # sampling, with the copy of sampled ids to the host
+    num_tokens: int  # tokens computed (prompt chunks and decodes)
+    num_seqs: int  # requests in the batch
+    num_sampled: int  # of those, requests that produced a token (not mid-prompt)
+    failed: str | None = None
+
+
+class BlockActivity(msgspec.Struct, array_like=True, frozen=True):
+    """Blocks that changed, in the order it happened.
+
+    ``kind``: "allocated" (new blocks for ``req_id``), "hit" (cached blocks ``req_id``
+    takes without computing them), "cached" (its full blocks become findable by hash),
+    "freed" (it let them go; last block first), "evicted" (a free cached block lost its
+    hash to make room for ``req_id``), "cleared" (the whole prefix cache was reset).
+    """
+
+    kind: str
+    req_id: str | None
+    block_ids: list[int]
+
+
+class BlockEvents(msgspec.Struct, tag="blocks", frozen=True):
+    """What one KV cache manager call did to one worker's pool."""
+
+    worker_id: int
+    ts: float  # time.time()
+    activity: list[BlockActivity]
+    num_free_blocks: int  # after it
+    usage: float
+
+
+class RequestArrived(msgspec.Struct, tag="arrived", frozen=True):
+    """The frontend sent an engine request on (one per completion of an OpenAI request)."""
+
+    ts: float
+    req_id: str  # the engine request
+    request_id: str  # the OpenAI request it belongs to
+    num_prompt_tokens: int
+    max_tokens: int | None
+
+
+class TokensOut(msgspec.Struct, tag="tokens", frozen=True):
+    """Tokens the frontend received from one step: one per request (this engine samples one per step)."""
+
+    ts: float
+    counts: dict[str, int]  # req_id -> new tokens
+
+
+class RequestDone(msgspec.Struct, tag="done", frozen=True):
+    """A request ended: "stop", "length", "abort" (the client left), or "rejected" / "error" (see ``message``)."""
+
+    ts: float
+    req_id: str
+    finish_reason: str
+    message: str | None = None  # why the pipeline gave it up, for "rejected" and "error"
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """The answer to ``announce_events(token)``: the asker is subscribed to this publisher."""
+
+    component: str
+    token: str
+
+
+PipelineEvent = StepEvent | ForwardEvent | BlockEvents | RequestArrived | TokensOut | RequestDone | Hello
+
+
+class EventPublisher:
+    """A component's side of the stream: a ``Publisher`` that any of its threads may use.
+
+    The lock is uncontended in every component but the frontend, whose event loop
+    publishes while its serve loop answers ``announce_events``.
+    """
+
+    def __init__(self, component: str, address: str, allow_remote: bool = False) -> None:
+        self.component = component
+        self.publisher = Publisher(address, allow_remote=allow_remote)
+        self._lock = threading.Lock()
+
+    def publish(self, topic: str, event: Any) -> None:
+        with self._lock:
+            self.publisher.publish(topic, event)
+
+    def announce(self, token: str) -> None:
+        self.publish(f"hello.{self.component}", Hello(self.component, token))
+
+    def close(self) -> None:
+        with self._lock:
+            self.publisher.close()

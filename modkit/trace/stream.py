@@ -1,0 +1,166 @@
+"""Subscribing to a pipeline's event stream: ``EventStream`` (live) and ``Recorder`` (kept).
+
+::
+
+    scheduler.ev  worker-i.ev  kv.events  frontend.ev      (PUB, one per publishing component)
+          \\            |           |          /
+           +------ one SUB socket: EventStream ----+-- recv() / iteration: the events, in arrival order
+                                                   +-- Recorder: a thread appending them to a Trace
+
+Subscribing is not instant: ZeroMQ drops what a publisher sends before it has heard of a
+subscriber. ``EventStream`` therefore asks each publisher, over RPC, to publish a
+``Hello`` with a token of its own, and returns only once every ``Hello`` arrived, so
+that nothing published after it returns is lost to the slow-joiner gap. Later losses
+(a subscriber too slow for the high-water mark) show up in ``missed``.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from modkit.trace.events import TOPICS, Hello, PipelineEvent
+from modkit.trace.trace import Trace
+from modkit.transport import RpcClient, Subscriber
+
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class EventStream:
+    """Every event of the publishers in ``endpoints`` ({component: (events address, rpc address)})."""
+
+    def __init__(self, endpoints: Mapping[str, tuple[str, str]], timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+        if not endpoints:
+            raise ValueError("no publishers to subscribe to")
+        addresses = list(dict.fromkeys(events for events, _ in endpoints.values()))
+        self.subscriber = Subscriber(addresses[0], TOPICS, payload_type=PipelineEvent)
+        for address in addresses[1:]:
+            self.subscriber.connect(address)
+        self._early: collections.deque[PipelineEvent] = collections.deque()  # arrived during the handshake
+        try:
+            self._handshake(endpoints, timeout_s)
+        except BaseException:
+            self.subscriber.close()
+            raise
+
+    def _handshake(self, endpoints: Mapping[str, tuple[str, str]], timeout_s: float) -> None:
+        token = uuid.uuid4().hex
+        pending = set(endpoints)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no Hello from {sorted(pending)} within {timeout_s:g} s: are they running?")
+            for component in sorted(pending):
+                with RpcClient(endpoints[component][1], timeout_s=timeout_s) as rpc:
+                    rpc.call("announce_events", token)
+            until = time.monotonic() + 0.2
+            while pending and (remaining := until - time.monotonic()) > 0:
+                delivery = self.subscriber.recv(remaining)
+                if delivery is None:
+                    break
+                event = delivery.payload
+                if isinstance(event, Hello):
+                    if event.token == token:
+                        pending.discard(event.component)
+                else:
+                    self._early.append(event)
+
+    @property
+    def missed(self) -> int:
+        """Messages dropped on the way (gaps in the publishers' sequence numbers)."""
+        return self.subscriber.missed
+
+    def recv(self, timeout_s: float = 1.0) -> PipelineEvent | None:
+        """The next event, or None if none arrives within ``timeout_s``."""
+        if self._early:
+            return self._early.popleft()
+        deadline = time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) >= 0:
+            delivery = self.subscriber.recv(remaining)
+            if delivery is None:
+                return None
+            if not isinstance(delivery.payload, Hello):  # other subscribers' handshakes
+                return delivery.payload
+        return None
+
+    def __iter__(self) -> Iterator[PipelineEvent]:
+        """Events as they come, forever (break out of the loop, then ``close()``)."""
+        while True:
+            event = self.recv(1.0)
+            if event is not None:
+                yield event
+
+    def close(self) -> None:
+        self.subscriber.close()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Recorder:
+    """Keeps every event of a stream, from a thread of its own; ``trace()`` is a snapshot.
+
+    At most ``max_events`` are kept (the oldest go first), so a pipeline left serving for
+    days does not grow without bound; ``dropped`` counts what went.
+    """
+
+    def __init__(self, stream: EventStream, meta: dict[str, Any], max_events: int = 2_000_000) -> None:
+        self.stream = stream
+        self.meta = {**meta, "t0": meta.get("t0", time.time())}
+        self.max_events = max_events
+        self.dropped = 0
+        self.last_event_at = time.monotonic()
+        self._events: list[PipelineEvent] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="modkit-recorder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                event = self.stream.recv(0.1)
+                if event is None:
+                    continue
+                with self._lock:
+                    self.last_event_at = time.monotonic()
+                    self._events.append(event)
+                    if len(self._events) > self.max_events:
+                        excess = len(self._events) - self.max_events
+                        del self._events[:excess]
+                        self.dropped += excess
+        finally:
+            self.stream.close()
+
+    @property
+    def num_events(self) -> int:
+        return len(self._events)
+
+    def settle(self, quiet_s: float = 0.1, timeout_s: float = 2.0) -> None:
+        """Wait until no event came for ``quiet_s`` (at most ``timeout_s``): the events of what just finished are in."""
+        deadline = time.monotonic() + timeout_s
+        while (quiet := time.monotonic() - self.last_event_at) < quiet_s and time.monotonic() < deadline:
+            time.sleep(quiet_s - quiet)
+
+    def trace(self) -> Trace:
+        """Everything recorded so far (since launch, or the last ``clear``)."""
+        with self._lock:
+            events = list(self._events)
+        return Trace(events, {**self.meta, "missed": self.stream.missed, "dropped": self.dropped})
+
+    def clear(self) -> None:
+        """Forget what was recorded; the next trace starts now."""
+        with self._lock:
+            self._events.clear()
+            self.meta["t0"] = time.time()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
