@@ -63,6 +63,10 @@ def test_each_request_is_traced_from_arrival_to_finish(run: tuple[Pipeline, Trac
         assert tokens.num_tokens.sum() == reply.usage.completion_tokens
         assert tokens.itl.isna().sum() == 1 and (tokens.itl.dropna() >= 0).all()
     assert (requests.ttft > 0).all() and (requests.e2e >= requests.ttft).all()
+    # Each was routed once, to the one worker; the router had learned the shared prompt's blocks by the last ones.
+    routes = trace.routes
+    assert sorted(routes.req_id) == sorted(r.id for r in replies) and (routes.worker_id == 0).all()
+    assert routes.cached_0.iloc[-1] >= 2 and (routes.cached_0 <= routes.num_prompt_blocks).all()
 
 
 def test_step_records_show_chunked_prompts_preemptions_and_the_budget(run: tuple[Pipeline, Trace, list[Any]]) -> None:
@@ -118,7 +122,7 @@ def test_a_trace_survives_a_file(run: tuple[Pipeline, Trace, list[Any]], tmp_pat
     for name in ("trace.json", "trace.json.gz"):
         loaded = Trace.load(trace.save(tmp_path / name))
         assert loaded.meta == trace.meta
-        for frame in ("steps", "scheduled", "requests", "tokens", "blocks", "forwards"):
+        for frame in ("steps", "scheduled", "requests", "tokens", "blocks", "forwards", "routes"):
             pd.testing.assert_frame_equal(getattr(loaded, frame), getattr(trace, frame))
     (tmp_path / "other.json").write_text('{"hello": 1}')
     with pytest.raises(ValueError, match="not a modkit trace"):

@@ -240,7 +240,8 @@ class Pipeline:
         It returns once every publisher has confirmed the subscription, so nothing that
         happens afterwards is missed. Close it when done (or use it in a ``with``).
         """
-        names = ["scheduler", "kv_cache_manager", "frontend", *(worker_name(i) for i in range(self.config.num_workers))]
+        workers = [worker_name(i) for i in range(self.config.num_workers)]
+        names = ["scheduler", "router", "kv_cache_manager", "frontend", *workers]
         endpoints = {n: (self.addresses.events(n), self.addresses.rpc(n)) for n in names}
         return EventStream(endpoints, timeout_s)
 

@@ -30,6 +30,8 @@ class Router:
         self.workers = {i: WorkerView(i) for i in range(num_workers)}
         self._routed: dict[str, tuple[int, int]] = {}  # request id -> (worker id, blocks counted)
         self.decisions: Counter[int] = Counter()
+        # What the last decision saw, per live worker: (prompt blocks cached there, blocks held there).
+        self.last_seen: dict[int, tuple[int, int]] = {}
 
     def route(self, request_id: str, prompt_token_ids: Sequence[int]) -> int:
         """Choose a worker for a request and count it there until ``finish`` is called.
@@ -42,6 +44,7 @@ class Router:
             raise NoWorkerError("no live worker to route to")
         hashes = hash_request_blocks(prompt_token_ids, self.block_size, [])
         num_blocks = -(-len(prompt_token_ids) // self.block_size)
+        self.last_seen = {w.worker_id: (w.prefix_hit_blocks(hashes), w.active_blocks) for w in live}
         worker_id = self.policy.choose(hashes, num_blocks, live)
         worker = self.workers[worker_id]
         worker.num_active_requests += 1

@@ -32,6 +32,7 @@ from modkit.protocol import (
     WorkerUp,
 )
 from modkit.router.router import NoWorkerError, Router
+from modkit.trace.events import EventPublisher, Routed
 from modkit.transport import Inbox, Outbox, Subscriber
 
 
@@ -47,6 +48,7 @@ class RouterService:
         self.kv_events = Subscriber(addresses.kv_events, topics=("worker.",))
         self.to_scheduler = Outbox(addresses.inbox("scheduler"))
         self.to_frontend = Outbox(addresses.inbox("frontend"))
+        self.events = EventPublisher("router", addresses.events("router"), cfg.allow_remote)
         now = time.monotonic()
         self.last_beat = {i: now for i in self.router.workers}  # the launcher started them just now
         self.num_kv_events = 0
@@ -81,6 +83,17 @@ class RouterService:
                 self.to_frontend.send(RequestRejected(message.req_id, "unavailable", str(error)))
                 return
             self.to_scheduler.send(_with_worker(message, worker_id))
+            seen = self.router.last_seen
+            routed = Routed(
+                time.time(),
+                message.req_id,
+                worker_id,
+                self.implementation,
+                -(-len(message.prompt_token_ids) // self.router.block_size),
+                {w: cached for w, (cached, _) in seen.items()},
+                {w: active for w, (_, active) in seen.items()},
+            )
+            self.events.publish("route", routed)
         elif isinstance(message, AbortRequest):
             self.to_scheduler.send(message)
         elif isinstance(message, RequestsFinished):
@@ -99,6 +112,10 @@ class RouterService:
             if view.alive and silent > self.worker_timeout_s:
                 self.router.mark_dead(worker_id)
                 self.to_scheduler.send(WorkerDown(worker_id, f"no heartbeat for {silent:.1f} s"))
+
+    def announce_events(self, token: str) -> None:
+        """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
+        self.events.announce(token)
 
     def health(self) -> dict[str, Any]:
         alive = [i for i, w in self.router.workers.items() if w.alive]
@@ -132,7 +149,7 @@ class RouterService:
         }
 
     def close(self) -> None:
-        for closable in (self.inbox, self.kv_events, self.to_scheduler, self.to_frontend):
+        for closable in (self.inbox, self.kv_events, self.to_scheduler, self.to_frontend, self.events):
             closable.close()
 
 

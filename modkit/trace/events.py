@@ -15,6 +15,7 @@ topic                  publisher (socket)         message
 ``step.<worker>``      scheduler (scheduler.ev)   ``StepEvent``: one per step of that worker
 ``forward.<worker>``   worker-i (worker-i.ev)     ``ForwardEvent``: the worker's own timing of the step
 ``blocks.<worker>``    KV manager (kv.events)     ``BlockEvents``: block activity of one ``apply`` call
+``route``              router (router.ev)         ``Routed``: the worker chosen for a request, and why
 ``request``            frontend (frontend.ev)     ``RequestArrived``, ``TokensOut``, ``RequestDone``
 ``hello.<component>``  every one of them          ``Hello``: the answer to ``announce_events`` (below)
 =====================  =========================  =====================================================
@@ -35,7 +36,7 @@ import msgspec
 
 from modkit.transport import Publisher
 
-TOPICS = ("step.", "forward.", "blocks.", "request", "hello")  # what a subscriber of the whole stream asks for
+TOPICS = ("step.", "forward.", "blocks.", "request", "route", "hello")  # what a subscriber of the whole stream asks for
 MAX_WAITING_REASONS = 16  # a step names why its first waiting requests wait; the rest are counted
 
 
@@ -136,6 +137,18 @@ class RequestDone(msgspec.Struct, tag="done", frozen=True):
     message: str | None = None  # why the pipeline gave it up, for "rejected" and "error"
 
 
+class Routed(msgspec.Struct, tag="routed", frozen=True):
+    """The router chose a worker for a request (again, if it moved off a worker that died)."""
+
+    ts: float
+    req_id: str
+    worker_id: int
+    policy: str
+    num_prompt_blocks: int
+    cached_blocks: dict[int, int]  # per live worker: leading prompt blocks it caches (as the router knows)
+    active_blocks: dict[int, int]  # per live worker: blocks its running requests hold, before this one
+
+
 class Hello(msgspec.Struct, tag="hello", frozen=True):
     """The answer to ``announce_events(token)``: the asker is subscribed to this publisher."""
 
@@ -143,7 +156,7 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     token: str
 
 
-PipelineEvent = StepEvent | ForwardEvent | BlockEvents | RequestArrived | TokensOut | RequestDone | Hello
+PipelineEvent = StepEvent | ForwardEvent | BlockEvents | RequestArrived | TokensOut | RequestDone | Routed | Hello
 
 
 class EventPublisher:

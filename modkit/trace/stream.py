@@ -24,10 +24,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from modkit.trace.events import TOPICS, Hello, PipelineEvent
-from modkit.trace.trace import Trace
+from modkit.trace.trace import Trace, event_time
 from modkit.transport import RpcClient, Subscriber
 
 HANDSHAKE_TIMEOUT_S = 10.0
+BATCH_S = 0.05  # the recorder takes what arrived at most this often
 
 
 class EventStream:
@@ -79,13 +80,12 @@ class EventStream:
         if self._early:
             return self._early.popleft()
         deadline = time.monotonic() + timeout_s
-        while (remaining := deadline - time.monotonic()) >= 0:
-            delivery = self.subscriber.recv(remaining)
+        while True:  # at least one look, also with timeout_s=0
+            delivery = self.subscriber.recv(max(0.0, deadline - time.monotonic()))
             if delivery is None:
                 return None
             if not isinstance(delivery.payload, Hello):  # other subscribers' handshakes
                 return delivery.payload
-        return None
 
     def __iter__(self) -> Iterator[PipelineEvent]:
         """Events as they come, forever (break out of the loop, then ``close()``)."""
@@ -129,13 +129,20 @@ class Recorder:
                 event = self.stream.recv(0.1)
                 if event is None:
                     continue
+                batch = [event]
+                while (event := self.stream.recv(0)) is not None:
+                    batch.append(event)
                 with self._lock:
                     self.last_event_at = time.monotonic()
-                    self._events.append(event)
+                    since = self.meta["t0"]  # what happened before a clear() but arrived after it stays out
+                    self._events.extend(e for e in batch if event_time(e) >= since)
                     if len(self._events) > self.max_events:
                         excess = len(self._events) - self.max_events
                         del self._events[:excess]
                         self.dropped += excess
+                # NOTE: wake at most every BATCH_S. A thread that wakes for each message takes the GIL
+                # from the notebook's own work each time; the events keep their own time stamps anyway.
+                self._stop.wait(BATCH_S)
         finally:
             self.stream.close()
 

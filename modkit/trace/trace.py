@@ -9,6 +9,7 @@
     trace.tokens                         # one row per token batch the frontend received (for inter-token latency)
     trace.blocks                         # one row per block per KV cache manager action
     trace.forwards                       # the workers' own timings
+    trace.routes                         # one row per routing decision: the worker, and what each worker offered
     trace.block_state(worker_id=0, at=2.5)  # every block's owners and cache state at t = 2.5 s
     trace.save("run.json.gz"); Trace.load("run.json.gz")
 
@@ -32,6 +33,7 @@ from modkit.trace.events import (
     PipelineEvent,
     RequestArrived,
     RequestDone,
+    Routed,
     StepEvent,
     TokensOut,
 )
@@ -100,7 +102,7 @@ class Trace:
         self.events = events
         self.meta = dict(meta or {})
         if "t0" not in self.meta:
-            self.meta["t0"] = min((_time_of(e) for e in events), default=0.0)
+            self.meta["t0"] = min((event_time(e) for e in events), default=0.0)
         self.t0: float = self.meta["t0"]
 
     def __len__(self) -> int:
@@ -239,6 +241,8 @@ class Trace:
                     r = row(req_id)
                     r.setdefault("first_token", e.ts - self.t0)
                     r["num_output_tokens"] = r.get("num_output_tokens", 0) + n
+            elif isinstance(e, Routed):
+                row(e.req_id)["worker_id"] = e.worker_id
             elif isinstance(e, RequestDone):
                 r = row(e.req_id)
                 r.update(finished=e.ts - self.t0, finish_reason=e.finish_reason)
@@ -284,6 +288,19 @@ class Trace:
         ]
         return _frame(rows, ["worker_id", "step", "start", "forward_s", "num_tokens"])
 
+    @cached_property
+    def routes(self) -> Any:
+        """One row per routing decision: the worker chosen, and for each live worker ``w`` the
+        prompt blocks it caches (``cached_<w>``) and the blocks its running requests hold (``active_<w>``)."""
+        rows = []
+        for e in self._of(Routed):
+            row: dict[str, Any] = {"t": e.ts - self.t0, "req_id": e.req_id, "worker_id": e.worker_id}
+            row |= {"policy": e.policy, "num_prompt_blocks": e.num_prompt_blocks}
+            row |= {f"cached_{w}": n for w, n in sorted(e.cached_blocks.items())}
+            row |= {f"active_{w}": n for w, n in sorted(e.active_blocks.items())}
+            rows.append(row)
+        return _frame(rows, ["t", "req_id", "worker_id", "policy", "num_prompt_blocks"])
+
     # -- the KV pool at one moment --------------------------------------------------------
 
     def num_blocks(self, worker_id: int = 0) -> int:
@@ -314,7 +331,8 @@ class Trace:
         return int(steps["prefix_cache_hits"].sum()) / queries if queries else 0.0
 
 
-def _time_of(event: PipelineEvent) -> float:
+def event_time(event: PipelineEvent) -> float:
+    """When the event happened (``time.time()``): its ``ts``, or when its step started."""
     for name in ("ts", "started"):
         value = getattr(event, name, None)
         if value is not None:
