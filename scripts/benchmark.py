@@ -136,7 +136,7 @@ def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
         num_kv_blocks=args.num_kv_blocks,
         num_workers=args.num_workers,
         progress=False,
-        record=not args.no_record,
+        record=args.record,
         **config,
     )
     stack.enter_context(pipeline)
@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1, help="pipeline: workers (replicas; one GPU is shared)")
     parser.add_argument("--stream", action="store_true", help="pipeline: stream, and report the mean TTFT")
     parser.add_argument(
-        "--no-record", action="store_true", help="pipeline: no recorder in this process (events are still published)"
+        "--record", action="store_true", help="pipeline: record the event stream in this process, as notebooks do"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
     parser.add_argument("--out", default="results/benchmark_offline.json")

@@ -3,8 +3,10 @@
     python scripts/start_all.py                                  # the embedded model, CPU
     python scripts/start_all.py --num-workers 2 --router-policy kv_aware
     python scripts/start_all.py --model Qwen/Qwen2.5-0.5B-Instruct --config pipeline.yaml
+    python scripts/start_all.py --save-trace run.json.gz         # then, in a notebook: Trace.load("run.json.gz")
 
-Flags are ``PipelineConfig``'s (``--help``). It starts every component, waits until each
+Flags are ``PipelineConfig``'s (``--help``), and ``--save-trace PATH``: record the event
+stream while serving and save it as a trace (``modkit.trace.Trace``) when stopping. It starts every component, waits until each
 ``/health`` answers 200, prints the URLs, and serves. On Ctrl-C or SIGTERM it drains:
 new requests get 503 while those in flight finish (30 s at most; a second signal cuts
 that short); then it stops every process, frees every port and exits 0. A bad flag exits 2
@@ -13,6 +15,7 @@ with the field named.
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import threading
@@ -26,8 +29,11 @@ DRAIN_TIMEOUT_S = 30.0
 
 
 def main(argv: list[str] | None = None) -> int:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--save-trace", metavar="PATH", default=None)
+    options, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        config = PipelineConfig.from_cli(argv)
+        config = PipelineConfig.from_cli(rest)
     except ConfigError as error:
         print(f"start_all: {error}", file=sys.stderr)
         return 2
@@ -43,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)  # while starting, SIGTERM stops what started, as Ctrl-C does
     try:
-        pipeline = Pipeline.launch(config)
+        pipeline = Pipeline.launch(config, record=options.save_trace is not None)
     except (ConfigError, PortInUseError) as error:
         print(f"start_all: {error}", file=sys.stderr)
         return 2
@@ -64,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             drained = pipeline.drain(DRAIN_TIMEOUT_S)
         except KeyboardInterrupt:
             drained = False
+        if options.save_trace is not None:
+            trace = pipeline.trace()
+            print(f"saved {trace} to {trace.save(options.save_trace)}", flush=True)
         print("stopping ..." if drained else "stopping with requests in flight ...", flush=True)
     print("stopped", flush=True)
     return 0

@@ -33,6 +33,7 @@ from modkit.pipeline.preflight import PortInUseError
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import ModelRunnerOutput, Scheduler
+from modkit.trace import Trace
 from modkit.transport import ComponentProcess, free_tcp_port, ipc_address
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,7 +307,8 @@ def test_start_all_drains_then_stops_everything_on_sigterm(tmp_path: Path) -> No
     log = tmp_path / "start_all.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "start_all.py"), "--num-kv-blocks", "64", *flags],
+            [sys.executable, str(ROOT / "scripts" / "start_all.py"), "--num-kv-blocks", "64", *flags]
+            + ["--save-trace", str(tmp_path / "served.json.gz")],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -341,6 +343,9 @@ def test_start_all_drains_then_stops_everything_on_sigterm(tmp_path: Path) -> No
         if proc.poll() is None:
             proc.kill()
     assert "stopped" in log.read_text()
+    served = Trace.load(tmp_path / "served.json.gz").requests.set_index("req_id")  # what it served, as it saw it
+    assert served.loc[first.id, "num_output_tokens"] == 200
+    assert served.loc[first.id, "finish_reason"] == "length"
     assert not [pid for pid in pids if pid_exists(pid)]
     assert all(port_is_free(port) for port in ports.values())
 
