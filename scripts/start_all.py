@@ -3,11 +3,12 @@
     python scripts/start_all.py                                  # the embedded model, CPU
     python scripts/start_all.py --num-workers 2 --router-policy kv_aware
     python scripts/start_all.py --model Qwen/Qwen2.5-0.5B-Instruct --config pipeline.yaml
-    python scripts/start_all.py --save-trace run.json.gz         # then, in a notebook: Trace.load("run.json.gz")
+    python scripts/start_all.py --save-trace run.json.gz         # then: Trace.load("run.json.gz")
 
 Flags are ``PipelineConfig``'s (``--help``), and ``--save-trace PATH``: record the event
-stream while serving and save it as a trace (``modkit.trace.Trace``) when stopping. It starts every component, waits until each
-``/health`` answers 200, prints the URLs, and serves. On Ctrl-C or SIGTERM it drains:
+stream while serving and save it as a trace (``modkit.trace.Trace``) when stopping. It
+starts every component, waits until each ``/health`` answers 200, prints the URLs, and
+serves. On Ctrl-C or SIGTERM it drains:
 new requests get 503 while those in flight finish (30 s at most; a second signal cuts
 that short); then it stops every process, frees every port and exits 0. A bad flag exits 2
 with the field named.

@@ -305,10 +305,10 @@ def test_start_all_drains_then_stops_everything_on_sigterm(tmp_path: Path) -> No
     ports = free_ports()
     flags = [a for name, port in ports.items() for a in (f"--{name.replace('_', '-')}", str(port))]
     log = tmp_path / "start_all.log"
+    save_trace = ["--save-trace", str(tmp_path / "served.json.gz")]
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "start_all.py"), "--num-kv-blocks", "64", *flags]
-            + ["--save-trace", str(tmp_path / "served.json.gz")],
+            [sys.executable, str(ROOT / "scripts" / "start_all.py"), "--num-kv-blocks", "64", *flags, *save_trace],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
