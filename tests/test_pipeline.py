@@ -387,11 +387,18 @@ def children_of(pid: int) -> set[int]:
 
 
 LAUNCH_SCRIPT = """
-import os, signal, sys, threading, json
+import os, signal, sys, json
 from modkit import LLM, Pipeline
 ports = json.loads(sys.argv[2])
-if sys.argv[1] == "interrupt":  # a notebook cell interrupt, 4 s into the launch
-    threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+if sys.argv[1] == "interrupt":  # a notebook cell interrupt, while the components start
+    start = Pipeline._start
+
+    def start_then_interrupt(self, spec, say):
+        if spec.name == "router":  # one of those started together, on a thread of the launch
+            os.kill(os.getpid(), signal.SIGINT)
+        start(self, spec, say)
+
+    Pipeline._start = start_then_interrupt
     try:
         Pipeline.launch(num_kv_blocks=64, progress=False, **ports)
     except KeyboardInterrupt:
