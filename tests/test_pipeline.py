@@ -40,9 +40,19 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = ["frontend", "scheduler", "worker-0", "worker-1", "router", "kv_cache_manager", "sampler"]
 
 
+def distinct_free_ports(n: int, taken: set[int] | None = None) -> list[int]:
+    """``n`` ports free now and all different (free_tcp_port alone may hand out one port twice)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_tcp_port()
+        if port not in ports and port not in (taken or set()):
+            ports.append(port)
+    return ports
+
+
 def free_ports() -> dict[str, int]:
     names = ["frontend", "scheduler", "worker", "router", "kv_cache_manager", "sampler"]
-    return {f"{name}_port": free_tcp_port() for name in names}
+    return {f"{name}_port": port for name, port in zip(names, distinct_free_ports(len(names)), strict=True)}
 
 
 def port_is_free(port: int) -> bool:
@@ -457,8 +467,11 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
 
 def test_every_socket_can_be_given_another_endpoint() -> None:
     """All of them on loopback TCP, as components in separate containers would have them."""
-    endpoints = {name: f"tcp://127.0.0.1:{free_tcp_port()}" for name in socket_names(1)}
-    with Pipeline.launch(num_kv_blocks=64, addresses=endpoints, progress=False, **free_ports()) as p:
+    http = free_ports()
+    names = socket_names(1)
+    ports = distinct_free_ports(len(names), taken=set(http.values()))
+    endpoints = {name: f"tcp://127.0.0.1:{port}" for name, port in zip(names, ports, strict=True)}
+    with Pipeline.launch(num_kv_blocks=64, addresses=endpoints, progress=False, **http) as p:
         assert hello(p.client(timeout=60)).startswith("Hello")
         assert all(body["http_status"] == 200 for body in p.health().values())
         assert not list(Path(p.addresses.ipc_dir).glob("*.in"))  # no inbox fell back to an ipc file

@@ -23,47 +23,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from modkit.config import PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.pipeline.preflight import check_ports_free, resolve_max_model_len
+from modkit.pipeline.processes import (
+    READY_TIMEOUT_S,
+    TARGETS,
+    ComponentSpec,
+    log_dir_of,
+    progress_printer,
+    stop_all,
+    wait_uninterrupted,
+)
+from modkit.swap import ImplSpec, new_key, spec_for
 from modkit.trace import EventStream, Recorder, Trace
 from modkit.transport import QUIET_THREADS, ComponentProcess
 from modkit.transport.process import default_log_dir
-
-READY_TIMEOUT_S = 300.0  # loading a hub model on a slow disk can take minutes
-TARGETS = {
-    "sampler": "modkit.sampler.service:SamplerService",
-    "worker": "modkit.worker.service:WorkerService",
-    "kv_cache_manager": "modkit.kvcache.remote:KVCacheService",
-    "scheduler": "modkit.scheduler.service:SchedulerService",
-    "router": "modkit.router.service:RouterService",
-    "frontend": "modkit.frontend.service:FrontendService",
-}
-
-
-@dataclass(slots=True)
-class _Spec:
-    """How to (re)start one component."""
-
-    name: str
-    target: str
-    kwargs: dict[str, Any]
-    http_port: int | None  # None: the component serves HTTP itself (the frontend)
-    env: dict[str, str]
 
 
 class Pipeline:
@@ -72,14 +57,15 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, addresses: PipelineAddresses) -> None:
         self.config, self.addresses = config, addresses
         self.processes: dict[str, ComponentProcess] = {}
-        self.specs: dict[str, _Spec] = {}
+        self.specs: dict[str, ComponentSpec] = {}
         self.max_model_len = 0
         self.model_name = config.resolved_model() or EMBEDDED_MODEL_NAME
         self.num_blocks: list[int] = []  # each worker's KV pool
         self.recorder: Recorder | None = None
+        self.swap_key = new_key()  # signs classes sent by value to its components (modkit.swap)
         self._closed = False
         self._cancel = threading.Event()
-        self._finalizer = weakref.finalize(self, _stop_all, self.processes, addresses.ipc_dir)
+        self._finalizer = weakref.finalize(self, stop_all, self.processes, addresses.ipc_dir)
 
     @classmethod
     def launch(
@@ -109,7 +95,7 @@ class Pipeline:
         )
         pipeline = cls(config, addresses)
         pipeline.max_model_len = max_model_len
-        say = _progress(progress)
+        say = progress_printer(progress)
         try:
             pipeline._start_all(say)
             if record:
@@ -126,7 +112,7 @@ class Pipeline:
         with_len = {**common, "max_model_len": self.max_model_len}
         quiet, ports = dict(QUIET_THREADS), cfg.ports()
         workers = [
-            _Spec(worker_name(i), TARGETS["worker"], {**with_len, "worker_id": i}, ports[worker_name(i)], {})
+            ComponentSpec(worker_name(i), TARGETS["worker"], {**with_len, "worker_id": i}, ports[worker_name(i)], {})
             for i in range(cfg.num_workers)
         ]
         # Everything but the KV cache manager starts at once: components connect lazily, and
@@ -134,11 +120,17 @@ class Pipeline:
         # sampler waits for it). The KV cache manager needs each worker's number of blocks.
         self._start_together(
             [
-                _Spec("sampler", TARGETS["sampler"], dict(common), ports["sampler"], quiet),
+                ComponentSpec("sampler", TARGETS["sampler"], dict(common), ports["sampler"], quiet),
                 *workers,
-                _Spec("scheduler", TARGETS["scheduler"], dict(with_len), ports["scheduler"], quiet),
-                _Spec("router", TARGETS["router"], dict(common), ports["router"], quiet),
-                _Spec("frontend", TARGETS["frontend"], dict(with_len), None, quiet),
+                ComponentSpec(
+                    "scheduler",
+                    TARGETS["scheduler"],
+                    {**with_len, "swap_key": self.swap_key},
+                    ports["scheduler"],
+                    quiet,
+                ),
+                ComponentSpec("router", TARGETS["router"], dict(common), ports["router"], quiet),
+                ComponentSpec("frontend", TARGETS["frontend"], dict(with_len), None, quiet),
             ],
             say,
         )
@@ -156,11 +148,12 @@ class Pipeline:
             "allow_remote": cfg.allow_remote,
         }
         self._start(
-            _Spec("kv_cache_manager", TARGETS["kv_cache_manager"], kv_kwargs, ports["kv_cache_manager"], quiet), say
+            ComponentSpec("kv_cache_manager", TARGETS["kv_cache_manager"], kv_kwargs, ports["kv_cache_manager"], quiet),
+            say,
         )
         self.wait_healthy()
 
-    def _start_together(self, specs: list[_Spec], say: Callable[[str], None]) -> None:
+    def _start_together(self, specs: list[ComponentSpec], say: Callable[[str], None]) -> None:
         default_log_dir()  # made once, before the threads race for it
         pool = ThreadPoolExecutor(len(specs))
         futures = [pool.submit(self._start, spec, say) for spec in specs]
@@ -171,12 +164,12 @@ class Pipeline:
             # A failed start, or Ctrl-C / a cell interrupt: stop the starts still waiting, and
             # let every thread finish, so that shutdown() sees (and stops) every process.
             self._cancel.set()
-            _wait_uninterrupted(futures)
+            wait_uninterrupted(futures)
             raise
         finally:
             pool.shutdown(wait=False)
 
-    def _start(self, spec: _Spec, say: Callable[[str], None]) -> None:
+    def _start(self, spec: ComponentSpec, say: Callable[[str], None]) -> None:
         t0 = time.monotonic()
         process = ComponentProcess.start(
             spec.name,
@@ -184,7 +177,7 @@ class Pipeline:
             spec.kwargs,
             self.addresses.rpc(spec.name),
             env=spec.env,
-            log_dir=_log_dir(self.config),
+            log_dir=log_dir_of(self.config),
             allow_remote=self.config.allow_remote,
             ready_timeout_s=READY_TIMEOUT_S,
             cancel=self._cancel,
@@ -296,8 +289,34 @@ class Pipeline:
         process.stop(timeout_s)
         if target is not None:
             self.specs[component] = dataclasses.replace(self.specs[component], target=target)
-        self._start(self.specs[component], _progress(False))
+        self._start(self.specs[component], progress_printer(False))
         self.wait_healthy()
+
+    SWAPPABLE = ("scheduler",)  # so far: the scheduling policy
+
+    def swap(self, component: str, impl: str | type, allow_remote_code: bool = False) -> dict[str, Any]:
+        """Put another implementation in charge of ``component``, between two of its steps, while it serves.
+
+        ``impl``: a name from the component's registry (``"sjf"``), an import path
+        (``"package.module:Class"``, imported there), or a class, e.g. one defined in a
+        notebook cell, sent by value (cloudpickled and signed with this launch's key; the
+        component checks the signature before unpickling). Requests in flight carry on.
+        If the new implementation raises when first tried, nothing changes and the error is
+        raised here (``RemoteError``, with the remote traceback); if it raises later, the
+        previous one is put back and ``health()`` shows ``last_swap_error``. Classes are
+        not sent to a component on a non-loopback address unless ``allow_remote_code``.
+        """
+        if component not in self.SWAPPABLE:
+            raise ValueError(f"{component!r} cannot be swapped yet; swappable: {', '.join(self.SWAPPABLE)}")
+        spec: ImplSpec = spec_for(impl, self.swap_key)
+        address = self.addresses.rpc(component)
+        local = address.startswith("ipc://") or address.startswith(("tcp://127.", "tcp://localhost:", "tcp://[::1]"))
+        if spec.code is not None and not local and not allow_remote_code:
+            raise PermissionError(
+                f"{component} listens on {address}, not on this machine: sending it code needs allow_remote_code=True"
+            )
+        with self._process(component).client(timeout_s=30.0) as rpc:
+            return dict(rpc.call("swap", spec))
 
     def drain(self, timeout_s: float = 30.0) -> bool:
         """Refuse new requests (503) and wait up to ``timeout_s`` for those in flight; True if all finished."""
@@ -326,7 +345,7 @@ class Pipeline:
         if self.recorder is not None:
             self.recorder.close()
         self._finalizer.detach()
-        _stop_all(self.processes, self.addresses.ipc_dir, timeout_s)
+        stop_all(self.processes, self.addresses.ipc_dir, timeout_s)
 
     def _process(self, component: str) -> ComponentProcess:
         if component not in self.processes:
@@ -356,42 +375,3 @@ class Pipeline:
     def __repr__(self) -> str:
         states = ", ".join(f"{n}={p.state()}" for n, p in self.processes.items())
         return f"Pipeline({self.url}, {states or 'stopped'})"
-
-
-def _stop_all(processes: dict[str, ComponentProcess], ipc_dir: str, timeout_s: float = 5.0) -> None:
-    """The frontend first (no new requests while the rest stop), then every other component at once."""
-    if "frontend" in processes:
-        processes.pop("frontend").stop(timeout_s)
-    rest = [processes.pop(name) for name in list(processes)]
-    if rest:
-        with ThreadPoolExecutor(len(rest)) as pool:
-            list(pool.map(lambda p: p.stop(timeout_s), rest))
-    shutil.rmtree(ipc_dir, ignore_errors=True)
-
-
-def _wait_uninterrupted(futures: list[Future[None]]) -> None:
-    """Wait for every future, even through further Ctrl-Cs (each start ends within 0.1 s of its cancel)."""
-    while True:
-        try:
-            wait(futures)
-            return
-        except KeyboardInterrupt:
-            continue
-
-
-def _log_dir(config: PipelineConfig) -> Path | None:
-    """``log_dir`` if set (made if missing); None: each launch's own temporary directory."""
-    if config.log_dir is None:
-        return None
-    path = Path(config.log_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _progress(enabled: bool) -> Callable[[str], None]:
-    def say(text: str) -> None:
-        if enabled:
-            sys.stderr.write(text)
-            sys.stderr.flush()
-
-    return say

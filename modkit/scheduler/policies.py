@@ -7,6 +7,7 @@ for every policy; a policy only orders requests. Register new ones with
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -16,6 +17,9 @@ from modkit.request import Request
 
 class SchedulingPolicy(ABC):
     name: ClassVar[str]
+    # True when admission keys change with time (aging): the scheduler then re-sorts the
+    # waiting queue before every step instead of only when a request joins it.
+    reorders_over_time: ClassVar[bool] = False
 
     @abstractmethod
     def admission_key(self, request: Request) -> tuple[float, ...]:
@@ -58,3 +62,59 @@ class PriorityPolicy(SchedulingPolicy):
 
     def pick_victim(self, running: list[Request]) -> Request:
         return max(running, key=lambda r: (r.priority, r.arrival_time))
+
+
+@register_policy("sjf")
+class ShortestJobFirstPolicy(SchedulingPolicy):
+    """Shortest job first: the waiting request with the fewest tokens to compute goes first.
+
+    Short prompts no longer wait behind long ones, which cuts the mean time to first token;
+    but a steady flow of short requests would keep a long one waiting forever. The guard
+    against that starvation: a request that has waited ``max_wait_s`` goes ahead of every
+    request that has not, oldest first. Preemption takes the request with the most tokens
+    still to generate (it would hold its blocks longest), ties to the latest arrival.
+    """
+
+    reorders_over_time = True
+    max_wait_s: ClassVar[float] = 5.0
+
+    def admission_key(self, request: Request) -> tuple[float, ...]:
+        if time.time() - request.arrival_time >= self.max_wait_s:
+            return (0, request.arrival_time)
+        return (1, request.num_tokens - request.num_computed_tokens, request.arrival_time)
+
+    def pick_victim(self, running: list[Request]) -> Request:
+        return max(running, key=lambda r: (r.max_tokens - r.num_output_tokens, r.arrival_time))
+
+
+class GuardedPolicy(SchedulingPolicy):
+    """A policy swapped in live, with the one it replaced as a fallback.
+
+    If the new policy raises, this step gets the fallback's answer instead (the scheduler
+    never stops halfway through a step), and ``error`` says what happened: the scheduler
+    then puts the fallback back for good.
+    """
+
+    def __init__(self, policy: SchedulingPolicy, fallback: SchedulingPolicy) -> None:
+        self.policy, self.fallback = policy, fallback
+        self.reorders_over_time = policy.reorders_over_time or fallback.reorders_over_time  # type: ignore[misc]
+        self.error: str | None = None
+
+    def admission_key(self, request: Request) -> tuple[float, ...]:
+        if self.error is None:
+            try:
+                return tuple(self.policy.admission_key(request))
+            except Exception as error:
+                self.error = f"{type(error).__name__} in admission_key: {error}"
+        return self.fallback.admission_key(request)
+
+    def pick_victim(self, running: list[Request]) -> Request:
+        if self.error is None:
+            try:
+                victim = self.policy.pick_victim(running)
+                if victim in running:
+                    return victim
+                self.error = f"pick_victim returned {victim!r}, not one of the running requests"
+            except Exception as error:
+                self.error = f"{type(error).__name__} in pick_victim: {error}"
+        return self.fallback.pick_victim(running)

@@ -122,9 +122,16 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def set_policy(self, policy: SchedulingPolicy) -> None:
+        """Order requests by ``policy`` from the next step on (running requests keep running)."""
+        self.policy = policy
+        self.waiting.sort(key=policy.admission_key)
+
     # -- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        if self.policy.reorders_over_time:
+            self.waiting.sort(key=self.policy.admission_key)
         budget = self.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         entries: list[ScheduledEntry] = []

@@ -40,8 +40,10 @@ from modkit.protocol import (
 )
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.output import SchedulerOutput
+from modkit.scheduler.policies import POLICIES, GuardedPolicy, SchedulingPolicy
 from modkit.scheduler.scheduler import Scheduler
-from modkit.trace.events import MAX_WAITING_REASONS, EventPublisher, ScheduledReq, StepEvent
+from modkit.swap import ImplSpec, resolve
+from modkit.trace.events import MAX_WAITING_REASONS, EventPublisher, ScheduledReq, StepEvent, Swapped
 from modkit.transport import Inbox, Outbox, RpcClient
 
 KEEP_RECORDS = 1000  # step records kept per worker (the live views stream them instead)
@@ -71,10 +73,12 @@ class WorkerSlot:
 
 
 class SchedulerService:
-    def __init__(self, config: dict[str, Any], ipc_dir: str, max_model_len: int) -> None:
+    def __init__(self, config: dict[str, Any], ipc_dir: str, max_model_len: int, swap_key: str | None = None) -> None:
         cfg = PipelineConfig.from_dict(config)
         self.started = time.time()
         self.implementation = cfg.scheduling_policy
+        self.swap_key = swap_key  # verifies classes sent by value (modkit.swap); None: none accepted
+        self.last_swap_error: str | None = None
         addresses = PipelineAddresses(ipc_dir, cfg.addresses or {})
         self.inbox = Inbox(addresses.inbox("scheduler"), allow_remote=cfg.allow_remote)
         self.kv_rpc = RpcClient(addresses.rpc("kv_cache_manager"), KV_RPC_TIMEOUT_S)
@@ -192,6 +196,7 @@ class SchedulerService:
     def _send_step(self, slot: WorkerSlot) -> None:
         t0 = time.perf_counter()
         plan = slot.scheduler.schedule()
+        self._check_swapped_policy(slot)
         slot.in_flight, slot.sent_at, slot.sent_wall = plan, time.perf_counter(), time.time()
         slot.last_schedule_s = slot.sent_at - t0
         slot.schedule_s += slot.last_schedule_s
@@ -236,6 +241,49 @@ class SchedulerService:
         for req_id in req_ids:
             self.owner.pop(req_id, None)
             self._reject(req_id, "error", f"{worker_name(slot.worker_id)} failed the step: {failed.error}")
+
+    # -- swapping the policy ---------------------------------------------------------------
+
+    def swap(self, spec: ImplSpec) -> dict[str, Any]:
+        """Order requests with another ``SchedulingPolicy`` from the next step on.
+
+        It runs between steps (this process's one loop is not inside ``schedule()`` while it
+        answers a call). The new policy is first tried on every queued and running request;
+        if that raises, nothing changes and the caller gets the error. If it raises later, in
+        a step, that step uses the old policy's answer and the old policy comes back.
+        """
+        cls = resolve(spec, POLICIES.get, self.swap_key)
+        if not issubclass(cls, SchedulingPolicy):
+            raise TypeError(f"{cls.__name__} is not a SchedulingPolicy")
+        policy = cls()
+        for slot in self.slots:  # a dry run on what it will decide about
+            for request in slot.scheduler.waiting:
+                policy.admission_key(request)
+            running = list(slot.scheduler.running)
+            if running and policy.pick_victim(running) not in running:
+                raise ValueError(f"{cls.__name__}.pick_victim returned a request that is not running")
+        previous = self.implementation
+        for slot in self.slots:
+            current = slot.scheduler.policy
+            fallback = current.fallback if isinstance(current, GuardedPolicy) else current
+            slot.scheduler.set_policy(GuardedPolicy(policy, fallback))
+        self.implementation = spec.name or spec.import_path or cls.__qualname__
+        self.last_swap_error = None
+        self.events.publish("swap", Swapped(time.time(), "scheduler", self.implementation, previous, None))
+        return {"implementation": self.implementation, "previous": previous}
+
+    def _check_swapped_policy(self, slot: WorkerSlot) -> None:
+        """A swapped-in policy that raised in this step is replaced by the one before it, on every worker."""
+        guard = slot.scheduler.policy
+        if not isinstance(guard, GuardedPolicy) or guard.error is None:
+            return
+        failed, self.last_swap_error = self.implementation, guard.error
+        for other in self.slots:
+            policy = other.scheduler.policy
+            if isinstance(policy, GuardedPolicy):
+                other.scheduler.set_policy(policy.fallback)
+        self.implementation = getattr(guard.fallback, "name", type(guard.fallback).__qualname__)
+        self.events.publish("swap", Swapped(time.time(), "scheduler", self.implementation, failed, guard.error))
 
     # -- observing -----------------------------------------------------------------------
 
@@ -284,6 +332,7 @@ class SchedulerService:
             "implementation": self.implementation,
             "uptime_s": round(time.time() - self.started, 3),
             "workers_alive": alive,
+            "last_swap_error": self.last_swap_error,
             **({} if alive else {"error": "no worker is alive"}),
         }
 

@@ -16,6 +16,7 @@ topic                  publisher (socket)         message
 ``forward.<worker>``   worker-i (worker-i.ev)     ``ForwardEvent``: the worker's own timing of the step
 ``blocks.<worker>``    KV manager (kv.events)     ``BlockEvents``: block activity of one ``apply`` call
 ``route``              router (router.ev)         ``Routed``: the worker chosen for a request, and why
+``swap``               scheduler (scheduler.ev)   ``Swapped``: another implementation took over, or was rolled back
 ``request``            frontend (frontend.ev)     ``RequestArrived``, ``TokensOut``, ``RequestDone``
 ``hello.<component>``  every one of them          ``Hello``: the answer to ``announce_events`` (below)
 =====================  =========================  =====================================================
@@ -36,7 +37,8 @@ import msgspec
 
 from modkit.transport import Publisher
 
-TOPICS = ("step.", "forward.", "blocks.", "request", "route", "hello")  # what a subscriber of the whole stream asks for
+# What a subscriber of the whole stream asks for.
+TOPICS = ("step.", "forward.", "blocks.", "request", "route", "swap", "hello")
 MAX_WAITING_REASONS = 16  # a step names why its first waiting requests wait; the rest are counted
 
 
@@ -149,6 +151,16 @@ class Routed(msgspec.Struct, tag="routed", frozen=True):
     active_blocks: dict[int, int]  # per live worker: blocks its running requests hold, before this one
 
 
+class Swapped(msgspec.Struct, tag="swapped", frozen=True):
+    """A component's implementation changed: swapped in, or rolled back after it raised (``error``)."""
+
+    ts: float
+    component: str
+    implementation: str  # the one in charge from now on
+    previous: str
+    error: str | None  # set on a rollback: why the previous one was taken out
+
+
 class Hello(msgspec.Struct, tag="hello", frozen=True):
     """The answer to ``announce_events(token)``: the asker is subscribed to this publisher."""
 
@@ -156,7 +168,9 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     token: str
 
 
-PipelineEvent = StepEvent | ForwardEvent | BlockEvents | RequestArrived | TokensOut | RequestDone | Routed | Hello
+PipelineEvent = (
+    StepEvent | ForwardEvent | BlockEvents | RequestArrived | TokensOut | RequestDone | Routed | Swapped | Hello
+)
 
 
 class EventPublisher:

@@ -35,6 +35,7 @@ from modkit.trace.events import (
     RequestDone,
     Routed,
     StepEvent,
+    Swapped,
     TokensOut,
 )
 
@@ -300,6 +301,16 @@ class Trace:
             row |= {f"active_{w}": n for w, n in sorted(e.active_blocks.items())}
             rows.append(row)
         return _frame(rows, ["t", "req_id", "worker_id", "policy", "num_prompt_blocks"])
+
+    @cached_property
+    def swaps(self) -> Any:
+        """One row per implementation change: swapped in, or rolled back (``error`` set)."""
+        rows = [
+            {"t": e.ts - self.t0, "component": e.component, "implementation": e.implementation}
+            | {"previous": e.previous, "error": e.error}
+            for e in self._of(Swapped)
+        ]
+        return _frame(rows, ["t", "component", "implementation", "previous", "error"])
 
     # -- the KV pool at one moment --------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""The launcher's process bookkeeping: what each component runs, how a group of them stops.
+
+``Pipeline`` (``launcher.py``) starts components from ``ComponentSpec``s and keeps them
+to restart one the same way; ``stop_all`` is also what runs at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modkit.config import PipelineConfig
+from modkit.transport import ComponentProcess
+
+READY_TIMEOUT_S = 300.0  # loading a hub model on a slow disk can take minutes
+TARGETS = {
+    "sampler": "modkit.sampler.service:SamplerService",
+    "worker": "modkit.worker.service:WorkerService",
+    "kv_cache_manager": "modkit.kvcache.remote:KVCacheService",
+    "scheduler": "modkit.scheduler.service:SchedulerService",
+    "router": "modkit.router.service:RouterService",
+    "frontend": "modkit.frontend.service:FrontendService",
+}
+
+
+@dataclass(slots=True)
+class ComponentSpec:
+    """How to (re)start one component."""
+
+    name: str
+    target: str
+    kwargs: dict[str, Any]
+    http_port: int | None  # None: the component serves HTTP itself (the frontend)
+    env: dict[str, str]
+
+
+def stop_all(processes: dict[str, ComponentProcess], ipc_dir: str, timeout_s: float = 5.0) -> None:
+    """The frontend first (no new requests while the rest stop), then every other component at once."""
+    if "frontend" in processes:
+        processes.pop("frontend").stop(timeout_s)
+    rest = [processes.pop(name) for name in list(processes)]
+    if rest:
+        with ThreadPoolExecutor(len(rest)) as pool:
+            list(pool.map(lambda p: p.stop(timeout_s), rest))
+    shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def wait_uninterrupted(futures: list[Future[None]]) -> None:
+    """Wait for every future, even through further Ctrl-Cs (each start ends within 0.1 s of its cancel)."""
+    while True:
+        try:
+            wait(futures)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def log_dir_of(config: PipelineConfig) -> Path | None:
+    """``log_dir`` if set (made if missing); None: each launch's own temporary directory."""
+    if config.log_dir is None:
+        return None
+    path = Path(config.log_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def progress_printer(enabled: bool) -> Callable[[str], None]:
+    def say(text: str) -> None:
+        if enabled:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    return say

@@ -1,0 +1,183 @@
+"""Swapping the scheduling policy of a running pipeline: by name, by import path, and a class
+sent by value (signed); nothing lost, greedy outputs unchanged, bad code refused or rolled back.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_pipeline import free_ports
+
+from modkit import LLM, Pipeline, SamplingParams
+from modkit.kvcache import KVCacheManager
+from modkit.request import Request
+from modkit.scheduler import Scheduler
+from modkit.scheduler.policies import SchedulingPolicy, ShortestJobFirstPolicy
+from modkit.swap import ImplSpec, SignatureError, SignedCode, load_signed, new_key, sign
+from modkit.transport import RemoteError
+
+QUESTIONS = [f"Tell me about the number {i}." for i in range(8)]
+
+
+class Marker:
+    """Unpickling this writes a file: proof that a payload was (or was not) loaded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def test_signed_code_loads_only_under_its_own_key(tmp_path: Path) -> None:
+    key = new_key()
+    assert load_signed(sign(ShortestJobFirstPolicy, key), key) is ShortestJobFirstPolicy
+    marker = tmp_path / "loaded"
+    payload = pickle.dumps(Marker(str(marker)))
+    good = SignedCode(payload, sign(None, key).signature)  # a signature of other bytes
+    forged = [
+        good,
+        SignedCode(payload + b" ", sign(payload, key).signature),
+        SignedCode(payload, "00" * 32),
+        SignedCode(payload, sign(Marker(str(marker)), new_key()).signature),
+    ]
+    for code in forged:
+        with pytest.raises(SignatureError):
+            load_signed(code, key)
+    with pytest.raises(SignatureError, match="holds no signing key"):
+        load_signed(sign(Marker(str(marker)), key), None)
+    assert not marker.exists(), "a refused payload was unpickled"
+
+
+def make_request(req_id: str, num_tokens: int, arrival: float) -> Request:
+    return Request(req_id, list(range(1, num_tokens + 1)), SamplingParams(max_tokens=4), arrival_time=arrival)
+
+
+def test_sjf_admits_short_prompts_first_but_not_forever() -> None:
+    scheduler = Scheduler(KVCacheManager(64, 16), max_num_batched_tokens=40, policy="sjf")
+    now = time.time()
+    for req_id, n in [("long", 30), ("short", 5), ("mid", 12)]:
+        scheduler.add_request(make_request(req_id, n, now))
+    first = scheduler.schedule()
+    assert list(first.num_scheduled_tokens) == ["short", "mid", "long"]  # the long one gets what is left
+    assert first.num_scheduled_tokens["long"] == 40 - 5 - 12
+    # A request that has waited max_wait_s goes ahead of shorter ones that have not.
+    starved = Scheduler(KVCacheManager(64, 16), max_num_batched_tokens=20, policy="sjf")
+    starved.add_request(make_request("old-long", 18, now - ShortestJobFirstPolicy.max_wait_s - 1))
+    starved.add_request(make_request("new-short", 3, now))
+    assert list(starved.schedule().num_scheduled_tokens) == ["old-long", "new-short"]
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Iterator[Pipeline]:
+    with Pipeline.launch(num_kv_blocks=48, max_num_batched_tokens=64, progress=False, **free_ports()) as p:
+        yield p
+
+
+def run_all(p: Pipeline, during: Any = None) -> list[str]:
+    """Every question at once, greedy; ``during()`` runs while they are in flight."""
+    client = p.client(timeout=120)
+
+    def ask(question: str) -> str:
+        reply = client.chat.completions.create(
+            model=p.model_name, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+        )
+        return str(reply.choices[0].message.content)
+
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        futures = [pool.submit(ask, q) for q in QUESTIONS]
+        if during is not None:
+            time.sleep(0.3)
+            during()
+        return [f.result() for f in futures]
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[str]:
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    outs = LLM(num_kv_blocks=48, max_num_batched_tokens=64).chat(
+        conversations, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False
+    )
+    return [o.outputs[0].text for o in outs]
+
+
+def test_swaps_by_name_and_import_path_while_requests_run(pipeline: Pipeline, expected: list[str]) -> None:
+    pipeline.clear_trace()
+    answers = run_all(pipeline, during=lambda: pipeline.swap("scheduler", "sjf"))
+    assert answers == expected, "requests in flight finished as they would have without a swap"
+    assert pipeline.health()["scheduler"]["implementation"] == "sjf"
+    swapped = pipeline.swap("scheduler", "modkit.scheduler.policies:FCFSPolicy")
+    assert swapped == {"implementation": "modkit.scheduler.policies:FCFSPolicy", "previous": "sjf"}
+    trace = pipeline.trace()
+    swaps = trace.swaps
+    assert list(swaps.implementation) == ["sjf", "modkit.scheduler.policies:FCFSPolicy"] and swaps.error.isna().all()
+    assert trace.requests.arrival.max() < swaps.t.iloc[0] < trace.requests.finished.min(), "swapped mid-flight"
+
+
+def test_a_class_from_a_cell_is_sent_signed_and_runs_there(pipeline: Pipeline, expected: list[str]) -> None:
+    class LastComeFirstServed(SchedulingPolicy):  # local: cloudpickle sends it by value
+        def admission_key(self, request: Request) -> tuple[float, ...]:
+            return (-request.arrival_time,)
+
+        def pick_victim(self, running: list[Request]) -> Request:
+            return min(running, key=lambda r: r.arrival_time)
+
+    assert pipeline.swap("scheduler", LastComeFirstServed)["implementation"].endswith("LastComeFirstServed")
+    assert run_all(pipeline) == expected
+    assert pipeline.health()["scheduler"]["implementation"].endswith("LastComeFirstServed")
+
+
+def test_tampered_or_foreign_code_is_refused_unread(pipeline: Pipeline, tmp_path: Path) -> None:
+    marker = tmp_path / "loaded"
+    before = pipeline.health()["scheduler"]["implementation"]
+    for key in (new_key(), pipeline.swap_key):
+        code = sign(Marker(str(marker)), key)
+        if key == pipeline.swap_key:
+            code = SignedCode(code.pickled + b".", code.signature)  # changed after signing
+        with pipeline.processes["scheduler"].client() as rpc, pytest.raises(RemoteError) as refused:
+            rpc.call("swap", ImplSpec(code=code))
+        assert refused.value.type_name == "SignatureError"
+    assert not marker.exists()
+    assert pipeline.health()["scheduler"]["implementation"] == before
+    with pytest.raises(ValueError, match="cannot be swapped yet"):
+        pipeline.swap("kv_cache_manager", "sjf")
+
+
+def test_a_policy_that_raises_is_refused_or_rolled_back_and_serving_goes_on(
+    pipeline: Pipeline, expected: list[str]
+) -> None:
+    pipeline.swap("scheduler", "fcfs")
+
+    class Broken(SchedulingPolicy):
+        def admission_key(self, request: Request) -> tuple[float, ...]:
+            return (request.arrival_time,)
+
+        def pick_victim(self, running: list[Request]) -> Request:
+            raise RuntimeError("no victim for you")
+
+    # Tried on the running requests before it takes over: refused at once, the caller sees why.
+    with pytest.raises(RemoteError, match="no victim for you") as refused:
+        run_all(pipeline, during=lambda: pipeline.swap("scheduler", Broken))
+    assert refused.value.type_name == "RuntimeError" and "pick_victim" in refused.value.remote_traceback
+    assert pipeline.health()["scheduler"]["implementation"] == "fcfs"
+
+    class BreaksLater(SchedulingPolicy):  # fine on an empty queue, fails on the first request it orders
+        def admission_key(self, request: Request) -> tuple[float, ...]:
+            raise RuntimeError(f"cannot order {request.req_id}")
+
+        def pick_victim(self, running: list[Request]) -> Request:
+            return running[0]
+
+    pipeline.clear_trace()
+    pipeline.swap("scheduler", BreaksLater)
+    assert run_all(pipeline) == expected, "the step it failed in used the old policy; nothing was lost"
+    health = pipeline.health()["scheduler"]
+    assert health["implementation"] == "fcfs" and "cannot order" in health["last_swap_error"]
+    swaps = pipeline.trace().swaps
+    assert list(swaps.implementation)[-1] == "fcfs" and "cannot order" in swaps.error.iloc[-1]
