@@ -16,7 +16,9 @@ from test_pipeline import free_ports
 
 from modkit import LLM, Pipeline, SamplingParams
 from modkit.kvcache import KVCacheManager
+from modkit.kvcache.hashing import BlockHash
 from modkit.request import Request
+from modkit.router.policies import RouterPolicy, WorkerView
 from modkit.scheduler import Scheduler
 from modkit.scheduler.policies import SchedulingPolicy, ShortestJobFirstPolicy
 from modkit.swap import ImplSpec, SignatureError, SignedCode, load_signed, new_key, sign
@@ -76,7 +78,9 @@ def test_sjf_admits_short_prompts_first_but_not_forever() -> None:
 
 @pytest.fixture(scope="module")
 def pipeline() -> Iterator[Pipeline]:
-    with Pipeline.launch(num_kv_blocks=48, max_num_batched_tokens=64, progress=False, **free_ports()) as p:
+    with Pipeline.launch(
+        num_workers=2, num_kv_blocks=48, max_num_batched_tokens=64, progress=False, **free_ports()
+    ) as p:
         yield p
 
 
@@ -147,6 +151,9 @@ def test_tampered_or_foreign_code_is_refused_unread(pipeline: Pipeline, tmp_path
     assert pipeline.health()["scheduler"]["implementation"] == before
     with pytest.raises(ValueError, match="cannot be swapped yet"):
         pipeline.swap("kv_cache_manager", "sjf")
+    with pipeline.processes["router"].client() as rpc, pytest.raises(RemoteError) as refused:
+        rpc.call("swap", ImplSpec(code=sign(Marker(str(marker)), new_key())))
+    assert refused.value.type_name == "SignatureError" and not marker.exists()
 
 
 def test_a_policy_that_raises_is_refused_or_rolled_back_and_serving_goes_on(
@@ -181,3 +188,30 @@ def test_a_policy_that_raises_is_refused_or_rolled_back_and_serving_goes_on(
     assert health["implementation"] == "fcfs" and "cannot order" in health["last_swap_error"]
     swaps = pipeline.trace().swaps
     assert list(swaps.implementation)[-1] == "fcfs" and "cannot order" in swaps.error.iloc[-1]
+
+
+def test_the_routing_policy_swaps_too_and_a_failing_one_is_rolled_back(pipeline: Pipeline, expected: list[str]) -> None:
+    class AlwaysTheLast(RouterPolicy):
+        def choose(self, block_hashes: list[BlockHash], num_prompt_blocks: int, workers: list[WorkerView]) -> int:
+            return max(w.worker_id for w in workers)
+
+    pipeline.clear_trace()
+    assert pipeline.swap("router", AlwaysTheLast)["previous"] == "round_robin"
+    assert run_all(pipeline) == expected
+    routes = pipeline.trace().routes
+    assert len(routes) == len(QUESTIONS) and (routes.worker_id == 1).all()
+
+    class LosesTheMap(RouterPolicy):
+        def choose(self, block_hashes: list[BlockHash], num_prompt_blocks: int, workers: list[WorkerView]) -> int:
+            if not block_hashes:  # the dry run, on an empty prompt
+                return workers[0].worker_id
+            raise RuntimeError("lost the map")
+
+    pipeline.clear_trace()
+    pipeline.swap("router", LosesTheMap)
+    assert run_all(pipeline) == expected, "the request it failed on was routed by the policy before it"
+    health = pipeline.health()["router"]
+    assert health["implementation"].endswith("AlwaysTheLast") and "lost the map" in health["last_swap_error"]
+    trace = pipeline.trace()
+    assert (trace.routes.worker_id == 1).all()
+    assert list(trace.swaps.component) == ["router", "router"] and "lost the map" in trace.swaps.error.iloc[-1]

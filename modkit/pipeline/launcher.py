@@ -110,6 +110,7 @@ class Pipeline:
         cfg = self.config
         common = {"config": cfg.to_dict(include_secrets=True), "ipc_dir": self.addresses.ipc_dir}
         with_len = {**common, "max_model_len": self.max_model_len}
+        signed = {"swap_key": self.swap_key}  # for the components that take classes by value (Pipeline.swap)
         quiet, ports = dict(QUIET_THREADS), cfg.ports()
         workers = [
             ComponentSpec(worker_name(i), TARGETS["worker"], {**with_len, "worker_id": i}, ports[worker_name(i)], {})
@@ -122,14 +123,8 @@ class Pipeline:
             [
                 ComponentSpec("sampler", TARGETS["sampler"], dict(common), ports["sampler"], quiet),
                 *workers,
-                ComponentSpec(
-                    "scheduler",
-                    TARGETS["scheduler"],
-                    {**with_len, "swap_key": self.swap_key},
-                    ports["scheduler"],
-                    quiet,
-                ),
-                ComponentSpec("router", TARGETS["router"], dict(common), ports["router"], quiet),
+                ComponentSpec("scheduler", TARGETS["scheduler"], {**with_len, **signed}, ports["scheduler"], quiet),
+                ComponentSpec("router", TARGETS["router"], {**common, **signed}, ports["router"], quiet),
                 ComponentSpec("frontend", TARGETS["frontend"], dict(with_len), None, quiet),
             ],
             say,
@@ -292,7 +287,7 @@ class Pipeline:
         self._start(self.specs[component], progress_printer(False))
         self.wait_healthy()
 
-    SWAPPABLE = ("scheduler",)  # so far: the scheduling policy
+    SWAPPABLE = ("scheduler", "router")  # so far: the scheduling policy, the routing policy
 
     def swap(self, component: str, impl: str | type, allow_remote_code: bool = False) -> dict[str, Any]:
         """Put another implementation in charge of ``component``, between two of its steps, while it serves.

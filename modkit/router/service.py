@@ -31,15 +31,22 @@ from modkit.protocol import (
     WorkerHeartbeat,
     WorkerUp,
 )
+from modkit.router.policies import ROUTER_POLICIES, RouterPolicy
 from modkit.router.router import NoWorkerError, Router
-from modkit.trace.events import EventPublisher, Routed
+from modkit.swap import ImplSpec, resolve
+from modkit.trace.events import EventPublisher, Routed, Swapped
 from modkit.transport import Inbox, Outbox, Subscriber
 
 
 class RouterService:
-    def __init__(self, config: dict[str, Any], ipc_dir: str, worker_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self, config: dict[str, Any], ipc_dir: str, worker_timeout_s: float = 3.0, swap_key: str | None = None
+    ) -> None:
         cfg = PipelineConfig.from_dict(config)
         self.started = time.time()
+        self.swap_key = swap_key  # verifies classes sent by value (modkit.swap); None: none accepted
+        self.last_swap_error: str | None = None
+        self.previous_policy: tuple[str, RouterPolicy] | None = None  # put back if a swapped-in one raises
         self.router = Router(cfg.num_workers, cfg.block_size, cfg.router_policy)
         self.implementation = cfg.router_policy
         self.worker_timeout_s = worker_timeout_s
@@ -78,7 +85,7 @@ class RouterService:
     def _handle(self, message: PipelineMessage) -> None:
         if isinstance(message, AddRequest):
             try:
-                worker_id = self.router.route(message.req_id, message.prompt_token_ids)
+                worker_id = self._route(message)
             except NoWorkerError as error:
                 self.to_frontend.send(RequestRejected(message.req_id, "unavailable", str(error)))
                 return
@@ -105,6 +112,41 @@ class RouterService:
                 self.router.mark_alive(message.worker_id)
                 self.to_scheduler.send(WorkerUp(message.worker_id))
 
+    def _route(self, message: AddRequest) -> int:
+        """The router's choice; a swapped-in policy that raises is replaced by the one before it, at once."""
+        try:
+            return self.router.route(message.req_id, message.prompt_token_ids)
+        except NoWorkerError:
+            raise
+        except Exception as error:
+            if self.previous_policy is None:
+                raise
+            failed = self.implementation
+            self.implementation, self.router.policy = self.previous_policy
+            self.previous_policy = None
+            self.last_swap_error = f"{type(error).__name__}: {error}"
+            self.events.publish(
+                "swap", Swapped(time.time(), "router", self.implementation, failed, self.last_swap_error)
+            )
+            return self.router.route(message.req_id, message.prompt_token_ids)
+
+    def swap(self, spec: ImplSpec) -> dict[str, Any]:
+        """Route with another ``RouterPolicy`` from the next request on (tried first on an empty prompt)."""
+        cls = resolve(spec, ROUTER_POLICIES.get, self.swap_key)
+        if not issubclass(cls, RouterPolicy):
+            raise TypeError(f"{cls.__name__} is not a RouterPolicy")
+        policy = cls()
+        live = [w for w in self.router.workers.values() if w.alive]
+        if live and policy.choose([], 0, live) not in {w.worker_id for w in live}:
+            raise ValueError(f"{cls.__name__}.choose returned a worker that is not live")
+        previous = self.implementation
+        self.previous_policy = (previous, self.router.policy)
+        self.router.policy = policy
+        self.implementation = spec.name or spec.import_path or cls.__qualname__
+        self.last_swap_error = None
+        self.events.publish("swap", Swapped(time.time(), "router", self.implementation, previous, None))
+        return {"implementation": self.implementation, "previous": previous}
+
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
         for worker_id, view in self.router.workers.items():
@@ -125,6 +167,7 @@ class RouterService:
             "implementation": self.implementation,
             "uptime_s": round(time.time() - self.started, 3),
             "workers_alive": alive,
+            "last_swap_error": self.last_swap_error,
             **({} if alive else {"error": "no worker is alive"}),
         }
 
