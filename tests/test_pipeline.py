@@ -400,6 +400,9 @@ LAUNCH_SCRIPT = """
 import os, signal, sys, json
 from modkit import LLM, Pipeline
 ports = json.loads(sys.argv[2])
+# As a notebook kernel does: Ctrl-C raises KeyboardInterrupt, also where this script's
+# parent ignores SIGINT (a shell's background job does, and its children inherit that).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if sys.argv[1] == "interrupt":  # a notebook cell interrupt, while the components start
     start = Pipeline._start
 
@@ -456,7 +459,13 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         def router_knows() -> bool:
             return p.stats()["router"]["workers"][int(warm)]["num_cached_blocks"] > 0
 
-        wait_for(router_knows, 10, "the router to learn the cached blocks from KV events")
+        deadline = time.monotonic() + 10
+        while not router_knows() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stats = p.stats()
+        assert router_knows(), (
+            f"the router never learned the cached blocks: {stats['router']} {stats['kv_cache_manager']}"
+        )
         for question in ("What does a dog say?", "What color is the sky?", "Who are you?"):
             ask(question)
         stats = p.stats()
