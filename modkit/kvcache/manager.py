@@ -136,10 +136,12 @@ class KVCacheManager:
         self._update_hashes(request)
         num_full = min(num_computed_tokens, request.num_tokens) // self.block_size
         num_cached = self.num_cached_blocks.get(request.req_id, 0)
-        unhashed = [b for b in blocks[num_cached:num_full] if b.block_hash is None]
+        # Only a view needs to know which blocks this call hashed: look only when one listens (a hot path).
+        watched = self.activity_sink is not None
+        unhashed = [b for b in blocks[num_cached:num_full] if b.block_hash is None] if watched else []
         self.pool.cache_full_blocks(blocks, request.block_hashes, request.all_token_ids, num_cached, num_full)
         self.num_cached_blocks[request.req_id] = max(num_cached, num_full)
-        if self.activity_sink is not None:
+        if watched:
             self._tell("cached", request.req_id, [b.block_id for b in unhashed if b.block_hash is not None])
 
     def free(self, request: KVRequest) -> None:

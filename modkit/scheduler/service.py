@@ -18,6 +18,7 @@ planning ahead yet: that is the overlap of the GPU issue).
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -294,7 +295,7 @@ class SchedulerService:
         record = slot.scheduler.last_record
         if record is None:
             return
-        waiting = dict(list(record.waiting.items())[:MAX_WAITING_REASONS])
+        waiting = dict(itertools.islice(record.waiting.items(), MAX_WAITING_REASONS))
         event = StepEvent(
             worker_id=slot.worker_id,
             step=record.step,
