@@ -37,6 +37,7 @@ import torch
 from modkit.attention import attention_backends
 from modkit.config_sources import parse_cli, read_file, reject_unknown_keys
 from modkit.engine.config import ConfigError, EngineConfig
+from modkit.kvcache.eviction import eviction_policies
 from modkit.router import ROUTER_POLICIES
 from modkit.sampler import samplers
 from modkit.scheduler import policies
@@ -67,7 +68,8 @@ class PipelineConfig:
     # -- policies and swappable parts, each chosen by name ------------------------------------
     scheduling_policy: str = "fcfs"  # first come, first served; "priority" admits low priority values first
     router_policy: str = "round_robin"  # needs no load reports; "least_loaded" and "kv_aware" do
-    sampler: str = "default"  # the one built-in sampler
+    eviction_policy: str = "lru"  # which free cached block goes first: "lru" (vLLM's) or "lfu"
+    sampler: str = "default"  # batched, vLLM's order of operations; "per_request" loops row by row
     attention_backend: str = "torch_batched"  # batched SDPA; "torch_ref" is the slow, obvious reference
     seed: int = 0  # seeds requests that bring no seed, so a run can be repeated
     # -- processes and network --------------------------------------------------------------
@@ -110,6 +112,7 @@ class PipelineConfig:
         # registers its own must do so before building the config (and in that component's process).
         _check_choice("scheduling_policy", self.scheduling_policy, policies())
         _check_choice("router_policy", self.router_policy, ROUTER_POLICIES.names())
+        _check_choice("eviction_policy", self.eviction_policy, eviction_policies())
         _check_choice("sampler", self.sampler, samplers())
         _check_choice("attention_backend", self.attention_backend, attention_backends())
         _check_int("seed", self.seed, minimum=0)
@@ -251,6 +254,7 @@ class PipelineConfig:
             enable_prefix_caching=self.enable_prefix_caching,
             max_model_len=self.max_model_len,
             scheduling_policy=self.scheduling_policy,
+            eviction_policy=self.eviction_policy,
             sampler=self.sampler,
             attention_backend=self.attention_backend,
             kv_cache_memory_fraction=self.gpu_memory_utilization,

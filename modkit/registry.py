@@ -13,6 +13,15 @@ T = TypeVar("T")
 C = TypeVar("C", bound=type)
 
 
+def implementation_name(obj: object) -> str:
+    """The name a class (or an instance's class) was registered under, else its class name.
+
+    Only the class's own registration counts: a subclass of a registered class is not it.
+    """
+    cls = obj if isinstance(obj, type) else type(obj)
+    return str(cls.__dict__.get("name") or cls.__qualname__)
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind  # what the entries are, for error messages: "attention backend"

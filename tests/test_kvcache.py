@@ -13,9 +13,9 @@ from modkit.kvcache import (
     BlockRemoved,
     BlockStored,
     EventLog,
-    FreeBlockQueue,
     KVCacheBlock,
     KVCacheManager,
+    LRUEviction,
     hash_block_tokens,
 )
 from modkit.request import Request
@@ -36,13 +36,14 @@ def compute(manager: KVCacheManager, request: Request) -> list[int]:
     return manager.get_block_ids(request.req_id)
 
 
-def test_free_queue_removes_from_the_middle_and_keeps_order() -> None:
+def test_lru_list_removes_from_the_middle_and_keeps_order() -> None:
     blocks = [KVCacheBlock(i) for i in range(5)]
-    queue = FreeBlockQueue(blocks)
+    queue = LRUEviction()
+    queue.extend(blocks)
     queue.remove(blocks[2])
     assert [b.block_id for b in queue] == [0, 1, 3, 4]
-    queue.append(blocks[2])
-    assert queue.popleft() is blocks[0] and queue.num_free_blocks == 4
+    queue.add(blocks[2])
+    assert queue.pop() is blocks[0]
     assert [b.block_id for b in queue] == [1, 3, 4, 2]
 
 

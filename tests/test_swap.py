@@ -1,5 +1,6 @@
-"""Swapping the scheduling policy of a running pipeline: by name, by import path, and a class
-sent by value (signed); nothing lost, greedy outputs unchanged, bad code refused or rolled back.
+"""Swapping parts of a running pipeline (scheduling, eviction and routing policies, the sampler,
+the attention backend): by name, by import path, and a class sent by value (signed); nothing
+lost, greedy outputs unchanged, bad code refused or rolled back.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from test_pipeline import free_ports
 
 from modkit import LLM, Pipeline, SamplingParams
-from modkit.kvcache import KVCacheManager
+from modkit.kvcache import KVCacheBlock, KVCacheManager, LRUEviction
 from modkit.kvcache.hashing import BlockHash
 from modkit.request import Request
 from modkit.router.policies import RouterPolicy, WorkerView
@@ -150,8 +151,8 @@ def test_tampered_or_foreign_code_is_refused_unread(pipeline: Pipeline, tmp_path
         assert refused.value.type_name == "SignatureError"
     assert not marker.exists()
     assert pipeline.health()["scheduler"]["implementation"] == before
-    with pytest.raises(ValueError, match="cannot be swapped yet"):
-        pipeline.swap("kv_cache_manager", "sjf")
+    with pytest.raises(ValueError, match="cannot be swapped"):
+        pipeline.swap("frontend", "sjf")
     with pipeline.processes["router"].client() as rpc, pytest.raises(RemoteError) as refused:
         rpc.call("swap", ImplSpec(code=sign(Marker(str(marker)), new_key())))
     assert refused.value.type_name == "SignatureError" and not marker.exists()
@@ -216,3 +217,49 @@ def test_the_routing_policy_swaps_too_and_a_failing_one_is_rolled_back(pipeline:
     trace = pipeline.trace()
     assert (trace.routes.worker_id == 1).all()
     assert list(trace.swaps.component) == ["router", "router"] and "lost the map" in trace.swaps.error.iloc[-1]
+
+
+def check_pools(p: Pipeline) -> None:
+    with p.processes["kv_cache_manager"].client() as rpc:
+        for pool in range(p.config.num_workers):
+            rpc.call("check_invariants", pool)
+
+
+def test_the_eviction_policy_swaps_while_requests_run(pipeline: Pipeline, expected: list[str]) -> None:
+    pipeline.clear_trace()
+    answers = run_all(pipeline, during=lambda: pipeline.swap("kv_cache_manager", "lfu"))
+    assert answers == expected
+    check_pools(pipeline)
+    health = pipeline.health()["kv_cache_manager"]
+    assert health["eviction_policy"] == "lfu" and health["last_swap_error"] is None
+    swaps = pipeline.trace().swaps
+    assert list(swaps.component) == ["kv_cache_manager"] and list(swaps.previous) == ["lru"]
+    assert run_all(pipeline) == expected
+    pipeline.swap("kv_cache_manager", "modkit.kvcache.eviction:LRUEviction")
+    check_pools(pipeline)
+
+
+def test_an_eviction_policy_that_raises_later_is_rolled_back(pipeline: Pipeline, expected: list[str]) -> None:
+    class GivesUp(LRUEviction):  # its first instance (the swap's trial) works; the pools' ones fail
+        instances = 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            type(self).instances += 1
+            self.works = type(self).instances == 1
+
+        def pop(self) -> KVCacheBlock:
+            if not self.works:
+                raise RuntimeError("too many pops")
+            return super().pop()
+
+    pipeline.swap("kv_cache_manager", "lru")
+    pipeline.clear_trace()
+    assert pipeline.swap("kv_cache_manager", GivesUp)["implementation"].endswith("GivesUp")
+    assert run_all(pipeline) == expected, "the allocation it failed on was served by LRU"
+    check_pools(pipeline)
+    health = pipeline.health()["kv_cache_manager"]
+    assert health["eviction_policy"] == "lru" and "too many pops" in health["last_swap_error"]
+    swaps = pipeline.trace().swaps
+    assert list(swaps.implementation) == [swaps.implementation.iloc[0], "lru"]
+    assert "too many pops" in swaps.error.iloc[-1]

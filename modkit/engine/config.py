@@ -26,6 +26,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     scheduling_policy: str = "fcfs"
+    eviction_policy: str = "lru"
     sampler: str = "default"
     attention_backend: str = "torch_batched"
     kv_cache_memory_fraction: float = 0.9  # of free memory after weights, when num_kv_blocks is None

@@ -45,7 +45,13 @@ class EngineCore:
         self.max_model_len = config.max_model_len or limit
         num_blocks = config.num_kv_blocks or num_blocks_from_memory(self.model, config, self.max_model_len)
         self.kv_cache = PagedKVCache.allocate(self.model.config, num_blocks, config.block_size, self.dtype, self.device)
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, kv_event_sink)
+        self.kv_manager = KVCacheManager(
+            num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            kv_event_sink,
+            eviction_policy=config.eviction_policy,
+        )
         self.scheduler = Scheduler(
             self.kv_manager,
             config.max_num_batched_tokens,

@@ -49,6 +49,7 @@ class LLM:
         max_model_len: int | None = None,
         seed: int = 0,
         scheduling_policy: str = "fcfs",
+        eviction_policy: str = "lru",
         sampler: str = "default",
         attention_backend: str = "torch_batched",
         kv_event_sink: KVEventSink | None = None,
@@ -65,6 +66,7 @@ class LLM:
             max_model_len=max_model_len,
             seed=seed,
             scheduling_policy=scheduling_policy,
+            eviction_policy=eviction_policy,
             sampler=sampler,
             attention_backend=attention_backend,
         )

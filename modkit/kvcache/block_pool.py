@@ -8,17 +8,18 @@ Life of a block::
            +---- evicted (hash dropped) <--allocate takes it from the head--- free + cached (ref 0)
 
 A freed block keeps its hash and stays findable until an allocation needs it: that is what
-lets a later request with the same prefix skip recomputing it (a prefix-cache hit). The free
-queue orders reuse: allocations take from the head, frees append to the tail, so the least
-recently used cached block is evicted first.
+lets a later request with the same prefix skip recomputing it (a prefix-cache hit). Which
+free block an allocation takes, and so which cached content is evicted, is the eviction
+policy's choice (``modkit.kvcache.eviction``: ``lru`` by default, as in vLLM).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from modkit.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSink
+from modkit.kvcache.eviction import EVICTION_POLICIES, EvictionPolicy, policy_name
 from modkit.kvcache.hashing import BlockHash
 
 NULL_BLOCK_ID = 0  # reserved, as in vLLM: never allocated, so 0 can pad block tables
@@ -29,55 +30,15 @@ class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: BlockHash | None = None  # set once the block is full and cached
-    # Links of the free queue; None when the block is not in it.
+    num_hits: int = 0  # prefix hits on its cached content (0 again once evicted)
+    last_freed: int = 0  # the pool's tick when it last became free: the order of frees
+    # Links of the LRU eviction policy's list; None when the block is not in it.
     prev_free: KVCacheBlock | None = None
     next_free: KVCacheBlock | None = None
 
     def __repr__(self) -> str:
         cached = "cached" if self.block_hash is not None else "-"
         return f"KVCacheBlock(id={self.block_id}, ref={self.ref_cnt}, {cached})"
-
-
-class FreeBlockQueue:
-    """Doubly linked list of free blocks, least recently freed at the head.
-
-    A list would do for append and pop, but a prefix-cache hit must pull a block out of the
-    *middle* (it is free, cached, and now wanted again): linked, that is O(1).
-    """
-
-    def __init__(self, blocks: Iterable[KVCacheBlock]) -> None:
-        self._head = KVCacheBlock(-1)  # sentinels: no None checks at the ends
-        self._tail = KVCacheBlock(-1)
-        self._head.next_free, self._tail.prev_free = self._tail, self._head
-        self.num_free_blocks = 0
-        for block in blocks:
-            self.append(block)
-
-    def popleft(self) -> KVCacheBlock:
-        block = self._head.next_free
-        if block is None or block is self._tail:
-            raise IndexError("no free blocks")
-        self.remove(block)
-        return block
-
-    def remove(self, block: KVCacheBlock) -> None:
-        assert block.prev_free is not None and block.next_free is not None, f"{block} is not free"
-        block.prev_free.next_free, block.next_free.prev_free = block.next_free, block.prev_free
-        block.prev_free = block.next_free = None
-        self.num_free_blocks -= 1
-
-    def append(self, block: KVCacheBlock) -> None:
-        last = self._tail.prev_free
-        assert last is not None
-        last.next_free, block.prev_free = block, last
-        block.next_free, self._tail.prev_free = self._tail, block
-        self.num_free_blocks += 1
-
-    def __iter__(self) -> Iterator[KVCacheBlock]:
-        block = self._head.next_free
-        while block is not None and block is not self._tail:
-            yield block
-            block = block.next_free
 
 
 class BlockPool:
@@ -89,6 +50,7 @@ class BlockPool:
         block_size: int,
         enable_caching: bool = True,
         event_sink: KVEventSink | None = None,
+        eviction_policy: str | type[EvictionPolicy] = "lru",
     ) -> None:
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is reserved), got {num_blocks}")
@@ -99,14 +61,21 @@ class BlockPool:
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.null_block = self.blocks[NULL_BLOCK_ID]
         self.null_block.ref_cnt = 1  # permanently held, never freed
-        self.free_queue = FreeBlockQueue(self.blocks[1:])
         self.cached: dict[BlockHash, KVCacheBlock] = {}  # hash -> the block holding that content
         self.num_evictions = 0
+        self.num_free_blocks = num_blocks - 1  # blocks an allocation can take now: free ones, cached or not
+        self._tick = 0  # counts frees, for ``last_freed``
+        for block in self.blocks[1:]:
+            block.last_freed = self._next_tick()
+        cls = EVICTION_POLICIES.get(eviction_policy) if isinstance(eviction_policy, str) else eviction_policy
+        self.eviction: EvictionPolicy = cls()
+        self.eviction.extend(self.blocks[1:])
+        self.fallback_policy: type[EvictionPolicy] | None = None  # put back if the policy in charge raises
+        self.eviction_error: str | None = None  # why the last swapped-in policy was put aside
 
-    @property
-    def num_free_blocks(self) -> int:
-        """Blocks an allocation can take now: free ones, cached or not."""
-        return self.free_queue.num_free_blocks
+    def _next_tick(self) -> int:
+        self._tick += 1
+        return self._tick
 
     @property
     def usage(self) -> float:
@@ -123,7 +92,7 @@ class BlockPool:
             raise ValueError(f"asked for {n} blocks, {self.num_free_blocks} are free")
         blocks = []
         for _ in range(n):
-            block = self.free_queue.popleft()
+            block = self._pop_free()
             if evicted is not None and block.block_hash is not None:
                 evicted.append(block.block_id)
             self._evict(block)
@@ -134,9 +103,11 @@ class BlockPool:
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """A request starts using cached blocks: count it, and take free ones out of the queue."""
         for block in blocks:
-            if block.ref_cnt == 0:
-                self.free_queue.remove(block)
             block.ref_cnt += 1
+            block.num_hits += 1
+            if block.ref_cnt == 1:
+                self.num_free_blocks -= 1
+                self._guarded(self.eviction.remove, block)
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one reference from each; blocks no one holds go to the tail of the free queue,
@@ -145,7 +116,9 @@ class BlockPool:
             assert block.ref_cnt > 0 and block is not self.null_block, f"double free of {block}"
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self.free_queue.append(block)
+                block.last_freed = self._next_tick()
+                self.num_free_blocks += 1
+                self._guarded(self.eviction.add, block)
 
     def cache_full_blocks(
         self,
@@ -197,6 +170,7 @@ class BlockPool:
         if self.event_sink is not None:
             self.event_sink(BlockRemoved(block_hashes=[block.block_hash]))
         block.block_hash = None
+        block.num_hits = 0
         self.num_evictions += 1
 
     def reset_prefix_cache(self) -> bool:
@@ -204,8 +178,63 @@ class BlockPool:
         if self.num_free_blocks != self.num_blocks - 1:
             return False
         for block in self.blocks:
-            block.block_hash = None
+            block.block_hash, block.num_hits = None, 0
         self.cached.clear()
+        fallback = self.fallback_policy
+        self.set_eviction_policy(type(self.eviction))  # the free blocks' keys changed: rebuild the order
+        self.fallback_policy = fallback
         if self.event_sink is not None:
             self.event_sink(AllBlocksCleared())
         return True
+
+    # -- the eviction policy ---------------------------------------------------------------
+
+    def free_block_list(self) -> list[KVCacheBlock]:
+        """The free blocks, by the pool's own account, least recently freed first."""
+        return sorted((b for b in self.blocks[1:] if b.ref_cnt == 0), key=lambda b: b.last_freed)
+
+    def set_eviction_policy(self, cls: type[EvictionPolicy], keep_fallback: bool = False) -> None:
+        """Put ``cls`` in charge, handing it the free blocks in the current policy's order.
+
+        With ``keep_fallback``, the current policy's class is kept as the one to put back if
+        the new one raises (or hands out a block that is not free).
+        """
+        try:
+            order = list(self.eviction)
+        except Exception:  # the policy in charge is broken: fall back to the order of frees
+            order = self.free_block_list()
+        previous = type(self.eviction)
+        policy = cls()
+        policy.extend(order)
+        self.eviction = policy
+        self.fallback_policy = previous if keep_fallback else None
+
+    def _pop_free(self) -> KVCacheBlock:
+        block = self._guarded(self.eviction.pop)
+        if block is not None and (block.ref_cnt != 0 or block is self.null_block):
+            if self.fallback_policy is None:
+                raise AssertionError(f"the eviction policy handed out {block}, which is not free")
+            self._roll_back(f"pop() returned {block}, which is not free")
+            block = None
+        if block is None:  # the swapped-in policy failed: its fallback answers
+            block = self.eviction.pop()
+        self.num_free_blocks -= 1
+        return block
+
+    def _guarded(self, method, *args):  # type: ignore[no-untyped-def]
+        """Call a method of the eviction policy; if a swapped-in policy raises, put its fallback back."""
+        if self.fallback_policy is None:
+            return method(*args)
+        try:
+            return method(*args)
+        except Exception as error:
+            self._roll_back(f"{type(error).__name__} in {method.__name__}(): {error}")
+            return None
+
+    def _roll_back(self, error: str) -> None:
+        """The swapped-in policy failed: rebuild the fallback from the pool's ground truth."""
+        assert self.fallback_policy is not None
+        self.eviction_error = f"{policy_name(self.eviction)}: {error}"
+        policy = self.fallback_policy()
+        policy.extend(self.free_block_list())
+        self.eviction, self.fallback_policy = policy, None

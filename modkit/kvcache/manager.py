@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from modkit.kvcache.block_pool import NULL_BLOCK_ID, BlockPool, KVCacheBlock
 from modkit.kvcache.events import BlockActivitySink, KVEventSink
+from modkit.kvcache.eviction import EvictionPolicy
 from modkit.kvcache.hashing import hash_request_blocks
 
 if TYPE_CHECKING:
@@ -47,12 +48,13 @@ class KVCacheManager:
         enable_prefix_caching: bool = True,
         event_sink: KVEventSink | None = None,
         activity_sink: BlockActivitySink | None = None,
+        eviction_policy: str | type[EvictionPolicy] = "lru",
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching, event_sink)
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching, event_sink, eviction_policy)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}  # per request: leading blocks already hashed
         self.prefix_cache_queries = 0
@@ -152,6 +154,10 @@ class KVCacheManager:
         if self.activity_sink is not None:
             self._tell("freed", request.req_id, [b.block_id for b in reversed(blocks)])
 
+    def block(self, block_id: int) -> KVCacheBlock:
+        """The handle of block ``block_id`` (what ``get_computed_blocks`` returns, by id)."""
+        return self.pool.blocks[block_id]
+
     def get_block_ids(self, req_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(req_id, [])]
 
@@ -199,12 +205,14 @@ class KVCacheManager:
             assert len({b.block_id for b in blocks}) == len(blocks), f"{req_id} holds a block twice"
             for block in blocks:
                 holders[block.block_id] += 1
-        free_ids = {b.block_id for b in pool.free_queue}
-        assert len(free_ids) == pool.num_free_blocks, "free queue count is off"
-        assert NULL_BLOCK_ID not in free_ids and holders[NULL_BLOCK_ID] == 0, "null block handed out"
+        free_ids = [b.block_id for b in pool.eviction]
+        assert len(set(free_ids)) == len(free_ids), "a block is in the eviction policy twice"
+        assert len(free_ids) == pool.num_free_blocks, "the eviction policy's free blocks are not the pool's count"
+        free_set = set(free_ids)
+        assert NULL_BLOCK_ID not in free_set and holders[NULL_BLOCK_ID] == 0, "null block handed out"
         for block in pool.blocks[1:]:
             assert block.ref_cnt == holders[block.block_id], f"{block}: {holders[block.block_id]} holders"
-            assert (block.block_id in free_ids) == (block.ref_cnt == 0), f"{block} free-queue membership"
+            assert (block.block_id in free_set) == (block.ref_cnt == 0), f"{block} free-queue membership"
             if block.block_hash is not None:
                 assert pool.cached.get(block.block_hash) is block, f"{block} hash not indexed"
         for block_hash, block in pool.cached.items():

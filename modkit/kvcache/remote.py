@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modkit.kvcache.events import KVEvent, event_to_wire
+from modkit.kvcache.eviction import EVICTION_POLICIES, try_policy
 from modkit.kvcache.hashing import BlockHash
 from modkit.kvcache.interface import KVRequest
 from modkit.kvcache.manager import KVCacheManager
 from modkit.protocol import KVAllocate, KVApplyReply, KVCacheComputed, KVFree, KVGetComputed, KVOp
-from modkit.trace.events import BlockActivity, BlockEvents, EventPublisher
+from modkit.swap import ImplSpec, resolve
+from modkit.trace.events import BlockActivity, BlockEvents, EventPublisher, Swapped
 from modkit.transport import RpcClient
 
 
@@ -153,16 +155,22 @@ class KVCacheService:
         enable_prefix_caching: bool = True,
         events_address: str | None = None,
         allow_remote: bool = False,
+        eviction_policy: str = "lru",
+        swap_key: str | None = None,
     ) -> None:
         self.started = time.time()
+        self.swap_key = swap_key  # verifies classes sent by value (modkit.swap); None: none accepted
+        self.last_swap_error: str | None = None
         self.publisher = (
             EventPublisher("kv_cache_manager", events_address, allow_remote) if events_address is not None else None
         )
         self.activity: list[BlockActivity] = []  # of the call being served; published when it ends
         self.pools = [
-            KVCacheManager(n, block_size, enable_prefix_caching, self._sink(i), self._note)
+            KVCacheManager(n, block_size, enable_prefix_caching, self._sink(i), self._note, eviction_policy)
             for i, n in enumerate(num_blocks)
         ]
+        self.eviction_policy = eviction_policy
+        self.previous_policy = eviction_policy  # the name to show again if a swapped-in policy is put aside
         self.requests: list[dict[str, _RemoteRequest]] = [{} for _ in num_blocks]
         self.num_calls = 0
         self.num_ops = 0
@@ -217,6 +225,8 @@ class KVCacheService:
         self.num_calls += 1
         self.num_ops += len(ops)
         self._publish_activity(pool)
+        if manager.pool.eviction_error is not None:
+            self._roll_back(manager.pool.eviction_error)
         return KVApplyReply(results, manager.num_free_blocks, manager.usage)
 
     def block_tables(self, pool: int) -> dict[str, list[int]]:
@@ -234,11 +244,48 @@ class KVCacheService:
         self._publish_activity(pool)
         return reset
 
+    # -- swapping the eviction policy -----------------------------------------------------
+
+    def swap(self, spec: ImplSpec) -> dict[str, Any]:
+        """Put another eviction policy in charge of every pool, between two calls.
+
+        It is first tried on stand-ins of a pool's blocks (``try_policy``): if it fails, the
+        error goes back to the caller and nothing changes. Each pool then hands the new
+        policy its free blocks in the old policy's order. If the new policy raises later,
+        that pool's allocation is answered by the old one, which comes back in every pool.
+        """
+        cls = resolve(spec, EVICTION_POLICIES.get, self.swap_key)
+        try_policy(cls, self.pools[0].pool.blocks[1:])
+        previous, self.eviction_policy = self.eviction_policy, spec.name or spec.import_path or cls.__qualname__
+        self.previous_policy = previous
+        for manager in self.pools:
+            manager.pool.set_eviction_policy(cls, keep_fallback=True)
+        self.last_swap_error = None
+        self._publish_swap(previous, None)
+        return {"implementation": self.eviction_policy, "previous": previous}
+
+    def _roll_back(self, error: str) -> None:
+        """A pool put its previous policy back after the new one raised: so do the others."""
+        for manager in self.pools:
+            manager.pool.eviction_error = None
+            if manager.pool.fallback_policy is not None:
+                manager.pool.set_eviction_policy(manager.pool.fallback_policy)
+        failed, self.eviction_policy = self.eviction_policy, self.previous_policy
+        self.last_swap_error = error
+        self._publish_swap(failed, error)
+
+    def _publish_swap(self, previous: str, error: str | None) -> None:
+        if self.publisher is not None:
+            event = Swapped(time.time(), "kv_cache_manager", self.eviction_policy, previous, error)
+            self.publisher.publish("swap", event)
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
             "component": "kv_cache_manager",
             "implementation": self.implementation,
+            "eviction_policy": self.eviction_policy,
+            "last_swap_error": self.last_swap_error,
             "uptime_s": round(time.time() - self.started, 3),
             "num_pools": len(self.pools),
         }

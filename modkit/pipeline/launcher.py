@@ -139,8 +139,10 @@ class Pipeline:
             "num_blocks": num_blocks,
             "block_size": cfg.block_size,
             "enable_prefix_caching": cfg.enable_prefix_caching,
+            "eviction_policy": cfg.eviction_policy,
             "events_address": self.addresses.kv_events,
             "allow_remote": cfg.allow_remote,
+            **signed,
         }
         self._start(
             ComponentSpec("kv_cache_manager", TARGETS["kv_cache_manager"], kv_kwargs, ports["kv_cache_manager"], quiet),
@@ -262,6 +264,7 @@ class Pipeline:
             "max_model_len": self.max_model_len,
             "enable_prefix_caching": cfg.enable_prefix_caching,
             "scheduling_policy": cfg.scheduling_policy,
+            "eviction_policy": cfg.eviction_policy,
             "router_policy": cfg.router_policy,
         }
 
@@ -287,7 +290,8 @@ class Pipeline:
         self._start(self.specs[component], progress_printer(False))
         self.wait_healthy()
 
-    SWAPPABLE = ("scheduler", "router")  # so far: the scheduling policy, the routing policy
+    # What each swappable component swaps: its scheduling policy, eviction policy, routing policy.
+    SWAPPABLE = ("scheduler", "kv_cache_manager", "router")
 
     def swap(self, component: str, impl: str | type, allow_remote_code: bool = False) -> dict[str, Any]:
         """Put another implementation in charge of ``component``, between two of its steps, while it serves.

@@ -115,7 +115,9 @@ def _builders() -> dict[str, Callable[[PipelineConfig, PipelineAddresses, argpar
         for i in range(c.num_workers):
             with RpcClient(a.rpc(worker_name(i)), timeout_s=600.0) as rpc:
                 num_blocks.append(int(rpc.call("info")["num_blocks"]))
-        return KVCacheService(num_blocks, c.block_size, c.enable_prefix_caching, a.kv_events, c.allow_remote)
+        return KVCacheService(
+            num_blocks, c.block_size, c.enable_prefix_caching, a.kv_events, c.allow_remote, c.eviction_policy
+        )
 
     def frontend(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
         from modkit.frontend.service import FrontendService

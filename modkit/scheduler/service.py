@@ -78,6 +78,7 @@ class SchedulerService:
         cfg = PipelineConfig.from_dict(config)
         self.started = time.time()
         self.implementation = cfg.scheduling_policy
+        self.previous_implementation = cfg.scheduling_policy  # shown again if a swapped-in policy is put aside
         self.swap_key = swap_key  # verifies classes sent by value (modkit.swap); None: none accepted
         self.last_swap_error: str | None = None
         addresses = PipelineAddresses(ipc_dir, cfg.addresses or {})
@@ -266,8 +267,9 @@ class SchedulerService:
         previous = self.implementation
         for slot in self.slots:
             current = slot.scheduler.policy
-            fallback = current.fallback if isinstance(current, GuardedPolicy) else current
+            fallback = current.policy if isinstance(current, GuardedPolicy) else current  # the one in charge now
             slot.scheduler.set_policy(GuardedPolicy(policy, fallback))
+        self.previous_implementation = previous
         self.implementation = spec.name or spec.import_path or cls.__qualname__
         self.last_swap_error = None
         self.events.publish("swap", Swapped(time.time(), "scheduler", self.implementation, previous, None))
@@ -283,7 +285,7 @@ class SchedulerService:
             policy = other.scheduler.policy
             if isinstance(policy, GuardedPolicy):
                 other.scheduler.set_policy(policy.fallback)
-        self.implementation = getattr(guard.fallback, "name", type(guard.fallback).__qualname__)
+        self.implementation = self.previous_implementation
         self.events.publish("swap", Swapped(time.time(), "scheduler", self.implementation, failed, guard.error))
 
     # -- observing -----------------------------------------------------------------------
