@@ -230,6 +230,13 @@ class SamplerReport(msgspec.Struct, tag="sampled", frozen=True):
     seconds: float
 
 
+class SwapRolledBack(msgspec.Struct, tag="rolled_back", frozen=True):
+    """Worker -> sampler: the sampler swapped in raised in a step; this worker put the previous one back."""
+
+    worker_id: int
+    error: str
+
+
 PipelineMessage = (
     AddRequest
     | AbortRequest
@@ -243,6 +250,7 @@ PipelineMessage = (
     | WorkerDown
     | WorkerUp
     | SamplerReport
+    | SwapRolledBack
 )
 
 

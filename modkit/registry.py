@@ -6,6 +6,7 @@ one ``Registry``; its module exposes ``register_x`` / ``get_x`` helpers around i
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -26,12 +27,20 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind  # what the entries are, for error messages: "attention backend"
         self._classes: dict[str, type[T]] = {}
+        self._paths: dict[str, str] = {}  # name -> "package.module:Class", imported on first use
+
+    def register_path(self, name: str, path: str) -> None:
+        """Register ``name`` for a class imported only when first asked for (one that needs an
+        optional, slow-to-import package, such as vLLM)."""
+        if name in self._classes or name in self._paths:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._paths[name] = path
 
     def register(self, name: str) -> Callable[[C], C]:
         """Class decorator: make the class available under ``name`` (also set as ``cls.name``)."""
 
         def register(cls: C) -> C:
-            if name in self._classes:
+            if name in self._classes or name in self._paths:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             cls.name = name  # type: ignore[attr-defined]
             self._classes[name] = cls
@@ -40,9 +49,14 @@ class Registry(Generic[T]):
         return register
 
     def get(self, name: str) -> type[T]:
+        if name in self._paths and name not in self._classes:
+            module, _, attr = self._paths[name].partition(":")
+            cls = getattr(importlib.import_module(module), attr)  # an ImportError says what to install
+            cls.name = name
+            self._classes[name] = cls
         if name not in self._classes:
             raise ValueError(f"unknown {self.kind} {name!r}; registered: {self.names()}")
         return self._classes[name]
 
     def names(self) -> list[str]:
-        return sorted(self._classes)
+        return sorted({*self._classes, *self._paths})

@@ -391,3 +391,28 @@ def test_generator_is_per_request_and_only_when_seeded() -> None:
     a, b = make_state(seed=1), make_state(seed=1)
     assert a.generator is not None and b.generator is not None and a.generator is not b.generator
     assert math.isclose(float(torch.rand(1, generator=a.generator)), float(torch.rand(1, generator=b.generator)))
+
+
+def test_per_request_sampler_draws_what_the_batched_one_draws() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    prompt = [1, 4, 4, 9]
+
+    def batch() -> list[SamplingState]:
+        return [
+            make_state(prompt, temperature=0),
+            make_state(prompt, temperature=0, repetition_penalty=1.3, logit_bias={7: 5.0}),
+            make_state(prompt, temperature=0.8, top_k=5, seed=11, logprobs=3),
+            make_state(prompt, temperature=1.0, top_p=0.7, min_p=0.05, seed=12),
+            make_state(prompt, temperature=0, min_tokens=2, logprobs=0),
+            make_state(prompt, temperature=0.5, seed=13, frequency_penalty=0.5),
+        ]
+
+    batched = get_sampler("default").sample(logits, batch()).to_lists()
+    one_by_one = get_sampler("per_request").sample(logits, batch()).to_lists()
+    assert [t.token_id for t in one_by_one] == [t.token_id for t in batched]
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert (a.logprobs is None) == (b.logprobs is None)
+        if a.logprobs is not None and b.logprobs is not None:
+            assert a.logprobs.top_token_ids == b.logprobs.top_token_ids and a.logprobs.rank == b.logprobs.rank
+            assert a.logprobs.logprob == pytest.approx(b.logprobs.logprob)

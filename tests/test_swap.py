@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_pipeline import free_ports
 
 from modkit import LLM, Pipeline, SamplingParams
+from modkit.attention.torch_ref import TorchReferenceAttention
 from modkit.kvcache import KVCacheBlock, KVCacheManager, LRUEviction
 from modkit.kvcache.hashing import BlockHash
 from modkit.request import Request
 from modkit.router.policies import RouterPolicy, WorkerView
+from modkit.sampler import Sampler, SamplerOutput, SamplingState, get_sampler
 from modkit.scheduler import Scheduler
 from modkit.scheduler.policies import SchedulingPolicy, ShortestJobFirstPolicy
 from modkit.swap import ImplSpec, SignatureError, SignedCode, load_signed, new_key, sign
@@ -98,7 +101,12 @@ def run_all(p: Pipeline, during: Any = None) -> list[str]:
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         futures = [pool.submit(ask, q) for q in QUESTIONS]
         if during is not None:
-            time.sleep(0.15)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # until most requests reached the scheduler
+                scheduler = p.stats()["scheduler"]
+                if scheduler["num_requests_running"] + scheduler["num_requests_waiting"] >= len(QUESTIONS) // 2:
+                    break
+                time.sleep(0.01)
             during()
         return [f.result() for f in futures]
 
@@ -217,6 +225,7 @@ def test_the_routing_policy_swaps_too_and_a_failing_one_is_rolled_back(pipeline:
     trace = pipeline.trace()
     assert (trace.routes.worker_id == 1).all()
     assert list(trace.swaps.component) == ["router", "router"] and "lost the map" in trace.swaps.error.iloc[-1]
+    pipeline.swap("router", "round_robin")  # the tests below need both workers to step
 
 
 def check_pools(p: Pipeline) -> None:
@@ -263,3 +272,75 @@ def test_an_eviction_policy_that_raises_later_is_rolled_back(pipeline: Pipeline,
     swaps = pipeline.trace().swaps
     assert list(swaps.implementation) == [swaps.implementation.iloc[0], "lru"]
     assert "too many pops" in swaps.error.iloc[-1]
+
+
+def test_the_sampler_swaps_on_every_worker_while_requests_run(pipeline: Pipeline, expected: list[str]) -> None:
+    pipeline.clear_trace()
+    assert run_all(pipeline, during=lambda: pipeline.swap("sampler", "per_request")) == expected
+    health = pipeline.health()
+    assert health["sampler"]["implementation"] == "per_request"
+    assert health["worker-0"]["sampler"] == health["worker-1"]["sampler"] == "per_request"
+    swaps = pipeline.trace().swaps
+    assert list(swaps.component) == ["sampler"] and list(swaps.previous) == ["default"]
+
+    class WrongShape(Sampler):
+        def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
+            return SamplerOutput(torch.zeros(1, dtype=torch.int64), None, [None])
+
+    with pytest.raises(RemoteError, match="token ids for 5 rows"):
+        pipeline.swap("sampler", WrongShape)
+    assert pipeline.health()["sampler"]["implementation"] == "per_request"
+
+    class FailsAfterItsTrial(Sampler):
+        def __init__(self, seed: int | None = None) -> None:
+            super().__init__(seed)
+            self.calls = 0
+
+        def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("sampler fell over")
+            return get_sampler("default").sample(logits, states)
+
+    pipeline.clear_trace()
+    pipeline.swap("sampler", FailsAfterItsTrial)
+    assert run_all(pipeline) == expected, "each step it failed in was sampled by the one before it"
+    health = pipeline.health()
+    assert health["sampler"]["implementation"] == "per_request" and "fell over" in health["sampler"]["last_swap_error"]
+    assert health["worker-0"]["sampler"] == health["worker-1"]["sampler"] == "per_request"
+    swaps = pipeline.trace().swaps
+    assert list(swaps.implementation)[-1] == "per_request" and "fell over" in swaps.error.iloc[-1]
+    pipeline.swap("sampler", "default")
+
+
+def test_the_attention_backend_swaps_on_every_worker_and_must_agree(pipeline: Pipeline, expected: list[str]) -> None:
+    pipeline.clear_trace()
+    assert run_all(pipeline, during=lambda: pipeline.swap("attention", "torch_ref")) == expected
+    health = pipeline.health()
+    assert health["worker-0"]["attention_backend"] == health["worker-1"]["attention_backend"] == "torch_ref"
+    swaps = pipeline.trace().swaps
+    assert sorted(swaps.component) == ["worker-0.attention", "worker-1.attention"]
+
+    class Sloppy(TorchReferenceAttention):  # the right shape, the wrong numbers: refused by the probe
+        def forward(self, query, key, value, kv_cache, metadata, scale):  # type: ignore[no-untyped-def]
+            return super().forward(query, key, value, kv_cache, metadata, scale * 1.1)
+
+    with pytest.raises(RemoteError, match="differs from the backend in charge"):
+        pipeline.swap("attention", Sloppy)
+
+    class FailsAfterItsTrial(TorchReferenceAttention):
+        calls = 0
+
+        def forward(self, query, key, value, kv_cache, metadata, scale):  # type: ignore[no-untyped-def]
+            type(self).calls += 1
+            if type(self).calls > 1:
+                raise RuntimeError("attention fell over")
+            return super().forward(query, key, value, kv_cache, metadata, scale)
+
+    pipeline.swap("attention", FailsAfterItsTrial)
+    assert run_all(pipeline) == expected
+    health = pipeline.health()
+    for worker in ("worker-0", "worker-1"):  # each worker that stepped put its previous backend back
+        assert health[worker]["attention_backend"] == "torch_ref"
+        assert "attention fell over" in health[worker]["last_swap_error"]
+    pipeline.swap("attention", "torch_batched")

@@ -25,6 +25,10 @@ class EngineConfig:
     max_num_seqs: int = 256  # requests running at once
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # "modkit", or "vllm": vLLM's own V1 scheduler (with its own KV cache manager) or KV cache
+    # manager (under modkit's scheduler), behind modkit's interfaces (modkit.vllm_v1; needs vllm).
+    scheduler: str = "modkit"
+    kv_cache_manager: str = "modkit"
     scheduling_policy: str = "fcfs"
     eviction_policy: str = "lru"
     sampler: str = "default"
@@ -46,5 +50,8 @@ class EngineConfig:
             raise ConfigError("max_model_len", f"must be None or an integer >= 2, got {self.max_model_len!r}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ConfigError("kv_cache_memory_fraction", f"must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        for name in ("scheduler", "kv_cache_manager"):
+            if getattr(self, name) not in ("modkit", "vllm"):
+                raise ConfigError(name, f"must be 'modkit' or 'vllm', got {getattr(self, name)!r}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise ConfigError("device", f"must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")

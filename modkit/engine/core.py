@@ -13,6 +13,7 @@ The same objects run in one process here and, later, each behind ZeroMQ in its o
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -45,23 +46,44 @@ class EngineCore:
         self.max_model_len = config.max_model_len or limit
         num_blocks = config.num_kv_blocks or num_blocks_from_memory(self.model, config, self.max_model_len)
         self.kv_cache = PagedKVCache.allocate(self.model.config, num_blocks, config.block_size, self.dtype, self.device)
-        self.kv_manager = KVCacheManager(
-            num_blocks,
-            config.block_size,
-            config.enable_prefix_caching,
-            kv_event_sink,
-            eviction_policy=config.eviction_policy,
-        )
-        self.scheduler = Scheduler(
-            self.kv_manager,
-            config.max_num_batched_tokens,
-            config.max_num_seqs,
-            self.max_model_len,
-            config.scheduling_policy,
-        )
+        self.kv_manager, self.scheduler = self._scheduler(config, num_blocks, kv_event_sink)
         self.worker = Worker(ModelRunner(self.model, self.kv_cache))
         self.sampler = get_sampler(config.sampler, seed=config.seed)
         self.sampling_states: dict[str, SamplingState] = {}
+
+    def _scheduler(self, config: EngineConfig, num_blocks: int, kv_event_sink: KVEventSink | None) -> Any:
+        """The KV cache manager and the scheduler: modkit's, or vLLM's own behind the same interfaces."""
+        limits = (config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len)
+        if config.scheduler == "vllm":  # vLLM's scheduler brings its own KV cache manager
+            from modkit.vllm_v1.scheduler import VLLMScheduler
+
+            scheduler = VLLMScheduler(
+                num_blocks,
+                config.block_size,
+                *limits,
+                enable_prefix_caching=config.enable_prefix_caching,
+                policy=config.scheduling_policy,  # type: ignore[arg-type]
+                kv_event_sink=kv_event_sink,
+            )
+            return scheduler.kv, scheduler
+        if config.kv_cache_manager == "vllm":
+            from modkit.vllm_v1.kv_cache_manager import VLLMKVCacheManager
+
+            # Blocks become findable after the forward, as modkit's own do (vLLM's delay_cache_blocks):
+            # caching at allocation would let a request preempted in the step that allocated its
+            # blocks leave behind hashes of keys and values that were never computed.
+            kv: Any = VLLMKVCacheManager(
+                num_blocks, config.block_size, config.enable_prefix_caching, kv_event_sink, cache_at_allocation=False
+            )
+        else:
+            kv = KVCacheManager(
+                num_blocks,
+                config.block_size,
+                config.enable_prefix_caching,
+                kv_event_sink,
+                eviction_policy=config.eviction_policy,
+            )
+        return kv, Scheduler(kv, *limits, config.scheduling_policy)
 
     @property
     def model_config(self) -> ModelConfig:

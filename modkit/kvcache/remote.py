@@ -37,6 +37,8 @@ from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import BlockActivity, BlockEvents, EventPublisher, Swapped
 from modkit.transport import RpcClient
 
+MANAGERS = ("modkit", "vllm")  # whole managers, swapped only when no block is held (see _swap_manager)
+
 
 class KVCacheManagerClient:
     """``KVCacheManagerInterface`` for the scheduler, backed by one pool of a ``KVCacheService``."""
@@ -146,7 +148,7 @@ class KVCacheService:
     ``BlockEvents`` on ``blocks.<pool>``.
     """
 
-    implementation = "KVCacheManager"
+    implementation = "modkit"  # whose KV cache manager: "modkit", or "vllm" (modkit.vllm_v1)
 
     def __init__(
         self,
@@ -165,7 +167,8 @@ class KVCacheService:
             EventPublisher("kv_cache_manager", events_address, allow_remote) if events_address is not None else None
         )
         self.activity: list[BlockActivity] = []  # of the call being served; published when it ends
-        self.pools = [
+        self.num_blocks, self.block_size, self.enable_prefix_caching = num_blocks, block_size, enable_prefix_caching
+        self.pools: list[Any] = [
             KVCacheManager(n, block_size, enable_prefix_caching, self._sink(i), self._note, eviction_policy)
             for i, n in enumerate(num_blocks)
         ]
@@ -216,7 +219,7 @@ class KVCacheService:
                 hits, num_hit = manager.get_computed_blocks(request)
                 results.append([[b.block_id for b in hits], num_hit])
             elif isinstance(op, KVAllocate):
-                hit_blocks = [manager.pool.blocks[i] for i in op.hit_block_ids]
+                hit_blocks = [manager.block(i) for i in op.hit_block_ids]
                 new = manager.allocate_slots(request, op.num_new_tokens, hit_blocks, op.num_hit_tokens)
                 results.append(None if new is None else [b.block_id for b in new])
             else:
@@ -225,7 +228,7 @@ class KVCacheService:
         self.num_calls += 1
         self.num_ops += len(ops)
         self._publish_activity(pool)
-        if manager.pool.eviction_error is not None:
+        if self.implementation == "modkit" and manager.pool.eviction_error is not None:
             self._roll_back(manager.pool.eviction_error)
         return KVApplyReply(results, manager.num_free_blocks, manager.usage)
 
@@ -254,6 +257,10 @@ class KVCacheService:
         policy its free blocks in the old policy's order. If the new policy raises later,
         that pool's allocation is answered by the old one, which comes back in every pool.
         """
+        if spec.name in MANAGERS:
+            return self._swap_manager(spec.name)
+        if self.implementation != "modkit":
+            raise RuntimeError("eviction policies are modkit's: swap the manager back to 'modkit' first")
         cls = resolve(spec, EVICTION_POLICIES.get, self.swap_key)
         try_policy(cls, self.pools[0].pool.blocks[1:])
         previous, self.eviction_policy = self.eviction_policy, spec.name or spec.import_path or cls.__qualname__
@@ -263,6 +270,46 @@ class KVCacheService:
         self.last_swap_error = None
         self._publish_swap(previous, None)
         return {"implementation": self.eviction_policy, "previous": previous}
+
+    def _swap_manager(self, name: str) -> dict[str, Any]:
+        """Replace every pool's manager: modkit's, or vLLM's own KVCacheManager (``modkit.vllm_v1``).
+
+        Block tables cannot be handed from one manager to the other, so this needs every pool
+        idle (``Pipeline.swap`` drains the scheduler first). The new managers start with an
+        empty prefix cache.
+        """
+        held = {i: len(m.held_req_ids()) for i, m in enumerate(self.pools) if m.held_req_ids()}
+        if held:
+            raise RuntimeError(f"requests hold blocks in pools {held}: drain before swapping the KV cache manager")
+        pools: list[Any] = []
+        for i, n in enumerate(self.num_blocks):
+            if name == "vllm":
+                from modkit.vllm_v1.kv_cache_manager import VLLMKVCacheManager
+
+                # Blocks become findable after the forward, as modkit's (see EngineCore._scheduler).
+                sinks = (self._sink(i), self._note)
+                pools.append(
+                    VLLMKVCacheManager(
+                        n, self.block_size, self.enable_prefix_caching, *sinks, cache_at_allocation=False
+                    )
+                )
+            else:
+                pools.append(
+                    KVCacheManager(
+                        n, self.block_size, self.enable_prefix_caching, self._sink(i), self._note, self.eviction_policy
+                    )
+                )
+        for i in range(len(self.pools)):
+            self.pools[i].reset_prefix_cache()  # tells the router (AllBlocksCleared) that this pool forgot everything
+            self._publish_activity(i)
+        self.pools, self.requests = pools, [{} for _ in pools]
+        previous, self.implementation = self.implementation, name
+        self.last_swap_error = None
+        if self.publisher is not None:
+            self.publisher.publish(
+                "swap.kv_cache_manager", Swapped(time.time(), "kv_cache_manager", name, previous, None)
+            )
+        return {"implementation": name, "previous": previous, "drained": True}
 
     def _roll_back(self, error: str) -> None:
         """A pool put its previous policy back after the new one raised: so do the others."""
@@ -277,7 +324,7 @@ class KVCacheService:
     def _publish_swap(self, previous: str, error: str | None) -> None:
         if self.publisher is not None:
             event = Swapped(time.time(), "kv_cache_manager", self.eviction_policy, previous, error)
-            self.publisher.publish("swap", event)
+            self.publisher.publish("swap.kv_cache_manager", event)
 
     def health(self) -> dict[str, Any]:
         return {

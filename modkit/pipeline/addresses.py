@@ -14,10 +14,10 @@ socket                     kind    who talks to it
 ``scheduler.in``           PULL    router (requests), workers (``StepDone``)
 ``worker-<i>.in``          PULL    scheduler (``StepPlan``)
 ``frontend.in``            PULL    scheduler (``EngineOutputs``), router (rejections)
-``sampler.in``             PULL    workers (``SamplerReport``)
+``sampler.in``             PULL    workers (``SamplerReport``, ``SwapRolledBack``)
 ``kv.events``              PUB     the KV cache manager's block events: vLLM's on ``worker.<i>``
                                    (the router), modkit's on ``blocks.<i>`` (views, traces)
-``<component>.ev``         PUB     scheduler, router, workers, frontend: the event stream
+``<component>.ev``         PUB     scheduler, router, workers, frontend, sampler: the event stream
                                    (``modkit.trace.events``)
 =========================  ======  ==========================================================
 """
@@ -42,7 +42,7 @@ def socket_names(num_workers: int) -> list[str]:
     components = ["frontend", "router", "scheduler", "kv_cache_manager", "sampler"]
     components += [worker_name(i) for i in range(num_workers)]
     inboxes = ["router", "scheduler", "frontend", "sampler", *(worker_name(i) for i in range(num_workers))]
-    publishers = ["scheduler", "router", "frontend", *(worker_name(i) for i in range(num_workers))]
+    publishers = ["scheduler", "router", "frontend", "sampler", *(worker_name(i) for i in range(num_workers))]
     return (
         [f"{c}.rpc" for c in components]
         + [f"{c}.in" for c in inboxes]

@@ -45,7 +45,8 @@ from modkit.pipeline.processes import (
     stop_all,
     wait_uninterrupted,
 )
-from modkit.swap import ImplSpec, new_key, spec_for
+from modkit.pipeline.swapping import SWAPPABLE, swap_component
+from modkit.swap import new_key
 from modkit.trace import EventStream, Recorder, Trace
 from modkit.transport import QUIET_THREADS, ComponentProcess
 from modkit.transport.process import default_log_dir
@@ -113,7 +114,9 @@ class Pipeline:
         signed = {"swap_key": self.swap_key}  # for the components that take classes by value (Pipeline.swap)
         quiet, ports = dict(QUIET_THREADS), cfg.ports()
         workers = [
-            ComponentSpec(worker_name(i), TARGETS["worker"], {**with_len, "worker_id": i}, ports[worker_name(i)], {})
+            ComponentSpec(
+                worker_name(i), TARGETS["worker"], {**with_len, **signed, "worker_id": i}, ports[worker_name(i)], {}
+            )
             for i in range(cfg.num_workers)
         ]
         # Everything but the KV cache manager starts at once: components connect lazily, and
@@ -121,7 +124,7 @@ class Pipeline:
         # sampler waits for it). The KV cache manager needs each worker's number of blocks.
         self._start_together(
             [
-                ComponentSpec("sampler", TARGETS["sampler"], dict(common), ports["sampler"], quiet),
+                ComponentSpec("sampler", TARGETS["sampler"], {**common, **signed}, ports["sampler"], quiet),
                 *workers,
                 ComponentSpec("scheduler", TARGETS["scheduler"], {**with_len, **signed}, ports["scheduler"], quiet),
                 ComponentSpec("router", TARGETS["router"], {**common, **signed}, ports["router"], quiet),
@@ -231,7 +234,7 @@ class Pipeline:
         happens afterwards is missed. Close it when done (or use it in a ``with``).
         """
         workers = [worker_name(i) for i in range(self.config.num_workers)]
-        names = ["scheduler", "router", "kv_cache_manager", "frontend", *workers]
+        names = ["scheduler", "router", "kv_cache_manager", "frontend", "sampler", *workers]
         endpoints = {n: (self.addresses.events(n), self.addresses.rpc(n)) for n in names}
         return EventStream(endpoints, timeout_s)
 
@@ -290,32 +293,22 @@ class Pipeline:
         self._start(self.specs[component], progress_printer(False))
         self.wait_healthy()
 
-    # What each swappable component swaps: its scheduling policy, eviction policy, routing policy.
-    SWAPPABLE = ("scheduler", "kv_cache_manager", "router")
+    SWAPPABLE = SWAPPABLE
 
     def swap(self, component: str, impl: str | type, allow_remote_code: bool = False) -> dict[str, Any]:
         """Put another implementation in charge of ``component``, between two of its steps, while it serves.
 
-        ``impl``: a name from the component's registry (``"sjf"``), an import path
-        (``"package.module:Class"``, imported there), or a class, e.g. one defined in a
-        notebook cell, sent by value (cloudpickled and signed with this launch's key; the
-        component checks the signature before unpickling). Requests in flight carry on.
-        If the new implementation raises when first tried, nothing changes and the error is
-        raised here (``RemoteError``, with the remote traceback); if it raises later, the
-        previous one is put back and ``health()`` shows ``last_swap_error``. Classes are
-        not sent to a component on a non-loopback address unless ``allow_remote_code``.
+        ``component``: one of ``SWAPPABLE`` (see ``modkit.pipeline.swapping`` for what each
+        swaps). ``impl``: a name from that component's registry (``"sjf"``, ``"lfu"``), an
+        import path (``"package.module:Class"``, imported there), or a class, e.g. one defined
+        in a notebook cell, sent by value (cloudpickled and signed with this launch's key; the
+        receiver checks the signature before unpickling). Requests in flight carry on.
+        If the new implementation fails its trial, nothing changes and the error is raised
+        here (``RemoteError``, with the remote traceback); if it raises later, the previous
+        one is put back and ``health()`` shows ``last_swap_error``. Classes are not sent to a
+        component on a non-loopback address unless ``allow_remote_code``.
         """
-        if component not in self.SWAPPABLE:
-            raise ValueError(f"{component!r} cannot be swapped yet; swappable: {', '.join(self.SWAPPABLE)}")
-        spec: ImplSpec = spec_for(impl, self.swap_key)
-        address = self.addresses.rpc(component)
-        local = address.startswith("ipc://") or address.startswith(("tcp://127.", "tcp://localhost:", "tcp://[::1]"))
-        if spec.code is not None and not local and not allow_remote_code:
-            raise PermissionError(
-                f"{component} listens on {address}, not on this machine: sending it code needs allow_remote_code=True"
-            )
-        with self._process(component).client(timeout_s=30.0) as rpc:
-            return dict(rpc.call("swap", spec))
+        return swap_component(self, component, impl, allow_remote_code)
 
     def drain(self, timeout_s: float = 30.0) -> bool:
         """Refuse new requests (503) and wait up to ``timeout_s`` for those in flight; True if all finished."""

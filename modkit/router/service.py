@@ -126,7 +126,7 @@ class RouterService:
             self.previous_policy = None
             self.last_swap_error = f"{type(error).__name__}: {error}"
             self.events.publish(
-                "swap", Swapped(time.time(), "router", self.implementation, failed, self.last_swap_error)
+                "swap.router", Swapped(time.time(), "router", self.implementation, failed, self.last_swap_error)
             )
             return self.router.route(message.req_id, message.prompt_token_ids)
 
@@ -144,7 +144,7 @@ class RouterService:
         self.router.policy = policy
         self.implementation = spec.name or spec.import_path or cls.__qualname__
         self.last_swap_error = None
-        self.events.publish("swap", Swapped(time.time(), "router", self.implementation, previous, None))
+        self.events.publish("swap.router", Swapped(time.time(), "router", self.implementation, previous, None))
         return {"implementation": self.implementation, "previous": previous}
 
     def _check_heartbeats(self) -> None:

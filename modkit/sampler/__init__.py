@@ -1,8 +1,9 @@
 """The sampler: turns a step's logits into tokens. One interface (``interface.py``), a registry, implementations.
 
-Importing this package registers the built-in samplers ("default").
+Importing this package registers the built-in samplers ("default", "per_request").
 """
 
+from modkit.sampler import per_request as _per_request  # noqa: F401  (registers "per_request")
 from modkit.sampler import sampler as _sampler  # noqa: F401  (registers "default")
 from modkit.sampler.interface import (
     LogprobsTensors,

@@ -184,6 +184,8 @@ class Sampler(ABC):
 
 SAMPLERS: Registry[Sampler] = Registry("sampler")
 register_sampler = SAMPLERS.register
+# vLLM's own sampler, behind this interface; imported (with vLLM, seconds) only when asked for.
+SAMPLERS.register_path("vllm", "modkit.vllm_v1.sampler:VLLMSampler")
 
 
 def get_sampler(name: str = "default", seed: int | None = None) -> Sampler:

@@ -47,6 +47,7 @@ from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import MAX_WAITING_REASONS, EventPublisher, ScheduledReq, StepEvent, Swapped
 from modkit.transport import Inbox, Outbox, RpcClient
 
+SCHEDULERS = ("modkit", "vllm")  # whole schedulers, swapped only after a drain (see _swap_scheduler)
 KEEP_RECORDS = 1000  # step records kept per worker (the live views stream them instead)
 KV_RPC_TIMEOUT_S = 30.0
 
@@ -78,6 +79,7 @@ class SchedulerService:
         cfg = PipelineConfig.from_dict(config)
         self.started = time.time()
         self.implementation = cfg.scheduling_policy
+        self.scheduler_name = "modkit"  # whose scheduler: "modkit", or "vllm" (modkit.vllm_v1)
         self.previous_implementation = cfg.scheduling_policy  # shown again if a swapped-in policy is put aside
         self.swap_key = swap_key  # verifies classes sent by value (modkit.swap); None: none accepted
         self.last_swap_error: str | None = None
@@ -94,6 +96,9 @@ class SchedulerService:
                 kv, cfg.max_num_batched_tokens, cfg.max_num_seqs, max_model_len, cfg.scheduling_policy
             )
             self.slots.append(WorkerSlot(i, scheduler, kv, Outbox(addresses.inbox(worker_name(i)))))
+        self.limits = (cfg.max_num_batched_tokens, cfg.max_num_seqs, max_model_len)
+        self.block_size, self.enable_prefix_caching = cfg.block_size, cfg.enable_prefix_caching
+        self.held: list[AddRequest] | None = None  # new requests kept back while draining (hold_new_requests)
         self.owner: dict[str, int] = {}  # req_id -> worker id, while the request lives
         self.num_rejected = 0
         self.num_moved = 0  # requests moved off a dead worker
@@ -133,6 +138,9 @@ class SchedulerService:
                 slot.alive = True
 
     def _add(self, message: AddRequest) -> None:
+        if self.held is not None:
+            self.held.append(message)
+            return
         slot = self.slots[message.worker_id] if 0 <= message.worker_id < len(self.slots) else None
         if slot is None or not slot.alive:
             self._reject(message.req_id, "unavailable", f"worker {message.worker_id} is not serving")
@@ -254,6 +262,10 @@ class SchedulerService:
         if that raises, nothing changes and the caller gets the error. If it raises later, in
         a step, that step uses the old policy's answer and the old policy comes back.
         """
+        if spec.name in SCHEDULERS:
+            return self._swap_scheduler(spec.name)
+        if self.scheduler_name != "modkit":
+            raise RuntimeError("scheduling policies are modkit's: swap the scheduler back to 'modkit' first")
         cls = resolve(spec, POLICIES.get, self.swap_key)
         if not issubclass(cls, SchedulingPolicy):
             raise TypeError(f"{cls.__name__} is not a SchedulingPolicy")
@@ -272,8 +284,65 @@ class SchedulerService:
         self.previous_implementation = previous
         self.implementation = spec.name or spec.import_path or cls.__qualname__
         self.last_swap_error = None
-        self.events.publish("swap", Swapped(time.time(), "scheduler", self.implementation, previous, None))
+        self.events.publish("swap.scheduler", Swapped(time.time(), "scheduler", self.implementation, previous, None))
         return {"implementation": self.implementation, "previous": previous}
+
+    # -- swapping the whole scheduler (after a drain) ------------------------------------------
+
+    def hold_new_requests(self, hold: bool) -> int:
+        """Keep new requests back (``hold``) or let them in; returns how many requests are still unfinished.
+
+        What ``Pipeline.swap`` drains with: requests already here finish, new ones wait
+        here, in order, and are added once the hold ends.
+        """
+        if hold and self.held is None:
+            self.held = []
+        elif not hold and self.held is not None:
+            held, self.held = self.held, None
+            for message in held:
+                self._add(message)
+        return self.num_unfinished()
+
+    def num_unfinished(self) -> int:
+        """Requests in the schedulers or in a step; at 0, the KV cache manager has been told every free."""
+        count = sum(len(s.scheduler.requests) for s in self.slots if s.alive)
+        count += sum(1 for s in self.slots if s.in_flight is not None)
+        if count == 0:
+            for slot in self.slots:
+                slot.kv.flush()
+        return count
+
+    def _swap_scheduler(self, name: str) -> dict[str, Any]:
+        """Schedule with modkit's ``Scheduler`` or vLLM's own (``modkit.vllm_v1.VLLMScheduler``); needs a drain.
+
+        Requests cannot be handed between the two (their block tables live in different KV
+        cache managers), so every worker must be idle. vLLM's scheduler brings its own KV
+        cache manager, sized like the worker's pool; the KV cache manager process is not
+        asked while it is in charge. Going back to modkit's, each pool forgets its prefix
+        cache, since vLLM's scheduler wrote other content into the worker's blocks.
+        """
+        if self.num_unfinished():
+            raise RuntimeError(f"{self.num_unfinished()} requests are unfinished: drain before swapping the scheduler")
+        policy = self.implementation if self.implementation in ("fcfs", "priority") else "fcfs"
+        for slot in self.slots:
+            if name == "vllm":
+                from modkit.vllm_v1.scheduler import VLLMScheduler
+
+                num_blocks = int(self.kv_rpc.call("stats")["pools"][slot.worker_id]["kv_blocks_total"]) + 1
+                slot.scheduler = VLLMScheduler(  # type: ignore[assignment]
+                    num_blocks,
+                    self.block_size,
+                    *self.limits,
+                    self.enable_prefix_caching,
+                    policy,  # type: ignore[arg-type]
+                )
+            else:
+                if self.scheduler_name == "vllm":
+                    self.kv_rpc.call("reset_prefix_cache", slot.worker_id)
+                slot.scheduler = Scheduler(slot.kv, *self.limits, policy)
+        previous, self.scheduler_name, self.implementation = self.scheduler_name, name, policy
+        self.events.publish("swap.scheduler", Swapped(time.time(), "scheduler", name, previous, None))
+        return {"implementation": name, "previous": previous, "policy": policy, "drained": True}
 
     def _check_swapped_policy(self, slot: WorkerSlot) -> None:
         """A swapped-in policy that raised in this step is replaced by the one before it, on every worker."""
@@ -286,7 +355,9 @@ class SchedulerService:
             if isinstance(policy, GuardedPolicy):
                 other.scheduler.set_policy(policy.fallback)
         self.implementation = self.previous_implementation
-        self.events.publish("swap", Swapped(time.time(), "scheduler", self.implementation, failed, guard.error))
+        self.events.publish(
+            "swap.scheduler", Swapped(time.time(), "scheduler", self.implementation, failed, guard.error)
+        )
 
     # -- observing -----------------------------------------------------------------------
 
@@ -333,6 +404,7 @@ class SchedulerService:
             "status": "ok" if alive else "error",
             "component": "scheduler",
             "implementation": self.implementation,
+            "scheduler": self.scheduler_name,
             "uptime_s": round(time.time() - self.started, 3),
             "workers_alive": alive,
             "last_swap_error": self.last_swap_error,
@@ -352,7 +424,7 @@ class SchedulerService:
                     "num_preemptions": s.num_preemptions,
                     "num_steps": slot.num_steps,
                     "num_failed_steps": slot.num_failed_steps,
-                    "kv_cache_usage": slot.kv.usage,
+                    "kv_cache_usage": slot.scheduler.kv.usage,
                     "kv_round_trips": slot.kv.num_round_trips,
                     "step_time_s_mean": slot.busy_s / slot.num_steps if slot.num_steps else 0.0,
                     "forward_s_total": slot.forward_s,

@@ -16,7 +16,8 @@ topic                  publisher (socket)         message
 ``forward.<worker>``   worker-i (worker-i.ev)     ``ForwardEvent``: the worker's own timing of the step
 ``blocks.<worker>``    KV manager (kv.events)     ``BlockEvents``: block activity of one ``apply`` call
 ``route``              router (router.ev)         ``Routed``: the worker chosen for a request, and why
-``swap``               scheduler (scheduler.ev)   ``Swapped``: another implementation took over, or was rolled back
+``swap.<component>``    any swappable component    ``Swapped``: another implementation took over, or was rolled back
+                       (workers: attention)
 ``request``            frontend (frontend.ev)     ``RequestArrived``, ``TokensOut``, ``RequestDone``
 ``hello.<component>``  every one of them          ``Hello``: the answer to ``announce_events`` (below)
 =====================  =========================  =====================================================

@@ -24,27 +24,51 @@ import os
 import time
 from typing import Any
 
+import msgspec
+
+from modkit.attention import AttentionBackend
+from modkit.attention.interface import ATTENTION_BACKENDS
 from modkit.config import PipelineConfig
 from modkit.engine.core import num_blocks_from_memory
 from modkit.model import load_model
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
-from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, WorkerHeartbeat
-from modkit.sampler import SamplingState, get_sampler
+from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, SwapRolledBack, WorkerHeartbeat
+from modkit.sampler import Sampler, SamplingState
+from modkit.sampler.interface import SAMPLERS
 from modkit.scheduler.output import ModelRunnerOutput, SchedulerOutput
-from modkit.trace.events import EventPublisher, ForwardEvent
+from modkit.swap import ImplSpec, resolve
+from modkit.trace.events import EventPublisher, ForwardEvent, Swapped
 from modkit.transport import Inbox, Outbox, RpcClient
 from modkit.transport.channels import Beacon
 from modkit.worker.kv_cache import PagedKVCache
 from modkit.worker.model_runner import ModelRunner
+from modkit.worker.swaps import (
+    GuardedAttention,
+    GuardedSampler,
+    attention_layers,
+    set_attention_backend,
+    try_attention,
+    try_sampler,
+)
 from modkit.worker.worker import Worker
 
 HEARTBEAT_INTERVAL_S = 0.5
+
+
+def impl_label(spec: ImplSpec, obj: object) -> str:
+    """How health and events name an implementation: as it was asked for, or by its class if sent by value."""
+    return spec.describe() if spec.code is None else type(obj).__qualname__
+
+
 log = logging.getLogger(__name__)
 
 
 class WorkerService:
-    def __init__(self, config: dict[str, Any], ipc_dir: str, worker_id: int, max_model_len: int) -> None:
+    def __init__(
+        self, config: dict[str, Any], ipc_dir: str, worker_id: int, max_model_len: int, swap_key: str | None = None
+    ) -> None:
         cfg = PipelineConfig.from_dict(config)
+        self.swap_key = swap_key  # verifies classes sent by value (modkit.swap); None: none accepted
         engine = cfg.to_engine_config(worker_id)
         self.worker_id, self.started = worker_id, time.time()
         addresses = PipelineAddresses(ipc_dir, cfg.addresses or {})
@@ -63,7 +87,12 @@ class WorkerService:
         with RpcClient(addresses.rpc("sampler"), timeout_s=30.0) as sampler_rpc:
             choice = sampler_rpc.call("config")  # the Sampler process decides which implementation runs here
         self.sampler_name = choice["implementation"]
-        self.sampler = get_sampler(self.sampler_name, seed=choice["seed"])
+        spec = msgspec.convert(choice["spec"], ImplSpec)
+        self.sampler: Sampler = resolve(spec, SAMPLERS.get, swap_key)(seed=choice["seed"])
+        self.attention_backend_spec = ImplSpec(name=engine.attention_backend)
+        self.previous_sampler_name = self.sampler_name  # names shown again if a swapped-in one is put aside
+        self.previous_attention_backend = engine.attention_backend
+        self.last_swap_error: str | None = None
         self.states: dict[str, SamplingState] = {}
         self.eos_token_ids = self.model.config.eos_token_ids
         self.inbox = Inbox(addresses.inbox(worker_name(worker_id)), allow_remote=cfg.allow_remote)
@@ -104,6 +133,7 @@ class WorkerService:
             self._publish(plan, started, 0.0, 0.0, 0, self.last_error)
             return
         self.last_error = None
+        self._check_swaps()
         self.to_scheduler.send(StepDone(self.worker_id, plan.step, output, forward_s, sample_s))
         self._publish(plan, started, forward_s, sample_s, len(output.req_ids))
         if output.req_ids:
@@ -135,6 +165,67 @@ class WorkerService:
             failed=failed,
         )
         self.events.publish(f"forward.{self.worker_id}", event)
+
+    # -- swapping the sampler and the attention backend (see modkit.worker.swaps) -------------
+
+    def use_sampler(self, spec: ImplSpec, seed: int, guarded: bool = True) -> dict[str, Any]:
+        """Sample with another implementation from the next step on (the Sampler process asks).
+
+        ``guarded``: keep the current one to fall back on; a rollback passes False.
+        """
+        sampler = resolve(spec, SAMPLERS.get, self.swap_key)(seed=seed)
+        try_sampler(sampler, self.model.config.vocab_size, self.device)
+        current = self.sampler.sampler if isinstance(self.sampler, GuardedSampler) else self.sampler
+        self.previous_sampler_name, self.sampler_name = self.sampler_name, impl_label(spec, sampler)
+        self.sampler = GuardedSampler(sampler, current) if guarded else sampler
+        previous = self.previous_sampler_name
+        return {"implementation": self.sampler_name, "previous": previous}
+
+    def use_attention(self, spec: ImplSpec) -> dict[str, Any]:
+        """Run attention with another backend from the next step on; it must match the current one on a probe."""
+        backend = resolve(spec, ATTENTION_BACKENDS.get, self.swap_key)()
+        if not isinstance(backend, AttentionBackend):
+            raise TypeError(f"{type(backend).__qualname__} is not an AttentionBackend")
+        current = self._attention()
+        if isinstance(current, GuardedAttention):
+            current = current.backend
+        difference = try_attention(backend, current, self.model.config, self.model.lm_head.weight.dtype, self.device)
+        previous, self.attention_backend = self.attention_backend, impl_label(spec, backend)
+        self.previous_attention_backend = previous
+        previous_spec, self.attention_backend_spec = self.attention_backend_spec, spec
+        set_attention_backend(self.model, GuardedAttention(backend, current))
+        self.last_swap_error = None
+        self._publish_swap(previous, None)
+        return {
+            "implementation": self.attention_backend,
+            "previous": previous,
+            "previous_spec": previous_spec,
+            "probe_max_abs_diff": difference,
+        }
+
+    def _attention(self) -> AttentionBackend:
+        backend: AttentionBackend = attention_layers(self.model)[0].backend
+        return backend
+
+    def _check_swaps(self) -> None:
+        """A swapped-in sampler or backend that raised in this step: put the previous one back."""
+        if isinstance(self.sampler, GuardedSampler) and self.sampler.error is not None:
+            self.last_swap_error = self.sampler.error
+            self.sampler, self.sampler_name = self.sampler.fallback, self.previous_sampler_name
+            self.to_sampler.send(SwapRolledBack(self.worker_id, self.last_swap_error))
+        attention = self._attention()
+        if isinstance(attention, GuardedAttention) and attention.error is not None:
+            self.last_swap_error = attention.error
+            set_attention_backend(self.model, attention.fallback)
+            failed, self.attention_backend = self.attention_backend, self.previous_attention_backend
+            self._publish_swap(failed, attention.error)
+
+    def _publish_swap(self, previous: str, error: str | None) -> None:
+        component = f"{worker_name(self.worker_id)}.attention"
+        self.events.publish(
+            f"swap.{worker_name(self.worker_id)}",
+            Swapped(time.time(), component, self.attention_backend, previous, error),
+        )
 
     def announce_events(self, token: str) -> None:
         """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
@@ -187,6 +278,8 @@ class WorkerService:
             "component": worker_name(self.worker_id),
             "implementation": f"ModelRunner({self.model.config.architecture}, {self.attention_backend})",
             "sampler": self.sampler_name,
+            "attention_backend": self.attention_backend,
+            "last_swap_error": self.last_swap_error,
             "uptime_s": round(time.time() - self.started, 3),
             **self.info(),
         }
