@@ -206,7 +206,12 @@ def test_the_routing_policy_swaps_too_and_a_failing_one_is_rolled_back(pipeline:
             return max(w.worker_id for w in workers)
 
     pipeline.clear_trace()
-    assert pipeline.swap("router", AlwaysTheLast)["previous"] == "round_robin"
+    swapped: dict[str, Any] = {}
+    assert run_all(pipeline, during=lambda: swapped.update(pipeline.swap("router", AlwaysTheLast))) == expected
+    assert swapped["previous"] == "round_robin"
+    trace = pipeline.trace()
+    assert (trace.routes.worker_id[trace.routes.t > trace.swaps.t.iloc[0]] == 1).all()
+    pipeline.clear_trace()
     assert run_all(pipeline) == expected
     routes = pipeline.trace().routes
     assert len(routes) == len(QUESTIONS) and (routes.worker_id == 1).all()

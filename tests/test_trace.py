@@ -66,7 +66,8 @@ def test_each_request_is_traced_from_arrival_to_finish(run: tuple[Pipeline, Trac
     # Each was routed once, to the one worker; the router had learned the shared prompt's blocks by the last ones.
     routes = trace.routes
     assert sorted(routes.req_id) == sorted(r.id for r in replies) and (routes.worker_id == 0).all()
-    assert routes.cached_0.iloc[-1] >= 2 and (routes.cached_0 <= routes.num_prompt_blocks).all()
+    # (The last one may find them evicted: 24 blocks, 8 requests at a time.)
+    assert routes.cached_0.iloc[len(routes) // 2 :].max() >= 2 and (routes.cached_0 <= routes.num_prompt_blocks).all()
 
 
 def test_step_records_show_chunked_prompts_preemptions_and_the_budget(run: tuple[Pipeline, Trace, list[Any]]) -> None:

@@ -310,6 +310,16 @@ class Pipeline:
         """
         return swap_component(self, component, impl, allow_remote_code)
 
+    def hold_requests(self, hold: bool = True) -> int:
+        """While held, new requests wait at the scheduler; ``hold_requests(False)`` lets them all in
+        at once, in the order they came. Returns how many are held now.
+
+        For experiments that need every request of a burst in one queue before the first
+        step (so that two policies face the same choice, whatever the machine's speed).
+        """
+        with self._process("scheduler").client(timeout_s=10.0) as rpc:
+            return int(rpc.call("hold_new_requests", hold)["held"])
+
     def drain(self, timeout_s: float = 30.0) -> bool:
         """Refuse new requests (503) and wait up to ``timeout_s`` for those in flight; True if all finished."""
         if "frontend" not in self.processes:

@@ -67,7 +67,7 @@ def swap_component(p: Pipeline, component: str, impl: str | type, allow_remote_c
 def _swap_drained(p: Pipeline, component: str, spec: ImplSpec) -> dict[str, Any]:
     """Hold new requests at the scheduler, let the others finish, swap, let the held ones in."""
     with p.processes["scheduler"].client(timeout_s=RPC_TIMEOUT_S) as scheduler:
-        unfinished = int(scheduler.call("hold_new_requests", True))
+        unfinished = int(scheduler.call("hold_new_requests", True)["unfinished"])
         try:
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
             while unfinished:

@@ -37,6 +37,21 @@ from modkit.scheduler.output import (
 from modkit.scheduler.policies import SchedulingPolicy, get_policy
 
 
+def admit_checks(request: Request, requests: dict[str, Request], max_model_len: int) -> None:
+    """What every scheduler checks of a new request (ValueError), and its ``max_tokens`` within the model's length."""
+    if request.req_id in requests:
+        raise ValueError(f"request id {request.req_id!r} is already in use")
+    if request.num_tokens >= max_model_len:
+        raise ValueError(
+            f"prompt has {request.num_tokens} tokens; the model's limit is {max_model_len} "
+            "including at least one generated token"
+        )
+    # Counted from the prompt: a request moved here from another worker brings its outputs so far.
+    request.max_tokens = min(
+        request.sampling_params.max_tokens or max_model_len, max_model_len - request.num_prompt_tokens
+    )
+
+
 class Scheduler:
     def __init__(
         self,
@@ -72,17 +87,7 @@ class Scheduler:
     # -- requests in and out -------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        if request.req_id in self.requests:
-            raise ValueError(f"request id {request.req_id!r} is already in use")
-        if request.num_tokens >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {request.num_tokens} tokens; the model's limit is {self.max_model_len} "
-                "including at least one generated token"
-            )
-        # Counted from the prompt: a request moved here from another worker brings its outputs so far.
-        request.max_tokens = min(
-            request.sampling_params.max_tokens or self.max_model_len, self.max_model_len - request.num_prompt_tokens
-        )
+        admit_checks(request, self.requests, self.max_model_len)
         request.status = RequestStatus.WAITING
         self.requests[request.req_id] = request
         self._enqueue(request)

@@ -289,11 +289,11 @@ class SchedulerService:
 
     # -- swapping the whole scheduler (after a drain) ------------------------------------------
 
-    def hold_new_requests(self, hold: bool) -> int:
-        """Keep new requests back (``hold``) or let them in; returns how many requests are still unfinished.
+    def hold_new_requests(self, hold: bool) -> dict[str, int]:
+        """Keep new requests back (``hold``) or let them in; how many are held, and how many unfinished.
 
-        What ``Pipeline.swap`` drains with: requests already here finish, new ones wait
-        here, in order, and are added once the hold ends.
+        What ``Pipeline.swap`` drains with (requests already here finish, new ones wait here,
+        in order, and are added once the hold ends), and ``Pipeline.hold_requests``.
         """
         if hold and self.held is None:
             self.held = []
@@ -301,7 +301,7 @@ class SchedulerService:
             held, self.held = self.held, None
             for message in held:
                 self._add(message)
-        return self.num_unfinished()
+        return {"held": len(self.held or []), "unfinished": self.num_unfinished()}
 
     def num_unfinished(self) -> int:
         """Requests in the schedulers or in a step; at 0, the KV cache manager has been told every free."""

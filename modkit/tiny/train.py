@@ -355,7 +355,8 @@ def chat_reply(
     )
     ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, prompt_len)
     with torch.no_grad():
-        out = model.generate(
+        # cast: transformers' stubs for generate() differ between releases (5.19 rejects this self type).
+        out = cast(Any, model).generate(
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=False,

@@ -50,6 +50,7 @@ from modkit.scheduler.output import (
     SchedulerOutput,
     StepRecord,
 )
+from modkit.scheduler.scheduler import admit_checks
 from modkit.vllm_v1.bridge import (
     EventPublisher,
     StructuredOutputManager,
@@ -135,16 +136,7 @@ class VLLMScheduler:
         return [self.requests[r.request_id] for q in (self.vllm.kv_holding_waiting, self.vllm.waiting) for r in q]
 
     def add_request(self, request: Request) -> None:
-        if request.req_id in self.requests:
-            raise ValueError(f"request id {request.req_id!r} is already in use")
-        if request.num_tokens >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {request.num_tokens} tokens; the model's limit is {self.max_model_len} "
-                "including at least one generated token"
-            )
-        request.max_tokens = min(
-            request.sampling_params.max_tokens or self.max_model_len, self.max_model_len - request.num_prompt_tokens
-        )
+        admit_checks(request, self.requests, self.max_model_len)
         params = to_vllm_params(request.sampling_params, request.eos_token_ids, max_tokens=request.max_tokens)
         mirror = VllmRequest(
             request.req_id,
