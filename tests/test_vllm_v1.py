@@ -330,6 +330,23 @@ def test_vllm_scheduler_abort_frees_blocks_and_tells_the_worker() -> None:
     assert [(c.req_id, c.new_token_ids) for c in plan.scheduled_cached_reqs] == [("r0", [7]), ("r2", [9])]
 
 
+def test_vllm_scheduler_hands_requests_over_with_their_outputs_and_frees_their_blocks() -> None:
+    scheduler = VLLMScheduler(16, 4, 32, 8, 128)
+    for i in range(2):
+        scheduler.add_request(Request(f"r{i}", list(range(10 * i + 3, 10 * i + 12)), SamplingParams(max_tokens=5)))
+    plan = scheduler.schedule()
+    scheduler.update_from_output(plan, ModelRunnerOutput(["r0", "r1"], [7, 8]))
+    taken = scheduler.take_requests(["r0", "r1", "unknown"])
+    assert [r.req_id for r in taken] == ["r0", "r1"] and [r.output_token_ids for r in taken] == [[7], [8]]
+    assert all(r.num_computed_tokens == 0 and r.status == RequestStatus.WAITING for r in taken)
+    assert not scheduler.has_unfinished_requests() and scheduler.kv.num_free_blocks == 15
+    scheduler.check_invariants()
+    modkit = Scheduler(KVCacheManager(16, 4), 32, 8, 128)
+    for request in taken:  # another worker's scheduler carries on from the outputs so far
+        modkit.add_request(request)
+    assert modkit.schedule().num_scheduled_tokens == {"r0": 10, "r1": 10}
+
+
 def test_vllm_scheduler_stops_on_eos_before_min_tokens_where_modkits_does_not() -> None:
     """vLLM leaves min_tokens to the sampler's mask; modkit's scheduler checks it again."""
     finish = {}

@@ -162,6 +162,20 @@ class VLLMScheduler:
             if req_id in self.requests:
                 self._forget(self.requests[req_id], status)
 
+    def take_requests(self, req_ids: Iterable[str]) -> list[Request]:
+        """Hand requests over to another scheduler (their worker is gone), as modkit's ``Scheduler`` does:
+        vLLM forgets them (freeing their blocks), and each leaves unfinished with its outputs so far."""
+        ids = [r for r in req_ids if r in self.requests]
+        self.vllm.finish_requests(ids, VllmRequestStatus.FINISHED_ABORTED)
+        taken = []
+        for req_id in ids:
+            request = self.requests.pop(req_id)
+            request.status, request.num_computed_tokens = RequestStatus.WAITING, 0
+            self.worker_num_tokens.pop(req_id, None)
+            self._worker_blocks.pop(req_id, None)
+            taken.append(request)
+        return taken
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.vllm.get_num_unfinished_requests())
 
