@@ -101,7 +101,7 @@ class BlockPool:
         return blocks
 
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
-        """A request starts using cached blocks: count it, and take free ones out of the queue."""
+        """A prefix hit: count it on each block, and take the free ones back from the eviction policy."""
         for block in blocks:
             block.ref_cnt += 1
             block.num_hits += 1
@@ -110,8 +110,8 @@ class BlockPool:
                 self._guarded(self.eviction.remove, block)
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
-        """Drop one reference from each; blocks no one holds go to the tail of the free queue,
-        in the order given (the first given is evicted first)."""
+        """Drop one reference from each; blocks no one holds go to the eviction policy, in the
+        order given (under LRU, the first given is evicted first)."""
         for block in ordered_blocks:
             assert block.ref_cnt > 0 and block is not self.null_block, f"double free of {block}"
             block.ref_cnt -= 1
