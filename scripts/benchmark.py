@@ -59,6 +59,7 @@ def bench_modkit(model_dir: Path, prompts: list[list[int]], args: argparse.Names
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
+        attention_backend=args.attention_backend,
     )
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
@@ -131,6 +132,7 @@ def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
         model=str(model_dir),
         device=args.device,
         dtype=args.dtype,
+        attention_backend=args.attention_backend,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
@@ -248,6 +250,9 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument(
+        "--attention-backend", default="torch_batched", help="modkit and pipeline: torch_batched, triton"
+    )
     parser.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
     parser.add_argument("--engines", nargs="+", default=["modkit", "hf", "vllm"], choices=list(RUNNERS))
     parser.add_argument("--num-workers", type=int, default=1, help="pipeline: workers (replicas; one GPU is shared)")

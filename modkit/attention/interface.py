@@ -117,6 +117,8 @@ def write_to_kv_cache(
 
 ATTENTION_BACKENDS: Registry[AttentionBackend] = Registry("attention backend")
 register_attention_backend = ATTENTION_BACKENDS.register
+# One Triton kernel for a flat batch of prompt chunks and decodes (a CUDA GPU); imported on first use.
+ATTENTION_BACKENDS.register_path("triton", "modkit.attention.triton_paged:TritonPagedAttention")
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
