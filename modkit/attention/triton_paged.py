@@ -34,7 +34,7 @@ from modkit.attention.interface import AttentionBackend, AttentionMetadata, writ
 
 
 @triton.jit
-def _paged_attention_kernel(
+def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads these parameters untyped
     q_ptr,  # (T, H, D)
     k_ptr,  # keys of the cache, viewed as (num_blocks * block_size, KVH, D)
     v_ptr,
