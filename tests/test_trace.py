@@ -63,11 +63,12 @@ def test_each_request_is_traced_from_arrival_to_finish(run: tuple[Pipeline, Trac
         assert tokens.num_tokens.sum() == reply.usage.completion_tokens
         assert tokens.itl.isna().sum() == 1 and (tokens.itl.dropna() >= 0).all()
     assert (requests.ttft > 0).all() and (requests.e2e >= requests.ttft).all()
-    # Each was routed once, to the one worker; the router had learned the shared prompt's blocks by the last ones.
+    # Each was routed once, to the one worker, knowing at most its prompt's blocks as cached there. (Whether
+    # the shared prompt is still cached when a later request is routed depends on the machine's timing:
+    # 24 blocks, 8 requests at a time, preemptions. test_pipeline's KV-aware routing test checks learning.)
     routes = trace.routes
     assert sorted(routes.req_id) == sorted(r.id for r in replies) and (routes.worker_id == 0).all()
-    # (The last one may find them evicted: 24 blocks, 8 requests at a time.)
-    assert routes.cached_0.iloc[len(routes) // 2 :].max() >= 2 and (routes.cached_0 <= routes.num_prompt_blocks).all()
+    assert (routes.cached_0 <= routes.num_prompt_blocks).all()
 
 
 def test_step_records_show_chunked_prompts_preemptions_and_the_budget(run: tuple[Pipeline, Trace, list[Any]]) -> None:
