@@ -17,6 +17,7 @@ import statistics
 import torch
 
 from modkit.attention import AttentionMetadata, get_attention_backend
+from modkit.attention.interface import metadata_from_lengths
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 14, 2, 64, 16
 BATCHES = {
@@ -32,27 +33,7 @@ def metadata(lens: list[tuple[int, int]], device: torch.device) -> tuple[Attenti
         count = -(-(computed + new) // BLOCK)
         tables.append(list(range(next_block, next_block + count)))
         next_block += count
-    width = max(len(t) for t in tables)
-    starts, slots, seq_of_token, offsets = [0], [], [], []
-    for s, ((computed, new), table) in enumerate(zip(lens, tables, strict=True)):
-        starts.append(starts[-1] + new)
-        for i, pos in enumerate(range(computed, computed + new)):
-            slots.append(table[pos // BLOCK] * BLOCK + pos % BLOCK)
-            seq_of_token.append(s)
-            offsets.append(i)
-    seq_lens = [c + n for c, n in lens]
-    md = AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        block_size=BLOCK,
-        token_seq_idx=torch.tensor(seq_of_token, dtype=torch.int64, device=device),
-        token_offset=torch.tensor(offsets, dtype=torch.int64, device=device),
-    )
-    return md, next_block
+    return metadata_from_lengths(lens, tables, BLOCK, device), next_block
 
 
 def main() -> None:

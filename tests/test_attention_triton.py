@@ -18,6 +18,7 @@ if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
 
 from modkit import LLM, SamplingParams
 from modkit.attention import AttentionMetadata, get_attention_backend
+from modkit.attention.interface import metadata_from_lengths
 
 CUDA = torch.device("cuda")
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # relative to the largest output
@@ -35,30 +36,7 @@ def random_metadata(
         lens.append((rng.choice([0, rng.randrange(0, max_context + 1)]), new))
     lens.sort(key=lambda cn: cn[1] > 1)  # decodes first, as the worker orders them
     tables = [[free.pop() for _ in range(-(-(c + n) // block_size))] for c, n in lens]
-    width = max(len(t) for t in tables)
-    starts, slots, seq_of_token, offsets = [0], [], [], []
-    for s, ((computed, new), table) in enumerate(zip(lens, tables, strict=True)):
-        starts.append(starts[-1] + new)
-        for i, pos in enumerate(range(computed, computed + new)):
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-            seq_of_token.append(s)
-            offsets.append(i)
-    seq_lens = [c + n for c, n in lens]
-
-    def on_gpu(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=CUDA)
-
-    return AttentionMetadata(
-        query_start_loc=on_gpu(starts, torch.int32),
-        seq_lens=on_gpu(seq_lens, torch.int32),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=CUDA),
-        slot_mapping=on_gpu(slots, torch.int64),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        block_size=block_size,
-        token_seq_idx=on_gpu(seq_of_token, torch.int64),
-        token_offset=on_gpu(offsets, torch.int64),
-    )
+    return metadata_from_lengths(lens, tables, block_size, CUDA)
 
 
 CASES = [

@@ -87,6 +87,40 @@ class AttentionMetadata:
         return max(self.seq_lens_cpu)
 
 
+def metadata_from_lengths(
+    lengths: list[tuple[int, int]], block_tables: list[list[int]], block_size: int, device: torch.device | str
+) -> AttentionMetadata:
+    """Metadata for requests given as (tokens already cached, new tokens) with their block tables.
+
+    For probes, tests and benchmarks; the worker builds its own from the scheduler's plan
+    (``ModelRunner.prepare``).
+    """
+    width = max(len(t) for t in block_tables)
+    starts, slots, seq_of_token, offsets = [0], [], [], []
+    for s, ((cached, new), table) in enumerate(zip(lengths, block_tables, strict=True)):
+        starts.append(starts[-1] + new)
+        for i, pos in enumerate(range(cached, cached + new)):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+            seq_of_token.append(s)
+            offsets.append(i)
+    seq_lens = [cached + new for cached, new in lengths]
+
+    def tensor(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return AttentionMetadata(
+        query_start_loc=tensor(starts, torch.int32),
+        seq_lens=tensor(seq_lens, torch.int32),
+        block_tables=tensor([t + [0] * (width - len(t)) for t in block_tables], torch.int32),
+        slot_mapping=tensor(slots, torch.int64),
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=seq_lens,
+        block_size=block_size,
+        token_seq_idx=tensor(seq_of_token, torch.int64),
+        token_offset=tensor(offsets, torch.int64),
+    )
+
+
 class AttentionBackend(ABC):
     """One implementation of paged attention. Stateless: all state is in the arguments."""
 

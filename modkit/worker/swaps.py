@@ -16,7 +16,6 @@ loop is not inside a step while it answers a call):
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from modkit.attention import AttentionBackend, AttentionMetadata
+from modkit.attention.interface import metadata_from_lengths
 from modkit.model.config import ModelConfig
 from modkit.sampler import Sampler, SamplerOutput, SamplingState
 from modkit.sampling_params import SamplingParams
@@ -140,34 +140,12 @@ def try_attention(
         count = -(-(cached + new) // block_size)
         tables.append(list(range(next_block, next_block + count)))
         next_block += count
-    width = max(len(t) for t in tables)
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
 
     def metadata(part: str) -> AttentionMetadata:
         """``part`` "context": each sequence's cached tokens; "new": its new tokens over all of it."""
-        starts, lens, slots = [0], [], []
-        for (cached, new), table in zip(shapes, tables, strict=True):
-            first, last = (0, cached) if part == "context" else (cached, cached + new)
-            if last == first:
-                continue
-            starts.append(starts[-1] + last - first)
-            lens.append(last)
-            slots += [table[t // block_size] * block_size + t % block_size for t in range(first, last)]
         rows = [i for i, (cached, new) in enumerate(shapes) if (cached if part == "context" else new)]
-        query_lens = torch.tensor([b - a for a, b in itertools.pairwise(starts)])
-        seq_of_token = torch.repeat_interleave(torch.arange(len(rows)), query_lens)
-        offset = torch.arange(starts[-1]) - torch.tensor(starts[:-1])[seq_of_token]
-        return AttentionMetadata(
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
-            block_tables=block_tables[rows],
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_start_loc_cpu=starts,
-            seq_lens_cpu=lens,
-            block_size=block_size,
-            token_seq_idx=seq_of_token.to(device),
-            token_offset=offset.to(device),
-        )
+        lengths = [(0, shapes[i][0]) if part == "context" else shapes[i] for i in rows]
+        return metadata_from_lengths(lengths, [tables[i] for i in rows], block_size, device)
 
     def qkv(num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shapes_ = [(num_tokens, heads, head_dim), (num_tokens, kv_heads, head_dim), (num_tokens, kv_heads, head_dim)]
