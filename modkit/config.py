@@ -59,7 +59,7 @@ class PipelineConfig:
     dtype: str | None = None  # None: float32 on CPU, bfloat16 (or float16) on GPU
     device: str | None = None  # None: cuda if available, else cpu
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    gpu_memory_utilization: float = 0.9  # share of free memory after the weights that the KV cache takes
+    gpu_memory_utilization: float = 0.9  # GPU memory share for a card's workers: weights, activations, KV cache
     max_num_batched_tokens: int = 2048  # token budget of one step: enough for a long prompt chunk plus decodes
     max_num_seqs: int = 256  # requests running at once in one worker, as in vLLM
     block_size: int = 16  # tokens per KV block, as in vLLM: small enough to waste little, big enough to batch
@@ -70,7 +70,8 @@ class PipelineConfig:
     router_policy: str = "round_robin"  # needs no load reports; "least_loaded" and "kv_aware" do
     eviction_policy: str = "lru"  # which free cached block goes first: "lru" (vLLM's) or "lfu"
     sampler: str = "default"  # batched, vLLM's order of operations; "per_request" loops row by row
-    attention_backend: str = "torch_batched"  # batched SDPA; "torch_ref" is the slow, obvious reference
+    attention_backend: str = "auto"  # "triton" on a CUDA GPU, else "torch_batched"; "torch_ref" is the reference
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (captured only on a GPU)
     seed: int = 0  # seeds requests that bring no seed, so a run can be repeated
     # -- processes and network --------------------------------------------------------------
     num_workers: int = 1  # one model replica; the router spreads requests over more
@@ -115,6 +116,7 @@ class PipelineConfig:
         _check_choice("eviction_policy", self.eviction_policy, eviction_policies())
         _check_choice("sampler", self.sampler, samplers())
         _check_choice("attention_backend", self.attention_backend, attention_backends())
+        _check_bool("enforce_eager", self.enforce_eager)
         _check_int("seed", self.seed, minimum=0)
         _check_int("num_workers", self.num_workers, minimum=1)
         _check_bool("allow_remote", self.allow_remote)
@@ -240,7 +242,7 @@ class PipelineConfig:
 
     def to_engine_config(self, worker_index: int = 0) -> EngineConfig:
         """The in-process engine's config for one worker. Workers are replicas, so all get the same
-        settings; ``gpu_memory_utilization`` becomes ``kv_cache_memory_fraction``."""
+        settings."""
         if type(worker_index) is not int or not 0 <= worker_index < self.num_workers:  # a bool is no index
             raise ConfigError("worker_index", f"must be an integer in [0, {self.num_workers}), got {worker_index!r}")
         return EngineConfig(
@@ -257,7 +259,8 @@ class PipelineConfig:
             eviction_policy=self.eviction_policy,
             sampler=self.sampler,
             attention_backend=self.attention_backend,
-            kv_cache_memory_fraction=self.gpu_memory_utilization,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enforce_eager=self.enforce_eager,
             seed=self.seed,
         )
 

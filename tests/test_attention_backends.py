@@ -29,8 +29,8 @@ def random_batch(runner: ModelRunner, seed: int, num_seqs: int, decodes_first: b
 
 
 @pytest.mark.parametrize("decodes_first", [False, True])
-# "triton" needs a CUDA GPU: tests/test_attention_triton.py checks it there.
-@pytest.mark.parametrize("backend", [b for b in attention_backends() if b not in ("torch_ref", "triton")])
+# "triton" needs a CUDA GPU: tests/test_attention_triton.py checks it there; "auto" is torch_batched on a CPU.
+@pytest.mark.parametrize("backend", [b for b in attention_backends() if b not in ("torch_ref", "triton", "auto")])
 @pytest.mark.parametrize(
     ("seed", "block_size", "heads"), [(0, 16, (8, 2)), (1, 1, (4, 4)), (2, 5, (6, 1)), (3, 7, (4, 2))]
 )

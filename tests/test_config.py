@@ -28,6 +28,7 @@ CUSTOM: dict[str, Any] = {
     "block_size": 32,
     "num_kv_blocks": 64,
     "enable_prefix_caching": False,
+    "enforce_eager": True,
     "scheduling_policy": "priority",
     "router_policy": "kv_aware",
     "attention_backend": "torch_ref",
@@ -55,7 +56,7 @@ def test_defaults_match_the_design() -> None:
     assert (config.gpu_memory_utilization, config.max_num_batched_tokens, config.max_num_seqs) == (0.9, 2048, 256)
     assert (config.block_size, config.num_workers, config.host, config.allow_remote) == (16, 1, "127.0.0.1", False)
     assert (config.scheduling_policy, config.router_policy, config.sampler) == ("fcfs", "round_robin", "default")
-    assert config.attention_backend == "torch_batched" and config.enable_prefix_caching
+    assert config.attention_backend == "auto" and config.enable_prefix_caching
     assert config.urls()["router"] == "http://127.0.0.1:8004/health"
 
 
@@ -275,9 +276,9 @@ def test_to_engine_config_maps_fields() -> None:
     assert isinstance(engine, EngineConfig)
     for name in ("model", "dtype", "device", "max_model_len", "max_num_batched_tokens", "max_num_seqs", "block_size",
                  "num_kv_blocks", "enable_prefix_caching", "scheduling_policy", "sampler", "attention_backend",
-                 "seed"):  # fmt: skip
+                 "enforce_eager", "seed"):  # fmt: skip
         assert getattr(engine, name) == getattr(config, name), name
-    assert engine.kv_cache_memory_fraction == 0.5
+    assert engine.gpu_memory_utilization == 0.5
     assert PipelineConfig(device="cpu").to_engine_config().model is None  # the embedded model
     for index in (3, -1, True):
         with pytest.raises(ConfigError, match="worker_index must be an integer in"):

@@ -256,8 +256,8 @@ def test_prompt_formats(tiny_model_dir) -> None:
 
 
 def test_kv_cache_is_sized_from_memory_by_default(tiny_model_dir) -> None:
-    from modkit.engine.core import CPU_KV_CACHE_CAP_BYTES
     from modkit.worker import kv_cache_bytes_per_block
+    from modkit.worker.memory import CPU_KV_CACHE_CAP_BYTES
 
     llm = LLM(max_num_seqs=4, max_model_len=256)
     blocks = llm.stats()["kv_blocks_total"]

@@ -11,6 +11,7 @@ from modkit.attention.interface import (
     attention_backends,
     get_attention_backend,
     register_attention_backend,
+    resolve_attention_backend,
     write_to_kv_cache,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "attention_backends",
     "get_attention_backend",
     "register_attention_backend",
+    "resolve_attention_backend",
     "write_to_kv_cache",
 ]

@@ -125,6 +125,10 @@ class AttentionBackend(ABC):
     """One implementation of paged attention. Stateless: all state is in the arguments."""
 
     name: ClassVar[str]
+    # True when ``forward`` can be captured in a CUDA graph: it launches a fixed sequence of
+    # kernels for a given (num_seqs, max_query_len), reads lengths and block tables only on
+    # the device, and never looks at ``seq_lens_cpu`` or ``query_start_loc_cpu`` values.
+    supports_cuda_graphs: ClassVar[bool] = False
 
     @abstractmethod
     def forward(
@@ -155,11 +159,27 @@ register_attention_backend = ATTENTION_BACKENDS.register
 ATTENTION_BACKENDS.register_path("triton", "modkit.attention.triton_paged:TritonPagedAttention")
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """An instance of the backend registered under ``name``."""
-    return ATTENTION_BACKENDS.get(name)()
+AUTO = "auto"  # not a backend: the best one this device can run (resolve_attention_backend)
+
+
+def resolve_attention_backend(name: str, device: torch.device | str) -> str:
+    """``name`` itself, or for "auto": "triton" on a CUDA GPU with Triton, else "torch_batched"."""
+    if name != AUTO:
+        return name
+    if torch.device(device).type == "cuda":
+        try:
+            ATTENTION_BACKENDS.get("triton")
+            return "triton"
+        except ImportError:  # a torch build without Triton: the PyTorch backend still runs
+            pass
+    return "torch_batched"
+
+
+def get_attention_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
+    """An instance of the backend registered under ``name`` ("auto": see ``resolve_attention_backend``)."""
+    return ATTENTION_BACKENDS.get(resolve_attention_backend(name, device))()
 
 
 def attention_backends() -> list[str]:
-    """Names of every registered backend."""
-    return ATTENTION_BACKENDS.names()
+    """Names of every registered backend, and "auto"."""
+    return [*ATTENTION_BACKENDS.names(), AUTO]

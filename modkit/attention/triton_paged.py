@@ -123,6 +123,7 @@ class TritonPagedAttention(AttentionBackend):
     """Registered lazily as "triton" (``modkit.attention``): importing it needs Triton."""
 
     BLOCK_N = 32  # context tokens per tile
+    supports_cuda_graphs = True  # one launch, its grid fixed by (num_seqs, max_query_len)
 
     def forward(
         self,

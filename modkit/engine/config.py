@@ -32,8 +32,11 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     eviction_policy: str = "lru"
     sampler: str = "default"
-    attention_backend: str = "torch_batched"
-    kv_cache_memory_fraction: float = 0.9  # of free memory after weights, when num_kv_blocks is None
+    attention_backend: str = "auto"  # "triton" on a CUDA GPU with Triton, else "torch_batched"
+    # Share of the GPU's total memory for this engine (weights, activations, KV cache), when
+    # num_kv_blocks is None (modkit.worker.memory). The CPU has its own rule.
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (they are captured only on a GPU)
     seed: int = 0  # seeds unseeded random sampling
 
     def __post_init__(self) -> None:
@@ -48,8 +51,10 @@ class EngineConfig:
             )
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ConfigError("max_model_len", f"must be None or an integer >= 2, got {self.max_model_len!r}")
-        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
-            raise ConfigError("kv_cache_memory_fraction", f"must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ConfigError("enforce_eager", f"must be True or False, got {self.enforce_eager!r}")
         for name in ("scheduler", "kv_cache_manager"):
             if getattr(self, name) not in ("modkit", "vllm"):
                 raise ConfigError(name, f"must be 'modkit' or 'vllm', got {getattr(self, name)!r}")

@@ -12,10 +12,9 @@ The same objects run in one process here and, later, each behind ZeroMQ in its o
 
 from __future__ import annotations
 
-import os
+import logging
+from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from modkit.engine.config import ConfigError, EngineConfig
 from modkit.kvcache import KVCacheManager, KVEventSink
@@ -23,11 +22,27 @@ from modkit.model import load_model
 from modkit.model.config import ModelConfig
 from modkit.model.decoder import CausalLM
 from modkit.request import Request, RequestStatus, check_prompt
-from modkit.sampler import SamplingState, get_sampler
-from modkit.scheduler import EngineCoreOutput, ModelRunnerOutput, Scheduler
-from modkit.worker import ModelRunner, PagedKVCache, Worker, kv_cache_bytes_per_block
+from modkit.sampler import SamplerOutput, SamplingState, get_sampler
+from modkit.scheduler import EngineCoreOutput, ModelRunnerOutput, Scheduler, SchedulerOutput
+from modkit.worker import ModelRunner, PagedKVCache, Worker
+from modkit.worker.memory import plan_kv_cache
 
-CPU_KV_CACHE_CAP_BYTES = 512 * 2**20  # a laptop runs several engines side by side in notebooks
+log = logging.getLogger(__name__)
+
+
+def use_cuda_graphs(model: CausalLM, config: EngineConfig) -> bool:
+    """Decode steps replay CUDA graphs on a GPU, unless enforce_eager or the attention backend cannot."""
+    backend = model.attention_backend
+    return model.lm_head.weight.is_cuda and not config.enforce_eager and backend.supports_cuda_graphs
+
+
+@dataclass(slots=True)
+class PendingStep:
+    """A step whose forward and sampling are queued on the device."""
+
+    scheduler_output: SchedulerOutput
+    req_ids: list[str]  # the requests that sample, in the order of ``sampled``'s rows
+    sampled: SamplerOutput | None  # still on the device
 
 
 class EngineCore:
@@ -44,10 +59,18 @@ class EngineCore:
                 "max_model_len", f"must be <= the model's max_position_embeddings ({limit}), got {config.max_model_len}"
             )
         self.max_model_len = config.max_model_len or limit
-        num_blocks = config.num_kv_blocks or num_blocks_from_memory(self.model, config, self.max_model_len)
+        cuda_graphs = use_cuda_graphs(self.model, config)
+        self.memory = plan_kv_cache(self.model, config, self.max_model_len, cuda_graphs=cuda_graphs)
+        num_blocks = self.memory.num_blocks
         self.kv_cache = PagedKVCache.allocate(self.model.config, num_blocks, config.block_size, self.dtype, self.device)
         self.kv_manager, self.scheduler = self._scheduler(config, num_blocks, kv_event_sink)
         self.worker = Worker(ModelRunner(self.model, self.kv_cache))
+        if cuda_graphs:
+            graphs = self.worker.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
+            self.memory.cuda_graph_bytes = graphs.pool_bytes
+            log.info("captured %d CUDA graphs (decode batches up to %d) in %.1f s", len(graphs.sizes),
+                     graphs.max_batch, graphs.capture_s)  # fmt: skip
+        log.info(self.memory.describe(self.max_model_len))
         self.sampler = get_sampler(config.sampler, seed=config.seed)
         self.sampling_states: dict[str, SamplingState] = {}
 
@@ -108,14 +131,28 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        return self.finish_step(self.launch_step())
+
+    def launch_step(self) -> PendingStep:
+        """Schedule, and queue the forward and the sampling on the device; return without waiting.
+
+        On a GPU the host is free until ``finish_step``: ``LLM`` detokenizes the previous
+        step's tokens meanwhile.
+        """
         scheduler_output = self.scheduler.schedule()
         result = self.worker.execute_model(scheduler_output)
-        sampled = []
+        sampled = None
         if result.req_ids:
             states = [self.sampling_states[r] for r in result.req_ids]
-            sampled = self.sampler.sample(result.logits, states).to_lists()  # the one host copy
-        runner_output = ModelRunnerOutput(result.req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])
-        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+            sampled = self.sampler.sample(result.logits, states)
+        return PendingStep(scheduler_output, result.req_ids, sampled)
+
+    def finish_step(self, pending: PendingStep) -> list[EngineCoreOutput]:
+        """Wait for the step's tokens (the one host copy), and update the scheduler with them."""
+        sampled = pending.sampled.to_lists() if pending.sampled is not None else []
+        tokens, logprobs = [s.token_id for s in sampled], [s.logprobs for s in sampled]
+        runner_output = ModelRunnerOutput(pending.req_ids, tokens, logprobs)
+        outputs = self.scheduler.update_from_output(pending.scheduler_output, runner_output)
         for out in outputs:
             if out.finish_reason is not None:
                 self.sampling_states.pop(out.req_id, None)
@@ -136,53 +173,10 @@ class EngineCore:
             "kv_cache_usage": kv.usage,
             "num_evictions": kv.num_evictions,
             "num_steps": self.scheduler.step_count,
+            "kv_capacity_tokens": self.memory.kv_capacity_tokens,
+            "num_cuda_graph_replays": graphs.num_replays if (graphs := self.worker.runner.graphs) else 0,
         }
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
         assert set(self.sampling_states) == set(self.scheduler.requests), "sampling state for every live request"
-
-
-def num_blocks_from_memory(model: CausalLM, cfg: EngineConfig, max_model_len: int, num_sharing: int = 1) -> int:
-    """KV blocks that fit in the memory left after the weights (and, on a GPU, activations).
-
-    On a GPU, as vLLM does, ``kv_cache_memory_fraction`` is a share of the card's *total*
-    memory for this engine (weights, activations and KV cache together), split evenly
-    between ``num_sharing`` workers on one card; never more than is free now.
-    """
-    device = model.lm_head.weight.device
-    dtype = model.lm_head.weight.dtype
-    per_block = kv_cache_bytes_per_block(model.config, cfg.block_size, dtype)
-    # Never more than every running request at full length needs.
-    enough = cfg.max_num_seqs * -(-max_model_len // cfg.block_size) + 1
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        share = int(total * cfg.kv_cache_memory_fraction / num_sharing) - weights
-        budget = min(share, free) - _activation_bytes(model.config, cfg, dtype)
-    else:
-        budget = min(int(_available_host_memory() * 0.25 / num_sharing), CPU_KV_CACHE_CAP_BYTES)
-    if budget < 2 * per_block:
-        raise ConfigError("num_kv_blocks", f"no memory left for a KV cache ({budget} bytes free after weights)")
-    return max(2, min(enough, budget // per_block))
-
-
-def _activation_bytes(m: ModelConfig, cfg: EngineConfig, dtype: torch.dtype) -> int:
-    """A generous estimate of one step's activation peak (measured sizing comes with the GPU work)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    per_token = (
-        4 * m.hidden_size + 3 * m.intermediate_size + (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
-    )
-    logits = min(cfg.max_num_seqs, cfg.max_num_batched_tokens) * m.vocab_size * 4 * 3
-    return 2 * cfg.max_num_batched_tokens * per_token * elem + logits
-
-
-def _available_host_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -112,6 +112,12 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
+    @property
+    def attention_backend(self) -> AttentionBackend:
+        """The backend every attention layer calls (they share one)."""
+        attention: Attention = self.model.layers[0].self_attn  # type: ignore[assignment]
+        return attention.backend
+
     def tie_weights(self) -> None:
         """With tied embeddings the output head reuses the input embedding matrix."""
         if self.config.tie_word_embeddings:

@@ -180,7 +180,7 @@ def load_model(
     config = ModelConfig.from_pretrained(model_dir)
     dev = torch.device(device) if device is not None else default_device()
     torch_dtype = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
-    backend = get_attention_backend(attention_backend)
+    backend = get_attention_backend(attention_backend, dev)
     # Build on the meta device (no memory, no random init), then allocate for real.
     with torch.device("meta"):
         net = CausalLM(config, backend)

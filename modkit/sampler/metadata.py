@@ -20,6 +20,7 @@ import torch
 
 from modkit.sampler.interface import SamplingState
 from modkit.sampling_params import SamplingType
+from modkit.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -94,17 +95,18 @@ class SamplingMetadata:
                 mask_rows += [row] * len(masked)
                 mask_ids += masked
 
+        # Through pinned memory: on a GPU the forward of this step may still be running.
         def ints(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
+            return to_device(values, torch.int64, device)
 
         def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(values, torch.float32, device)
 
         logprobs = [s.params.logprobs for s in states]
         return cls(
             all_greedy=all(greedy),
             all_random=not any(greedy),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            is_greedy=to_device(greedy, torch.bool, device),
             temperature=floats(temperature),
             min_p=floats(min_p) if any(min_p) else None,
             top_k=ints(top_k) if any(top_k) else None,
@@ -135,9 +137,9 @@ def _penalty_tensors(states: Sequence[SamplingState], vocab_size: int, device: t
 
     def padded(rows: list[list[int]]) -> torch.Tensor:
         width = max(map(len, rows))
-        return torch.tensor([ids + [vocab_size] * (width - len(ids)) for ids in rows], dtype=torch.int64, device=device)
+        return to_device([ids + [vocab_size] * (width - len(ids)) for ids in rows], torch.int64, device)
 
     def values(xs: list[float]) -> torch.Tensor:
-        return torch.tensor(xs, dtype=torch.float32, device=device)
+        return to_device(xs, torch.float32, device)
 
     return PenaltyTensors(padded(prompts), padded(outputs), values(presence), values(frequency), values(repetition))

@@ -15,6 +15,8 @@ import torch
 
 from modkit.attention import AttentionMetadata
 from modkit.model.decoder import CausalLM
+from modkit.transfer import to_device
+from modkit.worker.cuda_graphs import DecodeGraphs
 from modkit.worker.kv_cache import PagedKVCache
 
 
@@ -42,12 +44,27 @@ class ForwardInputs:
 
 
 class ModelRunner:
-    """Runs a ``CausalLM`` over a ``PagedKVCache``; holds no per-request state."""
+    """Runs a ``CausalLM`` over a ``PagedKVCache``; holds no per-request state.
+
+    With ``capture_cuda_graphs``, decode-only steps replay a CUDA graph (``cuda_graphs.py``);
+    every other step runs eagerly.
+    """
 
     def __init__(self, model: CausalLM, kv_cache: PagedKVCache) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = next(model.parameters()).device
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> DecodeGraphs:
+        """Capture the decode graphs now (seconds); needs a CUDA device and a graph-safe attention backend."""
+        backend = self.model.attention_backend
+        if not backend.supports_cuda_graphs:
+            raise ValueError(f"attention backend {backend.name!r} cannot run inside a CUDA graph")
+        graphs = DecodeGraphs(self, max_num_seqs, max_model_len)
+        graphs.capture()
+        self.graphs = graphs
+        return graphs
 
     def prepare(self, chunks: list[SequenceChunk]) -> ForwardInputs:
         """Lay the chunks end to end and describe where their tokens go in the cache.
@@ -82,21 +99,21 @@ class ModelRunner:
         input_ids = torch.tensor(list(itertools.chain.from_iterable(c.token_ids for c in chunks)))
         dev = self.device
         metadata = AttentionMetadata(
-            query_start_loc=query_start_loc.to(dev, torch.int32),
-            seq_lens=seq_lens.to(dev, torch.int32),
-            block_tables=block_tables.to(dev, torch.int32),
-            slot_mapping=slot_mapping.to(dev),
+            query_start_loc=to_device(query_start_loc, torch.int32, dev),
+            seq_lens=to_device(seq_lens, torch.int32, dev),
+            block_tables=to_device(block_tables, torch.int32, dev),
+            slot_mapping=to_device(slot_mapping, torch.int64, dev),
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
             block_size=block_size,
-            token_seq_idx=seq_of_token.to(dev),
-            token_offset=offset_in_chunk.to(dev),
+            token_seq_idx=to_device(seq_of_token, torch.int64, dev),
+            token_offset=to_device(offset_in_chunk, torch.int64, dev),
         )
         return ForwardInputs(
-            input_ids=input_ids.to(dev),
-            positions=positions.to(dev),
+            input_ids=to_device(input_ids, torch.int64, dev),
+            positions=to_device(positions, torch.int64, dev),
             metadata=metadata,
-            logits_indices=logits_indices.to(dev),
+            logits_indices=to_device(logits_indices, torch.int64, dev),
         )
 
     def _validate(self, chunks: list[SequenceChunk]) -> None:
@@ -126,7 +143,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Run the chunks; return float32 logits (sum of num_logits, vocab_size) in chunk order."""
-        inputs = self.prepare(chunks)
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            self._validate(chunks)
+            return self.graphs.run(chunks)
+        return self.forward(self.prepare(chunks))
+
+    @torch.inference_mode()
+    def forward(self, inputs: ForwardInputs) -> torch.Tensor:
+        """The eager forward of prepared inputs."""
         return self.model(
             inputs.input_ids, inputs.positions, self.kv_cache.layers, inputs.metadata, inputs.logits_indices
         )

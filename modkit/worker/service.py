@@ -27,9 +27,9 @@ from typing import Any
 import msgspec
 
 from modkit.attention import AttentionBackend
-from modkit.attention.interface import ATTENTION_BACKENDS
+from modkit.attention.interface import ATTENTION_BACKENDS, resolve_attention_backend
 from modkit.config import PipelineConfig
-from modkit.engine.core import num_blocks_from_memory
+from modkit.engine.core import use_cuda_graphs
 from modkit.model import load_model
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, SwapRolledBack, WorkerHeartbeat
@@ -41,6 +41,7 @@ from modkit.trace.events import EventPublisher, ForwardEvent, Swapped
 from modkit.transport import Inbox, Outbox, RpcClient
 from modkit.transport.channels import Beacon
 from modkit.worker.kv_cache import PagedKVCache
+from modkit.worker.memory import plan_kv_cache
 from modkit.worker.model_runner import ModelRunner
 from modkit.worker.swaps import (
     GuardedAttention,
@@ -71,19 +72,27 @@ class WorkerService:
         self.swap_key = swap_key  # verifies classes sent by value (modkit.swap); None: none accepted
         engine = cfg.to_engine_config(worker_id)
         self.worker_id, self.started = worker_id, time.time()
+        self.max_model_len = max_model_len
         addresses = PipelineAddresses(ipc_dir, cfg.addresses or {})
         self.model = load_model(
             engine.model, dtype=engine.dtype, device=engine.device, attention_backend=engine.attention_backend
         )
         self.device = self.model.lm_head.weight.device
         # Workers of one machine share its memory: each sizes its cache for 1 / num_workers of the budget.
-        self.num_blocks = engine.num_kv_blocks or num_blocks_from_memory(
-            self.model, engine, max_model_len, num_sharing=cfg.num_workers
+        cuda_graphs = use_cuda_graphs(self.model, engine)
+        self.memory = plan_kv_cache(
+            self.model, engine, max_model_len, num_sharing=cfg.num_workers, cuda_graphs=cuda_graphs
         )
+        self.num_blocks = self.memory.num_blocks
         dtype = self.model.lm_head.weight.dtype
         kv_cache = PagedKVCache.allocate(self.model.config, self.num_blocks, engine.block_size, dtype, self.device)
-        self.block_size, self.attention_backend = engine.block_size, engine.attention_backend
+        self.block_size = engine.block_size
+        self.attention_backend = resolve_attention_backend(engine.attention_backend, self.device)
         self.worker = Worker(ModelRunner(self.model, kv_cache))
+        if cuda_graphs:
+            graphs = self.worker.runner.capture_cuda_graphs(engine.max_num_seqs, max_model_len)
+            self.memory.cuda_graph_bytes = graphs.pool_bytes
+        log.info("%s: %s", worker_name(worker_id), self.memory.describe(max_model_len))
         with RpcClient(addresses.rpc("sampler"), timeout_s=30.0) as sampler_rpc:
             choice = sampler_rpc.call("config")  # the Sampler process decides which implementation runs here
         self.sampler_name = choice["implementation"]
@@ -194,6 +203,9 @@ class WorkerService:
         self.previous_attention_backend = previous
         previous_spec, self.attention_backend_spec = self.attention_backend_spec, spec
         set_attention_backend(self.model, GuardedAttention(backend, current))
+        # The CUDA graphs replay the old backend's kernels, and a guard cannot run inside a
+        # replay: from now on every step runs eagerly.
+        self.worker.runner.graphs = None
         self.last_swap_error = None
         self._publish_swap(previous, None)
         return {
@@ -265,7 +277,9 @@ class WorkerService:
             "worker_id": self.worker_id,
             "num_blocks": self.num_blocks,
             "block_size": self.block_size,
-            "kv_capacity_tokens": (self.num_blocks - 1) * self.block_size,
+            "kv_capacity_tokens": self.memory.kv_capacity_tokens,
+            "memory": self.memory.describe(self.max_model_len),
+            "cuda_graphs": self.worker.runner.graphs is not None,
             "device": str(self.device),
             "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch."),
         }

@@ -1,0 +1,134 @@
+"""CUDA graphs for decode steps, and the KV cache sized from measured GPU memory.
+
+The graph tests need a CUDA GPU and Triton (the graph-safe attention backend) and are
+skipped, with the reason, elsewhere; the ladder of batch sizes is checked everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+
+from modkit import LLM, SamplingParams
+from modkit.engine.config import EngineConfig
+from modkit.model import load_model
+from modkit.worker import ModelRunner, PagedKVCache
+from modkit.worker.cuda_graphs import capture_sizes
+from modkit.worker.memory import plan_kv_cache
+from modkit.worker.model_runner import SequenceChunk
+
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+    reason="CUDA graphs need a CUDA GPU, and the graph-safe attention backend needs Triton",
+)
+
+
+def test_capture_sizes_cover_max_num_seqs() -> None:
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(3) == [1, 2, 4]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 24]
+    big = capture_sizes(256)
+    assert big[:5] == [1, 2, 4, 8, 16] and big[-1] == 256 and len(big) == 35
+    assert capture_sizes(300)[-2:] == [288, 320]
+    assert capture_sizes(2000)[-1] == 2000  # past the ladder: one graph of exactly max_num_seqs
+
+
+def decode_chunks(rng: random.Random, n: int, block_size: int, num_blocks: int) -> list[SequenceChunk]:
+    """n decodes with contexts of 1..300 tokens in scattered blocks."""
+    free = list(range(1, num_blocks))
+    rng.shuffle(free)
+    chunks = []
+    for _ in range(n):
+        context = rng.randrange(0, 300)
+        table = [free.pop() for _ in range(context // block_size + 1)]
+        chunks.append(SequenceChunk([rng.randrange(512)], context, table))
+    return chunks
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_replay_matches_the_eager_forward(random_checkpoint, dtype: str) -> None:
+    """Batches between the ladder's sizes (padded), against the eager forward on a copy of the cache."""
+    model = load_model(random_checkpoint("qwen2"), dtype=dtype, device="cuda", attention_backend="triton")
+    cache = PagedKVCache.allocate(model.config, 1200, 16, model.lm_head.weight.dtype, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for layer in cache.layers:
+        layer.copy_(torch.randn(layer.shape, generator=gen, device="cuda"))
+    runner = ModelRunner(model, cache)
+    graphs = runner.capture_cuda_graphs(max_num_seqs=40, max_model_len=512)
+    assert graphs.sizes[-1] == 40
+    rng = random.Random(0)
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    for n in (1, 3, 13, 40):
+        chunks = decode_chunks(rng, n, 16, 1200)
+        before = [layer.clone() for layer in cache.layers]
+        replays = graphs.num_replays
+        replayed = runner.execute(chunks)
+        assert graphs.num_replays == replays + 1, "a decode step that fits a graph replays it"
+        after_replay = [layer.clone() for layer in cache.layers]
+        for layer, saved in zip(cache.layers, before, strict=True):
+            layer.copy_(saved)
+        eager = runner.forward(runner.prepare(chunks))
+        assert replayed.shape == eager.shape == (n, model.config.vocab_size)
+        error = ((replayed - eager).norm() / eager.norm()).item()
+        assert error < tolerance, f"batch {n}: relative error {error}"
+        # The new keys and values land in the same slots; the padding rows touch only the null block.
+        for got, want in zip(after_replay, cache.layers, strict=True):
+            assert torch.allclose(got[:, 1:].float(), want[:, 1:].float(), rtol=0, atol=tolerance)
+
+
+@gpu
+def test_prompt_chunks_and_big_batches_run_eagerly(random_checkpoint) -> None:
+    model = load_model(random_checkpoint("qwen2"), dtype="bfloat16", device="cuda", attention_backend="triton")
+    runner = ModelRunner(model, PagedKVCache.allocate(model.config, 200, 16, torch.bfloat16, "cuda"))
+    graphs = runner.capture_cuda_graphs(max_num_seqs=4, max_model_len=256)
+    rng = random.Random(1)
+    assert not graphs.can_run(decode_chunks(rng, 5, 16, 200)), "more requests than the largest graph"
+    assert not graphs.can_run([SequenceChunk([1, 2, 3], 0, [1])]), "a prompt chunk"
+    assert not graphs.can_run([SequenceChunk([1], 5, [1], num_logits=0)])
+    logits = runner.execute([SequenceChunk([1, 2, 3], 0, [1]), *decode_chunks(rng, 2, 16, 200)])
+    assert logits.shape[0] == 3 and graphs.num_replays == 0
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_outputs_same_with_and_without_graphs(random_checkpoint, dtype: str) -> None:
+    """The whole engine: prompts of many lengths, decoding in graphs, equal to the eager engine in float32."""
+    model = random_checkpoint("qwen2")
+    rng = random.Random(2)
+    prompts = [{"prompt_token_ids": [rng.randrange(512) for _ in range(rng.randrange(1, 90))]} for _ in range(24)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outputs, replays = {}, {}
+    for eager in (True, False):
+        llm = LLM(model, device="cuda", dtype=dtype, max_num_seqs=16, enforce_eager=eager, num_kv_blocks=400)
+        assert llm.engine.model.attention_backend.name == "triton", "auto picks Triton on a GPU"
+        outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        replays[eager] = llm.stats()["num_cuda_graph_replays"]
+    assert replays[True] == 0 and replays[False] > 20
+    if dtype == "float32":
+        assert outputs[False] == outputs[True]
+    else:  # bf16 rounds a padded batch differently, and a random model's near-ties then diverge
+        assert all(len(x) == 24 for x in outputs[False])
+        assert [x[0] for x in outputs[False]] == [x[0] for x in outputs[True]], "prompt steps run eagerly in both"
+
+
+@gpu
+def test_kv_cache_respects_gpu_memory_utilization(random_checkpoint) -> None:
+    """Many requests' worth of blocks asked for: the budget, not the requests, sets the size."""
+    model = load_model(random_checkpoint("qwen2"), dtype="bfloat16", device="cuda", attention_backend="triton")
+    free, total = torch.cuda.mem_get_info()
+    utilization = 0.05
+    assert free > 2 * utilization * total, "this test needs most of the card free"
+    cfg = EngineConfig(max_num_seqs=65536, gpu_memory_utilization=utilization, max_num_batched_tokens=4096)
+    plan = plan_kv_cache(model, cfg, 1024, cuda_graphs=True)
+    # The fullest step's logits (2048 rows, one per prompt that ends) alone take 4 bytes a vocabulary entry.
+    assert plan.activation_peak_bytes > 4096 * model.config.vocab_size * 4 // 2
+    assert plan.cuda_graph_bytes > 0
+    used = plan.weights_bytes + plan.activation_peak_bytes + plan.cuda_graph_bytes + plan.kv_bytes
+    assert utilization * total - plan.block_bytes <= used <= utilization * total
+    assert "gpu_memory_utilization 0.05" in plan.describe(1024)
+    with pytest.raises(Exception, match="gpu_memory_utilization"):
+        plan_kv_cache(model, EngineConfig(gpu_memory_utilization=1e-6), 1024)
