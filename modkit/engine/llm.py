@@ -16,18 +16,19 @@ the request in the engine too).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from modkit.engine.config import EngineConfig
 from modkit.engine.core import EngineCore
-from modkit.engine.output_processor import OutputProcessor
+from modkit.engine.output_processor import OutputProcessor, ProcessedStep
 from modkit.engine.outputs import RequestOutput
 from modkit.kvcache import KVEventSink
 from modkit.model import encode_chat, load_tokenizer
 from modkit.request import RequestStatus
 from modkit.sampling_params import SamplingParams
+from modkit.scheduler import EngineCoreOutput
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -53,7 +54,9 @@ class LLM:
         scheduling_policy: str = "fcfs",
         eviction_policy: str = "lru",
         sampler: str = "default",
-        attention_backend: str = "torch_batched",
+        attention_backend: str = "auto",
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = False,
         kv_event_sink: KVEventSink | None = None,
     ) -> None:
         self.config = EngineConfig(
@@ -73,12 +76,15 @@ class LLM:
             eviction_policy=eviction_policy,
             sampler=sampler,
             attention_backend=attention_backend,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
         )
         self.engine = EngineCore(self.config, kv_event_sink)
         self.tokenizer = load_tokenizer(model)
         self._ids = itertools.count()
         self.processor = OutputProcessor(self.tokenizer)
         self.check_invariants_each_step = False  # tests turn this on
+        self.overlap_steps = True  # detokenize step N while the device runs step N+1 (see steps())
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -158,17 +164,41 @@ class LLM:
 
             bar = tqdm(total=total, desc="Processed prompts", unit="req")
         try:
-            while self.engine.has_unfinished_requests():
-                step = self.processor.process(self.engine.step())
-                if step.stopped:  # finished by a stop string: end them in the engine too
-                    self.engine.abort_requests(step.stopped, RequestStatus.FINISHED_STOPPED)
+            for step in self.steps():
                 if bar is not None:
                     bar.update(sum(d.finish_reason is not None for d in step.deltas))
-                if self.check_invariants_each_step:
-                    self.engine.check_invariants()
         finally:
             if bar is not None:
                 bar.close()
+
+    def steps(self) -> Iterator[ProcessedStep]:
+        """Step the engine until no request is left; yield each step's processed outputs.
+
+        Overlapped: step N's tokens are detokenized (and checked for stop strings) while the
+        device computes step N+1, as vLLM's engine does in another process. A request a stop
+        string ends is aborted after step N+1, so it may have computed one token more, which
+        is dropped (vLLM's async scheduling does the same).
+        """
+        if not self.overlap_steps:
+            while self.engine.has_unfinished_requests():
+                yield self._after(self.processor.process(self.engine.step()))
+            return
+        previous: list[EngineCoreOutput] | None = None
+        while self.engine.has_unfinished_requests():
+            pending = self.engine.launch_step()
+            step = self.processor.process(previous) if previous is not None else None  # while the device runs
+            previous = self.engine.finish_step(pending)
+            if step is not None:
+                yield self._after(step)
+        if previous is not None:
+            yield self._after(self.processor.process(previous))
+
+    def _after(self, step: ProcessedStep) -> ProcessedStep:
+        if step.stopped:  # finished by a stop string: end them in the engine too
+            self.engine.abort_requests(step.stopped, RequestStatus.FINISHED_STOPPED)
+        if self.check_invariants_each_step:
+            self.engine.check_invariants()
+        return step
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

@@ -12,14 +12,16 @@
 
 Each worker has its own waiting and running queues and its own KV pool, so the workers
 are independent replicas; while one runs its forward, the scheduler plans and updates
-the others. A worker's next step is planned only after its previous one came back (no
-planning ahead yet: that is the overlap of the GPU issue).
+the others. A worker's next step is planned only after its previous one came back, but
+sent before that step's results go out: the outputs to the frontend, the finished ids to the
+router and the step's event are sent while the worker computes its next step.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +104,7 @@ class SchedulerService:
         self.owner: dict[str, int] = {}  # req_id -> worker id, while the request lives
         self.num_rejected = 0
         self.num_moved = 0  # requests moved off a dead worker
+        self.after_steps: list[Callable[[], None]] = []  # sends owed by steps that came back (run_once)
 
     def wait_sockets(self) -> list[Inbox]:
         return [self.inbox]
@@ -116,6 +119,11 @@ class SchedulerService:
                 self._send_step(slot)  # its KV calls carry the last step's cache_blocks and frees
             else:
                 slot.kv.flush()  # idle: the KV cache manager (and its events) catch up now
+        # What the finished steps' results owe others (outputs to the frontend, finished ids to
+        # the router, step events) goes out now, while the workers compute their next steps.
+        for send in self.after_steps:
+            send()
+        self.after_steps.clear()
         return False  # every worker is either stepping or idle: sleep until a message comes
 
     # -- messages ------------------------------------------------------------------------
@@ -225,17 +233,23 @@ class SchedulerService:
         slot.busy_s += elapsed
         slot.forward_s += done.forward_s
         slot.sample_s += done.sample_s
-        self._publish_step(slot, elapsed, done.forward_s, done.sample_s)
+        event = self._step_event(slot, elapsed, done.forward_s, done.sample_s)
         t0 = time.perf_counter()
         outputs = slot.scheduler.update_from_output(plan, done.output)
         slot.update_s += time.perf_counter() - t0
         finished = [o.req_id for o in outputs if o.finish_reason is not None]
         for req_id in finished:
             self.owner.pop(req_id, None)
-        if finished:  # the router first: a client's next request, sent on this reply, is routed knowing it
-            self.to_router.send(RequestsFinished(finished))
-        if outputs:
-            self.to_frontend.send(EngineOutputs(outputs))
+
+        def send() -> None:
+            if finished:  # the router first: a client's next request, sent on this reply, is routed knowing it
+                self.to_router.send(RequestsFinished(finished))
+            if outputs:
+                self.to_frontend.send(EngineOutputs(outputs))
+            if event is not None:
+                self.events.publish(f"step.{slot.worker_id}", event)
+
+        self.after_steps.append(send)  # after the worker's next step is on its way (run_once)
 
     def _step_failed(self, failed: StepFailed) -> None:
         """The worker could not run the step: its requests fail (503), the others carry on."""
@@ -364,12 +378,20 @@ class SchedulerService:
     def _publish_step(
         self, slot: WorkerSlot, step_s: float, forward_s: float, sample_s: float, failed: str | None = None
     ) -> None:
-        """The step record of the step that just came back, with its timings, on topic ``step.<worker>``."""
+        """Publish the step record of the step that just came back on topic ``step.<worker>``."""
+        event = self._step_event(slot, step_s, forward_s, sample_s, failed)
+        if event is not None:
+            self.events.publish(f"step.{slot.worker_id}", event)
+
+    def _step_event(
+        self, slot: WorkerSlot, step_s: float, forward_s: float, sample_s: float, failed: str | None = None
+    ) -> StepEvent | None:
+        """The step record of the step that just came back, with its timings."""
         record = slot.scheduler.last_record
         if record is None:
-            return
+            return None
         waiting = dict(itertools.islice(record.waiting.items(), MAX_WAITING_REASONS))
-        event = StepEvent(
+        return StepEvent(
             worker_id=slot.worker_id,
             step=record.step,
             started=slot.sent_wall,
@@ -392,7 +414,6 @@ class SchedulerService:
             prefix_cache_hits=record.prefix_cache_hits,
             failed=failed,
         )
-        self.events.publish(f"step.{slot.worker_id}", event)
 
     def announce_events(self, token: str) -> None:
         """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
