@@ -1,10 +1,16 @@
 #!/usr/bin/env python
-"""Offline throughput: modkit's LLM against HF generate (static batches) and vLLM's LLM.
+"""Offline throughput: modkit's LLM against HF generate (static batches and continuous batching) and vLLM's LLM.
 
     python scripts/benchmark.py                                   # embedded model, CPU
     python scripts/benchmark.py --model-shape qwen2.5-0.5b --device cuda --num-prompts 1024 \\
         --input-len 256 --output-len 128                          # a GPU
     python scripts/benchmark.py --engines modkit pipeline         # the cost of the process split
+    python scripts/benchmark.py --engines modkit hf hf-batch      # HF's own continuous batching
+
+``hf`` is ``model.generate`` on static batches (--hf-batch-size prompts at a time, with no
+padding as every prompt has one length): the baseline of the ``vs hf`` column. ``hf-batch`` is
+transformers' continuous batching, ``model.generate_batch`` over its paged KV cache with
+"paged|sdpa" attention, given the same --max-num-seqs and --max-num-batched-tokens as modkit.
 
 The ``pipeline`` engine is the six-process pipeline behind its OpenAI API: launched once
 (its launch is timed apart), then every prompt sent at once as token ids, one request
@@ -12,17 +18,24 @@ each; output tokens are counted from each response's ``usage``. Its outputs are 
 against modkit's LLM, and ``vs modkit`` is the cost of splitting the engine into processes.
 
 Every engine gets the same prompts (random token ids of one length, so HF needs no
-padding), greedy decoding and ``ignore_eos``, so each produces exactly num_prompts x
-output_len tokens. Each warms up on a few prompts, then runs the whole workload --repeats
-times; the median is reported. A table is printed last; the full results go to --out.
+padding), greedy decoding and ``ignore_eos`` (``hf-batch``: no eos token), so each produces
+exactly num_prompts x output_len tokens. Each warms up on --warmup-prompts prompts (default a
+full batch: a smaller one leaves the first timed run paying for allocator growth and CUDA
+graphs of larger sizes), then runs the whole workload --repeats times; the median is
+reported. A table is printed last; the full results go to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
 import gc
+import importlib.metadata
 import json
+import logging
+import math
 import platform
 import random
 import statistics
@@ -49,7 +62,9 @@ Run = Callable[[], dict[str, Any] | None]
 (default num_prompts x output_len), ``texts`` (compared across engines), and numbers (their median is kept)."""
 
 
-def bench_modkit(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack) -> Run:
+def bench_modkit(
+    model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack, eager: bool = False
+) -> Run:
     from modkit import LLM, SamplingParams
 
     llm = LLM(
@@ -60,6 +75,7 @@ def bench_modkit(model_dir: Path, prompts: list[list[int]], args: argparse.Names
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
         attention_backend=args.attention_backend,
+        enforce_eager=eager or args.enforce_eager,
     )
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
@@ -68,7 +84,7 @@ def bench_modkit(model_dir: Path, prompts: list[list[int]], args: argparse.Names
         assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
         return {"texts": [o.outputs[0].text for o in outs]}
 
-    run(prompts[:4])  # warm-up
+    run(prompts[: args.warmup_prompts])  # warm-up
     return lambda: run(prompts)
 
 
@@ -90,7 +106,51 @@ def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace
             )
             assert out.shape[1] == ids.shape[1] + args.output_len
 
-    run(prompts[:4])
+    run(prompts[: args.warmup_prompts])  # warm-up
+    return lambda: run(prompts)
+
+
+def bench_hf_batch(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack) -> Run:
+    """Transformers' continuous batching: ``generate_batch`` on one manager, kept from the warm-up to the last run."""
+    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig, GenerationMixin
+
+    if not hasattr(GenerationMixin, "generate_batch"):
+        raise ImportError(f"transformers {importlib.metadata.version('transformers')} has no generate_batch")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    # NOTE: transformers 5.17 needs "paged|sdpa" for SDPA over the paged cache; later versions take it
+    # as plain "sdpa" (with a FutureWarning) and would switch to flash attention where it is installed,
+    # unless auto_switch_to_flash is off.
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="paged|sdpa")
+    model = model.to(args.device).eval()
+    # eos_token_id=-1 disables stopping at an eos token (there is no ignore_eos), so each request
+    # runs to max_new_tokens; None would fall back to the model's own eos.
+    generation_config = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=-1)
+    engine: dict[str, Any] = {
+        "max_requests_per_batch": args.max_num_seqs,
+        "max_batch_tokens": args.max_num_batched_tokens,
+    }
+    if "auto_switch_to_flash" in {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}:
+        engine["auto_switch_to_flash"] = False
+    if args.device == "cpu":  # else the cache takes 90% of the free RAM: pages of 256 tokens, enough for a full batch
+        per_request = math.ceil((args.input_len + args.output_len) / 256) + 1
+        engine["num_blocks"] = min(len(prompts), args.max_num_seqs) * per_request
+    cb_config = ContinuousBatchingConfig(**engine)
+    # A persistent manager keeps its KV cache and captured graphs from one call to the next; the
+    # manager's warning that it says so on every call is all its logger would print.
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
+    stack.callback(model.destroy_cached_continuous_batching_manager)
+
+    def run(ps: list[list[int]]) -> None:
+        outs = model.generate_batch(
+            inputs=ps,
+            generation_config=generation_config,
+            continuous_batching_config=cb_config,
+            persistent_manager=True,
+        )
+        assert len(outs) == len(ps), f"{len(outs)} of {len(ps)} requests came back"  # it logs a failed one and goes on
+        assert all(len(o.generated_tokens) == args.output_len for o in outs.values())
+
+    run(prompts[: args.warmup_prompts])  # warm-up
     return lambda: run(prompts)
 
 
@@ -108,10 +168,10 @@ def bench_vllm(model_dir: Path, prompts: list[list[int]], args: argparse.Namespa
     params = vllm.SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
     def run(ps: list[list[int]]) -> None:
-        outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)  # type: ignore[misc]
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)  # type: ignore[arg-type]
         assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
 
-    run(prompts[:4])
+    run(prompts[: args.warmup_prompts])  # warm-up
     return lambda: run(prompts)
 
 
@@ -133,6 +193,7 @@ def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
         device=args.device,
         dtype=args.dtype,
         attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
@@ -208,14 +269,16 @@ def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
             **ttft,
         }
 
-    run(prompts[:4])  # warm-up
+    run(prompts[: args.warmup_prompts])  # warm-up
     return lambda: run(prompts)
 
 
 # Each loads its engine and warms it up; what must be stopped once its runs are done goes on the ExitStack.
 RUNNERS: dict[str, Callable[[Path, list[list[int]], argparse.Namespace, ExitStack], Run]] = {
     "modkit": bench_modkit,
+    "modkit-eager": functools.partial(bench_modkit, eager=True),  # no CUDA graphs: what they buy
     "hf": bench_hf,
+    "hf-batch": bench_hf_batch,
     "vllm": bench_vllm,
     "pipeline": bench_pipeline,
 }
@@ -242,6 +305,9 @@ def main() -> None:
         choices=sorted(RANDOM_MODEL_SHAPES),
         help="random weights with these shapes (default: the embedded model)",
     )
+    parser.add_argument(
+        "--model", default=None, help="a Hugging Face checkpoint directory (default: the embedded model)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--num-prompts", type=int, default=64)
@@ -251,8 +317,9 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument(
-        "--attention-backend", default="torch_batched", help="modkit and pipeline: torch_batched, triton"
+        "--attention-backend", default="auto", help="modkit and pipeline: auto, torch_batched, triton, torch_ref"
     )
+    parser.add_argument("--enforce-eager", action="store_true", help="modkit and pipeline: no CUDA graphs")
     parser.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
     parser.add_argument("--engines", nargs="+", default=["modkit", "hf", "vllm"], choices=list(RUNNERS))
     parser.add_argument("--num-workers", type=int, default=1, help="pipeline: workers (replicas; one GPU is shared)")
@@ -260,13 +327,21 @@ def main() -> None:
     parser.add_argument(
         "--record", action="store_true", help="pipeline: record the event stream in this process, as notebooks do"
     )
+    parser.add_argument(
+        "--warmup-prompts", type=int, default=None, help="prompts of each engine's warm-up (default: a full batch)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
     parser.add_argument("--out", default="results/benchmark_offline.json")
     args = parser.parse_args()
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.warmup_prompts is None:
+        args.warmup_prompts = min(args.num_prompts, args.max_num_seqs)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_random_checkpoint(args.model_shape, tmp) if args.model_shape else embedded_model_dir()
+        if args.model:
+            model_dir = Path(args.model)
+        else:
+            model_dir = make_random_checkpoint(args.model_shape, tmp) if args.model_shape else embedded_model_dir()
         vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
         rng = random.Random(0)
         prompts = [[rng.randrange(3, min(vocab, 2000)) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
@@ -304,7 +379,7 @@ def main() -> None:
         pipeline["outputs_equal_modkit"] = sum(a == b for a, b in zip(texts["pipeline"], texts["modkit"], strict=True))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     meta = {
-        "model": args.model_shape or "embedded tiny-chat",
+        "model": args.model or args.model_shape or "embedded tiny-chat",
         "device": args.device,
         "device_name": device_name,
         "dtype": args.dtype,
@@ -312,9 +387,11 @@ def main() -> None:
         "input_len": args.input_len,
         "output_len": args.output_len,
         "torch": torch.__version__,
+        "transformers": importlib.metadata.version("transformers"),
         "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
         "repeats": args.repeats,
+        "warmup_prompts": args.warmup_prompts,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
@@ -322,10 +399,10 @@ def main() -> None:
         f"\nOffline throughput, {meta['model']}, {args.num_prompts} prompts x {args.input_len} in / "
         f"{args.output_len} out, greedy, ignore_eos, {args.dtype} on {device_name}"
     )
-    print(f"{'engine':<10}{'median s':>10}{'out tok/s':>12}{'vs hf':>8}{'vs vllm':>9}{'vs modkit':>11}")
+    print(f"{'engine':<13}{'median s':>10}{'out tok/s':>12}{'vs hf':>8}{'vs vllm':>9}{'vs modkit':>11}")
     for name, r in results.items():
         if "seconds" not in r:
-            print(f"{name:<10}{'skipped':>10}")
+            print(f"{name:<13}{'skipped':>10}")
             continue
         ratio = {
             k: r["output_tokens_per_s"] / results[k]["output_tokens_per_s"]
@@ -333,7 +410,7 @@ def main() -> None:
             if "seconds" in results.get(k, {})
         }
         print(
-            f"{name:<10}{r['seconds']:>10.2f}{r['output_tokens_per_s']:>12,.0f}"
+            f"{name:<13}{r['seconds']:>10.2f}{r['output_tokens_per_s']:>12,.0f}"
             f"{ratio.get('hf', float('nan')):>8.2f}{ratio.get('vllm', float('nan')):>9.2f}"
             f"{ratio.get('modkit', float('nan')):>11.2f}"
         )

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Where one decode step's time goes: the host's phases, and the GPU's busy time.
+
+    python scripts/profile_step.py --model-shape qwen2.5-0.5b --batch 256 --context 320   # a GPU
+    python scripts/profile_step.py                                                        # embedded model, CPU
+
+Fills the engine with ``--batch`` requests of ``--context`` prompt tokens, runs their
+prompts, then times decode steps three ways:
+
+1. **free-running**: ``LLM``'s own loop (``LLM.steps``), nothing added: the step time a
+   user gets; and the same loop without its overlap (detokenizing step N while the device
+   runs step N+1).
+2. **phase by phase**: the same step cut into schedule / worker (inputs and forward) / sample /
+   scheduler update / output processing, with a device synchronisation after each phase,
+   so each phase's device work is charged to it. (The syncs add a little.)
+3. **GPU busy time** (CUDA only): ``torch.profiler`` over a few steps; the sum of kernel
+   times per step. Step time minus GPU busy time is time the GPU sat idle waiting for the host.
+
+Prints a table and saves JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modkit import LLM, SamplingParams
+from modkit.checks import RANDOM_MODEL_SHAPES, make_random_checkpoint
+from modkit.model import embedded_model_dir
+from modkit.scheduler import ModelRunnerOutput
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fill(llm: LLM, args: argparse.Namespace) -> None:
+    """Add the batch and run until every request is decoding."""
+    vocab = llm.engine.model_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    # Long enough that the first requests still decode when the last prompt is in.
+    prefill_steps = -(-args.batch * args.context // llm.config.max_num_batched_tokens)
+    max_tokens = prefill_steps + args.warmup_steps + 8 * args.steps + 64
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(args.batch):
+        ids = torch.randint(0, vocab, (args.context,), generator=gen).tolist()
+        output, requests = llm.processor.make_requests(f"p{i}", None, ids, params, 0)
+        for index, request in enumerate(requests):
+            llm.engine.add_request(request)
+            llm.processor.track(output, index, request)
+    sched = llm.engine.scheduler
+    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
+        llm.processor.process(llm.engine.step())
+    for _ in range(args.warmup_steps):
+        llm.processor.process(llm.engine.step())
+    assert len(sched.running) == args.batch, f"only {len(sched.running)} of {args.batch} requests fit"
+
+
+def free_running(llm: LLM, steps: int, overlap: bool) -> float:
+    """Seconds per step of LLM's own loop (``LLM.steps``), with or without its overlap."""
+    device = llm.engine.device
+    llm.overlap_steps = overlap
+    sync(device)
+    start = time.perf_counter()
+    for _, _ in zip(range(steps), llm.steps(), strict=False):
+        pass
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def phase_by_phase(llm: LLM, steps: int) -> dict[str, float]:
+    """Median milliseconds of each phase, a sync closing each."""
+    core, device = llm.engine, llm.engine.device
+    times: dict[str, list[float]] = {}
+
+    def mark(name: str, start: float) -> float:
+        sync(device)
+        now = time.perf_counter()
+        times.setdefault(name, []).append(1e3 * (now - start))
+        return now
+
+    for _ in range(steps):
+        t = time.perf_counter()
+        so = core.scheduler.schedule()
+        t = mark("schedule", t)
+        result = core.worker.execute_model(so)
+        t = mark("worker: inputs + forward", t)
+        states = [core.sampling_states[r] for r in result.req_ids]
+        sampled = core.sampler.sample(result.logits, states).to_lists()
+        t = mark("sample (+ one copy to host)", t)
+        out = ModelRunnerOutput(result.req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])
+        outputs = core.scheduler.update_from_output(so, out)
+        t = mark("scheduler update", t)
+        llm.processor.process(outputs)
+        mark("output processing (detokenize)", t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def gpu_busy(llm: LLM, steps: int) -> float:
+    """Milliseconds of kernel time per step, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            llm.processor.process(llm.engine.step())
+        sync(llm.engine.device)
+    kernel_us = sum(
+        e.device_time_total for e in prof.events() if e.device_type.name == "CUDA" and e.device_time_total > 0
+    )
+    return kernel_us / 1e3 / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a model folder (default: the embedded model)")
+    parser.add_argument("--model-shape", choices=sorted(RANDOM_MODEL_SHAPES), default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=64, help="prompt tokens per request")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--cuda-graphs", choices=("on", "off"), default="on")
+    parser.add_argument("--out", default="results/profile_step.json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else embedded_model_dir()
+        if args.model_shape:
+            model_dir = make_random_checkpoint(args.model_shape, Path(tmp) / args.model_shape)
+        llm = LLM(
+            model_dir,
+            device=args.device,
+            dtype=args.dtype,
+            max_num_seqs=args.batch,
+            max_num_batched_tokens=max(2048, args.context),
+            attention_backend=args.attention_backend,
+            enforce_eager=args.cuda_graphs == "off",
+        )
+        fill(llm, args)
+        # Alternated, three of each, so drift (longer contexts, a busy host) hits both alike.
+        runs: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(3):
+            for overlap in (False, True):
+                runs[overlap].append(1e3 * free_running(llm, args.steps, overlap))
+        plain_ms, step_ms = statistics.median(runs[False]), statistics.median(runs[True])
+        phases = phase_by_phase(llm, args.steps)
+        busy = gpu_busy(llm, 5) if llm.engine.device.type == "cuda" else None
+
+    core = llm.engine
+    result: dict[str, Any] = {
+        "machine": platform.node(),
+        "device": torch.cuda.get_device_name() if core.device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "model": args.model_shape or str(model_dir.name),
+        "dtype": str(core.dtype),
+        "attention_backend": core.model.attention_backend.name,
+        "cuda_graphs": core.worker.runner.graphs is not None,
+        "batch": args.batch,
+        "context": args.context,
+        "step_ms": step_ms,
+        "step_ms_no_overlap": plain_ms,
+        "runs_ms": {"overlap": runs[True], "no_overlap": runs[False]},
+        "output_tok_s": args.batch / step_ms * 1e3,
+        "phases_ms": phases,
+        "gpu_busy_ms": busy,
+    }
+    print(
+        f"\n{result['device']}, {result['model']}, {result['dtype']}, attention {result['attention_backend']}, "
+        f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}; {args.batch} decodes over ~{args.context} tokens"
+    )
+    print(f"{'phase (synced)':<34}{'ms':>9}")
+    for name, ms in phases.items():
+        print(f"{name:<34}{ms:>9.2f}")
+    print(f"{'sum of phases':<34}{sum(phases.values()):>9.2f}")
+    print(f"{'free-running step, no overlap':<34}{plain_ms:>9.2f}   ({args.batch / plain_ms * 1e3:,.0f} output tok/s)")
+    print(f"{'free-running step (LLM.steps)':<34}{step_ms:>9.2f}   ({result['output_tok_s']:,.0f} output tok/s)")
+    if busy is not None:
+        idle = 100 * (1 - busy / step_ms)
+        print(f"{'GPU busy per step (profiler)':<34}{busy:>9.2f}   (GPU idle {idle:.0f}% of the step)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The benchmark scripts run end to end on the CPU with the embedded model, at toy sizes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str) -> None:
+    done = subprocess.run(
+        [sys.executable, f"scripts/{script}", "--device", "cpu", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_benchmark_online(tmp_path: Path) -> None:
+    out = tmp_path / "online.json"
+    run_script(
+        "benchmark_online.py",
+        *("--num-prompts", "6", "--request-rates", "4", "inf", "--input-len", "16", "--output-len", "8"),
+        *("--out", str(out)),
+    )
+    report = json.loads(out.read_text())
+    rows: list[dict[str, Any]] = report["results"]
+    assert [r["request_rate"] for r in rows] == [4.0, "inf"]
+    assert report["meta"]["args"]["request_rates"] == [4.0, "inf"]
+    for row in rows:
+        assert row["completed"] == 6 and len(row["requests"]) == 6
+        assert all(r["output_tokens"] == 8 for r in row["requests"])
+        assert row["total_output_tokens"] == 6 * 8
+        assert all(0 < r["ttft_s"] <= r["e2e_s"] for r in row["requests"])
+        assert row["output_throughput"] > 0 and row["request_throughput"] > 0
+        for name in ("ttft", "itl", "tpot", "e2el"):
+            assert 0 < row[f"median_{name}_ms"] <= row[f"p99_{name}_ms"], (name, row)
+            assert row[f"mean_{name}_ms"] > 0
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_benchmark_offline(tmp_path: Path) -> None:
+    out = tmp_path / "offline.json"
+    engines = ("modkit", "pipeline", "hf-batch")
+    run_script(
+        "benchmark.py",
+        *("--engines", *engines, "--num-prompts", "4", "--input-len", "8", "--output-len", "4", "--repeats", "1"),
+        *("--out", str(out)),
+    )
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert report["meta"]["warmup_prompts"] == 4  # min(num_prompts, max_num_seqs)
+    assert list(results) == list(engines)
+    for name in engines:
+        if name == "hf-batch" and "skipped" in results[name]:  # a transformers without generate_batch
+            continue
+        assert results[name]["output_tokens_per_s"] > 0
+        assert len(results[name]["runs_s"]) == 1
+    assert results["pipeline"]["outputs_equal_modkit"] == 4
+    assert results["pipeline"]["vs_modkit"] > 0
