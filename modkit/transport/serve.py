@@ -21,6 +21,7 @@ or the loop does not answer in time.
 
 from __future__ import annotations
 
+import cProfile
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol
 
 import zmq
@@ -51,7 +53,32 @@ def serve(
     extra_fds: Iterable[int] = (),
     on_fd: Callable[[int], bool] | None = None,
 ) -> None:
-    """Run the loop above until a SHUTDOWN call, or ``on_tick``/``on_fd`` return False."""
+    """Run the loop above until a SHUTDOWN call, or ``on_tick``/``on_fd`` return False.
+
+    With ``MODKIT_PROFILE_DIR`` set in the environment, the loop runs under ``cProfile`` and
+    leaves ``<dir>/<ClassName>-<pid>.prof`` when it ends (read it with ``pstats``): where a
+    component's own time goes, ``scripts/profile_pipeline.py`` summarises them.
+    """
+    profile_dir = os.environ.get("MODKIT_PROFILE_DIR")
+    if not profile_dir:
+        _serve(obj, server, tick_s, on_tick, extra_fds, on_fd)
+        return
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(_serve, obj, server, tick_s, on_tick, extra_fds, on_fd)
+    finally:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(Path(profile_dir) / f"{type(obj).__name__}-{os.getpid()}.prof")
+
+
+def _serve(
+    obj: object,
+    server: RpcServer,
+    tick_s: float,
+    on_tick: Callable[[], bool] | None,
+    extra_fds: Iterable[int],
+    on_fd: Callable[[int], bool] | None,
+) -> None:
     run_once: Callable[[], bool] | None = getattr(obj, "run_once", None)
     waits: Callable[[], list[HasSocket]] | None = getattr(obj, "wait_sockets", None)
     poller = zmq.Poller()
