@@ -137,6 +137,7 @@ def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions() -> Non
                 assert steps < 500
             assert not remote.has_unfinished_requests()
             assert local.num_preemptions > 0, "the trace should preempt"
+            assert remote_kv.num_promised > 0, "decodes that cross a block boundary are promised, then batched"
             stats = rpc.call("stats")
             pool = stats["pools"][0]
             assert pool["prefix_cache_hits"] == local.kv.stats().prefix_cache_hits > 0  # type: ignore[attr-defined]

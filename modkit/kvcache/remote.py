@@ -14,10 +14,19 @@ given (``get_block_ids``), which ``check_invariants`` compares with the service'
 
 Cost: one ``apply`` per call that returns something, with the queued ``cache_blocks``
 and ``free`` calls in front of it, in order; the scheduler flushes what is left when it
-goes idle. The client answers one
-question itself: a request whose held blocks already have room for its new tokens needs
-no new block (the manager would return ``[]`` and change nothing), which is most decode
-steps. Every other allocation is the manager's.
+goes idle. The client answers two questions itself:
+
+- a request whose held blocks already have room for its new tokens needs no new block (the
+  manager would return ``[]`` and change nothing), which is most decode steps;
+- a running request that needs new blocks gets them *promised* when the free blocks of the
+  last reply, less those promised since, cover them: the manager checks exactly that count
+  (``num_needed <= num_free_blocks``), so its answer cannot be None. The allocation is
+  queued, and its block ids arrive with the next reply, which ``get_block_ids`` forces:
+  the scheduler asks for them once it has planned the whole step, so a step's block-boundary
+  decodes cost one round trip together instead of one each.
+
+Admissions (a prefix-cache lookup first) and allocations the count cannot vouch for are
+asked at once.
 """
 
 from __future__ import annotations
@@ -48,7 +57,11 @@ class KVCacheManagerClient:
         self.usage = 0.0  # as of the last reply
         self.num_free_blocks = 0
         self.num_round_trips = 0
+        self.num_promised = 0  # allocations promised without a round trip of their own
         self._pending: list[KVOp] = []
+        self._promised: list[tuple[int, str]] = []  # (index in _pending, req_id) of promised allocations
+        self._num_promised_blocks = 0  # blocks promised since the last reply
+        self._promised_per_request: dict[str, int] = {}
         self._sent: dict[str, int] = {}  # tokens of each request the service has seen
         self._blocks: dict[str, list[int]] = {}  # each request's block table, as the service handed it out
 
@@ -67,8 +80,19 @@ class KVCacheManagerClient:
         held = self._blocks.get(request.req_id)
         if held is not None and not new_computed_blocks:
             total = request.num_computed_tokens + num_new_tokens
-            if -(-total // self.block_size) <= len(held):
+            num_needed = -(-total // self.block_size) - len(held) - self._num_promised(request.req_id)
+            if num_needed <= 0:
                 return []  # room in the blocks it holds: the service would change nothing
+            if num_needed <= self.num_free_blocks - self._num_promised_blocks:
+                # The service's check passes for sure: queue it, and learn the ids with the next reply.
+                self._promised.append((len(self._pending), request.req_id))
+                new_tokens = self._new_tokens(request)
+                op = KVAllocate(request.req_id, new_tokens, request.num_computed_tokens, num_new_tokens, [], 0)
+                self._pending.append(op)
+                self._num_promised_blocks += num_needed
+                self.num_promised += 1
+                self._promised_per_request[request.req_id] = self._num_promised(request.req_id) + num_needed
+                return []  # promised: get_block_ids has them once the reply is in
         hit_ids = [int(b) for b in new_computed_blocks]
         op = KVAllocate(
             request.req_id,
@@ -94,10 +118,17 @@ class KVCacheManagerClient:
             self._pending.append(KVFree(request.req_id))
 
     def get_block_ids(self, req_id: str) -> list[int]:
+        if self._promised:
+            self._apply([])  # the promised allocations' block ids
         return list(self._blocks.get(req_id, ()))
 
     def held_req_ids(self) -> set[str]:
+        if self._promised:
+            self._apply([])
         return {r for r, blocks in self._blocks.items() if blocks}
+
+    def _num_promised(self, req_id: str) -> int:
+        return self._promised_per_request.get(req_id, 0)
 
     def flush(self) -> None:
         if self._pending:
@@ -120,10 +151,20 @@ class KVCacheManagerClient:
 
     def _apply(self, ops: list[KVOp]) -> list[Any]:
         batch, self._pending = self._pending + ops, []
+        promised, self._promised = self._promised, []
+        self._num_promised_blocks = 0
+        self._promised_per_request.clear()
         reply: dict[str, Any] = self.rpc.call("apply", self.pool, batch)
         self.num_round_trips += 1
         self.usage, self.num_free_blocks = reply["usage"], reply["num_free_blocks"]
-        return list(reply["results"])
+        results = list(reply["results"])
+        for index, req_id in promised:
+            new_ids = results[index]
+            if new_ids is None:  # the free count vouched for it: the two sides disagree
+                raise RuntimeError(f"the KV cache manager refused a promised allocation for {req_id}")
+            if req_id in self._blocks:  # not freed since (a preemption later in the same step)
+                self._blocks[req_id].extend(new_ids)
+        return results
 
 
 @dataclass(slots=True)

@@ -46,7 +46,6 @@ from modkit.worker.model_runner import ModelRunner
 from modkit.worker.swaps import (
     GuardedAttention,
     GuardedSampler,
-    attention_layers,
     set_attention_backend,
     try_attention,
     try_sampler,
@@ -216,8 +215,7 @@ class WorkerService:
         }
 
     def _attention(self) -> AttentionBackend:
-        backend: AttentionBackend = attention_layers(self.model)[0].backend
-        return backend
+        return self.model.attention_backend  # every layer holds the same one (set_attention_backend)
 
     def _check_swaps(self) -> None:
         """A swapped-in sampler or backend that raised in this step: put the previous one back."""
