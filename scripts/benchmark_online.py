@@ -170,6 +170,8 @@ async def benchmark(pipeline: Pipeline, args: argparse.Namespace, vocab: int) ->
     async with openai.AsyncOpenAI(base_url=f"{pipeline.url}/v1", api_key="modkit", max_retries=0) as client:
         await run_rate(client, pipeline.model_name, fresh_prompts(args.warmup_prompts), math.inf, args.output_len, 0)
         for rate in args.request_rates:
+            if args.record:
+                pipeline.clear_trace()
             cpu = time.process_time()
             results, duration = await run_rate(
                 client, pipeline.model_name, fresh_prompts(args.num_prompts), rate, args.output_len, args.seed
@@ -178,6 +180,8 @@ async def benchmark(pipeline: Pipeline, args: argparse.Namespace, vocab: int) ->
             counts = [r.output_tokens for r in results]
             assert all(n == args.output_len for n in counts), f"output tokens {counts}, not {args.output_len} each"
             row = summarize(rate, results, duration, cpu)
+            if args.record:
+                row["engine"] = engine_side(pipeline)
             print(
                 f"rate {rate:g}: {row['request_throughput']:.2f} req/s, {row['output_throughput']:,.0f} out tok/s, "
                 f"TTFT p50 {row['median_ttft_ms']:.1f} ms, E2E p50 {row['median_e2el_ms'] / 1e3:.2f} s",
@@ -185,6 +189,24 @@ async def benchmark(pipeline: Pipeline, args: argparse.Namespace, vocab: int) ->
             )
             rows.append(row)
     return rows
+
+
+def engine_side(pipeline: Pipeline) -> dict[str, float]:
+    """Where TTFT goes, from the pipeline's own trace (p50s, ms): arrival at the frontend -> first
+    scheduled (queue), -> first token back at the frontend (engine TTFT); the steps' wall times,
+    prompt-carrying steps (eager) apart from decode-only ones (CUDA graphs)."""
+    trace = pipeline.trace()
+    requests, steps = trace.requests, trace.steps
+    mixed = steps[steps.num_prompt_tokens > 0]
+    decode = steps[steps.num_prompt_tokens == 0]
+    return {
+        "queue_ms": 1e3 * float(requests.queue_time.median()),
+        "engine_ttft_ms": 1e3 * float(requests.ttft.median()),
+        "prompt_step_ms": 1e3 * float(mixed.step_s.median()) if len(mixed) else math.nan,
+        "decode_step_ms": 1e3 * float(decode.step_s.median()) if len(decode) else math.nan,
+        "prompt_step_schedule_ms": 1e3 * float(mixed.schedule_s.median()) if len(mixed) else math.nan,
+        "share_of_steps_with_prompts": len(mixed) / max(1, len(steps)),
+    }
 
 
 def launch(model_dir: Path, args: argparse.Namespace) -> Pipeline:
@@ -206,7 +228,7 @@ def launch(model_dir: Path, args: argparse.Namespace) -> Pipeline:
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         progress=False,
-        record=False,  # nobody reads the event stream here
+        record=args.record,  # the event stream, for engine_side()
         **config,
     )
 
@@ -268,6 +290,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--out", default="results/benchmark_online.json")
     parser.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
+    parser.add_argument(
+        "--record", action="store_true", help="record the event stream: TTFT split into queue, steps and transit"
+    )
     args = parser.parse_args()
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.request_rates is None:
@@ -324,6 +349,16 @@ def main() -> None:
             f"{ms['median_itl_ms']:>9.1f}{ms['p99_itl_ms']:>9.1f}{ms['mean_itl_ms']:>9.1f}"
             f"{ms['median_e2el_ms'] / 1e3:>9.2f}"
         )
+    if args.record:
+        print("engine side (p50, ms): queue = arrival at the frontend -> first scheduled; engine TTFT -> first")
+        print("token back at the frontend; step wall times, steps with prompt tokens apart")
+        for r in rows:
+            e = r["engine"]
+            print(
+                f"{rate_label(r['request_rate']):>6}  queue {e['queue_ms']:.1f}  engine TTFT {e['engine_ttft_ms']:.1f}"
+                f"  prompt steps {e['prompt_step_ms']:.1f} (schedule {e['prompt_step_schedule_ms']:.1f})"
+                f"  decode steps {e['decode_step_ms']:.1f}  steps with prompts {e['share_of_steps_with_prompts']:.0%}"
+            )
     busy = [r["request_rate"] for r in rows if r["client_cpu_share"] > 0.8]
     if busy:
         print(f"NOTE: the client used over 80% of a core at rates {busy}: its latencies there include its own wait")

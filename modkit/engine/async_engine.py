@@ -64,16 +64,22 @@ class AsyncEngine:
         return f"{prefix}-{next(self._ids)}"
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        stream: bool = True,
     ) -> AsyncIterator[CompletionDelta]:
         """Deltas of every completion of this request, as the engine produces them.
 
         Leaving the iteration early (a client that disconnects, a cancelled task) aborts
-        the request in the engine, which frees its blocks.
+        the request in the engine, which frees its blocks. ``stream`` changes nothing here:
+        deltas cross threads, not processes.
         """
         if self.error is not None:
             raise EngineDeadError(f"the engine failed: {self.error!r}")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [])
+        entry = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [])
         accepted: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def add() -> None:
@@ -82,12 +88,12 @@ class AsyncEngine:
                 for index, request in enumerate(requests):
                     self.core.add_request(request)
                     self.processor.track(output, index, request)
-                    stream.req_ids.append(request.req_id)
+                    entry.req_ids.append(request.req_id)
             except Exception as err:  # a bad request: undo what was added, tell the caller
-                self._abort_now(stream.req_ids)
+                self._abort_now(entry.req_ids)
                 accepted.set_exception(err)
                 return
-            self._streams[request_id] = stream
+            self._streams[request_id] = entry
             accepted.set_result(None)
 
         self._commands.put(add)
@@ -95,7 +101,7 @@ class AsyncEngine:
         remaining = params.n
         try:
             while remaining:
-                item = await stream.queue.get()
+                item = await entry.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 remaining -= item.finish_reason is not None

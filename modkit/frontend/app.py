@@ -143,7 +143,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         prompt_ids = encode_chat(engine.tokenizer, messages)
         params = sampling_params(req, len(prompt_ids))
         request_id = engine.new_request_id("chatcmpl")
-        deltas = engine.generate(request_id, prompt_ids, params)
+        deltas = engine.generate(request_id, prompt_ids, params, stream=bool(req.stream))
         shaper = _Shaper(engine, "chat", request_id, model_name, len(prompt_ids), params)
         return await _respond(req.stream, req.stream_options, deltas, shaper, http)
 
@@ -160,7 +160,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             raise APIError(400, "the prompt is empty", param="prompt")
         params = sampling_params(req, len(prompt_ids))
         request_id = engine.new_request_id("cmpl")
-        deltas = engine.generate(request_id, prompt_ids, params, req.prompt if isinstance(req.prompt, str) else None)
+        text = req.prompt if isinstance(req.prompt, str) else None
+        deltas = engine.generate(request_id, prompt_ids, params, text, stream=bool(req.stream))
         shaper = _Shaper(engine, "completion", request_id, model_name, len(prompt_ids), params)
         return await _respond(req.stream, req.stream_options, deltas, shaper, http)
 
@@ -176,7 +177,7 @@ async def _respond(
         return StreamingResponse(_sse(first, deltas, shaper, include_usage), media_type="text/event-stream")
     collect = asyncio.ensure_future(_collect(first, deltas))
     while not collect.done():  # a client that hangs up aborts its request (the generator's finally)
-        await asyncio.wait([collect], timeout=0.25)
+        await asyncio.wait([collect], timeout=1.0)  # each look costs the server: once a second each
         if not collect.done() and await http.is_disconnected():
             collect.cancel()
             return Response(status_code=499)

@@ -29,8 +29,16 @@ class EngineClient(Protocol):
     def new_request_id(self, prefix: str) -> str: ...
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
-    ) -> AsyncIterator[CompletionDelta]: ...
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        stream: bool = True,
+    ) -> AsyncIterator[CompletionDelta]:
+        """Deltas of every completion as the engine makes them. ``stream=False``: the caller wants
+        only the whole completion, so an engine may hold the deltas back until it finishes."""
+        ...
 
     def abort(self, request_id: str) -> None: ...
 
