@@ -7,20 +7,38 @@ Unlike ``transformers``' modeling code, a forward pass takes a *flat batch* (the
 of many requests end to end, shape ``(num_tokens,)``, no batch dimension, no padding) and
 keeps keys and values in a paged KV cache described by ``AttentionMetadata``. See
 ``modkit.attention.interface`` for the layout.
+
+On a CUDA GPU with Triton the small steps run as fused kernels (``modkit.model.fused``) and
+q/k/v and gate/up are single matmuls (``CausalLM.fuse_projections``, done by ``load_model``);
+``CausalLM.use_fused = False`` switches back to the plain PyTorch path, the one the CPU runs.
+The residual stream travels beside the hidden states, as in vLLM: each layer returns
+``(hidden, residual)`` and the next norm adds the two, so the add and the norm are one kernel::
+
+    residual = embed(ids)   hidden = norm(residual)               (first layer)
+    residual += attn(hidden)   hidden = norm(residual)            (post_attention_layernorm)
+    residual += mlp(hidden)    hidden = norm(residual)            (next input_layernorm, or the final norm)
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from modkit.attention import AttentionBackend, AttentionMetadata
+from modkit.model import fused
 from modkit.model.config import ModelConfig
-from modkit.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from modkit.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, fuse_linears
 
 
 class Attention(nn.Module):
-    """Project to q/k/v, rotate by position, attend over the paged cache, project back."""
+    """Project to q/k/v, rotate by position, attend over the paged cache, project back.
+
+    After ``fuse_projections`` q, k and v come from one matmul against ``qkv_weight``.
+    """
+
+    qkv_weight: torch.Tensor | None
+    qkv_bias: torch.Tensor | None
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
@@ -37,6 +55,34 @@ class Attention(nn.Module):
         # Qwen3 normalises each head of q and k before the rotation.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.register_buffer("qkv_weight", None, persistent=False)  # ((H + 2 * KVH) * D, hidden) once fused
+        self.register_buffer("qkv_bias", None, persistent=False)
+        self.use_fused = True
+
+    def fuse_projections(self) -> None:
+        """Put q_proj, k_proj and v_proj's weights (and biases) in one tensor for a single matmul.
+
+        NOTE: the parameters keep their Hugging Face names but become views into the fused
+        tensor: one copy of the weights, never stale. Run once, after the weights are loaded.
+        """
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        self.qkv_weight = fuse_linears(projections, "weight")
+        self.qkv_bias = fuse_linears(projections, "bias")
+
+    def project_qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (T, H, D), k and v (T, KVH, D); with fused weights, strided views of one matmul's output."""
+        num_tokens = hidden.shape[0]
+        if self.use_fused and self.qkv_weight is not None:
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            qkv = F.linear(hidden, self.qkv_weight, self.qkv_bias)  # (T, (H + 2 * KVH) * D)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
+        return (
+            q.view(num_tokens, self.num_heads, self.head_dim),
+            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+            v.view(num_tokens, self.num_kv_heads, self.head_dim),
+        )
 
     def forward(
         self,
@@ -46,19 +92,25 @@ class Attention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(hidden)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.use_fused and fused.available(q):
+            q, k = fused.rotary(q, k, cos, sin)  # both in one launch
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)  # (T, H, D)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)), the residual carried beside.
+
+    Takes and returns ``(hidden, residual)``: ``hidden`` is the last sub-block's output not
+    yet added to the stream, ``residual`` the stream (None before the first layer, where the
+    embeddings are the stream). The sum ``hidden + residual`` is what HF calls the layer's output.
+    """
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
@@ -69,13 +121,19 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
+        hidden: torch.Tensor,  # (T, hidden_size)
+        residual: torch.Tensor | None,  # (T, hidden_size)
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, cos_sin, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class DecoderModel(nn.Module):
@@ -97,9 +155,13 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # (T, hidden_size)
         cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos_sin, kv_cache, metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos_sin, kv_cache, metadata)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        hidden, _ = self.norm.add_and_norm(hidden, residual)
+        return hidden
 
 
 class CausalLM(nn.Module):
@@ -117,6 +179,35 @@ class CausalLM(nn.Module):
         """The backend every attention layer calls (they share one)."""
         attention: Attention = self.model.layers[0].self_attn  # type: ignore[assignment]
         return attention.backend
+
+    @property
+    def use_fused(self) -> bool:
+        """Whether the layers take the fused path (Triton kernels on a CUDA GPU, fused matmuls).
+
+        True by default; it changes nothing on the CPU or without Triton, where the kernels
+        cannot run, nor for the matmuls until ``fuse_projections`` has run. Setting it sets
+        every layer's own ``use_fused``, so ``model.use_fused = False`` runs the reference path.
+        """
+        return all(module.use_fused for module in self._fusable_modules())
+
+    @use_fused.setter
+    def use_fused(self, on: bool) -> None:
+        for module in self._fusable_modules():
+            module.use_fused = on
+
+    def _fusable_modules(self) -> list[RMSNorm | GatedMLP | Attention]:
+        return [m for m in self.modules() if isinstance(m, RMSNorm | GatedMLP | Attention)]
+
+    def fuse_projections(self) -> None:
+        """Join q/k/v and gate/up weights for one matmul each; ``load_model`` does it on a GPU.
+
+        Run once, after the weights are loaded. Parameter names and values stay as they are
+        (the parameters become views of the joined tensors: no extra memory, never stale), so
+        checkpoints still load by name. The embeddings and the (maybe tied) head are untouched.
+        """
+        for module in self.modules():
+            if isinstance(module, Attention | GatedMLP):
+                module.fuse_projections()
 
     def tie_weights(self) -> None:
         """With tied embeddings the output head reuses the input embedding matrix."""

@@ -12,35 +12,96 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from modkit.model import fused
 from modkit.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """y = weight * x / sqrt(mean(x^2) + eps), the statistics taken in float32."""
+    """y = weight * x / sqrt(mean(x^2) + eps), the statistics taken in float32.
+
+    ``add_and_norm`` also adds the residual stream first, the way vLLM's layers pass it on:
+    one kernel on a GPU instead of an add and a norm. ``use_fused`` picks the Triton kernels
+    of ``modkit.model.fused`` when the input is on a CUDA GPU and Triton is installed.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.use_fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        if self.use_fused and fused.available(x):
+            return fused.rms_norm(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the new residual stream and its normalised copy."""
+        if self.use_fused and fused.available(x):
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        residual = x + residual
+        return rms_norm_reference(residual, self.weight, self.eps), residual
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in plain PyTorch, rounding where Hugging Face's does: cast back, then scale."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
 
 
 class GatedMLP(nn.Module):
-    """down_proj(silu(gate_proj(x)) * up_proj(x)), the SwiGLU feed-forward of Llama and Qwen."""
+    """down_proj(silu(gate_proj(x)) * up_proj(x)), the SwiGLU feed-forward of Llama and Qwen.
+
+    After ``fuse_projections`` (done once, after loading, on a GPU) gate and up are one matmul
+    against ``gate_up_weight``; with ``use_fused`` and a CUDA input, silu * up is one kernel.
+    """
+
+    gate_up_weight: torch.Tensor | None
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # (2 * I, hidden) once fused
+        self.use_fused = True
+
+    def fuse_projections(self) -> None:
+        """Put gate_proj and up_proj's weights in one (2 * I, hidden) tensor for a single matmul.
+
+        NOTE: the parameters keep their Hugging Face names but become views into the fused
+        tensor, so there is one copy of the weights (no extra memory) and writing either
+        (loading a checkpoint again) updates both. Run once, after the weights are loaded.
+        """
+        self.gate_up_weight = fuse_linears([self.gate_proj, self.up_proj], "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fused and self.gate_up_weight is not None:
+            gate_up = F.linear(x, self.gate_up_weight)  # (T, 2 * I), gate first
+            if fused.available(gate_up):
+                return self.down_proj(fused.silu_and_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fuse_linears(linears: list[nn.Linear], name: str) -> torch.Tensor | None:
+    """Concatenate the layers' ``name`` ("weight" or "bias") along the output dimension.
+
+    Each layer's parameter becomes a view into the result, so the weights are stored once.
+    None if a layer has no such parameter (no bias).
+    """
+    params: list[torch.Tensor | None] = [getattr(linear, name) for linear in linears]
+    if any(param is None for param in params):
+        return None
+    with torch.no_grad():
+        joined = torch.cat([param for param in params if param is not None])
+    parts = joined.split([linear.out_features for linear in linears])
+    for linear, part in zip(linears, parts, strict=True):
+        setattr(linear, name, nn.Parameter(part, requires_grad=False))
+    return joined
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

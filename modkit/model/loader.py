@@ -174,7 +174,8 @@ def load_model(
     """Build modkit's decoder for a checkpoint and load its weights, ready for inference.
 
     ``model``: local folder, hub id, or None for the embedded tiny model. ``dtype``: default
-    float32 on CPU, bfloat16 on GPUs that support it, float16 on older GPUs.
+    float32 on CPU, bfloat16 on GPUs that support it, float16 on older GPUs. On a GPU the
+    q/k/v and gate/up weights are then joined for one matmul each (``fuse_projections``).
     """
     model_dir = resolve_model_path(model)
     config = ModelConfig.from_pretrained(model_dir)
@@ -189,7 +190,10 @@ def load_model(
     net.tie_weights()  # to_empty gives each parameter its own storage, re-share the head
     net.model.rotary_emb.reset_inv_freq()  # rotation angles stay float32 in every dtype
     load_weights(net, model_dir)
-    return net.eval().requires_grad_(False)
+    net.eval().requires_grad_(False)
+    if dev.type == "cuda":
+        net.fuse_projections()  # once, after loading: the parameters become views of the joined weights
+    return net
 
 
 def load_tokenizer(model: str | Path | None = None) -> Any:
