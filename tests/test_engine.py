@@ -265,3 +265,36 @@ def test_kv_cache_is_sized_from_memory_by_default(tiny_model_dir) -> None:
     assert blocks == 4 * 256 // 16
     per_block = kv_cache_bytes_per_block(llm.engine.model_config, 16, torch.float32)
     assert (blocks + 1) * per_block <= CPU_KV_CACHE_CAP_BYTES
+
+
+def test_overlapped_steps_change_nothing(tiny_model_dir) -> None:
+    """LLM.steps() detokenizes step N while step N+1 runs: same outputs as the plain loop, stop
+    strings included (a request a stop string ends computes one extra token, which is dropped)."""
+    msg = [{"role": "user", "content": "What does a cow say?"}]  # "A cow says moo."
+    params = [
+        SamplingParams(temperature=0, max_tokens=30, stop=["says m"]),
+        SamplingParams(temperature=0, max_tokens=7),
+        SamplingParams(temperature=0.9, seed=3, max_tokens=25, n=2),
+        SamplingParams(temperature=0, max_tokens=20, stop=[" "], include_stop_str_in_output=True),
+    ]
+    results = {}
+    for overlap in (False, True):
+        llm = LLM(max_num_seqs=3, max_num_batched_tokens=24)  # chunked prompts, decodes beside them
+        llm.overlap_steps = overlap
+        llm.check_invariants_each_step = True
+        outs = llm.chat([msg] * len(params), params, use_tqdm=False)
+        results[overlap] = [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for o in outs for c in o.outputs]
+        assert (
+            not llm.engine.has_unfinished_requests() and llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
+        )
+    assert results[True] == results[False]
+    assert any(r[2] == "stop" and r[3] == "says m" for r in results[True]), "a stop string ended one"
+
+
+def test_memory_plan_is_reported(tiny_model_dir) -> None:
+    llm = LLM(max_num_seqs=4, max_model_len=256)
+    plan = llm.engine.memory
+    assert plan.kv_capacity_tokens == (plan.num_blocks - 1) * 16 == llm.stats()["kv_capacity_tokens"]
+    text = plan.describe(256)
+    assert text.startswith(f"KV cache: {plan.kv_capacity_tokens:,} tokens") and "4.0x concurrency at 256" in text
+    assert LLM(num_kv_blocks=40).engine.memory.describe(64).startswith("KV cache: 624 tokens (39 blocks of 16")

@@ -7,6 +7,7 @@ bounded; the module fixture starts one child that most tests share.
 from __future__ import annotations
 
 import os
+import pstats
 import select
 import shutil
 import signal
@@ -346,3 +347,29 @@ def test_component_exits_when_its_launcher_is_killed(tmp_path: Path) -> None:
             os.kill(child_pid, signal.SIGKILL)
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_profile_dir_leaves_a_profile_per_serve_loop(tmp_path: Path) -> None:
+    """MODKIT_PROFILE_DIR: the child's serve loop runs under cProfile, and profile_pipeline.py reads it."""
+    profiles = tmp_path / "prof"
+    proc = ComponentProcess.start(
+        "echo-prof",
+        "transport_targets:Echo",
+        {"greeting": "hi", "origin": Point(5, 6)},
+        env={**CHILD_ENV, "MODKIT_PROFILE_DIR": str(profiles)},
+        log_dir=tmp_path,
+        ready_timeout_s=30,
+    )
+    try:
+        with proc.client() as client:
+            for i in range(20):
+                assert client.call("greet", str(i)) == f"hi, {i}"
+    finally:
+        assert proc.stop() == 0
+    files = list(profiles.glob("Echo-*.prof"))
+    assert len(files) == 1, f"one profile, from the Echo loop: {files}"
+    script = Path(__file__).parents[1] / "scripts" / "profile_pipeline.py"
+    summary = subprocess.run([sys.executable, str(script), str(profiles)], capture_output=True, text=True, check=True)
+    assert "Echo-" in summary.stdout and "idle (waiting for messages)" in summary.stdout
+    calls = {name: row[1] for (_, _, name), row in pstats.Stats(str(files[0])).stats.items()}  # type: ignore[attr-defined]
+    assert calls["greet"] == 20, "the profile saw every call the loop served"
