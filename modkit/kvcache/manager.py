@@ -104,6 +104,8 @@ class KVCacheManager:
         held = self.req_to_blocks.get(request.req_id, [])
         total = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
         num_needed = -(-total // self.block_size) - len(held) - len(new_computed_blocks)
+        if num_needed <= 0 and not new_computed_blocks and not first_allocation:
+            return []  # room in the blocks it holds (most decode steps): nothing changes
         # Hit blocks that nobody holds sit in the free queue; taking them uses up free blocks too.
         num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_free_hits:
@@ -158,8 +160,9 @@ class KVCacheManager:
         """The handle of block ``block_id`` (what ``get_computed_blocks`` returns, by id)."""
         return self.pool.blocks[block_id]
 
-    def get_block_ids(self, req_id: str) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks.get(req_id, [])]
+    def get_block_ids(self, req_id: str, start: int = 0) -> list[int]:
+        """The request's block table from its ``start``-th block (the scheduler asks only for new ones)."""
+        return [b.block_id for b in self.req_to_blocks.get(req_id, [])[start:]]
 
     def held_req_ids(self) -> set[str]:
         """Requests that hold blocks now."""

@@ -117,10 +117,10 @@ class KVCacheManagerClient:
         if self._sent.pop(request.req_id, None) is not None:  # never sent: the service never heard of it
             self._pending.append(KVFree(request.req_id))
 
-    def get_block_ids(self, req_id: str) -> list[int]:
+    def get_block_ids(self, req_id: str, start: int = 0) -> list[int]:
         if self._promised:
             self._apply([])  # the promised allocations' block ids
-        return list(self._blocks.get(req_id, ()))
+        return self._blocks.get(req_id, [])[start:]
 
     def held_req_ids(self) -> set[str]:
         if self._promised:

@@ -233,9 +233,8 @@ class Scheduler:
         admitted_ids = {r.req_id for r in admitted}
         for req_id in scheduled:
             request = self.requests[req_id]
-            blocks = self.kv.get_block_ids(req_id)
             if req_id in admitted_ids:
-                block_ids = blocks
+                block_ids = self.kv.get_block_ids(req_id)
                 new_reqs.append(
                     NewRequestData(
                         req_id,
@@ -246,14 +245,15 @@ class Scheduler:
                         request.sampling_params,
                     )
                 )
-            else:
+                self._worker_blocks[req_id] = len(block_ids)
+            else:  # the worker has its table: only the blocks it has not seen
                 known, known_blocks = self.worker_num_tokens[req_id], self._worker_blocks[req_id]
-                new_block_ids = blocks[known_blocks:]
+                new_block_ids = self.kv.get_block_ids(req_id, known_blocks)
                 cached_reqs.append(
                     CachedRequestData(req_id, request.all_token_ids[known:], new_block_ids, request.num_computed_tokens)
                 )
+                self._worker_blocks[req_id] = known_blocks + len(new_block_ids)
             self.worker_num_tokens[req_id] = request.num_tokens
-            self._worker_blocks[req_id] = len(blocks)
         output = SchedulerOutput(
             step=self.step_count,
             scheduled_new_reqs=new_reqs,

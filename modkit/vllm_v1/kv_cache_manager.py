@@ -190,8 +190,8 @@ class VLLMKVCacheManager:
         self._tell("freed", request.req_id, freed)
         self._drain_events()
 
-    def get_block_ids(self, req_id: str) -> list[int]:
-        return [b.block_id for b in self._tables.get(req_id, [])]
+    def get_block_ids(self, req_id: str, start: int = 0) -> list[int]:
+        return [b.block_id for b in self._tables.get(req_id, [])[start:]]
 
     def held_req_ids(self) -> set[str]:
         """Requests that hold blocks now."""
