@@ -137,9 +137,11 @@ class KVCacheManager:
         blocks = self.req_to_blocks.get(request.req_id)
         if not self.enable_prefix_caching or not blocks:
             return
-        self._update_hashes(request)
         num_full = min(num_computed_tokens, request.num_tokens) // self.block_size
         num_cached = self.num_cached_blocks.get(request.req_id, 0)
+        if num_full <= num_cached:
+            return  # no block filled up this step (most decode steps); hashes catch up when one does
+        self._update_hashes(request)
         # Only a view needs to know which blocks this call hashed: look only when one listens (a hot path).
         watched = self.activity_sink is not None
         unhashed = [b for b in blocks[num_cached:num_full] if b.block_hash is None] if watched else []
