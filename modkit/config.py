@@ -49,6 +49,20 @@ DTYPES = ("float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "ha
 DEVICES = ("cpu", "cuda", "mps")  # and cuda:N
 # Each component's HTTP port is the field f"{component}_port"; urls() lists them in this order.
 COMPONENTS = ("frontend", "scheduler", "worker", "router", "kv_cache_manager", "sampler")
+
+
+def free_component_ports() -> dict[str, int]:
+    """``<component>_port`` for every component, each a loopback port free now and all different:
+    for a pipeline beside another on one machine (tests, benchmarks). Racy, as any free port is."""
+    from modkit.transport.addresses import free_tcp_port
+
+    ports: list[int] = []
+    while len(ports) < len(COMPONENTS):  # the OS may hand the same free port out twice
+        if (port := free_tcp_port()) not in ports:
+            ports.append(port)
+    return {f"{name}_port": port for name, port in zip(COMPONENTS, ports, strict=True)}
+
+
 REDACTED = "<redacted>"  # what to_dict() writes in place of the API key
 
 

@@ -180,13 +180,9 @@ def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
     import openai
 
     from modkit import Pipeline
-    from modkit.config import COMPONENTS
-    from modkit.transport import free_tcp_port
+    from modkit.config import free_component_ports
 
-    ports: set[int] = set()
-    while len(ports) < len(COMPONENTS):  # free_tcp_port is racy: make sure no two components share one
-        ports.add(free_tcp_port())
-    config: dict[str, Any] = {f"{c}_port": port for c, port in zip(COMPONENTS, sorted(ports), strict=True)}
+    config: dict[str, Any] = free_component_ports()
     start = time.perf_counter()
     pipeline = Pipeline.launch(
         model=str(model_dir),

@@ -211,13 +211,9 @@ def engine_side(pipeline: Pipeline) -> dict[str, float]:
 
 def launch(model_dir: Path, args: argparse.Namespace) -> Pipeline:
     """The six-process pipeline on free ports."""
-    from modkit.config import COMPONENTS
-    from modkit.transport import free_tcp_port
+    from modkit.config import free_component_ports
 
-    ports: set[int] = set()
-    while len(ports) < len(COMPONENTS):  # free_tcp_port is racy: make sure no two components share one
-        ports.add(free_tcp_port())
-    config: dict[str, Any] = {f"{c}_port": port for c, port in zip(COMPONENTS, sorted(ports), strict=True)}
+    config: dict[str, Any] = free_component_ports()
     return Pipeline.launch(
         model=str(model_dir),
         device=args.device,

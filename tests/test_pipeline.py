@@ -24,7 +24,7 @@ import pytest
 from pipeline_targets import POISON_TOKEN
 
 from modkit import LLM, Pipeline
-from modkit.config import ConfigError
+from modkit.config import ConfigError, free_component_ports
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.kvcache import KVCacheManager
 from modkit.kvcache.remote import KVCacheManagerClient
@@ -51,8 +51,7 @@ def distinct_free_ports(n: int, taken: set[int] | None = None) -> list[int]:
 
 
 def free_ports() -> dict[str, int]:
-    names = ["frontend", "scheduler", "worker", "router", "kv_cache_manager", "sampler"]
-    return {f"{name}_port": port for name, port in zip(names, distinct_free_ports(len(names)), strict=True)}
+    return free_component_ports()
 
 
 def port_is_free(port: int) -> bool:
