@@ -298,3 +298,18 @@ def test_memory_plan_is_reported(tiny_model_dir) -> None:
     text = plan.describe(256)
     assert text.startswith(f"KV cache: {plan.kv_capacity_tokens:,} tokens") and "4.0x concurrency at 256" in text
     assert LLM(num_kv_blocks=40).engine.memory.describe(64).startswith("KV cache: 624 tokens (39 blocks of 16")
+
+
+def test_leaving_steps_early_loses_no_token(tiny_model_dir) -> None:
+    """LLM.steps() holds one step's outputs back; a caller that stops iterating still gets them."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = ["Once upon a time", "The cat"]
+    whole = [o.outputs[0].token_ids for o in LLM(max_num_seqs=2).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(max_num_seqs=2)
+    outputs = [llm._add(p, params, 0, []) for p in prompts]
+    for _, _ in zip(range(3), llm.steps(), strict=False):
+        pass  # closed after three yields, with a fourth step's outputs held back
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [4, 4], "the held-back step was processed on close"
+    for _ in llm.steps():
+        pass
+    assert [o.outputs[0].token_ids for o in outputs] == whole

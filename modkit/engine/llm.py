@@ -184,14 +184,20 @@ class LLM:
                 yield self._after(self.processor.process(self.engine.step()))
             return
         previous: list[EngineCoreOutput] | None = None
-        while self.engine.has_unfinished_requests():
-            pending = self.engine.launch_step()
-            step = self.processor.process(previous) if previous is not None else None  # while the device runs
-            previous = self.engine.finish_step(pending)
-            if step is not None:
-                yield self._after(step)
-        if previous is not None:
-            yield self._after(self.processor.process(previous))
+        try:
+            while self.engine.has_unfinished_requests():
+                pending = self.engine.launch_step()
+                outputs, previous = previous, None
+                step = self.processor.process(outputs) if outputs is not None else None  # while the device runs
+                previous = self.engine.finish_step(pending)
+                if step is not None:
+                    yield self._after(step)
+            if previous is not None:
+                outputs, previous = previous, None
+                yield self._after(self.processor.process(outputs))
+        finally:
+            if previous is not None:  # the caller stopped early: no step's tokens go unprocessed
+                self._after(self.processor.process(previous))
 
     def _after(self, step: ProcessedStep) -> ProcessedStep:
         if step.stopped:  # finished by a stop string: end them in the engine too
