@@ -6,6 +6,7 @@
         --input-len 256 --output-len 128                          # a GPU
     python scripts/benchmark.py --engines modkit pipeline         # the cost of the process split
     python scripts/benchmark.py --engines modkit hf hf-batch      # HF's own continuous batching
+    python scripts/benchmark.py --engines modkit modkit-eager     # what the CUDA graphs buy (a GPU)
 
 ``hf`` is ``model.generate`` on static batches (--hf-batch-size prompts at a time, with no
 padding as every prompt has one length): the baseline of the ``vs hf`` column. ``hf-batch`` is
