@@ -7,7 +7,14 @@ import random
 import pytest
 import torch
 
-from modkit.attention import AttentionMetadata, attention_backends, get_attention_backend
+from modkit.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    attention_backends,
+    get_attention_backend,
+    resolve_attention_backend,
+)
+from modkit.attention.interface import ATTENTION_BACKENDS
 from modkit.model import load_model
 from modkit.worker import ModelRunner, PagedKVCache, SequenceChunk
 
@@ -51,3 +58,19 @@ def test_backend_matches_reference(
     expected = get_attention_backend("torch_ref").forward(q, k, v, cache.clone(), metadata, 0.2)
     got = get_attention_backend(backend).forward(q, k, v, cache.clone(), metadata, 0.2)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_triton_on_a_gpu_and_falls_back_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "auto": the PyTorch backend on a CPU, and on a GPU whose torch has no Triton (no import needed to decide)."""
+    assert resolve_attention_backend("auto", "cpu") == "torch_batched"
+    assert resolve_attention_backend("torch_ref", "cuda") == "torch_ref", "a named backend is kept"
+    real_get = ATTENTION_BACKENDS.get
+
+    def without_triton(name: str) -> type[AttentionBackend]:
+        if name == "triton":
+            raise ImportError("the 'triton' attention backend needs Triton")
+        return real_get(name)
+
+    monkeypatch.setattr(ATTENTION_BACKENDS, "get", without_triton)
+    assert resolve_attention_backend("auto", "cuda:0") == "torch_batched"
+    assert not get_attention_backend("auto", "cpu").supports_cuda_graphs, "so no CUDA graphs are captured"
