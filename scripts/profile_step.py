@@ -51,12 +51,9 @@ def fill(llm: LLM, args: argparse.Namespace) -> None:
     prefill_steps = -(-args.batch * args.context // llm.config.max_num_batched_tokens)
     max_tokens = prefill_steps + args.warmup_steps + 8 * args.steps + 64
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    for i in range(args.batch):
+    for _ in range(args.batch):
         ids = torch.randint(0, vocab, (args.context,), generator=gen).tolist()
-        output, requests = llm.processor.make_requests(f"p{i}", None, ids, params, 0)
-        for index, request in enumerate(requests):
-            llm.engine.add_request(request)
-            llm.processor.track(output, index, request)
+        llm._add({"prompt_token_ids": ids}, params, 0, [])  # queued as generate() would, not yet run
     sched = llm.engine.scheduler
     while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
         llm.processor.process(llm.engine.step())
