@@ -86,6 +86,7 @@ class PipelineConfig:
     sampler: str = "default"  # batched, vLLM's order of operations; "per_request" loops row by row
     attention_backend: str = "auto"  # "triton" on a CUDA GPU, else "torch_batched"; "torch_ref" is the reference
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (captured only on a GPU)
+    async_scheduling: bool = True  # plan a worker's step N+1 while it runs step N (vLLM's async scheduling)
     seed: int = 0  # seeds requests that bring no seed, so a run can be repeated
     # -- processes and network --------------------------------------------------------------
     num_workers: int = 1  # one model replica; the router spreads requests over more
@@ -131,6 +132,7 @@ class PipelineConfig:
         _check_choice("sampler", self.sampler, samplers())
         _check_choice("attention_backend", self.attention_backend, attention_backends())
         _check_bool("enforce_eager", self.enforce_eager)
+        _check_bool("async_scheduling", self.async_scheduling)
         _check_int("seed", self.seed, minimum=0)
         _check_int("num_workers", self.num_workers, minimum=1)
         _check_bool("allow_remote", self.allow_remote)
@@ -275,6 +277,7 @@ class PipelineConfig:
             attention_backend=self.attention_backend,
             gpu_memory_utilization=self.gpu_memory_utilization,
             enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
             seed=self.seed,
         )
 

@@ -61,6 +61,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output, kept in step
     num_computed_tokens: int = 0
+    # Tokens being sampled in steps not yet back (async scheduling): the scheduler plans the next
+    # step before the last one's tokens arrive, counting each as a placeholder (vLLM's name).
+    num_output_placeholders: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit when first scheduled; -1 before that
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it

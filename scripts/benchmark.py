@@ -7,6 +7,7 @@
     python scripts/benchmark.py --engines modkit pipeline         # the cost of the process split
     python scripts/benchmark.py --engines modkit hf hf-batch      # HF's own continuous batching
     python scripts/benchmark.py --engines modkit modkit-eager     # what the CUDA graphs buy (a GPU)
+    python scripts/benchmark.py --engines pipeline pipeline-sync  # what async scheduling buys
 
 ``hf`` is ``model.generate`` on static batches (--hf-batch-size prompts at a time, with no
 padding as every prompt has one length): the baseline of the ``vs hf`` column. ``hf-batch`` is
@@ -64,7 +65,12 @@ Run = Callable[[], dict[str, Any] | None]
 
 
 def bench_modkit(
-    model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack, eager: bool = False
+    model_dir: Path,
+    prompts: list[list[int]],
+    args: argparse.Namespace,
+    stack: ExitStack,
+    eager: bool = False,
+    async_scheduling: bool = True,
 ) -> Run:
     from modkit import LLM, SamplingParams
 
@@ -77,6 +83,7 @@ def bench_modkit(
         num_kv_blocks=args.num_kv_blocks,
         attention_backend=args.attention_backend,
         enforce_eager=eager or args.enforce_eager,
+        async_scheduling=async_scheduling,
     )
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
@@ -176,7 +183,9 @@ def bench_vllm(model_dir: Path, prompts: list[list[int]], args: argparse.Namespa
     return lambda: run(prompts)
 
 
-def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack) -> Run:
+def bench_pipeline(
+    model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack, async_scheduling: bool = True
+) -> Run:
     """The six-process pipeline on free ports, up until ``stack`` closes; every prompt is sent at once."""
     import openai
 
@@ -191,6 +200,7 @@ def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
         dtype=args.dtype,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        async_scheduling=async_scheduling,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
@@ -274,10 +284,12 @@ def bench_pipeline(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
 RUNNERS: dict[str, Callable[[Path, list[list[int]], argparse.Namespace, ExitStack], Run]] = {
     "modkit": bench_modkit,
     "modkit-eager": functools.partial(bench_modkit, eager=True),  # no CUDA graphs: what they buy
+    "modkit-sync": functools.partial(bench_modkit, async_scheduling=False),  # what async scheduling buys
     "hf": bench_hf,
     "hf-batch": bench_hf_batch,
     "vllm": bench_vllm,
     "pipeline": bench_pipeline,
+    "pipeline-sync": functools.partial(bench_pipeline, async_scheduling=False),
 }
 
 
@@ -371,9 +383,11 @@ def main() -> None:
                 torch.cuda.empty_cache()
 
     pipeline, llm = results.get("pipeline", {}), results.get("modkit", {})
-    if "seconds" in pipeline and "seconds" in llm:  # the cost of the process split, on the same prompts
-        pipeline["vs_modkit"] = pipeline["output_tokens_per_s"] / llm["output_tokens_per_s"]
-        pipeline["outputs_equal_modkit"] = sum(a == b for a, b in zip(texts["pipeline"], texts["modkit"], strict=True))
+    for name in ("pipeline", "pipeline-sync"):
+        split = results.get(name, {})
+        if "seconds" in split and "seconds" in llm:  # the cost of the process split, on the same prompts
+            split["vs_modkit"] = split["output_tokens_per_s"] / llm["output_tokens_per_s"]
+            split["outputs_equal_modkit"] = sum(a == b for a, b in zip(texts[name], texts["modkit"], strict=True))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     meta = {
         "model": args.model or args.model_shape or "embedded tiny-chat",

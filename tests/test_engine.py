@@ -267,28 +267,38 @@ def test_kv_cache_is_sized_from_memory_by_default(tiny_model_dir) -> None:
     assert (blocks + 1) * per_block <= CPU_KV_CACHE_CAP_BYTES
 
 
-def test_overlapped_steps_change_nothing(tiny_model_dir) -> None:
-    """LLM.steps() detokenizes step N while step N+1 runs: same outputs as the plain loop, stop
-    strings included (a request a stop string ends computes one extra token, which is dropped)."""
+@pytest.mark.parametrize("num_kv_blocks", [None, 14], ids=["roomy", "preempting"])
+def test_overlapped_and_async_steps_change_nothing(tiny_model_dir, num_kv_blocks) -> None:
+    """LLM.steps() plans step N+1 and detokenizes step N-1 while step N runs: same outputs as the
+    plain loop, stop strings included (a request a stop string ends computes a token or two more,
+    which are dropped), with penalties (the worker fills in tokens the scheduler has not seen) and
+    with preemptions of requests whose tokens are in flight."""
     msg = [{"role": "user", "content": "What does a cow say?"}]  # "A cow says moo."
     params = [
         SamplingParams(temperature=0, max_tokens=30, stop=["says m"]),
         SamplingParams(temperature=0, max_tokens=7),
         SamplingParams(temperature=0.9, seed=3, max_tokens=25, n=2),
         SamplingParams(temperature=0, max_tokens=20, stop=[" "], include_stop_str_in_output=True),
+        SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.6, frequency_penalty=0.5, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=1),
     ]
     results = {}
-    for overlap in (False, True):
-        llm = LLM(max_num_seqs=3, max_num_batched_tokens=24)  # chunked prompts, decodes beside them
-        llm.overlap_steps = overlap
+    for mode in ("plain", "overlap", "async"):
+        llm = LLM(max_num_seqs=4, max_num_batched_tokens=24, block_size=4, num_kv_blocks=num_kv_blocks,
+                  enable_prefix_caching=False, async_scheduling=mode == "async")  # fmt: skip
+        llm.overlap_steps = mode != "plain"
         llm.check_invariants_each_step = True
         outs = llm.chat([msg] * len(params), params, use_tqdm=False)
-        results[overlap] = [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for o in outs for c in o.outputs]
-        assert (
-            not llm.engine.has_unfinished_requests() and llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
-        )
-    assert results[True] == results[False]
-    assert any(r[2] == "stop" and r[3] == "says m" for r in results[True]), "a stop string ended one"
+        results[mode] = [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for o in outs for c in o.outputs]
+        stats = llm.stats()
+        assert not llm.engine.has_unfinished_requests() and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        assert (stats["num_steps_planned_ahead"] > 0) == (mode == "async")
+        if num_kv_blocks is not None and mode == "async":  # it takes a step's blocks a step early
+            assert stats["num_preemptions"] > 0
+    assert results["overlap"] == results["plain"]
+    assert results["async"] == results["plain"]
+    assert any(r[2] == "stop" and r[3] == "says m" for r in results["async"]), "a stop string ended one"
+    assert [(len(r[1]), r[2]) for r in results["async"][-2:]] == [(24, "length"), (1, "length")]
 
 
 def test_memory_plan_is_reported(tiny_model_dir) -> None:
@@ -301,15 +311,17 @@ def test_memory_plan_is_reported(tiny_model_dir) -> None:
 
 
 def test_leaving_steps_early_loses_no_token(tiny_model_dir) -> None:
-    """LLM.steps() holds one step's outputs back; a caller that stops iterating still gets them."""
+    """LLM.steps() holds one step's outputs back and has the next in flight; a caller that stops
+    iterating still gets both, and the engine is left ready for the next call."""
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = ["Once upon a time", "The cat"]
     whole = [o.outputs[0].token_ids for o in LLM(max_num_seqs=2).generate(prompts, params, use_tqdm=False)]
     llm = LLM(max_num_seqs=2)
     outputs = [llm._add(p, params, 0, []) for p in prompts]
     for _, _ in zip(range(3), llm.steps(), strict=False):
-        pass  # closed after three yields, with a fourth step's outputs held back
-    assert [len(o.outputs[0].token_ids) for o in outputs] == [4, 4], "the held-back step was processed on close"
+        pass  # closed after three yields: a fourth step's outputs held back, a fifth step in flight
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [5, 5], "held-back and in-flight steps processed"
+    llm.engine.check_invariants()
     for _ in llm.steps():
         pass
     assert [o.outputs[0].token_ids for o in outputs] == whole

@@ -37,6 +37,7 @@ class EngineConfig:
     # num_kv_blocks is None (modkit.worker.memory). The CPU has its own rule.
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (they are captured only on a GPU)
+    async_scheduling: bool = True  # plan step N+1 while the device runs step N (vLLM's async scheduling)
     seed: int = 0  # seeds unseeded random sampling
 
     def __post_init__(self) -> None:
@@ -53,8 +54,9 @@ class EngineConfig:
             raise ConfigError("max_model_len", f"must be None or an integer >= 2, got {self.max_model_len!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
-        if not isinstance(self.enforce_eager, bool):
-            raise ConfigError("enforce_eager", f"must be True or False, got {self.enforce_eager!r}")
+        for flag in ("enforce_eager", "async_scheduling"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(flag, f"must be True or False, got {getattr(self, flag)!r}")
         for name in ("scheduler", "kv_cache_manager"):
             if getattr(self, name) not in ("modkit", "vllm"):
                 raise ConfigError(name, f"must be 'modkit' or 'vllm', got {getattr(self, name)!r}")

@@ -73,6 +73,8 @@ class EngineCore:
         log.info(self.memory.describe(self.max_model_len))
         self.sampler = get_sampler(config.sampler, seed=config.seed)
         self.sampling_states: dict[str, SamplingState] = {}
+        self.async_scheduling = config.async_scheduling  # may be switched between steps (scripts/profile_step.py)
+        self.num_planned_ahead = 0  # steps planned while the one before was on the device
 
     def _scheduler(self, config: EngineConfig, num_blocks: int, kv_event_sink: KVEventSink | None) -> Any:
         """The KV cache manager and the scheduler: modkit's, or vLLM's own behind the same interfaces."""
@@ -133,24 +135,42 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         return self.finish_step(self.launch_step())
 
-    def launch_step(self) -> PendingStep:
-        """Schedule, and queue the forward and the sampling on the device; return without waiting.
+    def plan_ahead(self) -> SchedulerOutput | None:
+        """Async scheduling: plan the next step now, while the device runs the last one; None if
+        that is off, the scheduler cannot (vLLM's is stepped in turn), or it would compute
+        nothing for a running request."""
+        scheduler = self.scheduler
+        if not self.async_scheduling or not isinstance(scheduler, Scheduler) or not scheduler.can_plan_ahead():
+            return None
+        self.num_planned_ahead += 1
+        return scheduler.schedule()
 
-        On a GPU the host is free until ``finish_step``: ``LLM`` detokenizes the previous
-        step's tokens meanwhile.
+    def launch_step(self, scheduler_output: SchedulerOutput | None = None) -> PendingStep:
+        """Schedule (or take a plan made ahead), and queue the forward and the sampling on the
+        device; return without waiting.
+
+        On a GPU the host is free until ``finish_step``: ``LLM`` plans the next step and
+        detokenizes the previous step's tokens meanwhile.
         """
-        scheduler_output = self.scheduler.schedule()
+        if scheduler_output is None:
+            scheduler_output = self.scheduler.schedule()
         result = self.worker.execute_model(scheduler_output)
+        req_ids, logits = result.req_ids, result.logits
+        if any(r not in self.sampling_states for r in req_ids):
+            # Planned ahead, then ended (a stop string, an abort) before it ran: nothing to sample.
+            rows = [i for i, r in enumerate(req_ids) if r in self.sampling_states]
+            req_ids, logits = [req_ids[i] for i in rows], logits[rows]
         sampled = None
-        if result.req_ids:
-            states = [self.sampling_states[r] for r in result.req_ids]
-            sampled = self.sampler.sample(result.logits, states)
-        return PendingStep(scheduler_output, result.req_ids, sampled)
+        if req_ids:
+            states = [self.sampling_states[r] for r in req_ids]
+            sampled = self.sampler.sample(logits, states)
+        return PendingStep(scheduler_output, req_ids, sampled)
 
     def finish_step(self, pending: PendingStep) -> list[EngineCoreOutput]:
         """Wait for the step's tokens (the one host copy), and update the scheduler with them."""
         sampled = pending.sampled.to_lists() if pending.sampled is not None else []
         tokens, logprobs = [s.token_id for s in sampled], [s.logprobs for s in sampled]
+        self.worker.record_sampled(pending.req_ids, tokens)  # a step planned ahead computes them next
         runner_output = ModelRunnerOutput(pending.req_ids, tokens, logprobs)
         outputs = self.scheduler.update_from_output(pending.scheduler_output, runner_output)
         for out in outputs:
@@ -173,6 +193,7 @@ class EngineCore:
             "kv_cache_usage": kv.usage,
             "num_evictions": kv.num_evictions,
             "num_steps": self.scheduler.step_count,
+            "num_steps_planned_ahead": self.num_planned_ahead,
             "kv_capacity_tokens": self.memory.kv_capacity_tokens,
             "num_cuda_graph_replays": graphs.num_replays if (graphs := self.worker.runner.graphs) else 0,
         }

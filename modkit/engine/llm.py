@@ -57,6 +57,7 @@ class LLM:
         attention_backend: str = "auto",
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
+        async_scheduling: bool = True,
         kv_event_sink: KVEventSink | None = None,
     ) -> None:
         self.config = EngineConfig(
@@ -78,6 +79,7 @@ class LLM:
             attention_backend=attention_backend,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
+            async_scheduling=async_scheduling,
         )
         self.engine = EngineCore(self.config, kv_event_sink)
         self.tokenizer = load_tokenizer(model)
@@ -174,29 +176,39 @@ class LLM:
     def steps(self) -> Iterator[ProcessedStep]:
         """Step the engine until no request is left; yield each step's processed outputs.
 
-        Overlapped: step N's tokens are detokenized (and checked for stop strings) while the
-        device computes step N+1, as vLLM's engine does in another process. A request a stop
-        string ends is aborted after step N+1, so it may have computed one token more, which
-        is dropped (vLLM's async scheduling does the same).
+        Overlapped, as vLLM's engine is: while the device computes step N, the host plans
+        step N+1 (async scheduling, ``EngineConfig.async_scheduling``) and detokenizes step
+        N-1's tokens (checking them for stop strings). A request a stop string ends is
+        aborted a step or two late, and the tokens it computed meanwhile are dropped (vLLM's
+        async scheduling does the same).
         """
         if not self.overlap_steps:
             while self.engine.has_unfinished_requests():
                 yield self._after(self.processor.process(self.engine.step()))
             return
+        engine = self.engine
+        pending = engine.launch_step() if engine.has_unfinished_requests() else None
         previous: list[EngineCoreOutput] | None = None
         try:
-            while self.engine.has_unfinished_requests():
-                pending = self.engine.launch_step()
+            while pending is not None:
+                ahead = engine.plan_ahead()  # step N+1, while the device runs step N
                 outputs, previous = previous, None
-                step = self.processor.process(outputs) if outputs is not None else None  # while the device runs
-                previous = self.engine.finish_step(pending)
+                step = self.processor.process(outputs) if outputs is not None else None  # step N-1
+                previous = engine.finish_step(pending)
+                pending = None
+                if ahead is not None or engine.has_unfinished_requests():
+                    pending = engine.launch_step(ahead)
                 if step is not None:
                     yield self._after(step)
             if previous is not None:
                 outputs, previous = previous, None
                 yield self._after(self.processor.process(outputs))
         finally:
-            if previous is not None:  # the caller stopped early: no step's tokens go unprocessed
+            # The caller stopped early: the step in flight and the tokens held back are still processed.
+            if pending is not None:
+                held = (previous or []) + engine.finish_step(pending)
+                previous = held
+            if previous is not None:
                 self._after(self.processor.process(previous))
 
     def _after(self, step: ProcessedStep) -> ProcessedStep:

@@ -17,6 +17,15 @@ One step:
 3. Every scheduled request's ``num_computed_tokens`` advances by what it was given, before
    the model runs; ``update_from_output`` then appends the sampled tokens and finishes
    requests on eos, a stop token id, ``max_tokens`` or the model's length limit.
+
+Async scheduling (vLLM's ``async_scheduling``): ``schedule()`` may be called again before
+the last step's tokens came back, so the next step is planned while the worker computes.
+Each token still being sampled counts as one of the request's ``num_output_placeholders``:
+a decoding request gets one more token to compute, which the worker fills in with the token
+it sampled itself. A request whose in-flight token is its last (``max_tokens``, the model's
+length) is not scheduled again; one that an in-flight token ends by eos computes one token
+too many, which ``update_from_output`` drops, as vLLM does. Called in turn (schedule,
+update, schedule...), nothing is ever a placeholder at planning time and this is the plain loop.
 """
 
 from __future__ import annotations
@@ -79,6 +88,7 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()  # since the last schedule(), for the worker
         self.worker_num_tokens: dict[str, int] = {}  # tokens of each request the worker holds
         self._worker_blocks: dict[str, int] = {}  # length of each request's block table there
+        self._tokens_in_flight: dict[str, int] = {}  # tokens scheduled in steps whose outputs are not back
         self.step_count = 0
         self.num_preemptions = 0
         self.records: list[StepRecord] = []
@@ -118,14 +128,24 @@ class Scheduler:
                 self.waiting.remove(request)
             self.kv.free(request)
             request.status, request.num_computed_tokens = RequestStatus.WAITING, 0
-            self.worker_num_tokens.pop(req_id, None)
-            self._worker_blocks.pop(req_id, None)
+            self._forget_worker_state(request)
             taken.append(request)
         self.kv.flush()
         return taken
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def can_plan_ahead(self) -> bool:
+        """Whether a step planned before the last one's tokens are back computes anything for a running request."""
+        return any(not self._last_token_in_flight(r) for r in self.running)
+
+    def _last_token_in_flight(self, request: Request) -> bool:
+        """The request's last token is being sampled now: another step would compute past its end."""
+        ahead = request.num_output_placeholders
+        return ahead > 0 and (
+            request.num_output_tokens + ahead >= request.max_tokens or request.num_tokens + ahead >= self.max_model_len
+        )
 
     def set_policy(self, policy: SchedulingPolicy) -> None:
         """Order requests by ``policy`` from the next step on (running requests keep running)."""
@@ -147,7 +167,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._last_token_in_flight(request):
+                i += 1
+                continue
+            num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens, budget)
             assert num_new > 0, f"running request {request.req_id} has nothing to compute"
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = self.policy.pick_victim(self.running)
@@ -161,9 +184,10 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted itself; the request now at index i is the next one
-            # Decode: only the newest token is left. Anything longer is a prefill: a prompt chunk,
-            # or prompt + outputs recomputed after a preemption.
-            kind = "decode" if request.num_computed_tokens == request.num_tokens - 1 else "prompt"
+            # Decode: only the newest token is left (known, or in flight). Anything longer is a
+            # prefill: a prompt chunk, or prompt + outputs recomputed after a preemption.
+            newest = request.num_tokens + request.num_output_placeholders - 1
+            kind = "decode" if request.num_computed_tokens == newest else "prompt"
             entries.append(ScheduledEntry(request.req_id, num_new, kind, request.num_computed_tokens))
             scheduled[request.req_id] = num_new
             budget -= num_new
@@ -207,8 +231,13 @@ class Scheduler:
 
         output = self._make_output(scheduled, admitted, preempted)
         # 3. Advance before the model runs: the scheduler already counts these as computed.
+        # One that reaches its end samples a token: a placeholder until the step comes back.
         for req_id, n in scheduled.items():
-            self.requests[req_id].num_computed_tokens += n
+            request = self.requests[req_id]
+            request.num_computed_tokens += n
+            self._tokens_in_flight[req_id] = self._tokens_in_flight.get(req_id, 0) + n
+            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1
         self.last_record = StepRecord(
             step=self.step_count,
             scheduled=entries,
@@ -253,7 +282,8 @@ class Scheduler:
                     CachedRequestData(req_id, request.all_token_ids[known:], new_block_ids, request.num_computed_tokens)
                 )
                 self._worker_blocks[req_id] = known_blocks + len(new_block_ids)
-            self.worker_num_tokens[req_id] = request.num_tokens
+            # The worker also holds the tokens it sampled in steps still in flight: it fills them in itself.
+            self.worker_num_tokens[req_id] = request.num_tokens + request.num_output_placeholders
         output = SchedulerOutput(
             step=self.step_count,
             scheduled_new_reqs=new_reqs,
@@ -269,17 +299,27 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Cache the blocks this step computed, append each sampled token, finish the requests that are done."""
-        for req_id in scheduler_output.num_scheduled_tokens:
+        """Cache the blocks this step computed, append each sampled token, finish the requests that are done.
+
+        Steps come back in the order they were planned. A request preempted after this step
+        was planned (async scheduling) still gets the step's token: it was computed over the
+        request's own blocks, before anyone else's step could reuse them.
+        """
+        for req_id, n in scheduler_output.num_scheduled_tokens.items():
+            later = self._tokens_in_flight.pop(req_id, n) - n  # planned in steps after this one
+            if later > 0:
+                self._tokens_in_flight[req_id] = later
             request = self.requests.get(req_id)
             if request is not None and request.status == RequestStatus.RUNNING:
-                self.kv.cache_blocks(request, request.num_computed_tokens)
+                self.kv.cache_blocks(request, request.num_computed_tokens - later)
         outputs = []
         logprobs = runner_output.logprobs or [None] * len(runner_output.req_ids)
         for req_id, token, lp in zip(runner_output.req_ids, runner_output.sampled_token_ids, logprobs, strict=True):
             request = self.requests.get(req_id)
             if request is None or request.is_finished:
-                continue  # aborted while its step ran
+                continue  # aborted while its step ran, or ended by a token of an earlier step
+            if request.num_output_placeholders > 0:
+                request.num_output_placeholders -= 1
             request.append_output_token_ids(token)
             status = self._check_stop(request, token)
             if status is not None:
@@ -316,8 +356,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.worker_num_tokens.pop(request.req_id, None)
-        self._worker_blocks.pop(request.req_id, None)
+        self._forget_worker_state(request)
         self._enqueue(request)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
@@ -327,10 +366,16 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.free(request)
         request.status = status
-        self.worker_num_tokens.pop(request.req_id, None)
-        self._worker_blocks.pop(request.req_id, None)
+        self._forget_worker_state(request)
         self.finished_req_ids.add(request.req_id)
         del self.requests[request.req_id]
+
+    def _forget_worker_state(self, request: Request) -> None:
+        """The worker drops the request (finished, preempted, moved): its tokens there and in flight stop counting."""
+        self.worker_num_tokens.pop(request.req_id, None)
+        self._worker_blocks.pop(request.req_id, None)
+        self._tokens_in_flight.pop(request.req_id, None)
+        request.num_output_placeholders = 0
 
     def check_invariants(self) -> None:
         """Raise AssertionError if requests, queues and blocks disagree."""
@@ -343,9 +388,9 @@ class Scheduler:
         assert len(self.running) <= self.max_num_seqs
         for r in self.running:
             assert r.status == RequestStatus.RUNNING
-            assert r.num_computed_tokens <= r.num_tokens
+            assert r.num_computed_tokens <= r.num_tokens + r.num_output_placeholders
             held = len(self.kv.get_block_ids(r.req_id)) * self.kv.block_size
             assert held >= r.num_computed_tokens, f"{r.req_id} computed tokens beyond its blocks"
         for r in self.waiting:
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-            assert r.num_computed_tokens == 0
+            assert r.num_computed_tokens == 0 and r.num_output_placeholders == 0

@@ -3,7 +3,7 @@
 ::
 
     router --AddRequest(worker_id)--> scheduler.in
-    for each worker with work and no step in flight:
+    for each worker with work and fewer than 2 steps in flight:
         plan = schedulers[i].schedule()       (allocations: KV cache manager, pool i, over RPC)
         worker-i.in <--StepPlan(plan)--
     worker-i --StepDone(sampled tokens)--> scheduler.in
@@ -12,17 +12,25 @@
 
 Each worker has its own waiting and running queues and its own KV pool, so the workers
 are independent replicas; while one runs its forward, the scheduler plans and updates
-the others. A worker's next step is planned only after its previous one came back, but
-sent before that step's results go out: the outputs to the frontend, the finished ids to the
-router and the step's event are sent while the worker computes its next step.
+the others.
+
+Async scheduling (``PipelineConfig.async_scheduling``, vLLM's name, on by default): a
+worker's step N+1 is planned and sent while step N runs, its decodes' new tokens counted as
+placeholders that the worker fills in with what it sampled (see ``modkit.scheduler.scheduler``).
+So the worker finds its next plan waiting when a step ends, and the scheduler's update and
+planning run while the worker computes, instead of between its steps. Without it, a step is
+planned only after the previous one came back. Either way the next plan goes out before the
+last step's results do: the outputs to the frontend, the finished ids to the router and the
+step's event are sent while the worker computes.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from modkit.config import PipelineConfig
@@ -42,7 +50,7 @@ from modkit.protocol import (
     WorkerUp,
 )
 from modkit.request import Request, RequestStatus
-from modkit.scheduler.output import SchedulerOutput
+from modkit.scheduler.output import SchedulerOutput, StepRecord
 from modkit.scheduler.policies import POLICIES, GuardedPolicy, SchedulingPolicy
 from modkit.scheduler.scheduler import Scheduler
 from modkit.swap import ImplSpec, resolve
@@ -55,6 +63,17 @@ KV_RPC_TIMEOUT_S = 30.0
 
 
 @dataclass(slots=True)
+class InFlightStep:
+    """A step sent to a worker whose result has not come back."""
+
+    plan: SchedulerOutput
+    record: StepRecord | None  # what the scheduler decided, for the step's event
+    sent_at: float  # perf_counter() when it left
+    sent_wall: float  # time.time() then, for the event stream
+    schedule_s: float  # what planning it took
+
+
+@dataclass(slots=True)
 class WorkerSlot:
     """The scheduler's side of one worker."""
 
@@ -63,13 +82,11 @@ class WorkerSlot:
     kv: KVCacheManagerClient
     outbox: Outbox
     alive: bool = True
-    in_flight: SchedulerOutput | None = None
-    sent_at: float = 0.0  # perf_counter() when the step in flight left
-    sent_wall: float = 0.0  # time.time() then, for the event stream
-    last_schedule_s: float = 0.0  # what planning the step in flight took
+    in_flight: deque[InFlightStep] = field(default_factory=deque)  # oldest first, as the worker runs them
     num_steps: int = 0
     num_failed_steps: int = 0
-    busy_s: float = 0.0  # plan sent -> result back, summed
+    busy_s: float = 0.0  # plan sent -> result back, summed (with async scheduling, time queued at the worker too)
+    num_planned_ahead: int = 0  # steps planned while another was in flight
     forward_s: float = 0.0  # the worker's own account of its forward
     sample_s: float = 0.0
     schedule_s: float = 0.0  # this process: schedule(), with its KV cache manager round trips
@@ -99,6 +116,7 @@ class SchedulerService:
             )
             self.slots.append(WorkerSlot(i, scheduler, kv, Outbox(addresses.inbox(worker_name(i)))))
         self.limits = (cfg.max_num_batched_tokens, cfg.max_num_seqs, max_model_len)
+        self.async_scheduling = cfg.async_scheduling
         self.block_size, self.enable_prefix_caching = cfg.block_size, cfg.enable_prefix_caching
         self.held: list[AddRequest] | None = None  # new requests kept back while draining (hold_new_requests)
         self.owner: dict[str, int] = {}  # req_id -> worker id, while the request lives
@@ -113,12 +131,16 @@ class SchedulerService:
         for message in self.inbox.drain():
             self._handle(message)
         for slot in self.slots:
-            if not slot.alive or slot.in_flight is not None:
+            if not slot.alive:
                 continue
-            if slot.scheduler.has_unfinished_requests():
-                self._send_step(slot)  # its KV calls carry the last step's cache_blocks and frees
-            else:
-                slot.kv.flush()  # idle: the KV cache manager (and its events) catch up now
+            if not slot.in_flight:
+                if slot.scheduler.has_unfinished_requests():
+                    self._send_step(slot)  # its KV calls carry the last step's cache_blocks and frees
+                else:
+                    slot.kv.flush()  # idle: the KV cache manager (and its events) catch up now
+            if len(slot.in_flight) == 1 and self._plans_ahead(slot) and slot.scheduler.can_plan_ahead():
+                self._send_step(slot)  # step N+1, while the worker computes step N
+                slot.num_planned_ahead += 1
         # What the finished steps' results owe others (outputs to the frontend, finished ids to
         # the router, step events) goes out now, while the workers compute their next steps.
         for send in self.after_steps:
@@ -190,7 +212,8 @@ class SchedulerService:
         slot = self.slots[message.worker_id]
         if not slot.alive:
             return
-        slot.alive, slot.in_flight = False, None
+        slot.alive = False
+        slot.in_flight.clear()
         moved = slot.scheduler.take_requests(list(slot.scheduler.requests))
         slot.scheduler.finished_req_ids.clear()  # nobody to tell: the worker is gone
         for request in moved:
@@ -211,29 +234,39 @@ class SchedulerService:
 
     # -- steps ---------------------------------------------------------------------------
 
+    def _plans_ahead(self, slot: WorkerSlot) -> bool:
+        """Async scheduling, with a scheduler that counts placeholders (modkit's; vLLM's is stepped in turn)."""
+        return self.async_scheduling and isinstance(slot.scheduler, Scheduler)
+
     def _send_step(self, slot: WorkerSlot) -> None:
         t0 = time.perf_counter()
         plan = slot.scheduler.schedule()
         self._check_swapped_policy(slot)
-        slot.in_flight, slot.sent_at, slot.sent_wall = plan, time.perf_counter(), time.time()
-        slot.last_schedule_s = slot.sent_at - t0
-        slot.schedule_s += slot.last_schedule_s
+        sent_at = time.perf_counter()
+        slot.in_flight.append(InFlightStep(plan, slot.scheduler.last_record, sent_at, time.time(), sent_at - t0))
+        slot.schedule_s += sent_at - t0
         slot.outbox.send(StepPlan(slot.worker_id, plan))
         if len(slot.scheduler.records) > 2 * KEEP_RECORDS:
             del slot.scheduler.records[:-KEEP_RECORDS]
 
+    def _came_back(self, slot: WorkerSlot, step: int) -> InFlightStep | None:
+        """The oldest step in flight, if it is ``step``; None for a step of a worker declared dead, come back late."""
+        if not slot.in_flight or slot.in_flight[0].plan.step != step:
+            return None
+        return slot.in_flight.popleft()
+
     def _step_done(self, done: StepDone) -> None:
         slot = self.slots[done.worker_id]
-        plan = slot.in_flight
-        if plan is None or plan.step != done.step:
-            return  # a step of a worker declared dead, come back late
-        slot.in_flight = None
-        elapsed = time.perf_counter() - slot.sent_at
+        step = self._came_back(slot, done.step)
+        if step is None:
+            return
+        plan = step.plan
+        elapsed = time.perf_counter() - step.sent_at
         slot.num_steps += 1
         slot.busy_s += elapsed
         slot.forward_s += done.forward_s
         slot.sample_s += done.sample_s
-        event = self._step_event(slot, elapsed, done.forward_s, done.sample_s)
+        event = self._step_event(slot, step, elapsed, done.forward_s, done.sample_s)
         t0 = time.perf_counter()
         outputs = slot.scheduler.update_from_output(plan, done.output)
         slot.update_s += time.perf_counter() - t0
@@ -254,12 +287,12 @@ class SchedulerService:
     def _step_failed(self, failed: StepFailed) -> None:
         """The worker could not run the step: its requests fail (503), the others carry on."""
         slot = self.slots[failed.worker_id]
-        plan = slot.in_flight
-        if plan is None or plan.step != failed.step:
+        step = self._came_back(slot, failed.step)
+        if step is None:
             return
-        slot.in_flight = None
+        plan = step.plan
         slot.num_failed_steps += 1
-        self._publish_step(slot, time.perf_counter() - slot.sent_at, 0.0, 0.0, failed.error)
+        self._publish_step(slot, step, time.perf_counter() - step.sent_at, 0.0, 0.0, failed.error)
         req_ids = [r for r in plan.num_scheduled_tokens if r in slot.scheduler.requests]
         slot.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)  # blocks freed, never cached
         for req_id in req_ids:
@@ -320,7 +353,7 @@ class SchedulerService:
     def num_unfinished(self) -> int:
         """Requests in the schedulers or in a step; at 0, the KV cache manager has been told every free."""
         count = sum(len(s.scheduler.requests) for s in self.slots if s.alive)
-        count += sum(1 for s in self.slots if s.in_flight is not None)
+        count += sum(len(s.in_flight) for s in self.slots)
         if count == 0:
             for slot in self.slots:
                 slot.kv.flush()
@@ -376,27 +409,39 @@ class SchedulerService:
     # -- observing -----------------------------------------------------------------------
 
     def _publish_step(
-        self, slot: WorkerSlot, step_s: float, forward_s: float, sample_s: float, failed: str | None = None
+        self,
+        slot: WorkerSlot,
+        step: InFlightStep,
+        step_s: float,
+        forward_s: float,
+        sample_s: float,
+        failed: str | None = None,
     ) -> None:
         """Publish the step record of the step that just came back on topic ``step.<worker>``."""
-        event = self._step_event(slot, step_s, forward_s, sample_s, failed)
+        event = self._step_event(slot, step, step_s, forward_s, sample_s, failed)
         if event is not None:
             self.events.publish(f"step.{slot.worker_id}", event)
 
     def _step_event(
-        self, slot: WorkerSlot, step_s: float, forward_s: float, sample_s: float, failed: str | None = None
+        self,
+        slot: WorkerSlot,
+        step: InFlightStep,
+        step_s: float,
+        forward_s: float,
+        sample_s: float,
+        failed: str | None = None,
     ) -> StepEvent | None:
         """The step record of the step that just came back, with its timings."""
-        record = slot.scheduler.last_record
+        record = step.record
         if record is None:
             return None
         waiting = dict(itertools.islice(record.waiting.items(), MAX_WAITING_REASONS))
         return StepEvent(
             worker_id=slot.worker_id,
             step=record.step,
-            started=slot.sent_wall,
+            started=step.sent_wall,
             step_s=step_s,
-            schedule_s=slot.last_schedule_s,
+            schedule_s=step.schedule_s,
             forward_s=forward_s,
             sample_s=sample_s,
             scheduled=[
@@ -448,6 +493,7 @@ class SchedulerService:
                     "kv_cache_usage": slot.scheduler.kv.usage,
                     "kv_round_trips": slot.kv.num_round_trips,
                     "step_time_s_mean": slot.busy_s / slot.num_steps if slot.num_steps else 0.0,
+                    "num_planned_ahead": slot.num_planned_ahead,
                     "forward_s_total": slot.forward_s,
                     "sample_s_total": slot.sample_s,
                     "schedule_s_total": slot.schedule_s,

@@ -135,12 +135,16 @@ class WorkerService:
             output, forward_s, sample_s, num_tokens = self._run(plan)
         except Exception as error:  # a failed step fails its requests, not the worker
             log.exception("step %d failed", plan.step)
+            self.worker.forget(plan)
+            for req_id in plan.num_scheduled_tokens:
+                self.states.pop(req_id, None)
             self.num_failed_steps += 1
             self.last_error = f"{type(error).__name__}: {error}"
             self.to_scheduler.send(StepFailed(self.worker_id, plan.step, self.last_error))
             self._publish(plan, started, 0.0, 0.0, 0, self.last_error)
             return
-        self.last_error = None
+        if num_tokens:  # a step that only skipped requests of a failed one (planned ahead of it) proves nothing
+            self.last_error = None
         self._check_swaps()
         self.to_scheduler.send(StepDone(self.worker_id, plan.step, output, forward_s, sample_s))
         self._publish(plan, started, forward_s, sample_s, len(output.req_ids))
@@ -243,20 +247,21 @@ class WorkerService:
 
     def _run(self, plan: SchedulerOutput) -> tuple[ModelRunnerOutput, float, float, int]:
         """Exactly the plan: its forward, then sampling next to the logits."""
-        self._track_sampling_states(plan)
         t0 = time.perf_counter()
         result = self.worker.execute_model(plan)
         t1 = time.perf_counter()
+        self._track_sampling_states(plan)
         sampled = []
         if result.req_ids:
             states = [self.states[r] for r in result.req_ids]
             sampled = self.sampler.sample(result.logits, states).to_lists()  # the one host copy
         t2 = time.perf_counter()
         output = ModelRunnerOutput(result.req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])
+        self.worker.record_sampled(output.req_ids, output.sampled_token_ids)
         return output, t1 - t0, t2 - t1, result.num_tokens
 
     def _track_sampling_states(self, plan: SchedulerOutput) -> None:
-        """Keep a ``SamplingState`` per request in step with the worker's own request table."""
+        """Keep a ``SamplingState`` per request in step with the worker's own request table (its diff applied)."""
         for req_id in plan.finished_req_ids | plan.preempted_req_ids:
             self.states.pop(req_id, None)
         for new in plan.scheduled_new_reqs:
@@ -267,7 +272,10 @@ class WorkerService:
             state.output_token_ids = list(new.token_ids[new.num_prompt_tokens :])
             self.states[new.req_id] = state
         for cached in plan.scheduled_cached_reqs:
-            self.states[cached.req_id].output_token_ids.extend(cached.new_token_ids)
+            held, state = self.worker.requests.get(cached.req_id), self.states.get(cached.req_id)
+            if held is not None and state is not None:  # outputs sent in the plan, or filled in by the worker
+                outputs = state.output_token_ids
+                outputs.extend(held.token_ids[held.num_prompt_tokens + len(outputs) :])
 
     def info(self) -> dict[str, Any]:
         """What the launcher sizes the KV cache manager's pool for this worker from."""
