@@ -272,9 +272,9 @@ class WorkerService:
             state.output_token_ids = list(new.token_ids[new.num_prompt_tokens :])
             self.states[new.req_id] = state
         for cached in plan.scheduled_cached_reqs:
-            held, state = self.worker.requests.get(cached.req_id), self.states.get(cached.req_id)
-            if held is not None and state is not None:  # outputs sent in the plan, or filled in by the worker
-                outputs = state.output_token_ids
+            held, tracked = self.worker.requests.get(cached.req_id), self.states.get(cached.req_id)
+            if held is not None and tracked is not None:  # outputs sent in the plan, or filled in by the worker
+                outputs = tracked.output_token_ids
                 outputs.extend(held.token_ids[held.num_prompt_tokens + len(outputs) :])
 
     def info(self) -> dict[str, Any]:
