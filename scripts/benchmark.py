@@ -35,15 +35,19 @@ import dataclasses
 import functools
 import gc
 import importlib.metadata
+import itertools
 import json
 import logging
 import math
+import multiprocessing
+import os
 import platform
 import random
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -183,11 +187,53 @@ def bench_vllm(model_dir: Path, prompts: list[list[int]], args: argparse.Namespa
     return lambda: run(prompts)
 
 
+def warm_client(_: int) -> None:
+    """Import the client in a client process before anything is timed."""
+    import openai  # noqa: F401
+
+
+def send_completions(
+    url: str, model: str, output_len: int, stream: bool, prompts: list[list[int]]
+) -> list[tuple[str, int, float]]:
+    """Send every prompt at once to the pipeline's OpenAI API (in a client process); for each, the
+    completion's text, its usage.completion_tokens and seconds to its first token (streamed only)."""
+    import openai
+
+    body = {"model": model, "max_tokens": output_len, "temperature": 0}
+
+    async def one(client: openai.AsyncOpenAI, prompt: list[int]) -> tuple[str, int, float]:
+        sent = time.perf_counter()
+        if not stream:
+            done = await client.completions.create(prompt=prompt, extra_body={"ignore_eos": True}, **body)
+            assert done.usage is not None
+            return done.choices[0].text, done.usage.completion_tokens, 0.0
+        text: list[str] = []
+        tokens, ttft = 0, 0.0
+        chunks = await client.completions.create(
+            prompt=prompt, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **body
+        )
+        async for chunk in chunks:
+            if chunk.choices:  # one per step; its text may be "" (a character's first bytes)
+                if not text:
+                    ttft = time.perf_counter() - sent
+                text.append(chunk.choices[0].text)
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return "".join(text), tokens, ttft
+
+    async def send() -> list[tuple[str, int, float]]:
+        # A client per call, as an AsyncOpenAI belongs to the event loop it first ran in. Its pool of
+        # 1,000 connections is plenty: the scheduler queues all but max_num_seqs requests anyway.
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="modkit", max_retries=0) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    return asyncio.run(send())
+
+
 def bench_pipeline(
     model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack, async_scheduling: bool = True
 ) -> Run:
     """The six-process pipeline on free ports, up until ``stack`` closes; every prompt is sent at once."""
-    import openai
 
     from modkit import Pipeline
     from modkit.config import free_component_ports
@@ -211,34 +257,19 @@ def bench_pipeline(
     )
     stack.enter_context(pipeline)
     launch_s = time.perf_counter() - start
-    body = {"model": pipeline.model_name, "max_tokens": args.output_len, "temperature": 0}
+    # The client is a load generator of its own: one Python process spends a few milliseconds of CPU
+    # per request in the openai client, so 1,024 requests would reach the frontend over seconds.
+    # --client-procs processes each send a contiguous share of the prompts.
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(args.client_procs, mp_context=context)
+    stack.callback(pool.shutdown)
+    list(pool.map(warm_client, range(args.client_procs)))  # started and warm before timing
+    send = functools.partial(send_completions, pipeline.url, pipeline.model_name, args.output_len, args.stream)
 
-    async def one(client: openai.AsyncOpenAI, prompt: list[int]) -> tuple[str, int, float]:
-        """The completion's text, its usage.completion_tokens and seconds to its first token (streamed only)."""
-        sent = time.perf_counter()
-        if not args.stream:
-            done = await client.completions.create(prompt=prompt, extra_body={"ignore_eos": True}, **body)
-            assert done.usage is not None
-            return done.choices[0].text, done.usage.completion_tokens, 0.0
-        text: list[str] = []
-        tokens, ttft = 0, 0.0
-        chunks = await client.completions.create(
-            prompt=prompt, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **body
-        )
-        async for chunk in chunks:
-            if chunk.choices:  # one per step; its text may be "" (a character's first bytes)
-                if not text:
-                    ttft = time.perf_counter() - sent
-                text.append(chunk.choices[0].text)
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-        return "".join(text), tokens, ttft
-
-    async def send(ps: list[list[int]]) -> list[tuple[str, int, float]]:
-        # A client per run, as an AsyncOpenAI belongs to the event loop it first ran in. Its pool of
-        # 1,000 connections is plenty: the scheduler queues all but max_num_seqs requests anyway.
-        async with openai.AsyncOpenAI(base_url=f"{pipeline.url}/v1", api_key="modkit", max_retries=0) as client:
-            return await asyncio.gather(*(one(client, p) for p in ps))
+    def send_all(ps: list[list[int]]) -> list[tuple[str, int, float]]:
+        bounds = [len(ps) * i // args.client_procs for i in range(args.client_procs + 1)]
+        shares = [ps[a:b] for a, b in itertools.pairwise(bounds)]
+        return [reply for replies in pool.map(send, shares) for reply in replies]
 
     def step_totals() -> dict[str, float]:
         """The scheduler's running totals over every worker: where each step's time went."""
@@ -255,7 +286,7 @@ def bench_pipeline(
 
     def run(ps: list[list[int]]) -> dict[str, Any]:
         before, start = step_totals(), time.perf_counter()
-        texts, tokens, ttfts = zip(*asyncio.run(send(ps)), strict=True)
+        texts, tokens, ttfts = zip(*send_all(ps), strict=True)
         wall, after = time.perf_counter() - start, step_totals()
         assert all(n == args.output_len for n in tokens), tokens
         ttft = {"mean_ttft_s": statistics.mean(ttfts)} if args.stream else {}
@@ -277,6 +308,9 @@ def bench_pipeline(
         }
 
     run(prompts[: args.warmup_prompts])  # warm-up
+    if args.save_trace and args.record:  # the timed runs' trace, saved when the pipeline stops
+        pipeline.clear_trace()
+        stack.callback(lambda: print(f"saved {pipeline.trace().save(args.save_trace)}"))
     return lambda: run(prompts)
 
 
@@ -334,7 +368,16 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1, help="pipeline: workers (replicas; one GPU is shared)")
     parser.add_argument("--stream", action="store_true", help="pipeline: stream, and report the mean TTFT")
     parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=4 if (os.cpu_count() or 1) >= 8 else 1,
+        help="pipeline: client processes sending the requests (default 4 on 8+ cores, else 1)",
+    )
+    parser.add_argument(
         "--record", action="store_true", help="pipeline: record the event stream in this process, as notebooks do"
+    )
+    parser.add_argument(
+        "--save-trace", default=None, metavar="PATH", help="pipeline, with --record: save the timed runs' trace"
     )
     parser.add_argument(
         "--warmup-prompts", type=int, default=None, help="prompts of each engine's warm-up (default: a full batch)"
@@ -434,10 +477,11 @@ def main() -> None:
             notes.append(f"{pipeline['outputs_equal_modkit']}/{args.num_prompts} outputs equal to the LLM's")
         print("pipeline: " + "; ".join(notes))
         print(
-            f"pipeline, per step (ms): wall {pipeline['wall_ms']:.1f} = worker {pipeline['worker_ms']:.1f} "
-            f"(forward {pipeline['forward_ms']:.1f}, sample {pipeline['sample_ms']:.1f}) + scheduler "
-            f"(schedule {pipeline['schedule_ms']:.1f}, update {pipeline['update_ms']:.1f}, "
-            f"{pipeline['kv_round_trips']:.1f} KV round trips) + the rest (transit, waiting for a core, HTTP)"
+            f"pipeline, per step (ms): wall {pipeline['wall_ms']:.1f}; worker {pipeline['worker_ms']:.1f} from plan "
+            f"sent to result back (forward {pipeline['forward_ms']:.1f}, sample {pipeline['sample_ms']:.1f}; with "
+            f"async scheduling a plan also waits there for the step before it); scheduler: schedule "
+            f"{pipeline['schedule_ms']:.1f} ({pipeline['kv_round_trips']:.1f} KV round trips), update "
+            f"{pipeline['update_ms']:.1f}"
         )
     print(f"saved {args.out}")
 

@@ -52,6 +52,15 @@ from modkit.transport import QUIET_THREADS, ComponentProcess
 from modkit.transport.process import default_log_dir
 
 
+def on_cuda(device: str | None) -> bool:
+    """Whether the workers run on a CUDA GPU: asked for, or the default where there is one."""
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class Pipeline:
     """The running pipeline; build it with ``Pipeline.launch``."""
 
@@ -113,9 +122,17 @@ class Pipeline:
         with_len = {**common, "max_model_len": self.max_model_len}
         signed = {"swap_key": self.swap_key}  # for the components that take classes by value (Pipeline.swap)
         quiet, ports = dict(QUIET_THREADS), cfg.ports()
+        # A worker on a GPU does little tensor work on the host (a step's small input tensors), and a
+        # pool of spinning OpenMP threads there tripled its prompt steps' host time next to five
+        # busy processes; on the CPU the forward needs every thread.
+        worker_env = quiet if on_cuda(cfg.device) else {}
         workers = [
             ComponentSpec(
-                worker_name(i), TARGETS["worker"], {**with_len, **signed, "worker_id": i}, ports[worker_name(i)], {}
+                worker_name(i),
+                TARGETS["worker"],
+                {**with_len, **signed, "worker_id": i},
+                ports[worker_name(i)],
+                worker_env,
             )
             for i in range(cfg.num_workers)
         ]
