@@ -370,8 +370,8 @@ def main() -> None:
     parser.add_argument(
         "--client-procs",
         type=int,
-        default=4 if (os.cpu_count() or 1) >= 8 else 1,
-        help="pipeline: client processes sending the requests (default 4 on 8+ cores, else 1)",
+        default=min(8, (os.cpu_count() or 1) // 2) if (os.cpu_count() or 1) >= 8 else 1,
+        help="pipeline: client processes sending the requests (default: half the cores, at most 8; 1 below 8 cores)",
     )
     parser.add_argument(
         "--record", action="store_true", help="pipeline: record the event stream in this process, as notebooks do"

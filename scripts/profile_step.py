@@ -44,8 +44,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fill(llm: LLM, args: argparse.Namespace) -> None:
-    """Add the batch and run until every request is decoding."""
+def fill(llm: LLM, args: argparse.Namespace) -> dict[str, float]:
+    """Add the batch and run until every request is decoding; the median prompt step's milliseconds
+    (eager: steps with a prompt chunk replay no CUDA graph), host launch and whole step."""
     vocab = llm.engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     # Long enough that the first requests still decode when the last prompt is in.
@@ -55,12 +56,21 @@ def fill(llm: LLM, args: argparse.Namespace) -> None:
     for _ in range(args.batch):
         ids = torch.randint(0, vocab, (args.context,), generator=gen).tolist()
         llm._add({"prompt_token_ids": ids}, params, 0, [])  # queued as generate() would, not yet run
-    sched = llm.engine.scheduler
+    core, sched = llm.engine, llm.engine.scheduler
+    launch_ms, step_ms = [], []
     while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
-        llm.processor.process(llm.engine.step())
+        sync(core.device)
+        start = time.perf_counter()
+        pending = core.launch_step()  # schedule, inputs, forward and sampling queued
+        launched = time.perf_counter()
+        llm.processor.process(core.finish_step(pending))
+        sync(core.device)
+        launch_ms.append(1e3 * (launched - start))
+        step_ms.append(1e3 * (time.perf_counter() - start))
     for _ in range(args.warmup_steps):
         llm.processor.process(llm.engine.step())
     assert len(sched.running) == args.batch, f"only {len(sched.running)} of {args.batch} requests fit"
+    return {"host launch": statistics.median(launch_ms), "whole step": statistics.median(step_ms)}
 
 
 MODES = ("no overlap", "detokenize overlapped", "async scheduling")  # each adds to the one before
@@ -149,7 +159,7 @@ def main() -> None:
             attention_backend=args.attention_backend,
             enforce_eager=args.cuda_graphs == "off",
         )
-        fill(llm, args)
+        prompt_steps = fill(llm, args)
         # Alternated, three of each, so drift (longer contexts, a busy host) hits all alike.
         runs: dict[str, list[float]] = {mode: [] for mode in MODES}
         for _ in range(3):
@@ -176,6 +186,7 @@ def main() -> None:
         "runs_ms": runs,
         "output_tok_s": args.batch / step_ms * 1e3,
         "phases_ms": phases,
+        "prompt_step_ms": prompt_steps,
         "gpu_busy_ms": busy,
     }
     print(
@@ -186,6 +197,9 @@ def main() -> None:
     for name, ms in phases.items():
         print(f"{name:<34}{ms:>9.2f}")
     print(f"{'sum of phases':<34}{sum(phases.values()):>9.2f}")
+    label = f"prompt step ({llm.config.max_num_batched_tokens} tok), launch"
+    print(f"{label:<34}{prompt_steps['host launch']:>9.2f}")
+    print(f"{'prompt step, whole (synced)':<34}{prompt_steps['whole step']:>9.2f}")
     print(f"{'free-running step, no overlap':<34}{plain_ms:>9.2f}   ({args.batch / plain_ms * 1e3:,.0f} output tok/s)")
     print(f"{'  + detokenize overlapped':<34}{detok_ms:>9.2f}   ({args.batch / detok_ms * 1e3:,.0f} output tok/s)")
     print(f"{'  + async scheduling (LLM.steps)':<34}{step_ms:>9.2f}   ({result['output_tok_s']:,.0f} output tok/s)")
