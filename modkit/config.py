@@ -36,7 +36,7 @@ import torch
 
 from modkit.attention import attention_backends
 from modkit.config_sources import parse_cli, read_file, reject_unknown_keys
-from modkit.engine.config import ConfigError, EngineConfig
+from modkit.engine.config import CUDAGRAPH_MODES, ConfigError, EngineConfig
 from modkit.kvcache.eviction import eviction_policies
 from modkit.router import ROUTER_POLICIES
 from modkit.sampler import samplers
@@ -85,7 +85,8 @@ class PipelineConfig:
     eviction_policy: str = "lru"  # which free cached block goes first: "lru" (vLLM's) or "lfu"
     sampler: str = "default"  # batched, vLLM's order of operations; "per_request" loops row by row
     attention_backend: str = "auto"  # "triton" on a CUDA GPU, else "torch_batched"; "torch_ref" is the reference
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (captured only on a GPU)
+    enforce_eager: bool = False  # True: no CUDA graphs at all (they are captured only on a GPU)
+    cudagraph_mode: str = "full_and_piecewise"  # or "full_decode_only": steps with prompt chunks run eagerly
     async_scheduling: bool = True  # plan a worker's step N+1 while it runs step N (vLLM's async scheduling)
     seed: int = 0  # seeds requests that bring no seed, so a run can be repeated
     # -- processes and network --------------------------------------------------------------
@@ -132,6 +133,7 @@ class PipelineConfig:
         _check_choice("sampler", self.sampler, samplers())
         _check_choice("attention_backend", self.attention_backend, attention_backends())
         _check_bool("enforce_eager", self.enforce_eager)
+        _check_choice("cudagraph_mode", self.cudagraph_mode, CUDAGRAPH_MODES)
         _check_bool("async_scheduling", self.async_scheduling)
         _check_int("seed", self.seed, minimum=0)
         _check_int("num_workers", self.num_workers, minimum=1)
@@ -277,6 +279,7 @@ class PipelineConfig:
             attention_backend=self.attention_backend,
             gpu_memory_utilization=self.gpu_memory_utilization,
             enforce_eager=self.enforce_eager,
+            cudagraph_mode=self.cudagraph_mode,
             async_scheduling=self.async_scheduling,
             seed=self.seed,
         )

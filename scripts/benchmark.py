@@ -8,6 +8,7 @@
     python scripts/benchmark.py --engines modkit hf hf-batch      # HF's own continuous batching
     python scripts/benchmark.py --engines modkit modkit-eager     # what the CUDA graphs buy (a GPU)
     python scripts/benchmark.py --engines pipeline pipeline-sync  # what async scheduling buys
+    python scripts/benchmark.py --engines modkit modkit-decode-graphs  # what piecewise graphs buy
 
 ``hf`` is ``model.generate`` on static batches (--hf-batch-size prompts at a time, with no
 padding as every prompt has one length): the baseline of the ``vs hf`` column. ``hf-batch`` is
@@ -75,6 +76,7 @@ def bench_modkit(
     stack: ExitStack,
     eager: bool = False,
     async_scheduling: bool = True,
+    cudagraph_mode: str = "full_and_piecewise",
 ) -> Run:
     from modkit import LLM, SamplingParams
 
@@ -88,6 +90,7 @@ def bench_modkit(
         attention_backend=args.attention_backend,
         enforce_eager=eager or args.enforce_eager,
         async_scheduling=async_scheduling,
+        cudagraph_mode=cudagraph_mode,
     )
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
@@ -319,6 +322,7 @@ RUNNERS: dict[str, Callable[[Path, list[list[int]], argparse.Namespace, ExitStac
     "modkit": bench_modkit,
     "modkit-eager": functools.partial(bench_modkit, eager=True),  # no CUDA graphs: what they buy
     "modkit-sync": functools.partial(bench_modkit, async_scheduling=False),  # what async scheduling buys
+    "modkit-decode-graphs": functools.partial(bench_modkit, cudagraph_mode="full_decode_only"),  # piecewise's worth
     "hf": bench_hf,
     "hf-batch": bench_hf_batch,
     "vllm": bench_vllm,

@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps, and the KV cache sized from measured GPU memory.
+"""CUDA graphs for decode steps, piecewise ones for steps with prompt chunks, and the KV cache
+sized from measured GPU memory.
 
 The graph tests need a CUDA GPU and Triton (the graph-safe attention backend) and are
 skipped, with the reason, elsewhere; the ladder of batch sizes is checked everywhere.
@@ -16,7 +17,7 @@ from modkit import LLM, SamplingParams
 from modkit.engine.config import EngineConfig
 from modkit.model import load_model
 from modkit.worker import ModelRunner, PagedKVCache
-from modkit.worker.cuda_graphs import capture_sizes
+from modkit.worker.cuda_graphs import capture_sizes, piecewise_capture_sizes
 from modkit.worker.memory import plan_kv_cache
 from modkit.worker.model_runner import SequenceChunk
 
@@ -34,6 +35,12 @@ def test_capture_sizes_cover_max_num_seqs() -> None:
     assert big[:5] == [1, 2, 4, 8, 16] and big[-1] == 256 and len(big) == 35
     assert capture_sizes(300)[-2:] == [288, 320]
     assert capture_sizes(2000)[-1] == 2000  # past the ladder: one graph of exactly max_num_seqs
+
+
+def test_piecewise_sizes_cover_the_token_budget() -> None:
+    assert piecewise_capture_sizes(64) == [64]
+    assert piecewise_capture_sizes(600) == [64, 128, 256, 512, 600]
+    assert piecewise_capture_sizes(2048) == [64, 128, 256, 512, 1024, 2048]
 
 
 def decode_chunks(rng: random.Random, n: int, block_size: int, num_blocks: int) -> list[SequenceChunk]:
@@ -80,6 +87,62 @@ def test_replay_matches_the_eager_forward(random_checkpoint, dtype: str) -> None
             assert torch.allclose(got[:, 1:].float(), want[:, 1:].float(), rtol=0, atol=tolerance)
 
 
+def mixed_chunks(rng: random.Random, num_prompts: int, num_decodes: int, num_blocks: int) -> list[SequenceChunk]:
+    """Decodes, then prompt chunks of 1..150 tokens after 0..100 cached ones (some stopping mid-prompt:
+    no logits), in scattered blocks of 16."""
+    chunks = decode_chunks(rng, num_decodes, 16, num_blocks)
+    used = {b for c in chunks for b in c.block_table}
+    free = [b for b in range(1, num_blocks) if b not in used]
+    rng.shuffle(free)
+    for _ in range(num_prompts):
+        context, length = rng.randrange(0, 100), rng.randrange(1, 150)
+        table = [free.pop() for _ in range((context + length) // 16 + 1)]
+        logits = rng.choice([0, 1]) if length > 1 else 1
+        chunks.append(SequenceChunk([rng.randrange(512) for _ in range(length)], context, table, logits))
+    return chunks
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_piecewise_replay_matches_the_eager_forward(random_checkpoint, dtype: str) -> None:
+    """Steps with prompt chunks (token counts between the ladder's sizes): the pieces' replays with
+    attention between them give the eager forward's logits and cache writes; padding writes nothing."""
+    model = load_model(random_checkpoint("qwen2"), dtype=dtype, device="cuda", attention_backend="triton")
+    cache = PagedKVCache.allocate(model.config, 1500, 16, model.lm_head.weight.dtype, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for layer in cache.layers:
+        layer.copy_(torch.randn(layer.shape, generator=gen, device="cuda"))
+    runner = ModelRunner(model, cache)
+    runner.capture_cuda_graphs(max_num_seqs=16, max_model_len=512, max_num_batched_tokens=600)
+    piecewise = runner.piecewise
+    assert piecewise is not None and piecewise.sizes == [64, 128, 256, 512, 600]
+    assert len(piecewise.pieces[600]) == model.config.num_hidden_layers + 1
+    rng = random.Random(3)
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    for num_prompts, num_decodes in ((1, 0), (2, 5), (3, 12), (1, 16)):
+        chunks = mixed_chunks(rng, num_prompts, num_decodes, 1500)
+        num_tokens = sum(len(c.token_ids) for c in chunks)
+        assert num_tokens <= 600
+        before = [layer.clone() for layer in cache.layers]
+        replays = piecewise.num_replays
+        replayed = runner.execute(chunks)
+        assert piecewise.num_replays == replays + 1, f"{num_tokens} tokens: a step with a prompt chunk replays"
+        after_replay = [layer.clone() for layer in cache.layers]
+        for layer, saved in zip(cache.layers, before, strict=True):
+            layer.copy_(saved)
+        eager = runner.forward(runner.prepare(chunks))
+        assert replayed.shape == eager.shape
+        error = ((replayed - eager).norm() / eager.norm()).item()
+        assert error < tolerance, f"{num_tokens} tokens: relative error {error}"
+        for got, want in zip(after_replay, cache.layers, strict=True):  # the null block too: nothing padded lands
+            assert torch.allclose(got.float(), want.float(), rtol=0, atol=tolerance)
+    too_big = mixed_chunks(rng, 5, 0, 1500)
+    too_big.append(SequenceChunk([rng.randrange(512) for _ in range(601)], 0, list(range(1400, 1440))))
+    replays = piecewise.num_replays
+    runner.execute(too_big)
+    assert piecewise.num_replays == replays, "past the token budget the step runs eagerly"
+
+
 @gpu
 def test_prompt_chunks_and_big_batches_run_eagerly(random_checkpoint) -> None:
     model = load_model(random_checkpoint("qwen2"), dtype="bfloat16", device="cuda", attention_backend="triton")
@@ -107,12 +170,15 @@ def test_greedy_outputs_same_with_and_without_graphs(random_checkpoint, dtype: s
         assert llm.engine.model.attention_backend.name == "triton", "auto picks Triton on a GPU"
         outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         replays[eager] = llm.stats()["num_cuda_graph_replays"]
+        piecewise = llm.engine.worker.runner.piecewise
+        assert (piecewise is not None and piecewise.num_replays > 0) == (not eager), "prompt steps replay in pieces"
     assert replays[True] == 0 and replays[False] > 20
     if dtype == "float32":
         assert outputs[False] == outputs[True]
     else:  # bf16 rounds a padded batch differently, and a random model's near-ties then diverge
         assert all(len(x) == 24 for x in outputs[False])
-        assert [x[0] for x in outputs[False]] == [x[0] for x in outputs[True]], "prompt steps run eagerly in both"
+        same_first = sum(a[0] == b[0] for a, b in zip(outputs[False], outputs[True], strict=True))
+        assert same_first >= 20, f"only {same_first} of 24 first tokens agree"
 
 
 @gpu

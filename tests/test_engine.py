@@ -234,6 +234,8 @@ def test_max_model_len_caps_the_output(tiny_model_dir) -> None:
         ({"num_kv_blocks": 1}, "num_kv_blocks"),
         ({"max_model_len": 10**6}, "max_model_len"),
         ({"scheduling_policy": "nope"}, "scheduling policy"),
+        ({"cudagraph_mode": "piecewise"}, "cudagraph_mode"),
+        ({"async_scheduling": "yes"}, "async_scheduling"),
     ],
 )
 def test_bad_config_values_are_named(kwargs, field: str) -> None:

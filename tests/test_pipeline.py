@@ -32,7 +32,7 @@ from modkit.pipeline.addresses import socket_names
 from modkit.pipeline.preflight import PortInUseError
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
-from modkit.scheduler import ModelRunnerOutput, Scheduler
+from modkit.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
 from modkit.trace import Trace
 from modkit.transport import ComponentProcess, free_tcp_port, ipc_address
 
@@ -97,9 +97,11 @@ def hello(client: openai.OpenAI) -> str:
 # -- the KV cache manager in its own process decides exactly as in-process --------------------
 
 
-def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions() -> None:
+@pytest.mark.parametrize("plan_ahead", [False, True], ids=["in-turn", "async-scheduling"])
+def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions(plan_ahead: bool) -> None:
     """Same trace, two transports: every SchedulerOutput (block ids included) is equal, with
-    prefix hits, chunked prompts and preemptions (a cache too small for all requests)."""
+    prefix hits, chunked prompts and preemptions (a cache too small for all requests); also
+    with async scheduling, two steps in flight as the pipeline keeps them."""
     num_blocks, block_size = 24, 4
     service = ComponentProcess.start(
         "kv-test",
@@ -117,16 +119,24 @@ def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions() -> Non
                 prompt = shared + [20 + i] * (3 + 2 * i) if i % 2 == 0 else [40 + i] * (5 + i)
                 for s in (local, remote):
                     s.add_request(Request(f"r{i}", list(prompt), SamplingParams(temperature=0, max_tokens=12)))
-            steps = 0
-            while local.has_unfinished_requests():
-                a, b = local.schedule(), remote.schedule()
-                assert a == b, f"step {steps}: the schedules differ"
-                # A request samples once every known token is computed (a prompt chunk mid-prompt does not).
-                sampled = [
-                    r
-                    for r in a.num_scheduled_tokens
-                    if local.requests[r].num_computed_tokens == local.requests[r].num_tokens
-                ]
+            steps = planned_ahead = 0
+            in_flight: list[tuple[SchedulerOutput, SchedulerOutput, list[str]]] = []
+            while local.has_unfinished_requests() or in_flight:
+                while local.has_unfinished_requests() and (
+                    not in_flight or (plan_ahead and len(in_flight) == 1 and local.can_plan_ahead())
+                ):
+                    planned_ahead += bool(in_flight)
+                    a, b = local.schedule(), remote.schedule()
+                    assert a == b, f"step {steps}: the schedules differ"
+                    # A request samples once every known token is computed (a prompt chunk mid-prompt
+                    # does not); its token is a placeholder until the step comes back.
+                    sampled = [
+                        r
+                        for r in a.num_scheduled_tokens
+                        if (q := local.requests[r]).num_computed_tokens == q.num_tokens + q.num_output_placeholders - 1
+                    ]
+                    in_flight.append((a, b, sampled))
+                a, b, sampled = in_flight.pop(0)
                 tokens = [(steps * 7 + k) % 50 + 60 for k in range(len(sampled))]
                 for s, out in ((local, a), (remote, b)):
                     s.update_from_output(out, ModelRunnerOutput(sampled, tokens))
@@ -135,6 +145,7 @@ def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions() -> Non
                 steps += 1
                 assert steps < 500
             assert not remote.has_unfinished_requests()
+            assert (planned_ahead > 0) == plan_ahead
             assert local.num_preemptions > 0, "the trace should preempt"
             assert remote_kv.num_promised > 0, "decodes that cross a block boundary are promised, then batched"
             stats = rpc.call("stats")
@@ -183,6 +194,11 @@ def test_requests_spread_over_workers_and_each_step_is_the_schedulers(pipeline: 
         ran = after[f"worker-{i}"]["num_steps"] - before[f"worker-{i}"]["num_steps"]
         scheduled = after["scheduler"]["workers"][i]["num_steps"] - before["scheduler"]["workers"][i]["num_steps"]
         assert ran == scheduled > 0, "each worker runs exactly the steps the scheduler planned for it"
+    ahead = [
+        after["scheduler"]["workers"][i]["num_planned_ahead"] - before["scheduler"]["workers"][i]["num_planned_ahead"]
+        for i in (0, 1)
+    ]
+    assert sum(ahead) > 0, "async scheduling: steps were planned while the step before ran"
     sampler = after["sampler"]
     assert sampler["num_tokens_sampled"] > before["sampler"]["num_tokens_sampled"]
     assert "ready" in pipeline.logs("scheduler")

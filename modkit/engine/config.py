@@ -14,6 +14,9 @@ class ConfigError(ValueError):
         self.field = field
 
 
+CUDAGRAPH_MODES = ("full_and_piecewise", "full_decode_only")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str | Path | None = None  # local folder, hub id, or None for the embedded tiny model
@@ -36,7 +39,10 @@ class EngineConfig:
     # Share of the GPU's total memory for this engine (weights, activations, KV cache), when
     # num_kv_blocks is None (modkit.worker.memory). The CPU has its own rule.
     gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (they are captured only on a GPU)
+    enforce_eager: bool = False  # True: no CUDA graphs at all (they are captured only on a GPU)
+    # vLLM's name: "full_and_piecewise" (decode steps in one graph each, steps with prompt chunks
+    # in pieces cut at attention) or "full_decode_only" (prompt steps eager).
+    cudagraph_mode: str = "full_and_piecewise"
     async_scheduling: bool = True  # plan step N+1 while the device runs step N (vLLM's async scheduling)
     seed: int = 0  # seeds unseeded random sampling
 
@@ -54,6 +60,9 @@ class EngineConfig:
             raise ConfigError("max_model_len", f"must be None or an integer >= 2, got {self.max_model_len!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cudagraph_mode not in CUDAGRAPH_MODES:
+            choices = ", ".join(CUDAGRAPH_MODES)
+            raise ConfigError("cudagraph_mode", f"must be one of {choices}, got {self.cudagraph_mode!r}")
         for flag in ("enforce_eager", "async_scheduling"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(flag, f"must be True or False, got {getattr(self, flag)!r}")

@@ -30,6 +30,11 @@ from modkit.worker.memory import plan_kv_cache
 log = logging.getLogger(__name__)
 
 
+def piecewise_tokens(config: EngineConfig) -> int | None:
+    """The token budget the piecewise graphs cover, or None under cudagraph_mode="full_decode_only"."""
+    return config.max_num_batched_tokens if config.cudagraph_mode == "full_and_piecewise" else None
+
+
 def use_cuda_graphs(model: CausalLM, config: EngineConfig) -> bool:
     """Decode steps replay CUDA graphs on a GPU, unless enforce_eager or the attention backend cannot."""
     backend = model.attention_backend
@@ -66,10 +71,11 @@ class EngineCore:
         self.kv_manager, self.scheduler = self._scheduler(config, num_blocks, kv_event_sink)
         self.worker = Worker(ModelRunner(self.model, self.kv_cache))
         if cuda_graphs:
-            graphs = self.worker.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
-            self.memory.cuda_graph_bytes = graphs.pool_bytes
-            log.info("captured %d CUDA graphs (decode batches up to %d) in %.1f s", len(graphs.sizes),
-                     graphs.max_batch, graphs.capture_s)  # fmt: skip
+            runner = self.worker.runner
+            graphs = runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len, piecewise_tokens(config))
+            self.memory.cuda_graph_bytes = runner.cuda_graph_pool_bytes
+            log.info("captured CUDA graphs: %d for decode batches up to %d, and piecewise ones for steps of up to %d "
+                     "tokens", len(graphs.sizes), graphs.max_batch, config.max_num_batched_tokens)  # fmt: skip
         log.info(self.memory.describe(self.max_model_len))
         self.sampler = get_sampler(config.sampler, seed=config.seed)
         self.sampling_states: dict[str, SamplingState] = {}
@@ -195,7 +201,7 @@ class EngineCore:
             "num_steps": self.scheduler.step_count,
             "num_steps_planned_ahead": self.num_planned_ahead,
             "kv_capacity_tokens": self.memory.kv_capacity_tokens,
-            "num_cuda_graph_replays": graphs.num_replays if (graphs := self.worker.runner.graphs) else 0,
+            "num_cuda_graph_replays": self.worker.runner.num_cuda_graph_replays,
         }
 
     def check_invariants(self) -> None:

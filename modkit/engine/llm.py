@@ -57,6 +57,7 @@ class LLM:
         attention_backend: str = "auto",
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
+        cudagraph_mode: str = "full_and_piecewise",
         async_scheduling: bool = True,
         kv_event_sink: KVEventSink | None = None,
     ) -> None:
@@ -79,6 +80,7 @@ class LLM:
             attention_backend=attention_backend,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
+            cudagraph_mode=cudagraph_mode,
             async_scheduling=async_scheduling,
         )
         self.engine = EngineCore(self.config, kv_event_sink)

@@ -30,14 +30,14 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modkit.attention import AttentionMetadata
+from modkit.attention import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:  # model_runner imports this module
-    from modkit.worker.model_runner import ModelRunner, SequenceChunk
+    from modkit.worker.model_runner import ForwardInputs, ModelRunner, SequenceChunk
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -164,3 +164,149 @@ class DecodeGraphs:
         self.graphs[b].replay()
         self.num_replays += 1
         return self.runner.model.lm_head(self.hidden[b][:n]).float()
+
+
+# -- piecewise graphs for steps with prompt chunks ---------------------------------------------
+
+
+def piecewise_capture_sizes(max_num_batched_tokens: int) -> list[int]:
+    """Token counts the piecewise graphs are captured at: 64, 128, 256, ... doubling; the top covers the budget."""
+    sizes, t = [], 64
+    while t < max_num_batched_tokens:
+        sizes.append(t)
+        t *= 2
+    return [*sizes, max_num_batched_tokens]
+
+
+class _SplitAtAttention(AttentionBackend):
+    """Stands in for the attention backend while the stack is captured: each call ends the graph
+    of the piece before it and begins the next one, and keeps what the real backend will need."""
+
+    name = "split_at_attention"
+    supports_cuda_graphs = True
+
+    def __init__(self, graphs: PiecewiseGraphs, num_tokens: int, pool: Any) -> None:
+        self.graphs, self.num_tokens, self.pool = graphs, num_tokens, pool
+        self.pieces: list[torch.cuda.CUDAGraph] = []
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
+        self.capturing = False
+
+    def begin_piece(self) -> None:
+        if self.capturing:
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self.pool)
+            self.pieces.append(graph)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if self.capturing:
+            self.pieces[-1].capture_end()
+            self.calls.append((query, key, value, kv_cache, scale))
+        self.begin_piece()
+        return self.graphs.attention_out[: self.num_tokens]
+
+
+class PiecewiseGraphs:
+    """Steps with prompt chunks: the decoder stack in graphs, cut at each attention call.
+
+    Attention is the one part of a layer whose launch depends on the step's sequences (their
+    number, their query lengths); everything else only on the number of tokens. So for each
+    size T of a ladder (``piecewise_capture_sizes``) the stack is captured as num_layers + 1
+    graphs, the pieces between attention calls (vLLM's piecewise CUDA graphs)::
+
+        replay piece 0      embeddings, rotary tables, layer 0 up to q, k, v
+        attention 0         eager, the real backend over the real T' <= T tokens
+        replay piece 1      layer 0 from o_proj on, layer 1 up to q, k, v
+        ...
+        replay piece L      the last layer from o_proj on, the final norm
+
+    The step's token ids and positions go into persistent buffers (rows past T' hold token 0
+    at position 0); attention reads and writes only the real rows, and writes its output into
+    one persistent buffer that the next piece reads. The rows past T' compute garbage that no
+    row reads: everything but attention works row by row.
+    """
+
+    def __init__(self, runner: ModelRunner, max_num_batched_tokens: int) -> None:
+        if runner.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the model is on {runner.device}")
+        self.runner = runner
+        self.sizes = piecewise_capture_sizes(max_num_batched_tokens)
+        top, dev, config = self.sizes[-1], runner.device, runner.model.config
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
+        dtype = runner.model.lm_head.weight.dtype
+        self.attention_out = torch.zeros(top, config.num_attention_heads, config.head_dim, dtype=dtype, device=dev)
+        self.pieces: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.calls: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]]] = {}
+        self.hidden: dict[int, torch.Tensor] = {}  # each size's output, (T, hidden_size)
+        self.capture_s = 0.0
+        self.pool_bytes = 0
+        self.num_replays = 0
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sizes[-1]
+
+    @torch.inference_mode()
+    def capture(self, pool: Any = None) -> None:
+        """Capture every size, largest first, into ``pool`` (the decode graphs' pool, or a new one)."""
+        from modkit.worker.swaps import set_attention_backend  # swaps imports the worker package
+
+        start = time.perf_counter()
+        device = self.runner.device
+        before = torch.cuda.memory_reserved(device)
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        model, backend = self.runner.model, self.runner.model.attention_backend
+        from modkit.worker.model_runner import SequenceChunk
+
+        # Any metadata will do: only attention reads it, and attention is not captured.
+        metadata = self.runner.prepare([SequenceChunk([0], 0, [0])]).metadata
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                for t in reversed(self.sizes):
+                    splitter = _SplitAtAttention(self, t, pool)
+                    set_attention_backend(model, splitter)
+                    layers = self.runner.kv_cache.layers
+                    model.model(self.input_ids[:t], self.positions[:t], layers, metadata)  # warm-up
+                    splitter.capturing = True
+                    splitter.begin_piece()
+                    self.hidden[t] = model.model(self.input_ids[:t], self.positions[:t], layers, metadata)
+                    splitter.pieces[-1].capture_end()
+                    self.pieces[t], self.calls[t] = splitter.pieces, splitter.calls
+        finally:
+            set_attention_backend(model, backend)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize(device)
+        self.capture_s = time.perf_counter() - start
+        self.pool_bytes = torch.cuda.memory_reserved(device) - before
+
+    def can_run(self, inputs: ForwardInputs) -> bool:
+        return inputs.input_ids.shape[0] <= self.max_tokens
+
+    @torch.inference_mode()
+    def run(self, inputs: ForwardInputs) -> torch.Tensor:
+        """Logits (len(logits_indices), vocab_size) float32 for prepared inputs, by replay."""
+        n = inputs.input_ids.shape[0]
+        t = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.input_ids[:n].copy_(inputs.input_ids)
+        self.input_ids[n:t].zero_()
+        self.positions[:n].copy_(inputs.positions)
+        self.positions[n:t].zero_()
+        backend = self.runner.model.attention_backend
+        pieces = self.pieces[t]
+        for piece, (query, key, value, kv_cache, scale) in zip(pieces, self.calls[t], strict=False):
+            piece.replay()
+            out = backend.forward(query[:n], key[:n], value[:n], kv_cache, inputs.metadata, scale)
+            self.attention_out[:n].copy_(out)
+        pieces[-1].replay()
+        self.num_replays += 1
+        return self.runner.model.lm_head(self.hidden[t][inputs.logits_indices]).float()

@@ -9,7 +9,8 @@ workers that share one card), and never more than is free now::
       - activation peak               measured: one forward of a full step's token budget
                                       (max_num_batched_tokens, with logits for max_num_seqs
                                       rows) and the sampler's fullest path over those logits
-      - CUDA graphs                   measured: the decoder stack at the largest graph's batch
+      - CUDA graphs                   measured: the decoder stack at the largest decode batch, and at a
+                                      whole token budget (piecewise graphs)
       = KV cache  ->  blocks of block_size tokens, all layers
 
 On the CPU there is nothing to measure against: the cache takes a quarter of available
@@ -96,6 +97,12 @@ def plan_kv_cache(
         plan.activation_peak_bytes = measure_activation_peak(model, cfg, max_model_len)
         if cuda_graphs:
             plan.cuda_graph_bytes = measure_decode_peak(model, cfg, capture_sizes(cfg.max_num_seqs)[-1])
+            if cfg.cudagraph_mode == "full_and_piecewise":
+                # The piecewise graphs' pool: the stack over a whole token budget, plus each layer's
+                # q, k and v, kept for the attention that runs between the pieces.
+                c, tokens = model.config, cfg.max_num_batched_tokens
+                qkv = c.num_hidden_layers * tokens * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+                plan.cuda_graph_bytes += measure_decode_peak(model, cfg, tokens) + qkv * dtype.itemsize
         reserved = plan.activation_peak_bytes + plan.cuda_graph_bytes
         free, total = torch.cuda.mem_get_info(device)
         share = int(total * cfg.gpu_memory_utilization / num_sharing) - weights

@@ -16,7 +16,7 @@ import torch
 from modkit.attention import AttentionMetadata
 from modkit.model.decoder import CausalLM
 from modkit.transfer import to_device
-from modkit.worker.cuda_graphs import DecodeGraphs
+from modkit.worker.cuda_graphs import DecodeGraphs, PiecewiseGraphs
 from modkit.worker.kv_cache import PagedKVCache
 
 
@@ -46,8 +46,9 @@ class ForwardInputs:
 class ModelRunner:
     """Runs a ``CausalLM`` over a ``PagedKVCache``; holds no per-request state.
 
-    With ``capture_cuda_graphs``, decode-only steps replay a CUDA graph (``cuda_graphs.py``);
-    every other step runs eagerly.
+    With ``capture_cuda_graphs``, decode-only steps replay a CUDA graph, and other steps of up
+    to max_num_batched_tokens tokens replay the decoder stack in pieces with attention run
+    eagerly between them (``cuda_graphs.py``); without, every step runs eagerly.
     """
 
     def __init__(self, model: CausalLM, kv_cache: PagedKVCache) -> None:
@@ -55,16 +56,36 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = next(model.parameters()).device
         self.graphs: DecodeGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None
 
-    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> DecodeGraphs:
-        """Capture the decode graphs now (seconds); needs a CUDA device and a graph-safe attention backend."""
+    def capture_cuda_graphs(
+        self, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int | None = None
+    ) -> DecodeGraphs:
+        """Capture the decode graphs now (seconds), and the piecewise ones for steps of up to
+        ``max_num_batched_tokens`` tokens if given; needs a CUDA device and a graph-safe attention backend."""
         backend = self.model.attention_backend
         if not backend.supports_cuda_graphs:
             raise ValueError(f"attention backend {backend.name!r} cannot run inside a CUDA graph")
         graphs = DecodeGraphs(self, max_num_seqs, max_model_len)
         graphs.capture()
         self.graphs = graphs
+        if max_num_batched_tokens is not None:
+            piecewise = PiecewiseGraphs(self, max_num_batched_tokens)
+            piecewise.capture()
+            self.piecewise = piecewise
         return graphs
+
+    def drop_cuda_graphs(self) -> None:
+        """Run every step eagerly from now on (the graphs replay the kernels of the backend they captured)."""
+        self.graphs, self.piecewise = None, None
+
+    @property
+    def cuda_graph_pool_bytes(self) -> int:
+        return sum(g.pool_bytes for g in (self.graphs, self.piecewise) if g is not None)
+
+    @property
+    def num_cuda_graph_replays(self) -> int:
+        return sum(g.num_replays for g in (self.graphs, self.piecewise) if g is not None)
 
     def prepare(self, chunks: list[SequenceChunk]) -> ForwardInputs:
         """Lay the chunks end to end and describe where their tokens go in the cache.
@@ -146,7 +167,10 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(chunks):
             self._validate(chunks)
             return self.graphs.run(chunks)
-        return self.forward(self.prepare(chunks))
+        inputs = self.prepare(chunks)
+        if self.piecewise is not None and self.piecewise.can_run(inputs):
+            return self.piecewise.run(inputs)
+        return self.forward(inputs)
 
     @torch.inference_mode()
     def forward(self, inputs: ForwardInputs) -> torch.Tensor:

@@ -29,7 +29,7 @@ import msgspec
 from modkit.attention import AttentionBackend
 from modkit.attention.interface import ATTENTION_BACKENDS, resolve_attention_backend
 from modkit.config import PipelineConfig
-from modkit.engine.core import use_cuda_graphs
+from modkit.engine.core import piecewise_tokens, use_cuda_graphs
 from modkit.model import load_model
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, SwapRolledBack, WorkerHeartbeat
@@ -89,8 +89,9 @@ class WorkerService:
         self.attention_backend = resolve_attention_backend(engine.attention_backend, self.device)
         self.worker = Worker(ModelRunner(self.model, kv_cache))
         if cuda_graphs:
-            graphs = self.worker.runner.capture_cuda_graphs(engine.max_num_seqs, max_model_len)
-            self.memory.cuda_graph_bytes = graphs.pool_bytes
+            runner = self.worker.runner
+            runner.capture_cuda_graphs(engine.max_num_seqs, max_model_len, piecewise_tokens(engine))
+            self.memory.cuda_graph_bytes = runner.cuda_graph_pool_bytes
         log.info("%s: %s", worker_name(worker_id), self.memory.describe(max_model_len))
         with RpcClient(addresses.rpc("sampler"), timeout_s=30.0) as sampler_rpc:
             choice = sampler_rpc.call("config")  # the Sampler process decides which implementation runs here
@@ -208,7 +209,7 @@ class WorkerService:
         set_attention_backend(self.model, GuardedAttention(backend, current))
         # The CUDA graphs replay the old backend's kernels, and a guard cannot run inside a
         # replay: from now on every step runs eagerly.
-        self.worker.runner.graphs = None
+        self.worker.runner.drop_cuda_graphs()
         self.last_swap_error = None
         self._publish_swap(previous, None)
         return {
