@@ -1,4 +1,7 @@
-"""CUDA graphs for decode-only steps: one replay instead of a few hundred kernel launches.
+"""CUDA graphs: one replay instead of a few hundred kernel launches.
+
+``DecodeGraphs``: a whole step of decodes in one graph per batch size. ``PiecewiseGraphs``
+(further down): steps with prompt chunks, the decoder stack in pieces cut at attention.
 
 A decode step of a small model is short on the GPU (about a millisecond for Qwen2.5-0.5B
 at batch 256) but launches every kernel of every layer one by one from Python, so the GPU
@@ -255,17 +258,17 @@ class PiecewiseGraphs:
         return self.sizes[-1]
 
     @torch.inference_mode()
-    def capture(self, pool: Any = None) -> None:
-        """Capture every size, largest first, into ``pool`` (the decode graphs' pool, or a new one)."""
-        from modkit.worker.swaps import set_attention_backend  # swaps imports the worker package
+    def capture(self) -> None:
+        """Capture every size, largest first, into one memory pool of their own."""
+        # Imported here: model_runner imports this module, and so does the worker package that swaps is in.
+        from modkit.worker.model_runner import SequenceChunk
+        from modkit.worker.swaps import set_attention_backend
 
         start = time.perf_counter()
         device = self.runner.device
         before = torch.cuda.memory_reserved(device)
-        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        pool = torch.cuda.graph_pool_handle()
         model, backend = self.runner.model, self.runner.model.attention_backend
-        from modkit.worker.model_runner import SequenceChunk
-
         # Any metadata will do: only attention reads it, and attention is not captured.
         metadata = self.runner.prepare([SequenceChunk([0], 0, [0])]).metadata
         stream = torch.cuda.Stream(device)
@@ -303,6 +306,7 @@ class PiecewiseGraphs:
         self.positions[n:t].zero_()
         backend = self.runner.model.attention_backend
         pieces = self.pieces[t]
+        # One piece more than attention calls: the last piece runs after the last layer's attention.
         for piece, (query, key, value, kv_cache, scale) in zip(pieces, self.calls[t], strict=False):
             piece.replay()
             out = backend.forward(query[:n], key[:n], value[:n], kv_cache, inputs.metadata, scale)
