@@ -292,7 +292,9 @@ class SchedulerService:
             return
         plan = step.plan
         slot.num_failed_steps += 1
-        self._publish_step(slot, step, time.perf_counter() - step.sent_at, 0.0, 0.0, failed.error)
+        event = self._step_event(slot, step, time.perf_counter() - step.sent_at, 0.0, 0.0, failed.error)
+        if event is not None:
+            self.events.publish(f"step.{slot.worker_id}", event)
         req_ids = [r for r in plan.num_scheduled_tokens if r in slot.scheduler.requests]
         slot.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)  # blocks freed, never cached
         for req_id in req_ids:
@@ -407,20 +409,6 @@ class SchedulerService:
         )
 
     # -- observing -----------------------------------------------------------------------
-
-    def _publish_step(
-        self,
-        slot: WorkerSlot,
-        step: InFlightStep,
-        step_s: float,
-        forward_s: float,
-        sample_s: float,
-        failed: str | None = None,
-    ) -> None:
-        """Publish the step record of the step that just came back on topic ``step.<worker>``."""
-        event = self._step_event(slot, step, step_s, forward_s, sample_s, failed)
-        if event is not None:
-            self.events.publish(f"step.{slot.worker_id}", event)
 
     def _step_event(
         self,
