@@ -188,6 +188,11 @@ def test_requests_spread_over_workers_and_each_step_is_the_schedulers(pipeline: 
     before = pipeline.stats()
     replies = [hello(client) for _ in range(4)]
     assert all(r.startswith("Hello") for r in replies)
+
+    def settled() -> bool:  # a step planned ahead of a reply's last one may still be running
+        return all(w["num_steps_in_flight"] == 0 for w in pipeline.stats()["scheduler"]["workers"])
+
+    wait_for(settled, 10, "the steps in flight")
     after = pipeline.stats()
     assert after["router"]["decisions"] == {"0": 2, "1": 2} or sum(after["router"]["decisions"].values()) >= 4
     for i in (0, 1):

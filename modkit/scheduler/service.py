@@ -482,6 +482,7 @@ class SchedulerService:
                     "kv_round_trips": slot.kv.num_round_trips,
                     "step_time_s_mean": slot.busy_s / slot.num_steps if slot.num_steps else 0.0,
                     "num_planned_ahead": slot.num_planned_ahead,
+                    "num_steps_in_flight": len(slot.in_flight),
                     "forward_s_total": slot.forward_s,
                     "sample_s_total": slot.sample_s,
                     "schedule_s_total": slot.schedule_s,
