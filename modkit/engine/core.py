@@ -74,8 +74,8 @@ class EngineCore:
             runner = self.worker.runner
             graphs = runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len, piecewise_tokens(config))
             self.memory.cuda_graph_bytes = runner.cuda_graph_pool_bytes
-            log.info("captured CUDA graphs: %d for decode batches up to %d, and piecewise ones for steps of up to %d "
-                     "tokens", len(graphs.sizes), graphs.max_batch, config.max_num_batched_tokens)  # fmt: skip
+            pieces = f"; piecewise for steps of up to {p.max_tokens} tokens" if (p := runner.piecewise) else ""
+            log.info("CUDA graphs: %d for decode batches up to %d%s", len(graphs.sizes), graphs.max_batch, pieces)
         log.info(self.memory.describe(self.max_model_len))
         self.sampler = get_sampler(config.sampler, seed=config.seed)
         self.sampling_states: dict[str, SamplingState] = {}

@@ -208,8 +208,7 @@ class LLM:
         finally:
             # The caller stopped early: the step in flight and the tokens held back are still processed.
             if pending is not None:
-                held = (previous or []) + engine.finish_step(pending)
-                previous = held
+                previous = (previous or []) + engine.finish_step(pending)
             if previous is not None:
                 self._after(self.processor.process(previous))
 
