@@ -51,6 +51,19 @@ def test_budget_chunks_a_long_prompt_and_serves_running_requests_first() -> None
     assert s.last_record.tokens_used == 10  # type: ignore[union-attr]
 
 
+def test_a_one_token_last_prompt_chunk_is_a_prompt_chunk_not_a_decode() -> None:
+    """The step record's kinds: a prompt whose last chunk is a single token is still a prefill."""
+    s = Scheduler(KVCacheManager(64, 4), max_num_batched_tokens=8)
+    s.add_request(make("r", 9))
+    kinds = []
+    for _ in range(3):
+        out = s.schedule()
+        assert s.last_record is not None
+        kinds += [(e.kind, e.num_tokens) for e in s.last_record.scheduled]
+        finish_step(s, out)
+    assert kinds == [("prompt", 8), ("prompt", 1), ("decode", 1)]
+
+
 def test_max_num_seqs_holds_back_admissions_with_a_reason() -> None:
     s = Scheduler(KVCacheManager(64, 4), max_num_seqs=2)
     for i in range(3):

@@ -184,10 +184,12 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted itself; the request now at index i is the next one
-            # Decode: only the newest token is left (known, or in flight). Anything longer is a
-            # prefill: a prompt chunk, or prompt + outputs recomputed after a preemption.
+            # Decode: only the newest token is left (known, or in flight), and it is an output
+            # token. Anything else is a prefill: a prompt chunk (its last one may be one token),
+            # or prompt + outputs recomputed after a preemption.
             newest = request.num_tokens + request.num_output_placeholders - 1
-            kind = "decode" if request.num_computed_tokens == newest else "prompt"
+            decode = request.num_computed_tokens == newest >= request.num_prompt_tokens
+            kind = "decode" if decode else "prompt"
             entries.append(ScheduledEntry(request.req_id, num_new, kind, request.num_computed_tokens))
             scheduled[request.req_id] = num_new
             budget -= num_new

@@ -209,7 +209,7 @@ class VLLMScheduler:
                     request.num_cached_tokens = before
                 entries.append(ScheduledEntry(req_id, n, "prompt", before, before))
             else:
-                kind = "decode" if before == request.num_tokens - 1 else "prompt"
+                kind = "decode" if before == request.num_tokens - 1 >= request.num_prompt_tokens else "prompt"
                 entries.append(ScheduledEntry(req_id, n, kind, before))
             if req_id not in self.worker_num_tokens:
                 tokens, num_prompt = list(request.all_token_ids), request.num_prompt_tokens
