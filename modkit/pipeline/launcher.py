@@ -123,8 +123,8 @@ class Pipeline:
         signed = {"swap_key": self.swap_key}  # for the components that take classes by value (Pipeline.swap)
         quiet, ports = dict(QUIET_THREADS), cfg.ports()
         # A worker on a GPU does little tensor work on the host (a step's small input tensors), and a
-        # pool of spinning OpenMP threads there tripled its prompt steps' host time next to five
-        # busy processes; on the CPU the forward needs every thread.
+        # pool of spinning OpenMP threads there competes with five busy processes for the cores;
+        # on the CPU the forward needs every thread.
         worker_env = quiet if on_cuda(cfg.device) else {}
         workers = [
             ComponentSpec(
