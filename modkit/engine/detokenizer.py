@@ -18,9 +18,12 @@ decoder drops the leading space of a window's first token, so that token must no
 new). If ``new_text`` ends in "\\ufffd", the last character is still incomplete: emit
 nothing and wait for more tokens. Otherwise emit the delta and slide the window forward.
 
-NOTE: ``tokenizers.decoders.DecodeStream`` runs this same algorithm in Rust, but only for
-fast tokenizers; this version works with any tokenizer and shows how it works. vLLM V1
-uses DecodeStream for fast tokenizers and these offsets for slow ones.
+For a fast tokenizer the same algorithm runs in Rust, in ``tokenizers``' ``DecodeStream``
+(one call per token instead of two decodes; vLLM V1 does the same). The offsets here are
+kept alongside for what it cannot do: a prompt that ends mid-character (the stream would
+put that character's replacement into the output), a request that ends mid-character
+(the stream has no flush), and a token id it refuses. The Python path below is the one to
+read; the Rust one must give the same text, and ``tests/test_detokenizer.py`` runs both.
 
 Stop strings are checked on the output text (never the prompt) as it grows; the search
 covers only the new text plus ``len(stop) - 1`` characters before it, since a match lying
@@ -30,7 +33,7 @@ wholly in older text would have been found a step earlier.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -65,6 +68,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        decode_stream: bool = True,
     ) -> None:
         if any(not s for s in stop):
             raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
@@ -79,6 +83,7 @@ class IncrementalDetokenizer:
         self._ids = list(prompt_token_ids[-INITIAL_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._stream = self._open_stream() if decode_stream else None
 
         self.output_text = ""
         self.stop_reason: str | None = None  # the stop string that ended the request, if any
@@ -102,7 +107,7 @@ class IncrementalDetokenizer:
         new_text = ""
         for token_id in new_token_ids:
             self._ids.append(token_id)
-            new_text += self._decode_next()
+            new_text += self._stream_next(token_id) if self._stream is not None else self._decode_next()
         if finished and self._read_offset < len(self._ids):
             new_text += self._decode_next(flush=True)
         self.output_text += new_text
@@ -140,6 +145,33 @@ class IncrementalDetokenizer:
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return new_text[len(prefix_text) :]
+
+    def _open_stream(self) -> Any:
+        """A ``DecodeStream`` primed with the prompt tail, or None where the Python path must run."""
+        if self._rust is None:
+            return None
+        try:
+            from tokenizers.decoders import DecodeStream
+        except ImportError:  # tokenizers older than 0.21
+            return None
+        if self._decode(self._ids).endswith("\ufffd"):
+            return None  # a prompt that ends mid-character: the stream would emit that character
+        stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
+        for token_id in self._ids:  # the prompt tail, as context
+            stream.step(self._rust, token_id)
+        return stream
+
+    def _stream_next(self, token_id: int) -> str:
+        """``_decode_next`` for one new token, in Rust; the offsets follow what it emitted."""
+        try:
+            text = self._stream.step(self._rust, token_id)
+        except Exception:  # an id the tokenizer refuses: the Python path decodes it as decode() would
+            self._stream = None
+            return self._decode_next()
+        if not text:
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return str(text)
 
     def _check_stop(self, num_new_chars: int) -> str | None:
         """Find the stop string that completes first in the new text and truncate the output there.
