@@ -163,6 +163,7 @@ class IncrementalDetokenizer:
 
     def _stream_next(self, token_id: int) -> str:
         """``_decode_next`` for one new token, in Rust; the offsets follow what it emitted."""
+        assert self._stream is not None
         try:
             text = self._stream.step(self._rust, token_id)
         except Exception:  # an id the tokenizer refuses: the Python path decodes it as decode() would
