@@ -8,6 +8,7 @@
     python scripts/benchmark.py --engines modkit hf hf-batch      # HF's own continuous batching
     python scripts/benchmark.py --engines modkit modkit-eager     # what the CUDA graphs buy (a GPU)
     python scripts/benchmark.py --engines pipeline pipeline-sync  # what async scheduling buys
+    python scripts/benchmark.py --engines modkit modkit-planned-ahead  # what launching step N+1 early buys
     python scripts/benchmark.py --engines modkit modkit-decode-graphs  # what piecewise graphs buy
 
 ``hf`` is ``model.generate`` on static batches (--hf-batch-size prompts at a time, with no
@@ -77,6 +78,7 @@ def bench_modkit(
     eager: bool = False,
     async_scheduling: bool = True,
     cudagraph_mode: str = "full_and_piecewise",
+    launch_ahead: bool = True,
 ) -> Run:
     from modkit import LLM, SamplingParams
 
@@ -92,6 +94,7 @@ def bench_modkit(
         async_scheduling=async_scheduling,
         cudagraph_mode=cudagraph_mode,
     )
+    llm.engine.launch_ahead = llm.engine.launch_ahead and launch_ahead
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
     def run(ps: list[list[int]]) -> dict[str, Any]:
@@ -322,6 +325,7 @@ RUNNERS: dict[str, Callable[[Path, list[list[int]], argparse.Namespace, ExitStac
     "modkit": bench_modkit,
     "modkit-eager": functools.partial(bench_modkit, eager=True),  # no CUDA graphs: what they buy
     "modkit-sync": functools.partial(bench_modkit, async_scheduling=False),  # what async scheduling buys
+    "modkit-planned-ahead": functools.partial(bench_modkit, launch_ahead=False),  # what launching ahead buys
     "modkit-decode-graphs": functools.partial(bench_modkit, cudagraph_mode="full_decode_only"),  # piecewise's worth
     "hf": bench_hf,
     "hf-batch": bench_hf_batch,

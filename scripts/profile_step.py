@@ -8,9 +8,10 @@ Fills the engine with ``--batch`` requests of ``--context`` prompt tokens, runs 
 prompts, then times decode steps three ways:
 
 1. **free-running**: ``LLM``'s own loop (``LLM.steps``), nothing added: the step time a
-   user gets (planning step N+1 and detokenizing step N-1 while the device runs step N);
-   the same loop without async scheduling (only the detokenizing overlaps); and without
-   any overlap. The three are alternated, three runs of each.
+   user gets (planning and, on a GPU, launching step N+1 and detokenizing step N-1 while the
+   device runs step N); the same loop planning step N+1 ahead but launching it only once
+   step N's tokens are on the host; without async scheduling (only the detokenizing
+   overlaps); and without any overlap. The four are alternated, three runs of each.
 2. **phase by phase**: the same step cut into schedule / worker (inputs and forward) / sample /
    scheduler update / output processing, with a device synchronisation after each phase,
    so each phase's device work is charged to it. (The syncs add a little.)
@@ -73,14 +74,16 @@ def fill(llm: LLM, args: argparse.Namespace) -> dict[str, float]:
     return {"host launch": statistics.median(launch_ms), "whole step": statistics.median(step_ms)}
 
 
-MODES = ("no overlap", "detokenize overlapped", "async scheduling")  # each adds to the one before
+# Each adds to the one before; the last is LLM's default on a GPU.
+MODES = ("no overlap", "detokenize overlapped", "planned ahead", "launched ahead")
 
 
 def free_running(llm: LLM, steps: int, mode: str) -> float:
     """Seconds per step of LLM's own loop (``LLM.steps``) in one of the MODES."""
     device = llm.engine.device
     llm.overlap_steps = mode != MODES[0]
-    llm.engine.async_scheduling = mode == MODES[2]
+    llm.engine.async_scheduling = mode in MODES[2:]
+    llm.engine.launch_ahead = mode == MODES[3]
     sync(device)
     start = time.perf_counter()
     for _, _ in zip(range(steps), llm.steps(), strict=False):
@@ -165,7 +168,7 @@ def main() -> None:
         for _ in range(3):
             for mode in MODES:
                 runs[mode].append(1e3 * free_running(llm, args.steps, mode))
-        plain_ms, detok_ms, step_ms = (statistics.median(runs[mode]) for mode in MODES)
+        plain_ms, detok_ms, planned_ms, step_ms = (statistics.median(runs[mode]) for mode in MODES)
         phases = phase_by_phase(llm, args.steps)
         busy = gpu_busy(llm, 5) if llm.engine.device.type == "cuda" else None
 
@@ -183,6 +186,7 @@ def main() -> None:
         "step_ms": step_ms,
         "step_ms_no_overlap": plain_ms,
         "step_ms_detokenize_overlapped": detok_ms,
+        "step_ms_planned_ahead": planned_ms,
         "runs_ms": runs,
         "output_tok_s": args.batch / step_ms * 1e3,
         "phases_ms": phases,
@@ -200,9 +204,13 @@ def main() -> None:
     label = f"prompt step ({llm.config.max_num_batched_tokens} tok), launch"
     print(f"{label:<34}{prompt_steps['host launch']:>9.2f}")
     print(f"{'prompt step, whole (synced)':<34}{prompt_steps['whole step']:>9.2f}")
-    print(f"{'free-running step, no overlap':<34}{plain_ms:>9.2f}   ({args.batch / plain_ms * 1e3:,.0f} output tok/s)")
-    print(f"{'  + detokenize overlapped':<34}{detok_ms:>9.2f}   ({args.batch / detok_ms * 1e3:,.0f} output tok/s)")
-    print(f"{'  + async scheduling (LLM.steps)':<34}{step_ms:>9.2f}   ({result['output_tok_s']:,.0f} output tok/s)")
+    for label, ms in (
+        ("free-running step, no overlap", plain_ms),
+        ("  + detokenize overlapped", detok_ms),
+        ("  + next step planned ahead", planned_ms),
+        ("  + and launched ahead (LLM.steps)", step_ms),
+    ):
+        print(f"{label:<34}{ms:>9.2f}   ({args.batch / ms * 1e3:,.0f} output tok/s)")
     if busy is not None:
         idle = 100 * (1 - busy / step_ms)
         print(f"{'GPU busy per step (profiler)':<34}{busy:>9.2f}   (GPU idle {idle:.0f}% of the step)")

@@ -5,8 +5,8 @@ They live in tests/, not in the package; the tests put this folder on the childr
 
 from __future__ import annotations
 
-from modkit.scheduler.output import ModelRunnerOutput, SchedulerOutput
-from modkit.worker.service import WorkerService
+from modkit.scheduler.output import SchedulerOutput
+from modkit.worker.service import LaunchedStep, WorkerService
 
 POISON_TOKEN = 2000  # a prompt that starts with this token id makes PoisonedWorker's step fail
 
@@ -14,7 +14,7 @@ POISON_TOKEN = 2000  # a prompt that starts with this token id makes PoisonedWor
 class PoisonedWorker(WorkerService):
     """A real worker whose forward raises for any step that admits a prompt starting with POISON_TOKEN."""
 
-    def _run(self, plan: SchedulerOutput) -> tuple[ModelRunnerOutput, float, float, int]:
+    def _run(self, plan: SchedulerOutput, started: float) -> LaunchedStep:
         if any(new.token_ids[0] == POISON_TOKEN for new in plan.scheduled_new_reqs):
             raise RuntimeError("poisoned prompt")
-        return super()._run(plan)
+        return super()._run(plan, started)

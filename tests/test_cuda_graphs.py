@@ -159,17 +159,21 @@ def test_prompt_chunks_and_big_batches_run_eagerly(random_checkpoint) -> None:
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_greedy_outputs_same_with_and_without_graphs(random_checkpoint, dtype: str) -> None:
-    """The whole engine: prompts of many lengths, decoding in graphs, equal to the eager engine in float32."""
+    """The whole engine: prompts of many lengths, decoding in graphs with each step launched before the
+    one before it is finished (decode tokens read on the device), equal in float32 to the eager engine
+    stepped in turn (every token from the host)."""
     model = random_checkpoint("qwen2")
     rng = random.Random(2)
     prompts = [{"prompt_token_ids": [rng.randrange(512) for _ in range(rng.randrange(1, 90))]} for _ in range(24)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outputs, replays = {}, {}
     for eager in (True, False):
-        llm = LLM(model, device="cuda", dtype=dtype, max_num_seqs=16, enforce_eager=eager, num_kv_blocks=400)
+        llm = LLM(model, device="cuda", dtype=dtype, max_num_seqs=16, enforce_eager=eager, num_kv_blocks=400,
+                  async_scheduling=not eager)  # fmt: skip
         assert llm.engine.model.attention_backend.name == "triton", "auto picks Triton on a GPU"
         outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         replays[eager] = llm.stats()["num_cuda_graph_replays"]
+        assert (llm.stats()["num_steps_launched_ahead"] > 20) == (not eager)
         piecewise = llm.engine.worker.runner.piecewise
         assert (piecewise is not None and piecewise.num_replays > 0) == (not eager), "prompt steps replay in pieces"
     assert replays[True] == 0 and replays[False] > 20

@@ -271,10 +271,12 @@ def test_kv_cache_is_sized_from_memory_by_default(tiny_model_dir) -> None:
 
 @pytest.mark.parametrize("num_kv_blocks", [None, 14], ids=["roomy", "preempting"])
 def test_overlapped_and_async_steps_change_nothing(tiny_model_dir, num_kv_blocks) -> None:
-    """LLM.steps() plans step N+1 and detokenizes step N-1 while step N runs: same outputs as the
-    plain loop, stop strings included (a request a stop string ends computes a token or two more,
-    which are dropped), with penalties (the worker fills in tokens the scheduler has not seen) and
-    with preemptions of requests whose tokens are in flight."""
+    """LLM.steps() plans step N+1 (and on a GPU launches it) and detokenizes step N-1 while step N
+    runs: same outputs as the plain loop, stop strings included (a request a stop string ends
+    computes a token or two more, which are dropped), with penalties (the worker fills in tokens
+    the scheduler has not seen; a step whose sampling reads them is not launched ahead) and with
+    preemptions of requests whose tokens are in flight. Launching ahead, decode tokens are read
+    on the device from the step before; here the CPU is told to do what a GPU does."""
     msg = [{"role": "user", "content": "What does a cow say?"}]  # "A cow says moo."
     params = [
         SamplingParams(temperature=0, max_tokens=30, stop=["says m"]),
@@ -285,20 +287,28 @@ def test_overlapped_and_async_steps_change_nothing(tiny_model_dir, num_kv_blocks
         SamplingParams(temperature=0, max_tokens=1),
     ]
     results = {}
-    for mode in ("plain", "overlap", "async"):
+    for mode in ("plain", "overlap", "async", "launch-ahead"):
         llm = LLM(max_num_seqs=4, max_num_batched_tokens=24, block_size=4, num_kv_blocks=num_kv_blocks,
-                  enable_prefix_caching=False, async_scheduling=mode == "async")  # fmt: skip
+                  enable_prefix_caching=False, async_scheduling=mode in ("async", "launch-ahead"))  # fmt: skip
         llm.overlap_steps = mode != "plain"
+        llm.engine.launch_ahead = mode == "launch-ahead"
         llm.check_invariants_each_step = True
         outs = llm.chat([msg] * len(params), params, use_tqdm=False)
         results[mode] = [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for o in outs for c in o.outputs]
         stats = llm.stats()
         assert not llm.engine.has_unfinished_requests() and stats["kv_blocks_free"] == stats["kv_blocks_total"]
-        assert (stats["num_steps_planned_ahead"] > 0) == (mode == "async")
-        if num_kv_blocks is not None and mode == "async":  # it takes a step's blocks a step early
+        assert (stats["num_steps_planned_ahead"] > 0) == (mode in ("async", "launch-ahead"))
+        launched = stats["num_steps_launched_ahead"]
+        if mode == "launch-ahead":  # not while the penalised request runs
+            assert 0 < launched < stats["num_steps_planned_ahead"]
+        else:
+            assert launched == 0
+        assert not llm.engine.worker.placeholders, "every token read on the device reached the host too"
+        if num_kv_blocks is not None and mode != "plain" and mode != "overlap":  # it takes blocks a step early
             assert stats["num_preemptions"] > 0
     assert results["overlap"] == results["plain"]
     assert results["async"] == results["plain"]
+    assert results["launch-ahead"] == results["plain"]
     assert any(r[2] == "stop" and r[3] == "says m" for r in results["async"]), "a stop string ended one"
     assert [(len(r[1]), r[2]) for r in results["async"][-2:]] == [(24, "length"), (1, "length")]
 

@@ -80,7 +80,12 @@ class EngineCore:
         self.sampler = get_sampler(config.sampler, seed=config.seed)
         self.sampling_states: dict[str, SamplingState] = {}
         self.async_scheduling = config.async_scheduling  # may be switched between steps (scripts/profile_step.py)
+        # Async scheduling on a GPU: a step planned ahead is also launched ahead, before the step
+        # before it has brought its tokens to the host (it reads them on the device). On a CPU
+        # the forward runs as it is launched, so that would only delay each step's outputs.
+        self.launch_ahead = self.device.type == "cuda"
         self.num_planned_ahead = 0  # steps planned while the one before was on the device
+        self.num_launched_ahead = 0  # of those, launched before its tokens were on the host
 
     def _scheduler(self, config: EngineConfig, num_blocks: int, kv_event_sink: KVEventSink | None) -> Any:
         """The KV cache manager and the scheduler: modkit's, or vLLM's own behind the same interfaces."""
@@ -151,6 +156,12 @@ class EngineCore:
         self.num_planned_ahead += 1
         return scheduler.schedule()
 
+    def can_launch_ahead(self, plan: SchedulerOutput) -> bool:
+        """Whether a plan made ahead may be launched now, before the step in flight is finished:
+        its sampling must not read the tokens that step brings (penalties, ``min_tokens``)."""
+        states = [self.sampling_states[r] for r in plan.num_scheduled_tokens if r in self.sampling_states]
+        return self.launch_ahead and self.sampler.can_sample_ahead(states)
+
     def launch_step(self, scheduler_output: SchedulerOutput | None = None) -> PendingStep:
         """Schedule (or take a plan made ahead), and queue the forward and the sampling on the
         device; return without waiting.
@@ -170,13 +181,15 @@ class EngineCore:
         if req_ids:
             states = [self.sampling_states[r] for r in req_ids]
             sampled = self.sampler.sample(logits, states)
+            self.worker.record_sampled_on_device(scheduler_output.step, req_ids, sampled.sampled_token_ids)
         return PendingStep(scheduler_output, req_ids, sampled)
 
     def finish_step(self, pending: PendingStep) -> list[EngineCoreOutput]:
         """Wait for the step's tokens (the one host copy), and update the scheduler with them."""
         sampled = pending.sampled.to_lists() if pending.sampled is not None else []
         tokens, logprobs = [s.token_id for s in sampled], [s.logprobs for s in sampled]
-        self.worker.record_sampled(pending.req_ids, tokens)  # a step planned ahead computes them next
+        # A step planned ahead computes them next (one launched ahead read them on the device).
+        self.worker.record_sampled(pending.scheduler_output.step, pending.req_ids, tokens)
         runner_output = ModelRunnerOutput(pending.req_ids, tokens, logprobs)
         outputs = self.scheduler.update_from_output(pending.scheduler_output, runner_output)
         for out in outputs:
@@ -200,6 +213,7 @@ class EngineCore:
             "num_evictions": kv.num_evictions,
             "num_steps": self.scheduler.step_count,
             "num_steps_planned_ahead": self.num_planned_ahead,
+            "num_steps_launched_ahead": self.num_launched_ahead,
             "kv_capacity_tokens": self.memory.kv_capacity_tokens,
             "num_cuda_graph_replays": self.worker.runner.num_cuda_graph_replays,
         }

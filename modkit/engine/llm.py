@@ -16,12 +16,13 @@ the request in the engine too).
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from modkit.engine.config import EngineConfig
-from modkit.engine.core import EngineCore
+from modkit.engine.core import EngineCore, PendingStep
 from modkit.engine.output_processor import OutputProcessor, ProcessedStep
 from modkit.engine.outputs import RequestOutput
 from modkit.kvcache import KVEventSink
@@ -179,36 +180,43 @@ class LLM:
         """Step the engine until no request is left; yield each step's processed outputs.
 
         Overlapped, as vLLM's engine is: while the device computes step N, the host plans
-        step N+1 (async scheduling, ``EngineConfig.async_scheduling``) and detokenizes step
-        N-1's tokens (checking them for stop strings). A request a stop string ends is
-        aborted a step or two late, and the tokens it computed meanwhile are dropped (vLLM's
-        async scheduling does the same).
+        step N+1 (async scheduling, ``EngineConfig.async_scheduling``) and, on a GPU,
+        launches it too, so the device runs it right after step N (its decode tokens are
+        read from step N's sampled ids on the device); then it detokenizes step N-1's tokens
+        (checking them for stop strings). A request a stop string ends is aborted a step or
+        two late, and the tokens it computed meanwhile are dropped (vLLM's async scheduling
+        does the same).
         """
         if not self.overlap_steps:
             while self.engine.has_unfinished_requests():
                 yield self._after(self.processor.process(self.engine.step()))
             return
         engine = self.engine
-        pending = engine.launch_step() if engine.has_unfinished_requests() else None
+        in_flight: deque[PendingStep] = deque()  # launched, tokens not yet on the host: at most two
+        if engine.has_unfinished_requests():
+            in_flight.append(engine.launch_step())
         previous: list[EngineCoreOutput] | None = None
         try:
-            while pending is not None:
+            while in_flight:
                 ahead = engine.plan_ahead()  # step N+1, while the device runs step N
+                if ahead is not None and engine.can_launch_ahead(ahead):
+                    in_flight.append(engine.launch_step(ahead))  # queued behind step N
+                    engine.num_launched_ahead += 1
+                    ahead = None
                 outputs, previous = previous, None
                 step = self.processor.process(outputs) if outputs is not None else None  # step N-1
-                previous = engine.finish_step(pending)
-                pending = None
-                if ahead is not None or engine.has_unfinished_requests():
-                    pending = engine.launch_step(ahead)
+                previous = engine.finish_step(in_flight.popleft())
+                if not in_flight and (ahead is not None or engine.has_unfinished_requests()):
+                    in_flight.append(engine.launch_step(ahead))
                 if step is not None:
                     yield self._after(step)
             if previous is not None:
                 outputs, previous = previous, None
                 yield self._after(self.processor.process(outputs))
         finally:
-            # The caller stopped early: the step in flight and the tokens held back are still processed.
-            if pending is not None:
-                previous = (previous or []) + engine.finish_step(pending)
+            # The caller stopped early: the steps in flight and the tokens held back are still processed.
+            while in_flight:
+                previous = (previous or []) + engine.finish_step(in_flight.popleft())
             if previous is not None:
                 self._after(self.processor.process(previous))
 

@@ -78,6 +78,15 @@ class SamplingState:
         return cls(params, list(prompt_token_ids), [], generator, tuple(eos_token_ids))
 
     @property
+    def reads_output_tokens(self) -> bool:
+        """Whether the default sampler reads this row's output tokens: their values (a penalty) or
+        their count (``min_tokens`` not yet reached). Rows that do not can be sampled before the
+        last step's token reaches ``output_token_ids`` (``Sampler.can_sample_ahead``)."""
+        params = self.params
+        penalised = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+        return bool(penalised) or len(self.output_token_ids) < params.min_tokens
+
+    @property
     def min_tokens_masked_ids(self) -> list[int]:
         """Token ids the sampler must mask now: eos and stop ids while the output is shorter than ``min_tokens``."""
         if len(self.output_token_ids) >= self.params.min_tokens:
@@ -180,6 +189,12 @@ class Sampler(ABC):
 
         Must not modify ``logits`` or ``states`` (seeded rows' generators advance).
         """
+
+    def can_sample_ahead(self, states: Sequence[SamplingState]) -> bool:
+        """Whether ``sample`` may run on these rows while the step before is still on the device:
+        their ``output_token_ids`` then lack that step's token. No, unless an implementation
+        knows what it reads (a swapped-in sampler may read anything)."""
+        return False
 
 
 SAMPLERS: Registry[Sampler] = Registry("sampler")

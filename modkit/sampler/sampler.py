@@ -58,6 +58,10 @@ class DefaultSampler(Sampler):
             logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
         return SamplerOutput(sampled, logprobs, metadata.num_logprobs)
 
+    def can_sample_ahead(self, states: Sequence[SamplingState]) -> bool:
+        """Only penalties and ``min_tokens`` read the output tokens here."""
+        return not any(s.reads_output_tokens for s in states)
+
     def apply_logits_processors(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         """logit_bias, then the min_tokens mask, then penalties. May modify ``logits`` (N, V) in place."""
         if (bias := metadata.logit_bias) is not None:

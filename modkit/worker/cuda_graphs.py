@@ -40,7 +40,7 @@ import torch
 from modkit.attention import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:  # model_runner imports this module
-    from modkit.worker.model_runner import ForwardInputs, ModelRunner, SequenceChunk
+    from modkit.worker.model_runner import DeviceTokens, ForwardInputs, ModelRunner, SequenceChunk
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -136,7 +136,7 @@ class DecodeGraphs:
         return len(chunks) <= self.max_batch and all(len(c.token_ids) == 1 == c.num_logits for c in chunks)
 
     @torch.inference_mode()
-    def run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+    def run(self, chunks: Sequence[SequenceChunk], device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         """Logits (len(chunks), vocab_size) float32 for a decode-only step, by replay."""
         n = len(chunks)
         b = self.sizes[bisect.bisect_left(self.sizes, n)]
@@ -164,6 +164,8 @@ class DecodeGraphs:
         ):
             device[:b].copy_(host[:b], non_blocking=True)
         self.copied.record()
+        if device_tokens is not None:
+            device_tokens.write(self.input_ids)
         self.graphs[b].replay()
         self.num_replays += 1
         return self.runner.model.lm_head(self.hidden[b][:n]).float()

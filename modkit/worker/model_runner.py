@@ -9,7 +9,7 @@ token a decoding request just sampled; any mix goes into the same forward.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,33 @@ class SequenceChunk:
     # token, 0 for a prompt chunk that does not reach the end of the prompt, all of them
     # for prompt logprobs.
     num_logits: int = 1
+
+
+@dataclass(slots=True)
+class DeviceTokens:
+    """Input tokens still on the device: sampled by the step before, whose ids are not on the host yet.
+
+    Their rows of ``input_ids`` hold a placeholder on the host and are overwritten on the
+    device, after the copy and before the forward, with no wait for the host.
+    """
+
+    positions: list[int] = field(default_factory=list)  # rows of the flat batch
+    rows: list[int] = field(default_factory=list)  # for each, its row of ``source``
+    source: torch.Tensor | None = None  # the sampled ids (N,) of the step that sampled them
+
+    def add(self, position: int, source: torch.Tensor, row: int) -> None:
+        # One step in flight at a time: a launched step reads the tokens of the step before only.
+        assert self.source is None or source is self.source, "device tokens of two steps"
+        self.positions.append(position)
+        self.rows.append(row)
+        self.source = source
+
+    def write(self, input_ids: torch.Tensor) -> None:
+        """Overwrite the placeholders of ``input_ids`` (on the model's device) with the sampled ids."""
+        assert self.source is not None
+        device = input_ids.device
+        values = self.source.index_select(0, to_device(self.rows, torch.int64, device))
+        input_ids.index_copy_(0, to_device(self.positions, torch.int64, device), values)
 
 
 @dataclass(slots=True)
@@ -162,12 +189,17 @@ class ModelRunner:
                 raise ValueError(f"chunk {i} asks for {chunk.num_logits} logits of {len(chunk.token_ids)} tokens")
 
     @torch.inference_mode()
-    def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
-        """Run the chunks; return float32 logits (sum of num_logits, vocab_size) in chunk order."""
+    def execute(self, chunks: list[SequenceChunk], device_tokens: DeviceTokens | None = None) -> torch.Tensor:
+        """Run the chunks; return float32 logits (sum of num_logits, vocab_size) in chunk order.
+
+        ``device_tokens``: rows of the batch whose token is taken on the device (see ``DeviceTokens``).
+        """
         if self.graphs is not None and self.graphs.can_run(chunks):
             self._validate(chunks)
-            return self.graphs.run(chunks)
+            return self.graphs.run(chunks, device_tokens)
         inputs = self.prepare(chunks)
+        if device_tokens is not None:
+            device_tokens.write(inputs.input_ids)
         if self.piecewise is not None and self.piecewise.can_run(inputs):
             return self.piecewise.run(inputs)
         return self.forward(inputs)

@@ -3,10 +3,18 @@
 ::
 
     scheduler --StepPlan--> worker-i.in
-        Worker.execute_model(plan)     exactly the plan: its req ids, token counts, block ids
-        sampler.sample(logits, states)  the implementation the Sampler process names
+        launch: Worker.execute_model(plan)      exactly the plan: its req ids, token counts, block ids
+                sampler.sample(logits, states)  the implementation the Sampler process names
+        finish: the sampled ids to the host (the one copy)
     scheduler.in <--StepDone(sampled ids, timings)--     sampler.in <--SamplerReport--
     (or StepFailed, if the step raised: the scheduler fails its requests, the worker goes on)
+
+The scheduler keeps two steps in flight (async scheduling). On a GPU the worker launches a
+plan as soon as it arrives, and finishes the step before it only then: the device runs
+one step after the other with no gap, and step N+1 reads step N's tokens on the device
+(``Worker``). With nothing new to launch, a step is finished once the device is done
+with it. A plan whose sampling reads the last step's tokens (penalties, ``min_tokens``)
+waits for them instead.
 
 Logits never leave this process: the Sampler process owns the sampling configuration
 (which implementation, the seed) and its statistics, and the worker asks it for that
@@ -22,9 +30,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import torch
 
 from modkit.attention import AttentionBackend
 from modkit.attention.interface import ATTENTION_BACKENDS, resolve_attention_backend
@@ -33,7 +44,7 @@ from modkit.engine.core import piecewise_tokens, use_cuda_graphs
 from modkit.model import load_model
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, SwapRolledBack, WorkerHeartbeat
-from modkit.sampler import Sampler, SamplingState
+from modkit.sampler import Sampler, SamplerOutput, SamplingState
 from modkit.sampler.interface import SAMPLERS
 from modkit.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from modkit.swap import ImplSpec, resolve
@@ -50,9 +61,22 @@ from modkit.worker.swaps import (
     try_attention,
     try_sampler,
 )
-from modkit.worker.worker import Worker
+from modkit.worker.worker import PLACEHOLDER, StepResult, Worker
 
 HEARTBEAT_INTERVAL_S = 0.5
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device; its tokens are not on the host yet."""
+
+    plan: SchedulerOutput
+    started: float  # wall clock, for the forward event
+    result: StepResult
+    sampled: SamplerOutput | None
+    forward_s: float  # host time to launch the forward
+    sample_s: float  # host time to launch the sampling (finishing adds the wait for the tokens)
+    done: Any  # a CUDA event recorded after the sampling, or None on a CPU (done when launched)
 
 
 def impl_label(spec: ImplSpec, obj: object) -> str:
@@ -114,6 +138,7 @@ class WorkerService:
             lambda: WorkerHeartbeat(worker_id, pid, time.monotonic()),
             HEARTBEAT_INTERVAL_S,
         )
+        self.launched: deque[LaunchedStep] = deque()  # at most one between calls of run_once
         self.num_steps = 0
         self.num_failed_steps = 0
         self.last_error: str | None = None  # of the last step, if it failed
@@ -127,35 +152,63 @@ class WorkerService:
     def run_once(self) -> bool:
         for message in self.inbox.drain():
             if isinstance(message, StepPlan):
-                self._step(message.output)
-        return False
+                self._launch(message.output)
+        if self.launched and (self.launched[0].done is None or self.launched[0].done.query()):
+            self._finish(self.launched.popleft())
+        return bool(self.launched)  # busy: look again without waiting, for a plan or the device
 
-    def _step(self, plan: SchedulerOutput) -> None:
+    def _launch(self, plan: SchedulerOutput) -> None:
+        """Queue the plan's forward and sampling; then finish the step before it, now behind it on the device."""
+        states = [self.states[r] for r in plan.num_scheduled_tokens if r in self.states]
+        if self.launched and not self.sampler.can_sample_ahead(states):
+            self._finish(self.launched.popleft())  # its tokens first: this plan's sampling reads them
         started = time.time()
         try:
-            output, forward_s, sample_s, num_tokens = self._run(plan)
+            launched = self._run(plan, started)
         except Exception as error:  # a failed step fails its requests, not the worker
-            log.exception("step %d failed", plan.step)
-            self.worker.forget(plan)
-            for req_id in plan.num_scheduled_tokens:
-                self.states.pop(req_id, None)
-            self.num_failed_steps += 1
-            self.last_error = f"{type(error).__name__}: {error}"
-            self.to_scheduler.send(StepFailed(self.worker_id, plan.step, self.last_error))
-            self._publish(plan, started, 0.0, 0.0, 0, self.last_error)
+            while self.launched:  # the scheduler hears of steps in the order it planned them
+                self._finish(self.launched.popleft())
+            self._fail(plan, started, error)
             return
-        if num_tokens:  # a step that only skipped requests of a failed one (planned ahead of it) proves nothing
+        self.launched.append(launched)
+        while len(self.launched) > 1:
+            self._finish(self.launched.popleft())
+
+    def _finish(self, step: LaunchedStep) -> None:
+        """The step's tokens to the host (waiting for the device), and its result to the scheduler."""
+        plan = step.plan
+        t0 = time.perf_counter()
+        try:
+            sampled = step.sampled.to_lists() if step.sampled is not None else []  # the one host copy
+        except Exception as error:
+            self._fail(plan, step.started, error)
+            return
+        sample_s = step.sample_s + time.perf_counter() - t0
+        req_ids = step.result.req_ids
+        output = ModelRunnerOutput(req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])
+        self.worker.record_sampled(plan.step, req_ids, output.sampled_token_ids)
+        if step.result.num_tokens:  # a step that only skipped requests of a failed one proves nothing
             self.last_error = None
         self._check_swaps()
-        self.to_scheduler.send(StepDone(self.worker_id, plan.step, output, forward_s, sample_s))
-        self._publish(plan, started, forward_s, sample_s, len(output.req_ids))
-        if output.req_ids:
-            greedy = sum(1 for r in output.req_ids if self.states[r].params.temperature == 0.0)
-            self.to_sampler.send(SamplerReport(self.worker_id, len(output.req_ids), greedy, sample_s))
+        self.to_scheduler.send(StepDone(self.worker_id, plan.step, output, step.forward_s, sample_s))
+        self._publish(plan, step.started, step.forward_s, sample_s, len(req_ids))
+        if req_ids:
+            greedy = sum(1 for r in req_ids if r in self.states and self.states[r].params.temperature == 0.0)
+            self.to_sampler.send(SamplerReport(self.worker_id, len(req_ids), greedy, sample_s))
         self.num_steps += 1
-        self.num_tokens += num_tokens
-        self.forward_s += forward_s
+        self.num_tokens += step.result.num_tokens
+        self.forward_s += step.forward_s
         self.sample_s += sample_s
+
+    def _fail(self, plan: SchedulerOutput, started: float, error: Exception) -> None:
+        log.error("step %d failed", plan.step, exc_info=error)
+        self.worker.forget(plan)
+        for req_id in plan.num_scheduled_tokens:
+            self.states.pop(req_id, None)
+        self.num_failed_steps += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        self.to_scheduler.send(StepFailed(self.worker_id, plan.step, self.last_error))
+        self._publish(plan, started, 0.0, 0.0, 0, self.last_error)
 
     def _publish(
         self,
@@ -246,20 +299,21 @@ class WorkerService:
         """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
         self.events.announce(token)
 
-    def _run(self, plan: SchedulerOutput) -> tuple[ModelRunnerOutput, float, float, int]:
-        """Exactly the plan: its forward, then sampling next to the logits."""
+    def _run(self, plan: SchedulerOutput, started: float) -> LaunchedStep:
+        """Exactly the plan: its forward, then sampling next to the logits; queued, not waited for."""
         t0 = time.perf_counter()
         result = self.worker.execute_model(plan)
         t1 = time.perf_counter()
         self._track_sampling_states(plan)
-        sampled = []
+        sampled, done = None, None
         if result.req_ids:
             states = [self.states[r] for r in result.req_ids]
-            sampled = self.sampler.sample(result.logits, states).to_lists()  # the one host copy
-        t2 = time.perf_counter()
-        output = ModelRunnerOutput(result.req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])
-        self.worker.record_sampled(output.req_ids, output.sampled_token_ids)
-        return output, t1 - t0, t2 - t1, result.num_tokens
+            sampled = self.sampler.sample(result.logits, states)
+            self.worker.record_sampled_on_device(plan.step, result.req_ids, sampled.sampled_token_ids)
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return LaunchedStep(plan, started, result, sampled, t1 - t0, time.perf_counter() - t1, done)
 
     def _track_sampling_states(self, plan: SchedulerOutput) -> None:
         """Keep a ``SamplingState`` per request in step with the worker's own request table (its diff applied)."""
@@ -277,6 +331,8 @@ class WorkerService:
             if held is not None and tracked is not None:  # outputs sent in the plan, or filled in by the worker
                 outputs = tracked.output_token_ids
                 outputs.extend(held.token_ids[held.num_prompt_tokens + len(outputs) :])
+                if outputs and outputs[-1] == PLACEHOLDER:  # still on the device: added next step
+                    outputs.pop()
 
     def info(self) -> dict[str, Any]:
         """What the launcher sizes the KV cache manager's pool for this worker from."""

@@ -6,7 +6,15 @@ scheduler's ``num_scheduled_tokens``. It holds no policy of its own.
 
 Under async scheduling a plan can ask for one token more than the worker was sent: the
 token the worker itself sampled in the step before, which the scheduler had not seen when
-it planned. ``record_sampled`` keeps each request's last sampled token for that.
+it planned. The worker keeps each request's last sampled token for that::
+
+    launch step S     record_sampled_on_device(S, ...)   the token, still on the device
+    launch step S+1   the token's input row is read from step S's sampled ids, on the device
+    finish step S     record_sampled(S, ...)             the token, on the host
+
+So step S+1 can be launched before step S's tokens reach the host (vLLM's async scheduling
+does the same): the GPU runs S+1 right after S, and the host copy of S's tokens waits
+behind nothing. Launched after ``record_sampled``, the step takes the token from the host.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from modkit.scheduler.output import SchedulerOutput
-from modkit.worker.model_runner import ModelRunner, SequenceChunk
+from modkit.worker.model_runner import DeviceTokens, ModelRunner, SequenceChunk
+
+PLACEHOLDER = -1  # in a request's token_ids: a token sampled on the device, not yet on the host
 
 
 @dataclass(slots=True)
@@ -28,6 +38,16 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     num_prompt_tokens: int
+
+
+@dataclass(slots=True)
+class SampledToken:
+    """A request's last sampled token: on the host once its step is finished, else a row on the device."""
+
+    step: int
+    token_id: int | None  # None until record_sampled
+    device_ids: torch.Tensor  # the step's sampled ids, (N,) int64 on the device
+    row: int
 
 
 @dataclass(slots=True)
@@ -43,23 +63,41 @@ class Worker:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.requests: dict[str, CachedRequestState] = {}
-        self.sampled: dict[str, int] = {}  # each request's last sampled token (record_sampled)
+        self.sampled: dict[str, SampledToken] = {}  # each request's last sampled token, until a step computes it
+        # Tokens a launched step reads on the device: req_id -> (step that sampled it, index in token_ids).
+        self.placeholders: dict[str, tuple[int, int]] = {}
         self.failed_req_ids: set[str] = set()  # in a step that raised: skipped until the scheduler drops them
 
-    def record_sampled(self, req_ids: list[str], token_ids: list[int]) -> None:
-        """Keep the tokens just sampled: a plan made before they reached the scheduler computes them next."""
-        self.sampled.update(zip(req_ids, token_ids, strict=True))
+    def record_sampled_on_device(self, step: int, req_ids: list[str], device_ids: torch.Tensor) -> None:
+        """Step ``step`` was launched and samples ``req_ids`` into ``device_ids`` (not yet on the host)."""
+        for row, req_id in enumerate(req_ids):
+            self.sampled[req_id] = SampledToken(step, None, device_ids, row)
+
+    def record_sampled(self, step: int, req_ids: list[str], token_ids: list[int]) -> None:
+        """Step ``step``'s tokens reached the host: a plan made before the scheduler saw them computes them next."""
+        for req_id, token_id in zip(req_ids, token_ids, strict=True):
+            if self.placeholders.get(req_id, (None,))[0] == step:  # a later step already read it on the device
+                _, index = self.placeholders.pop(req_id)
+                self.requests[req_id].token_ids[index] = token_id
+            elif (sampled := self.sampled.get(req_id)) is not None and sampled.step == step:
+                sampled.token_id = token_id
 
     def forget(self, scheduler_output: SchedulerOutput) -> None:
         """The step failed: its requests are being failed by the scheduler; a step planned after it skips them."""
         for req_id in scheduler_output.num_scheduled_tokens:
-            self.requests.pop(req_id, None)
-            self.sampled.pop(req_id, None)
+            self._drop(req_id)
             self.failed_req_ids.add(req_id)
 
+    def _drop(self, req_id: str) -> None:
+        self.requests.pop(req_id, None)
+        self.sampled.pop(req_id, None)
+        self.placeholders.pop(req_id, None)
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> StepResult:
-        self._apply_diff(scheduler_output)
+        on_device = self._apply_diff(scheduler_output)
         chunks, sample_ids = [], []
+        fill = DeviceTokens()
+        position = 0  # of the chunk's first token in the flat batch
         # Decodes first: attention backends batch the one-token requests apart from prompt chunks.
         order = sorted(scheduler_output.num_scheduled_tokens.items(), key=lambda item: item[1] > 1)
         for req_id, n in order:
@@ -72,20 +110,24 @@ class Worker:
             # a prompt chunk that stops mid-prompt gets no logits.
             samples = start + n == len(state.token_ids)
             chunks.append(SequenceChunk(state.token_ids[start : start + n], start, state.block_ids, int(samples)))
+            if (sampled := on_device.get(req_id)) is not None:  # its newest token: read on the device
+                fill.add(position + n - 1, sampled.device_ids, sampled.row)
             if samples:
                 sample_ids.append(req_id)
             state.num_computed_tokens += n
+            position += n
         if not chunks:
             vocab = self.runner.model.config.vocab_size
             return StepResult([], torch.empty((0, vocab), device=self.runner.device), 0)
-        logits = self.runner.execute(chunks)
-        return StepResult(sample_ids, logits, sum(len(c.token_ids) for c in chunks))
+        logits = self.runner.execute(chunks, fill if fill.positions else None)
+        return StepResult(sample_ids, logits, position)
 
-    def _apply_diff(self, out: SchedulerOutput) -> None:
+    def _apply_diff(self, out: SchedulerOutput) -> dict[str, SampledToken]:
+        """Bring the request table up to the plan; return the tokens this step reads on the device."""
         for req_id in out.finished_req_ids | out.preempted_req_ids:
-            self.requests.pop(req_id, None)
-            self.sampled.pop(req_id, None)
+            self._drop(req_id)
             self.failed_req_ids.discard(req_id)
+        on_device: dict[str, SampledToken] = {}
         for new in out.scheduled_new_reqs:
             self.failed_req_ids.discard(new.req_id)  # readmitted after a preemption
             self.requests[new.req_id] = CachedRequestState(
@@ -102,4 +144,10 @@ class Worker:
             if len(state.token_ids) < state.num_computed_tokens + out.num_scheduled_tokens[cached.req_id]:
                 # Planned before the scheduler saw the token this worker sampled last step.
                 assert sampled is not None, f"{cached.req_id}: scheduled past the tokens this worker knows"
-                state.token_ids.append(sampled)
+                if sampled.token_id is not None:
+                    state.token_ids.append(sampled.token_id)
+                else:  # its step is still on the device
+                    self.placeholders[cached.req_id] = (sampled.step, len(state.token_ids))
+                    state.token_ids.append(PLACEHOLDER)
+                    on_device[cached.req_id] = sampled
+        return on_device
