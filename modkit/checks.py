@@ -93,7 +93,8 @@ RANDOM_MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def make_random_checkpoint(shape: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Save a random-weight HF checkpoint of one of ``RANDOM_MODEL_SHAPES`` to ``out_dir``."""
+    """Save a random-weight HF checkpoint of one of ``RANDOM_MODEL_SHAPES`` to ``out_dir``, with a
+    tokenizer that has a word for every token id (``word_per_id_tokenizer``)."""
     import transformers
 
     family, kwargs = RANDOM_MODEL_SHAPES[shape]
@@ -102,7 +103,36 @@ def make_random_checkpoint(shape: str, out_dir: str | Path, seed: int = 0) -> Pa
     torch.manual_seed(seed)
     model = getattr(transformers, f"{family}ForCausalLM")(config)
     model.save_pretrained(out_dir)
+    word_per_id_tokenizer(config.vocab_size).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def word_per_id_tokenizer(vocab_size: int) -> Any:
+    """A fast tokenizer whose every id decodes to a short ASCII word, half of them with a leading space.
+
+    What a random-weight checkpoint samples must turn into text as a real model's tokens do:
+    without a tokenizer that knows its ids, every token decodes to nothing, and the
+    incremental detokenizer, waiting for text, decodes an ever longer window (a cost no real
+    model has). The words are byte-level tokens ("Ġ" is the space), like Qwen's and Llama 3's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+
+    def word(i: int) -> str:
+        letters = ""
+        while True:
+            i, r = divmod(i, len(alphabet))
+            letters += alphabet[r]
+            if i == 0:
+                return letters
+
+    vocab = {("Ġ" if i % 2 else "") + word(i // 2): i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=next(iter(vocab))))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False)
 
 
 @dataclass(slots=True)

@@ -52,7 +52,7 @@ def fill(llm: LLM, args: argparse.Namespace) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     # Long enough that the first requests still decode when the last prompt is in.
     prefill_steps = -(-args.batch * args.context // llm.config.max_num_batched_tokens)
-    max_tokens = prefill_steps + args.warmup_steps + 8 * args.steps + 64
+    max_tokens = prefill_steps + args.warmup_steps + (3 * len(MODES) + 4) * args.steps + 64
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for _ in range(args.batch):
         ids = torch.randint(0, vocab, (args.context,), generator=gen).tolist()

@@ -28,9 +28,23 @@ from modkit.model import (
     UnsupportedModelError,
     default_dtype,
     load_model,
+    load_tokenizer,
     parse_dtype,
 )
 from modkit.model.layers import rope_inv_freq
+
+
+def test_a_random_checkpoints_tokenizer_has_a_word_for_every_id(random_checkpoint) -> None:
+    """What a random model samples becomes text, as a real model's tokens do (benchmarks detokenize it)."""
+    from modkit import LLM, SamplingParams
+
+    path = random_checkpoint("qwen2")
+    tokenizer = load_tokenizer(path)
+    vocab_size = ModelConfig.from_pretrained(path).vocab_size
+    assert all(tokenizer.decode([i]).strip() for i in range(vocab_size))
+    out = LLM(path, max_num_seqs=2).generate([[1, 2, 3]], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    completion = out[0].outputs[0]
+    assert len(completion.text) >= 8 and completion.text == tokenizer.decode(completion.token_ids)
 
 
 def test_sharded_checkpoint_loads_and_matches_hf(random_checkpoint, tmp_path: Path) -> None:
