@@ -181,6 +181,7 @@ class EngineCore:
         if req_ids:
             states = [self.sampling_states[r] for r in req_ids]
             sampled = self.sampler.sample(logits, states)
+            sampled.start_copy_to_host()
             self.worker.record_sampled_on_device(scheduler_output.step, req_ids, sampled.sampled_token_ids)
         return PendingStep(scheduler_output, req_ids, sampled)
 

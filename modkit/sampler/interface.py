@@ -37,7 +37,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -138,17 +138,34 @@ class SamplerOutput:
     sampled_token_ids: torch.Tensor  # (N,) int64
     logprobs: LogprobsTensors | None  # None when no row asked for logprobs
     num_logprobs: list[int | None]  # per row, its ``params.logprobs`` (host-side, for trimming)
+    _host: torch.Tensor | None = None  # the packed copy on the host, once ``start_copy_to_host`` queued it
+    _copied: Any = None  # the CUDA event that marks that copy done
 
-    def to_lists(self) -> list[SampledToken]:
-        """Move everything to the host in one copy and split it into one ``SampledToken`` per row."""
+    def start_copy_to_host(self) -> None:
+        """Queue the one device->host copy now, right behind this step's sampling.
+
+        Queued later (in ``to_lists``), it would wait behind whatever was launched after the
+        step on the same stream: with the next step launched ahead, behind that whole forward.
+        """
+        packed = self._packed()
+        if not packed.is_cuda:
+            return
+        self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        self._host.copy_(packed, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def _packed(self) -> torch.Tensor:
+        """Everything the host needs in one int64 tensor: (N, 1) without logprobs, else (N, 4 + 2K).
+
+        NOTE: one device->host copy, not four. The float32 logprobs travel as their 32-bit
+        patterns, which survive the int64 round trip exactly, and are viewed as floats again
+        on the host.
+        """
         lp = self.logprobs
         if lp is None:
-            return [SampledToken(t, None) for t in self.sampled_token_ids.tolist()]
-        # NOTE: one device->host copy, not four. Every field is packed into one int64 tensor;
-        # the float32 logprobs travel as their 32-bit patterns, which survive the int64
-        # round trip exactly, and are viewed as floats again on the host.
-        width = 1 + lp.num_top
-        packed = torch.cat(
+            return self.sampled_token_ids.unsqueeze(1)
+        return torch.cat(
             [
                 self.sampled_token_ids.unsqueeze(1),  # (N, 1)
                 lp.selected_token_ranks.unsqueeze(1),  # (N, 1)
@@ -156,8 +173,21 @@ class SamplerOutput:
                 lp.logprobs.view(torch.int32).to(torch.int64),  # (N, 1 + K)
             ],
             dim=1,
-        ).cpu()
+        )
+
+    def to_lists(self) -> list[SampledToken]:
+        """Bring everything to the host (waiting for the copy) and split it into one ``SampledToken`` per row."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            packed = self._host
+        else:
+            packed = self._packed().cpu()
+        assert packed is not None
         token_ids = packed[:, 0].tolist()
+        lp = self.logprobs
+        if lp is None:
+            return [SampledToken(t, None) for t in token_ids]
+        width = 1 + lp.num_top
         ranks = packed[:, 1].tolist()
         ids = packed[:, 2 : 2 + width].tolist()
         logprobs = packed[:, 2 + width :].to(torch.int32).view(torch.float32).tolist()

@@ -309,6 +309,7 @@ class WorkerService:
         if result.req_ids:
             states = [self.states[r] for r in result.req_ids]
             sampled = self.sampler.sample(result.logits, states)
+            sampled.start_copy_to_host()
             self.worker.record_sampled_on_device(plan.step, result.req_ids, sampled.sampled_token_ids)
         if self.device.type == "cuda":
             done = torch.cuda.Event()
