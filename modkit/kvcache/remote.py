@@ -17,7 +17,8 @@ and ``free`` calls in front of it, in order; the scheduler flushes what is left 
 goes idle. The client answers two questions itself:
 
 - a request whose held blocks already have room for its new tokens needs no new block (the
-  manager would return ``[]`` and change nothing), which is most decode steps;
+  manager would return ``[]`` and change nothing), which is most decode steps; nor does
+  ``cache_blocks`` travel before one of its blocks filled up;
 - a running request that needs new blocks gets them *promised* when the free blocks of the
   last reply, less those promised since, cover them: the manager checks exactly that count
   (``num_needed <= num_free_blocks``), so its answer cannot be None. The allocation is
@@ -64,6 +65,7 @@ class KVCacheManagerClient:
         self._promised_per_request: dict[str, int] = {}
         self._sent: dict[str, int] = {}  # tokens of each request the service has seen
         self._blocks: dict[str, list[int]] = {}  # each request's block table, as the service handed it out
+        self._num_full_reported: dict[str, int] = {}  # full blocks of each request cache_blocks has reported
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[int], int]:
         op = KVGetComputed(request.req_id, self._new_tokens(request), request.num_computed_tokens)
@@ -109,11 +111,19 @@ class KVCacheManagerClient:
         return list(new_ids)
 
     def cache_blocks(self, request: KVRequest, num_computed_tokens: int) -> None:
-        if request.req_id in self._blocks:
-            self._pending.append(KVCacheComputed(request.req_id, self._new_tokens(request), num_computed_tokens))
+        if request.req_id not in self._blocks:
+            return
+        # Only when a block filled up since the last report: otherwise the manager would change
+        # nothing (most decode steps), and the op would cost the round trip its encoding.
+        num_full = min(num_computed_tokens, request.num_tokens) // self.block_size
+        if num_full <= self._num_full_reported.get(request.req_id, 0):
+            return
+        self._num_full_reported[request.req_id] = num_full
+        self._pending.append(KVCacheComputed(request.req_id, self._new_tokens(request), num_computed_tokens))
 
     def free(self, request: KVRequest) -> None:
         self._blocks.pop(request.req_id, None)
+        self._num_full_reported.pop(request.req_id, None)
         if self._sent.pop(request.req_id, None) is not None:  # never sent: the service never heard of it
             self._pending.append(KVFree(request.req_id))
 
