@@ -337,3 +337,21 @@ def test_leaving_steps_early_loses_no_token(tiny_model_dir) -> None:
     for _ in llm.steps():
         pass
     assert [o.outputs[0].token_ids for o in outputs] == whole
+
+
+def test_steps_freeze_the_startup_heap_and_give_it_back(tiny_model_dir) -> None:
+    """Full collections skip what existed before the run (modkit.heap); after it nothing stays frozen,
+    so a deleted engine is collected as before."""
+    import gc
+    import weakref
+
+    llm = LLM(max_num_seqs=2)
+    params = SamplingParams(temperature=0, max_tokens=4)
+    llm._add("Once upon a time", params, 0, [])
+    frozen_during = [gc.get_freeze_count() for _ in llm.steps()]
+    assert frozen_during and min(frozen_during) > 100_000, "the model, tokenizer and blocks are frozen"
+    assert gc.get_freeze_count() == 0
+    model = weakref.ref(llm.engine.model)
+    del llm
+    gc.collect()
+    assert model() is None, "nothing of the engine is kept alive"

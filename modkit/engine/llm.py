@@ -25,6 +25,7 @@ from modkit.engine.config import EngineConfig
 from modkit.engine.core import EngineCore, PendingStep
 from modkit.engine.output_processor import OutputProcessor, ProcessedStep
 from modkit.engine.outputs import RequestOutput
+from modkit.heap import frozen_heap
 from modkit.kvcache import KVEventSink
 from modkit.model import encode_chat, load_tokenizer
 from modkit.request import RequestStatus
@@ -187,6 +188,10 @@ class LLM:
         two late, and the tokens it computed meanwhile are dropped (vLLM's async scheduling
         does the same).
         """
+        with frozen_heap():  # full collections skip the model, tokenizer and cache (modkit.heap)
+            yield from self._steps()
+
+    def _steps(self) -> Iterator[ProcessedStep]:
         if not self.overlap_steps:
             while self.engine.has_unfinished_requests():
                 yield self._after(self.processor.process(self.engine.step()))

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from modkit.heap import frozen_heap
 from modkit.transport.rpc import RemoteError, RpcClient, RpcServer, RpcTimeoutError
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,13 @@ def serve(
     """
     profile_dir = os.environ.get("MODKIT_PROFILE_DIR")
     if not profile_dir:
-        _serve(obj, server, tick_s, on_tick, extra_fds, on_fd)
+        with frozen_heap():  # the component is built: full collections skip its startup heap
+            _serve(obj, server, tick_s, on_tick, extra_fds, on_fd)
         return
     profiler = cProfile.Profile()
     try:
-        profiler.runcall(_serve, obj, server, tick_s, on_tick, extra_fds, on_fd)
+        with frozen_heap():
+            profiler.runcall(_serve, obj, server, tick_s, on_tick, extra_fds, on_fd)
     finally:
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
         profiler.dump_stats(Path(profile_dir) / f"{type(obj).__name__}-{os.getpid()}.prof")

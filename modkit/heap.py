@@ -1,0 +1,32 @@
+"""Python's garbage collector and a serving loop: the heap that exists when the loop starts is frozen.
+
+A full collection (generation 2) walks every container object the process holds. After
+loading a model, a tokenizer and the KV cache manager's blocks that is most of a million
+objects, and one full collection stops the loop for a few hundred milliseconds, tens of
+decode steps' worth, whenever enough new objects have piled up (the scheduler's step
+records do, a few hundred a step). ``gc.freeze()`` moves every object alive now out of
+the collector's sight, so later collections walk only what the loop itself made. vLLM
+freezes its engine's startup heap for the same reason.
+
+``gc.unfreeze()`` when the loop ends hands the objects back, so nothing frozen here is
+kept alive for good (an ``LLM`` deleted in a notebook frees its GPU memory as before).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Freeze the objects alive now for the duration of the block (nothing, if the caller already froze some)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
