@@ -41,7 +41,7 @@ class CachedRequestState:
 
 
 @dataclass(slots=True)
-class SampledToken:
+class LastSampled:
     """A request's last sampled token: on the host once its step is finished, else a row on the device."""
 
     step: int
@@ -63,7 +63,7 @@ class Worker:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.requests: dict[str, CachedRequestState] = {}
-        self.sampled: dict[str, SampledToken] = {}  # each request's last sampled token, until a step computes it
+        self.sampled: dict[str, LastSampled] = {}  # each request's last sampled token, until a step computes it
         # Tokens a launched step reads on the device: req_id -> (step that sampled it, index in token_ids).
         self.placeholders: dict[str, tuple[int, int]] = {}
         self.failed_req_ids: set[str] = set()  # in a step that raised: skipped until the scheduler drops them
@@ -71,14 +71,15 @@ class Worker:
     def record_sampled_on_device(self, step: int, req_ids: list[str], device_ids: torch.Tensor) -> None:
         """Step ``step`` was launched and samples ``req_ids`` into ``device_ids`` (not yet on the host)."""
         for row, req_id in enumerate(req_ids):
-            self.sampled[req_id] = SampledToken(step, None, device_ids, row)
+            self.sampled[req_id] = LastSampled(step, None, device_ids, row)
 
     def record_sampled(self, step: int, req_ids: list[str], token_ids: list[int]) -> None:
         """Step ``step``'s tokens reached the host: a plan made before the scheduler saw them computes them next."""
         for req_id, token_id in zip(req_ids, token_ids, strict=True):
-            if self.placeholders.get(req_id, (None,))[0] == step:  # a later step already read it on the device
-                _, index = self.placeholders.pop(req_id)
-                self.requests[req_id].token_ids[index] = token_id
+            placeholder = self.placeholders.get(req_id)
+            if placeholder is not None and placeholder[0] == step:  # a later step already read it on the device
+                del self.placeholders[req_id]
+                self.requests[req_id].token_ids[placeholder[1]] = token_id
             elif (sampled := self.sampled.get(req_id)) is not None and sampled.step == step:
                 sampled.token_id = token_id
 
@@ -122,12 +123,12 @@ class Worker:
         logits = self.runner.execute(chunks, fill if fill.positions else None)
         return StepResult(sample_ids, logits, position)
 
-    def _apply_diff(self, out: SchedulerOutput) -> dict[str, SampledToken]:
+    def _apply_diff(self, out: SchedulerOutput) -> dict[str, LastSampled]:
         """Bring the request table up to the plan; return the tokens this step reads on the device."""
         for req_id in out.finished_req_ids | out.preempted_req_ids:
             self._drop(req_id)
             self.failed_req_ids.discard(req_id)
-        on_device: dict[str, SampledToken] = {}
+        on_device: dict[str, LastSampled] = {}
         for new in out.scheduled_new_reqs:
             self.failed_req_ids.discard(new.req_id)  # readmitted after a preemption
             self.requests[new.req_id] = CachedRequestState(
