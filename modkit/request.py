@@ -34,7 +34,10 @@ class RequestStatus(enum.IntEnum):
     @property
     def finish_reason(self) -> str | None:
         """The OpenAI / vLLM name: 'stop', 'length' or 'abort'."""
-        return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
+        return _FINISH_REASONS.get(int(self))
+
+
+_FINISH_REASONS = {3: "stop", 4: "length", 5: "abort"}  # RequestStatus -> finish_reason
 
 
 def check_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int) -> None:

@@ -167,10 +167,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if self._last_token_in_flight(request):
+            if request.num_output_placeholders and self._last_token_in_flight(request):
                 i += 1
                 continue
-            num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens, budget)
+            known = request.num_tokens + request.num_output_placeholders  # tokens, sampled or in flight
+            num_new = min(known - request.num_computed_tokens, budget)
             assert num_new > 0, f"running request {request.req_id} has nothing to compute"
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = self.policy.pick_victim(self.running)
@@ -187,8 +188,7 @@ class Scheduler:
             # Decode: only the newest token is left (known, or in flight), and it is an output
             # token. Anything else is a prefill: a prompt chunk (its last one may be one token),
             # or prompt + outputs recomputed after a preemption.
-            newest = request.num_tokens + request.num_output_placeholders - 1
-            decode = request.num_computed_tokens == newest >= request.num_prompt_tokens
+            decode = request.num_computed_tokens == known - 1 >= request.num_prompt_tokens
             kind = "decode" if decode else "prompt"
             entries.append(ScheduledEntry(request.req_id, num_new, kind, request.num_computed_tokens))
             scheduled[request.req_id] = num_new
@@ -234,11 +234,12 @@ class Scheduler:
         output = self._make_output(scheduled, admitted, preempted)
         # 3. Advance before the model runs: the scheduler already counts these as computed.
         # One that reaches its end samples a token: a placeholder until the step comes back.
+        in_flight = self._tokens_in_flight
         for req_id, n in scheduled.items():
             request = self.requests[req_id]
             request.num_computed_tokens += n
-            self._tokens_in_flight[req_id] = self._tokens_in_flight.get(req_id, 0) + n
-            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+            in_flight[req_id] = in_flight.get(req_id, 0) + n
+            if request.num_computed_tokens == len(request.all_token_ids) + request.num_output_placeholders:
                 request.num_output_placeholders += 1
         self.last_record = StepRecord(
             step=self.step_count,
@@ -283,9 +284,10 @@ class Scheduler:
                 cached_reqs.append(
                     CachedRequestData(req_id, request.all_token_ids[known:], new_block_ids, request.num_computed_tokens)
                 )
-                self._worker_blocks[req_id] = known_blocks + len(new_block_ids)
+                if new_block_ids:
+                    self._worker_blocks[req_id] = known_blocks + len(new_block_ids)
             # The worker also holds the tokens it sampled in steps still in flight: it fills them in itself.
-            self.worker_num_tokens[req_id] = request.num_tokens + request.num_output_placeholders
+            self.worker_num_tokens[req_id] = len(request.all_token_ids) + request.num_output_placeholders
         output = SchedulerOutput(
             step=self.step_count,
             scheduled_new_reqs=new_reqs,
@@ -307,10 +309,11 @@ class Scheduler:
         was planned (async scheduling) still gets the step's token: it was computed over the
         request's own blocks, before anyone else's step could reuse them.
         """
+        in_flight = self._tokens_in_flight
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
-            later = self._tokens_in_flight.pop(req_id, n) - n  # planned in steps after this one
+            later = in_flight.pop(req_id, n) - n  # planned in steps after this one
             if later > 0:
-                self._tokens_in_flight[req_id] = later
+                in_flight[req_id] = later
             request = self.requests.get(req_id)
             if request is not None and request.status == RequestStatus.RUNNING:
                 self.kv.cache_blocks(request, request.num_computed_tokens - later)
@@ -335,13 +338,14 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
-        if request.num_output_tokens >= (params.min_tokens or 0):
+        num_output_tokens = len(request.output_token_ids)
+        if num_output_tokens >= (params.min_tokens or 0):
             if token in request.eos_token_ids and not params.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED
-            if token in (params.stop_token_ids or ()):
+            if params.stop_token_ids and token in params.stop_token_ids:
                 request.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+        if num_output_tokens >= request.max_tokens or len(request.all_token_ids) >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None
 
