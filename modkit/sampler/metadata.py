@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from modkit.sampler.interface import SamplingState
-from modkit.sampling_params import SamplingType
+from modkit.sampling_params import SamplingParams, SamplingType
 from modkit.transfer import to_device
 
 
@@ -65,25 +65,24 @@ class SamplingMetadata:
     @classmethod
     def from_states(cls, states: Sequence[SamplingState], vocab_size: int, device: torch.device) -> SamplingMetadata:
         """Read every row's parameters; the only per-request Python loop of a step."""
-        greedy = [s.params.sampling_type == SamplingType.GREEDY for s in states]
-        temperature: list[float] = []
-        min_p: list[float] = []
-        top_k: list[int] = []
-        top_p: list[float] = []
+        # Requests of one generate() call share a SamplingParams: read each distinct one once.
+        per_params: dict[int, _RowParams] = {}
+        rows: list[_RowParams] = []
         generators: dict[int, torch.Generator] = {}
         bias_rows: list[int] = []
         bias_ids: list[int] = []
         bias_values: list[float] = []
         mask_rows: list[int] = []
         mask_ids: list[int] = []
-        for row, (state, is_greedy) in enumerate(zip(states, greedy, strict=True)):
+        for row, state in enumerate(states):
             params = state.params
-            # Greedy rows ignore temperature and the truncation masks, as vLLM does.
-            temperature.append(1.0 if is_greedy else params.temperature)
-            min_p.append(0.0 if is_greedy else params.min_p)
-            top_k.append(0 if is_greedy or params.top_k >= vocab_size else params.top_k)  # k >= V keeps everything
-            top_p.append(1.0 if is_greedy else params.top_p)
-            if not is_greedy and state.generator is not None:
+            values = per_params.get(id(params))
+            if values is None:
+                values = per_params[id(params)] = _RowParams.of(params, vocab_size)
+            rows.append(values)
+            if not values.special:
+                continue
+            if not values.greedy and state.generator is not None:
                 generators[row] = state.generator
             if params.logit_bias:
                 params.check_token_ids(vocab_size)
@@ -94,6 +93,11 @@ class SamplingMetadata:
                 params.check_token_ids(vocab_size)
                 mask_rows += [row] * len(masked)
                 mask_ids += masked
+        greedy = [r.greedy for r in rows]
+        temperature = [r.temperature for r in rows]
+        min_p = [r.min_p for r in rows]
+        top_k = [r.top_k for r in rows]
+        top_p = [r.top_p for r in rows]
 
         # Through pinned memory: on a GPU the forward of this step may still be running.
         def ints(values: list[int]) -> torch.Tensor:
@@ -118,6 +122,31 @@ class SamplingMetadata:
             penalties=_penalty_tensors(states, vocab_size, device),
             max_num_logprobs=max((k for k in logprobs if k is not None), default=None),
             num_logprobs=logprobs,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _RowParams:
+    """What a row's ``SamplingParams`` contribute to the step's tensors."""
+
+    greedy: bool
+    temperature: float  # 1.0 on greedy rows, so that dividing by it is harmless
+    min_p: float
+    top_k: int  # 0 = off
+    top_p: float
+    special: bool  # a seed, a logit bias or min_tokens: the row needs a look of its own
+
+    @classmethod
+    def of(cls, params: SamplingParams, vocab_size: int) -> _RowParams:
+        greedy = params.sampling_type == SamplingType.GREEDY
+        # Greedy rows ignore temperature and the truncation masks, as vLLM does.
+        return cls(
+            greedy=greedy,
+            temperature=1.0 if greedy else params.temperature,
+            min_p=0.0 if greedy else params.min_p,
+            top_k=0 if greedy or params.top_k >= vocab_size else params.top_k,  # k >= V keeps everything
+            top_p=1.0 if greedy else params.top_p,
+            special=params.seed is not None or bool(params.logit_bias) or params.min_tokens > 0,
         )
 
 
