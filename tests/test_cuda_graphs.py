@@ -144,6 +144,27 @@ def test_piecewise_replay_matches_the_eager_forward(random_checkpoint, dtype: st
 
 
 @gpu
+def test_a_bad_decode_step_is_refused_before_any_replay(random_checkpoint) -> None:
+    """The graph path checks its inputs a column at a time, and names the chunk as the eager path does."""
+    model = load_model(random_checkpoint("qwen2"), dtype="float32", device="cuda", attention_backend="triton")
+    runner = ModelRunner(model, PagedKVCache.allocate(model.config, 64, 16, torch.float32, "cuda"))
+    graphs = runner.capture_cuda_graphs(max_num_seqs=8, max_model_len=512)
+    good = [SequenceChunk([5], 20, [1, 2]), SequenceChunk([6], 3, [3])]
+    runner.execute(good)
+    cases = [
+        ([SequenceChunk([5], 20, [1, 2]), SequenceChunk([6], 3, [64])], "chunk 1 names a block outside 0..63"),
+        ([SequenceChunk([5], 40, [1, 2]), SequenceChunk([6], 3, [3])], "chunk 0 needs 3 blocks for 41 tokens"),
+        ([SequenceChunk([5], -1, [1]), SequenceChunk([6], 3, [3])], "chunk 0 has negative num_computed_tokens"),
+        ([SequenceChunk([5], 1024, [1] * 65), SequenceChunk([6], 3, [3])], "past the model's limit"),
+    ]
+    for chunks, message in cases:
+        replays = graphs.num_replays
+        with pytest.raises(ValueError, match=message):
+            runner.execute(chunks)
+        assert graphs.num_replays == replays
+
+
+@gpu
 def test_prompt_chunks_and_big_batches_run_eagerly(random_checkpoint) -> None:
     model = load_model(random_checkpoint("qwen2"), dtype="bfloat16", device="cuda", attention_backend="triton")
     runner = ModelRunner(model, PagedKVCache.allocate(model.config, 200, 16, torch.bfloat16, "cuda"))

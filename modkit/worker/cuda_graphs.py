@@ -135,6 +135,16 @@ class DecodeGraphs:
         """A decode-only step (one new token and one logit row each) that a graph is big enough for."""
         return len(chunks) <= self.max_batch and all(len(c.token_ids) == 1 == c.num_logits for c in chunks)
 
+    def _check(self, chunks: Sequence[SequenceChunk], positions: list[int], tables: Any) -> None:
+        """``ModelRunner.validate``'s checks for a decode step, on whole columns at once (its loop
+        over the chunks costs more than the rest of the step's host work); on a failure that
+        loop runs, to name the chunk. Table cells past a row's length hold earlier steps' ids."""
+        runner = self.runner
+        ok = min(positions) >= 0 and max(positions) < runner.model.config.max_position_embeddings
+        if not (ok and tables.min() >= 0 and tables.max() < runner.kv_cache.num_blocks):
+            runner.validate(list(chunks))
+            raise ValueError("a decode step the cache or the model cannot hold")
+
     @torch.inference_mode()
     def run(self, chunks: Sequence[SequenceChunk], device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         """Logits (len(chunks), vocab_size) float32 for a decode-only step, by replay."""
@@ -145,10 +155,15 @@ class DecodeGraphs:
         positions = [c.num_computed_tokens for c in chunks]
         tables = self.host_tables.numpy()
         slots = []
-        for i, (chunk, pos) in enumerate(zip(chunks, positions, strict=True)):
-            table = chunk.block_table
-            tables[i, : len(table)] = table
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        try:
+            for i, (chunk, pos) in enumerate(zip(chunks, positions, strict=True)):
+                table = chunk.block_table
+                tables[i, : len(table)] = table
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        except (IndexError, ValueError):  # a table too short, or too long: name the chunk and the reason
+            self.runner.validate(list(chunks))
+            raise
+        self._check(chunks, positions, tables[:n])
         pad = b - n
         self.host_ids[:b] = torch.tensor([c.token_ids[0] for c in chunks] + [0] * pad)
         self.host_positions[:b] = torch.tensor(positions + [0] * pad)

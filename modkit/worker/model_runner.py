@@ -120,7 +120,7 @@ class ModelRunner:
         Python loops here run once per chunk; everything per token is a tensor operation,
         so preparing a step costs little next to the forward it feeds.
         """
-        self._validate(chunks)
+        self.validate(chunks)
         block_size = self.kv_cache.block_size
         num_seqs = len(chunks)
         query_lens = torch.tensor([len(c.token_ids) for c in chunks])  # (S,)
@@ -164,7 +164,7 @@ class ModelRunner:
             logits_indices=to_device(logits_indices, torch.int64, dev),
         )
 
-    def _validate(self, chunks: list[SequenceChunk]) -> None:
+    def validate(self, chunks: list[SequenceChunk]) -> None:
         """Refuse work the cache or the model cannot hold, naming the chunk and the reason."""
         if not chunks:
             raise ValueError("a forward pass needs at least one sequence chunk")
@@ -195,8 +195,7 @@ class ModelRunner:
         ``device_tokens``: rows of the batch whose token is taken on the device (see ``DeviceTokens``).
         """
         if self.graphs is not None and self.graphs.can_run(chunks):
-            self._validate(chunks)
-            return self.graphs.run(chunks, device_tokens)
+            return self.graphs.run(chunks, device_tokens)  # validated there, a column at a time
         inputs = self.prepare(chunks)
         if device_tokens is not None:
             device_tokens.write(inputs.input_ids)
