@@ -8,6 +8,7 @@ token a decoding request just sampled; any mix goes into the same forward.
 
 from __future__ import annotations
 
+import gc
 import itertools
 from dataclasses import dataclass, field
 
@@ -93,13 +94,23 @@ class ModelRunner:
         backend = self.model.attention_backend
         if not backend.supports_cuda_graphs:
             raise ValueError(f"attention backend {backend.name!r} cannot run inside a CUDA graph")
-        graphs = DecodeGraphs(self, max_num_seqs, max_model_len)
-        graphs.capture()
-        self.graphs = graphs
-        if max_num_batched_tokens is not None:
-            piecewise = PiecewiseGraphs(self, max_num_batched_tokens)
-            piecewise.capture()
-            self.piecewise = piecewise
+        # No garbage collection during a capture: freeing an earlier engine's CUDA or pinned
+        # tensors there (say, an LLM deleted in a notebook) would break the capture. Garbage
+        # of now is freed now.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            graphs = DecodeGraphs(self, max_num_seqs, max_model_len)
+            graphs.capture()
+            self.graphs = graphs
+            if max_num_batched_tokens is not None:
+                piecewise = PiecewiseGraphs(self, max_num_batched_tokens)
+                piecewise.capture()
+                self.piecewise = piecewise
+        finally:
+            if collecting:
+                gc.enable()
         return graphs
 
     def drop_cuda_graphs(self) -> None:
