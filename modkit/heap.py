@@ -21,10 +21,12 @@ from contextlib import contextmanager
 
 @contextmanager
 def frozen_heap() -> Iterator[None]:
-    """Freeze the objects alive now for the duration of the block (nothing, if the caller already froze some)."""
-    if gc.get_freeze_count():
-        yield
-        return
+    """Freeze the objects alive now for the duration of the block.
+
+    NOTE: ``gc.unfreeze`` hands back every frozen object, also those someone froze before
+    (on a GPU box some library leaves a few hundred frozen; seen on the H100): only how
+    often the collector looks at them changes, and nothing stays frozen for good.
+    """
     gc.freeze()
     try:
         yield
