@@ -280,6 +280,17 @@ class KVAllocate(msgspec.Struct, tag="kv_alloc", frozen=True):
     num_hit_tokens: int
 
 
+class KVAdmit(msgspec.Struct, tag="kv_admit", frozen=True):
+    """``admit`` (a prefix-cache lookup, then an allocation for what the token budget allows);
+    result: [the blocks it gained (the hit's, then new ones), tokens hit, tokens to compute now],
+    or None when too few blocks are free."""
+
+    req_id: str
+    new_token_ids: list[int]
+    num_computed_tokens: int
+    token_budget: int
+
+
 class KVCacheComputed(msgspec.Struct, tag="kv_cache", frozen=True):
     """``cache_blocks`` after a forward; result: None."""
 
@@ -294,7 +305,7 @@ class KVFree(msgspec.Struct, tag="kv_free", frozen=True):
     req_id: str
 
 
-KVOp = KVGetComputed | KVAllocate | KVCacheComputed | KVFree
+KVOp = KVGetComputed | KVAllocate | KVAdmit | KVCacheComputed | KVFree
 
 
 class KVApplyReply(msgspec.Struct, frozen=True):

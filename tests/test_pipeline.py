@@ -27,6 +27,7 @@ from modkit import LLM, Pipeline
 from modkit.config import ConfigError, free_component_ports
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.kvcache import KVCacheManager
+from modkit.kvcache.interface import admit
 from modkit.kvcache.remote import KVCacheManagerClient
 from modkit.pipeline.addresses import socket_names
 from modkit.pipeline.preflight import PortInUseError
@@ -153,6 +154,30 @@ def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions(plan_ahe
             assert pool["prefix_cache_hits"] == local.kv.stats().prefix_cache_hits > 0  # type: ignore[attr-defined]
             assert pool["kv_blocks_free"] == num_blocks - 1
             assert stats["num_calls"] < stats["num_ops"], "calls that return nothing travel together"
+    finally:
+        service.stop()
+
+
+def test_an_admission_is_one_round_trip_to_the_kv_cache_manager() -> None:
+    """The prefix-cache lookup and the first allocation travel together, and give what the in-process manager gives."""
+    pool = {"num_blocks": [16], "block_size": 4}
+    service = ComponentProcess.start("kv-admit", "modkit.kvcache.remote:KVCacheService", pool, ipc_address("kv-a.rpc"))
+    try:
+        with service.client(timeout_s=10) as rpc:
+            remote, local = KVCacheManagerClient(rpc, 0, 4), KVCacheManager(16, 4)
+            params = SamplingParams(max_tokens=4)
+            first = [Request("a", list(range(1, 11)), params), Request("a", list(range(1, 11)), params)]
+            for kv, request in zip((remote, local), first, strict=True):
+                assert admit(kv, request, token_budget=8) == (0, 8)  # the budget cuts the prompt
+                request.num_computed_tokens = 8
+                kv.cache_blocks(request, 8)
+            assert remote.num_round_trips == 1 and remote.get_block_ids("a") == local.get_block_ids("a")
+            second = [Request("b", list(range(1, 13)), params), Request("b", list(range(1, 13)), params)]
+            assert [admit(kv, r, token_budget=8) for kv, r in zip((remote, local), second, strict=True)] == [(8, 4)] * 2
+            assert remote.num_round_trips == 2 and remote.get_block_ids("b") == local.get_block_ids("b")
+            too_big = Request("c", list(range(100, 160)), params)
+            assert admit(remote, too_big, token_budget=64) is None and remote.num_round_trips == 3
+            remote.check_invariants()
     finally:
         service.stop()
 

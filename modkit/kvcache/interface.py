@@ -14,6 +14,10 @@ which one it holds. The contract:
   full blocks findable by hash. ``free(request)``: give all its blocks back.
 - ``flush()``: make every earlier call take effect (a no-op in-process; a remote
   manager may batch the calls that return nothing).
+
+The scheduler admits a waiting request with ``admit`` below: the lookup, then the
+allocation for what the token budget allows. A manager in another process does both in
+one round trip (its own ``admit``).
 """
 
 from __future__ import annotations
@@ -63,3 +67,18 @@ class KVCacheManagerInterface(Protocol):
     def flush(self) -> None: ...
 
     def check_invariants(self) -> None: ...
+
+
+def admit(kv: KVCacheManagerInterface, request: KVRequest, token_budget: int) -> tuple[int, int] | None:
+    """Admit a waiting request: its prefix-cache hit, and blocks for the tokens it computes now
+    (all the rest of it, or what the budget allows). Returns (tokens hit, tokens to compute),
+    or None, changing nothing, when the free blocks do not suffice."""
+    in_one_go = getattr(kv, "admit", None)  # a remote manager: one round trip for both
+    if in_one_go is not None:
+        result: tuple[int, int] | None = in_one_go(request, token_budget)
+        return result
+    hit_blocks, num_hit = kv.get_computed_blocks(request)
+    num_new = min(request.num_tokens - num_hit, token_budget)
+    if kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
+        return None
+    return num_hit, num_new

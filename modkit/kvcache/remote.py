@@ -26,8 +26,8 @@ goes idle. The client answers two questions itself:
   the scheduler asks for them once it has planned the whole step, so a step's block-boundary
   decodes cost one round trip together instead of one each.
 
-Admissions (a prefix-cache lookup first) and allocations the count cannot vouch for are
-asked at once.
+An admission (``admit``: the prefix-cache lookup, then the allocation for what the token
+budget allows) is one round trip, and so is an allocation the count cannot vouch for.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from typing import Any
 from modkit.kvcache.events import KVEvent, event_to_wire
 from modkit.kvcache.eviction import EVICTION_POLICIES, try_policy
 from modkit.kvcache.hashing import BlockHash
-from modkit.kvcache.interface import KVRequest
+from modkit.kvcache.interface import KVRequest, admit
 from modkit.kvcache.manager import KVCacheManager
-from modkit.protocol import KVAllocate, KVApplyReply, KVCacheComputed, KVFree, KVGetComputed, KVOp
+from modkit.protocol import KVAdmit, KVAllocate, KVApplyReply, KVCacheComputed, KVFree, KVGetComputed, KVOp
 from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import BlockActivity, BlockEvents, EventPublisher, Swapped
 from modkit.transport import RpcClient
@@ -66,6 +66,16 @@ class KVCacheManagerClient:
         self._sent: dict[str, int] = {}  # tokens of each request the service has seen
         self._blocks: dict[str, list[int]] = {}  # each request's block table, as the service handed it out
         self._num_full_reported: dict[str, int] = {}  # full blocks of each request cache_blocks has reported
+
+    def admit(self, request: KVRequest, token_budget: int) -> tuple[int, int] | None:
+        """``modkit.kvcache.interface.admit`` in one round trip: the lookup and the allocation together."""
+        op = KVAdmit(request.req_id, self._new_tokens(request), request.num_computed_tokens, token_budget)
+        result = self._ask(op)
+        if result is None:
+            return None
+        block_ids, num_hit, num_new = result
+        self._blocks.setdefault(request.req_id, []).extend(block_ids)
+        return int(num_hit), int(num_new)
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[int], int]:
         op = KVGetComputed(request.req_id, self._new_tokens(request), request.num_computed_tokens)
@@ -269,6 +279,8 @@ class KVCacheService:
             if isinstance(op, KVGetComputed):
                 hits, num_hit = manager.get_computed_blocks(request)
                 results.append([[b.block_id for b in hits], num_hit])
+            elif isinstance(op, KVAdmit):
+                results.append(self._admit(manager, request, op.token_budget))
             elif isinstance(op, KVAllocate):
                 hit_blocks = [manager.block(i) for i in op.hit_block_ids]
                 new = manager.allocate_slots(request, op.num_new_tokens, hit_blocks, op.num_hit_tokens)
@@ -282,6 +294,15 @@ class KVCacheService:
         if self.implementation == "modkit" and manager.pool.eviction_error is not None:
             self._roll_back(manager.pool.eviction_error)
         return KVApplyReply(results, manager.num_free_blocks, manager.usage)
+
+    @staticmethod
+    def _admit(manager: Any, request: _RemoteRequest, token_budget: int) -> list[Any] | None:
+        """``admit`` on the pool: [the blocks it gained (hits, then new ones), tokens hit, tokens to compute]."""
+        held = len(manager.get_block_ids(request.req_id))
+        admitted = admit(manager, request, token_budget)
+        if admitted is None:
+            return None
+        return [manager.get_block_ids(request.req_id, held), *admitted]
 
     def block_tables(self, pool: int) -> dict[str, list[int]]:
         manager = self.pools[pool]

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from modkit.kvcache.interface import KVCacheManagerInterface
+from modkit.kvcache.interface import KVCacheManagerInterface, admit
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.output import (
     CachedRequestData,
@@ -208,11 +208,11 @@ class Scheduler:
             elif len(self.running) + len(admitted) >= self.max_num_seqs:
                 waiting_why[request.req_id] = f"max_num_seqs={self.max_num_seqs} running"
             else:
-                hit_blocks, num_hit = self.kv.get_computed_blocks(request)
-                num_new = min(request.num_tokens - num_hit, budget)
-                if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
+                admitted_as = admit(self.kv, request, budget)  # (tokens hit in the prefix cache, tokens to compute)
+                if admitted_as is None:
                     waiting_why[request.req_id] = "not enough free KV blocks"
                 else:
+                    num_hit, num_new = admitted_as
                     request.num_computed_tokens = num_hit
                     queries, hits = queries + request.num_tokens, hits + num_hit
                     if request.num_cached_tokens < 0:
