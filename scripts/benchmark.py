@@ -290,10 +290,19 @@ def bench_pipeline(
             "kv_round_trips": sum(w["kv_round_trips"] for w in workers),
         }
 
+    def loop_clocks() -> dict[str, dict[str, float]]:
+        """Each component's serve-loop clock (``LoopClock``): seconds busy and elapsed so far."""
+        return {name: s["loop"] for name, s in pipeline.stats().items() if isinstance(s.get("loop"), dict)}
+
     def run(ps: list[list[int]]) -> dict[str, Any]:
-        before, start = step_totals(), time.perf_counter()
+        before, clocks, start = step_totals(), loop_clocks(), time.perf_counter()
         texts, tokens, ttfts = zip(*send_all(ps), strict=True)
         wall, after = time.perf_counter() - start, step_totals()
+        busy = {  # share of the run each process's loop was busy: near 1, the one the others wait for
+            name: (c["busy_s"] - clocks[name]["busy_s"]) / (c["elapsed_s"] - clocks[name]["elapsed_s"])
+            for name, c in loop_clocks().items()
+            if name in clocks
+        }
         assert all(n == args.output_len for n in tokens), tokens
         ttft = {"mean_ttft_s": statistics.mean(ttfts)} if args.stream else {}
         steps = after["steps"] - before["steps"]
@@ -310,6 +319,7 @@ def bench_pipeline(
             "steps": steps,
             "wall_ms": 1e3 * wall / steps,
             **per_step,
+            "loop_busy": busy,
             **ttft,
         }
 
@@ -346,6 +356,13 @@ def timed(run: Run, repeats: int, device: str) -> tuple[list[float], list[dict[s
         times.append(time.perf_counter() - start)
         measured.append(out or {})
     return times, measured
+
+
+def median_of(values: list[Any]) -> Any:
+    """The median of numbers; of dicts of numbers, the median of each key."""
+    if isinstance(values[0], dict):
+        return {k: statistics.median([v[k] for v in values]) for k in values[0]}
+    return statistics.median(values)
 
 
 def main() -> None:
@@ -422,11 +439,12 @@ def main() -> None:
             # Each run checks that it made every token, so the count is the same every run.
             tokens = last.get("output_tokens", args.num_prompts * args.output_len)
             numbers = [k for k in last if k not in ("texts", "output_tokens")]
-            extra = {k: statistics.median([m[k] for m in measured]) for k in numbers}
+            extra = {k: median_of([m[k] for m in measured]) for k in numbers}
             results[name] = {"seconds": seconds, "runs_s": times, "output_tokens_per_s": tokens / seconds, **extra}
+            scalars = "".join(f", {k} {v:.3g}" for k, v in extra.items() if not isinstance(v, dict))
             print(
                 f"{name}: median {seconds:.2f} s of {[round(t, 2) for t in times]}, "
-                f"{tokens / seconds:,.0f} output tok/s" + "".join(f", {k} {v:.3g}" for k, v in extra.items()),
+                f"{tokens / seconds:,.0f} output tok/s{scalars}",
                 flush=True,
             )
             gc.collect()
@@ -491,6 +509,8 @@ def main() -> None:
             f"{pipeline['schedule_ms']:.1f} ({pipeline['kv_round_trips']:.1f} KV round trips), update "
             f"{pipeline['update_ms']:.1f}"
         )
+        busy = ", ".join(f"{name} {share:.0%}" for name, share in pipeline.get("loop_busy", {}).items())
+        print(f"pipeline, serve loops busy (a worker's includes waiting for its GPU): {busy}")
     print(f"saved {args.out}")
 
 

@@ -23,7 +23,7 @@ import pytest
 import zmq
 from transport_targets import Echo, Pair, Point
 
-from modkit.protocol import Call, ErrorReply, Reply
+from modkit.protocol import LOOP, Call, ErrorReply, Reply
 from modkit.transport import (
     QUIET_THREADS,
     ComponentProcess,
@@ -273,6 +273,40 @@ def test_subscriber_reports_what_pub_dropped_at_the_high_water_mark(tmp_path: Pa
                     break
         assert seqs == sorted(seqs) and seqs[-1] >= 500
         assert subscriber.missed > 0 and len(seqs) + subscriber.missed == seqs[-1] + 1
+
+
+def test_publisher_knows_which_topics_anyone_subscribes_to(tmp_path: Path) -> None:
+    """XPUB: ``wants`` follows subscriptions as they come and go, by prefix; what it refuses, a SUB never gets."""
+    address = f"ipc://{tmp_path}/wanted"
+    with Publisher(address) as publisher:
+        assert not publisher.wants("step.0"), "nobody subscribes yet"
+        with Subscriber(address, topics=["step."]) as steps:
+            assert wait_until(lambda: publisher.wants("step.0"), 5), "the subscription never arrived"
+            assert publisher.wants("step.1") and not publisher.wants("forward.0") and not publisher.wants("step")
+            with Subscriber(address, topics=[""]):
+                assert wait_until(lambda: publisher.wants("forward.0"), 5)
+            assert wait_until(lambda: not publisher.wants("forward.0"), 5), "the catch-all left: forward.0 is unwanted"
+            assert publisher.wants("step.0"), "step. is still held"
+            publisher.publish("forward.0", "dropped")  # what wants() says nobody gets: ZeroMQ drops it too
+            publisher.publish("step.0", "delivered")
+            delivery = steps.recv(2.0)
+            assert delivery is not None and (delivery.topic, delivery.payload) == ("step.0", "delivered")
+        assert wait_until(lambda: not publisher.wants("step.0"), 5), "the last subscriber left"
+
+
+def test_serve_loop_clock_tells_busy_from_idle(echo: ComponentProcess) -> None:
+    """The loop's own clock: a call that keeps it busy half a second counts as busy, a quiet half second as idle."""
+    with RpcClient(echo.address, timeout_s=10) as client:
+        before = client.call(LOOP)
+        client.call("sleep", 0.5)
+        time.sleep(0.5)
+        after = client.call(LOOP)
+    busy, idle = after["busy_s"] - before["busy_s"], after["idle_s"] - before["idle_s"]
+    elapsed = after["elapsed_s"] - before["elapsed_s"]
+    assert 0.5 <= busy < 0.75, busy
+    assert 0.35 < idle <= elapsed - 0.5, (idle, elapsed)
+    assert after["busy_s"] + after["idle_s"] == pytest.approx(after["elapsed_s"])
+    assert 0 < after["busy_fraction"] < 1 and after["num_turns"] > before["num_turns"]
 
 
 def test_heartbeats_tell_busy_from_dead(echo: ComponentProcess) -> None:

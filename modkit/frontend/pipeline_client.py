@@ -189,8 +189,8 @@ class PipelineClient:
 
     def _publish_outputs(self, outputs: list[EngineCoreOutput], stopped: list[str]) -> None:
         """When each token left the engine, and which requests it finished (for TTFT and inter-token latency)."""
-        if not outputs:
-            return
+        if not outputs or not self.events.wants("request"):
+            return  # nobody listens: not even built
         now = time.time()
         self.events.publish("request", TokensOut(now, {o.req_id: len(o.new_token_ids) for o in outputs}))
         finished = {o.req_id: o.finish_reason for o in outputs if o.finish_reason is not None}

@@ -40,7 +40,6 @@ from modkit.transport import Publisher
 
 # What a subscriber of the whole stream asks for.
 TOPICS = ("step.", "forward.", "blocks.", "request", "route", "swap", "hello")
-MAX_WAITING_REASONS = 16  # a step names why its first waiting requests wait; the rest are counted
 
 
 class ScheduledReq(msgspec.Struct, array_like=True, frozen=True):
@@ -65,7 +64,9 @@ class StepEvent(msgspec.Struct, tag="step", frozen=True):
     sample_s: float
     scheduled: list[ScheduledReq]  # in batch order
     preempted: dict[str, str]  # req_id -> why it lost its blocks this step
-    waiting: dict[str, str]  # req_id -> why it was not scheduled (the first MAX_WAITING_REASONS of them)
+    waiting: dict[
+        str, str
+    ]  # req_id -> why it was not scheduled (the first in line: modkit.scheduler.output.MAX_WAITING_REASONS)
     num_waiting: int  # in the waiting queue after this step's admissions
     num_running: int  # after this step's admissions and preemptions
     token_budget: int  # max_num_batched_tokens
@@ -189,6 +190,11 @@ class EventPublisher:
     def publish(self, topic: str, event: Any) -> None:
         with self._lock:
             self.publisher.publish(topic, event)
+
+    def wants(self, topic: str) -> bool:
+        """Whether anyone subscribes to ``topic`` now: if not, an event for it need not even be built."""
+        with self._lock:
+            return self.publisher.wants(topic)
 
     def announce(self, token: str) -> None:
         self.publish(f"hello.{self.component}", Hello(self.component, token))

@@ -17,6 +17,11 @@ gaps in ``seq`` and counts them in ``missed``; a consumer that must not miss any
 
 Timeouts: ``Subscriber.recv(timeout_s)`` returns None when nothing arrives in time, so a
 loop that also serves RPC or checks its parent never blocks on a quiet publisher.
+
+Nobody listening costs nothing: the publisher's socket is an XPUB, which hears each topic
+prefix as its first subscriber subscribes and its last one leaves. ``Publisher.wants(topic)``
+answers whether anyone would receive a message on ``topic`` now, so a component can skip
+*building* an event nobody would get (ZeroMQ drops such a message at the publisher anyway).
 """
 
 from __future__ import annotations
@@ -56,11 +61,35 @@ class Publisher:
         allow_remote: bool = False,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
-        self.socket = new_socket(zmq.PUB, ctx)
+        self.socket = new_socket(zmq.XPUB, ctx)  # a PUB that tells which topics are subscribed
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         self.socket.bind(check_bind_address(address, allow_remote=allow_remote))
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._next_seq: dict[str, int] = {}
+        self._prefixes: set[bytes] = set()  # the topic prefixes at least one subscriber holds
+        self._wanted: dict[str, bool] = {}  # wants() per topic, until the subscriptions change
+
+    def wants(self, topic: str) -> bool:
+        """Whether a message on ``topic`` would reach any subscriber now (else ``publish`` would be dropped)."""
+        self._read_subscriptions()
+        wanted = self._wanted.get(topic)
+        if wanted is None:
+            name = topic.encode()
+            wanted = self._wanted[topic] = any(name.startswith(prefix) for prefix in self._prefixes)
+        return wanted
+
+    def _read_subscriptions(self) -> None:
+        """Take in the (un)subscriptions that arrived: one frame each, 1 or 0 then the prefix."""
+        while True:
+            try:
+                frame = self.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if frame[:1] == b"\x01":
+                self._prefixes.add(frame[1:])
+            elif frame[:1] == b"\x00":
+                self._prefixes.discard(frame[1:])
+            self._wanted.clear()
 
     def publish(self, topic: str, payload: Any) -> int:
         """Send ``payload`` (msgpack-able) on ``topic``; return its seq. Never blocks; may drop (see module doc)."""

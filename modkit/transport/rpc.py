@@ -43,9 +43,19 @@ from typing import Any, TypeVar, cast
 
 import zmq
 
-from modkit.protocol import PING, SHUTDOWN, Call, ErrorReply, Reply
+from modkit.protocol import LOOP, PING, SHUTDOWN, Call, ErrorReply, Reply
 from modkit.transport.addresses import check_bind_address
-from modkit.transport.codec import DecodeError, convert_args, convert_or_keep, decode, encode, return_type, signature
+from modkit.transport.codec import (
+    CallFrame,
+    DecodeError,
+    convert_or_keep,
+    decode,
+    decode_args,
+    encode,
+    return_type,
+    server_decoder,
+    signature,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,6 +107,7 @@ class RpcServer:
         self.socket.bind(check_bind_address(address, allow_remote=allow_remote))
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.shutdown_requested = False  # set by a SHUTDOWN call; serve loops end when they see it
+        self.loop_clock: Callable[[], dict[str, float]] | None = None  # answers LOOP calls; set by serve()
         self._signatures: dict[str, inspect.Signature | None] = {}
 
     def poll_once(self, timeout_s: float) -> int:
@@ -131,13 +142,13 @@ class RpcServer:
             return
         identity, frame = frames
         try:
-            call = decode(frame)
+            call = server_decoder.decode(frame)  # the arguments stay msgpack until _dispatch
         except DecodeError as error:
             log.warning("%s", error)
             if error.req_id is not None:
                 self._send(identity, ErrorReply(error.req_id, "DecodeError", str(error), ""))
             return
-        if not isinstance(call, Call):
+        if not isinstance(call, CallFrame):
             log.warning("dropped a %s sent to an RPC server (only calls are served)", type(call).__name__)
             return
         try:
@@ -147,16 +158,18 @@ class RpcServer:
             reply = ErrorReply(call.req_id, type(error).__name__, str(error), traceback.format_exc())
         self._send(identity, reply)
 
-    def _dispatch(self, call: Call) -> Any:
+    def _dispatch(self, call: CallFrame) -> Any:
         if call.method == PING:
             return {"pid": os.getpid(), "object": type(self.obj).__name__}
         if call.method == SHUTDOWN:
             self.shutdown_requested = True
             return None
+        if call.method == LOOP:
+            return None if self.loop_clock is None else self.loop_clock()
         method = self._lookup(call.method)
         if call.method not in self._signatures:  # resolving annotations costs more than a call: once per method
             self._signatures[call.method] = signature(method)
-        args, kwargs = convert_args(self._signatures[call.method], call.args, call.kwargs)
+        args, kwargs = decode_args(self._signatures[call.method], call.args, call.kwargs)
         return method(*args, **kwargs)
 
     def _lookup(self, name: str) -> Callable[..., Any]:

@@ -8,6 +8,11 @@ One thread owns the component object and all its sockets::
         obj.run_once()                                  (drain inboxes, plan or run a step)
         every tick: on_tick() (heartbeat to the launcher, parent checks)
 
+The loop keeps a clock (``LoopClock``): the seconds it waited in that poll with nothing to
+do, and the rest, busy. ``/stats`` shows it as ``loop``; a process whose loop is busy
+nearly all the time is the one the others wait for. (A worker's loop also turns without
+waiting while a step is on the device, so its busy time includes waiting for the GPU.)
+
 A component with a loop of its own (scheduler, worker, router, sampler) has
 ``run_once() -> bool`` (True: more work is ready now, poll without waiting) and
 ``wait_sockets()`` (what to wake up for). A passive one (the KV cache manager) only
@@ -28,6 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +41,7 @@ from typing import Any, Protocol
 import zmq
 
 from modkit.heap import frozen_heap
+from modkit.protocol import LOOP
 from modkit.transport.rpc import RemoteError, RpcClient, RpcServer, RpcTimeoutError
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,26 @@ HEALTH_RPC_TIMEOUT_S = 5.0  # a serve loop that cannot answer in this long is re
 
 class HasSocket(Protocol):
     socket: Any
+
+
+@dataclass(slots=True)
+class LoopClock:
+    """Where a serve loop's time goes: waiting for a message with nothing to do (idle), or the rest (busy)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    idle_s: float = 0.0
+    num_turns: int = 0
+
+    def snapshot(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.started
+        busy = max(0.0, elapsed - self.idle_s)
+        return {
+            "elapsed_s": elapsed,
+            "busy_s": busy,
+            "idle_s": self.idle_s,
+            "busy_fraction": busy / elapsed if elapsed > 0 else 0.0,
+            "num_turns": self.num_turns,
+        }
 
 
 def serve(
@@ -91,6 +118,8 @@ def _serve(
     fds = list(extra_fds)
     for fd in fds:
         poller.register(fd, zmq.POLLIN)
+    clock = LoopClock()
+    server.loop_clock = clock.snapshot
     busy, next_tick = True, 0.0
     while not server.shutdown_requested:
         now = time.monotonic()
@@ -98,8 +127,13 @@ def _serve(
             if on_tick is not None and not on_tick():
                 return
             next_tick = now + tick_s
-        timeout_ms = 0 if busy else max(1, round((next_tick - time.monotonic()) * 1000))
-        events = dict(poller.poll(timeout_ms))
+        clock.num_turns += 1
+        if busy:
+            events = dict(poller.poll(0))
+        else:  # nothing to do until a message comes: the clock counts this wait as idle
+            waited = time.perf_counter()
+            events = dict(poller.poll(max(1, round((next_tick - time.monotonic()) * 1000))))
+            clock.idle_s += time.perf_counter() - waited
         for fd in fds:
             if fd in events and on_fd is not None and not on_fd(fd):
                 return
@@ -136,6 +170,8 @@ def _handler_class(rpc_address: str, name: str) -> type[BaseHTTPRequestHandler]:
             try:
                 with RpcClient(rpc_address, HEALTH_RPC_TIMEOUT_S) as rpc:
                     body = rpc.call(method)
+                    if method == "stats" and isinstance(body, dict):  # with the serve loop's clock
+                        body["loop"] = rpc.call(LOOP)
             except RpcTimeoutError:
                 self._reply(503, {"status": "unresponsive", "component": name, "error": "serve loop did not answer"})
                 return

@@ -219,6 +219,8 @@ class WorkerService:
         num_sampled: int,
         failed: str | None = None,
     ) -> None:
+        if not self.events.wants(f"forward.{self.worker_id}"):
+            return  # nobody listens: not even built
         event = ForwardEvent(
             worker_id=self.worker_id,
             step=plan.step,
