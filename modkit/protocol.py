@@ -40,6 +40,7 @@ from modkit.scheduler.output import EngineCoreOutput, ModelRunnerOutput, Schedul
 # contain a dot, so they can never clash with a Python method name.
 PING = "rpc.ping"  # answers {"pid": ..., "object": <class name>}: proves the serve loop is turning
 SHUTDOWN = "rpc.shutdown"  # answers None, then the serve loop ends (the polite first step of a stop)
+LOOP = "rpc.loop"  # answers the serve loop's clock: seconds busy and idle (modkit.transport.serve.LoopClock)
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,12 +284,16 @@ class KVAllocate(msgspec.Struct, tag="kv_alloc", frozen=True):
 class KVAdmit(msgspec.Struct, tag="kv_admit", frozen=True):
     """``admit`` (a prefix-cache lookup, then an allocation for what the token budget allows);
     result: [the blocks it gained (the hit's, then new ones), tokens hit, tokens to compute now],
-    or None when too few blocks are free."""
+    or None when too few blocks are free.
+
+    ``follows``: the next of a run (``admit_in_order``): its budget is what the KV op before it
+    in the call left, and it is not tried (None) if that one was not admitted or used it up."""
 
     req_id: str
     new_token_ids: list[int]
     num_computed_tokens: int
     token_budget: int
+    follows: bool = False
 
 
 class KVCacheComputed(msgspec.Struct, tag="kv_cache", frozen=True):

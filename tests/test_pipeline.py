@@ -27,15 +27,17 @@ from modkit import LLM, Pipeline
 from modkit.config import ConfigError, free_component_ports
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.kvcache import KVCacheManager
-from modkit.kvcache.interface import admit
-from modkit.kvcache.remote import KVCacheManagerClient
+from modkit.kvcache.interface import admit, admit_in_order
+from modkit.kvcache.remote import KVCacheManagerClient, KVCacheService
 from modkit.pipeline.addresses import socket_names
 from modkit.pipeline.preflight import PortInUseError
+from modkit.protocol import KVAdmit, KVCacheComputed
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
 from modkit.trace import Trace
-from modkit.transport import ComponentProcess, free_tcp_port, ipc_address
+from modkit.trace.events import BlockEvents, PipelineEvent
+from modkit.transport import ComponentProcess, Subscriber, free_tcp_port, ipc_address
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = ["frontend", "scheduler", "worker-0", "worker-1", "router", "kv_cache_manager", "sampler"]
@@ -158,13 +160,14 @@ def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions(plan_ahe
         service.stop()
 
 
-def test_an_admission_is_one_round_trip_to_the_kv_cache_manager() -> None:
-    """The prefix-cache lookup and the first allocation travel together, and give what the in-process manager gives."""
-    pool = {"num_blocks": [16], "block_size": 4}
+def test_a_run_of_admissions_is_one_round_trip_to_the_kv_cache_manager() -> None:
+    """Each prefix-cache lookup and first allocation travel together, a whole run of them in one
+    round trip, and give what the in-process manager gives."""
+    pool = {"num_blocks": [8], "block_size": 4}  # 7 blocks to hand out
     service = ComponentProcess.start("kv-admit", "modkit.kvcache.remote:KVCacheService", pool, ipc_address("kv-a.rpc"))
     try:
         with service.client(timeout_s=10) as rpc:
-            remote, local = KVCacheManagerClient(rpc, 0, 4), KVCacheManager(16, 4)
+            remote, local = KVCacheManagerClient(rpc, 0, 4), KVCacheManager(8, 4)
             params = SamplingParams(max_tokens=4)
             first = [Request("a", list(range(1, 11)), params), Request("a", list(range(1, 11)), params)]
             for kv, request in zip((remote, local), first, strict=True):
@@ -177,9 +180,51 @@ def test_an_admission_is_one_round_trip_to_the_kv_cache_manager() -> None:
             assert remote.num_round_trips == 2 and remote.get_block_ids("b") == local.get_block_ids("b")
             too_big = Request("c", list(range(100, 160)), params)
             assert admit(remote, too_big, token_budget=64) is None and remote.num_round_trips == 3
+            # A run: each gets what the one before left of the budget; "f" finds no free block,
+            # so neither it nor "g" after it is admitted (though "g" would fit).
+            for kv, request in zip((remote, local), second, strict=True):
+                kv.cache_blocks(request, 12)
+            run = {
+                kv: [
+                    Request(r, list(range(1, 9)) + [i] * n, params)
+                    for r, i, n in (("d", 50, 4), ("e", 60, 8), ("f", 70, 30), ("g", 80, 1))
+                ]
+                for kv in (remote, local)
+            }
+            results = [admit_in_order(kv, requests, token_budget=20) for kv, requests in run.items()]
+            assert results[0] == results[1] == [(8, 4), (8, 8)] and remote.num_round_trips == 4
+            for r in "defg":
+                assert remote.get_block_ids(r) == local.get_block_ids(r)
+            assert admit_in_order(remote, run[remote][2:], token_budget=20) == [] and remote.num_round_trips == 5
+            short = {
+                kv: [Request(r, list(range(1, 9)) + [i] * 20, params) for r, i in (("h", 90), ("k", 91))] for kv in run
+            }
+            results = [admit_in_order(kv, requests, token_budget=4) for kv, requests in short.items()]
+            assert results[0] == results[1] == [(8, 4)], "the budget was used up: k is not tried"
+            assert remote.get_block_ids("h") == local.get_block_ids("h") and not remote.get_block_ids("k")
             remote.check_invariants()
     finally:
         service.stop()
+
+
+def test_the_kv_cache_manager_notes_block_activity_only_while_someone_subscribes(tmp_path: Path) -> None:
+    """Nobody subscribed to ``blocks.0``: no ``BlockActivity`` is even built. A subscriber gets every call's."""
+    service = KVCacheService([16], 4, events_address=f"ipc://{tmp_path}/kv.events")
+    try:
+        service.apply(0, [KVAdmit("a", list(range(1, 11)), 0, 16), KVCacheComputed("a", [], 10)])
+        assert not service.watched and service.activity == []
+        with Subscriber(service.publisher.publisher.address, topics=["blocks."], payload_type=PipelineEvent) as sub:
+            deadline = time.monotonic() + 5
+            while not service.publisher.wants("blocks.0") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            reply = service.apply(0, [KVAdmit("b", list(range(1, 13)), 0, 16)])
+            assert service.watched and reply.results[0][1:] == [8, 4]  # 8 tokens hit, 4 to compute
+            delivery = sub.recv(2.0)
+            assert delivery is not None and isinstance(delivery.payload, BlockEvents)
+            kinds = [(a.kind, a.req_id) for a in delivery.payload.activity]
+            assert ("hit", "b") in kinds and ("allocated", "b") in kinds, kinds
+    finally:
+        service.close()
 
 
 # -- a launched pipeline --------------------------------------------------------------------
@@ -203,6 +248,11 @@ def test_every_component_answers_health_and_stats_on_its_port(pipeline: Pipeline
     stats = pipeline.stats()
     assert all(s["http_status"] == 200 for s in stats.values()), stats
     assert stats["kv_cache_manager"]["pools"][0]["kv_blocks_total"] == 255
+    for name in ("scheduler", "router", "kv_cache_manager", "sampler", "worker-0", "worker-1"):
+        loop = stats[name]["loop"]  # each serve loop's clock: how much of its time it worked
+        assert loop["busy_s"] + loop["idle_s"] == pytest.approx(loop["elapsed_s"]), (name, loop)
+        assert 0 <= loop["busy_fraction"] <= 1 and loop["num_turns"] > 0, (name, loop)
+    assert stats["kv_cache_manager"]["loop"]["busy_fraction"] < 0.5, "a passive manager waits for calls"
     assert [w["num_blocks"] for n, w in health.items() if n.startswith("worker")] == [256, 256]
     url = pipeline.urls()["scheduler"].removesuffix("/health")
     assert httpx.get(f"{url}/nothing").status_code == 404

@@ -12,6 +12,7 @@ from modkit.kvcache import BlockStored, EventLog, KVCacheManager
 from modkit.request import Request, RequestStatus
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
+from modkit.scheduler.output import MAX_WAITING_REASONS
 
 EOS = 2
 
@@ -71,6 +72,17 @@ def test_max_num_seqs_holds_back_admissions_with_a_reason() -> None:
     out = s.schedule()
     assert list(out.num_scheduled_tokens) == ["r0", "r1"]
     assert "max_num_seqs" in s.last_record.waiting["r2"]  # type: ignore[union-attr]
+
+
+def test_a_long_queue_names_the_reasons_of_the_first_in_line_and_counts_the_rest() -> None:
+    s = Scheduler(KVCacheManager(1024, 4), max_num_seqs=2)
+    for i in range(200):
+        s.add_request(make(f"r{i}", 4, arrival=i))
+    s.schedule()
+    record = s.last_record
+    assert record is not None and record.num_waiting == 198
+    assert list(record.waiting) == [f"r{i}" for i in range(2, 2 + MAX_WAITING_REASONS)]  # in line, in order
+    assert "max_num_seqs" in record.waiting["r2"] and record.waiting["r3"] == "queued behind r2"
 
 
 def test_requests_finish_on_eos_stop_ids_and_max_tokens() -> None:

@@ -29,9 +29,8 @@ head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``.
 
 from __future__ import annotations
 
-import itertools
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -60,14 +59,19 @@ class AttentionMetadata:
     # scatter tokens into a padded (num_seqs, max_query_len) layout.
     token_seq_idx: torch.Tensor | None = None  # (num_tokens,) int64
     token_offset: torch.Tensor | None = None  # (num_tokens,) int64
+    # The most new tokens of any sequence: set here once, read by every layer's attention.
+    max_query_len: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         num_seqs = len(self.seq_lens_cpu)
         assert len(self.query_start_loc_cpu) == num_seqs + 1, "one start per sequence, plus the end"
         assert self.slot_mapping.shape[0] == self.query_start_loc_cpu[-1], "one slot per new token"
+        starts, longest = self.query_start_loc_cpu, 0
         for s in range(num_seqs):
-            query_len = self.query_start_loc_cpu[s + 1] - self.query_start_loc_cpu[s]
+            query_len = starts[s + 1] - starts[s]
             assert 0 < query_len <= self.seq_lens_cpu[s], "new tokens are the tail of the context"
+            longest = max(longest, query_len)
+        self.max_query_len = longest
 
     @property
     def num_seqs(self) -> int:
@@ -76,11 +80,6 @@ class AttentionMetadata:
     @property
     def num_tokens(self) -> int:
         return self.query_start_loc_cpu[-1]
-
-    @property
-    def max_query_len(self) -> int:
-        starts = self.query_start_loc_cpu
-        return max(b - a for a, b in itertools.pairwise(starts))
 
     @property
     def max_seq_len(self) -> int:

@@ -15,9 +15,10 @@ which one it holds. The contract:
 - ``flush()``: make every earlier call take effect (a no-op in-process; a remote
   manager may batch the calls that return nothing).
 
-The scheduler admits a waiting request with ``admit`` below: the lookup, then the
-allocation for what the token budget allows. A manager in another process does both in
-one round trip (its own ``admit``).
+The scheduler admits waiting requests with ``admit_in_order`` below: for each in turn, the
+lookup, then the allocation for what the token budget allows, until one does not fit. A
+manager in another process does a whole run of them in one round trip (its own
+``admit_in_order``).
 """
 
 from __future__ import annotations
@@ -69,14 +70,36 @@ class KVCacheManagerInterface(Protocol):
     def check_invariants(self) -> None: ...
 
 
+def admit_in_order(
+    kv: KVCacheManagerInterface, requests: Sequence[KVRequest], token_budget: int
+) -> list[tuple[int, int]]:
+    """``admit`` each request in turn, each with what the ones before left of the budget, until
+    one does not fit (too few free blocks) or the budget is used up; none after it is admitted.
+    Returns (tokens hit, tokens to compute) for each admitted request: a prefix of ``requests``."""
+    in_one_go = getattr(kv, "admit_in_order", None)  # a remote manager: one round trip for all
+    if in_one_go is not None:
+        results: list[tuple[int, int]] = in_one_go(requests, token_budget)
+        return results
+    admitted = []
+    for request in requests:
+        if token_budget <= 0:
+            break
+        result = admit(kv, request, token_budget)
+        if result is None:
+            break
+        admitted.append(result)
+        token_budget -= result[1]
+    return admitted
+
+
 def admit(kv: KVCacheManagerInterface, request: KVRequest, token_budget: int) -> tuple[int, int] | None:
     """Admit a waiting request: its prefix-cache hit, and blocks for the tokens it computes now
     (all the rest of it, or what the budget allows). Returns (tokens hit, tokens to compute),
     or None, changing nothing, when the free blocks do not suffice."""
-    in_one_go = getattr(kv, "admit", None)  # a remote manager: one round trip for both
+    in_one_go = getattr(kv, "admit_in_order", None)  # a remote manager: one round trip for both
     if in_one_go is not None:
-        result: tuple[int, int] | None = in_one_go(request, token_budget)
-        return result
+        result: list[tuple[int, int]] = in_one_go([request], token_budget)
+        return result[0] if result else None
     hit_blocks, num_hit = kv.get_computed_blocks(request)
     num_new = min(request.num_tokens - num_hit, token_budget)
     if kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:

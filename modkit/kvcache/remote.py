@@ -26,8 +26,9 @@ goes idle. The client answers two questions itself:
   the scheduler asks for them once it has planned the whole step, so a step's block-boundary
   decodes cost one round trip together instead of one each.
 
-An admission (``admit``: the prefix-cache lookup, then the allocation for what the token
-budget allows) is one round trip, and so is an allocation the count cannot vouch for.
+A run of admissions (``admit_in_order``: for each waiting request in turn, the prefix-cache
+lookup, then the allocation for what is left of the token budget, until one does not fit) is
+one round trip, and so is an allocation the count cannot vouch for.
 """
 
 from __future__ import annotations
@@ -67,15 +68,21 @@ class KVCacheManagerClient:
         self._blocks: dict[str, list[int]] = {}  # each request's block table, as the service handed it out
         self._num_full_reported: dict[str, int] = {}  # full blocks of each request cache_blocks has reported
 
-    def admit(self, request: KVRequest, token_budget: int) -> tuple[int, int] | None:
-        """``modkit.kvcache.interface.admit`` in one round trip: the lookup and the allocation together."""
-        op = KVAdmit(request.req_id, self._new_tokens(request), request.num_computed_tokens, token_budget)
-        result = self._ask(op)
-        if result is None:
-            return None
-        block_ids, num_hit, num_new = result
-        self._blocks.setdefault(request.req_id, []).extend(block_ids)
-        return int(num_hit), int(num_new)
+    def admit_in_order(self, requests: Sequence[KVRequest], token_budget: int) -> list[tuple[int, int]]:
+        """``modkit.kvcache.interface.admit_in_order`` in one round trip: each lookup and allocation."""
+        ops: list[KVOp] = [
+            KVAdmit(r.req_id, self._new_tokens(r), r.num_computed_tokens, token_budget, follows=i > 0)
+            for i, r in enumerate(requests)
+        ]
+        results = self._apply(ops)[-len(ops) :] if ops else []
+        admitted = []
+        for request, result in zip(requests, results, strict=True):
+            if result is None:  # not admitted: nor is any after it
+                break
+            block_ids, num_hit, num_new = result
+            self._blocks.setdefault(request.req_id, []).extend(block_ids)
+            admitted.append((int(num_hit), int(num_new)))
+        return admitted
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[int], int]:
         op = KVGetComputed(request.req_id, self._new_tokens(request), request.num_computed_tokens)
@@ -228,6 +235,7 @@ class KVCacheService:
             EventPublisher("kv_cache_manager", events_address, allow_remote) if events_address is not None else None
         )
         self.activity: list[BlockActivity] = []  # of the call being served; published when it ends
+        self.watched = False  # whether anyone subscribes to the block activity of the call being served
         self.num_blocks, self.block_size, self.enable_prefix_caching = num_blocks, block_size, enable_prefix_caching
         self.pools: list[Any] = [
             KVCacheManager(n, block_size, enable_prefix_caching, self._sink(i), self._note, eviction_policy)
@@ -247,8 +255,12 @@ class KVCacheService:
         return publish
 
     def _note(self, kind: str, req_id: str | None, block_ids: list[int]) -> None:
-        if self.publisher is not None:
+        if self.watched:
             self.activity.append(BlockActivity(kind, req_id, block_ids))
+
+    def _watch(self, pool: int) -> None:
+        """Note the block activity of the call about to run only if someone subscribes to it."""
+        self.watched = self.publisher is not None and self.publisher.wants(f"blocks.{pool}")
 
     def _publish_activity(self, pool: int) -> None:
         if self.publisher is not None and self.activity:
@@ -265,7 +277,9 @@ class KVCacheService:
     def apply(self, pool: int, ops: list[KVOp]) -> KVApplyReply:
         """Run ``ops`` on pool ``pool`` in order; one result per op."""
         manager, requests = self.pools[pool], self.requests[pool]
+        self._watch(pool)
         results: list[Any] = []
+        left = 0  # of the token budget, after the last KVAdmit (0: not admitted, or used up)
         for op in ops:
             if isinstance(op, KVFree):
                 gone = requests.pop(op.req_id, None)
@@ -273,14 +287,19 @@ class KVCacheService:
                     manager.free(gone)
                 results.append(None)
                 continue
-            request = requests.setdefault(op.req_id, _RemoteRequest(op.req_id))
+            request = requests.get(op.req_id)
+            if request is None:
+                request = requests[op.req_id] = _RemoteRequest(op.req_id)
             request.all_token_ids.extend(op.new_token_ids)
             request.num_computed_tokens = op.num_computed_tokens
             if isinstance(op, KVGetComputed):
                 hits, num_hit = manager.get_computed_blocks(request)
                 results.append([[b.block_id for b in hits], num_hit])
             elif isinstance(op, KVAdmit):
-                results.append(self._admit(manager, request, op.token_budget))
+                budget = left if op.follows else op.token_budget
+                admitted = self._admit(manager, request, budget) if budget > 0 else None
+                left = 0 if admitted is None else budget - admitted[2]
+                results.append(admitted)
             elif isinstance(op, KVAllocate):
                 hit_blocks = [manager.block(i) for i in op.hit_block_ids]
                 new = manager.allocate_slots(request, op.num_new_tokens, hit_blocks, op.num_hit_tokens)
@@ -315,6 +334,7 @@ class KVCacheService:
     def reset_prefix_cache(self, pool: int) -> bool:
         """Forget the pool's cached blocks (its worker restarted with an empty cache); False if any is held."""
         self.requests[pool] = {r: q for r, q in self.requests[pool].items() if r in self.pools[pool].held_req_ids()}
+        self._watch(pool)
         reset = self.pools[pool].reset_prefix_cache()
         self._publish_activity(pool)
         return reset
@@ -372,6 +392,7 @@ class KVCacheService:
                     )
                 )
         for i in range(len(self.pools)):
+            self._watch(i)
             self.pools[i].reset_prefix_cache()  # tells the router (AllBlocksCleared) that this pool forgot everything
             self._publish_activity(i)
         self.pools, self.requests = pools, [{} for _ in pools]

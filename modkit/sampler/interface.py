@@ -60,6 +60,9 @@ class SamplingState:
     eos_token_ids: tuple[int, ...] = ()
     """The model's end-of-sequence ids. The sampler masks them, with ``stop_token_ids``, until
     ``min_tokens`` is reached (even under ``ignore_eos``, as vLLM does)."""
+    row: Any = field(default=None, compare=False, repr=False)
+    """What ``params`` contribute to a step's sampling tensors, read once for the request's
+    life (``SamplingMetadata``; ``params`` never change)."""
 
     @classmethod
     def create(

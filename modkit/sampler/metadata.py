@@ -65,8 +65,6 @@ class SamplingMetadata:
     @classmethod
     def from_states(cls, states: Sequence[SamplingState], vocab_size: int, device: torch.device) -> SamplingMetadata:
         """Read every row's parameters; the only per-request Python loop of a step."""
-        # Requests of one generate() call share a SamplingParams: read each distinct one once.
-        per_params: dict[int, _RowParams] = {}
         rows: list[_RowParams] = []
         generators: dict[int, torch.Generator] = {}
         bias_rows: list[int] = []
@@ -76,9 +74,9 @@ class SamplingMetadata:
         mask_ids: list[int] = []
         for row, state in enumerate(states):
             params = state.params
-            values = per_params.get(id(params))
-            if values is None:
-                values = per_params[id(params)] = _RowParams.of(params, vocab_size)
+            values = state.row
+            if values is None:  # the request's first step: its parameters, read once
+                values = state.row = _RowParams.of(params, vocab_size)
             rows.append(values)
             if not values.special:
                 continue
@@ -119,7 +117,7 @@ class SamplingMetadata:
             generators=generators,
             logit_bias=TokenEdits(ints(bias_rows), ints(bias_ids), floats(bias_values)) if bias_rows else None,
             min_tokens_mask=TokenEdits(ints(mask_rows), ints(mask_ids), None) if mask_rows else None,
-            penalties=_penalty_tensors(states, vocab_size, device),
+            penalties=_penalty_tensors(states, vocab_size, device) if any(r.penalised for r in rows) else None,
             max_num_logprobs=max((k for k in logprobs if k is not None), default=None),
             num_logprobs=logprobs,
         )
@@ -135,6 +133,7 @@ class _RowParams:
     top_k: int  # 0 = off
     top_p: float
     special: bool  # a seed, a logit bias or min_tokens: the row needs a look of its own
+    penalised: bool  # a presence, frequency or repetition penalty
 
     @classmethod
     def of(cls, params: SamplingParams, vocab_size: int) -> _RowParams:
@@ -147,6 +146,7 @@ class _RowParams:
             top_k=0 if greedy or params.top_k >= vocab_size else params.top_k,  # k >= V keeps everything
             top_p=1.0 if greedy else params.top_p,
             special=params.seed is not None or bool(params.logit_bias) or params.min_tokens > 0,
+            penalised=bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0),
         )
 
 

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from modkit.sampler.interface import TokenLogprobs
 from modkit.sampling_params import SamplingParams
 
+# A step names why the first requests in line wait; num_waiting counts them all. (Naming every
+# one of a queue of 768, every step, cost 0.13 ms of the step on this project's CPU box.)
+MAX_WAITING_REASONS = 16
+
 
 @dataclass(slots=True)
 class NewRequestData:
@@ -82,7 +86,7 @@ class StepRecord:
 
     step: int
     scheduled: list[ScheduledEntry]
-    waiting: dict[str, str]  # req_id -> why it was not scheduled
+    waiting: dict[str, str]  # req_id -> why it was not scheduled: the first MAX_WAITING_REASONS in line
     preempted: dict[str, str]  # req_id -> why it lost its blocks
     token_budget: int
     tokens_used: int

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from modkit.kvcache.interface import KVCacheManagerInterface, admit
+from modkit.kvcache.interface import KVCacheManagerInterface, admit_in_order
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.output import (
+    MAX_WAITING_REASONS,
     CachedRequestData,
     EngineCoreOutput,
     ModelRunnerOutput,
@@ -194,25 +195,28 @@ class Scheduler:
             scheduled[request.req_id] = num_new
             budget -= num_new
             i += 1
-        for request in self.running[i:]:
+        for request in self.running[i : i + MAX_WAITING_REASONS]:
             waiting_why[request.req_id] = "token budget used up by earlier running requests"
 
-        # 2. Waiting requests, unless this step had to preempt.
+        # 2. Waiting requests in line, unless this step had to preempt. The KV cache manager
+        # admits a run of them at a time (one round trip when it is another process): each
+        # gets its prefix-cache hit and blocks for what the budget allows, until one does not
+        # fit or the budget is used up. FCFS: nobody overtakes the head of the queue.
         admitted: list[Request] = []
         queries = hits = 0
-        for request in list(self.waiting):
+        position, why = 0, ""
+        while position < len(self.waiting):
+            seats = self.max_num_seqs - len(self.running) - len(admitted)
             if preempted:
-                waiting_why[request.req_id] = "preemption this step: no admissions"
+                why = "preemption this step: no admissions"
             elif budget == 0:
-                waiting_why[request.req_id] = "token budget used up"
-            elif len(self.running) + len(admitted) >= self.max_num_seqs:
-                waiting_why[request.req_id] = f"max_num_seqs={self.max_num_seqs} running"
+                why = "token budget used up"
+            elif seats <= 0:
+                why = f"max_num_seqs={self.max_num_seqs} running"
             else:
-                admitted_as = admit(self.kv, request, budget)  # (tokens hit in the prefix cache, tokens to compute)
-                if admitted_as is None:
-                    waiting_why[request.req_id] = "not enough free KV blocks"
-                else:
-                    num_hit, num_new = admitted_as
+                run = self._admission_run(position, seats, budget)
+                results = admit_in_order(self.kv, run, budget)  # (tokens hit, tokens to compute) each
+                for request, (num_hit, num_new) in zip(run, results, strict=False):
                     request.num_computed_tokens = num_hit
                     queries, hits = queries + request.num_tokens, hits + num_hit
                     if request.num_cached_tokens < 0:
@@ -221,11 +225,17 @@ class Scheduler:
                     entries.append(ScheduledEntry(request.req_id, num_new, "prompt", num_hit, num_hit))
                     scheduled[request.req_id] = num_new
                     budget -= num_new
-                    continue
-            # FCFS: nobody overtakes the head of the queue.
-            for later in self.waiting[self.waiting.index(request) + 1 :]:
-                waiting_why.setdefault(later.req_id, f"queued behind {request.req_id}")
+                position += len(results)
+                if len(results) == len(run):
+                    continue  # all of the run got in: the next one
+                why = "token budget used up" if budget == 0 else "not enough free KV blocks"
             break
+        if position < len(self.waiting):
+            head = self.waiting[position]
+            waiting_why[head.req_id] = why
+            reason = f"queued behind {head.req_id}"
+            for later in self.waiting[position + 1 : position + MAX_WAITING_REASONS]:
+                waiting_why.setdefault(later.req_id, reason)
         for request in admitted:
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
@@ -257,6 +267,18 @@ class Scheduler:
         self.records.append(self.last_record)
         self.step_count += 1
         return output
+
+    def _admission_run(self, start: int, seats: int, budget: int) -> list[Request]:
+        """The waiting requests from ``start`` on that this step might admit: at most ``seats``,
+        and no more than the budget covers even with no prefix-cache hit (plus the one it may
+        chunk). With hits, more fit: the caller asks again for the next run."""
+        run: list[Request] = []
+        for request in self.waiting[start : start + seats]:
+            run.append(request)
+            budget -= request.num_tokens - request.num_computed_tokens
+            if budget <= 0:
+                break
+        return run
 
     def _make_output(
         self, scheduled: dict[str, int], admitted: list[Request], preempted: dict[str, str]

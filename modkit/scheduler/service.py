@@ -50,11 +50,11 @@ from modkit.protocol import (
     WorkerUp,
 )
 from modkit.request import Request, RequestStatus
-from modkit.scheduler.output import SchedulerOutput, StepRecord
+from modkit.scheduler.output import MAX_WAITING_REASONS, SchedulerOutput, StepRecord
 from modkit.scheduler.policies import POLICIES, GuardedPolicy, SchedulingPolicy
 from modkit.scheduler.scheduler import Scheduler
 from modkit.swap import ImplSpec, resolve
-from modkit.trace.events import MAX_WAITING_REASONS, EventPublisher, ScheduledReq, StepEvent, Swapped
+from modkit.trace.events import EventPublisher, ScheduledReq, StepEvent, Swapped
 from modkit.transport import Inbox, Outbox, RpcClient
 
 SCHEDULERS = ("modkit", "vllm")  # whole schedulers, swapped only after a drain (see _swap_scheduler)
@@ -421,8 +421,8 @@ class SchedulerService:
     ) -> StepEvent | None:
         """The step record of the step that just came back, with its timings."""
         record = step.record
-        if record is None:
-            return None
+        if record is None or not self.events.wants(f"step.{slot.worker_id}"):
+            return None  # nobody listens: not even built
         waiting = dict(itertools.islice(record.waiting.items(), MAX_WAITING_REASONS))
         return StepEvent(
             worker_id=slot.worker_id,
