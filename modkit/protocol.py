@@ -317,3 +317,4 @@ class KVApplyReply(msgspec.Struct, frozen=True):
     results: list[Any]  # one per op, in order
     num_free_blocks: int  # of the pool, after the ops
     usage: float
+    apply_s: float = 0.0  # how long the manager worked on the ops (the rest of a round trip is transit)

@@ -288,6 +288,8 @@ def bench_pipeline(
             "schedule": sum(w["schedule_s_total"] for w in workers),
             "update": sum(w["update_s_total"] for w in workers),
             "kv_round_trips": sum(w["kv_round_trips"] for w in workers),
+            "kv_wait": sum(w["kv_round_trip_s_total"] for w in workers),
+            "kv_manager": sum(w["kv_manager_s_total"] for w in workers),
         }
 
     def loop_clocks() -> dict[str, dict[str, float]]:
@@ -310,7 +312,7 @@ def bench_pipeline(
             f"{k}_ms" if k != "kv_round_trips" else k: (after[k] - before[k])
             / steps
             * (1 if k == "kv_round_trips" else 1e3)
-            for k in ("worker", "forward", "sample", "schedule", "update", "kv_round_trips")
+            for k in ("worker", "forward", "sample", "schedule", "update", "kv_round_trips", "kv_wait", "kv_manager")
         }
         return {
             "texts": list(texts),
@@ -506,8 +508,9 @@ def main() -> None:
             f"pipeline, per step (ms): wall {pipeline['wall_ms']:.1f}; worker {pipeline['worker_ms']:.1f} from plan "
             f"sent to result back (forward {pipeline['forward_ms']:.1f}, sample {pipeline['sample_ms']:.1f}; with "
             f"async scheduling a plan also waits there for the step before it); scheduler: schedule "
-            f"{pipeline['schedule_ms']:.1f} ({pipeline['kv_round_trips']:.1f} KV round trips), update "
-            f"{pipeline['update_ms']:.1f}"
+            f"{pipeline['schedule_ms']:.1f} ({pipeline['kv_round_trips']:.1f} KV round trips, waiting "
+            f"{pipeline['kv_wait_ms']:.1f}, of which the KV cache manager worked {pipeline['kv_manager_ms']:.1f}), "
+            f"update {pipeline['update_ms']:.1f}"
         )
         busy = ", ".join(f"{name} {share:.0%}" for name, share in pipeline.get("loop_busy", {}).items())
         print(f"pipeline, serve loops busy (a worker's includes waiting for its GPU): {busy}")

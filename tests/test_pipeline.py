@@ -274,6 +274,8 @@ def test_requests_spread_over_workers_and_each_step_is_the_schedulers(pipeline: 
         ran = after[f"worker-{i}"]["num_steps"] - before[f"worker-{i}"]["num_steps"]
         scheduled = after["scheduler"]["workers"][i]["num_steps"] - before["scheduler"]["workers"][i]["num_steps"]
         assert ran == scheduled > 0, "each worker runs exactly the steps the scheduler planned for it"
+        kv = after["scheduler"]["workers"][i]
+        assert kv["kv_round_trips"] > 0 and kv["kv_round_trip_s_total"] > kv["kv_manager_s_total"] > 0, kv
     ahead = [
         after["scheduler"]["workers"][i]["num_planned_ahead"] - before["scheduler"]["workers"][i]["num_planned_ahead"]
         for i in (0, 1)

@@ -59,6 +59,8 @@ class KVCacheManagerClient:
         self.usage = 0.0  # as of the last reply
         self.num_free_blocks = 0
         self.num_round_trips = 0
+        self.round_trip_s = 0.0  # waited for replies, in all
+        self.manager_s = 0.0  # of that, the manager working on the ops
         self.num_promised = 0  # allocations promised without a round trip of their own
         self._pending: list[KVOp] = []
         self._promised: list[tuple[int, str]] = []  # (index in _pending, req_id) of promised allocations
@@ -181,7 +183,10 @@ class KVCacheManagerClient:
         promised, self._promised = self._promised, []
         self._num_promised_blocks = 0
         self._promised_per_request.clear()
+        sent = time.perf_counter()
         reply: dict[str, Any] = self.rpc.call("apply", self.pool, batch)
+        self.round_trip_s += time.perf_counter() - sent
+        self.manager_s += reply["apply_s"]
         self.num_round_trips += 1
         self.usage, self.num_free_blocks = reply["usage"], reply["num_free_blocks"]
         results = list(reply["results"])
@@ -276,6 +281,7 @@ class KVCacheService:
 
     def apply(self, pool: int, ops: list[KVOp]) -> KVApplyReply:
         """Run ``ops`` on pool ``pool`` in order; one result per op."""
+        started = time.perf_counter()
         manager, requests = self.pools[pool], self.requests[pool]
         self._watch(pool)
         results: list[Any] = []
@@ -312,7 +318,7 @@ class KVCacheService:
         self._publish_activity(pool)
         if self.implementation == "modkit" and manager.pool.eviction_error is not None:
             self._roll_back(manager.pool.eviction_error)
-        return KVApplyReply(results, manager.num_free_blocks, manager.usage)
+        return KVApplyReply(results, manager.num_free_blocks, manager.usage, time.perf_counter() - started)
 
     @staticmethod
     def _admit(manager: Any, request: _RemoteRequest, token_budget: int) -> list[Any] | None:

@@ -480,6 +480,8 @@ class SchedulerService:
                     "num_failed_steps": slot.num_failed_steps,
                     "kv_cache_usage": slot.scheduler.kv.usage,
                     "kv_round_trips": slot.kv.num_round_trips,
+                    "kv_round_trip_s_total": slot.kv.round_trip_s,  # waited for the KV cache manager
+                    "kv_manager_s_total": slot.kv.manager_s,  # of that, the manager working
                     "step_time_s_mean": slot.busy_s / slot.num_steps if slot.num_steps else 0.0,
                     "num_planned_ahead": slot.num_planned_ahead,
                     "num_steps_in_flight": len(slot.in_flight),
