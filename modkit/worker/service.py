@@ -78,6 +78,10 @@ class LaunchedStep:
     sample_s: float  # host time to launch the sampling (finishing adds the wait for the tokens)
     done: Any  # a CUDA event recorded after the sampling, or None on a CPU (done when launched)
 
+    def is_done(self) -> bool:
+        """Whether the device has finished it (its tokens can be read without waiting)."""
+        return self.done is None or bool(self.done.query())
+
 
 def impl_label(spec: ImplSpec, obj: object) -> str:
     """How health and events name an implementation: as it was asked for, or by its class if sent by value."""
@@ -153,12 +157,18 @@ class WorkerService:
         for message in self.inbox.drain():
             if isinstance(message, StepPlan):
                 self._launch(message.output)
-        if self.launched and (self.launched[0].done is None or self.launched[0].done.query()):
+        if self.launched and self.launched[0].is_done():
             self._finish(self.launched.popleft())
         return bool(self.launched)  # busy: look again without waiting, for a plan or the device
 
     def _launch(self, plan: SchedulerOutput) -> None:
-        """Queue the plan's forward and sampling; then finish the step before it, now behind it on the device."""
+        """Queue the plan's forward and sampling; then finish the step before it, now behind it on the device.
+
+        A step the device has already finished is finished first: its result reaches the
+        scheduler a launch earlier, and the scheduler plans the next step while this one launches.
+        """
+        while self.launched and self.launched[0].is_done():
+            self._finish(self.launched.popleft())
         states = [self.states[r] for r in plan.num_scheduled_tokens if r in self.states]
         if self.launched and not self.sampler.can_sample_ahead(states):
             self._finish(self.launched.popleft())  # its tokens first: this plan's sampling reads them
