@@ -12,7 +12,7 @@ from modkit.kvcache import BlockStored, EventLog, KVCacheManager
 from modkit.request import Request, RequestStatus
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
-from modkit.scheduler.output import MAX_WAITING_REASONS
+from modkit.scheduler.output import MAX_STEP_RECORDS, MAX_WAITING_REASONS
 
 EOS = 2
 
@@ -83,6 +83,17 @@ def test_a_long_queue_names_the_reasons_of_the_first_in_line_and_counts_the_rest
     assert record is not None and record.num_waiting == 198
     assert list(record.waiting) == [f"r{i}" for i in range(2, 2 + MAX_WAITING_REASONS)]  # in line, in order
     assert "max_num_seqs" in record.waiting["r2"] and record.waiting["r3"] == "queued behind r2"
+
+
+def test_a_long_run_keeps_the_records_of_its_last_steps_only() -> None:
+    s = Scheduler(KVCacheManager(1024, 4))
+    s.add_request(make("long", 4, max_tokens=MAX_STEP_RECORDS + 50))
+    while s.has_unfinished_requests():
+        out = s.schedule()
+        s.update_from_output(out, ModelRunnerOutput(["long"], [7]))
+    assert s.step_count == MAX_STEP_RECORDS + 50
+    assert len(s.records) == MAX_STEP_RECORDS and s.records[-1] is s.last_record
+    assert [r.step for r in (s.records[0], s.records[-1])] == [50, MAX_STEP_RECORDS + 49]
 
 
 def test_requests_finish_on_eos_stop_ids_and_max_tokens() -> None:

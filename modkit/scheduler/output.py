@@ -15,6 +15,9 @@ from modkit.sampling_params import SamplingParams
 # A step names why the first requests in line wait; num_waiting counts them all. (Naming every
 # one of a queue of 768, every step, cost 0.13 ms of the step on this project's CPU box.)
 MAX_WAITING_REASONS = 16
+# A scheduler keeps the records of its last this many steps (``Scheduler.records``): a long-running
+# engine would otherwise keep one per step for ever (at batch 256, about 25 kB each).
+MAX_STEP_RECORDS = 1000
 
 
 @dataclass(slots=True)

@@ -30,11 +30,13 @@ update, schedule...), nothing is ever a placeholder at planning time and this is
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 
 from modkit.kvcache.interface import KVCacheManagerInterface, admit_in_order
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.output import (
+    MAX_STEP_RECORDS,
     MAX_WAITING_REASONS,
     CachedRequestData,
     EngineCoreOutput,
@@ -92,7 +94,7 @@ class Scheduler:
         self._tokens_in_flight: dict[str, int] = {}  # tokens scheduled in steps whose outputs are not back
         self.step_count = 0
         self.num_preemptions = 0
-        self.records: list[StepRecord] = []
+        self.records: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)  # the last steps' records
         self.last_record: StepRecord | None = None
 
     # -- requests in and out -------------------------------------------------------------

@@ -58,7 +58,6 @@ from modkit.trace.events import EventPublisher, ScheduledReq, StepEvent, Swapped
 from modkit.transport import Inbox, Outbox, RpcClient
 
 SCHEDULERS = ("modkit", "vllm")  # whole schedulers, swapped only after a drain (see _swap_scheduler)
-KEEP_RECORDS = 1000  # step records kept per worker (the live views stream them instead)
 KV_RPC_TIMEOUT_S = 30.0
 
 
@@ -246,8 +245,6 @@ class SchedulerService:
         slot.in_flight.append(InFlightStep(plan, slot.scheduler.last_record, sent_at, time.time(), sent_at - t0))
         slot.schedule_s += sent_at - t0
         slot.outbox.send(StepPlan(slot.worker_id, plan))
-        if len(slot.scheduler.records) > 2 * KEEP_RECORDS:
-            del slot.scheduler.records[:-KEEP_RECORDS]
 
     def _came_back(self, slot: WorkerSlot, step: int) -> InFlightStep | None:
         """The oldest step in flight, if it is ``step``; None for a step of a worker declared dead, come back late."""

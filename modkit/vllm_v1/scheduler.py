@@ -35,6 +35,7 @@ Decisions that differ from modkit's scheduler (``modkit.vllm_v1.compare`` measur
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,7 @@ from typing import Any, Literal
 from modkit.kvcache.events import KVEventSink
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.output import (
+    MAX_STEP_RECORDS,
     CachedRequestData,
     EngineCoreOutput,
     ModelRunnerOutput,
@@ -121,7 +123,7 @@ class VLLMScheduler:
         self._pending: dict[int, Any] = {}  # step -> vLLM's SchedulerOutput, until update_from_output
         self.step_count = 0
         self.num_preemptions = 0
-        self.records: list[StepRecord] = []
+        self.records: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)  # the last steps' records
         self.last_record: StepRecord | None = None
 
     # -- requests in and out -------------------------------------------------------------
