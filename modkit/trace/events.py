@@ -64,9 +64,8 @@ class StepEvent(msgspec.Struct, tag="step", frozen=True):
     sample_s: float
     scheduled: list[ScheduledReq]  # in batch order
     preempted: dict[str, str]  # req_id -> why it lost its blocks this step
-    waiting: dict[
-        str, str
-    ]  # req_id -> why it was not scheduled (the first in line: modkit.scheduler.output.MAX_WAITING_REASONS)
+    # req_id -> why it was not scheduled, for the first in line (modkit.scheduler.output.MAX_WAITING_REASONS)
+    waiting: dict[str, str]
     num_waiting: int  # in the waiting queue after this step's admissions
     num_running: int  # after this step's admissions and preemptions
     token_budget: int  # max_num_batched_tokens
