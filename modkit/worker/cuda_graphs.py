@@ -138,7 +138,8 @@ class DecodeGraphs:
     def _check(self, chunks: Sequence[SequenceChunk], positions: list[int], tables: Any) -> None:
         """``ModelRunner.validate``'s checks for a decode step, on whole columns at once (its loop
         over the chunks costs more than the rest of the step's host work); on a failure that
-        loop runs, to name the chunk. Table cells past a row's length hold earlier steps' ids."""
+        loop runs, to name the chunk. ``tables`` holds the step's rows up to its longest table;
+        cells past a shorter row's length hold earlier steps' ids."""
         runner = self.runner
         ok = min(positions) >= 0 and max(positions) < runner.model.config.max_position_embeddings
         if not (ok and tables.min() >= 0 and tables.max() < runner.kv_cache.num_blocks):
@@ -155,15 +156,17 @@ class DecodeGraphs:
         positions = [c.num_computed_tokens for c in chunks]
         tables = self.host_tables.numpy()
         slots = []
+        width = 0  # of the longest table: only those columns are checked (the rest is never read)
         try:
             for i, (chunk, pos) in enumerate(zip(chunks, positions, strict=True)):
                 table = chunk.block_table
                 tables[i, : len(table)] = table
+                width = max(width, len(table))
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
         except (IndexError, ValueError):  # a table too short, or too long: name the chunk and the reason
             self.runner.validate(list(chunks))
             raise
-        self._check(chunks, positions, tables[:n])
+        self._check(chunks, positions, tables[:n, :width])
         pad = b - n
         self.host_ids[:b] = torch.tensor([c.token_ids[0] for c in chunks] + [0] * pad)
         self.host_positions[:b] = torch.tensor(positions + [0] * pad)

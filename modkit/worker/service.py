@@ -12,9 +12,10 @@
 The scheduler keeps two steps in flight (async scheduling). On a GPU the worker launches a
 plan as soon as it arrives, and finishes the step before it only then: the device runs
 one step after the other with no gap, and step N+1 reads step N's tokens on the device
-(``Worker``). With nothing new to launch, a step is finished once the device is done
-with it. A plan whose sampling reads the last step's tokens (penalties, ``min_tokens``)
-waits for them instead.
+(``Worker``). A step the device has already finished when a plan arrives is finished
+first, so its result goes out without waiting for the launch. With nothing new to launch,
+a step is finished once the device is done with it. A plan whose sampling reads the last
+step's tokens (penalties, ``min_tokens``) waits for them instead.
 
 Logits never leave this process: the Sampler process owns the sampling configuration
 (which implementation, the seed) and its statistics, and the worker asks it for that
