@@ -27,8 +27,9 @@ from modkit import LLM, Pipeline
 from modkit.config import ConfigError, free_component_ports
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.kvcache import KVCacheManager
+from modkit.kvcache.client import KVCacheManagerClient
 from modkit.kvcache.interface import admit, admit_in_order
-from modkit.kvcache.remote import KVCacheManagerClient, KVCacheService
+from modkit.kvcache.service import KVCacheService
 from modkit.pipeline.addresses import socket_names
 from modkit.pipeline.preflight import PortInUseError
 from modkit.protocol import KVAdmit, KVCacheComputed
@@ -108,7 +109,7 @@ def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions(plan_ahe
     num_blocks, block_size = 24, 4
     service = ComponentProcess.start(
         "kv-test",
-        "modkit.kvcache.remote:KVCacheService",
+        "modkit.kvcache.service:KVCacheService",
         {"num_blocks": [num_blocks], "block_size": block_size},
         ipc_address("kv-test.rpc"),
     )
@@ -164,7 +165,7 @@ def test_a_run_of_admissions_is_one_round_trip_to_the_kv_cache_manager() -> None
     """Each prefix-cache lookup and first allocation travel together, a whole run of them in one
     round trip, and give what the in-process manager gives."""
     pool = {"num_blocks": [8], "block_size": 4}  # 7 blocks to hand out
-    service = ComponentProcess.start("kv-admit", "modkit.kvcache.remote:KVCacheService", pool, ipc_address("kv-a.rpc"))
+    service = ComponentProcess.start("kv-admit", "modkit.kvcache.service:KVCacheService", pool, ipc_address("kv-a.rpc"))
     try:
         with service.client(timeout_s=10) as rpc:
             remote, local = KVCacheManagerClient(rpc, 0, 4), KVCacheManager(8, 4)

@@ -21,7 +21,7 @@ READY_TIMEOUT_S = 300.0  # loading a hub model on a slow disk can take minutes
 TARGETS = {
     "sampler": "modkit.sampler.service:SamplerService",
     "worker": "modkit.worker.service:WorkerService",
-    "kv_cache_manager": "modkit.kvcache.remote:KVCacheService",
+    "kv_cache_manager": "modkit.kvcache.service:KVCacheService",
     "scheduler": "modkit.scheduler.service:SchedulerService",
     "router": "modkit.router.service:RouterService",
     "frontend": "modkit.frontend.service:FrontendService",

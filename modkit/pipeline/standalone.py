@@ -109,7 +109,7 @@ def _builders() -> dict[str, Callable[[PipelineConfig, PipelineAddresses, argpar
         return SamplerService(**common(c, a))
 
     def kv_cache_manager(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
-        from modkit.kvcache.remote import KVCacheService
+        from modkit.kvcache.service import KVCacheService
 
         num_blocks = []  # each pool is sized from its worker's KV cache: ask them (they may still be loading)
         for i in range(c.num_workers):

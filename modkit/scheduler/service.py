@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modkit.config import PipelineConfig
-from modkit.kvcache.remote import KVCacheManagerClient
+from modkit.kvcache.client import KVCacheManagerClient
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import (
     AbortRequest,
