@@ -67,7 +67,7 @@ class Request:
     # Tokens being sampled in steps not yet back (async scheduling): the scheduler plans the next
     # step before the last one's tokens arrive, counting each as a placeholder (vLLM's name).
     num_output_placeholders: int = 0
-    num_cached_tokens: int = -1  # prefix-cache hit when first scheduled; -1 before that
+    num_cached_tokens: int | None = None  # prefix-cache hit when first scheduled; None before that
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it
     block_hashes: list[BlockHash] = field(default_factory=list)  # of its full blocks, grows with it

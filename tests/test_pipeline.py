@@ -28,7 +28,7 @@ from modkit.config import ConfigError, free_component_ports
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.kvcache import KVCacheManager
 from modkit.kvcache.client import KVCacheManagerClient
-from modkit.kvcache.interface import admit, admit_in_order
+from modkit.kvcache.interface import KVCacheManagerInterface, KVRequest
 from modkit.kvcache.service import KVCacheService
 from modkit.pipeline.addresses import socket_names
 from modkit.pipeline.preflight import PortInUseError
@@ -161,6 +161,31 @@ def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions(plan_ahe
         service.stop()
 
 
+def admit_in_order(kv: KVCacheManagerInterface, requests: list[KVRequest], token_budget: int) -> list[tuple[int, int]]:
+    """The scheduler's admission calls (``Scheduler._schedule_waiting``): for each request in turn,
+    its prefix-cache hit, then blocks for what the budget allows; stop at the first that does not fit.
+    Returns (tokens hit, tokens to compute) for each admitted request."""
+    kv.prepare_admissions(requests, token_budget)
+    admitted = []
+    for request in requests:
+        if token_budget == 0:
+            break
+        hit_blocks, num_hit = kv.get_computed_blocks(request)
+        num_new = min(request.num_tokens - num_hit, token_budget)
+        if kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
+            break
+        request.num_computed_tokens = num_hit
+        admitted.append((num_hit, num_new))
+        token_budget -= num_new
+    kv.flush()
+    return admitted
+
+
+def admit(kv: KVCacheManagerInterface, request: KVRequest, token_budget: int) -> tuple[int, int] | None:
+    admitted = admit_in_order(kv, [request], token_budget)
+    return admitted[0] if admitted else None
+
+
 def test_a_run_of_admissions_is_one_round_trip_to_the_kv_cache_manager() -> None:
     """Each prefix-cache lookup and first allocation travel together, a whole run of them in one
     round trip, and give what the in-process manager gives."""
@@ -182,7 +207,9 @@ def test_a_run_of_admissions_is_one_round_trip_to_the_kv_cache_manager() -> None
             too_big = Request("c", list(range(100, 160)), params)
             assert admit(remote, too_big, token_budget=64) is None and remote.num_round_trips == 3
             # A run: each gets what the one before left of the budget; "f" finds no free block,
-            # so neither it nor "g" after it is admitted (though "g" would fit).
+            # so neither it nor "g" after it is admitted (though "g" would fit). "d" and "e" cover
+            # the budget even with no hit, so they go in one round trip; hits leave budget over,
+            # and "f" goes in a second.
             for kv, request in zip((remote, local), second, strict=True):
                 kv.cache_blocks(request, 12)
             run = {
@@ -193,10 +220,10 @@ def test_a_run_of_admissions_is_one_round_trip_to_the_kv_cache_manager() -> None
                 for kv in (remote, local)
             }
             results = [admit_in_order(kv, requests, token_budget=20) for kv, requests in run.items()]
-            assert results[0] == results[1] == [(8, 4), (8, 8)] and remote.num_round_trips == 4
+            assert results[0] == results[1] == [(8, 4), (8, 8)] and remote.num_round_trips == 5
             for r in "defg":
                 assert remote.get_block_ids(r) == local.get_block_ids(r)
-            assert admit_in_order(remote, run[remote][2:], token_budget=20) == [] and remote.num_round_trips == 5
+            assert admit_in_order(remote, run[remote][2:], token_budget=20) == [] and remote.num_round_trips == 6
             short = {
                 kv: [Request(r, list(range(1, 9)) + [i] * 20, params) for r, i in (("h", 90), ("k", 91))] for kv in run
             }

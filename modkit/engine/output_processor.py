@@ -146,7 +146,7 @@ class OutputProcessor:
         )
         if finish_reason is not None:
             completion.finish_reason, completion.stop_reason = finish_reason, stop_reason
-            metrics.num_cached_tokens = max(metrics.num_cached_tokens, t.request.num_cached_tokens)
+            metrics.num_cached_tokens = max(metrics.num_cached_tokens, t.request.num_cached_tokens or 0)
             metrics.num_preemptions += t.request.num_preemptions
             del self._tracked[out.req_id]
             if all(c.finish_reason is not None for c in t.parent.outputs):

@@ -24,20 +24,37 @@ goes idle. The client answers two questions itself:
   the scheduler asks for them once it has planned the whole step, so a step's block-boundary
   decodes cost one round trip together instead of one each.
 
-A run of admissions (``admit_in_order``: for each waiting request in turn, the prefix-cache
-lookup, then the allocation for what is left of the token budget, until one does not fit) is
-one round trip, and so is an allocation the count cannot vouch for.
+The scheduler's admissions of waiting requests travel together: ``prepare_admissions``
+hands the client the requests the scheduler is about to admit, in order, and the token
+budget; the client sends a run of them as ``KVAdmit`` ops (each the prefix-cache lookup,
+then the allocation for what the ones before left of the budget; the service stops at the
+first that does not fit), as many as the budget could cover with no prefix hit, and answers
+the scheduler's ``get_computed_blocks`` and ``allocate_slots`` calls from the reply. When
+prefix hits leave budget over, the next call sends the next run. An allocation the free
+count cannot vouch for is one round trip of its own.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
-from modkit.kvcache.interface import KVRequest
+from modkit.kvcache.interface import BlockHandles, KVRequest
 from modkit.protocol import KVAdmit, KVAllocate, KVCacheComputed, KVFree, KVGetComputed, KVOp
 from modkit.transport import RpcClient
+
+
+@dataclass(slots=True)
+class _Admissions:
+    """The waiting requests the scheduler is admitting this step (``prepare_admissions``)."""
+
+    requests: list[KVRequest]
+    position: dict[str, int]  # req_id -> index in requests
+    budget_left: int  # of the token budget, after the runs sent so far
+    # req_id -> the service's answer: (block ids gained, tokens hit, tokens to compute), or None: refused
+    answers: dict[str, tuple[list[int], int, int] | None] = field(default_factory=dict)
 
 
 class KVCacheManagerClient:
@@ -58,24 +75,69 @@ class KVCacheManagerClient:
         self._sent: dict[str, int] = {}  # tokens of each request the service has seen
         self._blocks: dict[str, list[int]] = {}  # each request's block table, as the service handed it out
         self._num_full_reported: dict[str, int] = {}  # full blocks of each request cache_blocks has reported
+        self._admissions: _Admissions | None = None
 
-    def admit_in_order(self, requests: Sequence[KVRequest], token_budget: int) -> list[tuple[int, int]]:
-        """``modkit.kvcache.interface.admit_in_order`` in one round trip: each lookup and allocation."""
-        ops: list[KVOp] = [
-            KVAdmit(r.req_id, self._new_tokens(r), r.num_computed_tokens, token_budget, follows=i > 0)
-            for i, r in enumerate(requests)
-        ]
-        results = self._apply(ops)[-len(ops) :] if ops else []
-        admitted = []
-        for request, result in zip(requests, results, strict=True):
-            if result is None:  # not admitted: nor is any after it
+    # -- admissions: one round trip for a run of them ---------------------------------------
+
+    def prepare_admissions(self, requests: Sequence[KVRequest], token_budget: int) -> None:
+        self._end_admissions()
+        if requests:
+            position = {r.req_id: i for i, r in enumerate(requests)}
+            self._admissions = _Admissions(list(requests), position, token_budget)
+
+    def _admitting(self, request: KVRequest) -> bool:
+        """Whether ``request`` is one of the prepared admissions, not yet claimed."""
+        return self._admissions is not None and request.req_id in self._admissions.position
+
+    def _answer(self, request: KVRequest) -> tuple[list[int], int, int] | None:
+        """The service's answer for a request being admitted, sending its run first if need be."""
+        admissions = self._admissions
+        assert admissions is not None
+        if request.req_id not in admissions.answers:
+            self._send_admission_run(admissions, admissions.position[request.req_id])
+        return admissions.answers[request.req_id]
+
+    def _send_admission_run(self, admissions: _Admissions, start: int) -> None:
+        """``KVAdmit`` ops for the requests from ``start`` on, as many as the budget left could
+        cover with no prefix hit (more fit with hits: then the next run goes later)."""
+        run: list[KVRequest] = []
+        uncovered = admissions.budget_left
+        for request in admissions.requests[start:]:
+            run.append(request)
+            uncovered -= request.num_tokens - request.num_computed_tokens
+            if uncovered <= 0:
                 break
+        ops: list[KVOp] = [
+            KVAdmit(r.req_id, self._new_tokens(r), r.num_computed_tokens, admissions.budget_left, follows=i > 0)
+            for i, r in enumerate(run)
+        ]
+        results = self._apply(ops)[-len(ops) :]
+        for request, result in zip(run, results, strict=True):
+            if result is None:
+                admissions.answers[request.req_id] = None
+                continue
             block_ids, num_hit, num_new = result
-            self._blocks.setdefault(request.req_id, []).extend(block_ids)
-            admitted.append((int(num_hit), int(num_new)))
-        return admitted
+            admissions.answers[request.req_id] = (list(block_ids), int(num_hit), int(num_new))
+            admissions.budget_left -= int(num_new)
+
+    def _end_admissions(self) -> None:
+        """Admissions are over: every one the service made must have been claimed by the scheduler."""
+        admissions, self._admissions = self._admissions, None
+        if admissions is None:
+            return
+        unclaimed = [r for r, answer in admissions.answers.items() if answer is not None]
+        if unclaimed:  # the two sides followed different rules: fail loudly rather than leak blocks
+            raise RuntimeError(f"the KV cache manager admitted {unclaimed} but the scheduler did not ask for them")
+
+    # -- the interface -----------------------------------------------------------------------
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[int], int]:
+        if self._admitting(request):
+            answer = self._answer(request)
+            if answer is None:
+                return [], 0  # refused: allocate_slots says so; nothing was taken
+            block_ids, num_hit, _ = answer
+            return block_ids[: num_hit // self.block_size], num_hit
         op = KVGetComputed(request.req_id, self._new_tokens(request), request.num_computed_tokens)
         block_ids, num_hit = self._ask(op)
         return list(block_ids), int(num_hit)
@@ -84,15 +146,17 @@ class KVCacheManagerClient:
         self,
         request: KVRequest,
         num_new_tokens: int,
-        new_computed_blocks: Sequence[Any] = (),
+        new_computed_blocks: BlockHandles = (),
         num_new_computed_tokens: int = 0,
-    ) -> list[int] | None:
+    ) -> int | None:
+        if self._admitting(request):
+            return self._claim_admission(request, num_new_tokens, num_new_computed_tokens)
         held = self._blocks.get(request.req_id)
         if held is not None and not new_computed_blocks:
             total = request.num_computed_tokens + num_new_tokens
             num_needed = -(-total // self.block_size) - len(held) - self._num_promised(request.req_id)
             if num_needed <= 0:
-                return []  # room in the blocks it holds: the service would change nothing
+                return 0  # room in the blocks it holds: the service would change nothing
             if num_needed <= self.num_free_blocks - self._num_promised_blocks:
                 # The service's check passes for sure: queue it, and learn the ids with the next reply.
                 self._promised.append((len(self._pending), request.req_id))
@@ -102,8 +166,8 @@ class KVCacheManagerClient:
                 self._num_promised_blocks += num_needed
                 self.num_promised += 1
                 self._promised_per_request[request.req_id] = self._num_promised(request.req_id) + num_needed
-                return []  # promised: get_block_ids has them once the reply is in
-        hit_ids = [int(b) for b in new_computed_blocks]
+                return num_needed  # promised: get_block_ids has their ids once the reply is in
+        hit_ids = list(cast("Sequence[int]", new_computed_blocks))  # block ids: get_computed_blocks gave them
         op = KVAllocate(
             request.req_id,
             self._new_tokens(request),
@@ -116,7 +180,23 @@ class KVCacheManagerClient:
         if new_ids is None:
             return None
         self._blocks.setdefault(request.req_id, []).extend(hit_ids + new_ids)
-        return list(new_ids)
+        return len(new_ids)
+
+    def _claim_admission(self, request: KVRequest, num_new_tokens: int, num_hit_tokens: int) -> int | None:
+        """The scheduler's allocation for a prepared admission: what the service already did."""
+        answer = self._answer(request)
+        assert self._admissions is not None
+        del self._admissions.answers[request.req_id], self._admissions.position[request.req_id]
+        if answer is None:
+            return None
+        block_ids, num_hit, num_new = answer
+        if (num_hit, num_new) != (num_hit_tokens, num_new_tokens):
+            raise RuntimeError(
+                f"{request.req_id}: the scheduler asked for {num_hit_tokens} hit + {num_new_tokens} new tokens, "
+                f"the KV cache manager admitted {num_hit} + {num_new}"
+            )
+        self._blocks.setdefault(request.req_id, []).extend(block_ids)
+        return len(block_ids) - num_hit // self.block_size
 
     def cache_blocks(self, request: KVRequest, num_computed_tokens: int) -> None:
         if request.req_id not in self._blocks:
@@ -136,6 +216,7 @@ class KVCacheManagerClient:
             self._pending.append(KVFree(request.req_id))
 
     def get_block_ids(self, req_id: str, start: int = 0) -> list[int]:
+        self._end_admissions()
         if self._promised:
             self._apply([])  # the promised allocations' block ids
         return self._blocks.get(req_id, [])[start:]
@@ -149,6 +230,7 @@ class KVCacheManagerClient:
         return self._promised_per_request.get(req_id, 0)
 
     def flush(self) -> None:
+        self._end_admissions()
         if self._pending:
             self._apply([])
 

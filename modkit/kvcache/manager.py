@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from modkit.kvcache.block_pool import NULL_BLOCK_ID, BlockPool, KVCacheBlock
 from modkit.kvcache.events import BlockActivitySink, KVEventSink
@@ -26,7 +26,7 @@ from modkit.kvcache.eviction import EvictionPolicy
 from modkit.kvcache.hashing import hash_request_blocks
 
 if TYPE_CHECKING:
-    from modkit.kvcache.interface import KVRequest
+    from modkit.kvcache.interface import BlockHandles, KVRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +87,9 @@ class KVCacheManager:
         self,
         request: KVRequest,
         num_new_tokens: int,
-        new_computed_blocks: Sequence[KVCacheBlock] = (),
+        new_computed_blocks: BlockHandles = (),
         num_new_computed_tokens: int = 0,
-    ) -> list[KVCacheBlock] | None:
+    ) -> int | None:
         """Blocks for ``num_new_tokens`` more tokens, after taking ``new_computed_blocks`` (a prefix hit).
 
         ::
@@ -97,35 +97,35 @@ class KVCacheManager:
             | computed | prefix hit (new_computed) | new tokens (num_new_tokens) |
             |<-- request's blocks -->|<-- blocks to allocate now -------------->|
 
-        Returns the newly allocated blocks (possibly none), or ``None``, changing nothing,
-        when the free blocks do not suffice.
+        Returns how many blocks were newly allocated (0 when the held ones have room), or
+        ``None``, changing nothing, when the free blocks do not suffice.
         """
+        hits = cast("Sequence[KVCacheBlock]", new_computed_blocks)  # what get_computed_blocks gave
         first_allocation = request.req_id not in self.req_to_blocks
         held = self.req_to_blocks.get(request.req_id, [])
         total = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
         num_needed = -(-total // self.block_size) - len(held) - len(new_computed_blocks)
-        if num_needed <= 0 and not new_computed_blocks and not first_allocation:
-            return []  # room in the blocks it holds (most decode steps): nothing changes
+        if num_needed <= 0 and not hits and not first_allocation:
+            return 0  # room in the blocks it holds (most decode steps): nothing changes
         # Hit blocks that nobody holds sit in the free queue; taking them uses up free blocks too.
-        num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_free_hits:
             return None
 
         blocks = self.req_to_blocks.setdefault(request.req_id, held)
-        self.pool.touch(new_computed_blocks)
-        blocks.extend(new_computed_blocks)
+        self.pool.touch(hits)
+        blocks.extend(hits)
         evicted: list[int] = []
         new_blocks = self.pool.get_new_blocks(max(num_needed, 0), evicted)
         blocks.extend(new_blocks)
         if self.activity_sink is not None:
-            self._tell("hit", request.req_id, [b.block_id for b in new_computed_blocks])
+            self._tell("hit", request.req_id, [b.block_id for b in hits])
             self._tell("evicted", request.req_id, evicted)
             self._tell("allocated", request.req_id, [b.block_id for b in new_blocks])
         if first_allocation and self.enable_prefix_caching:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += num_new_computed_tokens
-
-        return new_blocks
+        return len(new_blocks)
 
     def cache_blocks(self, request: KVRequest, num_computed_tokens: int) -> None:
         """Make the request's full, computed blocks findable by hash (and publish BlockStored).
@@ -174,6 +174,9 @@ class KVCacheManager:
     def usage(self) -> float:
         """Fraction of blocks held by requests (vllm:kv_cache_usage_perc)."""
         return self.pool.usage
+
+    def prepare_admissions(self, requests: Sequence[KVRequest], token_budget: int) -> None:
+        """Nothing to prepare in-process: each lookup and allocation is a call (see ``KVCacheManagerInterface``)."""
 
     def flush(self) -> None:
         """Nothing to do in-process: every call already took effect (see ``KVCacheManagerInterface``)."""

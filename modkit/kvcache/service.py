@@ -22,7 +22,6 @@ from typing import Any
 from modkit.kvcache.events import KVEvent, event_to_wire
 from modkit.kvcache.eviction import EVICTION_POLICIES, try_policy
 from modkit.kvcache.hashing import BlockHash
-from modkit.kvcache.interface import admit
 from modkit.kvcache.manager import KVCacheManager
 from modkit.protocol import KVAdmit, KVAllocate, KVApplyReply, KVFree, KVGetComputed, KVOp
 from modkit.swap import ImplSpec, resolve
@@ -139,9 +138,10 @@ class KVCacheService:
                 left = 0 if admitted is None else budget - admitted[2]
                 results.append(admitted)
             elif isinstance(op, KVAllocate):
+                held = len(manager.get_block_ids(op.req_id)) + len(op.hit_block_ids)
                 hit_blocks = [manager.block(i) for i in op.hit_block_ids]
                 new = manager.allocate_slots(request, op.num_new_tokens, hit_blocks, op.num_hit_tokens)
-                results.append(None if new is None else [b.block_id for b in new])
+                results.append(None if new is None else manager.get_block_ids(op.req_id, held))
             else:
                 manager.cache_blocks(request, op.num_computed_tokens)
                 results.append(None)
@@ -154,12 +154,15 @@ class KVCacheService:
 
     @staticmethod
     def _admit(manager: Any, request: _RemoteRequest, token_budget: int) -> list[Any] | None:
-        """``admit`` on the pool: [the blocks it gained (hits, then new ones), tokens hit, tokens to compute]."""
+        """The scheduler's admission of a waiting request, on the pool: its prefix-cache hit, then
+        blocks for what the budget allows. [the blocks it gained (hits, then new ones), tokens hit,
+        tokens to compute], or None, changing nothing, when the free blocks do not suffice."""
         held = len(manager.get_block_ids(request.req_id))
-        admitted = admit(manager, request, token_budget)
-        if admitted is None:
+        hit_blocks, num_hit = manager.get_computed_blocks(request)
+        num_new = min(request.num_tokens - num_hit, token_budget)
+        if manager.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
             return None
-        return [manager.get_block_ids(request.req_id, held), *admitted]
+        return [manager.get_block_ids(request.req_id, held), num_hit, num_new]
 
     def block_tables(self, pool: int) -> dict[str, list[int]]:
         manager = self.pools[pool]

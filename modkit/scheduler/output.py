@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from modkit.sampler.interface import TokenLogprobs
 from modkit.sampling_params import SamplingParams
 
-# A step names why the first requests in line wait; num_waiting counts them all. (Naming every
-# one of a queue of 768, every step, cost 0.13 ms of the step on this project's CPU box.)
+# A step names why the first requests in line wait; num_waiting counts them all. Naming every
+# one of a long queue, every step, would cost the hot path time for a view nobody reads that far.
 MAX_WAITING_REASONS = 16
 # A scheduler keeps the records of its last this many steps (``Scheduler.records``): a long-running
 # engine would otherwise keep one per step for ever (at batch 256, about 25 kB each).

@@ -6,15 +6,17 @@ The invariant (vLLM V1's): there is no prefill phase and no decode phase. Each r
 out of this: a prompt longer than what is left of the budget gets what is left, and the
 rest next step.
 
-One step:
+One step (``schedule``, in three named phases):
 
-1. Running requests first, in order: each gets ``num_tokens - num_computed_tokens`` (one
+1. ``_schedule_running``: running requests first, in order: each gets ``num_tokens - num_computed_tokens`` (one
    for a decoding request), capped by the budget. If the KV cache manager has no block for
    it, the policy's victim (under FCFS the latest arrival) is preempted: its blocks are
    freed, its ``num_computed_tokens`` drops to 0, and it waits to be recomputed.
-2. Then waiting requests, in the policy's order, while budget, ``max_num_seqs`` and free
-   blocks last; their prefix-cache hits are skipped. No admissions in a step that preempted.
-3. Every scheduled request's ``num_computed_tokens`` advances by what it was given, before
+2. ``_schedule_waiting``: then waiting requests, in the policy's order, while budget,
+   ``max_num_seqs`` and free blocks last: for each, one prefix-cache lookup
+   (``get_computed_blocks``) and one ``allocate_slots``, as in vLLM; its hit is skipped. No
+   admissions in a step that preempted.
+3. ``_advance``: every scheduled request's ``num_computed_tokens`` advances by what it was given, before
    the model runs; ``update_from_output`` then appends the sampled tokens and finishes
    requests on eos, a stop token id, ``max_tokens`` or the model's length limit.
 
@@ -33,35 +35,20 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from modkit.kvcache.interface import KVCacheManagerInterface, admit_in_order
+from modkit.kvcache.interface import KVCacheManagerInterface
 from modkit.request import Request, RequestStatus
+from modkit.scheduler.checks import admit_checks, check_stop
 from modkit.scheduler.output import (
     MAX_STEP_RECORDS,
-    MAX_WAITING_REASONS,
     CachedRequestData,
     EngineCoreOutput,
     ModelRunnerOutput,
     NewRequestData,
-    ScheduledEntry,
     SchedulerOutput,
     StepRecord,
 )
 from modkit.scheduler.policies import SchedulingPolicy, get_policy
-
-
-def admit_checks(request: Request, requests: dict[str, Request], max_model_len: int) -> None:
-    """What every scheduler checks of a new request (ValueError), and its ``max_tokens`` within the model's length."""
-    if request.req_id in requests:
-        raise ValueError(f"request id {request.req_id!r} is already in use")
-    if request.num_tokens >= max_model_len:
-        raise ValueError(
-            f"prompt has {request.num_tokens} tokens; the model's limit is {max_model_len} "
-            "including at least one generated token"
-        )
-    # Counted from the prompt: a request moved here from another worker brings its outputs so far.
-    request.max_tokens = min(
-        request.sampling_params.max_tokens or max_model_len, max_model_len - request.num_prompt_tokens
-    )
+from modkit.scheduler.step import StepDraft
 
 
 class Scheduler:
@@ -100,6 +87,11 @@ class Scheduler:
     # -- requests in and out -------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
+        """Queue a new request (in the policy's order); it computes nothing before a step admits it.
+
+        Raises ValueError, queueing nothing, for a request id in use or a prompt that leaves no
+        room for one generated token; caps ``request.max_tokens`` at the model's length.
+        """
         admit_checks(request, self.requests, self.max_model_len)
         request.status = RequestStatus.WAITING
         self.requests[request.req_id] = request
@@ -158,129 +150,121 @@ class Scheduler:
     # -- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        """Plan one step: which requests compute how many tokens, within the token budget.
+
+        Running requests first (``_schedule_running``), then waiting ones
+        (``_schedule_waiting``); then every scheduled request's ``num_computed_tokens``
+        advances by what it got, before the model runs. Returns the plan the worker runs
+        exactly: each scheduled request's number of tokens, new requests in full and the others
+        as a diff (``SchedulerOutput``). Why the batch looks the way it does goes to
+        ``records`` (``StepRecord``).
+        """
         if self.policy.reorders_over_time:
             self.waiting.sort(key=self.policy.admission_key)
-        budget = self.max_num_batched_tokens
-        scheduled: dict[str, int] = {}
-        entries: list[ScheduledEntry] = []
-        preempted: dict[str, str] = {}
-        waiting_why: dict[str, str] = {}
+        step = StepDraft(budget=self.max_num_batched_tokens)
+        self._schedule_running(step)
+        self._schedule_waiting(step)
+        output = self._make_output(step.scheduled, step.admitted, step.preempted)
+        self._advance(step.scheduled)
+        self._record(step)
+        return output
 
-        # 1. Running requests: decodes and the rest of chunked prompts.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+    def _schedule_running(self, step: StepDraft) -> None:
+        """1. Running requests, in order: decodes and the rest of chunked prompts, each capped by
+        what is left of the budget. One the KV cache has no block for preempts the policy's
+        victims until it fits (or is the victim itself)."""
+        for request in list(self.running):  # a copy: preemptions remove from self.running
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this step, as another request's victim
+            if step.budget == 0:
+                step.note_out_of_budget(request)
+                continue
             if request.num_output_placeholders and self._last_token_in_flight(request):
-                i += 1
                 continue
             known = request.num_tokens + request.num_output_placeholders  # tokens, sampled or in flight
-            num_new = min(known - request.num_computed_tokens, budget)
+            num_new = min(known - request.num_computed_tokens, step.budget)
             assert num_new > 0, f"running request {request.req_id} has nothing to compute"
-            while self.kv.allocate_slots(request, num_new) is None:
-                victim = self.policy.pick_victim(self.running)
-                if self.running.index(victim) < i:
-                    i -= 1  # it was scheduled earlier this step: take that back
-                    budget += scheduled.pop(victim.req_id)
-                    entries = [e for e in entries if e.req_id != victim.req_id]
-                self._preempt(victim)
-                preempted[victim.req_id] = f"no free KV block for {request.req_id}"
-                if victim is request:
-                    break
-            if request.status != RequestStatus.RUNNING:
-                continue  # preempted itself; the request now at index i is the next one
+            if not self._allocate_or_preempt(request, num_new, step):
+                continue
             # Decode: only the newest token is left (known, or in flight), and it is an output
             # token. Anything else is a prefill: a prompt chunk (its last one may be one token),
             # or prompt + outputs recomputed after a preemption.
             decode = request.num_computed_tokens == known - 1 >= request.num_prompt_tokens
-            kind = "decode" if decode else "prompt"
-            entries.append(ScheduledEntry(request.req_id, num_new, kind, request.num_computed_tokens))
-            scheduled[request.req_id] = num_new
-            budget -= num_new
-            i += 1
-        for request in self.running[i : i + MAX_WAITING_REASONS]:
-            waiting_why[request.req_id] = "token budget used up by earlier running requests"
+            step.schedule(request, num_new, "decode" if decode else "prompt")
 
-        # 2. Waiting requests in line, unless this step had to preempt. The KV cache manager
-        # admits a run of them at a time (one round trip when it is another process): each
-        # gets its prefix-cache hit and blocks for what the budget allows, until one does not
-        # fit or the budget is used up. FCFS: nobody overtakes the head of the queue.
-        admitted: list[Request] = []
-        queries = hits = 0
-        position, why = 0, ""
-        while position < len(self.waiting):
-            seats = self.max_num_seqs - len(self.running) - len(admitted)
-            if preempted:
-                why = "preemption this step: no admissions"
-            elif budget == 0:
+    def _allocate_or_preempt(self, request: Request, num_new: int, step: StepDraft) -> bool:
+        """Blocks for ``num_new`` more tokens of a running request, preempting the policy's
+        victims until they fit. False if the request itself had to go."""
+        while self.kv.allocate_slots(request, num_new) is None:
+            victim = self.policy.pick_victim(self.running)
+            step.unschedule(victim)  # if it was scheduled earlier in this step, take that back
+            self._preempt(victim)
+            step.preempted[victim.req_id] = f"no free KV block for {request.req_id}"
+            if victim is request:
+                return False
+        return True
+
+    def _schedule_waiting(self, step: StepDraft) -> None:
+        """2. Waiting requests in the policy's order, each with its prefix-cache hit skipped,
+        while the budget, ``max_num_seqs`` and free blocks last. None in a step that preempted,
+        and none overtakes the first that does not fit."""
+        if not self.waiting:
+            return
+        if step.preempted:
+            step.note_waiting_queue(self.waiting, "preemption this step: no admissions")
+            return
+        candidates = self.waiting[: max(self.max_num_seqs - len(self.running), 0)]
+        if candidates and step.budget > 0:
+            # A hint: a KV cache manager in another process does all of the lookups and
+            # allocations below in one round trip, and answers these calls from its reply.
+            self.kv.prepare_admissions(candidates, step.budget)
+        why = "token budget used up" if step.budget == 0 else f"max_num_seqs={self.max_num_seqs} running"
+        for request in candidates:
+            if step.budget == 0:
                 why = "token budget used up"
-            elif seats <= 0:
-                why = f"max_num_seqs={self.max_num_seqs} running"
-            else:
-                run = self._admission_run(position, seats, budget)
-                results = admit_in_order(self.kv, run, budget)  # (tokens hit, tokens to compute) each
-                for request, (num_hit, num_new) in zip(run, results, strict=False):
-                    request.num_computed_tokens = num_hit
-                    queries, hits = queries + request.num_tokens, hits + num_hit
-                    if request.num_cached_tokens < 0:
-                        request.num_cached_tokens = num_hit
-                    admitted.append(request)
-                    entries.append(ScheduledEntry(request.req_id, num_new, "prompt", num_hit, num_hit))
-                    scheduled[request.req_id] = num_new
-                    budget -= num_new
-                position += len(results)
-                if len(results) == len(run):
-                    continue  # all of the run got in: the next one
-                why = "token budget used up" if budget == 0 else "not enough free KV blocks"
-            break
-        if position < len(self.waiting):
-            head = self.waiting[position]
-            waiting_why[head.req_id] = why
-            reason = f"queued behind {head.req_id}"
-            for later in self.waiting[position + 1 : position + MAX_WAITING_REASONS]:
-                waiting_why.setdefault(later.req_id, reason)
-        for request in admitted:
+                break
+            hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, step.budget)
+            if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
+                why = "not enough free KV blocks"
+                break
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_hit
+            step.admit(request, num_new, num_hit)
+        for request in step.admitted:
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+        step.note_waiting_queue(self.waiting, why)
 
-        output = self._make_output(scheduled, admitted, preempted)
-        # 3. Advance before the model runs: the scheduler already counts these as computed.
-        # One that reaches its end samples a token: a placeholder until the step comes back.
+    def _advance(self, scheduled: dict[str, int]) -> None:
+        """3. Advance before the model runs: the scheduler already counts these tokens as computed.
+        A request that reaches its end samples a token: a placeholder until the step comes back."""
         in_flight = self._tokens_in_flight
         for req_id, n in scheduled.items():
             request = self.requests[req_id]
             request.num_computed_tokens += n
             in_flight[req_id] = in_flight.get(req_id, 0) + n
-            if request.num_computed_tokens == len(request.all_token_ids) + request.num_output_placeholders:
+            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
                 request.num_output_placeholders += 1
+
+    def _record(self, step: StepDraft) -> None:
         self.last_record = StepRecord(
             step=self.step_count,
-            scheduled=entries,
-            waiting=waiting_why,
-            preempted=preempted,
+            scheduled=step.entries,
+            waiting=step.waiting_why,
+            preempted=step.preempted,
             token_budget=self.max_num_batched_tokens,
-            tokens_used=self.max_num_batched_tokens - budget,
+            tokens_used=self.max_num_batched_tokens - step.budget,
             num_running=len(self.running),
             kv_usage=self.kv.usage,
             num_waiting=len(self.waiting),
-            prefix_cache_queries=queries,
-            prefix_cache_hits=hits,
+            prefix_cache_queries=step.prefix_cache_queries,
+            prefix_cache_hits=step.prefix_cache_hits,
         )
         self.records.append(self.last_record)
         self.step_count += 1
-        return output
-
-    def _admission_run(self, start: int, seats: int, budget: int) -> list[Request]:
-        """The waiting requests from ``start`` on that this step might admit: at most ``seats``,
-        and no more than the budget covers even with no prefix-cache hit (plus the one it may
-        chunk). With hits, more fit: the caller asks again for the next run."""
-        run: list[Request] = []
-        for request in self.waiting[start : start + seats]:
-            run.append(request)
-            budget -= request.num_tokens - request.num_computed_tokens
-            if budget <= 0:
-                break
-        return run
 
     def _make_output(
         self, scheduled: dict[str, int], admitted: list[Request], preempted: dict[str, str]
@@ -327,7 +311,9 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Cache the blocks this step computed, append each sampled token, finish the requests that are done.
+        """Take a step's results: cache the blocks it computed, append each sampled token, and
+        finish the requests that are done (eos, a stop token id, ``max_tokens``, the model's
+        length), freeing their blocks. Returns what happened to each request that sampled.
 
         Steps come back in the order they were planned. A request preempted after this step
         was planned (async scheduling) still gets the step's token: it was computed over the
@@ -350,7 +336,7 @@ class Scheduler:
             if request.num_output_placeholders > 0:
                 request.num_output_placeholders -= 1
             request.append_output_token_ids(token)
-            status = self._check_stop(request, token)
+            status = check_stop(request, token, self.max_model_len)
             if status is not None:
                 self._finish(request, status)
             outputs.append(
@@ -359,19 +345,6 @@ class Scheduler:
                 )
             )
         return outputs
-
-    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
-        params = request.sampling_params
-        num_output_tokens = len(request.output_token_ids)
-        if num_output_tokens >= (params.min_tokens or 0):
-            if token in request.eos_token_ids and not params.ignore_eos:
-                return RequestStatus.FINISHED_STOPPED
-            if params.stop_token_ids and token in params.stop_token_ids:
-                request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-        if num_output_tokens >= request.max_tokens or len(request.all_token_ids) >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH_CAPPED
-        return None
 
     # -- bookkeeping -------------------------------------------------------------------
 

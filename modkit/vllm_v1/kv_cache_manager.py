@@ -37,11 +37,11 @@ from vLLM's state after each call (only computed when a sink listens).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from modkit.kvcache.events import AllBlocksCleared, BlockActivitySink, BlockRemoved, BlockStored, KVEvent, KVEventSink
 from modkit.kvcache.hashing import BlockHash
-from modkit.kvcache.interface import KVRequest
+from modkit.kvcache.interface import BlockHandles, KVRequest
 from modkit.kvcache.manager import KVCacheStats
 from modkit.vllm_v1.bridge import (
     KVCacheBlocks,
@@ -140,13 +140,14 @@ class VLLMKVCacheManager:
         self,
         request: KVRequest,
         num_new_tokens: int,
-        new_computed_blocks: Sequence[Any] = (),
+        new_computed_blocks: BlockHandles = (),
         num_new_computed_tokens: int = 0,
-    ) -> list[Any] | None:
-        """vLLM's ``allocate_slots``: the new blocks, or None (nothing changed) when too few are free."""
+    ) -> int | None:
+        """vLLM's ``allocate_slots``: how many new blocks, or None (nothing changed) when too few are free."""
         first_allocation = not self._tables.get(request.req_id)
         mirror = self._mirror(request)
-        hits = KVCacheBlocks((list(new_computed_blocks),)) if new_computed_blocks else None
+        hit_blocks = cast("list[VllmKVCacheBlock]", list(new_computed_blocks))  # what get_computed_blocks gave
+        hits = KVCacheBlocks((hit_blocks,)) if hit_blocks else None
         new = self.manager.allocate_slots(
             mirror,
             num_new_tokens,
@@ -163,12 +164,12 @@ class VLLMKVCacheManager:
         if self.activity_sink is not None:
             evicted = [b.block_id for b in new_blocks if b.block_id in self._cached_ids]
             self._cached_ids.difference_update(evicted)
-            self._tell("hit", request.req_id, [b.block_id for b in new_computed_blocks])
+            self._tell("hit", request.req_id, [b.block_id for b in hit_blocks])
             self._tell("evicted", request.req_id, evicted)
             self._tell("allocated", request.req_id, [b.block_id for b in new_blocks])
             self._tell_cached(request.req_id)
         self._drain_events()
-        return new_blocks
+        return len(new_blocks)
 
     def cache_blocks(self, request: KVRequest, num_computed_tokens: int) -> None:
         """Cache the request's computed full blocks; with ``cache_at_allocation`` vLLM already did."""
@@ -200,6 +201,9 @@ class VLLMKVCacheManager:
     def block(self, block_id: int) -> VllmKVCacheBlock:
         """The handle of block ``block_id``, as ``get_computed_blocks`` returns it."""
         return self.pool.blocks[block_id]
+
+    def prepare_admissions(self, requests: Sequence[KVRequest], token_budget: int) -> None:
+        """Nothing to prepare in-process (see ``KVCacheManagerInterface``)."""
 
     def flush(self) -> None:
         """Nothing to do in-process: every call already took effect."""

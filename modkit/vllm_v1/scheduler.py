@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from modkit.kvcache.events import KVEventSink
 from modkit.request import Request, RequestStatus
+from modkit.scheduler.checks import admit_checks
 from modkit.scheduler.output import (
     MAX_STEP_RECORDS,
     CachedRequestData,
@@ -52,7 +53,6 @@ from modkit.scheduler.output import (
     SchedulerOutput,
     StepRecord,
 )
-from modkit.scheduler.scheduler import admit_checks
 from modkit.vllm_v1.bridge import (
     EventPublisher,
     StructuredOutputManager,
@@ -178,6 +178,10 @@ class VLLMScheduler:
             taken.append(request)
         return taken
 
+    def can_plan_ahead(self) -> bool:
+        """Never: vLLM's scheduler is stepped in turn here (schedule, update, schedule...)."""
+        return False
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.vllm.get_num_unfinished_requests())
 
@@ -207,7 +211,7 @@ class VLLMScheduler:
             blocks = self.kv.get_block_ids(req_id)
             if req_id in admitted:
                 queries, hits = queries + request.num_tokens, hits + before
-                if request.num_cached_tokens < 0:
+                if request.num_cached_tokens is None:
                     request.num_cached_tokens = before
                 entries.append(ScheduledEntry(req_id, n, "prompt", before, before))
             else:

@@ -1,0 +1,56 @@
+"""The step ``Scheduler.schedule()`` is planning: what each request gets, and why the others wait."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from modkit.request import Request
+from modkit.scheduler.output import MAX_WAITING_REASONS, ScheduledEntry
+
+
+@dataclass(slots=True)
+class StepDraft:
+    """The step being planned: what each request gets, and why the others wait."""
+
+    budget: int  # tokens left to hand out
+    scheduled: dict[str, int] = field(default_factory=dict)  # req_id -> tokens, in batch order
+    entries: list[ScheduledEntry] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)  # from the waiting queue
+    preempted: dict[str, str] = field(default_factory=dict)  # req_id -> why
+    waiting_why: dict[str, str] = field(default_factory=dict)  # the first MAX_WAITING_REASONS only
+    prefix_cache_queries: int = 0  # tokens of the admitted requests
+    prefix_cache_hits: int = 0  # of those, found in the prefix cache
+    num_out_of_budget: int = 0  # running requests not served: the budget was used up
+
+    def schedule(self, request: Request, num_tokens: int, kind: str, num_cached_tokens: int = 0) -> None:
+        self.scheduled[request.req_id] = num_tokens
+        self.entries.append(
+            ScheduledEntry(request.req_id, num_tokens, kind, request.num_computed_tokens, num_cached_tokens)
+        )
+        self.budget -= num_tokens
+
+    def admit(self, request: Request, num_tokens: int, num_hit: int) -> None:
+        self.schedule(request, num_tokens, "prompt", num_hit)
+        self.admitted.append(request)
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += num_hit
+
+    def unschedule(self, request: Request) -> None:
+        """Take back what ``request`` got in this step (it is being preempted)."""
+        num_tokens = self.scheduled.pop(request.req_id, None)
+        if num_tokens is not None:
+            self.budget += num_tokens
+            self.entries = [e for e in self.entries if e.req_id != request.req_id]
+
+    def note_out_of_budget(self, request: Request) -> None:
+        """A running request the budget ran out before (the first MAX_WAITING_REASONS are named)."""
+        self.num_out_of_budget += 1
+        if self.num_out_of_budget <= MAX_WAITING_REASONS:
+            self.waiting_why[request.req_id] = "token budget used up by earlier running requests"
+
+    def note_waiting_queue(self, waiting: list[Request], why: str) -> None:
+        """The first in line waits for ``why``; the next few are queued behind it."""
+        if waiting:
+            self.waiting_why[waiting[0].req_id] = why
+            for later in waiting[1:MAX_WAITING_REASONS]:
+                self.waiting_why.setdefault(later.req_id, f"queued behind {waiting[0].req_id}")
