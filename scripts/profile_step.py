@@ -109,7 +109,7 @@ def phase_by_phase(llm: LLM, steps: int) -> dict[str, float]:
         t = mark("schedule", t)
         result = core.worker.execute_model(so)
         t = mark("worker: inputs + forward", t)
-        states = [core.sampling_states[r] for r in result.req_ids]
+        states = [core.executor.states[r] for r in result.req_ids]
         sampled = core.sampler.sample(result.logits, states).to_lists()
         t = mark("sample (+ one copy to host)", t)
         out = ModelRunnerOutput(result.req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from modkit.engine.config import EngineConfig
-from modkit.engine.core import EngineCore, PendingStep
+from modkit.engine.core import EngineCore
 from modkit.engine.output_processor import OutputProcessor, ProcessedStep
 from modkit.engine.outputs import RequestOutput
 from modkit.heap import frozen_heap
@@ -31,6 +31,7 @@ from modkit.model import encode_chat, load_tokenizer
 from modkit.request import RequestStatus
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import EngineCoreOutput
+from modkit.worker.executor import LaunchedStep
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -197,7 +198,7 @@ class LLM:
                 yield self._after(self.processor.process(self.engine.step()))
             return
         engine = self.engine
-        in_flight: deque[PendingStep] = deque()  # launched, tokens not yet on the host: at most two
+        in_flight: deque[LaunchedStep] = deque()  # launched, tokens not yet on the host: at most two
         if engine.has_unfinished_requests():
             in_flight.append(engine.launch_step())
         previous: list[EngineCoreOutput] | None = None

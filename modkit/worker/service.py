@@ -32,29 +32,24 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import torch
 
 from modkit.attention import AttentionBackend
 from modkit.attention.interface import ATTENTION_BACKENDS, resolve_attention_backend
 from modkit.config import PipelineConfig
-from modkit.engine.core import piecewise_tokens, use_cuda_graphs
 from modkit.model import load_model
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, SwapRolledBack, WorkerHeartbeat
-from modkit.sampler import Sampler, SamplerOutput, SamplingState
+from modkit.sampler import Sampler
 from modkit.sampler.interface import SAMPLERS
-from modkit.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from modkit.scheduler.output import SchedulerOutput
 from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import EventPublisher, ForwardEvent, Swapped
 from modkit.transport import Inbox, Outbox, RpcClient
 from modkit.transport.channels import Beacon
-from modkit.worker.kv_cache import PagedKVCache
-from modkit.worker.memory import plan_kv_cache
-from modkit.worker.model_runner import ModelRunner
+from modkit.worker.executor import LaunchedStep, StepExecutor, build_worker
 from modkit.worker.swaps import (
     GuardedAttention,
     GuardedSampler,
@@ -62,26 +57,8 @@ from modkit.worker.swaps import (
     try_attention,
     try_sampler,
 )
-from modkit.worker.worker import PLACEHOLDER, StepResult, Worker
 
 HEARTBEAT_INTERVAL_S = 0.5
-
-
-@dataclass(slots=True)
-class LaunchedStep:
-    """A step whose forward and sampling are queued on the device; its tokens are not on the host yet."""
-
-    plan: SchedulerOutput
-    started: float  # wall clock, for the forward event
-    result: StepResult
-    sampled: SamplerOutput | None
-    forward_s: float  # host time to launch the forward
-    sample_s: float  # host time to launch the sampling (finishing adds the wait for the tokens)
-    done: Any  # a CUDA event recorded after the sampling, or None on a CPU (done when launched)
-
-    def is_done(self) -> bool:
-        """Whether the device has finished it (its tokens can be read without waiting)."""
-        return self.done is None or bool(self.done.query())
 
 
 def impl_label(spec: ImplSpec, obj: object) -> str:
@@ -107,32 +84,21 @@ class WorkerService:
         )
         self.device = self.model.lm_head.weight.device
         # Workers of one machine share its memory: each sizes its cache for 1 / num_workers of the budget.
-        cuda_graphs = use_cuda_graphs(self.model, engine)
-        self.memory = plan_kv_cache(
-            self.model, engine, max_model_len, num_sharing=cfg.num_workers, cuda_graphs=cuda_graphs
-        )
+        self.worker, self.memory = build_worker(self.model, engine, max_model_len, num_sharing=cfg.num_workers)
         self.num_blocks = self.memory.num_blocks
-        dtype = self.model.lm_head.weight.dtype
-        kv_cache = PagedKVCache.allocate(self.model.config, self.num_blocks, engine.block_size, dtype, self.device)
         self.block_size = engine.block_size
         self.attention_backend = resolve_attention_backend(engine.attention_backend, self.device)
-        self.worker = Worker(ModelRunner(self.model, kv_cache))
-        if cuda_graphs:
-            runner = self.worker.runner
-            runner.capture_cuda_graphs(engine.max_num_seqs, max_model_len, piecewise_tokens(engine))
-            self.memory.cuda_graph_bytes = runner.cuda_graph_pool_bytes
         log.info("%s: %s", worker_name(worker_id), self.memory.describe(max_model_len))
         with RpcClient(addresses.rpc("sampler"), timeout_s=30.0) as sampler_rpc:
             choice = sampler_rpc.call("config")  # the Sampler process decides which implementation runs here
         self.sampler_name = choice["implementation"]
         spec = msgspec.convert(choice["spec"], ImplSpec)
-        self.sampler: Sampler = resolve(spec, SAMPLERS.get, swap_key)(seed=choice["seed"])
+        sampler: Sampler = resolve(spec, SAMPLERS.get, swap_key)(seed=choice["seed"])
+        self.executor = StepExecutor(self.worker, sampler, self.model.config.eos_token_ids)
         self.attention_backend_spec = ImplSpec(name=engine.attention_backend)
         self.previous_sampler_name = self.sampler_name  # names shown again if a swapped-in one is put aside
         self.previous_attention_backend = engine.attention_backend
         self.last_swap_error: str | None = None
-        self.states: dict[str, SamplingState] = {}
-        self.eos_token_ids = self.model.config.eos_token_ids
         self.inbox = Inbox(addresses.inbox(worker_name(worker_id)), allow_remote=cfg.allow_remote)
         self.to_scheduler = Outbox(addresses.inbox("scheduler"))
         self.to_sampler = Outbox(addresses.inbox("sampler"))
@@ -154,6 +120,15 @@ class WorkerService:
     def wait_sockets(self) -> list[Inbox]:
         return [self.inbox]
 
+    @property
+    def sampler(self) -> Sampler:
+        """The implementation that samples next to the logits (the Sampler process names it)."""
+        return self.executor.sampler
+
+    @sampler.setter
+    def sampler(self, sampler: Sampler) -> None:
+        self.executor.sampler = sampler
+
     def run_once(self) -> bool:
         for message in self.inbox.drain():
             if isinstance(message, StepPlan):
@@ -170,16 +145,14 @@ class WorkerService:
         """
         while self.launched and self.launched[0].is_done():
             self._finish(self.launched.popleft())
-        states = [self.states[r] for r in plan.num_scheduled_tokens if r in self.states]
-        if self.launched and not self.sampler.can_sample_ahead(states):
+        if self.launched and not self.executor.can_launch_ahead(plan):
             self._finish(self.launched.popleft())  # its tokens first: this plan's sampling reads them
-        started = time.time()
         try:
-            launched = self._run(plan, started)
+            launched = self.executor.launch(plan)
         except Exception as error:  # a failed step fails its requests, not the worker
             while self.launched:  # the scheduler hears of steps in the order it planned them
                 self._finish(self.launched.popleft())
-            self._fail(plan, started, error)
+            self._fail(plan, time.time(), error)
             return
         self.launched.append(launched)
         while len(self.launched) > 1:
@@ -190,22 +163,20 @@ class WorkerService:
         plan = step.plan
         t0 = time.perf_counter()
         try:
-            sampled = step.sampled.to_lists() if step.sampled is not None else []  # the one host copy
+            output = self.executor.finish(step)  # the one host copy
         except Exception as error:
             self._fail(plan, step.started, error)
             return
         sample_s = step.sample_s + time.perf_counter() - t0
-        req_ids = step.result.req_ids
-        output = ModelRunnerOutput(req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])
-        self.worker.record_sampled(plan.step, req_ids, output.sampled_token_ids)
         if step.result.num_tokens:  # a step that only skipped requests of a failed one proves nothing
             self.last_error = None
         self._check_swaps()
         self.to_scheduler.send(StepDone(self.worker_id, plan.step, output, step.forward_s, sample_s))
-        self._publish(plan, step.started, step.forward_s, sample_s, len(req_ids))
-        if req_ids:
-            greedy = sum(1 for r in req_ids if r in self.states and self.states[r].params.temperature == 0.0)
-            self.to_sampler.send(SamplerReport(self.worker_id, len(req_ids), greedy, sample_s))
+        self._publish(plan, step.started, step.forward_s, sample_s, len(output.req_ids))
+        if output.req_ids:
+            states = self.executor.states
+            greedy = sum(1 for r in output.req_ids if r in states and states[r].params.temperature == 0.0)
+            self.to_sampler.send(SamplerReport(self.worker_id, len(output.req_ids), greedy, sample_s))
         self.num_steps += 1
         self.num_tokens += step.result.num_tokens
         self.forward_s += step.forward_s
@@ -213,9 +184,7 @@ class WorkerService:
 
     def _fail(self, plan: SchedulerOutput, started: float, error: Exception) -> None:
         log.error("step %d failed", plan.step, exc_info=error)
-        self.worker.forget(plan)
-        for req_id in plan.num_scheduled_tokens:
-            self.states.pop(req_id, None)
+        self.executor.fail(plan)
         self.num_failed_steps += 1
         self.last_error = f"{type(error).__name__}: {error}"
         self.to_scheduler.send(StepFailed(self.worker_id, plan.step, self.last_error))
@@ -311,42 +280,6 @@ class WorkerService:
     def announce_events(self, token: str) -> None:
         """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
         self.events.announce(token)
-
-    def _run(self, plan: SchedulerOutput, started: float) -> LaunchedStep:
-        """Exactly the plan: its forward, then sampling next to the logits; queued, not waited for."""
-        t0 = time.perf_counter()
-        result = self.worker.execute_model(plan)
-        t1 = time.perf_counter()
-        self._track_sampling_states(plan)
-        sampled, done = None, None
-        if result.req_ids:
-            states = [self.states[r] for r in result.req_ids]
-            sampled = self.sampler.sample(result.logits, states)
-            sampled.start_copy_to_host()
-            self.worker.record_sampled_on_device(plan.step, result.req_ids, sampled.sampled_token_ids)
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return LaunchedStep(plan, started, result, sampled, t1 - t0, time.perf_counter() - t1, done)
-
-    def _track_sampling_states(self, plan: SchedulerOutput) -> None:
-        """Keep a ``SamplingState`` per request in step with the worker's own request table (its diff applied)."""
-        for req_id in plan.finished_req_ids | plan.preempted_req_ids:
-            self.states.pop(req_id, None)
-        for new in plan.scheduled_new_reqs:
-            # NOTE: a seeded request resumed after a preemption restarts its generator here,
-            # where the in-process engine keeps it; only seeded random sampling can differ.
-            prompt = new.token_ids[: new.num_prompt_tokens]
-            state = SamplingState.create(new.sampling_params, prompt, self.device, self.eos_token_ids)
-            state.output_token_ids = list(new.token_ids[new.num_prompt_tokens :])
-            self.states[new.req_id] = state
-        for cached in plan.scheduled_cached_reqs:
-            held, tracked = self.worker.requests.get(cached.req_id), self.states.get(cached.req_id)
-            if held is not None and tracked is not None:  # outputs sent in the plan, or filled in by the worker
-                outputs = tracked.output_token_ids
-                outputs.extend(held.token_ids[held.num_prompt_tokens + len(outputs) :])
-                if outputs and outputs[-1] == PLACEHOLDER:  # still on the device: added next step
-                    outputs.pop()
 
     def info(self) -> dict[str, Any]:
         """What the launcher sizes the KV cache manager's pool for this worker from."""
