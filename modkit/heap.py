@@ -1,10 +1,10 @@
 """Python's garbage collector and a serving loop: the heap that exists when the loop starts is frozen.
 
 A full collection (generation 2) walks every container object the process holds. After
-loading a model, a tokenizer and the KV cache manager's blocks that is most of a million
-objects, and one full collection stops the loop for a few hundred milliseconds, tens of
-decode steps' worth, whenever enough new objects have piled up (the scheduler's step
-records do, a few hundred a step). ``gc.freeze()`` moves every object alive now out of
+loading a model, a tokenizer and the KV cache manager's blocks that is a very large
+number of objects, and one full collection stops the loop for many decode steps' worth of
+time, whenever enough new objects have piled up (the scheduler's step records do, every
+step). ``gc.freeze()`` moves every object alive now out of
 the collector's sight, so later collections walk only what the loop itself made. vLLM
 freezes its engine's startup heap for the same reason.
 

@@ -78,7 +78,7 @@ class TorchBatchedAttention(AttentionBackend):
         # Gather each request's context, in token order, into a reused workspace.
         # NOTE: on CPU a fresh multi-megabyte tensor per layer costs more in page faults than
         # the copy itself, hence the workspace; and index_select over blocks viewed as flat
-        # rows is several times faster than kv[tables] on the 4-D layout.
+        # rows is cheaper than kv[tables] on the 4-D layout (docs/benchmarks.md has the figures).
         tables = metadata.block_tables[s0:s1, :num_blocks].reshape(-1)  # (S * nb,)
         row = block_size * num_kv_heads * head_dim
         k, v = self._workspace(2 * tables.numel() * row, kv_cache).view(2, tables.numel(), row)

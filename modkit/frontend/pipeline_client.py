@@ -43,8 +43,8 @@ class _Stream:
     queue: asyncio.Queue[CompletionDelta | BaseException]
     req_ids: list[str]  # the engine requests (n of them) behind this request id
     # Not streamed: deltas wait here until a completion finishes, so the request's coroutine
-    # wakes once per completion instead of once per step (at 1,024 requests, the frontend's
-    # per-token wake-ups were what limited the pipeline's throughput).
+    # wakes once per completion instead of once per step (with many requests, per-token
+    # wake-ups can keep the frontend's event loop busier than anything else in the pipeline).
     held: list[CompletionDelta] | None = None
 
 

@@ -16,7 +16,7 @@ from modkit.sampling_params import SamplingParams
 # one of a long queue, every step, would cost the hot path time for a view nobody reads that far.
 MAX_WAITING_REASONS = 16
 # A scheduler keeps the records of its last this many steps (``Scheduler.records``): a long-running
-# engine would otherwise keep one per step for ever (at batch 256, about 25 kB each).
+# engine would otherwise keep one per step for ever (each holds an entry per scheduled request).
 MAX_STEP_RECORDS = 1000
 
 

@@ -9,9 +9,9 @@ back into the type the receiver expects.
 
 An RPC server does better for the arguments of a call: it decodes the ``Call`` with each
 argument left as raw msgpack (``CallFrame``), then each argument straight into the
-annotation of the method's parameter (``decode_args``), in one pass of msgspec's C decoder.
-(Decoding to builtins and converting them after cost about twice as much: 0.47 to 0.88 ms
-against 0.21 to 0.42 ms for a KV cache manager call of 512 ops on this project's CPU box.)
+annotation of the method's parameter (``decode_args``), in one pass of msgspec's C decoder,
+instead of building builtins first and converting them after (twice the work; the figures
+are in docs/benchmarks.md).
 
 NOTE: pickle on a socket is remote code execution for whoever can connect
 (CVE-2025-30165, CVE-2025-29783, CVE-2025-47277). msgpack can only ever build data, so a

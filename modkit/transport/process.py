@@ -48,7 +48,7 @@ from modkit.transport.codec import DecodeError, decode
 from modkit.transport.rpc import RemoteError, RpcClient, RpcTimeoutError, new_socket
 
 # For components that do no tensor work: one thread, and no OpenMP spin-waiting, which
-# slowed a busy 2-thread torch process up to ~9x on a 2-core box (the worker needs those cores).
+# takes cores from a busy torch process beside it (the worker needs those cores).
 QUIET_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 LOG_TAIL_LINES = 20
 

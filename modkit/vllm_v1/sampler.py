@@ -20,7 +20,7 @@ Where they differ (seen in ``tests/test_vllm_v1.py``):
   ``torch.random.fork_rng``, reseeded from this sampler's ``seed``, so the caller's global
   RNG is untouched and unseeded rows are reproducible when ``seed`` is given.
 - **Compilation.** vLLM compiles the rank count of its logprobs with ``torch.compile``;
-  on CPU the first call spends ~30 s in inductor. The sampler runs under
+  on CPU the first call spends a long time in inductor. The sampler runs under
   ``torch.compiler.set_stance("force_eager")``: the same function, run eagerly.
 
 NOTE: vLLM keeps the metadata in a persistent batch updated by diffs; this adapter
