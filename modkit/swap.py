@@ -12,6 +12,9 @@ launcher and the processes it started hold (``Pipeline`` makes one per launch an
 to each child on its stdin, never on a command line). The receiver checks the HMAC, in
 constant time, before anything is unpickled; a payload signed under another key, or
 changed on the way, is refused with ``SignatureError`` and never loaded.
+
+What happens to the class once resolved (its trial, the guard, a rollback) is the same for
+every part: ``modkit.guard``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ class ImplSpec(msgspec.Struct, frozen=True):
         if self.code is not None:
             return "a class sent by value"
         return self.name or self.import_path or "?"
+
+    def label(self, cls: type) -> str:
+        """How health and ``Swapped`` events name the implementation: as it was asked for, or by
+        its class's name if it was sent by value."""
+        return cls.__qualname__ if self.code is not None else self.describe()
 
 
 def new_key() -> str:

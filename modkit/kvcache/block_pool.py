@@ -18,8 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from modkit.guard import Guarded, in_charge
 from modkit.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSink
-from modkit.kvcache.eviction import EVICTION_POLICIES, EvictionPolicy, policy_name
+from modkit.kvcache.eviction import EVICTION_POLICIES, EvictionPolicy, GuardedEviction, policy_name
 from modkit.kvcache.hashing import BlockHash
 
 NULL_BLOCK_ID = 0  # reserved, as in vLLM: never allocated, so 0 can pad block tables
@@ -68,9 +69,9 @@ class BlockPool:
         for block in self.blocks[1:]:
             block.last_freed = self._next_tick()
         cls = EVICTION_POLICIES.get(eviction_policy) if isinstance(eviction_policy, str) else eviction_policy
+        # The policy in charge; a GuardedEviction while one swapped in live is on trial.
         self.eviction: EvictionPolicy = cls()
         self.eviction.extend(self.blocks[1:])
-        self.fallback_policy: type[EvictionPolicy] | None = None  # put back if the policy in charge raises
         self.eviction_error: str | None = None  # why the last swapped-in policy was put aside
 
     def _next_tick(self) -> int:
@@ -92,7 +93,9 @@ class BlockPool:
             raise ValueError(f"asked for {n} blocks, {self.num_free_blocks} are free")
         blocks = []
         for _ in range(n):
-            block = self._pop_free()
+            block = self.eviction.pop()
+            assert block.ref_cnt == 0, f"the eviction policy handed out {block}, which is not free"
+            self.num_free_blocks -= 1
             if evicted is not None and block.block_hash is not None:
                 evicted.append(block.block_id)
             self._evict(block)
@@ -107,7 +110,7 @@ class BlockPool:
             block.num_hits += 1
             if block.ref_cnt == 1:
                 self.num_free_blocks -= 1
-                self._guarded(self.eviction.remove, block)
+                self.eviction.remove(block)
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one reference from each; blocks no one holds go to the eviction policy, in the
@@ -118,7 +121,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 block.last_freed = self._next_tick()
                 self.num_free_blocks += 1
-                self._guarded(self.eviction.add, block)
+                self.eviction.add(block)
 
     def cache_full_blocks(
         self,
@@ -180,9 +183,12 @@ class BlockPool:
         for block in self.blocks:
             block.block_hash, block.num_hits = None, 0
         self.cached.clear()
-        fallback = self.fallback_policy
-        self.set_eviction_policy(type(self.eviction))  # the free blocks' keys changed: rebuild the order
-        self.fallback_policy = fallback
+        # The free blocks' keys changed: rebuild the order, with the same policy (and fallback).
+        policy = self.eviction
+        if isinstance(policy, GuardedEviction):
+            self._put_in_charge(type(policy.candidate), type(policy.fallback))
+        else:
+            self._put_in_charge(type(policy), None)
         if self.event_sink is not None:
             self.event_sink(AllBlocksCleared())
         return True
@@ -193,48 +199,38 @@ class BlockPool:
         """The free blocks, by the pool's own account, least recently freed first."""
         return sorted((b for b in self.blocks[1:] if b.ref_cnt == 0), key=lambda b: b.last_freed)
 
+    @property
+    def fallback_policy(self) -> type[EvictionPolicy] | None:
+        """The class put back if the policy in charge fails: set only while a swapped-in one is on trial."""
+        return type(self.eviction.fallback) if isinstance(self.eviction, GuardedEviction) else None
+
     def set_eviction_policy(self, cls: type[EvictionPolicy], keep_fallback: bool = False) -> None:
         """Put ``cls`` in charge, handing it the free blocks in the current policy's order.
 
-        With ``keep_fallback``, the current policy's class is kept as the one to put back if
-        the new one raises (or hands out a block that is not free).
+        With ``keep_fallback``, it runs inside a ``GuardedEviction`` that keeps the current
+        policy's class as the one to put back if the new one raises (or hands out a block that
+        is not free).
         """
+        self._put_in_charge(cls, type(in_charge(self.eviction)) if keep_fallback else None)
+
+    def put_back_fallback(self) -> None:
+        """A swapped-in policy is rolled back without having failed here (it failed in another
+        pool): its fallback takes over, handed the free blocks in its order."""
+        if isinstance(self.eviction, GuardedEviction):
+            self._put_in_charge(type(self.eviction.fallback), None)
+
+    def _put_in_charge(self, cls: type[EvictionPolicy], fallback: type[EvictionPolicy] | None) -> None:
         try:
             order = list(self.eviction)
         except Exception:  # the policy in charge is broken: fall back to the order of frees
             order = self.free_block_list()
-        previous = type(self.eviction)
         policy = cls()
         policy.extend(order)
-        self.eviction = policy
-        self.fallback_policy = previous if keep_fallback else None
+        self.eviction = policy if fallback is None else GuardedEviction(policy, fallback(), self._fallback_takes_over)
 
-    def _pop_free(self) -> KVCacheBlock:
-        block = self._guarded(self.eviction.pop)
-        if block is not None and (block.ref_cnt != 0 or block is self.null_block):
-            if self.fallback_policy is None:
-                raise AssertionError(f"the eviction policy handed out {block}, which is not free")
-            self._roll_back(f"pop() returned {block}, which is not free")
-            block = None
-        if block is None:  # the swapped-in policy failed: its fallback answers
-            block = self.eviction.pop()
-        self.num_free_blocks -= 1
-        return block
-
-    def _guarded(self, method, *args):  # type: ignore[no-untyped-def]
-        """Call a method of the eviction policy; if a swapped-in policy raises, put its fallback back."""
-        if self.fallback_policy is None:
-            return method(*args)
-        try:
-            return method(*args)
-        except Exception as error:
-            self._roll_back(f"{type(error).__name__} in {method.__name__}(): {error}")
-            return None
-
-    def _roll_back(self, error: str) -> None:
-        """The swapped-in policy failed: rebuild the fallback from the pool's ground truth."""
-        assert self.fallback_policy is not None
-        self.eviction_error = f"{policy_name(self.eviction)}: {error}"
-        policy = self.fallback_policy()
-        policy.extend(self.free_block_list())
-        self.eviction, self.fallback_policy = policy, None
+    def _fallback_takes_over(self, guard: Guarded[EvictionPolicy]) -> None:
+        """The swapped-in policy failed (``on_failure`` of its guard): fill the fallback from the
+        pool's ground truth and put it in charge, before it answers the call that failed."""
+        self.eviction_error = f"{policy_name(guard.candidate)}: {guard.error}"
+        guard.fallback.extend(self.free_block_list())
+        self.eviction = guard.fallback

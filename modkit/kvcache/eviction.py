@@ -13,6 +13,8 @@ prefixes survive a full cache::
 The pool keeps the ground truth (reference counts, hashes, the count of free blocks);
 a policy only keeps an order, so one can replace another at any moment: the new policy
 is handed the free blocks in the old one's order (``BlockPool.set_eviction_policy``).
+A policy swapped in live runs inside a ``GuardedEviction`` (``modkit.guard``): the pool's
+own methods call whatever policy is in charge and never check.
 
 Two built-ins, to contrast:
 
@@ -31,9 +33,10 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, ClassVar
 
+from modkit.guard import Guarded
 from modkit.registry import Registry, implementation_name
 
 if TYPE_CHECKING:
@@ -158,6 +161,50 @@ class LFUEviction(EvictionPolicy):
 
     def __iter__(self) -> Iterator[KVCacheBlock]:
         return iter(sorted(self._members.values(), key=self._key))
+
+
+class GuardedEviction(Guarded[EvictionPolicy], EvictionPolicy):
+    """A policy swapped in live, with the one it replaced as its fallback.
+
+    The fallback stands by empty: two policies cannot both hold the free blocks (LRU links
+    them through the blocks themselves). When the candidate fails, the pool's ``on_failure``
+    fills the fallback from its ground truth (the free blocks, least recently freed first)
+    and puts it in charge; so that ``pop`` gets its block from the fallback, while ``add``
+    and ``remove``, already counted in the ground truth, leave the fallback nothing to do.
+    A ``pop`` that hands out a block someone holds counts as a failure.
+    """
+
+    def __init__(
+        self,
+        candidate: EvictionPolicy,
+        fallback: EvictionPolicy,
+        on_failure: Callable[[Guarded[EvictionPolicy]], None],
+    ) -> None:
+        # on_failure is required here: without it, the empty fallback would answer.
+        super().__init__(candidate, fallback, on_failure)
+
+    def add(self, block: KVCacheBlock) -> None:
+        self.guarded("add", lambda p: p.add(block), _nothing_left)
+
+    def remove(self, block: KVCacheBlock) -> None:
+        self.guarded("remove", lambda p: p.remove(block), _nothing_left)
+
+    def pop(self) -> KVCacheBlock:
+        return self.guarded("pop", _pop_free)
+
+    def __iter__(self) -> Iterator[KVCacheBlock]:
+        return iter(self.guarded("__iter__", lambda p: list(p)))
+
+
+def _nothing_left(policy: EvictionPolicy) -> None:
+    return None
+
+
+def _pop_free(policy: EvictionPolicy) -> KVCacheBlock:
+    block = policy.pop()
+    if block.ref_cnt != 0:  # the null block too: it is held for good
+        raise ValueError(f"returned {block}, which is not free")
+    return block
 
 
 def try_policy(cls: type[EvictionPolicy], blocks: Iterable[KVCacheBlock]) -> None:

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from modkit.guard import SwapOwner, trial
 from modkit.kvcache.events import KVEvent, event_to_wire
 from modkit.kvcache.eviction import EVICTION_POLICIES, try_policy
 from modkit.kvcache.hashing import BlockHash
@@ -44,7 +45,7 @@ class _RemoteRequest:
         return len(self.all_token_ids)
 
 
-class KVCacheService:
+class KVCacheService(SwapOwner):
     """One ``KVCacheManager`` per worker pool.
 
     Publishes vLLM's KV events on topic ``worker.<pool>`` (what the router learns the
@@ -195,13 +196,12 @@ class KVCacheService:
         if self.implementation != "modkit":
             raise RuntimeError("eviction policies are modkit's: swap the manager back to 'modkit' first")
         cls = resolve(spec, EVICTION_POLICIES.get, self.swap_key)
-        try_policy(cls, self.pools[0].pool.blocks[1:])
-        previous, self.eviction_policy = self.eviction_policy, spec.name or spec.import_path or cls.__qualname__
+        trial(cls, lambda c: try_policy(c, self.pools[0].pool.blocks[1:]))  # a class: each pool gets its own
+        previous, self.eviction_policy = self.eviction_policy, spec.label(cls)
         self.previous_policy = previous
         for manager in self.pools:
             manager.pool.set_eviction_policy(cls, keep_fallback=True)
-        self.last_swap_error = None
-        self._publish_swap(previous, None)
+        self._swapped_in("kv_cache_manager", self.eviction_policy, previous)
         return {"implementation": self.eviction_policy, "previous": previous}
 
     def _swap_manager(self, name: str) -> dict[str, Any]:
@@ -238,26 +238,19 @@ class KVCacheService:
             self._publish_activity(i)
         self.pools, self.requests = pools, [{} for _ in pools]
         previous, self.implementation = self.implementation, name
-        self.last_swap_error = None
-        if self.publisher is not None:
-            self.publisher.publish(
-                "swap.kv_cache_manager", Swapped(time.time(), "kv_cache_manager", name, previous, None)
-            )
+        self._swapped_in("kv_cache_manager", name, previous)
         return {"implementation": name, "previous": previous, "drained": True}
 
     def _roll_back(self, error: str) -> None:
-        """A pool put its previous policy back after the new one raised: so do the others."""
+        """A pool put its previous policy back after the new one failed (``BlockPool``): so do the others."""
         for manager in self.pools:
             manager.pool.eviction_error = None
-            if manager.pool.fallback_policy is not None:
-                manager.pool.set_eviction_policy(manager.pool.fallback_policy)
+            manager.pool.put_back_fallback()
         failed, self.eviction_policy = self.eviction_policy, self.previous_policy
-        self.last_swap_error = error
-        self._publish_swap(failed, error)
+        self._rolled_back("kv_cache_manager", self.eviction_policy, failed, error)
 
-    def _publish_swap(self, previous: str, error: str | None) -> None:
+    def _publish_swapped(self, event: Swapped) -> None:
         if self.publisher is not None:
-            event = Swapped(time.time(), "kv_cache_manager", self.eviction_policy, previous, error)
             self.publisher.publish("swap.kv_cache_manager", event)
 
     def health(self) -> dict[str, Any]:

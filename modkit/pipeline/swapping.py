@@ -9,9 +9,10 @@
     sampler            the sampler (SAMPLERS)                        the sampler process, which tells each worker
     attention          the attention backend (ATTENTION_BACKENDS)    each worker, all or none
 
-Each receiver tries the new implementation before it takes over, guards it afterwards, and
-puts the previous one back if it raises (see the ``swap`` method of each service, and
-``modkit.worker.swaps``).
+Each receiver tries the new implementation on a probe before it takes over, guards it
+afterwards, and puts the previous one back if it raises: one mechanism for all five,
+``modkit.guard``; each part supplies its probe and its guard class (``GuardedPolicy``,
+``GuardedEviction``, ``GuardedRouterPolicy``, ``GuardedSampler``, ``GuardedAttention``).
 
 Two swaps replace a whole component's implementation rather than a policy: ``"vllm"`` (or
 ``"modkit"`` again) for the ``scheduler`` or the ``kv_cache_manager`` puts vLLM's own V1

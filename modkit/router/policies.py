@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from modkit.guard import Guarded
 from modkit.kvcache.hashing import BlockHash
 from modkit.registry import Registry
 
@@ -43,6 +44,29 @@ class RouterPolicy(ABC):
     @abstractmethod
     def choose(self, block_hashes: list[BlockHash], num_prompt_blocks: int, workers: list[WorkerView]) -> int:
         """The id of the worker to send the request to; ``workers`` are the live ones, never empty."""
+
+
+class GuardedRouterPolicy(Guarded[RouterPolicy], RouterPolicy):
+    """A routing policy swapped in live, with the one it replaced as its fallback (``modkit.guard``).
+
+    If the new policy raises, or names a worker that is not live, the fallback routes that
+    request, and the router's owner puts the fallback back.
+    """
+
+    def choose(self, block_hashes: list[BlockHash], num_prompt_blocks: int, workers: list[WorkerView]) -> int:
+        return self.guarded("choose", lambda p: _live(p.choose(block_hashes, num_prompt_blocks, workers), workers))
+
+
+def _live(worker_id: int, workers: list[WorkerView]) -> int:
+    if all(w.worker_id != worker_id for w in workers):
+        raise ValueError(f"returned worker {worker_id!r}, which is not live")
+    return worker_id
+
+
+def try_router_policy(policy: RouterPolicy, workers: list[WorkerView]) -> None:
+    """The trial: route an empty prompt among the live ``workers``; raises unless it names one of them."""
+    if workers:
+        _live(policy.choose([], 0, workers), workers)
 
 
 ROUTER_POLICIES: Registry[RouterPolicy] = Registry("router policy")

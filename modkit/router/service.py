@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from modkit.config import PipelineConfig
+from modkit.guard import SwapOwner, failure, in_charge, put_back, trial
 from modkit.kvcache.events import event_from_wire
 from modkit.pipeline.addresses import PipelineAddresses
 from modkit.protocol import (
@@ -31,14 +32,14 @@ from modkit.protocol import (
     WorkerHeartbeat,
     WorkerUp,
 )
-from modkit.router.policies import ROUTER_POLICIES, RouterPolicy
+from modkit.router.policies import ROUTER_POLICIES, GuardedRouterPolicy, RouterPolicy, try_router_policy
 from modkit.router.router import NoWorkerError, Router
 from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import EventPublisher, Routed, Swapped
 from modkit.transport import Inbox, Outbox, Subscriber
 
 
-class RouterService:
+class RouterService(SwapOwner):
     def __init__(
         self, config: dict[str, Any], ipc_dir: str, worker_timeout_s: float = 3.0, swap_key: str | None = None
     ) -> None:
@@ -46,9 +47,9 @@ class RouterService:
         self.started = time.time()
         self.swap_key = swap_key  # verifies classes sent by value (modkit.swap); None: none accepted
         self.last_swap_error: str | None = None
-        self.previous_policy: tuple[str, RouterPolicy] | None = None  # put back if a swapped-in one raises
         self.router = Router(cfg.num_workers, cfg.block_size, cfg.router_policy)
         self.implementation = cfg.router_policy
+        self.previous_implementation = cfg.router_policy  # shown again if a swapped-in policy is put aside
         self.worker_timeout_s = worker_timeout_s
         addresses = PipelineAddresses(ipc_dir, cfg.addresses or {})
         self.inbox = Inbox(addresses.inbox("router"), allow_remote=cfg.allow_remote)
@@ -113,22 +114,12 @@ class RouterService:
                 self.to_scheduler.send(WorkerUp(message.worker_id))
 
     def _route(self, message: AddRequest) -> int:
-        """The router's choice; a swapped-in policy that raises is replaced by the one before it, at once."""
-        try:
-            return self.router.route(message.req_id, message.prompt_token_ids)
-        except NoWorkerError:
-            raise
-        except Exception as error:
-            if self.previous_policy is None:
-                raise
-            failed = self.implementation
-            self.implementation, self.router.policy = self.previous_policy
-            self.previous_policy = None
-            self.last_swap_error = f"{type(error).__name__}: {error}"
-            self.events.publish(
-                "swap.router", Swapped(time.time(), "router", self.implementation, failed, self.last_swap_error)
-            )
-            return self.router.route(message.req_id, message.prompt_token_ids)
+        """The router's choice; a swapped-in policy that failed on it is replaced by the one before it, at once."""
+        worker_id = self.router.route(message.req_id, message.prompt_token_ids)
+        self._check_swapped_policy()
+        return worker_id
+
+    # -- swapping the routing policy (the mechanism: modkit.guard) -----------------------------
 
     def swap(self, spec: ImplSpec) -> dict[str, Any]:
         """Route with another ``RouterPolicy`` from the next request on (tried first on an empty prompt)."""
@@ -136,16 +127,22 @@ class RouterService:
         if not issubclass(cls, RouterPolicy):
             raise TypeError(f"{cls.__name__} is not a RouterPolicy")
         policy = cls()
-        live = [w for w in self.router.workers.values() if w.alive]
-        if live and policy.choose([], 0, live) not in {w.worker_id for w in live}:
-            raise ValueError(f"{cls.__name__}.choose returned a worker that is not live")
-        previous = self.implementation
-        self.previous_policy = (previous, self.router.policy)
-        self.router.policy = policy
-        self.implementation = spec.name or spec.import_path or cls.__qualname__
-        self.last_swap_error = None
-        self.events.publish("swap.router", Swapped(time.time(), "router", self.implementation, previous, None))
+        trial(policy, lambda p: try_router_policy(p, [w for w in self.router.workers.values() if w.alive]))
+        self.router.policy = GuardedRouterPolicy(policy, in_charge(self.router.policy))
+        previous, self.previous_implementation = self.implementation, self.implementation
+        self.implementation = spec.label(cls)
+        self._swapped_in("router", self.implementation, previous)
         return {"implementation": self.implementation, "previous": previous}
+
+    def _check_swapped_policy(self) -> None:
+        error = failure(self.router.policy)
+        if error is not None:
+            self.router.policy = put_back(self.router.policy)
+            failed, self.implementation = self.implementation, self.previous_implementation
+            self._rolled_back("router", self.implementation, failed, error)
+
+    def _publish_swapped(self, event: Swapped) -> None:
+        self.events.publish("swap.router", event)
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()

@@ -22,18 +22,19 @@ from typing import Any
 import torch
 
 from modkit.config import PipelineConfig
+from modkit.guard import SwapOwner, trial
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import SamplerReport, SwapRolledBack
 from modkit.sampler.interface import SAMPLERS
+from modkit.sampler.swaps import try_sampler
 from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import EventPublisher, Swapped
 from modkit.transport import Inbox, RpcClient
-from modkit.worker.swaps import try_sampler
 
 WORKER_RPC_TIMEOUT_S = 30.0
 
 
-class SamplerService:
+class SamplerService(SwapOwner):
     def __init__(self, config: dict[str, Any], ipc_dir: str, swap_key: str | None = None) -> None:
         cfg = PipelineConfig.from_dict(config)
         SAMPLERS.get(cfg.sampler)  # an unknown name fails the start, with the registry's message
@@ -75,7 +76,8 @@ class SamplerService:
     def swap(self, spec: ImplSpec) -> dict[str, Any]:
         """Make every worker sample with another implementation, between two of its steps."""
         cls = resolve(spec, SAMPLERS.get, self.swap_key)
-        try_sampler(cls(seed=self.seed), vocab_size=64, device=torch.device("cpu"))
+        # Here on a CPU and a small vocabulary, before any worker is asked; each worker tries it again on its device.
+        trial(cls(seed=self.seed), lambda s: try_sampler(s, vocab_size=64, device=torch.device("cpu")))
         switched: list[int] = []
         try:
             for worker_id in range(self.num_workers):
@@ -87,9 +89,8 @@ class SamplerService:
             raise
         previous = self.implementation
         self.previous = (self.implementation, self.spec)
-        self.implementation = spec.describe() if spec.code is None else cls.__qualname__
-        self.spec, self.last_swap_error = spec, None
-        self.events.publish("swap.sampler", Swapped(time.time(), "sampler", self.implementation, previous, None))
+        self.implementation, self.spec = spec.label(cls), spec
+        self._swapped_in("sampler", self.implementation, previous)
         return {"implementation": self.implementation, "previous": previous}
 
     def _tell(self, worker_id: int, spec: ImplSpec, guarded: bool = True) -> None:
@@ -97,21 +98,22 @@ class SamplerService:
             rpc.call("use_sampler", spec, self.seed, guarded)
 
     def _roll_back(self, message: SwapRolledBack) -> None:
-        """One worker's new sampler raised: every worker goes back to the one before it."""
+        """One worker's new sampler failed (its guard answered with the old one): every worker goes back to it."""
         if self.spec == self.previous[1]:
             return  # already rolled back, on another worker's word
         failed = self.implementation
         self.implementation, self.spec = self.previous
-        self.last_swap_error = f"worker {message.worker_id}: {message.error}"
+        why = f"worker {message.worker_id}: {message.error}"
         for worker_id in range(self.num_workers):
-            if worker_id != message.worker_id:
+            if worker_id != message.worker_id:  # that one has put its previous sampler back already
                 try:
                     self._tell(worker_id, self.spec, guarded=False)
                 except Exception as error:  # a worker that is down gets the right one from config() when it restarts
-                    self.last_swap_error += f"; worker {worker_id} not told: {error}"
-        self.events.publish(
-            "swap.sampler", Swapped(time.time(), "sampler", self.implementation, failed, self.last_swap_error)
-        )
+                    why += f"; worker {worker_id} not told: {error}"
+        self._rolled_back("sampler", self.implementation, failed, why)
+
+    def _publish_swapped(self, event: Swapped) -> None:
+        self.events.publish("swap.sampler", event)
 
     # -- observing -----------------------------------------------------------------------
 

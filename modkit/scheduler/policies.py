@@ -11,6 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from modkit.guard import Guarded
 from modkit.registry import Registry
 from modkit.request import Request
 
@@ -87,34 +88,27 @@ class ShortestJobFirstPolicy(SchedulingPolicy):
         return max(running, key=lambda r: (r.max_tokens - r.num_output_tokens, r.arrival_time))
 
 
-class GuardedPolicy(SchedulingPolicy):
-    """A policy swapped in live, with the one it replaced as a fallback.
+class GuardedPolicy(Guarded[SchedulingPolicy], SchedulingPolicy):
+    """A policy swapped in live, with the one it replaced as its fallback (``modkit.guard``).
 
-    If the new policy raises, this step gets the fallback's answer instead (the scheduler
-    never stops halfway through a step), and ``error`` says what happened: the scheduler
-    then puts the fallback back for good.
+    If the new policy raises, or picks a victim that is not running, the fallback answers
+    (the scheduler never stops halfway through a step) and ``error`` says why: the
+    scheduler's owner then puts the fallback back on every worker.
     """
 
-    def __init__(self, policy: SchedulingPolicy, fallback: SchedulingPolicy) -> None:
-        self.policy, self.fallback = policy, fallback
-        self.reorders_over_time = policy.reorders_over_time or fallback.reorders_over_time  # type: ignore[misc]
-        self.error: str | None = None
+    def __init__(self, candidate: SchedulingPolicy, fallback: SchedulingPolicy) -> None:
+        super().__init__(candidate, fallback)
+        # Either may be the one answering, so re-sort over time if either's keys age.
+        self.reorders_over_time = candidate.reorders_over_time or fallback.reorders_over_time  # type: ignore[misc]
 
     def admission_key(self, request: Request) -> tuple[float, ...]:
-        if self.error is None:
-            try:
-                return tuple(self.policy.admission_key(request))
-            except Exception as error:
-                self.error = f"{type(error).__name__} in admission_key: {error}"
-        return self.fallback.admission_key(request)
+        return self.guarded("admission_key", lambda p: tuple(p.admission_key(request)))
 
     def pick_victim(self, running: list[Request]) -> Request:
-        if self.error is None:
-            try:
-                victim = self.policy.pick_victim(running)
-                if victim in running:
-                    return victim
-                self.error = f"pick_victim returned {victim!r}, not one of the running requests"
-            except Exception as error:
-                self.error = f"{type(error).__name__} in pick_victim: {error}"
-        return self.fallback.pick_victim(running)
+        return self.guarded("pick_victim", lambda p: _running_victim(p.pick_victim(running), running))
+
+
+def _running_victim(victim: Request, running: list[Request]) -> Request:
+    if victim not in running:
+        raise ValueError(f"returned {victim!r}, not one of the running requests")
+    return victim

@@ -51,13 +51,11 @@ from modkit.protocol import (
 )
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.output import MAX_WAITING_REASONS, SchedulerOutput, StepRecord
-from modkit.scheduler.policies import POLICIES, GuardedPolicy, SchedulingPolicy
 from modkit.scheduler.scheduler import Scheduler
-from modkit.swap import ImplSpec, resolve
-from modkit.trace.events import EventPublisher, ScheduledReq, StepEvent, Swapped
+from modkit.scheduler.swapping import SchedulerSwapping
+from modkit.trace.events import EventPublisher, ScheduledReq, StepEvent
 from modkit.transport import Inbox, Outbox, RpcClient
 
-SCHEDULERS = ("modkit", "vllm")  # whole schedulers, swapped only after a drain (see _swap_scheduler)
 KV_RPC_TIMEOUT_S = 30.0
 
 
@@ -92,7 +90,7 @@ class WorkerSlot:
     update_s: float = 0.0  # this process: update_from_output(), with its flush
 
 
-class SchedulerService:
+class SchedulerService(SchedulerSwapping):
     def __init__(self, config: dict[str, Any], ipc_dir: str, max_model_len: int, swap_key: str | None = None) -> None:
         cfg = PipelineConfig.from_dict(config)
         self.started = time.time()
@@ -298,41 +296,6 @@ class SchedulerService:
             self.owner.pop(req_id, None)
             self._reject(req_id, "error", f"{worker_name(slot.worker_id)} failed the step: {failed.error}")
 
-    # -- swapping the policy ---------------------------------------------------------------
-
-    def swap(self, spec: ImplSpec) -> dict[str, Any]:
-        """Order requests with another ``SchedulingPolicy`` from the next step on.
-
-        It runs between steps (this process's one loop is not inside ``schedule()`` while it
-        answers a call). The new policy is first tried on every queued and running request;
-        if that raises, nothing changes and the caller gets the error. If it raises later, in
-        a step, that step uses the old policy's answer and the old policy comes back.
-        """
-        if spec.name in SCHEDULERS:
-            return self._swap_scheduler(spec.name)
-        if self.scheduler_name != "modkit":
-            raise RuntimeError("scheduling policies are modkit's: swap the scheduler back to 'modkit' first")
-        cls = resolve(spec, POLICIES.get, self.swap_key)
-        if not issubclass(cls, SchedulingPolicy):
-            raise TypeError(f"{cls.__name__} is not a SchedulingPolicy")
-        policy = cls()
-        for slot in self.slots:  # a dry run on what it will decide about
-            for request in slot.scheduler.waiting:
-                policy.admission_key(request)
-            running = list(slot.scheduler.running)
-            if running and policy.pick_victim(running) not in running:
-                raise ValueError(f"{cls.__name__}.pick_victim returned a request that is not running")
-        previous = self.implementation
-        for slot in self.slots:
-            current = slot.scheduler.policy
-            fallback = current.policy if isinstance(current, GuardedPolicy) else current  # the one in charge now
-            slot.scheduler.set_policy(GuardedPolicy(policy, fallback))
-        self.previous_implementation = previous
-        self.implementation = spec.name or spec.import_path or cls.__qualname__
-        self.last_swap_error = None
-        self.events.publish("swap.scheduler", Swapped(time.time(), "scheduler", self.implementation, previous, None))
-        return {"implementation": self.implementation, "previous": previous}
-
     # -- swapping the whole scheduler (after a drain) ------------------------------------------
 
     def hold_new_requests(self, hold: bool) -> dict[str, int]:
@@ -357,53 +320,6 @@ class SchedulerService:
             for slot in self.slots:
                 slot.kv.flush()
         return count
-
-    def _swap_scheduler(self, name: str) -> dict[str, Any]:
-        """Schedule with modkit's ``Scheduler`` or vLLM's own (``modkit.vllm_v1.VLLMScheduler``); needs a drain.
-
-        Requests cannot be handed between the two (their block tables live in different KV
-        cache managers), so every worker must be idle. vLLM's scheduler brings its own KV
-        cache manager, sized like the worker's pool; the KV cache manager process is not
-        asked while it is in charge. Going back to modkit's, each pool forgets its prefix
-        cache, since vLLM's scheduler wrote other content into the worker's blocks.
-        """
-        if self.num_unfinished():
-            raise RuntimeError(f"{self.num_unfinished()} requests are unfinished: drain before swapping the scheduler")
-        policy = self.implementation if self.implementation in ("fcfs", "priority") else "fcfs"
-        for slot in self.slots:
-            if name == "vllm":
-                from modkit.vllm_v1.scheduler import VLLMScheduler
-
-                num_blocks = int(self.kv_rpc.call("stats")["pools"][slot.worker_id]["kv_blocks_total"]) + 1
-                slot.scheduler = VLLMScheduler(  # type: ignore[assignment]
-                    num_blocks,
-                    self.block_size,
-                    *self.limits,
-                    self.enable_prefix_caching,
-                    policy,  # type: ignore[arg-type]
-                )
-            else:
-                if self.scheduler_name == "vllm":
-                    self.kv_rpc.call("reset_prefix_cache", slot.worker_id)
-                slot.scheduler = Scheduler(slot.kv, *self.limits, policy)
-        previous, self.scheduler_name, self.implementation = self.scheduler_name, name, policy
-        self.events.publish("swap.scheduler", Swapped(time.time(), "scheduler", name, previous, None))
-        return {"implementation": name, "previous": previous, "policy": policy, "drained": True}
-
-    def _check_swapped_policy(self, slot: WorkerSlot) -> None:
-        """A swapped-in policy that raised in this step is replaced by the one before it, on every worker."""
-        guard = slot.scheduler.policy
-        if not isinstance(guard, GuardedPolicy) or guard.error is None:
-            return
-        failed, self.last_swap_error = self.implementation, guard.error
-        for other in self.slots:
-            policy = other.scheduler.policy
-            if isinstance(policy, GuardedPolicy):
-                other.scheduler.set_policy(policy.fallback)
-        self.implementation = self.previous_implementation
-        self.events.publish(
-            "swap.scheduler", Swapped(time.time(), "scheduler", self.implementation, failed, guard.error)
-        )
 
     # -- observing -----------------------------------------------------------------------
 

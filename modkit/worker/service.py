@@ -36,40 +36,30 @@ from typing import Any
 
 import msgspec
 
-from modkit.attention import AttentionBackend
-from modkit.attention.interface import ATTENTION_BACKENDS, resolve_attention_backend
+from modkit.attention.interface import resolve_attention_backend
 from modkit.config import PipelineConfig
 from modkit.model import load_model
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
-from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, SwapRolledBack, WorkerHeartbeat
+from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, WorkerHeartbeat
 from modkit.sampler import Sampler
 from modkit.sampler.interface import SAMPLERS
 from modkit.scheduler.output import SchedulerOutput
 from modkit.swap import ImplSpec, resolve
-from modkit.trace.events import EventPublisher, ForwardEvent, Swapped
+from modkit.trace.events import EventPublisher, ForwardEvent
 from modkit.transport import Inbox, Outbox, RpcClient
 from modkit.transport.channels import Beacon
 from modkit.worker.executor import LaunchedStep, StepExecutor, build_worker
-from modkit.worker.swaps import (
-    GuardedAttention,
-    GuardedSampler,
-    set_attention_backend,
-    try_attention,
-    try_sampler,
-)
+from modkit.worker.swapping import WorkerSwapping
 
 HEARTBEAT_INTERVAL_S = 0.5
 
 
-def impl_label(spec: ImplSpec, obj: object) -> str:
-    """How health and events name an implementation: as it was asked for, or by its class if sent by value."""
-    return spec.describe() if spec.code is None else type(obj).__qualname__
 
 
 log = logging.getLogger(__name__)
 
 
-class WorkerService:
+class WorkerService(WorkerSwapping):
     def __init__(
         self, config: dict[str, Any], ipc_dir: str, worker_id: int, max_model_len: int, swap_key: str | None = None
     ) -> None:
@@ -213,69 +203,6 @@ class WorkerService:
             failed=failed,
         )
         self.events.publish(f"forward.{self.worker_id}", event)
-
-    # -- swapping the sampler and the attention backend (see modkit.worker.swaps) -------------
-
-    def use_sampler(self, spec: ImplSpec, seed: int, guarded: bool = True) -> dict[str, Any]:
-        """Sample with another implementation from the next step on (the Sampler process asks).
-
-        ``guarded``: keep the current one to fall back on; a rollback passes False.
-        """
-        sampler = resolve(spec, SAMPLERS.get, self.swap_key)(seed=seed)
-        try_sampler(sampler, self.model.config.vocab_size, self.device)
-        current = self.sampler.sampler if isinstance(self.sampler, GuardedSampler) else self.sampler
-        self.previous_sampler_name, self.sampler_name = self.sampler_name, impl_label(spec, sampler)
-        self.sampler = GuardedSampler(sampler, current) if guarded else sampler
-        previous = self.previous_sampler_name
-        return {"implementation": self.sampler_name, "previous": previous}
-
-    def use_attention(self, spec: ImplSpec) -> dict[str, Any]:
-        """Run attention with another backend from the next step on; it must match the current one on a probe."""
-        backend = resolve(spec, ATTENTION_BACKENDS.get, self.swap_key)()
-        if not isinstance(backend, AttentionBackend):
-            raise TypeError(f"{type(backend).__qualname__} is not an AttentionBackend")
-        current = self._attention()
-        if isinstance(current, GuardedAttention):
-            current = current.backend
-        difference = try_attention(backend, current, self.model.config, self.model.lm_head.weight.dtype, self.device)
-        previous, self.attention_backend = self.attention_backend, impl_label(spec, backend)
-        self.previous_attention_backend = previous
-        previous_spec, self.attention_backend_spec = self.attention_backend_spec, spec
-        set_attention_backend(self.model, GuardedAttention(backend, current))
-        # The CUDA graphs replay the old backend's kernels, and a guard cannot run inside a
-        # replay: from now on every step runs eagerly.
-        self.worker.runner.drop_cuda_graphs()
-        self.last_swap_error = None
-        self._publish_swap(previous, None)
-        return {
-            "implementation": self.attention_backend,
-            "previous": previous,
-            "previous_spec": previous_spec,
-            "probe_max_abs_diff": difference,
-        }
-
-    def _attention(self) -> AttentionBackend:
-        return self.model.attention_backend  # every layer holds the same one (set_attention_backend)
-
-    def _check_swaps(self) -> None:
-        """A swapped-in sampler or backend that raised in this step: put the previous one back."""
-        if isinstance(self.sampler, GuardedSampler) and self.sampler.error is not None:
-            self.last_swap_error = self.sampler.error
-            self.sampler, self.sampler_name = self.sampler.fallback, self.previous_sampler_name
-            self.to_sampler.send(SwapRolledBack(self.worker_id, self.last_swap_error))
-        attention = self._attention()
-        if isinstance(attention, GuardedAttention) and attention.error is not None:
-            self.last_swap_error = attention.error
-            set_attention_backend(self.model, attention.fallback)
-            failed, self.attention_backend = self.attention_backend, self.previous_attention_backend
-            self._publish_swap(failed, attention.error)
-
-    def _publish_swap(self, previous: str, error: str | None) -> None:
-        component = f"{worker_name(self.worker_id)}.attention"
-        self.events.publish(
-            f"swap.{worker_name(self.worker_id)}",
-            Swapped(time.time(), component, self.attention_backend, previous, error),
-        )
 
     def announce_events(self, token: str) -> None:
         """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""

@@ -1,22 +1,22 @@
-"""Swapping a worker's sampler or attention backend while it serves: trial first, then a guard.
+"""Swapping a worker's attention backend while it serves: its trial probe and its guard.
 
-Both live next to the model, so the worker itself swaps them, between two steps (its one
-loop is not inside a step while it answers a call):
+The mechanism (trial, guard, rollback) is ``modkit.guard``; the worker swaps its backend
+between two steps (``modkit.worker.swapping``), since its one loop is not inside a step
+while it answers a call. What is the attention backend's own is here:
 
-1. **Trial.** The new implementation runs on a small probe before it takes over: a sampler
-   on random logits with greedy, seeded, penalised and logprob rows; an attention backend
-   on a probe batch (a prompt chunk after cached context, and decodes) in a scratch KV
-   cache, and its output must match the backend in charge. A failure raises at the swap,
-   and nothing changes.
-2. **Guard.** The new implementation runs inside a ``Guarded...`` wrapper that holds the
-   one it replaced. If it raises in a step, that call is answered by the old one (the step
-   and its requests go on), ``error`` records why, and the worker puts the old one back
-   after the step.
+1. **Trial** (``try_attention``). The new backend runs on a probe batch (a prompt chunk
+   after cached context, and decodes) in a scratch KV cache, and its output must match the
+   backend in charge. A failure raises at the swap, and nothing changes.
+2. **Guard** (``GuardedAttention``). Every layer calls the new backend through a guard that
+   holds the one it replaced: if it raises in a step, the old one answers that layer's call
+   (the step and its requests go on), and the worker puts the old one back after the step.
+
+The sampler's trial and guard live in its own package (``modkit.sampler.swaps``): the
+sampler process tries a new sampler too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,69 +24,16 @@ from torch import nn
 
 from modkit.attention import AttentionBackend, AttentionMetadata
 from modkit.attention.interface import metadata_from_lengths
+from modkit.guard import Guarded
 from modkit.model.config import ModelConfig
-from modkit.sampler import Sampler, SamplerOutput, SamplingState
-from modkit.sampling_params import SamplingParams
-
-# -- samplers ----------------------------------------------------------------------------------
 
 
-class GuardedSampler(Sampler):
-    """A swapped-in sampler with the one it replaced as its fallback."""
-
-    def __init__(self, sampler: Sampler, fallback: Sampler) -> None:
-        super().__init__(sampler.seed)
-        self.sampler, self.fallback = sampler, fallback
-        self.error: str | None = None
-
-    def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
-        if self.error is None:
-            try:
-                output = self.sampler.sample(logits, states)
-                check_sampler_output(output, len(states), logits.shape[1])
-                return output
-            except Exception as error:
-                self.error = f"{type(error).__name__} in sample(): {error}"
-        return self.fallback.sample(logits, states)
-
-
-def check_sampler_output(output: SamplerOutput, num_rows: int, vocab_size: int) -> None:
-    ids = output.sampled_token_ids
-    if tuple(ids.shape) != (num_rows,):
-        raise ValueError(f"sampled {tuple(ids.shape)} token ids for {num_rows} rows")
-    if num_rows and not (int(ids.min()) >= 0 and int(ids.max()) < vocab_size):
-        raise ValueError(f"sampled a token id outside the vocabulary [0, {vocab_size})")
-
-
-@torch.inference_mode()
-def try_sampler(sampler: Sampler, vocab_size: int, device: torch.device) -> None:
-    """Sample a probe batch: raises if the sampler fails or returns ids that cannot be tokens."""
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    logits = (torch.randn(5, vocab_size, generator=generator) * 3).to(device)
-    prompt = [1, 2, 2, 3]
-    params = [
-        SamplingParams(temperature=0),
-        SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=1, logprobs=2),
-        SamplingParams(temperature=1.0),
-        SamplingParams(temperature=0, repetition_penalty=1.2, presence_penalty=0.5, min_tokens=2),
-        SamplingParams(temperature=0.9, min_p=0.1, logit_bias={1: 2.0}),
-    ]
-    states = [SamplingState.create(p, prompt, device, eos_token_ids=(0,)) for p in params]
-    output = sampler.sample(logits, states)
-    check_sampler_output(output, len(states), vocab_size)
-    output.to_lists()
-
-
-# -- attention backends ------------------------------------------------------------------------
-
-
-class GuardedAttention(AttentionBackend):
+class GuardedAttention(Guarded[AttentionBackend], AttentionBackend):
     """A swapped-in attention backend with the one it replaced as its fallback."""
 
-    def __init__(self, backend: AttentionBackend, fallback: AttentionBackend) -> None:
-        self.backend, self.fallback = backend, fallback
-        self.name = getattr(backend, "name", type(backend).__qualname__)  # type: ignore[misc]
-        self.error: str | None = None
+    def __init__(self, candidate: AttentionBackend, fallback: AttentionBackend) -> None:
+        super().__init__(candidate, fallback)
+        self.name = getattr(candidate, "name", type(candidate).__qualname__)  # type: ignore[misc]
 
     def forward(
         self,
@@ -97,13 +44,9 @@ class GuardedAttention(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if self.error is None:
-            try:
-                return self.backend.forward(query, key, value, kv_cache, metadata, scale)
-            except Exception as error:
-                self.error = f"{type(error).__name__} in forward(): {error}"
-        # Writing the new keys and values again is harmless: the same values to the same slots.
-        return self.fallback.forward(query, key, value, kv_cache, metadata, scale)
+        # If the candidate raised after writing the new keys and values, the fallback writes
+        # them again: harmless, the same values to the same slots.
+        return self.guarded("forward", lambda b: b.forward(query, key, value, kv_cache, metadata, scale))
 
 
 def attention_layers(model: nn.Module) -> list[Any]:
