@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from modkit.logprobs import TokenLogprobs
 from modkit.registry import Registry
 from modkit.sampling_params import SamplingParams, SamplingType
 
@@ -114,16 +115,6 @@ class LogprobsTensors:
     def num_top(self) -> int:
         """K, the number of top alternatives held per row."""
         return self.logprob_token_ids.shape[1] - 1
-
-
-@dataclass(slots=True)
-class TokenLogprobs:
-    """Logprobs of one sampled token, on the host."""
-
-    logprob: float  # of the sampled token
-    rank: int  # 1 = the most likely token; tokens tied with it share the worse rank
-    top_token_ids: list[int]  # the request's ``logprobs`` most likely tokens, most likely first
-    top_logprobs: list[float]
 
 
 @dataclass(slots=True)
