@@ -37,13 +37,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from modkit.logprobs import TokenLogprobs
 from modkit.registry import Registry
 from modkit.sampling_params import SamplingParams, SamplingType
+
+if TYPE_CHECKING:  # metadata.py imports this module
+    from modkit.sampler.metadata import RowParams
 
 
 @dataclass(slots=True)
@@ -61,7 +64,7 @@ class SamplingState:
     eos_token_ids: tuple[int, ...] = ()
     """The model's end-of-sequence ids. The sampler masks them, with ``stop_token_ids``, until
     ``min_tokens`` is reached (even under ``ignore_eos``, as vLLM does)."""
-    row: Any = field(default=None, compare=False, repr=False)
+    row: RowParams | None = field(default=None, compare=False, repr=False)
     """What ``params`` contribute to a step's sampling tensors, read once for the request's
     life (``SamplingMetadata``; ``params`` never change)."""
 
@@ -133,7 +136,7 @@ class SamplerOutput:
     logprobs: LogprobsTensors | None  # None when no row asked for logprobs
     num_logprobs: list[int | None]  # per row, its ``params.logprobs`` (host-side, for trimming)
     _host: torch.Tensor | None = None  # the packed copy on the host, once ``start_copy_to_host`` queued it
-    _copied: Any = None  # the CUDA event that marks that copy done
+    _copied: torch.cuda.Event | None = None  # the CUDA event that marks that copy done
 
     def start_copy_to_host(self) -> None:
         """Queue the one device->host copy now, right behind this step's sampling.
