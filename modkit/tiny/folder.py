@@ -131,5 +131,5 @@ def load_checked(folder: Path, trained: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
     return model
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
