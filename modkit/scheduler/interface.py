@@ -7,9 +7,9 @@ A scheduler decides, each step, how many tokens of which requests the worker com
     (the worker runs exactly that plan; the sampler samples)
     update_from_output(plan, ModelRunnerOutput) -> [EngineCoreOutput]   tokens appended, requests finished
 
-``modkit.scheduler.Scheduler`` and ``modkit.vllm_v1.VLLMScheduler`` (vLLM V1's scheduler,
-translated) both satisfy ``SchedulerInterface``; ``EngineCore`` and ``SchedulerService``
-cannot tell which one they hold.
+``modkit.scheduler.Scheduler`` and ``modkit.vllm_v1.scheduler.VLLMScheduler`` (vLLM V1's
+scheduler, translated) both satisfy ``SchedulerInterface``; ``EngineCore`` and
+``SchedulerService`` cannot tell which one they hold.
 
 The invariant (vLLM V1's): there is no prefill phase and no decode phase. Each request has
 ``num_computed_tokens`` (tokens whose keys and values are in its KV blocks) and
@@ -55,7 +55,7 @@ stop token id, ``max_tokens``, the model's length: it frees their blocks) and re
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 from modkit.kvcache.interface import KVCacheManagerInterface
@@ -119,6 +119,11 @@ class SchedulerInterface(Protocol):
     @property
     def last_record(self) -> StepRecord | None:
         """Why the last step's batch looks as it does (None before the first step)."""
+        ...
+
+    @property
+    def records(self) -> Sequence[StepRecord]:
+        """The records of the last steps, oldest first: at most ``MAX_STEP_RECORDS`` of them."""
         ...
 
     def add_request(self, request: Request) -> None:
