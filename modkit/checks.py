@@ -11,12 +11,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from modkit.model import load_model
 from modkit.worker import ModelRunner, PagedKVCache, SequenceChunk
+
+if TYPE_CHECKING:  # transformers loads in seconds: only the functions that need it import it
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 # Random-weight checkpoints built from a config, no download. "qwen2.5-0.5b" has the exact
 # shapes of Qwen/Qwen2.5-0.5B-Instruct; the others are small versions of each architecture.
@@ -107,7 +110,7 @@ def make_random_checkpoint(shape: str, out_dir: str | Path, seed: int = 0) -> Pa
     return Path(out_dir)
 
 
-def word_per_id_tokenizer(vocab_size: int) -> Any:
+def word_per_id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A fast tokenizer whose every id decodes to a short ASCII word, half of them with a leading space.
 
     What a random-weight checkpoint samples must turn into text as a real model's tokens do:
@@ -195,7 +198,7 @@ def run_mixed_schedule(
     return ScheduleResult(tokens, [torch.cat(lg) for lg in logits], step, mixed)
 
 
-def hf_logits(hf_model: Any, token_ids: list[int]) -> torch.Tensor:
+def hf_logits(hf_model: PreTrainedModel, token_ids: list[int]) -> torch.Tensor:
     """Logits of a transformers model for every position of one sequence, float32 on CPU."""
     device = next(hf_model.parameters()).device
     with torch.inference_mode():
@@ -203,7 +206,7 @@ def hf_logits(hf_model: Any, token_ids: list[int]) -> torch.Tensor:
     return out.float().cpu()
 
 
-def load_hf_model(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device) -> Any:
+def load_hf_model(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
@@ -220,7 +223,7 @@ def compare_mixed_batch(
     num_decode_tokens: int = 5,
     chunk_size: int = 8,
     seed: int = 0,
-    hf_model: Any = None,
+    hf_model: PreTrainedModel | None = None,
     attention_backend: str = "torch_ref",
 ) -> dict[str, float]:
     """Max |modkit - HF| over every logit of a mixed schedule, with HF run in the same dtype.
@@ -302,7 +305,8 @@ def compare_greedy(
     theirs = []
     for prompt in prompts:
         ids = torch.tensor([prompt], device=device)
-        out = hf.generate(
+        # cast: transformers' stubs for generate() differ between releases (5.19 rejects this self type).
+        out = cast(Any, hf).generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,

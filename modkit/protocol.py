@@ -25,6 +25,13 @@ per component, each a tagged Struct with a comment on every field. Most of them 
 as the arguments and results of RPC calls, which the server converts to the annotated
 parameter types of the method it calls; a message that is published (pub/sub) or pushed
 needs a tag and a place in a union of its own, built like ``TransportMessage``.
+
+Two more sets of records cross sockets and live with their own plane, not here: the
+event stream every component publishes for views and traces (``modkit.trace.events``,
+one ``PipelineEvent`` union with its topic table), and the dataclasses a step's messages
+carry (``SchedulerOutput`` and ``ModelRunnerOutput`` in ``modkit.scheduler.output``,
+``SamplingParams``, ``TokenLogprobs`` in ``modkit.logprobs``, the KV events of
+``modkit.kvcache.events``), which msgpack encodes field by field.
 """
 
 from __future__ import annotations

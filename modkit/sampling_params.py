@@ -23,7 +23,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
 
 # A temperature below this is greedy sampling (vLLM's _SAMPLING_EPS): dividing logits by it
 # would overflow, and the distribution is a point mass on the argmax anyway.
@@ -239,19 +238,19 @@ class SamplingParams:
                 )
 
 
-def _number(name: str, value: Any) -> float:
+def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise SamplingParamsError(name, f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
-def _integer(name: str, value: Any) -> int:
+def _integer(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SamplingParamsError(name, f"{name} must be an integer, got {value!r}")
     return value
 
 
-def _stop_strings(stop: Any) -> list[str]:
+def _stop_strings(stop: object) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
@@ -261,7 +260,7 @@ def _stop_strings(stop: Any) -> list[str]:
     return list(stop)
 
 
-def _token_ids(name: str, ids: Any) -> list[int]:
+def _token_ids(name: str, ids: object) -> list[int]:
     if ids is None:
         return []
     if not isinstance(ids, list | tuple) or not all(not isinstance(t, bool) and isinstance(t, int) for t in ids):
@@ -271,7 +270,7 @@ def _token_ids(name: str, ids: Any) -> list[int]:
     return list(dict.fromkeys(ids))  # drop duplicates, keep order
 
 
-def _logit_bias(bias: Any) -> dict[int, float] | None:
+def _logit_bias(bias: object) -> dict[int, float] | None:
     if bias is None:
         return None
     if not isinstance(bias, dict):

@@ -1,6 +1,9 @@
-"""The frontend: the OpenAI-compatible HTTP API (FastAPI) in front of the engine."""
+"""The frontend: the OpenAI-compatible HTTP API (FastAPI) in front of the engine.
 
-from modkit.frontend.app import APIError, build_app
+The app itself is ``modkit.frontend.app.build_app``; it is not imported here, so a module
+that needs only the frontend's interface or its OpenAI types does not load FastAPI.
+"""
+
 from modkit.model.loader import EMBEDDED_MODEL_NAME
 
-__all__ = ["EMBEDDED_MODEL_NAME", "APIError", "build_app"]
+__all__ = ["EMBEDDED_MODEL_NAME"]

@@ -18,7 +18,8 @@ import uvicorn
 
 from modkit.config import ConfigError, PipelineConfig
 from modkit.engine.async_engine import AsyncEngine
-from modkit.frontend import EMBEDDED_MODEL_NAME, build_app
+from modkit.frontend import EMBEDDED_MODEL_NAME
+from modkit.frontend.app import build_app
 
 
 def main(argv: list[str] | None = None) -> None:

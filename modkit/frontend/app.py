@@ -88,7 +88,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
-        return engine.stats()
+        return dict(engine.stats())
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

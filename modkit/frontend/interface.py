@@ -11,15 +11,18 @@ Leaving the iteration early aborts the request, which frees its KV blocks.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from modkit.engine.output_processor import CompletionDelta
 from modkit.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 class EngineClient(Protocol):
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     error: BaseException | None  # set once the engine can serve nothing (/health answers 503)
     draining: bool  # shutting down: new requests get 503, those in flight finish
 
@@ -42,4 +45,6 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> Mapping[str, float]:
+        """Counters for ``/stats``, by name."""
+        ...

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from modkit.engine.async_engine import EngineDeadError
 from modkit.engine.output_processor import CompletionDelta, OutputProcessor
@@ -34,6 +34,9 @@ from modkit.sampling_params import SamplingParams
 from modkit.scheduler.output import EngineCoreOutput
 from modkit.trace.events import EventPublisher, RequestArrived, RequestDone, TokensOut
 from modkit.transport import AsyncInbox, Outbox
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class _Stream:
 class PipelineClient:
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         model_config: ModelConfig,
         max_model_len: int,
         addresses: PipelineAddresses,
@@ -217,7 +220,7 @@ class PipelineClient:
         )
         stream.queue.put_nowait(error)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, int]:
         return {
             "num_requests": self.num_requests,
             "num_requests_in_flight": len(self._streams),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 
@@ -71,15 +70,17 @@ _KINDS: dict[str, type[BlockStored] | type[BlockRemoved] | type[AllBlocksCleared
 }
 
 
-def event_to_wire(event: KVEvent) -> list[Any]:
+def event_to_wire(event: KVEvent) -> list[str | KVEvent]:
     """``[kind, event]``: the three event dataclasses share field names, so the kind travels with them."""
     return [type(event).__name__, event]
 
 
-def event_from_wire(value: Any) -> KVEvent:
+def event_from_wire(value: object) -> KVEvent:
     """The event ``event_to_wire`` encoded, after msgpack; ValueError for anything else."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not isinstance(value[0], str):
+        raise ValueError(f"not a KV event: {value!r:.200}")
+    kind, fields = value
     try:
-        kind, fields = value
         return msgspec.convert(fields, _KINDS[kind])
     except (KeyError, TypeError, ValueError, msgspec.ValidationError) as error:
         raise ValueError(f"not a KV event: {value!r:.200}") from error

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -18,6 +18,9 @@ from safetensors import safe_open
 from modkit.attention import DEFAULT_ATTENTION_BACKEND, get_attention_backend
 from modkit.model.config import ModelConfig
 from modkit.model.decoder import CausalLM
+
+if TYPE_CHECKING:  # transformers loads in seconds: only load_tokenizer imports it
+    from transformers import PreTrainedTokenizerBase
 
 # The repository's data/ folder sits beside the package (editable installs and checkouts).
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / "tiny-chat"
@@ -196,14 +199,14 @@ def load_model(
     return net
 
 
-def load_tokenizer(model: str | Path | None = None) -> Any:
+def load_tokenizer(model: str | Path | None = None) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer (a transformers fast tokenizer, with its chat template)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve_model_path(model)))
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation in the model's chat template, ready for the reply."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer.encode(text, add_special_tokens=False))

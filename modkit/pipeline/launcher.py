@@ -30,7 +30,7 @@ import urllib.request
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modkit.config import PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
@@ -48,6 +48,9 @@ from modkit.pipeline.processes import (
 from modkit.pipeline.swapping import SWAPPABLE, swap_component
 from modkit.swap import new_key
 from modkit.trace import EventStream, Recorder, Trace
+
+if TYPE_CHECKING:  # openai loads only when a client is asked for
+    import openai
 from modkit.transport import QUIET_THREADS, ComponentProcess
 from modkit.transport.process import default_log_dir
 
@@ -215,7 +218,7 @@ class Pipeline:
         """Every component's ``/health`` URL."""
         return self.config.urls()
 
-    def client(self, **kwargs: Any) -> Any:
+    def client(self, **kwargs: Any) -> openai.OpenAI:
         """An ``openai.OpenAI`` client bound to the frontend (kwargs go to its constructor)."""
         import openai
 

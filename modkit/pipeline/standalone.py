@@ -82,33 +82,33 @@ def run_component(kind: str, argv: list[str] | None = None) -> None:
             serve(obj, server)
 
 
-def _builders() -> dict[str, Callable[[PipelineConfig, PipelineAddresses, argparse.Namespace], Any]]:
+def _builders() -> dict[str, Callable[[PipelineConfig, PipelineAddresses, argparse.Namespace], object]]:
     from modkit.pipeline.preflight import resolve_max_model_len
 
     def common(config: PipelineConfig, addresses: PipelineAddresses) -> dict[str, Any]:
         return {"config": config.to_dict(include_secrets=True), "ipc_dir": addresses.ipc_dir}
 
-    def worker(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+    def worker(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> object:
         from modkit.worker.service import WorkerService
 
         return WorkerService(**common(c, a), worker_id=own.worker_id, max_model_len=resolve_max_model_len(c))
 
-    def scheduler(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+    def scheduler(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> object:
         from modkit.scheduler.service import SchedulerService
 
         return SchedulerService(**common(c, a), max_model_len=resolve_max_model_len(c))
 
-    def router(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+    def router(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> object:
         from modkit.router.service import RouterService
 
         return RouterService(**common(c, a))
 
-    def sampler(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+    def sampler(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> object:
         from modkit.sampler.service import SamplerService
 
         return SamplerService(**common(c, a))
 
-    def kv_cache_manager(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+    def kv_cache_manager(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> object:
         from modkit.kvcache.service import KVCacheService
 
         num_blocks = []  # each pool is sized from its worker's KV cache: ask them (they may still be loading)
@@ -119,7 +119,7 @@ def _builders() -> dict[str, Callable[[PipelineConfig, PipelineAddresses, argpar
             num_blocks, c.block_size, c.enable_prefix_caching, a.kv_events, c.allow_remote, c.eviction_policy
         )
 
-    def frontend(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> Any:
+    def frontend(c: PipelineConfig, a: PipelineAddresses, own: argparse.Namespace) -> object:
         from modkit.frontend.service import FrontendService
 
         return FrontendService(**common(c, a), max_model_len=resolve_max_model_len(c))

@@ -37,12 +37,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from modkit.logprobs import TokenLogprobs
 from modkit.registry import Registry
 from modkit.sampling_params import SamplingParams, SamplingType
+
+if TYPE_CHECKING:  # metadata.py imports this module
+    from modkit.sampler.metadata import RowParams
 
 
 @dataclass(slots=True)
@@ -60,7 +64,7 @@ class SamplingState:
     eos_token_ids: tuple[int, ...] = ()
     """The model's end-of-sequence ids. The sampler masks them, with ``stop_token_ids``, until
     ``min_tokens`` is reached (even under ``ignore_eos``, as vLLM does)."""
-    row: Any = field(default=None, compare=False, repr=False)
+    row: RowParams | None = field(default=None, compare=False, repr=False)
     """What ``params`` contribute to a step's sampling tensors, read once for the request's
     life (``SamplingMetadata``; ``params`` never change)."""
 
@@ -117,16 +121,6 @@ class LogprobsTensors:
 
 
 @dataclass(slots=True)
-class TokenLogprobs:
-    """Logprobs of one sampled token, on the host."""
-
-    logprob: float  # of the sampled token
-    rank: int  # 1 = the most likely token; tokens tied with it share the worse rank
-    top_token_ids: list[int]  # the request's ``logprobs`` most likely tokens, most likely first
-    top_logprobs: list[float]
-
-
-@dataclass(slots=True)
 class SampledToken:
     """One row of a step's result, on the host: what the engine appends to its request."""
 
@@ -142,7 +136,7 @@ class SamplerOutput:
     logprobs: LogprobsTensors | None  # None when no row asked for logprobs
     num_logprobs: list[int | None]  # per row, its ``params.logprobs`` (host-side, for trimming)
     _host: torch.Tensor | None = None  # the packed copy on the host, once ``start_copy_to_host`` queued it
-    _copied: Any = None  # the CUDA event that marks that copy done
+    _copied: torch.cuda.Event | None = None  # the CUDA event that marks that copy done
 
     def start_copy_to_host(self) -> None:
         """Queue the one device->host copy now, right behind this step's sampling.

@@ -65,7 +65,7 @@ class SamplingMetadata:
     @classmethod
     def from_states(cls, states: Sequence[SamplingState], vocab_size: int, device: torch.device) -> SamplingMetadata:
         """Read every row's parameters; the only per-request Python loop of a step."""
-        rows: list[_RowParams] = []
+        rows: list[RowParams] = []
         generators: dict[int, torch.Generator] = {}
         bias_rows: list[int] = []
         bias_ids: list[int] = []
@@ -76,7 +76,7 @@ class SamplingMetadata:
             params = state.params
             values = state.row
             if values is None:  # the request's first step: its parameters, read once
-                values = state.row = _RowParams.of(params, vocab_size)
+                values = state.row = RowParams.of(params, vocab_size)
             rows.append(values)
             if not values.special:
                 continue
@@ -124,7 +124,7 @@ class SamplingMetadata:
 
 
 @dataclass(frozen=True, slots=True)
-class _RowParams:
+class RowParams:
     """What a row's ``SamplingParams`` contribute to the step's tensors."""
 
     greedy: bool
@@ -136,7 +136,7 @@ class _RowParams:
     penalised: bool  # a presence, frequency or repetition penalty
 
     @classmethod
-    def of(cls, params: SamplingParams, vocab_size: int) -> _RowParams:
+    def of(cls, params: SamplingParams, vocab_size: int) -> RowParams:
         greedy = params.sampling_type == SamplingType.GREEDY
         # Greedy rows ignore temperature and the truncation masks, as vLLM does.
         return cls(

@@ -6,39 +6,40 @@ The whole pipeline, in order (``make_tiny_model`` runs it)::
                                                                           │
        model card + training_log.json ◄── sample answers ◄── reload + check logits
 
-The folder it writes loads with ``AutoTokenizer`` / ``Qwen2ForCausalLM.from_pretrained``
-in transformers 4.5x and 5.x. NOTE: ``config.json`` and ``tokenizer_config.json`` are
-written by hand, in the older form both versions read, instead of with
-``save_pretrained``: transformers 5 writes a newer form that 4.5x cannot load.
+The steps live beside this module: the corpus in ``corpus``, the tokenizer in
+``tokenizer``, the folder (config, weights, tokenizer files, the reload check) in
+``folder``; this module trains the model and runs the whole pipeline. The folder loads
+with ``AutoTokenizer`` / ``Qwen2ForCausalLM.from_pretrained`` in transformers 4.5x and 5.x.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import safetensors.torch
 import tokenizers
 import torch
 import torch.nn.functional as F
 import transformers
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from modkit.tiny.card import write_model_card
-from modkit.tiny.corpus import END_OF_TEXT, IM_END, IM_START, make_corpus
-
-SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END]  # ids 0, 1, 2: the trainer puts them first
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+from modkit.tiny.corpus import make_corpus
+from modkit.tiny.folder import (
+    MAX_POSITION_EMBEDDINGS,
+    load_checked,
+    model_config_dict,
+    padded_vocab_size,
+    save_model,
+    save_tokenizer,
+    write_json,
 )
+from modkit.tiny.tokenizer import CHAT_TEMPLATE as CHAT_TEMPLATE  # re-exported: the tests read it here
+from modkit.tiny.tokenizer import encode_stream, train_tokenizer
+
 SAMPLE_QUESTIONS = [
     "Hello!",
     "What does a cow say?",
@@ -47,12 +48,6 @@ SAMPLE_QUESTIONS = [
     "Who are you?",
     "What color is the sky?",
 ]
-MAX_POSITION_EMBEDDINGS = 1024
-# Qwen2's pre-tokenizer: words with their leading space, single digits, punctuation runs.
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,125 +89,6 @@ class TrainResult:
     log: list[dict[str, float]] = field(default_factory=list)  # every log_every steps
     val_log: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
-
-
-# --- tokenizer -------------------------------------------------------------------------
-
-
-def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE on ``docs``; every byte is in the alphabet, so nothing is unknown.
-
-    NOTE: the normalizer and pre-tokenizer are exactly Qwen2's, because transformers 5
-    loads any ``qwen2`` folder with ``Qwen2Tokenizer``, which rebuilds them from its own
-    code whatever tokenizer.json says; transformers 4 uses tokenizer.json as written.
-    Matching them makes both give the ids the model was trained on.
-    """
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(docs, trainer)
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
-    return tok
-
-
-def save_tokenizer(tok: Tokenizer, folder: Path) -> None:
-    """tokenizer.json plus a tokenizer_config.json in the transformers 4.x form."""
-    tok.save(str(folder / "tokenizer.json"))
-    added = {
-        str(i): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for i, t in enumerate(SPECIAL_TOKENS)
-    }
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": added,
-        "additional_special_tokens": [IM_START, IM_END],
-        "bos_token": None,
-        "eos_token": IM_END,
-        "pad_token": END_OF_TEXT,
-        "unk_token": None,
-        "chat_template": CHAT_TEMPLATE,
-        "model_max_length": MAX_POSITION_EMBEDDINGS,
-        "clean_up_tokenization_spaces": False,
-        "split_special_tokens": False,
-    }
-    special_map = {"eos_token": IM_END, "pad_token": END_OF_TEXT, "additional_special_tokens": [IM_START, IM_END]}
-    _write_json(folder / "tokenizer_config.json", config)
-    _write_json(folder / "special_tokens_map.json", special_map)
-
-
-def encode_stream(tok: Tokenizer, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """All documents as one token stream, each followed by ``<|endoftext|>``.
-
-    Returns ``(tokens, starts)``: the stream and the offset where each document begins.
-    """
-    eot = SPECIAL_TOKENS.index(END_OF_TEXT)  # train_tokenizer checked the ids
-    ids: list[int] = []
-    starts: list[int] = []
-    for enc in tok.encode_batch(docs):
-        starts.append(len(ids))
-        ids += [*enc.ids, eot]
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
-
-
-# --- model -----------------------------------------------------------------------------
-
-
-def model_config_dict(vocab_size: int) -> dict[str, Any]:
-    """config.json for a 4-layer Qwen2, in the form transformers 4.5x and 5.x both read."""
-    eot, im_end = SPECIAL_TOKENS.index(END_OF_TEXT), SPECIAL_TOKENS.index(IM_END)
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "vocab_size": vocab_size,
-        "hidden_size": 256,
-        "intermediate_size": 768,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "hidden_act": "silu",
-        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
-        "initializer_range": 0.02,
-        "rms_norm_eps": 1e-6,
-        # NOTE: 4.5x reads rope_theta at the top level; 5.x folds it into rope_parameters.
-        "rope_theta": 10000.0,
-        "rope_scaling": None,
-        "attention_dropout": 0.0,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": 4,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "bos_token_id": eot,
-        "eos_token_id": im_end,
-        "pad_token_id": eot,
-        "torch_dtype": "float32",
-        "transformers_version": transformers.__version__,
-    }
-
-
-def padded_vocab_size(real_size: int, multiple: int = 64) -> int:
-    """Round the embedding table up so its rows tile evenly (the spare rows are never used)."""
-    return (real_size + multiple - 1) // multiple * multiple
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -302,46 +178,6 @@ def train_model(
     return result
 
 
-# --- saving and checking ---------------------------------------------------------------
-
-
-def save_model(model: Qwen2ForCausalLM, folder: Path, vocab_size: int) -> None:
-    """config.json, model.safetensors (float32, tied lm_head left out), generation_config."""
-    # NOTE: lm_head.weight is the embedding matrix itself (tied), so it is not stored twice.
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    safetensors.torch.save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = model_config_dict(vocab_size)
-    _write_json(folder / "config.json", config)
-    _write_json(
-        folder / "generation_config.json",
-        {
-            "bos_token_id": config["bos_token_id"],
-            "eos_token_id": config["eos_token_id"],
-            "pad_token_id": config["pad_token_id"],
-            "do_sample": False,
-            "transformers_version": transformers.__version__,
-        },
-    )
-
-
-def load_checked(folder: Path, trained: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
-    """Reload the folder; fail unless every key matched and the logits agree."""
-    model, info = cast(
-        tuple[Qwen2ForCausalLM, dict[str, Any]], Qwen2ForCausalLM.from_pretrained(folder, output_loading_info=True)
-    )
-    problems = {k: v for k, v in info.items() if v}  # missing, unexpected, mismatched keys
-    if problems:
-        raise RuntimeError(f"loading {folder} reported {problems}")
-    model.eval()
-    trained.eval()
-    ids = torch.arange(3, 3 + 64)[None]  # (1, 64): arbitrary ordinary tokens
-    with torch.no_grad():
-        diff = (model(ids).logits - trained(ids).logits).abs().max().item()
-    if diff > 1e-5:
-        raise RuntimeError(f"reloaded logits differ from the trained model by {diff}")
-    return model
-
-
 def chat_reply(
     model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, question: str, max_new_tokens: int = 40
 ) -> tuple[str, bool]:
@@ -369,10 +205,6 @@ def chat_reply(
     reply = tokenizer.decode(new, skip_special_tokens=True)
     assert isinstance(reply, str)
     return reply, stopped
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 # --- the whole pipeline ----------------------------------------------------------------
@@ -440,6 +272,6 @@ def make_tiny_model(cfg: TrainConfig, out: Path, command: str) -> dict[str, Any]
             "tokenizers": tokenizers.__version__,
         },
     }
-    _write_json(out / "training_log.json", log)
+    write_json(out / "training_log.json", log)
     write_model_card(out / "README.md", log)
     return log

@@ -32,7 +32,6 @@ router); subscribers of this stream do not subscribe to those.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import msgspec
 
@@ -186,7 +185,9 @@ class EventPublisher:
         self.publisher = Publisher(address, allow_remote=allow_remote)
         self._lock = threading.Lock()
 
-    def publish(self, topic: str, event: Any) -> None:
+    def publish(self, topic: str, event: object) -> None:
+        """Send ``event`` on ``topic``: a ``PipelineEvent``, or anything else the codec encodes
+        (the KV cache manager sends vLLM-format events on its ``worker.<i>`` topics)."""
         with self._lock:
             self.publisher.publish(topic, event)
 

@@ -23,7 +23,7 @@ import gzip
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -38,6 +38,11 @@ from modkit.trace.events import (
     Swapped,
     TokensOut,
 )
+
+if TYPE_CHECKING:  # pandas loads only when a frame is asked for
+    import pandas as pd
+
+E = TypeVar("E")
 
 FORMAT = "modkit-trace"
 VERSION = 1
@@ -137,11 +142,11 @@ class Trace:
 
     # -- frames --------------------------------------------------------------------------
 
-    def _of(self, kind: type) -> list[Any]:
+    def _of(self, kind: type[E]) -> list[E]:
         return [e for e in self.events if isinstance(e, kind)]
 
     @cached_property
-    def steps(self) -> Any:
+    def steps(self) -> pd.DataFrame:
         """One row per step: its batch (prompt and decode tokens against the budget), queues, KV usage, timings."""
         rows = []
         for e in self._of(StepEvent):
@@ -173,7 +178,7 @@ class Trace:
         return _frame(rows, ["worker_id", "step", "start", "end", "tokens_used", "token_budget", "kv_usage"])
 
     @cached_property
-    def scheduled(self) -> Any:
+    def scheduled(self) -> pd.DataFrame:
         """One row per request per step: "prompt" (a chunk), "decode", or "preempted" (with the reason)."""
         rows = []
         for e in self._of(StepEvent):
@@ -202,7 +207,7 @@ class Trace:
         return _frame(rows, ["worker_id", "step", "start", "end", "req_id", "kind", "num_tokens"])
 
     @cached_property
-    def tokens(self) -> Any:
+    def tokens(self) -> pd.DataFrame:
         """One row per request per output message: when its tokens reached the frontend, and the gap since the last."""
         import pandas as pd
 
@@ -217,7 +222,7 @@ class Trace:
         return frame
 
     @cached_property
-    def requests(self) -> Any:
+    def requests(self) -> pd.DataFrame:
         """One row per engine request: when it arrived, was first scheduled, sent its first token, finished."""
         info: dict[str, dict[str, Any]] = {}
 
@@ -256,7 +261,7 @@ class Trace:
         return frame
 
     @cached_property
-    def blocks(self) -> Any:
+    def blocks(self) -> pd.DataFrame:
         """One row per block each KV cache manager action touched, in order (``seq`` numbers the actions)."""
         rows: list[dict[str, Any]] = []
         seq = 0
@@ -271,7 +276,7 @@ class Trace:
         return _frame(rows, ["seq", "t", "worker_id", "kind", "req_id", "block_id"])
 
     @cached_property
-    def forwards(self) -> Any:
+    def forwards(self) -> pd.DataFrame:
         """The workers' own timing of each step."""
         rows = [
             {
@@ -290,7 +295,7 @@ class Trace:
         return _frame(rows, ["worker_id", "step", "start", "forward_s", "num_tokens"])
 
     @cached_property
-    def routes(self) -> Any:
+    def routes(self) -> pd.DataFrame:
         """One row per routing decision: the worker chosen, and for each live worker ``w`` the
         prompt blocks it caches (``cached_<w>``) and the blocks its running requests hold (``active_<w>``)."""
         rows = []
@@ -303,7 +308,7 @@ class Trace:
         return _frame(rows, ["t", "req_id", "worker_id", "policy", "num_prompt_blocks"])
 
     @cached_property
-    def swaps(self) -> Any:
+    def swaps(self) -> pd.DataFrame:
         """One row per implementation change: swapped in, or rolled back (``error`` set)."""
         rows = [
             {"t": e.ts - self.t0, "component": e.component, "implementation": e.implementation}
@@ -351,7 +356,7 @@ def event_time(event: PipelineEvent) -> float:
     return float("inf")
 
 
-def _frame(rows: list[dict[str, Any]], columns: list[str]) -> Any:
+def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
     """A DataFrame of ``rows``; with no rows, an empty one that still has the ``columns`` asked for."""
     import pandas as pd
 

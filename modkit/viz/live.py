@@ -17,16 +17,27 @@ are counted in ``skipped``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from modkit.trace import Trace
 
-View = Callable[..., Any]  # (trace, **kwargs) -> matplotlib Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+View = Callable[..., "Figure"]  # (trace, **kwargs) -> matplotlib Figure
+
+
+@runtime_checkable
+class Traced(Protocol):
+    """What ``live`` needs of a pipeline (``modkit.Pipeline`` has it): its trace so far."""
+
+    def trace(self, settle_s: float = ...) -> Trace: ...
 
 
 class LiveView:
@@ -38,7 +49,7 @@ class LiveView:
         views: Sequence[str | View] = ("block_grid", "batch_composition"),
         interval_s: float = 0.5,
         width_px: int = 720,
-        **view_kwargs: Any,
+        **view_kwargs: object,
     ) -> None:
         import ipywidgets as widgets
 
@@ -98,7 +109,7 @@ class LiveView:
             self.skipped += int(self.last_draw_s // self.interval_s)
             self._stop.wait(max(self.interval_s, self.last_draw_s))
 
-    def _kwargs_for(self, view: View) -> dict[str, Any]:
+    def _kwargs_for(self, view: View) -> dict[str, object]:
         accepted = inspect.signature(view).parameters
         return {k: v for k, v in self.view_kwargs.items() if k in accepted}
 
@@ -115,7 +126,11 @@ class LiveView:
 
 
 def live(
-    pipeline: Any, *views: str | View, interval_s: float = 0.5, width_px: int = 720, **view_kwargs: Any
+    pipeline: Traced | Callable[[], Trace],
+    *views: str | View,
+    interval_s: float = 0.5,
+    width_px: int = 720,
+    **view_kwargs: object,
 ) -> LiveView:
     """Start a ``LiveView`` of ``pipeline``'s trace (a ``Pipeline``, or any callable returning a ``Trace``).
 
@@ -123,11 +138,11 @@ def live(
     (default: the block grid and the batch composition). Keyword arguments go to every
     view that takes them (``worker_id=1``, ``max_requests=20``...).
     """
-    source = (lambda: pipeline.trace(settle_s=0)) if hasattr(pipeline, "trace") else pipeline
+    source = functools.partial(pipeline.trace, settle_s=0) if isinstance(pipeline, Traced) else pipeline
     return LiveView(source, views or ("block_grid", "batch_composition"), interval_s, width_px, **view_kwargs).start()
 
 
-def render_png(figure: Any, dpi: int = 80) -> bytes:
+def render_png(figure: Figure, dpi: int = 80) -> bytes:
     """A matplotlib Figure as PNG bytes, drawn with Agg whatever the notebook's backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

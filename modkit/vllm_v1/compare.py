@@ -20,13 +20,18 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modkit.kvcache import KVCacheManager
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import ModelRunnerOutput, Scheduler
 from modkit.vllm_v1.scheduler import VLLMScheduler
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from modkit.trace import Trace
 
 Workload = Sequence[tuple[int, list[int], int]]  # (arrival step, prompt token ids, max_tokens) per request
 SIDES = ("modkit", "vllm")
@@ -39,8 +44,8 @@ def default_next_token(req_id: str, position: int) -> int:
 
 @dataclass(slots=True)
 class SchedulerComparison:
-    requests: Any  # pandas DataFrame: step, req_id, {side}_tokens, {side}_preempted, {side}_hit, agree
-    steps: Any  # pandas DataFrame: step, {side}_tokens, {side}_running, {side}_kv_usage, identical
+    requests: pd.DataFrame  # step, req_id, {side}_tokens, {side}_preempted, {side}_hit, agree
+    steps: pd.DataFrame  # step, {side}_tokens, {side}_running, {side}_kv_usage, identical
     summary: dict[str, Any]
 
 
@@ -144,7 +149,7 @@ def _request_columns() -> list[str]:
 
 
 def workload_from_trace(
-    trace: Any, step_s: float | None = None, vocab_size: int = 30_000, seed: int = 0
+    trace: Trace, step_s: float | None = None, vocab_size: int = 30_000, seed: int = 0
 ) -> list[tuple[int, list[int], int]]:
     """A workload shaped like a recorded ``modkit.trace.Trace``: its arrivals, prompt and output lengths.
 
