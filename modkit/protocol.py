@@ -149,7 +149,7 @@ class AddRequest(msgspec.Struct, tag="add", frozen=True):
     eos_token_ids: tuple[int, ...]
     arrival_time: float  # time.time() at the frontend
     priority: int = 0
-    worker_id: int = -1  # -1 until the router has chosen
+    worker_id: int | None = None  # None until the router has chosen
     # Tokens already generated: set when a request moves off a worker that died; the new
     # worker recomputes prompt + these, and generation carries on where it stopped.
     output_token_ids: list[int] = []

@@ -22,10 +22,10 @@ from modkit.model.config import ModelConfig
 from modkit.request import Request, RequestStatus, check_prompt
 from modkit.sampler import Sampler, get_sampler
 from modkit.scheduler import EngineCoreOutput, Scheduler, SchedulerOutput
+from modkit.scheduler.interface import PlansAhead, SchedulerInterface
 from modkit.worker.executor import LaunchedStep, StepExecutor, build_worker
 
 if TYPE_CHECKING:
-    from modkit.scheduler.interface import SchedulerInterface
     from modkit.vllm_v1.kv_cache_manager import VLLMKVCacheManager
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ class EngineCore:
         """Async scheduling: plan the next step now, while the device runs the last one; None if
         that is off, the scheduler cannot (vLLM's is stepped in turn), or it would compute
         nothing for a running request."""
-        if not self.async_scheduling or not self.scheduler.can_plan_ahead():
+        scheduler = self.scheduler
+        if not self.async_scheduling or not isinstance(scheduler, PlansAhead) or not scheduler.can_plan_ahead():
             return None
         self.num_planned_ahead += 1
         return self.scheduler.schedule()

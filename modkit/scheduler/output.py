@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from modkit.sampler.interface import TokenLogprobs
+from modkit.logprobs import TokenLogprobs
 from modkit.sampling_params import SamplingParams
 
 # A step names why the first requests in line wait; num_waiting counts them all. Naming every

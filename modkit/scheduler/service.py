@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from modkit.config import PipelineConfig
@@ -50,44 +48,14 @@ from modkit.protocol import (
     WorkerUp,
 )
 from modkit.request import Request, RequestStatus
-from modkit.scheduler.output import MAX_WAITING_REASONS, SchedulerOutput, StepRecord
+from modkit.scheduler.output import MAX_WAITING_REASONS
 from modkit.scheduler.scheduler import Scheduler
+from modkit.scheduler.slots import InFlightStep, WorkerSlot
 from modkit.scheduler.swapping import SchedulerSwapping
 from modkit.trace.events import EventPublisher, ScheduledReq, StepEvent
 from modkit.transport import Inbox, Outbox, RpcClient
 
 KV_RPC_TIMEOUT_S = 30.0
-
-
-@dataclass(slots=True)
-class InFlightStep:
-    """A step sent to a worker whose result has not come back."""
-
-    plan: SchedulerOutput
-    record: StepRecord | None  # what the scheduler decided, for the step's event
-    sent_at: float  # perf_counter() when it left
-    sent_wall: float  # time.time() then, for the event stream
-    schedule_s: float  # what planning it took
-
-
-@dataclass(slots=True)
-class WorkerSlot:
-    """The scheduler's side of one worker."""
-
-    worker_id: int
-    scheduler: Scheduler
-    kv: KVCacheManagerClient
-    outbox: Outbox
-    alive: bool = True
-    in_flight: deque[InFlightStep] = field(default_factory=deque)  # oldest first, as the worker runs them
-    num_steps: int = 0
-    num_failed_steps: int = 0
-    busy_s: float = 0.0  # plan sent -> result back, summed (with async scheduling, time queued at the worker too)
-    num_planned_ahead: int = 0  # steps planned while another was in flight
-    forward_s: float = 0.0  # the worker's own account of its forward
-    sample_s: float = 0.0
-    schedule_s: float = 0.0  # this process: schedule(), with its KV cache manager round trips
-    update_s: float = 0.0  # this process: update_from_output(), with its flush
 
 
 class SchedulerService(SchedulerSwapping):
@@ -168,7 +136,8 @@ class SchedulerService(SchedulerSwapping):
         if self.held is not None:
             self.held.append(message)
             return
-        slot = self.slots[message.worker_id] if 0 <= message.worker_id < len(self.slots) else None
+        chosen = message.worker_id
+        slot = self.slots[chosen] if chosen is not None and 0 <= chosen < len(self.slots) else None
         if slot is None or not slot.alive:
             self._reject(message.req_id, "unavailable", f"worker {message.worker_id} is not serving")
             return
@@ -212,7 +181,6 @@ class SchedulerService(SchedulerSwapping):
         slot.alive = False
         slot.in_flight.clear()
         moved = slot.scheduler.take_requests(list(slot.scheduler.requests))
-        slot.scheduler.finished_req_ids.clear()  # nobody to tell: the worker is gone
         for request in moved:
             self.owner.pop(request.req_id, None)
             self.to_router.send(
@@ -379,31 +347,7 @@ class SchedulerService(SchedulerSwapping):
         }
 
     def stats(self) -> dict[str, Any]:
-        workers = []
-        for slot in self.slots:
-            s = slot.scheduler
-            workers.append(
-                {
-                    "worker_id": slot.worker_id,
-                    "alive": slot.alive,
-                    "num_requests_running": len(s.running),
-                    "num_requests_waiting": len(s.waiting),
-                    "num_preemptions": s.num_preemptions,
-                    "num_steps": slot.num_steps,
-                    "num_failed_steps": slot.num_failed_steps,
-                    "kv_cache_usage": slot.scheduler.kv.usage,
-                    "kv_round_trips": slot.kv.num_round_trips,
-                    "kv_round_trip_s_total": slot.kv.round_trip_s,  # waited for the KV cache manager
-                    "kv_manager_s_total": slot.kv.manager_s,  # of that, the manager working
-                    "step_time_s_mean": slot.busy_s / slot.num_steps if slot.num_steps else 0.0,
-                    "num_planned_ahead": slot.num_planned_ahead,
-                    "num_steps_in_flight": len(slot.in_flight),
-                    "forward_s_total": slot.forward_s,
-                    "sample_s_total": slot.sample_s,
-                    "schedule_s_total": slot.schedule_s,
-                    "update_s_total": slot.update_s,
-                }
-            )
+        workers = [slot.stats() for slot in self.slots]
         return {
             "num_requests_running": sum(w["num_requests_running"] for w in workers),
             "num_requests_waiting": sum(w["num_requests_waiting"] for w in workers),

@@ -20,7 +20,7 @@ from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import Swapped
 
 if TYPE_CHECKING:
-    from modkit.scheduler.service import WorkerSlot
+    from modkit.scheduler.slots import WorkerSlot
     from modkit.trace.events import EventPublisher
     from modkit.transport import RpcClient
 

@@ -178,10 +178,6 @@ class VLLMScheduler:
             taken.append(request)
         return taken
 
-    def can_plan_ahead(self) -> bool:
-        """Never: vLLM's scheduler is stepped in turn here (schedule, update, schedule...)."""
-        return False
-
     def has_unfinished_requests(self) -> bool:
         return bool(self.vllm.get_num_unfinished_requests())
 

@@ -54,8 +54,6 @@ from modkit.worker.swapping import WorkerSwapping
 HEARTBEAT_INTERVAL_S = 0.5
 
 
-
-
 log = logging.getLogger(__name__)
 
 
