@@ -5,16 +5,27 @@ They live in tests/, not in the package; the tests put this folder on the childr
 
 from __future__ import annotations
 
+from typing import Any
+
 from modkit.scheduler.output import SchedulerOutput
-from modkit.worker.service import LaunchedStep, WorkerService
+from modkit.worker.executor import LaunchedStep, StepExecutor
+from modkit.worker.service import WorkerService
 
 POISON_TOKEN = 2000  # a prompt that starts with this token id makes PoisonedWorker's step fail
 
 
-class PoisonedWorker(WorkerService):
-    """A real worker whose forward raises for any step that admits a prompt starting with POISON_TOKEN."""
+class PoisonedExecutor(StepExecutor):
+    """The real step executor, except that a step admitting a prompt starting with POISON_TOKEN raises."""
 
-    def _run(self, plan: SchedulerOutput, started: float) -> LaunchedStep:
+    def launch(self, plan: SchedulerOutput) -> LaunchedStep:
         if any(new.token_ids[0] == POISON_TOKEN for new in plan.scheduled_new_reqs):
             raise RuntimeError("poisoned prompt")
-        return super()._run(plan, started)
+        return super().launch(plan)
+
+
+class PoisonedWorker(WorkerService):
+    """A real worker whose steps run on a ``PoisonedExecutor``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.executor = PoisonedExecutor(self.worker, self.executor.sampler, self.executor.eos_token_ids)
