@@ -11,9 +11,11 @@ import pytest
 
 from modkit import LLM, Pipeline, SamplingParams
 from modkit.config import free_component_ports
-from modkit.frontend import EMBEDDED_MODEL_NAME
+from modkit.model import embedded_model_dir
 
 PROMPTS = ["Once upon a time", "The cat sat on the", "In the morning we", "A cow says", "Tell me a story"]
+# The embedded model in float32 on any device (a GPU pipeline would default to a hub model).
+MODEL = {"model": str(embedded_model_dir()), "dtype": "float32"}
 # Small enough that four seeded requests at once preempt each other (block_size 4).
 CRAMPED = {"num_kv_blocks": 14, "block_size": 4, "max_num_batched_tokens": 24, "max_num_seqs": 4}
 
@@ -23,7 +25,7 @@ def seeded(i: int) -> SamplingParams:
 
 
 def generate(**config: int) -> tuple[list[str], int]:
-    llm = LLM(enable_prefix_caching=False, **config)
+    llm = LLM(enable_prefix_caching=False, **MODEL, **config)  # type: ignore[arg-type]
     llm.check_invariants_each_step = True
     outs = llm.generate(PROMPTS, [seeded(i) for i in range(len(PROMPTS))], use_tqdm=False)
     return [o.outputs[0].text for o in outs], int(llm.stats()["num_preemptions"])
@@ -47,13 +49,15 @@ def test_a_preempted_seeded_request_samples_what_it_would_have_unpreempted(unpre
 def test_the_pipeline_samples_a_resumed_seeded_request_as_in_process(unpreempted: list[str]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    with Pipeline.launch(enable_prefix_caching=False, progress=False, **CRAMPED, **free_component_ports()) as p:
+    ports = free_component_ports()
+    with Pipeline.launch(enable_prefix_caching=False, progress=False, **MODEL, **CRAMPED, **ports) as p:  # type: ignore[arg-type]
         client = p.client(timeout=120)
+        served = client.models.list().data[0].id
 
         def complete(i: int) -> str:
             params = seeded(i)
             reply = client.completions.create(
-                model=EMBEDDED_MODEL_NAME,
+                model=served,
                 prompt=PROMPTS[i],
                 temperature=params.temperature,
                 top_p=params.top_p,
