@@ -23,6 +23,8 @@ from modkit import Pipeline
 from modkit.trace import Trace
 from modkit.trace.events import RequestArrived, RequestDone, StepEvent, TokensOut
 
+pytestmark = pytest.mark.slow  # the trace of a launched pipeline
+
 SYSTEM = "You are a helpful assistant. You answer briefly, kindly and always in English. " * 2
 BUDGET = 48  # tokens a step: the ~60-token prompts take two chunks
 

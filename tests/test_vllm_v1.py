@@ -27,6 +27,8 @@ from modkit.vllm_v1.kv_cache_manager import VLLMKVCacheManager
 from modkit.vllm_v1.sampler import VLLMSampler
 from modkit.vllm_v1.scheduler import VLLMScheduler
 
+pytestmark = pytest.mark.slow  # vLLM is slow to import, and one test launches a pipeline
+
 EOS = 2
 V = 128
 
