@@ -15,13 +15,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 import zmq
 from transport_targets import Echo, Pair, Point
+from waiting import wait_until
 
 from modkit.protocol import LOOP, Call, ErrorReply, Reply
 from modkit.transport import (
@@ -61,15 +62,6 @@ def start_echo(name: str, log_dir: Path, address: str | None = None) -> Componen
         heartbeat_interval_s=0.1,
         heartbeat_timeout_s=1.0,
     )
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def process_gone(pid: int) -> bool:
