@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 from pipeline_targets import POISON_TOKEN
+from waiting import wait_until
 
 from modkit import LLM, Pipeline
 from modkit.config import ConfigError, free_component_ports
@@ -562,6 +563,18 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         def ask(question: str) -> None:
             client.completions.create(model=EMBEDDED_MODEL_NAME, prompt=system + question, max_tokens=4, temperature=0)
 
+        # The router subscribes to the KV cache manager's events before the manager binds; what the
+        # manager publishes before the subscription reaches it is lost (ZeroMQ's slow joiner). So
+        # first wait until the router hears it: an empty pool's reset publishes AllBlocksCleared,
+        # which changes nothing the router knows, until the router counts one.
+        with p.processes["kv_cache_manager"].client() as rpc:
+
+            def router_hears_the_kv_cache_manager() -> bool:
+                assert all(rpc.call("reset_prefix_cache", pool) for pool in range(2)), "a pool is not empty"
+                return p.stats()["router"]["num_kv_events"] > 0
+
+            assert wait_until(router_hears_the_kv_cache_manager, 30, interval_s=0.2), p.stats()["router"]
+
         ask("What does a cow say?")
         first = {k: v for k, v in p.stats()["router"]["decisions"].items() if v}
         assert len(first) == 1
@@ -570,9 +583,7 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         def router_knows() -> bool:
             return p.stats()["router"]["workers"][int(warm)]["num_cached_blocks"] > 0
 
-        deadline = time.monotonic() + 10
-        while not router_knows() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(router_knows, 10, interval_s=0.2)
         stats = p.stats()
         assert router_knows(), (
             f"the router never learned the cached blocks: {stats['router']} {stats['kv_cache_manager']}"
