@@ -19,7 +19,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by mark
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every notebook cell is ``slow``: each notebook starts a kernel, most a pipeline too.
+    """Every notebook cell is ``slow``: each notebook starts a Jupyter kernel and launches a pipeline.
 
     The test files mark themselves (``pytestmark``, or per test where a file mixes); the
     notebooks cannot, so ``python -m pytest -m "not slow" --nbval-lax tests notebooks``
