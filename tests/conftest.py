@@ -1,4 +1,5 @@
-"""Shared fixtures: random-weight checkpoints built from configs, and the embedded model."""
+"""Shared fixtures (random-weight checkpoints built from configs, the embedded model), and
+the ``slow`` mark on every notebook that nbval collects."""
 
 from __future__ import annotations
 
@@ -14,6 +15,19 @@ from modkit.model import embedded_model_dir
 # Tests run beside other processes on two cores; spinning OpenMP threads would starve them.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by mark
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every notebook cell is ``slow``: each notebook starts a Jupyter kernel and launches a pipeline.
+
+    The test files mark themselves (``pytestmark``, or per test where a file mixes); the
+    notebooks cannot, so ``python -m pytest -m "not slow" --nbval-lax tests notebooks``
+    runs the fast tier alone, as ``-m "not slow" tests`` does.
+    """
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

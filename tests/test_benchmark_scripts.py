@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each script launches the six-process pipeline
+
 REPO = Path(__file__).resolve().parents[1]
 
 

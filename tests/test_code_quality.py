@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # ruff and mypy over the whole repository, each in a process of its own
+
 REPO = Path(__file__).resolve().parents[1]
 
 

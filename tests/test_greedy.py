@@ -54,6 +54,7 @@ def test_tiny_model_answers_hello_through_the_paged_forward(tiny_model_dir: Path
     assert reply.endswith((".", "!", "?")) and len(reply.split()) <= 20, reply
 
 
+@pytest.mark.slow
 def test_generate_script_chats_from_the_command_line() -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "generate.py"), "Hello!", "What does a cow say?"],

@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 from pipeline_targets import POISON_TOKEN
+from waiting import wait_until
 
 from modkit import LLM, Pipeline
 from modkit.config import ConfigError, free_component_ports
@@ -101,6 +102,7 @@ def hello(client: openai.OpenAI) -> str:
 # -- the KV cache manager in its own process decides exactly as in-process --------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan_ahead", [False, True], ids=["in-turn", "async-scheduling"])
 def test_remote_kv_cache_manager_gives_the_scheduler_the_same_decisions(plan_ahead: bool) -> None:
     """Same trace, two transports: every SchedulerOutput (block ids included) is equal, with
@@ -186,6 +188,7 @@ def admit(kv: KVCacheManagerInterface, request: KVRequest, token_budget: int) ->
     return admitted[0] if admitted else None
 
 
+@pytest.mark.slow
 def test_a_run_of_admissions_is_one_round_trip_to_the_kv_cache_manager() -> None:
     """Each prefix-cache lookup and first allocation travel together, a whole run of them in one
     round trip, and give what the in-process manager gives."""
@@ -266,6 +269,7 @@ def pipeline() -> Iterator[Pipeline]:
         yield p
 
 
+@pytest.mark.slow
 def test_every_component_answers_health_and_stats_on_its_port(pipeline: Pipeline) -> None:
     health = pipeline.health()
     assert sorted(health) == sorted(COMPONENTS)
@@ -286,6 +290,7 @@ def test_every_component_answers_health_and_stats_on_its_port(pipeline: Pipeline
     assert httpx.get(f"{url}/nothing").status_code == 404
 
 
+@pytest.mark.slow
 def test_requests_spread_over_workers_and_each_step_is_the_schedulers(pipeline: Pipeline) -> None:
     client = pipeline.client(timeout=60)
     before = pipeline.stats()
@@ -314,6 +319,7 @@ def test_requests_spread_over_workers_and_each_step_is_the_schedulers(pipeline: 
     assert "ready" in pipeline.logs("scheduler")
 
 
+@pytest.mark.slow
 def test_a_restarted_component_serves_again(pipeline: Pipeline) -> None:
     old = pipeline.pids()["router"]
     pipeline.restart("router")
@@ -323,6 +329,7 @@ def test_a_restarted_component_serves_again(pipeline: Pipeline) -> None:
         pipeline.logs("nope")
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_routed_around(pipeline: Pipeline) -> None:
     """Requests running on the killed worker move to the live one and finish as if nothing happened."""
     client = pipeline.client(timeout=120)
@@ -383,6 +390,7 @@ def test_a_killed_worker_is_routed_around(pipeline: Pipeline) -> None:
     assert pipeline.stats()["router"]["decisions"]["1"] == after.get("1", 0) + 2
 
 
+@pytest.mark.slow
 def test_shutdown_leaves_no_process_port_or_socket_file() -> None:
     ports = free_ports()
     p = Pipeline.launch(num_kv_blocks=64, progress=False, **ports)
@@ -419,6 +427,7 @@ def test_a_taken_port_is_named_before_anything_starts() -> None:
             Pipeline.launch(progress=False, **ports)
 
 
+@pytest.mark.slow
 def test_a_bad_config_value_is_refused_before_anything_starts() -> None:
     with pytest.raises(ConfigError, match="block_size"):
         Pipeline.launch(block_size=0, progress=False)
@@ -437,6 +446,7 @@ def test_a_bad_config_value_is_refused_before_anything_starts() -> None:
     assert done.returncode == 2 and "num_workers" in done.stderr
 
 
+@pytest.mark.slow
 def test_start_all_drains_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
     ports = free_ports()
     flags = [a for name, port in ports.items() for a in (f"--{name.replace('_', '-')}", str(port))]
@@ -486,6 +496,7 @@ def test_start_all_drains_then_stops_everything_on_sigterm(tmp_path: Path) -> No
     assert all(port_is_free(port) for port in ports.values())
 
 
+@pytest.mark.slow
 def test_a_component_runs_alone(tmp_path: Path) -> None:
     port = free_tcp_port()
     proc = subprocess.Popen(
@@ -548,6 +559,7 @@ else:  # launched, used, and left without shutdown(): the interpreter's exit mus
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["interrupt", "exit"])
 def test_no_process_outlives_an_interrupted_launch_or_a_forgotten_pipeline(how: str, tmp_path: Path) -> None:
     ports = free_ports()
@@ -567,6 +579,7 @@ def test_no_process_outlives_an_interrupted_launch_or_a_forgotten_pipeline(how: 
     assert all(port_is_free(port) for port in ports.values())
 
 
+@pytest.mark.slow
 def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -> None:
     system = "You are a helpful assistant who answers questions about animals and colors. " * 4
     with Pipeline.launch(
@@ -577,6 +590,18 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         def ask(question: str) -> None:
             client.completions.create(model=EMBEDDED_MODEL_NAME, prompt=system + question, max_tokens=4, temperature=0)
 
+        # The router subscribes to the KV cache manager's events before the manager binds; what the
+        # manager publishes before the subscription reaches it is lost (ZeroMQ's slow joiner). So
+        # first wait until the router hears it: an empty pool's reset publishes AllBlocksCleared,
+        # which changes nothing the router knows, until the router counts one.
+        with p.processes["kv_cache_manager"].client() as rpc:
+
+            def router_hears_the_kv_cache_manager() -> bool:
+                assert all(rpc.call("reset_prefix_cache", pool) for pool in range(2)), "a pool is not empty"
+                return p.stats()["router"]["num_kv_events"] > 0
+
+            assert wait_until(router_hears_the_kv_cache_manager, 30, interval_s=0.2), p.stats()["router"]
+
         ask("What does a cow say?")
         first = {k: v for k, v in p.stats()["router"]["decisions"].items() if v}
         assert len(first) == 1
@@ -585,9 +610,7 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         def router_knows() -> bool:
             return p.stats()["router"]["workers"][int(warm)]["num_cached_blocks"] > 0
 
-        deadline = time.monotonic() + 10
-        while not router_knows() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(router_knows, 10, interval_s=0.2)
         stats = p.stats()
         assert router_knows(), (
             f"the router never learned the cached blocks: {stats['router']} {stats['kv_cache_manager']}"
@@ -600,6 +623,7 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         assert pool["prefix_cache_hits"] >= 3 * 16, pool  # each later request reused the system prompt's blocks
 
 
+@pytest.mark.slow
 def test_every_socket_can_be_given_another_endpoint() -> None:
     """All of them on loopback TCP, as components in separate containers would have them."""
     http = free_ports()
@@ -612,6 +636,7 @@ def test_every_socket_can_be_given_another_endpoint() -> None:
         assert not list(Path(p.addresses.ipc_dir).glob("*.in"))  # no inbox fell back to an ipc file
 
 
+@pytest.mark.slow
 def test_the_six_components_started_by_hand_serve_together(tmp_path: Path) -> None:
     """``python -m modkit.<component>`` for each, one shared --ipc-dir: the pipeline without the launcher."""
     ports = free_ports()
@@ -652,6 +677,7 @@ def test_the_six_components_started_by_hand_serve_together(tmp_path: Path) -> No
     assert set(codes.values()) <= {0}, codes
 
 
+@pytest.mark.slow
 def test_a_step_that_fails_fails_its_requests_and_the_worker_serves_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
     with Pipeline.launch(num_kv_blocks=64, progress=False, **free_ports()) as p:

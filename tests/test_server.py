@@ -23,6 +23,8 @@ import pytest
 from modkit import LLM, SamplingParams
 from modkit.frontend import EMBEDDED_MODEL_NAME
 
+pytestmark = pytest.mark.slow  # every test talks to a server process: the engine's, then the pipeline's
+
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ROOT = Path(__file__).resolve().parent.parent

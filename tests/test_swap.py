@@ -120,6 +120,7 @@ def expected() -> list[str]:
     return [o.outputs[0].text for o in outs]
 
 
+@pytest.mark.slow
 def test_swaps_by_name_and_import_path_while_requests_run(pipeline: Pipeline, expected: list[str]) -> None:
     pipeline.clear_trace()
     answers = run_all(pipeline, during=lambda: pipeline.swap("scheduler", "sjf"))
@@ -134,6 +135,7 @@ def test_swaps_by_name_and_import_path_while_requests_run(pipeline: Pipeline, ex
     assert in_flight.sum() >= len(QUESTIONS) // 2, "swapped while requests ran"
 
 
+@pytest.mark.slow
 def test_a_class_from_a_cell_is_sent_signed_and_runs_there(pipeline: Pipeline, expected: list[str]) -> None:
     class LastComeFirstServed(SchedulingPolicy):  # local: cloudpickle sends it by value
         def admission_key(self, request: Request) -> tuple[float, ...]:
@@ -147,6 +149,7 @@ def test_a_class_from_a_cell_is_sent_signed_and_runs_there(pipeline: Pipeline, e
     assert pipeline.health()["scheduler"]["implementation"].endswith("LastComeFirstServed")
 
 
+@pytest.mark.slow
 def test_tampered_or_foreign_code_is_refused_unread(pipeline: Pipeline, tmp_path: Path) -> None:
     marker = tmp_path / "loaded"
     before = pipeline.health()["scheduler"]["implementation"]
@@ -166,6 +169,7 @@ def test_tampered_or_foreign_code_is_refused_unread(pipeline: Pipeline, tmp_path
     assert refused.value.type_name == "SignatureError" and not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_policy_that_raises_is_refused_or_rolled_back_and_serving_goes_on(
     pipeline: Pipeline, expected: list[str]
 ) -> None:
@@ -200,6 +204,7 @@ def test_a_policy_that_raises_is_refused_or_rolled_back_and_serving_goes_on(
     assert list(swaps.implementation)[-1] == "fcfs" and "cannot order" in swaps.error.iloc[-1]
 
 
+@pytest.mark.slow
 def test_the_routing_policy_swaps_too_and_a_failing_one_is_rolled_back(pipeline: Pipeline, expected: list[str]) -> None:
     class AlwaysTheLast(RouterPolicy):
         def choose(self, block_hashes: list[BlockHash], num_prompt_blocks: int, workers: list[WorkerView]) -> int:
@@ -239,6 +244,7 @@ def check_pools(p: Pipeline) -> None:
             rpc.call("check_invariants", pool)
 
 
+@pytest.mark.slow
 def test_the_eviction_policy_swaps_while_requests_run(pipeline: Pipeline, expected: list[str]) -> None:
     pipeline.clear_trace()
     answers = run_all(pipeline, during=lambda: pipeline.swap("kv_cache_manager", "lfu"))
@@ -253,6 +259,7 @@ def test_the_eviction_policy_swaps_while_requests_run(pipeline: Pipeline, expect
     check_pools(pipeline)
 
 
+@pytest.mark.slow
 def test_an_eviction_policy_that_raises_later_is_rolled_back(pipeline: Pipeline, expected: list[str]) -> None:
     class GivesUp(LRUEviction):  # its first instance (the swap's trial) works; the pools' ones fail
         instances = 0
@@ -279,6 +286,7 @@ def test_an_eviction_policy_that_raises_later_is_rolled_back(pipeline: Pipeline,
     assert "too many pops" in swaps.error.iloc[-1]
 
 
+@pytest.mark.slow
 def test_the_sampler_swaps_on_every_worker_while_requests_run(pipeline: Pipeline, expected: list[str]) -> None:
     pipeline.clear_trace()
     assert run_all(pipeline, during=lambda: pipeline.swap("sampler", "per_request")) == expected
@@ -318,6 +326,7 @@ def test_the_sampler_swaps_on_every_worker_while_requests_run(pipeline: Pipeline
     pipeline.swap("sampler", "default")
 
 
+@pytest.mark.slow
 def test_the_attention_backend_swaps_on_every_worker_and_must_agree(pipeline: Pipeline, expected: list[str]) -> None:
     pipeline.clear_trace()
     assert run_all(pipeline, during=lambda: pipeline.swap("attention", "torch_ref")) == expected

@@ -8,7 +8,6 @@ once; the tests read its trace.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,10 +17,13 @@ import httpx
 import pandas as pd
 import pytest
 from test_pipeline import free_ports
+from waiting import wait_until
 
 from modkit import Pipeline
 from modkit.trace import Trace
 from modkit.trace.events import RequestArrived, RequestDone, StepEvent, TokensOut
+
+pytestmark = pytest.mark.slow  # the trace of a launched pipeline
 
 SYSTEM = "You are a helpful assistant. You answer briefly, kindly and always in English. " * 2
 BUDGET = 48  # tokens a step: the ~60-token prompts take two chunks
@@ -45,8 +47,20 @@ def run() -> Iterator[tuple[Pipeline, Trace, list[Any]]]:
 
         with ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(ask, range(12)))
-        time.sleep(0.3)  # the last events are on their way while the replies return
+        # A reply returns while the last events of its request are on their way: wait until the
+        # trace holds them (if it never does, the tests below say what is missing).
+        wait_until(lambda: run_is_traced(pipeline.trace(settle_s=0), {r.id for r in replies}), 30)
         yield pipeline, pipeline.trace(), replies
+
+
+def run_is_traced(trace: Trace, req_ids: set[str]) -> bool:
+    """Every request finished, every step's record and forward in, and every block given back."""
+    finished = trace.requests.dropna(subset=["finish_reason"])
+    return (
+        req_ids <= set(finished.req_id)
+        and len(trace.forwards) == len(trace.steps)
+        and trace.block_state(0).counts()["held"] == 0
+    )
 
 
 def test_each_request_is_traced_from_arrival_to_finish(run: tuple[Pipeline, Trace, list[Any]]) -> None:
@@ -162,14 +176,14 @@ def test_a_client_that_leaves_is_traced_as_an_abort(run: tuple[Pipeline, Trace, 
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 break  # one token, then hang up
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        done = pipeline.trace().requests.dropna(subset=["finish_reason"])
-        if len(done):
-            break
-        time.sleep(0.1)
-    assert list(done.finish_reason) == ["abort"]
-    assert pipeline.trace().block_state(0).counts()["held"] == 0
+
+    def finished_and_freed(trace: Trace) -> bool:
+        return trace.requests.finish_reason.notna().any() and trace.block_state(0).counts()["held"] == 0
+
+    wait_until(lambda: finished_and_freed(pipeline.trace(settle_s=0)), 10)
+    trace = pipeline.trace()
+    assert list(trace.requests.dropna(subset=["finish_reason"]).finish_reason) == ["abort"]
+    assert trace.block_state(0).counts()["held"] == 0
 
 
 def test_the_recorder_keeps_at_most_max_events(run: tuple[Pipeline, Trace, list[Any]]) -> None:
@@ -179,9 +193,7 @@ def test_the_recorder_keeps_at_most_max_events(run: tuple[Pipeline, Trace, list[
     recorder = Recorder(pipeline.events(), {}, max_events=10)
     try:
         pipeline.client().completions.create(model=pipeline.model_name, prompt="Hi", max_tokens=20, temperature=0)
-        deadline = time.monotonic() + 10
-        while recorder.dropped == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: recorder.dropped > 0, 10)
         assert recorder.num_events == 10 and recorder.dropped > 0
         assert len(recorder.trace()) == 10 and recorder.trace().meta["dropped"] == recorder.dropped
     finally:

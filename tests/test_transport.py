@@ -15,13 +15,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 import zmq
 from transport_targets import Echo, Pair, Point
+from waiting import wait_until
 
 from modkit.protocol import LOOP, Call, ErrorReply, Reply
 from modkit.transport import (
@@ -63,15 +64,6 @@ def start_echo(name: str, log_dir: Path, address: str | None = None) -> Componen
     )
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def process_gone(pid: int) -> bool:
     """No such process, or only a zombie left for its (possibly non-reaping) new parent."""
     try:
@@ -89,6 +81,7 @@ def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComponentProcess]
     proc.stop()
 
 
+@pytest.mark.slow
 def test_child_answers_over_ipc_and_is_ready(echo: ComponentProcess) -> None:
     assert echo.address.startswith("ipc://")
     with echo.client() as client:
@@ -104,6 +97,7 @@ def test_child_answers_over_ipc_and_is_ready(echo: ComponentProcess) -> None:
     assert echo.state() == "running" and "echo ready" in echo.log_tail()
 
 
+@pytest.mark.slow
 def test_child_answers_over_tcp_and_stops_politely(tmp_path: Path) -> None:
     proc = start_echo("echo-tcp", tmp_path, tcp_address())
     try:
@@ -117,6 +111,7 @@ def test_child_answers_over_tcp_and_stops_politely(tmp_path: Path) -> None:
     assert control_file is not None and list(control_file.parent.glob("echo-tcp*")) == []
 
 
+@pytest.mark.slow
 def test_remote_error_then_next_call_succeeds(echo: ComponentProcess) -> None:
     with echo.client() as client:
         with pytest.raises(RemoteError) as caught:
@@ -154,6 +149,7 @@ def test_allowed_methods_and_serve_forever_in_a_thread(tmp_path: Path) -> None:
         RpcServer(Echo(), f"ipc://{tmp_path}/allow2", allowed_methods=["_secret"])
 
 
+@pytest.mark.slow
 def test_garbage_frames_do_not_kill_the_server(echo: ComponentProcess) -> None:
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
@@ -172,6 +168,7 @@ def test_garbage_frames_do_not_kill_the_server(echo: ComponentProcess) -> None:
         assert client.call("echo", "alive") == "alive"
 
 
+@pytest.mark.slow
 def test_timeout_then_late_reply_is_not_returned_to_the_next_call(echo: ComponentProcess) -> None:
     with echo.client(timeout_s=10) as client:
         started = time.monotonic()
@@ -294,6 +291,7 @@ def test_publisher_knows_which_topics_anyone_subscribes_to(tmp_path: Path) -> No
         assert wait_until(lambda: not publisher.wants("step.0"), 5), "the last subscriber left"
 
 
+@pytest.mark.slow
 def test_serve_loop_clock_tells_busy_from_idle(echo: ComponentProcess) -> None:
     """The loop's own clock: a call that keeps it busy half a second counts as busy, a quiet half second as idle."""
     with RpcClient(echo.address, timeout_s=10) as client:
@@ -309,6 +307,7 @@ def test_serve_loop_clock_tells_busy_from_idle(echo: ComponentProcess) -> None:
     assert 0 < after["busy_fraction"] < 1 and after["num_turns"] > before["num_turns"]
 
 
+@pytest.mark.slow
 def test_heartbeats_tell_busy_from_dead(echo: ComponentProcess) -> None:
     assert wait_until(lambda: echo.heartbeat_age() < 0.5, 5)
 
@@ -326,6 +325,7 @@ def test_heartbeats_tell_busy_from_dead(echo: ComponentProcess) -> None:
     assert wait_until(lambda: echo.state() == "running", 5)
 
 
+@pytest.mark.slow
 def test_start_failure_raises_with_the_childs_stderr(tmp_path: Path) -> None:
     with pytest.raises(ComponentStartError, match=r"exited with code 1(.|\n)*No module named 'no_such_module'"):
         ComponentProcess.start("broken", "no_such_module:Thing", env=CHILD_ENV, log_dir=tmp_path, ready_timeout_s=30)
@@ -333,6 +333,7 @@ def test_start_failure_raises_with_the_childs_stderr(tmp_path: Path) -> None:
         ComponentProcess.start("broken", "no_colon_here", log_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_stop_escalates_to_sigterm_and_leaves_no_process_or_socket_file(tmp_path: Path) -> None:
     proc = start_echo("stuck", tmp_path)
     files = [ipc_path(a) for a in (proc.address, proc.spec.control_address, proc.spec.heartbeat_address)]
@@ -359,6 +360,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_component_exits_when_its_launcher_is_killed(tmp_path: Path) -> None:
     helper = subprocess.Popen(
         [sys.executable, "-c", HELPER, CHILD_ENV["PYTHONPATH"], str(tmp_path)], stdout=subprocess.PIPE, text=True
@@ -383,6 +385,7 @@ def test_component_exits_when_its_launcher_is_killed(tmp_path: Path) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_profile_dir_leaves_a_profile_per_serve_loop(tmp_path: Path) -> None:
     """MODKIT_PROFILE_DIR: the child's serve loop runs under cProfile, and profile_pipeline.py reads it."""
     profiles = tmp_path / "prof"

@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 
 import pytest
 from matplotlib.figure import Figure
+from waiting import wait_until
 
 from modkit.trace import Trace
 from modkit.viz.live import LiveView
@@ -40,9 +41,7 @@ class Growing:
 def test_a_live_view_redraws_as_the_trace_grows_and_ends_on_all_of_it() -> None:
     source = Growing()
     view = LiveView(source, ["block_grid", "batch_composition"], interval_s=0.05).start()
-    deadline = time.monotonic() + 30
-    while view.frames < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: view.frames >= 3, 30)
     view.stop()
     print(f"{view.frames} frames, the last drawn in {view.last_draw_s * 1000:.0f} ms")
     assert view.error is None
@@ -63,7 +62,8 @@ def test_a_slow_view_drops_frames_not_events() -> None:
 
     view = LiveView(source, [slow], interval_s=0.05).start()
     t0 = time.monotonic()
-    time.sleep(1.0)
+    # Three frames from the view's thread, each ~4 intervals long; stop() draws one more.
+    assert wait_until(lambda: view.frames >= 3, 30), f"{view.frames} frames in 30 s"
     view.stop()
     elapsed = time.monotonic() - t0
     assert view.skipped >= view.frames - 1 >= 2  # each frame took ~4 intervals: ~3 skipped per frame
@@ -77,7 +77,7 @@ def test_a_source_that_fails_stops_the_view_and_says_why() -> None:
         raise RuntimeError("the pipeline was shut down")
 
     view = LiveView(gone, ["kv_usage"], interval_s=0.05).start()
-    time.sleep(0.3)
+    assert wait_until(lambda: view.error is not None, 10), "the view's thread never called the source"
     view.stop()
     assert isinstance(view.error, RuntimeError)
     assert view.status.value == "stopped: RuntimeError: the pipeline was shut down"

@@ -7,7 +7,6 @@ the whole file is skipped with that reason. Importing vLLM takes ~10 s, once per
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -26,6 +25,8 @@ from modkit.vllm_v1.compare import compare_schedulers, default_next_token, workl
 from modkit.vllm_v1.kv_cache_manager import VLLMKVCacheManager
 from modkit.vllm_v1.sampler import VLLMSampler
 from modkit.vllm_v1.scheduler import VLLMScheduler
+
+pytestmark = pytest.mark.slow  # vLLM is slow to import, and one test launches a pipeline
 
 EOS = 2
 V = 128
@@ -465,6 +466,7 @@ def test_the_pipeline_swaps_in_vllms_sampler_scheduler_and_kv_manager_with_reque
     from concurrent.futures import ThreadPoolExecutor
 
     from test_pipeline import free_ports
+    from waiting import wait_until
 
     from modkit import Pipeline
 
@@ -487,12 +489,17 @@ def test_the_pipeline_swaps_in_vllms_sampler_scheduler_and_kv_manager_with_reque
             )
             return str(reply.choices[0].message.content)
 
+        def in_scheduler() -> int:
+            """The requests the scheduler holds now, running or waiting."""
+            scheduler = p.stats()["scheduler"]
+            return int(scheduler["num_requests_running"] + scheduler["num_requests_waiting"])
+
         def run_all(swap: tuple[str, str] | None = None) -> tuple[list[str], dict | None]:
             with ThreadPoolExecutor(len(questions)) as pool:
                 futures = [pool.submit(ask, q) for q in questions]
                 reply = None
                 if swap is not None:
-                    time.sleep(0.2)
+                    wait_until(lambda: in_scheduler() >= len(questions) // 2, 10)  # swap with requests in flight
                     reply = p.swap(*swap)
                 return [f.result() for f in futures], reply
 
