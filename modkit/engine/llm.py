@@ -19,7 +19,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, TypedDict, cast
 
 from modkit.engine.config import EngineConfig
 from modkit.engine.core import EngineCore
@@ -33,7 +33,18 @@ from modkit.sampling_params import SamplingParams
 from modkit.scheduler import EngineCoreOutput
 from modkit.worker.executor import LaunchedStep
 
-PromptType = str | list[int] | dict[str, Any]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+class TextPrompt(TypedDict, total=False):
+    """A prompt as text (vLLM's name); ``prompt_token_ids``, if given too, wins."""
+
+    prompt: str
+    prompt_token_ids: list[int]
+
+
+# A string, token ids, or a dict: {"prompt": text} or {"prompt_token_ids": ids} (vLLM's prompt types).
+PromptType = str | list[int] | TextPrompt
 
 
 class LLM:
@@ -93,7 +104,7 @@ class LLM:
         self.check_invariants_each_step = False  # tests turn this on
         self.overlap_steps = True  # detokenize step N while the device runs step N+1 (see steps())
 
-    def get_tokenizer(self) -> Any:
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.tokenizer
 
     # -- public API ---------------------------------------------------------------------

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from modkit.engine.detokenizer import IncrementalDetokenizer
 from modkit.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import EngineCoreOutput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(slots=True)
@@ -51,7 +54,7 @@ class _Tracked:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self._tracked: dict[str, _Tracked] = {}  # engine req_id -> state, while unfinished
 
