@@ -218,10 +218,9 @@ class Scheduler:
             # A hint: a KV cache manager in another process does all of the lookups and
             # allocations below in one round trip, and answers these calls from its reply.
             self.kv.prepare_admissions(candidates, step.budget)
-        why = "token budget used up" if step.budget == 0 else f"max_num_seqs={self.max_num_seqs} running"
+        why = None  # why the first one left in line waits
         for request in candidates:
             if step.budget == 0:
-                why = "token budget used up"
                 break
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, step.budget)
@@ -232,10 +231,12 @@ class Scheduler:
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_hit
             step.admit(request, num_new, num_hit)
+        del self.waiting[: len(step.admitted)]  # the admitted are the first in line
         for request in step.admitted:
-            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+        if why is None:
+            why = "token budget used up" if step.budget == 0 else f"max_num_seqs={self.max_num_seqs} running"
         step.note_waiting_queue(self.waiting, why)
 
     def _advance(self, scheduled: dict[str, int]) -> None:
