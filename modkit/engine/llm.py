@@ -36,6 +36,7 @@ from modkit.worker.executor import LaunchedStep
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+
 class TextPrompt(TypedDict, total=False):
     """A prompt as text (vLLM's name); ``prompt_token_ids``, if given too, wins."""
 
