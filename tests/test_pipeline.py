@@ -286,6 +286,8 @@ def test_every_component_answers_health_and_stats_on_its_port(pipeline: Pipeline
         assert 0 <= loop["busy_fraction"] <= 1 and loop["num_turns"] > 0, (name, loop)
     assert stats["kv_cache_manager"]["loop"]["busy_fraction"] < 0.5, "a passive manager waits for calls"
     assert [w["num_blocks"] for n, w in health.items() if n.startswith("worker")] == [256, 256]
+    # launch returned only once the router's subscription reached the KV cache manager
+    assert health["kv_cache_manager"]["kv_events_subscribed"] is True
     url = pipeline.urls()["scheduler"].removesuffix("/health")
     assert httpx.get(f"{url}/nothing").status_code == 404
 

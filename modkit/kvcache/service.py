@@ -253,10 +253,16 @@ class KVCacheService(SwapOwner):
         if self.publisher is not None:
             self.publisher.publish("swap.kv_cache_manager", event)
 
+    def kv_events_subscribed(self) -> bool:
+        """Whether a subscriber (the router) takes every pool's KV events now: ZeroMQ drops what is
+        published before a subscription arrives, so a router that missed them would route cold."""
+        return self.publisher is not None and all(self.publisher.wants(f"worker.{i}") for i in range(len(self.pools)))
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
             "component": "kv_cache_manager",
+            "kv_events_subscribed": self.kv_events_subscribed(),
             "implementation": self.implementation,
             "eviction_policy": self.eviction_policy,
             "last_swap_error": self.last_swap_error,

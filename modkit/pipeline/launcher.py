@@ -41,6 +41,7 @@ from modkit.pipeline.processes import (
     TARGETS,
     ComponentSpec,
     log_dir_of,
+    on_cuda,
     progress_printer,
     stop_all,
     wait_uninterrupted,
@@ -53,15 +54,6 @@ if TYPE_CHECKING:  # openai loads only when a client is asked for
     import openai
 from modkit.transport import QUIET_THREADS, ComponentProcess
 from modkit.transport.process import default_log_dir
-
-
-def on_cuda(device: str | None) -> bool:
-    """Whether the workers run on a CUDA GPU: asked for, or the default where there is one."""
-    if device is not None:
-        return device.startswith("cuda")
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class Pipeline:
@@ -235,10 +227,15 @@ class Pipeline:
         return {name: self._get(url.removesuffix("/health") + "/stats") for name, url in self.urls().items()}
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
-        """Wait until every ``/health`` answers 200; RuntimeError naming those that do not."""
+        """Wait until every ``/health`` answers 200 and the router's subscription to the KV cache
+        manager's events has arrived (ZeroMQ drops events published before it: the router would
+        route cold); RuntimeError naming those that are not ready."""
         deadline = time.monotonic() + timeout_s
         while True:
-            sick = {n: h for n, h in self.health().items() if h.get("http_status") != 200}
+            health = self.health()
+            sick = {n: h for n, h in health.items() if h.get("http_status") != 200}
+            if not health.get("kv_cache_manager", {}).get("kv_events_subscribed", True):
+                sick["kv_cache_manager"] = {"kv_events_subscribed": False}
             if not sick:
                 return
             if time.monotonic() > deadline:

@@ -76,3 +76,12 @@ def progress_printer(enabled: bool) -> Callable[[str], None]:
             sys.stderr.flush()
 
     return say
+
+
+def on_cuda(device: str | None) -> bool:
+    """Whether the workers run on a CUDA GPU: asked for, or the default where there is one."""
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
