@@ -5,7 +5,8 @@
 
 The scheduler alone, with no model: modkit's ``Scheduler`` over a ``KVCacheManagerClient``
 talking to a ``KVCacheService`` in its own process (as in the pipeline), stepped in turn
-(schedule, then update with a made-up token for each request that samples). Prints the steps,
+(schedule, then update with a made-up token for each request that samples), or with
+``--plan-ahead`` two steps in flight, as the pipeline's async scheduling keeps them. Prints the steps,
 the round trips and what the client batched, as JSON, so two versions of the code can be
 compared on the same workload.
 """
@@ -20,7 +21,7 @@ import time
 from modkit.kvcache.client import KVCacheManagerClient
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
-from modkit.scheduler import ModelRunnerOutput, Scheduler
+from modkit.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
 from modkit.transport import ComponentProcess, ipc_address
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plan-ahead", action="store_true", help="plan step N+1 before step N's tokens are back")
     args = parser.parse_args()
 
     service = ComponentProcess.start(
@@ -52,13 +54,21 @@ def main() -> None:
                 prompt = [rng.randrange(1, 30000) for _ in range(args.input_len)]
                 scheduler.add_request(Request(f"r{i}", prompt, params))
             started, steps = time.perf_counter(), 0
-            while scheduler.has_unfinished_requests():
-                plan = scheduler.schedule()
-                sampled = [
-                    r
-                    for r in plan.num_scheduled_tokens
-                    if (q := scheduler.requests[r]).num_computed_tokens == q.num_tokens + q.num_output_placeholders - 1
-                ]
+            in_flight: list[tuple[SchedulerOutput, list[str]]] = []
+            while scheduler.has_unfinished_requests() or in_flight:
+                while scheduler.has_unfinished_requests() and (
+                    not in_flight or (args.plan_ahead and len(in_flight) == 1 and scheduler.can_plan_ahead())
+                ):
+                    plan = scheduler.schedule()
+                    # A request samples once every known token is computed; its token is a placeholder till then.
+                    sampled = [
+                        r
+                        for r in plan.num_scheduled_tokens
+                        if (q := scheduler.requests[r]).num_computed_tokens
+                        == q.num_tokens + q.num_output_placeholders - 1
+                    ]
+                    in_flight.append((plan, sampled))
+                plan, sampled = in_flight.pop(0)
                 scheduler.update_from_output(plan, ModelRunnerOutput(sampled, [7] * len(sampled)))
                 steps += 1
             kv.flush()
