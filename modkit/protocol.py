@@ -289,12 +289,13 @@ class KVAllocate(msgspec.Struct, tag="kv_alloc", frozen=True):
 
 
 class KVAdmit(msgspec.Struct, tag="kv_admit", frozen=True):
-    """``admit`` (a prefix-cache lookup, then an allocation for what the token budget allows);
-    result: [the blocks it gained (the hit's, then new ones), tokens hit, tokens to compute now],
-    or None when too few blocks are free.
+    """One admission of a waiting request, as the scheduler makes it: the prefix-cache lookup,
+    then an allocation for what the token budget allows; result: [the blocks it gained (the
+    hit's, then new ones), tokens hit, tokens to compute now], or None when too few blocks are free.
 
-    ``follows``: the next of a run (``admit_in_order``): its budget is what the KV op before it
-    in the call left, and it is not tried (None) if that one was not admitted or used it up."""
+    ``follows``: the next of a run (``KVCacheManagerClient.prepare_admissions``): its budget is
+    what the KV op before it in the call left, and it is not tried (None) if that one was not
+    admitted or used it up."""
 
     req_id: str
     new_token_ids: list[int]
