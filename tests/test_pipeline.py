@@ -238,6 +238,35 @@ def test_a_run_of_admissions_is_one_round_trip_to_the_kv_cache_manager() -> None
         service.stop()
 
 
+@pytest.mark.slow
+def test_allocate_slots_gives_the_same_answer_remote_and_in_process() -> None:
+    """The interface's contract: the number of new blocks (0 when the held ones have room), or
+    None when too few are free; the client answers a promised allocation without a round trip."""
+    service = ComponentProcess.start(
+        "kv-alloc",
+        "modkit.kvcache.service:KVCacheService",
+        {"num_blocks": [6], "block_size": 4},
+        ipc_address("kv-b.rpc"),
+    )
+    try:
+        with service.client(timeout_s=10) as rpc:
+            remote, local = KVCacheManagerClient(rpc, 0, 4), KVCacheManager(6, 4)
+            requests = {kv: Request("x", list(range(1, 7)), SamplingParams()) for kv in (remote, local)}
+            answers: dict[object, list[int | None]] = {remote: [], local: []}
+            for kv, request in requests.items():
+                answers[kv].append(kv.allocate_slots(request, 6))  # 2 new blocks
+                request.num_computed_tokens = 6
+                answers[kv].append(kv.allocate_slots(request, 2))  # 8 tokens: the 2 blocks have room
+                answers[kv].append(kv.allocate_slots(request, 3))  # 9 tokens: 1 more
+                answers[kv].append(kv.allocate_slots(request, 20))  # 26 tokens: 7 blocks, more than there are
+            assert answers[remote] == answers[local] == [2, 0, 1, None]
+            assert remote.num_promised == 1, "the third allocation was promised from the last reply's free count"
+            assert remote.get_block_ids("x") == local.get_block_ids("x")
+            remote.check_invariants()
+    finally:
+        service.stop()
+
+
 def test_the_kv_cache_manager_notes_block_activity_only_while_someone_subscribes(tmp_path: Path) -> None:
     """Nobody subscribed to ``blocks.0``: no ``BlockActivity`` is even built. A subscriber gets every call's."""
     service = KVCacheService([16], 4, events_address=f"ipc://{tmp_path}/kv.events")
