@@ -26,7 +26,9 @@ import torch
 from modkit.scheduler.output import SchedulerOutput
 from modkit.worker.model_runner import DeviceTokens, ModelRunner, SequenceChunk
 
-PLACEHOLDER = -1  # in a request's token_ids: a token sampled on the device, not yet on the host
+# In a request's token_ids: a token sampled on the device, not yet on the host. An int, not None:
+# token_ids are copied into int64 tensors as they are, and no real token id is negative.
+PLACEHOLDER = -1
 
 
 @dataclass(slots=True)
