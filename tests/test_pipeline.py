@@ -621,17 +621,9 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         def ask(question: str) -> None:
             client.completions.create(model=EMBEDDED_MODEL_NAME, prompt=system + question, max_tokens=4, temperature=0)
 
-        # The router subscribes to the KV cache manager's events before the manager binds; what the
-        # manager publishes before the subscription reaches it is lost (ZeroMQ's slow joiner). So
-        # first wait until the router hears it: an empty pool's reset publishes AllBlocksCleared,
-        # which changes nothing the router knows, until the router counts one.
-        with p.processes["kv_cache_manager"].client() as rpc:
-
-            def router_hears_the_kv_cache_manager() -> bool:
-                assert all(rpc.call("reset_prefix_cache", pool) for pool in range(2)), "a pool is not empty"
-                return p.stats()["router"]["num_kv_events"] > 0
-
-            assert wait_until(router_hears_the_kv_cache_manager, 30, interval_s=0.2), p.stats()["router"]
+        # launch returned once the router's subscription reached the KV cache manager (ZeroMQ drops
+        # what a publisher sends before that): the first request's cached blocks reach the router.
+        assert p.health()["kv_cache_manager"]["kv_events_subscribed"] is True
 
         ask("What does a cow say?")
         first = {k: v for k, v in p.stats()["router"]["decisions"].items() if v}
