@@ -25,13 +25,13 @@ def check_stop(request: Request, token: int, max_model_len: int) -> RequestStatu
     """Whether ``token``, just appended, ends ``request``: eos or a stop token id (once ``min_tokens``
     are out), ``max_tokens``, or the model's length. A stop token id becomes the ``stop_reason``."""
     params = request.sampling_params
-    num_output_tokens = len(request.output_token_ids)
+    num_output_tokens = request.num_output_tokens
     if num_output_tokens >= (params.min_tokens or 0):
         if token in request.eos_token_ids and not params.ignore_eos:
             return RequestStatus.FINISHED_STOPPED
         if params.stop_token_ids and token in params.stop_token_ids:
             request.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
-    if num_output_tokens >= request.max_tokens or len(request.all_token_ids) >= max_model_len:
+    if num_output_tokens >= request.max_tokens or request.num_tokens >= max_model_len:
         return RequestStatus.FINISHED_LENGTH_CAPPED
     return None

@@ -296,7 +296,7 @@ class Scheduler:
                 if new_block_ids:
                     self._worker_blocks[req_id] = known_blocks + len(new_block_ids)
             # The worker also holds the tokens it sampled in steps still in flight: it fills them in itself.
-            self.worker_num_tokens[req_id] = len(request.all_token_ids) + request.num_output_placeholders
+            self.worker_num_tokens[req_id] = request.num_tokens + request.num_output_placeholders
         output = SchedulerOutput(
             step=self.step_count,
             scheduled_new_reqs=new_reqs,
