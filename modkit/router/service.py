@@ -129,7 +129,7 @@ class RouterService(SwapOwner):
         policy = cls()
         trial(policy, lambda p: try_router_policy(p, [w for w in self.router.workers.values() if w.alive]))
         self.router.policy = GuardedRouterPolicy(policy, in_charge(self.router.policy))
-        previous, self.previous_implementation = self.implementation, self.implementation
+        previous = self.previous_implementation = self.implementation
         self.implementation = spec.label(cls)
         self._swapped_in("router", self.implementation, previous)
         return {"implementation": self.implementation, "previous": previous}
