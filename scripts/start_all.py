@@ -4,9 +4,12 @@
     python scripts/start_all.py --num-workers 2 --router-policy kv_aware
     python scripts/start_all.py --model Qwen/Qwen2.5-0.5B-Instruct --config pipeline.yaml
     python scripts/start_all.py --save-trace run.json.gz         # then: Trace.load("run.json.gz")
+    python scripts/start_all.py --ports 9001                     # 9001..9006 instead of 8001..8006
 
-Flags are ``PipelineConfig``'s (``--help``), and ``--save-trace PATH``: record the event
-stream while serving and save it as a trace (``modkit.trace.Trace``) when stopping. It
+Flags are ``PipelineConfig``'s (``--help``); ``--save-trace PATH``: record the event
+stream while serving and save it as a trace (``modkit.trace.Trace``) when stopping;
+``--ports N`` or ``--ports auto``: every port laid out from N, or from a free run of ports,
+as ``Pipeline.launch(ports=...)`` does (the default keeps 8001-8006). It
 starts every component, waits until each ``/health`` answers 200, prints the URLs, and
 serves. On Ctrl-C or SIGTERM it drains:
 new requests get 503 while those in flight finish (30 s at most; a second signal cuts
@@ -32,6 +35,7 @@ DRAIN_TIMEOUT_S = 30.0
 def main(argv: list[str] | None = None) -> int:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--save-trace", metavar="PATH", default=None)
+    own.add_argument("--ports", metavar="N|auto", default=None)
     options, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         config = PipelineConfig.from_cli(rest)
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)  # while starting, SIGTERM stops what started, as Ctrl-C does
     try:
-        pipeline = Pipeline.launch(config, record=options.save_trace is not None)
+        pipeline = Pipeline.launch(config, ports=options.ports, record=options.save_trace is not None)
     except (ConfigError, PortInUseError) as error:
         print(f"start_all: {error}", file=sys.stderr)
         return 2

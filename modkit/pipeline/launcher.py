@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from modkit.config import PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
-from modkit.pipeline.preflight import check_ports_free, resolve_max_model_len
+from modkit.pipeline.preflight import check_ports_free, resolve_max_model_len, with_ports
 from modkit.pipeline.processes import (
     READY_TIMEOUT_S,
     TARGETS,
@@ -77,6 +77,7 @@ class Pipeline:
         cls,
         config: PipelineConfig | None = None,
         *,
+        ports: int | str | None = None,
         progress: bool = True,
         ipc_dir: str | None = None,
         record: bool = True,
@@ -84,15 +85,18 @@ class Pipeline:
     ) -> Pipeline:
         """Start every component and return once each answers ``/health`` with 200.
 
-        ``config`` or keyword arguments (``PipelineConfig``'s fields), not both. A bad value
-        raises ``ConfigError``, and a port already taken ``PortInUseError``, before any
-        process starts. Interrupted (Ctrl-C, a cell interrupt) or failed, it stops whatever
-        it had started before raising. With ``record`` (the default), a thread of this
-        process keeps the event stream from the start, for ``trace()``.
+        ``config`` or keyword arguments (``PipelineConfig``'s fields), not both. ``ports``:
+        None keeps the config's ports (8001-8006 by default), ``"auto"`` takes a run of free
+        ones, a number N lays them out from N in the same order (``with_ports``); the
+        notebooks pass ``MODKIT_PORTS`` here. A bad value raises ``ConfigError``, and a port
+        already taken ``PortInUseError``, before any process starts. Interrupted (Ctrl-C, a
+        cell interrupt) or failed, it stops whatever it had started before raising. With
+        ``record`` (the default), a thread of this process keeps the event stream from the
+        start, for ``trace()``.
         """
         if config is not None and kwargs:
             raise TypeError("pass a PipelineConfig or keyword arguments, not both")
-        config = config if config is not None else PipelineConfig(**kwargs)
+        config = with_ports(config if config is not None else PipelineConfig(**kwargs), ports)
         max_model_len = resolve_max_model_len(config)
         check_ports_free(config)
         addresses = (

@@ -1,7 +1,10 @@
-"""Checks that run before a pipeline starts anything: the model's length limit, free ports."""
+"""Checks that run before a pipeline starts anything: the model's length limit, free ports,
+and the ports themselves when a launch asks for ``ports="auto"`` or a first port."""
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import socket
 
 from modkit.config import ConfigError, PipelineConfig
@@ -37,3 +40,57 @@ def check_ports_free(config: PipelineConfig) -> None:
                     f"port {port} of {name} is in use ({error.strerror}): is a pipeline already running? "
                     f"Shut it down, or pick other ports ({field}=...)"
                 ) from None
+
+
+# Where ports="auto" looks for a free run of ports: above the registered range most services
+# use, below the ephemeral range (32768 on) from which the OS hands out client ports.
+AUTO_PORT_RANGE = (20000, 32000)
+AUTO_PORT_TRIES = 200
+
+
+def with_ports(config: PipelineConfig, ports: int | str | None) -> PipelineConfig:
+    """``config`` with its ports laid out from ``ports``, which is a launch's ``ports=`` argument
+    or ``MODKIT_PORTS``: None keeps the config's own ports (8001-8006 by default); a first port
+    N (an int or digits) gives frontend N, scheduler N+1, worker-0 N+2, router N+3, KV cache
+    manager N+4, sampler N+5 and further workers N+6 on, the same order as 8001-8006;
+    ``"auto"`` finds such a run of ports that is free now, so that pipelines, notebooks and
+    tests on one machine never collide. ConfigError("ports") for anything else."""
+    if ports is None:
+        return config
+    if isinstance(ports, str) and ports.strip().lower() == "auto":
+        return _free_run(config)
+    if isinstance(ports, str) and ports.strip().isdigit():
+        ports = int(ports)
+    if isinstance(ports, bool) or not isinstance(ports, int):
+        raise ConfigError("ports", f"must be 'auto' or a first port such as 9001, got {ports!r}")
+    return _laid_out(config, ports)
+
+
+def _laid_out(config: PipelineConfig, first: int) -> PipelineConfig:
+    span = 5 + config.num_workers  # six components, and the workers after the first
+    if not 1024 <= first <= 65536 - span:
+        raise ConfigError(
+            "ports", f"first port {first} leaves no room: {span} ports from it must lie within 1024..65535"
+        )
+    return dataclasses.replace(
+        config,
+        frontend_port=first,
+        scheduler_port=first + 1,
+        worker_port=first + 2,
+        router_port=first + 3,
+        kv_cache_manager_port=first + 4,
+        sampler_port=first + 5,
+    )
+
+
+def _free_run(config: PipelineConfig) -> PipelineConfig:
+    low, high = AUTO_PORT_RANGE
+    pick = random.Random()  # not the global generator: a notebook may have seeded it
+    for _ in range(AUTO_PORT_TRIES):
+        candidate = _laid_out(config, pick.randrange(low, high))
+        try:
+            check_ports_free(candidate)
+        except PortInUseError:
+            continue
+        return candidate
+    raise PortInUseError(f"no run of {5 + config.num_workers} free ports found in {low}..{high}; pass ports=N")

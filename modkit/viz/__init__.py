@@ -19,16 +19,18 @@ view                    what it teaches
 ======================  ================================================================
 
 Each takes a ``Trace`` (any snapshot, even an empty one) and optionally the axes to draw
-on, and returns a ``matplotlib.figure.Figure``, made without pyplot so that a background
-thread may draw it and Jupyter displays it once. ``dashboard`` puts them all on one
-figure; ``live`` redraws views in a notebook while a pipeline runs (``live.py``).
+on, and returns a ``matplotlib.figure.Figure`` (a ``NotebookFigure`` when it made it),
+made without pyplot so that a background thread may draw it and Jupyter shows it once, as
+a PNG, in any kernel. ``viz.subplots`` makes such a figure for several views side by side,
+``dashboard`` puts them all on one figure, and ``live`` redraws views in a notebook while
+a pipeline runs (``live.py``).
 """
 
 from collections.abc import Callable
 
 from matplotlib.figure import Figure
 
-from modkit.viz.blocks import block_grid, request_colors
+from modkit.viz.blocks import NotebookFigure, block_grid, request_colors, subplots
 from modkit.viz.live import LiveView, live
 from modkit.viz.static import batch_composition, dashboard, kv_usage, latency_histograms, timeline
 
@@ -43,6 +45,7 @@ VIEWS: dict[str, Callable[..., Figure]] = {
 __all__ = [
     "VIEWS",
     "LiveView",
+    "NotebookFigure",
     "batch_composition",
     "block_grid",
     "dashboard",
@@ -50,5 +53,6 @@ __all__ = [
     "latency_histograms",
     "live",
     "request_colors",
+    "subplots",
     "timeline",
 ]

@@ -16,10 +16,12 @@ contiguous slab, and only its last, partly filled block wastes memory. A block i
 Block 0 (dark) is the reserved null block, never handed out. When held blocks fill the
 pool, the scheduler has to preempt a request (``timeline`` shows when).
 
-Every view draws on a ``matplotlib.figure.Figure`` made here (``new_axes``), never through
-``pyplot``: pyplot keeps global state that a background thread must not touch, and a
-figure pyplot knows of is displayed a second time by Jupyter. A request has one color in
-every view and every redraw (``request_colors``).
+Every view draws on a ``NotebookFigure`` made here (``new_axes``, ``subplots``), never
+through ``pyplot``: pyplot keeps global state that a background thread must not touch, and
+a figure pyplot knows of is displayed a second time by Jupyter. A ``NotebookFigure`` shows
+itself as a PNG in any Jupyter kernel, whether or not pyplot ever ran there (IPython's
+own PNG formatter for figures exists only once pyplot has loaded its inline backend). A
+request has one color in every view and every redraw (``request_colors``).
 """
 
 from __future__ import annotations
@@ -74,10 +76,32 @@ def short_id(req_id: str) -> str:
     return req_id if len(req_id) <= 8 else "…" + req_id[-6:]
 
 
+DISPLAY_DPI = 100  # a 10-inch-wide view is 1,000 pixels wide in a notebook
+
+
+class NotebookFigure(Figure):
+    """A matplotlib ``Figure`` that Jupyter shows as one PNG, drawn with Agg, in any kernel."""
+
+    def _repr_png_(self) -> bytes:
+        from modkit.viz.live import render_png
+
+        return render_png(self, dpi=DISPLAY_DPI)
+
+
+def subplots(
+    nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None, **kwargs: Any
+) -> tuple[NotebookFigure, Any]:
+    """A new ``NotebookFigure`` and its axes, as ``plt.subplots`` returns them, but without pyplot:
+    for a figure of several views side by side that a notebook cell shows exactly once."""
+    size = figsize or (5.0 * ncols, 3.5 * nrows)
+    figure = NotebookFigure(figsize=size, layout="constrained")
+    return figure, figure.subplots(nrows, ncols, squeeze=kwargs.pop("squeeze", True), **kwargs)
+
+
 def new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     """``ax`` and the figure it is on, or a new figure of ``figsize`` inches with one axes."""
     if ax is None:
-        figure = Figure(figsize=figsize, layout="constrained")
+        figure = NotebookFigure(figsize=figsize, layout="constrained")
         return figure, figure.add_subplot()
     return figure_of(ax), ax
 

@@ -38,7 +38,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from modkit.trace import Trace
-from modkit.viz.blocks import block_grid, color_of, figure_of, new_axes, no_data, request_colors, short_id
+from modkit.viz.blocks import (
+    NotebookFigure,
+    block_grid,
+    color_of,
+    figure_of,
+    new_axes,
+    no_data,
+    request_colors,
+    short_id,
+)
 
 WAIT_COLOR = "0.72"
 PROMPT_COLOR = "tab:orange"
@@ -241,7 +250,7 @@ def latency_histograms(trace: Trace, axes: Sequence[Axes] | None = None) -> Figu
     their values in the legend.
     """
     if axes is None:
-        figure = Figure(figsize=(10.0, 3.5), layout="constrained")
+        figure = NotebookFigure(figsize=(10.0, 3.5), layout="constrained")
         axes = list(figure.subplots(1, 2))
     else:
         figure = figure_of(axes[0])
@@ -252,7 +261,7 @@ def latency_histograms(trace: Trace, axes: Sequence[Axes] | None = None) -> Figu
 
 def dashboard(trace: Trace, worker_id: int = 0) -> Figure:
     """Every view on one figure: worker ``worker_id``'s blocks, batches and requests, then usage and latencies."""
-    figure = Figure(figsize=(16.0, 13.0), layout="constrained")
+    figure = NotebookFigure(figsize=(16.0, 13.0), layout="constrained")
     grid = figure.add_gridspec(3, 4, height_ratios=[1.0, 1.5, 1.0])
     block_grid(trace, worker_id, ax=figure.add_subplot(grid[0, :2]))
     batch_composition(trace, worker_id, ax=figure.add_subplot(grid[0, 2:]))
