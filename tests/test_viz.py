@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import msgspec
 import numpy as np
 import pytest
 from matplotlib.axes import Axes
@@ -192,6 +193,50 @@ def test_batch_composition_bars_are_the_steps_tokens(trace: Trace, worker_id: in
     np.testing.assert_array_equal(marked, steps["step"][steps["num_preempted"] > 0])
 
 
+@pytest.fixture(scope="module")
+def big_pool(trace: Trace) -> Trace:
+    """The saved run's events in pools of 8,191 blocks (a default launch's size), so that the
+    requests use a sliver of the pool and the steps a sliver of a 2,048-token budget."""
+    usable = [trace.num_blocks(w) - 1 for w in (0, 1)]
+    events = [
+        msgspec.structs.replace(e, token_budget=2048, kv_usage=e.kv_usage * usable[e.worker_id] / 8190)
+        if hasattr(e, "token_budget")
+        else e
+        for e in trace.events
+    ]
+    return Trace(events, {**trace.meta, "num_blocks": [8191, 8191]})
+
+
+def test_block_grid_of_a_big_pool_shows_the_blocks_in_use(big_pool: Trace, mid: float) -> None:
+    state = big_pool.block_state(0, at=mid)
+    figure = viz.block_grid(big_pool, 0, at=mid)
+    ax = figure.axes[0]
+    cells = np.asarray(ax.images[0].get_array()).reshape(-1, 4)
+    highest = int(big_pool.blocks.block_id[big_pool.blocks.worker_id == 0].max())
+    assert highest < 64 <= len(cells) < 128, "from block 0 to the highest used, at least 64, full rows"
+    held = [b for b, owners in enumerate(state.owners) if owners]
+    assert held and max(held) < len(cells), "every held block is in the grid"
+    title = ax.get_title()
+    assert "of 8,190 blocks held" in title and f"blocks 0-{64 - 1} shown" in title
+    assert f"free, uncached: {state.counts()['free'] - state.counts()['cached_free']}" in texts(figure)
+
+
+def test_block_grid_refuses_too_small_a_window(trace: Trace) -> None:
+    with pytest.raises(ValueError, match="max_blocks"):
+        viz.block_grid(trace, max_blocks=1)
+
+
+def test_light_load_under_a_big_budget_zooms_the_axes(big_pool: Trace) -> None:
+    batches = viz.batch_composition(big_pool, 0).axes[0]
+    used = big_pool.steps[big_pool.steps.worker_id == 0][["num_prompt_tokens", "num_decode_tokens"]].sum(axis=1)
+    assert batches.get_ylim()[1] < 2048 / 4 and batches.get_ylim()[1] >= used.max()
+    assert "budget 2048 tokens, above the axis" in batches.get_title()
+    usage = viz.kv_usage(big_pool).axes[0]
+    peak = big_pool.steps.kv_usage.max()
+    assert peak < 0.2 and usage.get_ylim()[1] == pytest.approx(peak * 1.25)
+    assert "zoomed" in usage.get_title()
+
+
 # -- kv_usage -------------------------------------------------------------------------------
 
 
@@ -201,7 +246,11 @@ def test_kv_usage_follows_the_steps_and_ends_at_the_hit_rate(trace: Trace) -> No
     for worker_id in (0, 1):
         line = by_gid(ax, f"kv_usage.{worker_id}")
         steps = trace.steps[trace.steps["worker_id"] == worker_id].sort_values("start")
-        np.testing.assert_allclose(line.get_ydata(), steps["kv_usage"])
+        usage = np.asarray(line.get_ydata())
+        np.testing.assert_allclose(usage[: len(steps)], steps["kv_usage"])
+        # After the last step, the line ends with what the pool holds at its last block event.
+        state = trace.block_state(worker_id)
+        assert usage[-1] == pytest.approx(state.counts()["held"] / (state.num_blocks - 1))
     assert len(by_gid(ax, "preempted").get_offsets()) == (trace.steps["num_preempted"] > 0).sum()
     rate = by_gid(twin, "hit_rate")
     assert isinstance(rate, Line2D)

@@ -121,56 +121,71 @@ def no_data(ax: Axes, text: str) -> None:
 
 
 def block_grid(
-    trace: Trace, worker_id: int = 0, at: float | None = None, ax: Axes | None = None, columns: int | None = None
+    trace: Trace,
+    worker_id: int = 0,
+    at: float | None = None,
+    ax: Axes | None = None,
+    columns: int | None = None,
+    max_blocks: int = 512,
 ) -> Figure:
     """Worker ``worker_id``'s KV blocks ``at`` seconds into the trace (None: at its end), one cell a block.
 
     Cells read like text, block 0 first; the label of a row is the id of its first block.
-    One image holds every cell (``ax.images[0]``, RGBA): a held block has the color of its
-    first holder (``request_colors``), a free one ``CACHED_COLOR`` if its hash still finds
-    it and ``FREE_COLOR`` if not, block 0 ``NULL_COLOR``; cells past the last block are
-    transparent. One scatter (gid "shared") puts a dot on each block with 2+ holders. The
-    legend has ``BlockState.counts()`` and the requests holding the most blocks.
+    One image holds every cell shown (``ax.images[0]``, RGBA): a held block has the color of
+    its first holder (``request_colors``), a free one ``CACHED_COLOR`` if its hash still
+    finds it and ``FREE_COLOR`` if not, block 0 ``NULL_COLOR``; cells past the last block
+    are transparent. One scatter (gid "shared") puts a dot on each block with 2+ holders.
+    The legend, under the grid, has ``BlockState.counts()`` and the requests holding the
+    most blocks; the title says how many blocks the pool has and how many are held.
+
+    A pool of more than ``max_blocks`` blocks (a default launch has thousands) is shown from
+    block 0 up to the highest block any request has used so far, rounded up to full rows
+    (at least 64 blocks, at most ``max_blocks``): the pool hands out low ids first, so that
+    is where the requests are, and a grid of 8,000 cells would show none of them. The title
+    says which part is shown; the counts are always the whole pool's.
     ``columns``: cells a row (default: about twice as many columns as rows).
     """
+    if max_blocks < 2:
+        raise ValueError(f"max_blocks must be >= 2, got {max_blocks}")
     state = trace.block_state(worker_id, at)
     n = state.num_blocks
-    columns = columns or min(n, max(8, math.ceil(math.sqrt(2 * n))))
-    rows = math.ceil(n / columns)
-    figure, ax = new_axes(ax, (8.0, max(2.5, min(8.0, 1.2 + 5.0 * rows / columns))))
+    shown = n if n <= max_blocks else min(max_blocks, max(64, _highest_used(trace, worker_id) + 1))
+    columns = columns or min(shown, max(8, math.ceil(math.sqrt(2 * shown))))
+    rows = math.ceil(shown / columns)
+    figure, ax = new_axes(ax, (8.0, max(3.0, min(8.0, 2.2 + 5.0 * rows / columns))))
     if n <= 1:
         no_data(ax, f"no KV blocks of worker {worker_id} yet")
         return figure
 
     colors = request_colors(trace)
-    shown: dict[str, RGBA] = {}  # the holders' colors, in block order
+    shown_holders: dict[str, RGBA] = {}  # the holders' colors, in block order
     cells = np.zeros((rows * columns, 4))  # (rows * columns, RGBA); alpha 0 past the last block
-    for b, (owners, cached) in enumerate(zip(state.owners, state.cached, strict=True)):
+    for b, (owners, cached) in enumerate(zip(state.owners[:shown], state.cached[:shown], strict=True)):
         if owners:
-            cells[b] = shown.setdefault(owners[0], color_of(colors, owners[0]))
+            cells[b] = shown_holders.setdefault(owners[0], color_of(colors, owners[0]))
         else:
             cells[b] = CACHED_COLOR if cached else FREE_COLOR
     cells[0] = NULL_COLOR
     ax.imshow(cells.reshape(rows, columns, 4), interpolation="nearest")
 
-    shared = np.array([b for b, owners in enumerate(state.owners) if len(owners) > 1], dtype=int)
+    shared = np.array([b for b, owners in enumerate(state.owners[:shown]) if len(owners) > 1], dtype=int)
     counts = state.counts()
     dots = ax.scatter(shared % columns, shared // columns, s=30, c="black", edgecolors="white", gid="shared")
 
     # White lines between cells (minor ticks sit on the cell edges), block ids on the rows.
     ax.set_xticks(np.arange(-0.5, columns), minor=True)
     ax.set_yticks(np.arange(-0.5, rows), minor=True)
-    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.grid(which="minor", color="white", linewidth=1.5 if columns <= 32 else 0.5)
     ax.tick_params(which="minor", length=0)
     ax.tick_params(which="major", length=0, labelsize=8)
-    x_step, y_step = math.ceil(columns / 16), math.ceil(rows / 16)
+    x_step, y_step = math.ceil(columns / 8), math.ceil(rows / 12)
     ax.set_xticks(range(0, columns, x_step), [f"+{c}" for c in range(0, columns, x_step)])
     ax.set_yticks(range(0, rows, y_step), [str(r * columns) for r in range(0, rows, y_step)])
     ax.set_xlim(-0.5, columns - 0.5)
     ax.set_ylim(rows - 0.5, -0.5)
 
     holders = Counter(owner for owners in state.owners for owner in owners)
-    some_holders = tuple(Patch(facecolor=c) for c in list(shown.values())[:4]) or Patch(facecolor=FREE_COLOR)
+    some_holders = tuple(Patch(facecolor=c) for c in list(shown_holders.values())[:4]) or Patch(facecolor=FREE_COLOR)
     legend: dict[Any, str] = {  # handle -> label
         some_holders: f"held: {counts['held']}",
         dots: f"shared by 2+: {counts['shared']}",
@@ -186,15 +201,28 @@ def block_grid(
         handles=list(legend),
         labels=list(legend.values()),
         handler_map={tuple: HandlerTuple(ndivide=None, pad=0)},
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.04),
+        ncol=2,
         fontsize=8,
         frameon=False,
     )
     when = f"t = {at:.2f} s" if at is not None else f"t = {_last_block_time(trace, worker_id):.2f} s (end)"
     usage = counts["held"] / (n - 1)
-    ax.set_title(f"worker {worker_id} KV pool at {when}: {counts['held']}/{n - 1} blocks held ({usage:.0%})")
+    part = f"; blocks 0-{shown - 1} shown" if shown < n else ""
+    ax.set_title(
+        f"worker {worker_id}, {when}\n{counts['held']} of {n - 1:,} blocks held ({usage:.0%}){part}", fontsize=10
+    )
     return figure
+
+
+def _highest_used(trace: Trace, worker_id: int) -> int:
+    """The highest block id any request of ``worker_id`` was handed in the whole trace (0: none)."""
+    blocks = trace.blocks
+    if not len(blocks):
+        return 0
+    ids = blocks["block_id"][blocks["worker_id"] == worker_id]
+    return int(ids.max()) if len(ids) else 0
 
 
 def _last_block_time(trace: Trace, worker_id: int) -> float:

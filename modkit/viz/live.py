@@ -8,7 +8,9 @@
 
 A thread of the notebook's kernel takes a snapshot of the pipeline's recorded trace,
 draws each view into a PNG with Agg (no pyplot, so nothing else in the notebook is
-touched), and puts it in an ``ipywidgets.Image``. Every event is kept by the recorder,
+touched), and puts it in an ``ipywidgets.Image``. When the view stops, its last frame
+takes the widget's place in the cell's output as plain PNGs, so a notebook saved, run by
+nbclient or rendered to a static page still shows what the view showed at the end. Every event is kept by the recorder,
 whatever the view does; a frame is just a picture of the trace as it is now. So a view
 that cannot keep up never falls behind on events: it waits at least as long as its last
 frame took to draw before drawing the next, and the frames it could not draw in between
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from modkit.trace import Trace
 
 if TYPE_CHECKING:
+    from IPython.display import DisplayHandle, Image
     from matplotlib.figure import Figure
 
 View = Callable[..., "Figure"]  # (trace, **kwargs) -> matplotlib Figure
@@ -68,6 +71,7 @@ class LiveView:
         self.widget = widgets.VBox([self.status, *self.images])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._handle: DisplayHandle | None = None  # where the widget is shown, once it is
 
     def start(self) -> LiveView:
         if self._thread is None or not self._thread.is_alive():
@@ -77,12 +81,18 @@ class LiveView:
         return self
 
     def stop(self) -> None:
-        """Stop redrawing, after one last frame of the whole trace."""
+        """Stop redrawing, after one last frame of the whole trace; where the view is shown, that
+        frame replaces the widget as plain PNGs (which need no widget manager to be seen)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.error is None:
             self.draw()
+        if self._handle is not None:
+            from IPython.display import Image
+
+            frames = [Image(data=image.value, format="png") for image in self.images if image.value]
+            self._handle.update(_Frames(frames, self.status.value))
 
     def draw(self) -> None:
         """Draw one frame now, in the calling thread."""
@@ -116,7 +126,7 @@ class LiveView:
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
-        display(self.widget)
+        self._handle = display(self.widget, display_id=True)
 
     def __enter__(self) -> LiveView:
         return self.start()
@@ -150,6 +160,25 @@ def render_png(figure: Figure, dpi: int = 80) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+class _Frames:
+    """A stopped view's last frames, shown as one output: its PNGs (one per view) and a caption."""
+
+    def __init__(self, images: list[Image], caption: str) -> None:
+        self.images, self.caption = images, caption
+
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, object]:
+        import base64
+
+        # One PNG per output is all a notebook keeps; several views become one HTML block of them.
+        pngs = [base64.b64encode(image.data).decode() for image in self.images]
+        text = f"live view, stopped: {self.caption}"
+        if len(pngs) == 1:
+            return {"image/png": pngs[0], "text/plain": text}
+        tags = "".join(f'<img src="data:image/png;base64,{png}"/><br/>' for png in pngs)
+        html = f"<div><p>{text}</p>{tags}</div>"
+        return {"text/html": html, "image/png": pngs[0] if pngs else "", "text/plain": text}
 
 
 def _resolve(view: str | View) -> View:

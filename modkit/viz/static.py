@@ -146,7 +146,10 @@ def batch_composition(trace: Trace, worker_id: int = 0, ax: Axes | None = None, 
     Steps are at x = their step number, one unit wide. Three ``StepPatch``es (``ax.stairs``)
     draw them: gid "prompt" from 0 up to the prompt tokens, gid "decode" from there up by
     the decode tokens, and gid "budget", the line of each step's token budget. A triangle
-    above a step (gid "preempted") marks a step that preempted.
+    above a step (gid "preempted") marks a step that preempted. When no step used even a
+    quarter of its budget (a few decodes under a 2,048-token budget), the y axis fits the
+    tokens used and the budget line stays above it, named in the legend and the title,
+    so the bars are not flat lines under an empty plot.
     """
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -163,7 +166,8 @@ def batch_composition(trace: Trace, worker_id: int = 0, ax: Axes | None = None, 
     budget = steps["token_budget"].to_numpy(float)
     preempted = steps["num_preempted"].to_numpy() > 0
     used = prompt + decode
-    top = max(float(budget.max()), float(used.max()))
+    zoomed = float(used.max()) < float(budget.max()) / 4
+    top = max(1.0, float(used.max())) if zoomed else max(float(budget.max()), float(used.max()))
 
     # NOTE: stairs, not bar(): one artist per kind instead of a patch per step, which bar() makes slowly.
     edges = np.append(x - 0.5, x[-1] + 0.5)
@@ -185,7 +189,8 @@ def batch_composition(trace: Trace, worker_id: int = 0, ax: Axes | None = None, 
     ax.set_xlabel(f"step of worker {worker_id}")
     ax.set_ylabel("tokens")
     shown = f"latest {len(steps)} of {total} steps" if total > len(steps) else f"{total} steps"
-    ax.set_title(f"batch composition, worker {worker_id} ({shown})")
+    above = f"; budget {budget[-1]:.0f} tokens, above the axis" if zoomed else ""
+    ax.set_title(f"batch composition, worker {worker_id} ({shown}{above})")
     ax.legend(loc="center right", fontsize=8, framealpha=0.9)
     return figure
 
@@ -194,7 +199,10 @@ def kv_usage(trace: Trace, ax: Axes | None = None) -> Figure:
     """Blocks held over time (a line a worker, gid "kv_usage.<worker>"), with the cumulative prefix hit rate.
 
     Usage is each step's ``kv_usage`` from its start (held blocks over usable ones), so a
-    step's line holds until that worker's next step; red crosses (gid "preempted") mark
+    step's line holds until that worker's next step; the line ends at the worker's last
+    block event with what its pool holds then (after the last step, finished requests give
+    their blocks back, and a line that stopped at the last step would never come down to
+    zero); red crosses (gid "preempted") mark
     steps that preempted. On a twin axes (``ax.twinx()``, added to the figure), the
     line gid "hit_rate" is prefix-cache hits over queries, in tokens, of every worker's
     steps up to each moment: at the end, ``trace.prefix_hit_rate()``.
@@ -207,7 +215,12 @@ def kv_usage(trace: Trace, ax: Axes | None = None) -> Figure:
     steps = steps.sort_values("start", kind="stable")
     for i, (worker, of_worker) in enumerate(steps.groupby("worker_id")):
         color = _WORKER_COLORS[i % len(_WORKER_COLORS)]
-        start, usage = of_worker["start"], of_worker["kv_usage"]
+        start, usage = list(of_worker["start"]), list(of_worker["kv_usage"])
+        last_event = _last_block_event(trace, int(worker))
+        if last_event > start[-1]:
+            state = trace.block_state(int(worker))
+            start.append(last_event)
+            usage.append(state.counts()["held"] / max(1, state.num_blocks - 1))
         ax.plot(start, usage, drawstyle="steps-post", color=color, gid=f"kv_usage.{worker}", label=f"worker {worker}")
     preempted = steps[steps["num_preempted"] > 0]
     ax.scatter(
@@ -220,7 +233,11 @@ def kv_usage(trace: Trace, ax: Axes | None = None) -> Figure:
         gid="preempted",
         label=f"preemption ({len(preempted)})",
     )
-    ax.set_ylim(0, 1.05)
+    # A big pool and a light load (a default launch has thousands of blocks) would leave a
+    # line flat on zero: the axis then fits the peak, and the title says so.
+    peak = float(steps["kv_usage"].max())
+    zoomed = 0 < peak < 0.2
+    ax.set_ylim(0, peak * 1.25 if zoomed else 1.05)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylabel("KV blocks held")
     ax.set_xlabel("time (s)")
@@ -236,8 +253,9 @@ def kv_usage(trace: Trace, ax: Axes | None = None) -> Figure:
     twin.yaxis.set_major_formatter(PercentFormatter(1.0))
     twin.set_ylabel("prefix hit rate", color=HIT_RATE_COLOR)
     handles = [*ax.get_legend_handles_labels()[0], *twin.get_legend_handles_labels()[0]]
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
-    ax.set_title("KV cache usage and prefix-cache hits")
+    ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.9)
+    note = f" (usage axis zoomed: peak {peak:.1%} of the pool)" if zoomed else ""
+    ax.set_title(f"KV cache usage and prefix-cache hits{note}")
     return figure
 
 
@@ -337,6 +355,12 @@ def _histogram(ax: Axes, seconds: Any, title: str, unit: str, color: str) -> Non
     ax.set_ylabel(unit)
     ax.set_title(f"{title} ({len(values)} {unit})")
     ax.legend(loc="upper right", fontsize=8)
+
+
+def _last_block_event(trace: Trace, worker_id: int) -> float:
+    blocks = trace.blocks
+    times = blocks["t"][blocks["worker_id"] == worker_id] if len(blocks) else []
+    return float(max(times)) if len(times) else float("-inf")
 
 
 def _now(trace: Trace) -> float:
