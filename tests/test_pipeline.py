@@ -25,14 +25,14 @@ from pipeline_targets import POISON_TOKEN
 from waiting import wait_until
 
 from modkit import LLM, Pipeline
-from modkit.config import ConfigError, free_component_ports
+from modkit.config import ConfigError, PipelineConfig, free_component_ports
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.kvcache import KVCacheManager
 from modkit.kvcache.client import KVCacheManagerClient
 from modkit.kvcache.interface import KVCacheManagerInterface, KVRequest
 from modkit.kvcache.service import KVCacheService
 from modkit.pipeline.addresses import socket_names
-from modkit.pipeline.preflight import PortInUseError
+from modkit.pipeline.preflight import PortInUseError, with_ports
 from modkit.protocol import KVAdmit, KVCacheComputed
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
@@ -479,8 +479,9 @@ def test_a_bad_config_value_is_refused_before_anything_starts() -> None:
 
 @pytest.mark.slow
 def test_start_all_drains_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
-    ports = free_ports()
-    flags = [a for name, port in ports.items() for a in (f"--{name.replace('_', '-')}", str(port))]
+    laid_out = with_ports(PipelineConfig(), "auto").ports()  # a free run of ports, 8001-8006's layout
+    ports = {f"{name.replace('-0', '')}_port": port for name, port in laid_out.items()}
+    flags = ["--ports", str(laid_out["frontend"])]  # start_all lays them out from the first
     log = tmp_path / "start_all.log"
     save_trace = ["--save-trace", str(tmp_path / "served.json.gz")]
     with open(log, "w") as out:
@@ -630,12 +631,13 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         assert len(first) == 1
         (warm,) = first
 
-        def router_knows() -> bool:
-            return p.stats()["router"]["workers"][int(warm)]["num_cached_blocks"] > 0
+        def router_heard_all() -> bool:
+            stats = p.stats()  # the router's count first: it can only catch up with the manager's
+            return stats["router"]["num_kv_events"] == stats["kv_cache_manager"]["num_kv_events"] > 0
 
-        wait_until(router_knows, 10, interval_s=0.2)
+        wait_until(router_heard_all, 10, interval_s=0.2)
         stats = p.stats()
-        assert router_knows(), (
+        assert router_heard_all() and stats["router"]["workers"][int(warm)]["num_cached_blocks"] > 0, (
             f"the router never learned the cached blocks: {stats['router']} {stats['kv_cache_manager']}"
         )
         for question in ("What does a dog say?", "What color is the sky?", "Who are you?"):

@@ -83,11 +83,13 @@ class KVCacheService(SwapOwner):
         self.requests: list[dict[str, _RemoteRequest]] = [{} for _ in num_blocks]
         self.num_calls = 0
         self.num_ops = 0
+        self.num_kv_events = 0  # published for the router; its /stats counts those it received
 
     def _sink(self, pool: int) -> Any:
         def publish(event: KVEvent) -> None:
             if self.publisher is not None:
                 self.publisher.publish(f"worker.{pool}", event_to_wire(event))
+                self.num_kv_events += 1
 
         return publish
 
@@ -286,7 +288,8 @@ class KVCacheService(SwapOwner):
                     "num_requests_holding_blocks": len(manager.held_req_ids()),
                 }
             )
-        return {"pools": pools, "num_calls": self.num_calls, "num_ops": self.num_ops}
+        calls = {"num_calls": self.num_calls, "num_ops": self.num_ops}
+        return {"pools": pools, **calls, "num_kv_events": self.num_kv_events}
 
     def close(self) -> None:
         if self.publisher is not None:

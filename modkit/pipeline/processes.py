@@ -44,9 +44,12 @@ def stop_all(processes: dict[str, ComponentProcess], ipc_dir: str, timeout_s: fl
     if "frontend" in processes:
         processes.pop("frontend").stop(timeout_s)
     rest = [processes.pop(name) for name in list(processes)]
-    if rest:
-        with ThreadPoolExecutor(len(rest)) as pool:
+    try:
+        with ThreadPoolExecutor(max(1, len(rest))) as pool:
             list(pool.map(lambda p: p.stop(timeout_s), rest))
+    except RuntimeError:  # at interpreter exit (the finalizer of a pipeline never shut down) no thread starts
+        for process in rest:
+            process.stop(timeout_s)
     shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
