@@ -267,6 +267,7 @@ def latency_histograms(trace: Trace, axes: Sequence[Axes] | None = None) -> Figu
     lines (gids "p50" and "p99") mark the percentiles (``np.percentile``'s, linear),
     their values in the legend.
     """
+    figure: Figure
     if axes is None:
         figure = NotebookFigure(figsize=(10.0, 3.5), layout="constrained")
         axes = list(figure.subplots(1, 2))
