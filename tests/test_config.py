@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from modkit.config import DEFAULT_GPU_MODEL, DTYPES, ConfigError, PipelineConfig
 from modkit.engine.config import ConfigError as EngineConfigError
 from modkit.engine.config import EngineConfig
 from modkit.model import parse_dtype
+from modkit.pipeline.processes import worker_threads_env
+from modkit.transport import QUIET_THREADS
 
 # A config far from the defaults, so a round trip that dropped a field would show.
 CUSTOM: dict[str, Any] = {
@@ -326,3 +329,11 @@ def test_api_key_stays_out_of_logs() -> None:
 def test_dtype_names_are_the_loaders() -> None:
     for name in DTYPES:
         parse_dtype(name)
+
+
+def test_cpu_workers_share_the_cores_and_gpu_workers_keep_one_host_thread() -> None:
+    assert worker_threads_env(PipelineConfig(device="cpu")) == {}, "one CPU worker takes every core"
+    four = worker_threads_env(PipelineConfig(device="cpu", num_workers=4))
+    assert four["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 4))
+    assert four["OMP_WAIT_POLICY"] == "PASSIVE", "a waiting thread sleeps instead of taking a core from another worker"
+    assert worker_threads_env(PipelineConfig(device="cuda", num_workers=2)) == QUIET_THREADS

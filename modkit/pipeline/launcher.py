@@ -41,10 +41,10 @@ from modkit.pipeline.processes import (
     TARGETS,
     ComponentSpec,
     log_dir_of,
-    on_cuda,
     progress_printer,
     stop_all,
     wait_uninterrupted,
+    worker_threads_env,
 )
 from modkit.pipeline.swapping import SWAPPABLE, swap_component
 from modkit.swap import new_key
@@ -121,10 +121,7 @@ class Pipeline:
         with_len = {**common, "max_model_len": self.max_model_len}
         signed = {"swap_key": self.swap_key}  # for the components that take classes by value (Pipeline.swap)
         quiet, ports = dict(QUIET_THREADS), cfg.ports()
-        # A worker on a GPU does little tensor work on the host (a step's small input tensors), and a
-        # pool of spinning OpenMP threads there competes with five busy processes for the cores;
-        # on the CPU the forward needs every thread.
-        worker_env = quiet if on_cuda(cfg.device) else {}
+        worker_env = worker_threads_env(cfg)
         workers = [
             ComponentSpec(
                 worker_name(i),
