@@ -14,6 +14,9 @@ One step, for logits (N, V) and N sampling states::
 Everything runs on the logits' device with one op per stage for the whole batch; rows whose
 parameter is off pass through a stage unchanged. The only Python loop over requests builds
 the step's ``SamplingMetadata``, plus one noise draw per seeded row.
+
+``DefaultSampler.probs`` runs the same stages and stops before the race: it returns the
+distribution each row's token is drawn from, for a notebook to plot or a test to check.
 """
 
 from __future__ import annotations
@@ -82,16 +85,25 @@ class DefaultSampler(Sampler):
             assert greedy is not None
             return greedy
 
-        logits = logits / metadata.temperature.unsqueeze(1)
-        if metadata.min_p is not None:
-            logits = apply_min_p(logits, metadata.min_p)
-        if metadata.top_k is not None:
-            logits = apply_top_k(logits, metadata.top_k, metadata.max_top_k)
-        if metadata.top_p is not None:
-            logits = apply_top_p(logits, metadata.top_p)
-        probs = logits.softmax(dim=-1)  # (N, V)
+        probs = random_probs(logits, metadata)  # (N, V)
         drawn = random_sample(probs, metadata.generators, self._shared_generator(logits.device))
         return drawn if greedy is None else torch.where(metadata.is_greedy, greedy, drawn)
+
+    def probs(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        """The distribution ``sample`` draws each row's next token from, without drawing; (N, V) float32.
+
+        Every stage but the draw: logit processors, then for a random row temperature, the
+        ``min_p``, ``top_k`` and ``top_p`` masks and softmax (``random_probs``); a greedy row gets
+        a one-hot on its argmax. So ``sample`` picks token v for row i with probability
+        ``probs[i, v]``, and a token with probability 0 never. Reads ``states`` as ``sample`` does,
+        and advances no generator. For notebooks and tests that want to see the distribution.
+        """
+        assert logits.dim() == 2 and logits.shape[0] == len(states), "one row of logits per sampling state"
+        metadata = SamplingMetadata.from_states(states, logits.shape[1], logits.device)
+        processed = self.apply_logits_processors(logits.to(torch.float32, copy=True), metadata)
+        probs = random_probs(processed, metadata)  # (N, V)
+        one_hot = torch.zeros_like(probs).scatter_(1, processed.argmax(dim=-1, keepdim=True), 1.0)
+        return torch.where(metadata.is_greedy.unsqueeze(1), one_hot, probs)
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._shared_generators:
@@ -102,6 +114,20 @@ class DefaultSampler(Sampler):
                 generator.manual_seed(self.seed)
             self._shared_generators[device] = generator
         return self._shared_generators[device]
+
+
+def random_probs(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """What random rows draw from: ``logits`` (N, V) / temperature, then the min_p, top_k and top_p
+    masks (vLLM's order), then softmax; (N, V). Greedy rows come out too (at temperature 1) but
+    are not meant to be read: they take the argmax."""
+    logits = logits / metadata.temperature.unsqueeze(1)
+    if metadata.min_p is not None:
+        logits = apply_min_p(logits, metadata.min_p)
+    if metadata.top_k is not None:
+        logits = apply_top_k(logits, metadata.top_k, metadata.max_top_k)
+    if metadata.top_p is not None:
+        logits = apply_top_p(logits, metadata.top_p)
+    return logits.softmax(dim=-1)
 
 
 def gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor, num_top: int) -> LogprobsTensors:
