@@ -14,13 +14,14 @@ afterwards, and puts the previous one back if it raises: one mechanism for all f
 ``modkit.guard``; each part supplies its probe and its guard class (``GuardedPolicy``,
 ``GuardedEviction``, ``GuardedRouterPolicy``, ``GuardedSampler``, ``GuardedAttention``).
 
-Two swaps replace a whole component's implementation rather than a policy: ``"vllm"`` (or
+Some swaps replace a whole component's implementation rather than a policy: ``"vllm"`` (or
 ``"modkit"`` again) for the ``scheduler`` or the ``kv_cache_manager`` puts vLLM's own V1
-scheduler or KV cache manager in charge (``modkit.vllm_v1``; needs vllm). Requests cannot be
-handed over between them (their block tables live in different managers), so the pipeline
-drains first and says so (``"drained": True`` in the reply): the scheduler keeps new
-requests back, the ones already there finish, the swap happens, and the requests kept back
-go in.
+scheduler or KV cache manager in charge (``modkit.vllm_v1``; needs vllm), and a subclass of
+modkit's ``Scheduler`` (sent by value, signed, like a policy) replaces the scheduler.
+Requests cannot be handed over between them (their queues and block tables are the
+scheduler's state), so the pipeline drains first and says so (``"drained": True`` in the
+reply): the scheduler keeps new requests back, the ones already there finish, the swap
+happens, and the requests kept back go in.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from modkit.pipeline.addresses import worker_name
+from modkit.scheduler.scheduler import Scheduler
 from modkit.swap import ImplSpec, spec_for
 
 if TYPE_CHECKING:
@@ -61,6 +63,8 @@ def swap_component(p: Pipeline, component: str, impl: str | type, allow_remote_c
         return _swap_attention(p, spec, workers)
     if component in ("scheduler", "kv_cache_manager") and spec.name in WHOLE:
         return _swap_drained(p, component, spec)
+    if component == "scheduler" and isinstance(impl, type) and issubclass(impl, Scheduler):
+        return _swap_drained(p, component, spec)  # a whole scheduler of your own
     with p.processes[component].client(timeout_s=RPC_TIMEOUT_S) as rpc:
         return dict(rpc.call("swap", spec))
 
