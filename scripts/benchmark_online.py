@@ -13,7 +13,7 @@ every rate; ``inf`` sends them all at once). Each is a streamed completion of ra
 ids (--input-len of them, fresh ones at every rate so the prefix cache never hits), greedy,
 with ``ignore_eos``, so it makes exactly --output-len tokens (counted from ``usage``).
 
-What is measured, per request:
+What is measured, per request (``modkit.loadgen``, which sends them):
 
 - TTFT: from sending the request to its first streamed chunk that carries a choice.
 - ITL (inter-token latency): the gaps between successive such chunks. The pipeline streams
@@ -41,120 +41,16 @@ import platform
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import openai
 import torch
 
 from modkit import Pipeline
 from modkit.checks import RANDOM_MODEL_SHAPES, make_random_checkpoint
+from modkit.loadgen import rate_label, run_rate, summarize
 from modkit.model import embedded_model_dir
-
-
-@dataclass(slots=True)
-class RequestResult:
-    """One streamed request; times in seconds from the run's start or the request's send."""
-
-    sent_s: float  # when it was sent, from the run's start
-    ttft_s: float
-    e2e_s: float
-    output_tokens: int  # usage.completion_tokens
-    num_chunks: int  # chunks that carried a choice
-    itl_s: list[float] = field(default_factory=list)  # num_chunks - 1 gaps
-
-    @property
-    def tpot_s(self) -> float | None:
-        if self.output_tokens < 2:
-            return None
-        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
-
-
-async def send_one(
-    client: openai.AsyncOpenAI, model: str, prompt: list[int], output_len: int, run_start: float
-) -> RequestResult:
-    """Stream one completion and time its chunks."""
-    sent = time.perf_counter()
-    stream = await client.completions.create(
-        model=model,
-        prompt=prompt,
-        max_tokens=output_len,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
-    first: float | None = None
-    last, itl, num_chunks, tokens = sent, [], 0, 0
-    async for chunk in stream:
-        if chunk.choices:  # the tokens of one step; the last chunk (usage) has no choice
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            else:
-                itl.append(now - last)
-            last, num_chunks = now, num_chunks + 1
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    done = time.perf_counter()
-    assert first is not None, "the stream ended without a token"
-    return RequestResult(sent - run_start, first - sent, done - sent, tokens, num_chunks, itl)
-
-
-async def run_rate(
-    client: openai.AsyncOpenAI, model: str, prompts: list[list[int]], rate: float, output_len: int, seed: int
-) -> tuple[list[RequestResult], float]:
-    """Send ``prompts`` as Poisson arrivals at ``rate`` requests/s (``inf``: all at once); results and wall seconds."""
-    gaps = random.Random(seed)
-    start = time.perf_counter()
-    tasks, send_at = [], 0.0
-    for prompt in prompts:
-        delay = start + send_at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(send_one(client, model, prompt, output_len, start)))
-        if math.isfinite(rate):
-            send_at += gaps.expovariate(rate)
-    results = await asyncio.gather(*tasks)
-    return results, time.perf_counter() - start
-
-
-def rate_label(rate: float | str) -> str:
-    return f"{rate:g}" if isinstance(rate, float | int) else rate
-
-
-def stats_ms(name: str, seconds: list[float]) -> dict[str, float | None]:
-    """``mean_<name>_ms``, ``median_<name>_ms`` (p50) and ``p99_<name>_ms``, as vLLM names them (None when empty)."""
-    if not seconds:
-        return {f"{k}_{name}_ms": None for k in ("mean", "median", "p99")}
-    ms = 1e3 * np.asarray(seconds)
-    return {
-        f"mean_{name}_ms": float(ms.mean()),
-        f"median_{name}_ms": float(np.percentile(ms, 50)),
-        f"p99_{name}_ms": float(np.percentile(ms, 99)),
-    }
-
-
-def summarize(rate: float, results: list[RequestResult], duration: float, cpu_s: float) -> dict[str, Any]:
-    """One rate's row: throughputs over ``duration``, latency percentiles, and every request."""
-    tokens = sum(r.output_tokens for r in results)
-    return {
-        "request_rate": rate if math.isfinite(rate) else "inf",
-        "completed": len(results),
-        "duration_s": duration,
-        "total_output_tokens": tokens,
-        "request_throughput": len(results) / duration,
-        "output_throughput": tokens / duration,
-        "client_cpu_share": cpu_s / duration,
-        **stats_ms("ttft", [r.ttft_s for r in results]),
-        **stats_ms("itl", [gap for r in results for gap in r.itl_s]),
-        **stats_ms("tpot", [t for r in results if (t := r.tpot_s) is not None]),
-        **stats_ms("e2el", [r.e2e_s for r in results]),
-        # Every request but its gaps (num_prompts x output_len floats would swamp the file).
-        "requests": [{k: v for k, v in asdict(r).items() if k != "itl_s"} for r in results],
-    }
 
 
 async def benchmark(pipeline: Pipeline, args: argparse.Namespace, vocab: int) -> list[dict[str, Any]]:

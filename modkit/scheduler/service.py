@@ -204,11 +204,12 @@ class SchedulerService(SchedulerSwapping):
         return self.async_scheduling and isinstance(slot.scheduler, Scheduler)
 
     def _send_step(self, slot: WorkerSlot) -> None:
-        t0 = time.perf_counter()
+        t0, kv0 = time.perf_counter(), slot.kv.round_trip_s
         plan = slot.scheduler.schedule()
         self._check_swapped_policy(slot)
         sent_at = time.perf_counter()
-        slot.in_flight.append(InFlightStep(plan, slot.scheduler.last_record, sent_at, time.time(), sent_at - t0))
+        kv_s = slot.kv.round_trip_s - kv0
+        slot.in_flight.append(InFlightStep(plan, slot.scheduler.last_record, sent_at, time.time(), sent_at - t0, kv_s))
         slot.schedule_s += sent_at - t0
         slot.outbox.send(StepPlan(slot.worker_id, plan))
 
@@ -229,10 +230,11 @@ class SchedulerService(SchedulerSwapping):
         slot.busy_s += elapsed
         slot.forward_s += done.forward_s
         slot.sample_s += done.sample_s
-        event = self._step_event(slot, step, elapsed, done.forward_s, done.sample_s)
         t0 = time.perf_counter()
         outputs = slot.scheduler.update_from_output(plan, done.output)
-        slot.update_s += time.perf_counter() - t0
+        update_s = time.perf_counter() - t0
+        slot.update_s += update_s
+        event = self._step_event(slot, step, elapsed, done.forward_s, done.sample_s, update_s=update_s)
         finished = [o.req_id for o in outputs if o.finish_reason is not None]
         for req_id in finished:
             self.owner.pop(req_id, None)
@@ -299,6 +301,7 @@ class SchedulerService(SchedulerSwapping):
         forward_s: float,
         sample_s: float,
         failed: str | None = None,
+        update_s: float = 0.0,
     ) -> StepEvent | None:
         """The step record of the step that just came back, with its timings."""
         record = step.record
@@ -327,6 +330,8 @@ class SchedulerService(SchedulerSwapping):
             prefix_cache_queries=record.prefix_cache_queries,
             prefix_cache_hits=record.prefix_cache_hits,
             failed=failed,
+            kv_s=step.kv_s,
+            update_s=update_s,
         )
 
     def announce_events(self, token: str) -> None:

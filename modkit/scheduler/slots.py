@@ -20,6 +20,7 @@ class InFlightStep:
     sent_at: float  # perf_counter() when it left
     sent_wall: float  # time.time() then, for the event stream
     schedule_s: float  # what planning it took
+    kv_s: float  # of that, waiting for the KV cache manager's replies
 
 
 @dataclass(slots=True)

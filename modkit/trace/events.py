@@ -73,6 +73,9 @@ class StepEvent(msgspec.Struct, tag="step", frozen=True):
     prefix_cache_queries: int  # tokens of the requests admitted this step (with outputs, for a re-admission)
     prefix_cache_hits: int  # of those, found in the prefix cache (as vllm:prefix_cache_queries/hits)
     failed: str | None = None  # the worker's error, if the step raised
+    # Defaulted, so that a trace saved without them still loads (0.0: not measured).
+    kv_s: float = 0.0  # of schedule_s, waiting for the KV cache manager's replies (round trips)
+    update_s: float = 0.0  # update_from_output() in the scheduler, after the result came back
 
 
 class ForwardEvent(msgspec.Struct, tag="forward", frozen=True):

@@ -172,6 +172,8 @@ class Trace:
                     "schedule_s": e.schedule_s,
                     "forward_s": e.forward_s,
                     "sample_s": e.sample_s,
+                    "kv_s": e.kv_s,
+                    "update_s": e.update_s,
                     "failed": e.failed,
                 }
             )
