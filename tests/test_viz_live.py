@@ -97,3 +97,35 @@ def test_views_are_named_or_given_and_take_the_kwargs_they_know() -> None:
         LiveView(Growing(), ["blocks"])
     with pytest.raises(ValueError, match="interval_s must be > 0"):
         LiveView(Growing(), ["timeline"], interval_s=0)
+
+
+KERNEL_CELLS = [
+    f"from modkit import viz\nfrom modkit.trace import Trace\ntrace = Trace.load({str(SAVED)!r})",
+    *[f"viz.{name}(trace)" for name in ("block_grid", "timeline", "batch_composition", "kv_usage")],
+    "viz.latency_histograms(trace)",
+    "viz.dashboard(trace)",
+    "fig, axes = viz.subplots(1, 2)\nviz.kv_usage(trace, ax=axes[0])\nviz.block_grid(trace, ax=axes[1])\nfig",
+    "view = viz.live(lambda: trace, 'block_grid', 'timeline')\ndisplay(view)\nview.stop()",
+    "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()",  # pyplot's inline backend, now loaded
+    "viz.kv_usage(trace)",
+    "viz.dashboard(trace)",
+]
+
+
+@pytest.mark.slow
+def test_every_view_shows_once_as_a_png_in_a_fresh_kernel() -> None:
+    """In a kernel where pyplot never ran, a figure used to show as '<Figure size 1000x350 with 1 Axes>'
+    (IPython's PNG formatter for figures comes with pyplot's inline backend), and a figure pyplot
+    knew of showed twice. Each cell here must show exactly one PNG, before pyplot loads and after."""
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in KERNEL_CELLS]
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+    for cell in notebook.cells[1:]:
+        outputs = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
+        pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+        texts = [o["data"].get("text/plain", "") for o in outputs if "image/png" not in o.get("data", {})]
+        assert len(pngs) == 1, f"{cell.source!r}: {len(pngs)} PNGs, other outputs {texts}"
+        assert not [t for t in texts if t.startswith("<Figure size")], f"{cell.source!r} shows a figure as text"
