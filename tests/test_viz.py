@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 
 import msgspec
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.axes import Axes
 from matplotlib.collections import PathCollection, PolyCollection
@@ -31,6 +32,7 @@ from modkit import viz
 from modkit.trace import Trace
 from modkit.viz.blocks import CACHED_COLOR, FREE_COLOR, NULL_COLOR
 from modkit.viz.live import LiveView, render_png
+from modkit.viz.static import _merge_runs
 
 TRACE = Path(__file__).parent / "data" / "trace_2workers.json.gz"
 ALL_VIEWS: dict[str, Callable[..., Figure]] = {**viz.VIEWS, "dashboard": viz.dashboard}
@@ -352,3 +354,19 @@ def test_views_reject_a_cap_below_one(trace: Trace) -> None:
         viz.timeline(trace, max_requests=0)
     with pytest.raises(ValueError, match="max_steps"):
         viz.batch_composition(trace, max_steps=0)
+
+
+def test_timeline_does_not_draw_a_moved_request_as_decoding_while_it_waited() -> None:
+    """A request whose worker died decodes on another worker later; step numbers are each
+    worker's own, and may well run on from the dead worker's. Two runs, not one bar over the gap."""
+    decodes = pd.DataFrame(
+        {
+            "worker_id": [1, 1, 3, 3],
+            "step": [5, 6, 7, 8],
+            "start": [0.10, 0.12, 3.00, 3.02],
+            "end": [0.11, 0.13, 3.01, 3.03],
+            "req_id": ["r"] * 4,
+        }
+    )
+    runs = _merge_runs(decodes)
+    assert runs[["start", "end"]].values.tolist() == [[0.10, 0.13], [3.00, 3.03]]

@@ -327,9 +327,18 @@ def _waits(requests: Any, computed: Any, preempted: Any, now: float) -> Any:
 
 
 def _merge_runs(decodes: Any) -> Any:
-    """One row (req_id, start, end) per run of a request's decodes in consecutive steps."""
-    decodes = decodes.sort_values(["req_id", "step"])
-    same_run = (decodes["req_id"] == decodes["req_id"].shift()) & (decodes["step"] == decodes["step"].shift() + 1)
+    """One row (req_id, start, end) per run of a request's decodes in consecutive steps of one worker.
+
+    Step numbers are each worker's own: a request moved to another worker after its worker
+    died starts a new run there, so the time it waited in between is not drawn as decoding.
+    """
+    decodes = decodes.sort_values(["req_id", "start"], kind="stable")
+    previous = decodes.shift()
+    same_run = (
+        (decodes["req_id"] == previous["req_id"])
+        & (decodes["worker_id"] == previous["worker_id"])
+        & (decodes["step"] == previous["step"] + 1)
+    )
     runs = decodes.groupby((~same_run).cumsum())
     return runs.agg(req_id=("req_id", "first"), start=("start", "min"), end=("end", "max"))
 
