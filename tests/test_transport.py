@@ -294,7 +294,7 @@ def test_publisher_knows_which_topics_anyone_subscribes_to(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_serve_loop_clock_tells_busy_from_idle(echo: ComponentProcess) -> None:
     """The loop's own clock: a call that keeps it busy half a second counts as busy, a quiet half second as idle."""
-    with RpcClient(echo.address, timeout_s=10) as client:
+    with echo.client(timeout_s=10) as client:
         before = client.call(LOOP)
         client.call("sleep", 0.5)
         time.sleep(0.5)
@@ -312,7 +312,7 @@ def test_heartbeats_tell_busy_from_dead(echo: ComponentProcess) -> None:
     assert wait_until(lambda: echo.heartbeat_age() < 0.5, 5)
 
     def sleep_in_the_child() -> None:
-        with RpcClient(echo.address, timeout_s=10) as client:
+        with echo.client(timeout_s=10) as client:
             client.call("sleep", 2.0)
 
     busy = threading.Thread(target=sleep_in_the_child)
@@ -338,7 +338,7 @@ def test_stop_escalates_to_sigterm_and_leaves_no_process_or_socket_file(tmp_path
     proc = start_echo("stuck", tmp_path)
     files = [ipc_path(a) for a in (proc.address, proc.spec.control_address, proc.spec.heartbeat_address)]
     assert all(path is not None and path.exists() for path in files)
-    with RpcClient(proc.address) as client, pytest.raises(RpcTimeoutError):
+    with proc.client() as client, pytest.raises(RpcTimeoutError):
         client.invoke("sleep", (30,), timeout_s=0.2)  # now busy for 30 s: the SHUTDOWN call goes unanswered
     started = time.monotonic()
     assert proc.stop(timeout_s=1.5) == 128 + signal.SIGTERM  # torch's own exit takes ~0.6 s here
