@@ -65,7 +65,7 @@ class Call(msgspec.Struct, tag="call", frozen=True):
     # A signed call (modkit.transport.security) travels as two frames, [Call, HMAC of the
     # first]; these make each signed frame unique, so a copied one cannot be sent again.
     sent_at: float = 0.0  # time.time() of the client; a server refuses one too far from its own clock
-    nonce: bytes = b""  # 16 random bytes; a server refuses one it has seen
+    client_id: bytes = b""  # 16 random bytes per client; its req_ids only grow, so a server refuses one seen
 
 
 class Reply(msgspec.Struct, tag="reply", frozen=True):

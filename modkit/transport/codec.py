@@ -92,7 +92,7 @@ class CallFrame(msgspec.Struct, tag="call", frozen=True):
     args: list[msgspec.Raw] = []
     kwargs: dict[str, msgspec.Raw] = {}
     sent_at: float = 0.0
-    nonce: bytes = b""
+    client_id: bytes = b""
 
 
 # What reaches an RPC server: every transport message, with calls read as CallFrames.

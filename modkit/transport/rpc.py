@@ -162,7 +162,7 @@ class RpcServer:
             return
         if self.guard is not None:
             try:
-                self.guard.check(call.method, frame, signature, call.sent_at, call.nonce)
+                self.guard.check(call, frame, signature)
             except PermissionError as error:  # refused before anything is decoded, looked up or run
                 log.warning("refused %r: %s", call.method, error)
                 self._send(identity, ErrorReply(call.req_id, "PermissionError", str(error), ""))
@@ -225,6 +225,7 @@ class RpcClient:
     ) -> None:
         self.address, self.timeout_s, self._ctx = address, timeout_s, ctx
         self.keys = security.keys_or_default(keys)
+        self._client_id = security.new_client_id()  # with the growing req_id, names each signed call once
         self._req_ids = itertools.count(1)
         self._socket = self._connect()
 
@@ -243,7 +244,7 @@ class RpcClient:
         """``call`` with an explicit timeout. Raises RpcTimeoutError, RemoteError, or TypeError (unencodable args)."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         req_id = next(self._req_ids)
-        frames = self._frames(Call(req_id, method, list(args), dict(kwargs or {})))
+        frames = self._frames(req_id, method, list(args), dict(kwargs or {}))
         deadline = time.monotonic() + timeout_s
         try:
             self._socket.send_multipart(frames, zmq.NOBLOCK)  # Again: the queue to the server is full
@@ -267,12 +268,11 @@ class RpcClient:
         self._reconnect()
         raise RpcTimeoutError(method, self.address, timeout_s)
 
-    def _frames(self, call: Call) -> list[bytes]:
-        """``[Call]``, or ``[Call, MAC]`` with a fresh time and nonce when this client holds keys."""
+    def _frames(self, req_id: int, method: str, args: list[Any], kwargs: dict[str, Any]) -> list[bytes]:
+        """``[Call]``, or ``[Call, MAC]`` with the time and this client's id when it holds keys."""
         if self.keys is None:
-            return [encode(call)]
-        sent_at, nonce = security.new_nonce()
-        frame = encode(Call(call.req_id, call.method, call.args, call.kwargs, sent_at, nonce))
+            return [encode(Call(req_id, method, args, kwargs))]
+        frame = encode(Call(req_id, method, args, kwargs, time.time(), self._client_id))
         return [frame, security.mac(frame, self.keys)]
 
     def ping(self, timeout_s: float = 1.0) -> dict[str, Any]:

@@ -10,12 +10,13 @@ notebook process may hold several pipelines.
 What is protected, and by what:
 
 - **Control calls** (RPC). A client with keys sends ``[Call, HMAC-SHA256(key, Call)]``;
-  the ``Call`` carries ``sent_at`` and a random ``nonce``, so the MAC covers the method,
-  the arguments, the request id, the time and the nonce. A server with keys refuses,
-  *before* decoding any argument or looking up the method, every call outside
-  ``OPEN_METHODS`` whose MAC is missing or wrong, whose ``sent_at`` is more than
-  ``REPLAY_WINDOW_S`` from its own clock, or whose nonce it has already seen: the
-  caller gets an ``ErrorReply`` naming ``PermissionError``, and nothing runs (a swap by
+  the ``Call`` carries ``sent_at`` and the client's random ``client_id``, so the MAC
+  covers the method, the arguments, the request id (which only grows, per client), the
+  time and the client. A server with keys refuses, *before* decoding any argument or
+  looking up the method, every call outside ``OPEN_METHODS`` whose MAC is missing or
+  wrong, whose ``sent_at`` is more than ``REPLAY_WINDOW_S`` from its own clock, or whose
+  request id is not above the last one it took from that client (a replay): the caller
+  gets an ``ErrorReply`` naming ``PermissionError``, and nothing runs (a swap by
   ``import_path`` imports nothing). ``OPEN_METHODS`` are the liveness reads (PING, LOOP,
   ``health``, ``stats``) that ``/health`` and ``/stats`` use.
 - **TCP endpoints** (``PipelineConfig.addresses`` overrides). With keys, every socket that
@@ -42,7 +43,6 @@ What is not:
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import hmac
 import secrets
@@ -55,10 +55,11 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from modkit.protocol import LOOP, PING, LaunchKeys
 from modkit.transport.addresses import InsecureAddressError, check_bind_address, is_loopback, split_tcp
+from modkit.transport.codec import CallFrame
 
 OPEN_METHODS = frozenset({PING, LOOP, "health", "stats"})  # answered without a MAC: liveness reads only
 REPLAY_WINDOW_S = 60.0  # a signed call is accepted this long (either way) from the server's clock
-NONCE_BYTES = 16
+CLIENT_ID_BYTES = 16
 ZAP_DOMAIN = "modkit"
 
 _process_keys: LaunchKeys | None = None
@@ -91,9 +92,9 @@ def keys_or_default(keys: LaunchKeys | None) -> LaunchKeys | None:
 # -- signed calls ---------------------------------------------------------------------------
 
 
-def new_nonce() -> tuple[float, bytes]:
-    """``(sent_at, nonce)`` for a call about to be signed."""
-    return time.time(), secrets.token_bytes(NONCE_BYTES)
+def new_client_id() -> bytes:
+    """A client's random id: with its growing request ids, it names each of its signed calls once."""
+    return secrets.token_bytes(CLIENT_ID_BYTES)
 
 
 def mac(frame: bytes, keys: LaunchKeys) -> bytes:
@@ -106,32 +107,33 @@ class CallGuard:
 
     def __init__(self, keys: LaunchKeys) -> None:
         self._key = bytes.fromhex(keys.secret)
-        self._seen: set[bytes] = set()
-        self._expiry: collections.deque[tuple[float, bytes]] = collections.deque()  # (forget at, nonce), in order
+        self._last: dict[bytes, tuple[int, float]] = {}  # client_id -> (highest req_id taken, time.monotonic())
+        self._next_sweep = time.monotonic() + REPLAY_WINDOW_S
 
-    def check(self, method: str, frame: bytes, signature: bytes | None, sent_at: float, nonce: bytes) -> None:
-        """Return if the call may run; raise ``PermissionError`` (saying why) if not."""
+    def check(self, call: CallFrame, frame: bytes, signature: bytes | None) -> None:
+        """Return if ``call`` (decoded from ``frame``) may run; raise ``PermissionError`` saying why if not."""
+        method = call.method
         if method in OPEN_METHODS:
             return
         if signature is None:
             raise PermissionError(f"{method!r} needs a signed call: this server takes control calls from its launch")
         if not hmac.compare_digest(hmac.digest(self._key, frame, hashlib.sha256), signature):
             raise PermissionError(f"{method!r}: the call's signature does not verify under this launch's key")
-        now = time.time()
-        if abs(now - sent_at) > REPLAY_WINDOW_S:
-            raise PermissionError(f"{method!r}: the call was signed {now - sent_at:.0f} s ago; refused as stale")
-        self._forget_expired(now)
-        if len(nonce) != NONCE_BYTES or nonce in self._seen:
-            raise PermissionError(f"{method!r}: the call's nonce was used before; refused as a replay")
-        self._seen.add(nonce)
-        self._expiry.append((sent_at + REPLAY_WINDOW_S, nonce))
+        if abs(time.time() - call.sent_at) > REPLAY_WINDOW_S:
+            raise PermissionError(f"{method!r}: the call was signed {time.time() - call.sent_at:.0f} s ago: stale")
+        last = self._last.get(call.client_id)
+        if len(call.client_id) != CLIENT_ID_BYTES or (last is not None and call.req_id <= last[0]):
+            raise PermissionError(f"{method!r}: request {call.req_id} of this client was taken before: a replay")
+        now = time.monotonic()
+        self._last[call.client_id] = (call.req_id, now)
+        if now > self._next_sweep:
+            self._forget_quiet_clients(now)
 
-    def _forget_expired(self, now: float) -> None:
-        # NOTE: a nonce is kept until its call would be refused as stale anyway, so the set
-        # stays as small as the calls of one window. Clocks are not monotonic here: an entry
-        # out of order only stays a little longer.
-        while self._expiry and self._expiry[0][0] < now - REPLAY_WINDOW_S:
-            self._seen.discard(self._expiry.popleft()[1])
+    def _forget_quiet_clients(self, now: float) -> None:
+        # NOTE: a client quiet for twice the window is forgotten: every call it signed is
+        # older than its last one, so by now each would be refused as stale anyway.
+        self._last = {c: seen for c, seen in self._last.items() if now - seen[1] < 2 * REPLAY_WINDOW_S}
+        self._next_sweep = now + REPLAY_WINDOW_S
 
 
 # -- CURVE on TCP ----------------------------------------------------------------------------
