@@ -109,8 +109,7 @@ class AsyncInbox:
     """An ``Inbox`` for asyncio code (the frontend's event loop): ``await recv()``."""
 
     def __init__(self, address: str, *, allow_remote: bool = False, keys: LaunchKeys | None = None) -> None:
-        # An asyncio view of the process's one context, so the ZAP handler of CURVE serves it too.
-        self._ctx = zmq.asyncio.Context.shadow(zmq.Context.instance().underlying)
+        self._ctx = zmq.asyncio.Context()
         self.socket = self._ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
@@ -127,7 +126,9 @@ class AsyncInbox:
             return None
 
     def close(self) -> None:
-        self.socket.close(linger=0)  # the context is the process's: it ends with the process
+        self.socket.close(linger=0)
+        security.stop_authenticator(self._ctx)  # a CURVE inbox's ZAP thread holds a socket of the context
+        self._ctx.term()
         remove_ipc_file(self.address)
 
 

@@ -33,8 +33,8 @@ What is not:
 
 - ``ipc://`` sockets carry no CURVE: their files live in a directory of mode 0700, so
   only this user can connect (``modkit.transport.addresses``). The PUSH/PULL inboxes and
-  the event publishers rely on that alone; so do signed calls against a same-user process
-  that can read the key from a child's memory.
+  the event publishers there rely on that alone. The user is the trust boundary: a
+  process of the same user can also read the keys out of a child's memory.
 - A server started without keys (``python -m modkit.worker`` by hand, ``RpcServer`` in
   a test) accepts every call, as before; it should listen on ipc:// only.
 - ``/health`` and ``/stats`` over HTTP are ``modkit.transport.serve``'s: ``/stats``
@@ -205,9 +205,18 @@ def _start_zap(ctx: zmq.Context[Any], keys: LaunchKeys) -> None:
         found[1].keys.add(keys.client_public.encode())
 
 
-def stop_authenticators() -> None:
-    """Stop every ZAP handler this process started (before its context is destroyed)."""
+def stop_authenticator(ctx: zmq.Context[Any]) -> None:
+    """Stop the ZAP handler of ``ctx``, if one runs (before the context is terminated: it holds a socket)."""
     with _zap_lock:
-        for auth, _ in _authenticators.values():
-            auth.stop()
+        found = _authenticators.pop(ctx.underlying, None)
+    if found is not None:
+        found[0].stop()
+
+
+def stop_authenticators() -> None:
+    """Stop every ZAP handler this process started (before its contexts are destroyed)."""
+    with _zap_lock:
+        found = list(_authenticators.values())
         _authenticators.clear()
+    for auth, _ in found:
+        auth.stop()
