@@ -103,6 +103,7 @@ class PipelineConfig:
     log_dir: str | None = None  # where each component writes <name>.log; None: a temporary directory per launch
     # Socket name -> endpoint, for sockets that must not be ipc files in one directory
     # (components on other hosts or containers); names as in modkit/pipeline/addresses.py.
+    # In a launch, a tcp:// socket speaks ZeroMQ CURVE with the launch's keys (transport/security.py).
     addresses: dict[str, str] | None = None
 
     # NOTE: the dataclass's __init__ would answer an unknown keyword with a bare TypeError;

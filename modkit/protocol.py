@@ -62,6 +62,10 @@ class Call(msgspec.Struct, tag="call", frozen=True):
     method: str  # a public method name (no leading underscore), or PING / SHUTDOWN
     args: list[Any] = []  # msgpack-encodable values: builtins, Structs, dataclasses
     kwargs: dict[str, Any] = {}
+    # A signed call (modkit.transport.security) travels as two frames, [Call, HMAC of the
+    # first]; these make each signed frame unique, so a copied one cannot be sent again.
+    sent_at: float = 0.0  # time.time() of the client; a server refuses one too far from its own clock
+    client_id: bytes = b""  # 16 random bytes per client; its req_ids only grow, so a server refuses one seen
 
 
 class Reply(msgspec.Struct, tag="reply", frozen=True):
@@ -99,6 +103,16 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True):
     sent_at: float
 
 
+class LaunchKeys(msgspec.Struct, frozen=True):
+    """The secrets of one launch, held by the launcher and its children only (``modkit.transport.security``)."""
+
+    secret: str  # hex: the HMAC-SHA256 key that signs control calls
+    server_public: str  # z85 CURVE keys: every tcp:// socket that binds is a CURVE server with these
+    server_secret: str
+    client_public: str  # ... and every one that connects, a CURVE client with these (the only one allowed)
+    client_secret: str
+
+
 class ChildSpec(msgspec.Struct, frozen=True):
     """What ``ComponentProcess.start`` tells its child: one JSON line on the child's stdin.
 
@@ -118,6 +132,8 @@ class ChildSpec(msgspec.Struct, frozen=True):
     log_level: str  # "INFO", "DEBUG", ...
     http_port: int | None = None  # serve GET /health and /stats here (None: the object serves HTTP itself, or none)
     http_host: str = "127.0.0.1"
+    http_api_key: str | None = None  # set: GET /stats asks for "Authorization: Bearer <it>" (/health stays open)
+    keys: LaunchKeys | None = None  # the launch's keys; the child makes them its process default
 
 
 TransportMessage = Call | Reply | ErrorReply | Ready | Heartbeat

@@ -13,6 +13,10 @@ to each child on its stdin, never on a command line). The receiver checks the HM
 constant time, before anything is unpickled; a payload signed under another key, or
 changed on the way, is refused with ``SignatureError`` and never loaded.
 
+A name or an import path travels in the ``swap`` call itself, and a component serves
+that call only when it is signed under the launch's key (``modkit.transport.security``),
+checked before the call is decoded: a module is imported only when the launch asked.
+
 What happens to the class once resolved (its trial, the guard, a rollback) is the same for
 every part: ``modkit.guard``.
 """

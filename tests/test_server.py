@@ -98,8 +98,8 @@ def engine_state(served: Served) -> dict[str, float]:
     """Requests running, steps taken and KV blocks, from ``/stats`` of whichever process holds them."""
     if served.kind == "in_process":
         return httpx.get(f"{served.url}/stats", headers=AUTH).json()
-    scheduler = httpx.get(f"http://127.0.0.1:{served.ports['scheduler']}/stats").json()
-    kv = httpx.get(f"http://127.0.0.1:{served.ports['kv_cache_manager']}/stats").json()["pools"][0]
+    scheduler = httpx.get(f"http://127.0.0.1:{served.ports['scheduler']}/stats", headers=AUTH).json()
+    kv = httpx.get(f"http://127.0.0.1:{served.ports['kv_cache_manager']}/stats", headers=AUTH).json()["pools"][0]
     return {
         "num_requests_running": scheduler["num_requests_running"],
         "num_steps": sum(w["num_steps"] for w in scheduler["workers"]),

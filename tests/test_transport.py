@@ -42,6 +42,7 @@ from modkit.transport import (
     tcp_address,
 )
 from modkit.transport.addresses import ipc_path
+from modkit.transport.security import new_launch_keys
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -147,6 +148,42 @@ def test_allowed_methods_and_serve_forever_in_a_thread(tmp_path: Path) -> None:
         assert not thread.is_alive()
     with pytest.raises(ValueError, match="_secret"):
         RpcServer(Echo(), f"ipc://{tmp_path}/allow2", allowed_methods=["_secret"])
+
+
+def test_a_server_with_keys_serves_only_signed_calls_and_liveness(tmp_path: Path) -> None:
+    keys, stop = new_launch_keys(), threading.Event()
+    with RpcServer(Echo(), f"ipc://{tmp_path}/signed", keys=keys) as server:
+        thread = threading.Thread(target=server.serve_forever, args=(stop,))
+        thread.start()
+        try:
+            with RpcClient(server.address, timeout_s=5, keys=keys) as client:
+                assert client.call("greet", "ada") == "hello, ada"
+            for other in (None, new_launch_keys()):  # unsigned; signed under another launch's key
+                with RpcClient(server.address, timeout_s=5, keys=other) as client:
+                    with pytest.raises(RemoteError, match="PermissionError"):
+                        client.call("greet", "eve")
+                    assert client.ping()["object"] == "Echo"  # liveness stays open
+        finally:
+            stop.set()
+            thread.join(5)
+
+
+def test_tcp_needs_the_launchs_curve_keys_and_beyond_loopback_keys_at_all() -> None:
+    with pytest.raises(InsecureAddressError, match="CURVE"):
+        RpcServer(Echo(), "tcp://0.0.0.0:0", allow_remote=True)  # allowed beyond loopback, but in the clear: no
+    keys, stop = new_launch_keys(), threading.Event()
+    with RpcServer(Echo(), "tcp://127.0.0.1:0", keys=keys) as server:
+        thread = threading.Thread(target=server.serve_forever, args=(stop,))
+        thread.start()
+        try:
+            with RpcClient(server.address, timeout_s=5, keys=keys) as client:
+                assert client.call("greet", "ada") == "hello, ada"
+            for other in (None, new_launch_keys()):  # no CURVE keys; another launch's: no handshake, no reply
+                with RpcClient(server.address, timeout_s=0.5, keys=other) as client, pytest.raises(RpcTimeoutError):
+                    client.ping()
+        finally:
+            stop.set()
+            thread.join(5)
 
 
 @pytest.mark.slow
@@ -294,7 +331,7 @@ def test_publisher_knows_which_topics_anyone_subscribes_to(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_serve_loop_clock_tells_busy_from_idle(echo: ComponentProcess) -> None:
     """The loop's own clock: a call that keeps it busy half a second counts as busy, a quiet half second as idle."""
-    with RpcClient(echo.address, timeout_s=10) as client:
+    with echo.client(timeout_s=10) as client:
         before = client.call(LOOP)
         client.call("sleep", 0.5)
         time.sleep(0.5)
@@ -312,7 +349,7 @@ def test_heartbeats_tell_busy_from_dead(echo: ComponentProcess) -> None:
     assert wait_until(lambda: echo.heartbeat_age() < 0.5, 5)
 
     def sleep_in_the_child() -> None:
-        with RpcClient(echo.address, timeout_s=10) as client:
+        with echo.client(timeout_s=10) as client:
             client.call("sleep", 2.0)
 
     busy = threading.Thread(target=sleep_in_the_child)
@@ -338,7 +375,7 @@ def test_stop_escalates_to_sigterm_and_leaves_no_process_or_socket_file(tmp_path
     proc = start_echo("stuck", tmp_path)
     files = [ipc_path(a) for a in (proc.address, proc.spec.control_address, proc.spec.heartbeat_address)]
     assert all(path is not None and path.exists() for path in files)
-    with RpcClient(proc.address) as client, pytest.raises(RpcTimeoutError):
+    with proc.client() as client, pytest.raises(RpcTimeoutError):
         client.invoke("sleep", (30,), timeout_s=0.2)  # now busy for 30 s: the SHUTDOWN call goes unanswered
     started = time.monotonic()
     assert proc.stop(timeout_s=1.5) == 128 + signal.SIGTERM  # torch's own exit takes ~0.6 s here

@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # openai loads only when a client is asked for
     import openai
 from modkit.transport import QUIET_THREADS, ComponentProcess
 from modkit.transport.process import default_log_dir
+from modkit.transport.security import new_launch_keys
 
 
 class Pipeline:
@@ -68,6 +69,7 @@ class Pipeline:
         self.num_blocks: list[int] = []  # each worker's KV pool
         self.recorder: Recorder | None = None
         self.swap_key = new_key()  # signs classes sent by value to its components (modkit.swap)
+        self.keys = new_launch_keys()  # sign control calls; CURVE on tcp:// (modkit.transport.security)
         self._closed = False
         self._cancel = threading.Event()
         self._finalizer = weakref.finalize(self, stop_all, self.processes, addresses.ipc_dir)
@@ -196,6 +198,8 @@ class Pipeline:
             cancel=self._cancel,
             http_port=spec.http_port,
             http_host=self.config.host,
+            http_api_key=self.config.api_key,
+            keys=self.keys,
         )
         self.specs[spec.name], self.processes[spec.name] = spec, process
         say(f"{spec.name} ready in {time.monotonic() - t0:.1f} s (pid {process.pid})\n")
@@ -254,7 +258,7 @@ class Pipeline:
         workers = [worker_name(i) for i in range(self.config.num_workers)]
         names = ["scheduler", "router", "kv_cache_manager", "frontend", "sampler", *workers]
         endpoints = {n: (self.addresses.events(n), self.addresses.rpc(n)) for n in names}
-        return EventStream(endpoints, timeout_s)
+        return EventStream(endpoints, timeout_s, keys=self.keys)
 
     def trace(self, settle_s: float = 0.1) -> Trace:
         """What the recorder kept since launch (or ``clear_trace``): DataFrames of steps, requests, blocks...

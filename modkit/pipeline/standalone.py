@@ -75,7 +75,7 @@ def run_component(kind: str, argv: list[str] | None = None) -> None:
             stack.callback(close)
         server = stack.enter_context(RpcServer(obj, addresses.rpc(name), allow_remote=config.allow_remote))
         if kind != "frontend":  # the frontend's app answers /health itself
-            http = HealthHTTPServer(config.host, port, server.address, name)
+            http = HealthHTTPServer(config.host, port, server.address, name, api_key=config.api_key)
             stack.callback(http.close)
         print(f"{name} serving: http://{config.host}:{port}/health", flush=True)
         with contextlib.suppress(KeyboardInterrupt):

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from modkit.protocol import LaunchKeys
 from modkit.trace.events import TOPICS, Hello, PipelineEvent
 from modkit.trace.trace import Trace, event_time
 from modkit.transport import RpcClient, Subscriber
@@ -32,13 +33,24 @@ BATCH_S = 0.05  # the recorder takes what arrived at most this often
 
 
 class EventStream:
-    """Every event of the publishers in ``endpoints`` ({component: (events address, rpc address)})."""
+    """Every event of the publishers in ``endpoints`` ({component: (events address, rpc address)}).
 
-    def __init__(self, endpoints: Mapping[str, tuple[str, str]], timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+    ``keys``: the launch's (``Pipeline.keys``), to sign the handshake's calls and reach
+    publishers on tcp:// over CURVE.
+    """
+
+    def __init__(
+        self,
+        endpoints: Mapping[str, tuple[str, str]],
+        timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        *,
+        keys: LaunchKeys | None = None,
+    ) -> None:
         if not endpoints:
             raise ValueError("no publishers to subscribe to")
         addresses = list(dict.fromkeys(events for events, _ in endpoints.values()))
-        self.subscriber = Subscriber(addresses[0], TOPICS, payload_type=PipelineEvent)
+        self.keys = keys
+        self.subscriber = Subscriber(addresses[0], TOPICS, payload_type=PipelineEvent, keys=keys)
         for address in addresses[1:]:
             self.subscriber.connect(address)
         self._early: collections.deque[PipelineEvent] = collections.deque()  # arrived during the handshake
@@ -56,7 +68,7 @@ class EventStream:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no Hello from {sorted(pending)} within {timeout_s:g} s: are they running?")
             for component in sorted(pending):
-                with RpcClient(endpoints[component][1], timeout_s=timeout_s) as rpc:
+                with RpcClient(endpoints[component][1], timeout_s=timeout_s, keys=self.keys) as rpc:
                     rpc.call("announce_events", token)
             until = time.monotonic() + 0.2
             while pending and (remaining := until - time.monotonic()) > 0:

@@ -4,8 +4,9 @@ A component is a plain Python object. ``ComponentProcess.start`` runs it in a ch
 process behind an ``RpcServer``; callers reach it with an ``RpcClient`` (``call`` or a
 typed ``proxy``). Streams that many processes listen to (KV cache events) go through
 ``Publisher`` / ``Subscriber``. Messages are msgpack (``codec``), never pickle; sockets
-bind to a private ipc directory or 127.0.0.1 only (``addresses``). The wire Structs live
-in ``modkit.protocol``.
+bind to a private ipc directory or 127.0.0.1 only (``addresses``). Control calls are
+signed with the launch's keys and tcp:// sockets speak CURVE (``security``). The wire
+Structs live in ``modkit.protocol``.
 
 ::
 

@@ -1,6 +1,8 @@
 """The child side of ``ComponentProcess``: ``python -m modkit.transport`` with a ChildSpec on stdin.
 
-1. Read one JSON line from stdin (a ``ChildSpec``), import ``target``, build the object.
+1. Read one JSON line from stdin (a ``ChildSpec``); make its keys this process's default
+   (every socket the component opens signs and checks calls with them, and speaks CURVE
+   on tcp://, see ``modkit.transport.security``); import ``target``, build the object.
 2. Serve it with ``RpcServer`` on ``address`` (and ``/health`` on ``http_port`` if given);
    send ``Ready`` to the launcher.
 3. Run ``modkit.transport.serve``'s loop: answer calls, run the object's own loop, send a
@@ -28,6 +30,7 @@ import msgspec
 import zmq
 
 from modkit.protocol import ChildSpec, Heartbeat, Ready
+from modkit.transport import security
 from modkit.transport.codec import convert_args, encode, signature
 from modkit.transport.rpc import RpcServer, new_socket
 from modkit.transport.serve import HealthHTTPServer, serve
@@ -58,6 +61,8 @@ def serve_child(spec: ChildSpec, stdin_fd: int) -> None:
     with contextlib.ExitStack() as cleanup:  # runs last-registered first: sockets, obj.close(), the context
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         cleanup.callback(ctx.destroy, linger=0)  # also closes any socket the object left open
+        cleanup.callback(security.stop_authenticators)  # CURVE's ZAP threads, before their context goes
+        security.set_process_keys(spec.keys)
         target = load_target(spec.target)
         args, kwargs = convert_args(signature(target), [], spec.kwargs)  # dicts back into declared Structs
         obj = target(*args, **kwargs)
@@ -71,7 +76,9 @@ def serve_child(spec: ChildSpec, stdin_fd: int) -> None:
         control.connect(spec.control_address)
         heartbeats.connect(spec.heartbeat_address)
         if spec.http_port is not None:  # bound before Ready: a taken port fails the start, with this log
-            http = HealthHTTPServer(spec.http_host, spec.http_port, server.address, spec.name)
+            http = HealthHTTPServer(
+                spec.http_host, spec.http_port, server.address, spec.name, keys=spec.keys, api_key=spec.http_api_key
+            )
             cleanup.callback(http.close)
         control.send(encode(Ready(spec.name, os.getpid(), server.address)))  # queued until connected
         log.info("%s ready: %s serving on %s", spec.name, spec.target, server.address)

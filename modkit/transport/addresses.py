@@ -6,13 +6,14 @@ An endpoint is one of:
   directory made for this launch with mode 0700, so only this user can connect (the file
   system is the authentication). The launcher removes the directory when it exits.
 - ``tcp://127.0.0.1:<port>`` (or ``:*``, which lets the OS pick; the server then reports
-  the real port): reachable by every local user, but not from other machines.
+  the real port): reachable by every local user, but not from other machines; in a
+  launch it speaks CURVE with the launch's keys (``modkit.transport.security``).
 - ``inproc://<name>``: inside one process (tests, notebooks).
 
 NOTE: binding an internal socket to ``*``, ``0.0.0.0`` or a public interface exposed
 vLLM's engines to the network (CVE-2025-30202). ``check_bind_address`` refuses any
 non-loopback TCP bind with ``InsecureAddressError`` unless the caller passes
-``allow_remote=True``, which should come with ZeroMQ CURVE authentication.
+``allow_remote=True``; ``security.bind`` also refuses one without CURVE keys.
 """
 
 from __future__ import annotations

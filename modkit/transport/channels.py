@@ -12,6 +12,11 @@ Why not RPC here: a scheduler that waited for each worker to answer could not pl
 next worker's step meanwhile, and a slow frontend would stall the engine. Pushing lets
 each loop go on; the receiver's loop wakes when its inbox is readable (``socket``).
 
+On a tcp:// address, with the launch's keys (``keys``, or the process default a launched
+child has), an inbox is a CURVE server that admits only the launch's outboxes: a frame
+pushed by anyone else never arrives (``modkit.transport.security``). On ipc:// the 0700
+directory is the only lock.
+
 ``Beacon`` sends a message every interval from a thread of its own: a worker's
 heartbeat keeps beating while its main thread is busy in a long forward, so "no beat"
 means the process is gone, not that it is slow.
@@ -28,8 +33,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from modkit.protocol import PipelineMessage
-from modkit.transport.addresses import check_bind_address, remove_ipc_file
+from modkit.protocol import LaunchKeys, PipelineMessage
+from modkit.transport import security
+from modkit.transport.addresses import remove_ipc_file
 from modkit.transport.codec import DecodeError, Decoder, encode
 from modkit.transport.rpc import new_socket
 
@@ -47,11 +53,11 @@ class ChannelFullError(RuntimeError):
 class Inbox:
     """Binds a PULL socket on ``address``; ``drain()`` takes whatever has arrived."""
 
-    def __init__(self, address: str, *, allow_remote: bool = False) -> None:
+    def __init__(self, address: str, *, allow_remote: bool = False, keys: LaunchKeys | None = None) -> None:
         self.socket = new_socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, 0)  # 0: no limit; the senders' HWM is what bounds the queue
-        self.socket.bind(check_bind_address(address, allow_remote=allow_remote))
-        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        keys = security.keys_or_default(keys)
+        self.address: str = security.bind(self.socket, address, keys, allow_remote=allow_remote)
 
     def drain(self) -> list[PipelineMessage]:
         """Every message waiting now (up to ``MAX_DRAIN``), in arrival order; never blocks."""
@@ -82,11 +88,11 @@ class Inbox:
 class Outbox:
     """Connects a PUSH socket to an ``Inbox``'s address; ``send`` never waits."""
 
-    def __init__(self, address: str, ctx: zmq.Context[Any] | None = None) -> None:
+    def __init__(self, address: str, ctx: zmq.Context[Any] | None = None, *, keys: LaunchKeys | None = None) -> None:
         self.address = address
         self.socket = new_socket(zmq.PUSH, ctx)
         self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
-        self.socket.connect(address)
+        security.connect(self.socket, address, security.keys_or_default(keys))
 
     def send(self, message: PipelineMessage) -> None:
         """Queue ``message`` for the inbox; ``ChannelFullError`` if ``SEND_HWM`` are already queued."""
@@ -102,13 +108,13 @@ class Outbox:
 class AsyncInbox:
     """An ``Inbox`` for asyncio code (the frontend's event loop): ``await recv()``."""
 
-    def __init__(self, address: str, *, allow_remote: bool = False) -> None:
+    def __init__(self, address: str, *, allow_remote: bool = False, keys: LaunchKeys | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
         self.socket = self._ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
-        self.socket.bind(check_bind_address(address, allow_remote=allow_remote))
-        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        keys = security.keys_or_default(keys)
+        self.address: str = security.bind(self.socket, address, keys, allow_remote=allow_remote)
 
     async def recv(self) -> PipelineMessage | None:
         """The next message; None for a frame that did not decode (logged)."""
@@ -121,6 +127,7 @@ class AsyncInbox:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+        security.stop_authenticator(self._ctx)  # a CURVE inbox's ZAP thread holds a socket of the context
         self._ctx.term()
         remove_ipc_file(self.address)
 

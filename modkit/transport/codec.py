@@ -91,6 +91,8 @@ class CallFrame(msgspec.Struct, tag="call", frozen=True):
     method: str
     args: list[msgspec.Raw] = []
     kwargs: dict[str, msgspec.Raw] = {}
+    sent_at: float = 0.0
+    client_id: bytes = b""
 
 
 # What reaches an RPC server: every transport message, with calls read as CallFrames.

@@ -2,7 +2,9 @@
 
 ``ComponentProcess.start`` launches ``python -m modkit.transport`` (see ``__main__.py``)
 and writes a ``ChildSpec`` as one JSON line to its stdin: no pickling, and nothing
-secret on the command line. The child imports ``target`` ("package.module:Name"),
+secret on the command line. The spec carries the launch's keys (``LaunchKeys``, see
+``modkit.transport.security``): the child signs its calls and checks the calls it
+serves with them, and ``client()`` here signs with the same keys. The child imports ``target`` ("package.module:Name"),
 builds the object from ``kwargs``, serves it with ``RpcServer`` and reports back over
 two sockets the launcher binds next to the child's::
 
@@ -42,10 +44,11 @@ from typing import Any, Literal, NoReturn
 import msgspec
 import zmq
 
-from modkit.protocol import ChildSpec, Heartbeat, Ready
+from modkit.protocol import ChildSpec, Heartbeat, LaunchKeys, Ready
 from modkit.transport.addresses import check_bind_address, ipc_address, remove_ipc_file
 from modkit.transport.codec import DecodeError, decode
 from modkit.transport.rpc import RemoteError, RpcClient, RpcTimeoutError, new_socket
+from modkit.transport.security import new_launch_keys
 
 # For components that do no tensor work: one thread, and no OpenMP spin-waiting, which
 # takes cores from a busy torch process beside it (the worker needs those cores).
@@ -112,6 +115,8 @@ class ComponentProcess:
         log_level: str = "INFO",
         http_port: int | None = None,
         http_host: str = "127.0.0.1",
+        http_api_key: str | None = None,
+        keys: LaunchKeys | None = None,
         cancel: threading.Event | None = None,
     ) -> ComponentProcess:
         """Launch ``target(**kwargs)`` in a child serving on ``address`` (default: a private ipc path).
@@ -119,7 +124,10 @@ class ComponentProcess:
         ``kwargs`` must be JSON-encodable; Struct and dataclass values are rebuilt in the child
         from ``target``'s annotations. ``env`` is added to this process's environment for the
         child (e.g. QUIET_THREADS, PYTHONPATH). With ``http_port`` the child also answers
-        ``GET /health`` and ``GET /stats`` there (``modkit.transport.serve``). Setting
+        ``GET /health`` and ``GET /stats`` there (``modkit.transport.serve``); with
+        ``http_api_key``, ``/stats`` asks for it as a bearer token. ``keys``: the launch's
+        (components that talk to each other must share them); None makes fresh ones for
+        this child alone. Setting
         ``cancel`` (from another thread) stops a start that is still waiting. Returns once the child sent Ready; raises
         ComponentStartError (with the child's last log lines) otherwise.
         """
@@ -138,6 +146,8 @@ class ComponentProcess:
             log_level=log_level,
             http_port=http_port,
             http_host=http_host,
+            http_api_key=http_api_key,
+            keys=keys if keys is not None else new_launch_keys(),
         )
         line = msgspec.json.encode(spec) + b"\n"  # TypeError here if kwargs are not JSON values
         proc = cls(spec, _new_log_path(log_dir or default_log_dir(), name), heartbeat_timeout_s)
@@ -186,8 +196,8 @@ class ComponentProcess:
         raise ComponentStartError(header + "\n" + self.log_tail())
 
     def client(self, timeout_s: float = 5.0) -> RpcClient:
-        """A new RPC client for this component (the caller closes it)."""
-        return RpcClient(self.address, timeout_s)
+        """A new RPC client for this component, signing with its keys (the caller closes it)."""
+        return RpcClient(self.address, timeout_s, keys=self.spec.keys)
 
     def heartbeat_age(self) -> float:
         """Seconds since the child's serve loop last reported (since start, before the first report)."""
@@ -226,7 +236,7 @@ class ComponentProcess:
         """
         if self._popen.poll() is None:
             deadline = time.monotonic() + timeout_s
-            with RpcClient(self.address) as rpc, contextlib.suppress(RpcTimeoutError, RemoteError):
+            with self.client() as rpc, contextlib.suppress(RpcTimeoutError, RemoteError):
                 rpc.shutdown(timeout_s=min(1.0, timeout_s))
             for escalate in (self._popen.terminate, self._popen.kill, None):
                 try:

@@ -15,6 +15,10 @@ subscribed are lost as well (the "slow joiner"). ``Subscriber`` notices drops fr
 gaps in ``seq`` and counts them in ``missed``; a consumer that must not miss anything
 (a router mirroring a KV cache) then resynchronises, e.g. by asking for a snapshot.
 
+On a tcp:// address, with the launch's keys (``keys``, or the process default), the
+publisher is a CURVE server that admits only the launch's subscribers
+(``modkit.transport.security``); on ipc:// the 0700 directory is the only lock.
+
 Timeouts: ``Subscriber.recv(timeout_s)`` returns None when nothing arrives in time, so a
 loop that also serves RPC or checks its parent never blocks on a quiet publisher.
 
@@ -34,7 +38,8 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from modkit.transport.addresses import check_bind_address
+from modkit.protocol import LaunchKeys
+from modkit.transport import security
 from modkit.transport.codec import DecodeError, Decoder, encode
 from modkit.transport.rpc import new_socket
 
@@ -60,11 +65,12 @@ class Publisher:
         hwm: int = DEFAULT_HWM,
         allow_remote: bool = False,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        keys: LaunchKeys | None = None,
     ) -> None:
         self.socket = new_socket(zmq.XPUB, ctx)  # a PUB that tells which topics are subscribed
         self.socket.setsockopt(zmq.SNDHWM, hwm)
-        self.socket.bind(check_bind_address(address, allow_remote=allow_remote))
-        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        keys = security.keys_or_default(keys)
+        self.address: str = security.bind(self.socket, address, keys, allow_remote=allow_remote)
         self._next_seq: dict[str, int] = {}
         self._prefixes: set[bytes] = set()  # the topic prefixes at least one subscriber holds
         self._wanted: dict[str, bool] = {}  # wants() per topic, until the subscriptions change
@@ -124,13 +130,15 @@ class Subscriber:
         payload_type: Any = Any,
         hwm: int = DEFAULT_HWM,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        keys: LaunchKeys | None = None,
     ) -> None:
         self.address = address
+        self.keys = security.keys_or_default(keys)
         self.socket = new_socket(zmq.SUB, ctx)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
         for topic in topics:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self.socket.connect(address)
+        security.connect(self.socket, address, self.keys)
         self.missed = 0
         self.addresses = [address]
         self.last_seq: dict[str, int] = {}
@@ -138,7 +146,7 @@ class Subscriber:
 
     def connect(self, address: str) -> None:
         """Also listen to the publisher at ``address`` (one SUB socket merges many publishers)."""
-        self.socket.connect(address)
+        security.connect(self.socket, address, self.keys)
         self.addresses.append(address)
 
     def recv(self, timeout_s: float) -> Delivery | None:

@@ -2,8 +2,15 @@
 
 Frames (each payload is one msgpack frame, see ``modkit.protocol``)::
 
-    client DEALER  --[ Call ]-------------------->  ROUTER server   (arrives as [identity, Call])
+    client DEALER  --[ Call, MAC ]--------------->  ROUTER server   (arrives as [identity, Call, MAC])
     client DEALER  <--[ Reply | ErrorReply ]------  ROUTER server   (sent as [identity, reply])
+
+The MAC frame is there when the client holds the launch's keys (``keys``, or the
+process default a launched child has): HMAC-SHA256 of the Call frame. A server with keys
+refuses a control call that is not signed, signed under other keys, stale or replayed,
+with an ``ErrorReply`` naming ``PermissionError``, before it decodes an argument; only
+liveness reads stay open (``modkit.transport.security``, which also makes every tcp://
+socket a CURVE one).
 
 The server runs ``getattr(obj, call.method)(*args, **kwargs)`` for public methods only
 (no leading underscore, and only those in ``allowed_methods`` if given), after converting
@@ -43,8 +50,8 @@ from typing import Any, TypeVar, cast
 
 import zmq
 
-from modkit.protocol import LOOP, PING, SHUTDOWN, Call, ErrorReply, Reply
-from modkit.transport.addresses import check_bind_address
+from modkit.protocol import LOOP, PING, SHUTDOWN, Call, ErrorReply, LaunchKeys, Reply
+from modkit.transport import security
 from modkit.transport.codec import (
     CallFrame,
     DecodeError,
@@ -97,6 +104,7 @@ class RpcServer:
         *,
         allow_remote: bool = False,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        keys: LaunchKeys | None = None,
     ) -> None:
         self.obj = obj
         self.allowed = None if allowed_methods is None else frozenset(allowed_methods)
@@ -104,8 +112,9 @@ class RpcServer:
             if name.startswith("_") or not callable(getattr(obj, name, None)):
                 raise ValueError(f"allowed method {name!r} is not a public method of {type(obj).__name__}")
         self.socket = new_socket(zmq.ROUTER, ctx)  # exposed for callers that poll several sockets together
-        self.socket.bind(check_bind_address(address, allow_remote=allow_remote))
-        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        keys = security.keys_or_default(keys)  # None: no keys, every call is served (started by hand)
+        self.guard = None if keys is None else security.CallGuard(keys)
+        self.address: str = security.bind(self.socket, address, keys, allow_remote=allow_remote)
         self.shutdown_requested = False  # set by a SHUTDOWN call; serve loops end when they see it
         self.loop_clock: Callable[[], dict[str, float]] | None = None  # answers LOOP calls; set by serve()
         self._signatures: dict[str, inspect.Signature | None] = {}
@@ -137,10 +146,10 @@ class RpcServer:
         self.close()
 
     def _handle(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:  # [identity, Call]; anything else was not sent by an RpcClient
-            log.warning("dropped a message of %d frames (expected 2: identity, call)", len(frames))
+        if len(frames) not in (2, 3):  # [identity, Call] or [identity, Call, MAC]; else not from an RpcClient
+            log.warning("dropped a message of %d frames (expected identity, call and maybe a MAC)", len(frames))
             return
-        identity, frame = frames
+        identity, frame, signature = frames[0], frames[1], frames[2] if len(frames) == 3 else None
         try:
             call = server_decoder.decode(frame)  # the arguments stay msgpack until _dispatch
         except DecodeError as error:
@@ -151,6 +160,13 @@ class RpcServer:
         if not isinstance(call, CallFrame):
             log.warning("dropped a %s sent to an RPC server (only calls are served)", type(call).__name__)
             return
+        if self.guard is not None:
+            try:
+                self.guard.check(call, frame, signature)
+            except PermissionError as error:  # refused before anything is decoded, looked up or run
+                log.warning("refused %r: %s", call.method, error)
+                self._send(identity, ErrorReply(call.req_id, "PermissionError", str(error), ""))
+                return
         try:
             reply: Reply | ErrorReply = Reply(call.req_id, self._dispatch(call))
         except Exception as error:
@@ -193,12 +209,23 @@ class RpcServer:
 
 
 class RpcClient:
-    """Calls the object served at ``address``; every call gives up after ``timeout_s`` seconds."""
+    """Calls the object served at ``address``; every call gives up after ``timeout_s`` seconds.
+
+    With ``keys`` (default: the process's, see ``modkit.transport.security``) every call is
+    signed, and a tcp:// address is reached over CURVE.
+    """
 
     def __init__(
-        self, address: str, timeout_s: float = 5.0, *, ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self,
+        address: str,
+        timeout_s: float = 5.0,
+        *,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        keys: LaunchKeys | None = None,
     ) -> None:
         self.address, self.timeout_s, self._ctx = address, timeout_s, ctx
+        self.keys = security.keys_or_default(keys)
+        self._client_id = security.new_client_id()  # with the growing req_id, names each signed call once
         self._req_ids = itertools.count(1)
         self._socket = self._connect()
 
@@ -217,10 +244,10 @@ class RpcClient:
         """``call`` with an explicit timeout. Raises RpcTimeoutError, RemoteError, or TypeError (unencodable args)."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         req_id = next(self._req_ids)
-        frame = encode(Call(req_id, method, list(args), dict(kwargs or {})))
+        frames = self._frames(req_id, method, list(args), dict(kwargs or {}))
         deadline = time.monotonic() + timeout_s
         try:
-            self._socket.send(frame, zmq.NOBLOCK)  # Again: the queue to the server is full
+            self._socket.send_multipart(frames, zmq.NOBLOCK)  # Again: the queue to the server is full
         except zmq.Again:
             self._reconnect()
             raise RpcTimeoutError(method, self.address, timeout_s) from None
@@ -240,6 +267,13 @@ class RpcClient:
             return reply.result
         self._reconnect()
         raise RpcTimeoutError(method, self.address, timeout_s)
+
+    def _frames(self, req_id: int, method: str, args: list[Any], kwargs: dict[str, Any]) -> list[bytes]:
+        """``[Call]``, or ``[Call, MAC]`` with the time and this client's id when it holds keys."""
+        if self.keys is None:
+            return [encode(Call(req_id, method, args, kwargs))]
+        frame = encode(Call(req_id, method, args, kwargs, time.time(), self._client_id))
+        return [frame, security.mac(frame, self.keys)]
 
     def ping(self, timeout_s: float = 1.0) -> dict[str, Any]:
         """The server's pid and object type; RpcTimeoutError if its serve loop is not turning."""
@@ -264,7 +298,7 @@ class RpcClient:
 
     def _connect(self) -> zmq.Socket[bytes]:
         sock = new_socket(zmq.DEALER, self._ctx)
-        sock.connect(self.address)
+        security.connect(sock, self.address, self.keys)
         return sock
 
     def _reconnect(self) -> None:

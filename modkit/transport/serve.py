@@ -21,12 +21,15 @@ answers calls.
 The HTTP port is a small stdlib server on a thread of its own. It does not touch the
 object: it asks the serve loop over RPC (``health``, ``stats``), so ``/health`` answers
 200 only while the loop really turns, and 503 when the object says it cannot do its job
-or the loop does not answer in time.
+or the loop does not answer in time. ``/health`` is open to anyone who reaches the port;
+with an ``api_key``, ``/stats`` answers 401 unless the request carries
+``Authorization: Bearer <api_key>``.
 """
 
 from __future__ import annotations
 
 import cProfile
+import hmac
 import json
 import logging
 import os
@@ -41,7 +44,7 @@ from typing import Any, Protocol
 import zmq
 
 from modkit.heap import frozen_heap
-from modkit.protocol import LOOP
+from modkit.protocol import LOOP, LaunchKeys
 from modkit.transport.rpc import RemoteError, RpcClient, RpcServer, RpcTimeoutError
 
 log = logging.getLogger(__name__)
@@ -143,10 +146,22 @@ def _serve(
 
 
 class HealthHTTPServer:
-    """``GET /health`` and ``GET /stats`` on ``host:port``, answered by calling the serve loop at ``rpc_address``."""
+    """``GET /health`` and ``GET /stats`` on ``host:port``, answered by calling the serve loop at ``rpc_address``.
 
-    def __init__(self, host: str, port: int, rpc_address: str, name: str) -> None:
-        handler = _handler_class(rpc_address, name)
+    ``keys`` sign those calls (the launch's); ``api_key``, if set, guards ``/stats``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        rpc_address: str,
+        name: str,
+        *,
+        keys: LaunchKeys | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        handler = _handler_class(rpc_address, name, keys, api_key)
         self.httpd = ThreadingHTTPServer((host, port), handler)  # OSError here if the port is taken
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -159,16 +174,21 @@ class HealthHTTPServer:
         self._thread.join(timeout=2)
 
 
-def _handler_class(rpc_address: str, name: str) -> type[BaseHTTPRequestHandler]:
+def _handler_class(
+    rpc_address: str, name: str, keys: LaunchKeys | None, api_key: str | None
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?")[0].rstrip("/")
             if path not in ("/health", "/stats"):
                 self._reply(404, {"error": f"no route {self.path}; try /health or /stats"})
                 return
+            if path != "/health" and not self._authorized():
+                self._reply(401, _unauthorized(path))
+                return
             method = path.lstrip("/")
             try:
-                with RpcClient(rpc_address, HEALTH_RPC_TIMEOUT_S) as rpc:
+                with RpcClient(rpc_address, HEALTH_RPC_TIMEOUT_S, keys=keys) as rpc:
                     body = rpc.call(method)
                     if method == "stats" and isinstance(body, dict):  # with the serve loop's clock
                         body["loop"] = rpc.call(LOOP)
@@ -183,10 +203,18 @@ def _handler_class(rpc_address: str, name: str) -> type[BaseHTTPRequestHandler]:
             ok = method != "health" or body.get("status") == "ok"
             self._reply(200 if ok else 503, body)
 
+        def _authorized(self) -> bool:
+            if api_key is None:
+                return True
+            given = self.headers.get("Authorization", "")
+            return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+
         def _reply(self, code: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
+            if code == 401:
+                self.send_header("WWW-Authenticate", "Bearer")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -195,3 +223,9 @@ def _handler_class(rpc_address: str, name: str) -> type[BaseHTTPRequestHandler]:
             log.debug("%s %s", self.address_string(), format % args)
 
     return Handler
+
+
+def _unauthorized(path: str) -> dict[str, Any]:
+    """The OpenAI error shape, as the frontend answers a missing or wrong key."""
+    message = f"{path} needs the API key: send 'Authorization: Bearer <api_key>'"
+    return {"error": {"message": message, "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
