@@ -60,6 +60,7 @@ from modkit.trace import EventStream, Recorder, Trace
 if TYPE_CHECKING:  # openai loads only when a client is asked for
     import openai
 from modkit.transport import QUIET_THREADS, ComponentProcess
+from modkit.transport.addresses import run_dir
 from modkit.transport.process import default_log_dir
 from modkit.transport.rundirs import sweep_stale_dirs
 
@@ -210,7 +211,7 @@ class Pipeline:
         self.wait_healthy()
 
     def _start_together(self, specs: list[ComponentSpec], say: Callable[[str], None]) -> None:
-        default_log_dir()  # made once, before the threads race for it
+        default_log_dir(), run_dir()  # each made once, before the threads race for them
         pool = ThreadPoolExecutor(len(specs))
         futures = [pool.submit(self._start, spec, say) for spec in specs]
         try:

@@ -28,7 +28,10 @@ the launch prints progress (a terminal, a notebook cell: one short line each), e
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 import weakref
@@ -177,6 +180,10 @@ class Supervisor:
         down = self.down[name]
         self._recent(name).append(time.monotonic())
         t0 = time.monotonic()
+        hung = pipeline.processes[name]
+        if hung.returncode is None:  # unresponsive: no polite shutdown (it would not answer), SIGKILL at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung.pid, signal.SIGKILL)
         try:
             pipeline.restart(name)
         except Exception as error:

@@ -83,7 +83,7 @@ def stream_chat(url: str, prompt: str, max_tokens: int = KILL_TOKENS) -> Streame
 
 
 def chat(url: str, prompt: str, max_tokens: int = 12) -> str:
-    body = {"model": EMBEDDED_MODEL_NAME, "messages": [{"role": "user", "content": prompt}]}
+    body: dict[str, object] = {"model": EMBEDDED_MODEL_NAME, "messages": [{"role": "user", "content": prompt}]}
     body |= {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
     reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     assert reply.status_code == 200, reply.text
@@ -339,6 +339,17 @@ def test_every_directory_made_is_private(pipeline: Launched) -> None:
         assert json.loads((d / OWNER_FILE).read_text())["pid"] == os.getpid()
 
 
+def what_runs(p: Pipeline) -> str:
+    """What the router and scheduler think, and their last log lines: for a test that timed out."""
+    health, stats = p.health(), p.stats()
+    workers = [{k: w[k] for k in ("num_requests_running", "num_steps")} for w in stats["scheduler"]["workers"]]
+    return (
+        f"router alive {health['router'].get('workers_alive')}, scheduler alive "
+        f"{health['scheduler'].get('workers_alive')}, workers {workers}, down {p.down()}\n"
+        + "\n".join(p.logs(name, 15) for name in ("router", "scheduler", "worker-0", "worker-1"))
+    )
+
+
 def wait_healthy_again(p: Pipeline, timeout_s: float = 120.0) -> None:
     def ok() -> bool:
         return p.down() == {} and all(h["http_status"] == 200 for h in p.health().values())
@@ -363,7 +374,8 @@ def test_a_worker_killed_mid_stream_with_two_workers(pipeline: Launched, oracle:
         killed_at = time.monotonic()
         frontend = f"{url}/health"
         degraded = wait_until(lambda: get_json(frontend).get("down") == ["worker-1"], 5)
-        results = [s.result(timeout=60) for s in streams]
+        assert wait_until(lambda: all(s.done() for s in streams), 60), what_runs(p)
+        results = [s.result() for s in streams]
     assert degraded, "the frontend's /health never named worker-1 as down"
     assert [r.error for r in results] == [None] * len(PROMPTS)
     assert [r.text for r in results] == [oracle[prompt] for prompt in PROMPTS]
