@@ -94,7 +94,8 @@ class Supervisor:
 
     def states(self) -> dict[str, str]:
         """What is down now: {name: "restarting" or "failed"}."""
-        return {name: "failed" if d.failed is not None else "restarting" for name, d in self.down.items()}
+        down = self.down.copy()  # NOTE: asked from other threads; copy() is atomic, iterating the live dict is not
+        return {name: "failed" if d.failed is not None else "restarting" for name, d in down.items()}
 
     def _run(self, ref: weakref.ref[Pipeline]) -> None:
         while not self._stop.wait(CHECK_INTERVAL_S):
@@ -197,8 +198,11 @@ class Supervisor:
             self._tell(logging.WARNING, f"{name} {down.why}; " + self._plan(name))
             return
         del self.down[name]
-        back = pipeline.processes[name]
-        self._tell(logging.INFO, f"{name} is back (pid {back.pid}, {time.monotonic() - t0:.1f} s to restart)")
+        back, now = pipeline.processes[name], time.monotonic()
+        self._tell(
+            logging.INFO,
+            f"{name} is back (pid {back.pid}; restarted in {now - t0:.1f} s, down {now - down.since:.1f} s)",
+        )
 
     def _tell_frontend(self, pipeline: Pipeline) -> None:
         """Send the frontend the list of what is down, when it changed or the frontend is new."""
