@@ -8,11 +8,16 @@ Every ``CHECK_INTERVAL_S`` it looks at each component's process (``ComponentProc
   a while; only a silence far longer than any step counts. (A model that loads slowly is no
   concern here: a process is watched only once it is ready.)
 
-A component found dead is *down* until it serves again. The supervisor restarts it with
+A hung process is SIGKILLed when found. A component found dead is *down* until it serves
+again. The supervisor restarts it with
 ``Pipeline.restart`` (the same settings, and whatever a restart tells the others), one at a
 time, under the pipeline's lock, so it never races a ``restart``, ``swap`` or ``shutdown``
 of the user's. The first restart is at once; within ``restart_window_s``, each further one
-waits ``restart_backoff_s``, then twice as long each time (``MAX_BACKOFF_S`` at most).
+waits ``restart_backoff_s``, then twice as long each time (``MAX_BACKOFF_S`` at most). A
+dead worker is restarted only once the router has marked it dead (no heartbeat for 3 s;
+``ROUTER_NOTICE_S`` at most): the router and scheduler learn of a death only from the gap in
+its heartbeats, and a new worker's heartbeats would hide it, leaving the requests it ran
+waiting for ever instead of moving to another worker (or failing, if there is none).
 After ``max_restarts`` restarts in the window, the next death is final: the component is
 *failed*, the supervisor says so and leaves it (``Pipeline.restart`` by hand tries again
 and, if it serves, puts it back in the supervisor's care).
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 0.2
 MAX_BACKOFF_S = 60.0
 SET_DOWN_TIMEOUT_S = 2.0
+ROUTER_NOTICE_S = 10.0  # how long a dead worker's restart waits for the router to mark it dead
 
 
 @dataclass(slots=True)
@@ -116,7 +122,9 @@ class Supervisor:
             for name, process in pipeline.processes.items():
                 self._note(name, process)
             self._tell_frontend(pipeline)
-            due = [n for n, d in self.down.items() if d.failed is None and d.next_try <= time.monotonic()]
+            now = time.monotonic()
+            due = [n for n, d in self.down.items() if d.failed is None and d.next_try <= now]
+            due = [n for n in due if self._router_noticed(pipeline, n)]
             if due:
                 self._restart(pipeline, due[0])  # one at a time: the next check takes the next
                 self._tell_frontend(pipeline)
@@ -133,6 +141,9 @@ class Supervisor:
                 del self.down[name]  # it serves again (restarted by hand meanwhile)
             return
         if down is None:
+            if process.returncode is None:  # hung: it would not answer a polite shutdown
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
             now = time.monotonic()
             self.down[name] = Down(why, now, now + self._backoff(name))
             if self._restarts_left(name):
@@ -165,8 +176,8 @@ class Supervisor:
 
     def _plan(self, name: str) -> str:
         wait, n = self._backoff(name), len(self._recent(name))
-        when = "now" if wait == 0 else f"in {wait:g} s"
-        return f"restarting it {when} ({n + 1} of {self.config.max_restarts} in {self.config.restart_window_s:g} s)"
+        when = "" if wait == 0 else f" in {wait:g} s"
+        return f"restarting it{when} ({n + 1} of {self.config.max_restarts} in {self.config.restart_window_s:g} s)"
 
     def _give_up(self, name: str, process: ComponentProcess) -> None:
         down = self.down[name]
@@ -181,10 +192,6 @@ class Supervisor:
         down = self.down[name]
         self._recent(name).append(time.monotonic())
         t0 = time.monotonic()
-        hung = pipeline.processes[name]
-        if hung.returncode is None:  # unresponsive: no polite shutdown (it would not answer), SIGKILL at once
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(hung.pid, signal.SIGKILL)
         try:
             pipeline.restart(name)
         except Exception as error:
@@ -203,6 +210,21 @@ class Supervisor:
             logging.INFO,
             f"{name} is back (pid {back.pid}; restarted in {now - t0:.1f} s, down {now - down.since:.1f} s)",
         )
+
+    def _router_noticed(self, pipeline: Pipeline, name: str) -> bool:
+        """For a worker: whether the router has marked it dead (or ``ROUTER_NOTICE_S`` has passed, or
+        there is no router to ask). True for any other component."""
+        router = pipeline.processes.get("router")
+        if not name.startswith("worker-") or router is None or "router" in self.down:
+            return True
+        if time.monotonic() - self.down[name].since > ROUTER_NOTICE_S:
+            return True
+        try:
+            with router.client(timeout_s=1.0) as rpc:
+                alive = rpc.call("health")["workers_alive"]
+        except Exception:  # busy: asked again at the next check (ROUTER_NOTICE_S bounds the wait)
+            return False
+        return int(name.removeprefix("worker-")) not in alive
 
     def _tell_frontend(self, pipeline: Pipeline) -> None:
         """Send the frontend the list of what is down, when it changed or the frontend is new."""
