@@ -289,7 +289,9 @@ class Pipeline:
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
         """Wait until every ``/health`` answers 200 and the router's subscription to the KV cache
         manager's events has arrived (ZeroMQ drops events published before it: the router would
-        route cold); RuntimeError naming those that are not ready."""
+        route cold); RuntimeError naming those that are not ready. A frontend that says
+        "degraded" serves (what it names is waited for on its own), and while the supervisor
+        runs, a component whose process exited is its to restart, not waited for here."""
         deadline = time.monotonic() + timeout_s
         while True:
             health = self.health()
