@@ -33,6 +33,7 @@ import pytest
 from waiting import wait_until
 
 from modkit import LLM, Pipeline, SamplingParams
+from modkit.config import ConfigError, PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.transport.process import default_log_dir
 from modkit.transport.rundirs import OWNER_FILE, process_start_time
@@ -423,3 +424,26 @@ def test_the_restart_limit(pipeline: Launched) -> None:
     p.restart("sampler")
     wait_healthy_again(p)
     assert chat(p.url, "Hello!")
+
+
+BAD_SETTINGS = [
+    ("max_restarts", -1),
+    ("restart_window_s", 0),
+    ("restart_window_s", float("inf")),
+    ("restart_backoff_s", -0.5),
+    ("restart_unresponsive_after_s", float("nan")),
+    ("supervise", "yes"),
+]
+
+
+@pytest.mark.parametrize(("field_name", "value"), BAD_SETTINGS)
+def test_a_bad_supervision_setting_is_refused(field_name: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field_name):
+        PipelineConfig.from_dict({field_name: value})
+
+
+def test_supervision_flags() -> None:
+    config = PipelineConfig.from_cli(
+        ["--no-supervise", "--max-restarts", "2", "--restart-unresponsive-after-s", "none"]
+    )
+    assert (config.supervise, config.max_restarts, config.restart_unresponsive_after_s) == (False, 2, None)
