@@ -105,6 +105,14 @@ class PipelineConfig:
     # (components on other hosts or containers); names as in modkit/pipeline/addresses.py.
     # In a launch, a tcp:// socket speaks ZeroMQ CURVE with the launch's keys (transport/security.py).
     addresses: dict[str, str] | None = None
+    # -- supervision (modkit/pipeline/supervisor.py) ----------------------------------------------
+    supervise: bool = True  # restart a component whose process died (or hung), with the same settings
+    max_restarts: int = 5  # restarts of one component within restart_window_s; the next death is final
+    restart_window_s: float = 300.0
+    restart_backoff_s: float = 1.0  # the first restart is at once; the next waits this, then twice as long...
+    restart_unresponsive_after_s: float | None = 300.0  # a live process silent this long is hung; None: never
+    # NOTE: a component's heartbeat waits while its serve loop is busy (a long forward, a slow
+    # call), so "hung" must mean far longer than any step can take.
 
     # NOTE: the dataclass's __init__ would answer an unknown keyword with a bare TypeError;
     # checking the names here first gives it the same "did you mean ...?" as the other sources.
@@ -148,6 +156,11 @@ class PipelineConfig:
                 "use to_dict(include_secrets=True) to keep the key",
             )
         _check_str("log_dir", self.log_dir, optional=True)
+        _check_bool("supervise", self.supervise)
+        _check_int("max_restarts", self.max_restarts, minimum=0)
+        _check_seconds("restart_window_s", self.restart_window_s)
+        _check_seconds("restart_backoff_s", self.restart_backoff_s, minimum=0.0)
+        _check_seconds("restart_unresponsive_after_s", self.restart_unresponsive_after_s, optional=True)
         self._check_ports()
         self._check_addresses()
 
@@ -326,6 +339,20 @@ def _check_fraction(name: str, value: object) -> None:
         raise ConfigError(name, f"must be a number in (0, 1], {_got(value)}")
     if not 0.0 < value <= 1.0:  # also refuses NaN
         raise ConfigError(name, f"must be a number in (0, 1], got {value!r}")
+
+
+def _check_seconds(name: str, value: object, *, minimum: float | None = None, optional: bool = False) -> None:
+    """A finite number of seconds, > 0 (or >= ``minimum`` when given)."""
+    if value is None and optional:
+        return
+    allowed = "a number of seconds " + (f">= {minimum:g}" if minimum is not None else "> 0")
+    if optional:
+        allowed = f"None or {allowed}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be {allowed}, {_got(value)}")
+    too_small = value < minimum if minimum is not None else value <= 0
+    if too_small or value != value or value == float("inf"):  # value != value: NaN
+        raise ConfigError(name, f"must be {allowed}, got {value!r}")
 
 
 def _check_bool(name: str, value: object) -> None:

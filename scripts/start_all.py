@@ -11,7 +11,11 @@ stream while serving and save it as a trace (``modkit.trace.Trace``) when stoppi
 ``--ports N`` or ``--ports auto``: every port laid out from N, or from a free run of ports,
 as ``Pipeline.launch(ports=...)`` does (the default keeps 8001-8006). It
 starts every component, waits until each ``/health`` answers 200, prints the URLs, and
-serves. On Ctrl-C or SIGTERM it drains:
+serves. While it serves, the supervisor restarts a component that dies (``--no-supervise``
+turns that off; ``--max-restarts``, ``--restart-window-s``, ``--restart-backoff-s`` bound
+it) and each change is printed: "degraded: frontend restarting" while a part is down (the
+API does not answer while the frontend is), "serving again" once all are back. A log
+directory it makes (``--log-dir``) is mode 0700. On Ctrl-C or SIGTERM it drains:
 new requests get 503 while those in flight finish (30 s at most; a second signal cuts
 that short); then it stops every process, frees every port and exits 0. A bad flag exits 2
 with the field named.
@@ -30,6 +34,16 @@ from modkit.config import ConfigError, PipelineConfig
 from modkit.pipeline.preflight import PortInUseError
 
 DRAIN_TIMEOUT_S = 30.0
+STATUS_INTERVAL_S = 0.5
+
+
+def describe(down: dict[str, str]) -> str:
+    """The status line for what is down now (``Pipeline.down()``)."""
+    if not down:
+        return "serving again: every component is back"
+    parts = ", ".join(f"{name} {state}" for name, state in sorted(down.items()))
+    gone = " (the API does not answer)" if "frontend" in down else ""
+    return f"degraded: {parts}{gone}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, url in pipeline.urls().items():
             print(f"  {name:<17} {url}")
         print("serving; Ctrl-C or SIGTERM drains, then stops every component", flush=True)
-        while not stop.wait(1.0):
-            pass
+        down: dict[str, str] = {}
+        while not stop.wait(STATUS_INTERVAL_S):
+            if (now := pipeline.down()) != down:
+                print(describe(now), flush=True)
+                down = now
         print(f"draining (at most {DRAIN_TIMEOUT_S:g} s; signal again to stop now) ...", flush=True)
         try:
             drained = pipeline.drain(DRAIN_TIMEOUT_S)

@@ -292,8 +292,16 @@ def test_the_kv_cache_manager_notes_block_activity_only_while_someone_subscribes
 
 @pytest.fixture(scope="module")
 def pipeline() -> Iterator[Pipeline]:
+    # Unsupervised: a test here watches what happens while a killed worker stays dead
+    # (tests/faults/test_supervisor.py tests the supervisor that would restart it).
     with Pipeline.launch(
-        num_workers=2, num_kv_blocks=256, max_model_len=512, router_policy="round_robin", progress=False, **free_ports()
+        num_workers=2,
+        num_kv_blocks=256,
+        max_model_len=512,
+        router_policy="round_robin",
+        supervise=False,
+        progress=False,
+        **free_ports(),
     ) as p:
         yield p
 
@@ -424,7 +432,7 @@ def test_a_killed_worker_is_routed_around(pipeline: Pipeline) -> None:
 @pytest.mark.slow
 def test_shutdown_leaves_no_process_port_or_socket_file() -> None:
     ports = free_ports()
-    p = Pipeline.launch(num_kv_blocks=64, progress=False, **ports)
+    p = Pipeline.launch(num_kv_blocks=64, supervise=False, progress=False, **ports)  # the killed worker stays dead
     pids, ipc_dir = p.pids(), Path(p.addresses.ipc_dir)
     assert hello(p.client(timeout=60)).startswith("Hello")
     os.kill(pids["worker-0"], signal.SIGKILL)  # the only worker: nothing can serve

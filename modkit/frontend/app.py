@@ -73,9 +73,12 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = engine.error is None and not engine.draining
-        body = {
-            "status": "ok" if ok else ("draining" if engine.error is None else "error"),
+        # Only the pipeline's engine has parts that can be down: its supervisor sets this list.
+        down = list(getattr(engine, "down_components", []))
+        ok = engine.error is None and not engine.draining and not down
+        status = "error" if engine.error is not None else "draining" if engine.draining else "degraded"
+        body: dict[str, Any] = {
+            "status": "ok" if ok else status,
             "component": "frontend",
             "implementation": type(engine).__name__,
             "pid": os.getpid(),
@@ -84,6 +87,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         }
         if engine.error is not None:
             body["error"] = repr(engine.error)
+        if down:
+            body["down"] = down
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/stats")

@@ -66,6 +66,7 @@ class PipelineClient:
         self.processor = OutputProcessor(tokenizer)
         self.error: BaseException | None = None
         self.draining = False  # set by drain(): new requests are refused with 503, those in flight finish
+        self.down_components: list[str] = []  # set by the launcher's supervisor: /health says "degraded"
         self.inbox = AsyncInbox(addresses.inbox("frontend"), allow_remote=allow_remote)
         self.to_router = Outbox(addresses.inbox("router"))
         self.events = EventPublisher("frontend", addresses.events("frontend"), allow_remote)

@@ -57,6 +57,11 @@ class FrontendService:
         self.client.draining = True
         return int(self.client.stats()["num_requests_in_flight"])
 
+    def set_down(self, names: list[str]) -> None:
+        """Which components are down now (the launcher's supervisor calls this): while any is,
+        ``/health`` says "degraded" (503) and names them; an empty list clears it."""
+        self.client.down_components = [str(name) for name in names]
+
     def announce_events(self, token: str) -> None:
         """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
         self.client.events.announce(token)

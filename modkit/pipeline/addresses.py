@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modkit.transport.rundirs import write_owner
+
 COMPONENT_ORDER = ("sampler", "worker", "kv_cache_manager", "scheduler", "router", "frontend")  # start order
 
 
@@ -65,8 +67,11 @@ class PipelineAddresses:
 
     @classmethod
     def fresh(cls, overrides: Mapping[str, str] | None = None) -> PipelineAddresses:
-        """A new private directory (mode 0700) for one launch."""
-        return cls(tempfile.mkdtemp(prefix="modkit-ipc-"), dict(overrides or {}))
+        """A new private directory (mode 0700) for one launch, with an owner file: if the launcher
+        is killed, a later launch removes the directory (``modkit.transport.rundirs``)."""
+        ipc_dir = tempfile.mkdtemp(prefix="modkit-ipc-")
+        write_owner(Path(ipc_dir))
+        return cls(ipc_dir, dict(overrides or {}))
 
     @classmethod
     def at(cls, ipc_dir: str, overrides: Mapping[str, str] | None = None) -> PipelineAddresses:

@@ -15,13 +15,19 @@ cache manager starts with one block pool per worker, sized from what each alloca
 
 Components run in their own sessions, so a Ctrl-C or a notebook cell interrupt reaches
 only the launcher; if the launcher dies, each child sees its stdin close and exits by
-itself. ``shutdown`` also runs at interpreter exit (a ``weakref.finalize``).
+itself, and the next launch removes the socket directory it left (``sweep_stale_dirs``).
+``shutdown`` also runs at interpreter exit (a ``weakref.finalize``).
+
+Once it serves, a supervisor thread restarts any component that dies, with backoff and a
+limit (``modkit.pipeline.supervisor``; ``supervise=False`` turns it off). ``restart``,
+``swap``, ``shutdown`` and the supervisor take one lock, so none of them runs into another.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -30,7 +36,7 @@ import urllib.request
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from modkit.config import PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
@@ -46,6 +52,7 @@ from modkit.pipeline.processes import (
     wait_uninterrupted,
     worker_threads_env,
 )
+from modkit.pipeline.supervisor import Supervisor
 from modkit.pipeline.swapping import SWAPPABLE, swap_component
 from modkit.swap import new_key
 from modkit.trace import EventStream, Recorder, Trace
@@ -53,8 +60,34 @@ from modkit.trace import EventStream, Recorder, Trace
 if TYPE_CHECKING:  # openai loads only when a client is asked for
     import openai
 from modkit.transport import QUIET_THREADS, ComponentProcess
+from modkit.transport.addresses import run_dir
 from modkit.transport.process import default_log_dir
+from modkit.transport.rundirs import sweep_stale_dirs
 from modkit.transport.security import new_launch_keys
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _exclusive(method: Callable[Concatenate[Pipeline, P], R]) -> Callable[Concatenate[Pipeline, P], R]:
+    """Run ``method`` holding the pipeline's lock: one restart, swap or shutdown at a time, and
+    none while the supervisor restarts something."""
+
+    @functools.wraps(method)
+    def holding_lock(self: Pipeline, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return holding_lock
+
+
+def _stop_everything(
+    supervisor: Supervisor, cancel: threading.Event, processes: dict[str, ComponentProcess], ipc_dir: str
+) -> None:
+    """The supervisor first (it would restart what stops), then every process."""
+    cancel.set()  # a restart the supervisor has under way gives up within 0.1 s
+    supervisor.stop()
+    stop_all(processes, ipc_dir)
 
 
 class Pipeline:
@@ -72,7 +105,11 @@ class Pipeline:
         self.keys = new_launch_keys()  # sign control calls; CURVE on tcp:// (modkit.transport.security)
         self._closed = False
         self._cancel = threading.Event()
-        self._finalizer = weakref.finalize(self, stop_all, self.processes, addresses.ipc_dir)
+        self._lock = threading.RLock()  # see _exclusive
+        self.supervisor = Supervisor(config)
+        self._finalizer = weakref.finalize(
+            self, _stop_everything, self.supervisor, self._cancel, self.processes, addresses.ipc_dir
+        )
 
     @classmethod
     def launch(
@@ -94,13 +131,17 @@ class Pipeline:
         already taken ``PortInUseError``, before any process starts. Interrupted (Ctrl-C, a
         cell interrupt) or failed, it stops whatever it had started before raising. With
         ``record`` (the default), a thread of this process keeps the event stream from the
-        start, for ``trace()``.
+        start, for ``trace()``. First it removes what dead launches left in the temporary
+        directory (``modkit.transport.rundirs``); once every component serves, the supervisor
+        starts (unless ``supervise=False``), and says what it restarts through the same
+        progress lines.
         """
         if config is not None and kwargs:
             raise TypeError("pass a PipelineConfig or keyword arguments, not both")
         config = with_ports(config if config is not None else PipelineConfig(**kwargs), ports)
         max_model_len = resolve_max_model_len(config)
         check_ports_free(config)
+        sweep_stale_dirs()
         addresses = (
             PipelineAddresses.at(ipc_dir, config.addresses) if ipc_dir else PipelineAddresses.fresh(config.addresses)
         )
@@ -111,6 +152,9 @@ class Pipeline:
             pipeline._start_all(say)
             if record:
                 pipeline.recorder = Recorder(pipeline.events(), pipeline._trace_meta())
+            if config.supervise:
+                pipeline.supervisor.say = say if progress else None
+                pipeline.supervisor.start(pipeline)
         except BaseException:
             pipeline.shutdown()
             raise
@@ -169,7 +213,7 @@ class Pipeline:
         self.wait_healthy()
 
     def _start_together(self, specs: list[ComponentSpec], say: Callable[[str], None]) -> None:
-        default_log_dir()  # made once, before the threads race for it
+        default_log_dir(), run_dir()  # each made once, before the threads race for them
         pool = ThreadPoolExecutor(len(specs))
         futures = [pool.submit(self._start, spec, say) for spec in specs]
         try:
@@ -224,8 +268,23 @@ class Pipeline:
         return openai.OpenAI(base_url=f"{self.url}/v1", **kwargs)
 
     def health(self) -> dict[str, dict[str, Any]]:
-        """``GET /health`` of every component, over HTTP: {name: body, with "http_status"}."""
-        return {name: self._get(url) for name, url in self.urls().items()}
+        """``GET /health`` of every component, over HTTP: {name: body, with "http_status"}.
+
+        A component that does not answer and that the supervisor is restarting, or gave up on,
+        has ``status`` "restarting" or "failed" (see ``down``).
+        """
+        health = {name: self._get(url) for name, url in self.urls().items()}
+        for name, state in self.down().items():
+            if name in health and health[name]["http_status"] != 200:
+                health[name]["status"] = state
+        return health
+
+    def down(self) -> dict[str, str]:
+        """The components that do not serve now: {name: "restarting" or "failed"} while the
+        supervisor runs; without it, {name: "exited"} for each process that has exited."""
+        if self.supervisor.running:
+            return self.supervisor.states()
+        return {name: "exited" for name, p in list(self.processes.items()) if p.returncode is not None}
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """``GET /stats`` of every component, over HTTP."""
@@ -234,11 +293,13 @@ class Pipeline:
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
         """Wait until every ``/health`` answers 200 and the router's subscription to the KV cache
         manager's events has arrived (ZeroMQ drops events published before it: the router would
-        route cold); RuntimeError naming those that are not ready."""
+        route cold); RuntimeError naming those that are not ready. A frontend that says
+        "degraded" serves (what it names is waited for on its own), and while the supervisor
+        runs, a component whose process exited is its to restart, not waited for here."""
         deadline = time.monotonic() + timeout_s
         while True:
             health = self.health()
-            sick = {n: h for n, h in health.items() if h.get("http_status") != 200}
+            sick = {n: h for n, h in health.items() if not _serving(h) and not self._left_to_supervisor(n)}
             if not health.get("kv_cache_manager", {}).get("kv_events_subscribed", True):
                 sick["kv_cache_manager"] = {"kv_events_subscribed": False}
             if not sick:
@@ -293,6 +354,12 @@ class Pipeline:
             "router_policy": cfg.router_policy,
         }
 
+    def _left_to_supervisor(self, component: str) -> bool:
+        """A component whose process exited while the supervisor runs: not waited for, the
+        supervisor restarts it (or has given up on it)."""
+        process = self.processes.get(component)
+        return self.supervisor.running and process is not None and process.returncode is not None
+
     def logs(self, component: str, lines: int = 50) -> str:
         """The last ``lines`` lines a component wrote (stdout and stderr)."""
         return self._process(component).log_tail(lines)
@@ -300,6 +367,7 @@ class Pipeline:
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.processes.items()}
 
+    @_exclusive
     def restart(self, component: str, timeout_s: float = 10.0, target: str | None = None) -> None:
         """Stop one component and start it again with the same settings (from ``target``,
         "package.module:Class" with the same constructor, if given).
@@ -317,6 +385,7 @@ class Pipeline:
 
     SWAPPABLE = SWAPPABLE
 
+    @_exclusive
     def swap(self, component: str, impl: str | type, allow_remote_code: bool = False) -> dict[str, Any]:
         """Put another implementation in charge of ``component``, between two of its steps, while it serves.
 
@@ -355,21 +424,27 @@ class Pipeline:
         return in_flight == 0
 
     def shutdown(self, timeout_s: float = 5.0, drain_timeout_s: float = 0.0) -> None:
-        """Stop every component (frontend first) and free every port and socket file. Idempotent.
+        """Stop the supervisor, then every component (frontend first), and free every port and
+        socket file. Idempotent.
 
         With ``drain_timeout_s`` > 0, first ``drain``: requests in flight finish (for that long
         at most) while new ones get 503.
         """
         if self._closed:
             return
-        if drain_timeout_s > 0:
-            with contextlib.suppress(Exception):  # a frontend that cannot drain is stopped all the same
-                self.drain(drain_timeout_s)
-        self._closed = True
-        if self.recorder is not None:
-            self.recorder.close()
-        self._finalizer.detach()
-        stop_all(self.processes, self.addresses.ipc_dir, timeout_s)
+        self._cancel.set()  # a restart the supervisor has under way gives up within 0.1 s
+        self.supervisor.stop()
+        with self._lock:
+            if self._closed:  # another thread shut it down meanwhile
+                return
+            if drain_timeout_s > 0:
+                with contextlib.suppress(Exception):  # a frontend that cannot drain is stopped all the same
+                    self.drain(drain_timeout_s)
+            self._closed = True
+            if self.recorder is not None:
+                self.recorder.close()
+            self._finalizer.detach()
+            stop_all(self.processes, self.addresses.ipc_dir, timeout_s)
 
     def _process(self, component: str) -> ComponentProcess:
         if component not in self.processes:
@@ -399,3 +474,8 @@ class Pipeline:
     def __repr__(self) -> str:
         states = ", ".join(f"{n}={p.state()}" for n, p in self.processes.items())
         return f"Pipeline({self.url}, {states or 'stopped'})"
+
+
+def _serving(health: dict[str, Any]) -> bool:
+    """200, or the frontend's "degraded" (it serves; what it names as down is checked on its own)."""
+    return health.get("http_status") == 200 or health.get("status") == "degraded"

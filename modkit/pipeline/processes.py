@@ -17,6 +17,7 @@ from typing import Any
 
 from modkit.config import PipelineConfig
 from modkit.transport import QUIET_THREADS, ComponentProcess
+from modkit.transport.rundirs import make_private_dir
 
 READY_TIMEOUT_S = 300.0  # loading a hub model on a slow disk can take minutes
 TARGETS = {
@@ -65,12 +66,11 @@ def wait_uninterrupted(futures: list[Future[None]]) -> None:
 
 
 def log_dir_of(config: PipelineConfig) -> Path | None:
-    """``log_dir`` if set (made if missing); None: each launch's own temporary directory."""
+    """``log_dir`` if set (made if missing, mode 0700, as are its missing parents); None: each
+    launch's own temporary directory."""
     if config.log_dir is None:
         return None
-    path = Path(config.log_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_private_dir(Path(config.log_dir))
 
 
 def progress_printer(enabled: bool) -> Callable[[str], None]:

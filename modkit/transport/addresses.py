@@ -25,6 +25,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from modkit.transport.rundirs import write_owner
+
 MAX_IPC_PATH_BYTES = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
 
 
@@ -41,6 +43,7 @@ def run_dir() -> Path:
     global _run_dir
     if _run_dir is None:
         _run_dir = Path(tempfile.mkdtemp(prefix="modkit-"))  # mkdtemp creates it with mode 0700
+        write_owner(_run_dir)  # if this process is killed, a later launch removes it (rundirs.sweep_stale_dirs)
         atexit.register(shutil.rmtree, _run_dir, ignore_errors=True)
     return _run_dir
 

@@ -48,6 +48,7 @@ from modkit.protocol import ChildSpec, Heartbeat, LaunchKeys, Ready
 from modkit.transport.addresses import check_bind_address, ipc_address, remove_ipc_file
 from modkit.transport.codec import DecodeError, decode
 from modkit.transport.rpc import RemoteError, RpcClient, RpcTimeoutError, new_socket
+from modkit.transport.rundirs import LOG_DIR_PREFIX, private_file, write_owner
 from modkit.transport.security import new_launch_keys
 
 # For components that do no tensor work: one thread, and no OpenMP spin-waiting, which
@@ -63,10 +64,12 @@ class ComponentStartError(RuntimeError):
 
 
 def default_log_dir() -> Path:
-    """This launch's log directory (mode 0700); kept after exit so logs can be read later."""
+    """This launch's log directory (mode 0700); kept after exit so logs can be read later (a day
+    after a crash, then swept: ``rundirs.sweep_stale_dirs``)."""
     global _log_dir
     if _log_dir is None:
-        _log_dir = Path(tempfile.mkdtemp(prefix="modkit-logs-"))
+        _log_dir = Path(tempfile.mkdtemp(prefix=LOG_DIR_PREFIX))
+        write_owner(_log_dir)
     return _log_dir
 
 
@@ -95,6 +98,7 @@ class ComponentProcess:
         self._heartbeats = new_socket(zmq.PULL)
         self._heartbeats.setsockopt(zmq.CONFLATE, 1)  # set before bind: only the newest heartbeat is kept
         self._heartbeats.bind(spec.heartbeat_address)
+        self._heartbeats_lock = threading.Lock()  # state() is asked from several threads (the supervisor)
         self._last_beat = time.monotonic()  # until the first heartbeat, age counts from the start
 
     @classmethod
@@ -151,7 +155,7 @@ class ComponentProcess:
         )
         line = msgspec.json.encode(spec) + b"\n"  # TypeError here if kwargs are not JSON values
         proc = cls(spec, _new_log_path(log_dir or default_log_dir(), name), heartbeat_timeout_s)
-        with open(proc.log_path, "wb") as log_file, proc._closing_on_error():  # the child keeps its own fd
+        with private_file(proc.log_path) as log_file, proc._closing_on_error():  # the child keeps its own fd
             proc._popen = subprocess.Popen(
                 [sys.executable, "-m", "modkit.transport"],
                 stdin=subprocess.PIPE,
@@ -201,13 +205,14 @@ class ComponentProcess:
 
     def heartbeat_age(self) -> float:
         """Seconds since the child's serve loop last reported (since start, before the first report)."""
-        while not self._heartbeats.closed and self._heartbeats.poll(0, zmq.POLLIN):
-            try:
-                beat = decode(self._heartbeats.recv())
-            except DecodeError:
-                continue
-            if isinstance(beat, Heartbeat):
-                self._last_beat = max(self._last_beat, beat.sent_at)
+        with self._heartbeats_lock:
+            while not self._heartbeats.closed and self._heartbeats.poll(0, zmq.POLLIN):
+                try:
+                    beat = decode(self._heartbeats.recv())
+                except DecodeError:
+                    continue
+                if isinstance(beat, Heartbeat):
+                    self._last_beat = max(self._last_beat, beat.sent_at)
         return time.monotonic() - self._last_beat
 
     def state(self) -> Literal["running", "unresponsive", "exited"]:
@@ -254,7 +259,8 @@ class ComponentProcess:
 
     def _close_sockets(self) -> None:
         self._control.close(linger=0)
-        self._heartbeats.close(linger=0)
+        with self._heartbeats_lock:
+            self._heartbeats.close(linger=0)
         for address in (self.address, self.spec.control_address, self.spec.heartbeat_address):
             remove_ipc_file(address)  # a killed child cannot remove its own
 
