@@ -3,32 +3,62 @@
 
 The app talks to an engine through ``EngineClient`` (``interface.py``): ``generate`` (an
 async stream of deltas) and ``abort``, in this process or across the pipeline; it
-tokenizes, validates, and shapes responses. Errors
-are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``, 400 for a bad
-request (validation, malformed JSON, a prompt too long for the context), 404 for an
-unknown model, 401 for a missing or wrong API key, 503 when the engine has failed.
+tokenizes (on a thread, so that a long prompt does not stall the event loop), validates,
+and shapes responses. Every error is OpenAI-shaped,
+``{"error": {"message", "type", "param", "code"}}``, whatever went wrong: 400 for a bad
+request (a field out of its bounds, malformed JSON, a prompt too long for the context),
+401 for a missing or wrong API key (``/health`` asks none), 404 for an unknown model or
+route, 405 for a wrong method, 413 for a body over ``max_request_body_bytes``, 429 (with
+``Retry-After``) once ``max_queued_requests`` requests wait for their first token, 503
+when the engine has failed, and 500, logged, for a bug. A client that hangs up aborts its
+request, streamed or not, which frees its KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from modkit.engine.async_engine import EngineDeadError
 from modkit.engine.output_processor import CompletionDelta
+from modkit.frontend.guards import (
+    RETRY_AFTER_S,
+    LimitRequestBody,
+    QueueFull,
+    RequestQueue,
+    RequireAPIKey,
+    error_body,
+)
 from modkit.frontend.interface import EngineClient
-from modkit.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from modkit.frontend.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from modkit.model import encode_chat
 from modkit.sampling_params import SamplingParams, SamplingParamsError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# What /openapi.json documents for each /v1 route besides its 200.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "A bad request: a field out of its bounds, malformed JSON, a prompt too long for the context"),
+        (401, "A missing or wrong API key"),
+        (404, "An unknown model"),
+        (413, "A body over max_request_body_bytes"),
+        (429, "max_queued_requests requests already wait for their first token; see Retry-After"),
+        (503, "The engine failed, or the server is shutting down"),
+    )
+}
 
 
 class APIError(Exception):
@@ -44,32 +74,52 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
 
 
-def build_app(engine: EngineClient, model_name: str, api_key: str | None = None) -> FastAPI:
+def _error(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
+    # ASCII JSON: a message that quotes the client's text (a lone surrogate, say) still encodes.
+    return Response(json.dumps(body), status, headers, media_type="application/json")
+
+
+def build_app(
+    engine: EngineClient,
+    model_name: str,
+    api_key: str | None = None,
+    *,
+    max_request_body_bytes: int,
+    max_queued_requests: int,
+) -> FastAPI:
     app = FastAPI(title="modkit", summary="OpenAI-compatible API over modkit's engine")
     started = time.time()
+    queue = RequestQueue(max_queued_requests)
+    # Added last, runs first: the key is checked before a byte of the body is read.
+    app.add_middleware(LimitRequestBody, max_bytes=max_request_body_bytes)
+    if api_key is not None:
+        app.add_middleware(RequireAPIKey, api_key=api_key)
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+    async def api_error(_: Request, err: APIError) -> Response:
+        return _error(err.status, err.body())
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, err: QueueFull) -> Response:
+        body = error_body(str(err), "rate_limit_error", code="rate_limit_exceeded")
+        return _error(429, body, {"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = "malformed JSON body" if first.get("type") == "json_invalid" else first.get("msg", str(err))
-        return JSONResponse(APIError(400, message, param=".".join(loc) or None).body(), status_code=400)
+    async def validation_error(_: Request, err: RequestValidationError) -> Response:
+        message, param = _validation_message(err.errors())
+        return _error(400, APIError(400, message, param=param).body())
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                body = APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-                return JSONResponse(body.body(), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(HTTPException)  # unknown route (404), wrong method (405), unreadable body, 413
+    async def http_error(_: Request, err: HTTPException) -> Response:
+        return _error(err.status_code, error_body(str(err.detail), "invalid_request_error"), err.headers)
+
+    @app.exception_handler(Exception)  # a bug: logged by Starlette, answered in the same shape
+    async def server_error(_: Request, err: Exception) -> Response:
+        log.exception("unhandled error in the OpenAI API", exc_info=err)
+        return _error(500, error_body(f"internal server error: {type(err).__name__}", "server_error"))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -88,9 +138,10 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
-        return dict(engine.stats())
+        mine = {"num_requests_queued": queue.num_queued, "num_requests_refused_queue_full": queue.num_refused}
+        return {**engine.stats(), **mine}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:
         card = {
             "id": model_name,
@@ -110,13 +161,15 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
                 code="model_not_found",
             )
 
-    def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> SamplingParams:
+    def sampling_params(
+        req: ChatCompletionRequest | CompletionRequest, prompt_len: int, prompt_param: str
+    ) -> SamplingParams:
         room = engine.max_model_len - prompt_len
         if room < 1:
             raise APIError(
                 400,
                 f"This model's maximum context length is {engine.max_model_len} tokens; the prompt has {prompt_len}.",
-                param="messages",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         try:
@@ -133,59 +186,97 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             )
         return params
 
-    @app.post("/v1/chat/completions")
+    async def serve(
+        req: ChatCompletionRequest | CompletionRequest,
+        kind: str,
+        prompt: Awaitable[list[int]],
+        text: str | None,
+        http: Request,
+    ) -> Response:
+        """Tokenize, check, submit; wait for the first token, then stream or collect the rest.
+        Until the first token the request holds a place in ``queue`` (429 when there is none)."""
+        with queue.admit():
+            prompt_ids = await prompt
+            if not prompt_ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            params = sampling_params(req, len(prompt_ids), "messages" if kind == "chat" else "prompt")
+            request_id = engine.new_request_id("chatcmpl" if kind == "chat" else "cmpl")
+            deltas = engine.generate(request_id, prompt_ids, params, text, stream=bool(req.stream))
+            first = await _unless_disconnected(_first(deltas), http)
+        if first is None:
+            return Response(status_code=499)  # the client left; nobody reads this
+        shaper = _Shaper(engine, kind, request_id, model_name, len(prompt_ids), params)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(first, deltas, shaper, include_usage), media_type="text/event-stream")
+        try:
+            seen = await _unless_disconnected(_collect(first, deltas), http)
+        except EngineDeadError as err:  # failed after it began (a worker's step failed, no worker left)
+            raise APIError(503, str(err), "server_error") from err
+        return Response(status_code=499) if seen is None else JSONResponse(shaper.full(seen))
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat(req: ChatCompletionRequest, http: Request) -> Response:
         check_model(req.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from err
-        prompt_ids = encode_chat(engine.tokenizer, messages)
-        params = sampling_params(req, len(prompt_ids))
-        request_id = engine.new_request_id("chatcmpl")
-        deltas = engine.generate(request_id, prompt_ids, params, stream=bool(req.stream))
-        shaper = _Shaper(engine, "chat", request_id, model_name, len(prompt_ids), params)
-        return await _respond(req.stream, req.stream_options, deltas, shaper, http)
+        return await serve(req, "chat", asyncio.to_thread(encode_chat, engine.tokenizer, messages), None, http)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(req: CompletionRequest, http: Request) -> Response:
         check_model(req.model)
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        if isinstance(req.prompt, str):
-            prompt_ids = list(engine.tokenizer.encode(req.prompt, add_special_tokens=False))
-        else:
-            prompt_ids = list(req.prompt)
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        params = sampling_params(req, len(prompt_ids))
-        request_id = engine.new_request_id("cmpl")
         text = req.prompt if isinstance(req.prompt, str) else None
-        deltas = engine.generate(request_id, prompt_ids, params, text, stream=bool(req.stream))
-        shaper = _Shaper(engine, "completion", request_id, model_name, len(prompt_ids), params)
-        return await _respond(req.stream, req.stream_options, deltas, shaper, http)
+        return await serve(req, "completion", _tokens(engine, req.prompt), text, http)
 
     return app
 
 
-async def _respond(
-    stream: bool, options: Any, deltas: AsyncIterator[CompletionDelta], shaper: _Shaper, http: Request
-) -> Response:
-    first = await _first(deltas)  # raises here (as a 4xx) if the engine refuses the request
-    if stream:
-        include_usage = bool(options and options.include_usage)
-        return StreamingResponse(_sse(first, deltas, shaper, include_usage), media_type="text/event-stream")
-    collect = asyncio.ensure_future(_collect(first, deltas))
-    while not collect.done():  # a client that hangs up aborts its request (the generator's finally)
-        await asyncio.wait([collect], timeout=1.0)  # each look costs the server: once a second each
-        if not collect.done() and await http.is_disconnected():
-            collect.cancel()
-            return Response(status_code=499)
+def _validation_message(errors: Any) -> tuple[str, str | None]:
+    """A 400's message and ``param`` from pydantic's errors: the top-level field is the param;
+    where one value failed every branch of a union, the type mismatches are left out."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return "malformed JSON body", None
+    wanted = [e for e in errors if not str(e.get("type", "")).endswith("_type")] or list(errors)
+    lines, param = [], None
+    for e in wanted[:3]:
+        loc = [p for p in e.get("loc", ()) if p != "body" and (isinstance(p, int) or "[" not in str(p))]
+        param = param or (str(loc[0]) if loc else None)
+        lines.append(f"{'.'.join(map(str, loc)) or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(lines), param
+
+
+async def _tokens(engine: EngineClient, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):
+        return list(prompt)
+    return list(await asyncio.to_thread(engine.tokenizer.encode, prompt, add_special_tokens=False))
+
+
+async def _unless_disconnected(work: Awaitable[T], http: Request) -> T | None:
+    """``work``'s result; None if the client hangs up first, in which case ``work`` is cancelled
+    (cancelling a request's delta stream aborts the request, which frees its blocks)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(http))
     try:
-        deltas_seen = collect.result()
-    except EngineDeadError as err:  # failed after it began (a worker's step failed, no worker left)
-        raise APIError(503, str(err), "server_error") from err
-    return JSONResponse(shaper.full(deltas_seen))
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        await asyncio.gather(task, return_exceptions=True)  # let the abort run before we answer
+        return None
+    return task.result()
+
+
+async def _disconnect(http: Request) -> None:
+    """Returns when the client hangs up. The body has been read, so the next ASGI message is
+    ``http.disconnect``; waiting for it costs nothing, where polling would cost a wake-up each."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _first(deltas: AsyncIterator[CompletionDelta]) -> CompletionDelta:

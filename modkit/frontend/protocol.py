@@ -2,18 +2,52 @@
 
 Request models accept the OpenAI fields modkit implements plus vLLM's extra sampling
 fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``); unknown fields are ignored, as vLLM does. Range checks are not
-repeated here: ``SamplingParams`` makes them and its error names the field.
+``stop_token_ids``); unknown fields are ignored, as vLLM does.
+
+Every field states its bounds here, so that a bad value is a 400 before any work is done
+and ``/openapi.json`` documents the limits (a schema-driven fuzzer reads them). The
+bounds are OpenAI's where it has them (``n`` <= 128, ``logprobs`` <= 20, ``logit_bias``
+in [-100, 100], at most 4 stop strings), vLLM's otherwise (``seed`` within int64).
+``SamplingParams`` checks the values again (it is also built without the API) and the
+engine checks what only it knows: token ids against the vocabulary, the prompt against
+the context length.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from modkit.sampling_params import SamplingParams
+from modkit.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
+
+MAX_N = 128  # OpenAI's limit on completions per request; each is a request of its own in the engine
+MAX_STOP_STRINGS = 4  # OpenAI's "up to 4 sequences"
+# Stop strings are matched against the tail of the output text after every token: a
+# bound keeps that cheap. Real ones are a few characters ("\n\nUser:").
+MAX_STOP_STRING_CHARS = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # vLLM's bounds on seed (torch.long)
+
+
+def _no_lone_surrogates(text: str) -> str:
+    """JSON may escape half a UTF-16 pair ("\\ud800"); such a string has no UTF-8 form, so the
+    tokenizer (and any response that echoes it) could not encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "the string holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+TokenId = Annotated[int, Field(ge=0)]
+# logit_bias's JSON keys are token ids written as strings ({"50256": -100}).
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]
+Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
 class ErrorInfo(BaseModel):
@@ -34,25 +68,25 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    model: Text
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[TokenIdKey, Bias] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
 
     def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         optional: dict[str, Any] = {
@@ -79,40 +113,56 @@ class _SamplingFields(BaseModel):
         )
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``{"type": "text", "text": ...}`` is served."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: Text | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        if any(part.get("type") != "text" for part in self.content):
+        if any(part.type != "text" for part in self.content):
             raise ValueError("only text content parts are supported")
-        return "".join(str(part.get("text", "")) for part in self.content)
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None  # the newer name; wins when both are given
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name; wins when both are given
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise SamplingParamsError("top_logprobs", "top_logprobs needs logprobs=true")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: Text | Annotated[list[TokenId], Field(min_length=1)]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     echo: bool = False
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        if self.best_of is not None and self.best_of != self.n:
+            raise SamplingParamsError(
+                "best_of", f"best_of must equal n ({self.n}) if given: best_of > n is not supported, got {self.best_of}"
+            )
         return self._params(self.max_tokens or default_max_tokens, self.logprobs)
 
 
