@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from test_server import KEY, Served, start
+from waiting import wait_until
 
 from modkit.frontend import EMBEDDED_MODEL_NAME
 
@@ -222,3 +223,24 @@ def test_others_are_answered_while_a_huge_body_is_refused_or_a_long_prompt_token
         print(busy.__name__, [round(x * 1000) for x in health], [round(x * 1000) for x in chat])
         assert max(health) < 0.1 and sorted(chat)[len(chat) // 2] < 0.1, (busy.__name__, health, chat)
     assert answers == [413] * 6 + [400] * 3
+
+
+def test_a_non_streaming_request_is_aborted_when_its_client_leaves(served: Served) -> None:
+    def engine() -> dict[str, Any]:
+        return dict(httpx.get(f"{served.url}/stats", headers=AUTH).json())
+
+    def idle() -> bool:
+        s = engine()
+        return s["num_requests_running"] == 0 and s["kv_blocks_free"] == s["kv_blocks_total"]
+
+    assert wait_until(idle, 30), engine()
+    steps_before = engine()["num_steps"]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            f"{served.url}/v1/chat/completions",
+            json={**CHAT, "max_tokens": 480, "ignore_eos": True},  # ~2 s here, alone
+            headers=AUTH,
+            timeout=0.5,
+        )
+    assert wait_until(idle, 10), engine()
+    assert engine()["num_steps"] - steps_before < 480, "aborted, not run to its 480 tokens (a step each)"
