@@ -232,7 +232,20 @@ def build_app(
         text = req.prompt if isinstance(req.prompt, str) else None
         return await serve(req, "completion", _tokens(engine, req.prompt), text, http)
 
+    app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without the 422 it documents for every body: this app answers 400."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema or {}
 
 
 def _validation_message(errors: Any) -> tuple[str, str | None]:

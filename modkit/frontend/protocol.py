@@ -27,7 +27,9 @@ MAX_STOP_STRINGS = 4  # OpenAI's "up to 4 sequences"
 # Stop strings are matched against the tail of the output text after every token: a
 # bound keeps that cheap. Real ones are a few characters ("\n\nUser:").
 MAX_STOP_STRING_CHARS = 256
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # vLLM's bounds on seed (torch.long)
+# vLLM's bounds on seed (torch.long's), written as [-2**63, 2**63): JSON Schema's numbers are
+# floats, and 2**63 - 1 is not one (it would round up to 2**63, a seed this API refuses).
+INT64_MIN, INT64_END = -(2**63), 2**63
 
 
 def _no_lone_surrogates(text: str) -> str:
@@ -73,7 +75,7 @@ class _SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    seed: int | None = Field(None, ge=INT64_MIN, lt=INT64_END)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[TokenIdKey, Bias] | None = None

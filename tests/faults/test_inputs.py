@@ -244,3 +244,23 @@ def test_a_non_streaming_request_is_aborted_when_its_client_leaves(served: Serve
         )
     assert wait_until(idle, 10), engine()
     assert engine()["num_steps"] - steps_before < 480, "aborted, not run to its 480 tokens (a step each)"
+
+
+def test_the_openapi_schema_documents_the_errors_and_the_bounds(http: httpx.Client) -> None:
+    schema = http.get("/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert sorted(responses) == ["200", "400", "401", "404", "413", "429", "503"], path
+        for status in ("400", "401", "404", "413", "429", "503"):
+            ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/ErrorResponse", (path, status)
+    models = schema["components"]["schemas"]
+    chat, text = models["ChatCompletionRequest"]["properties"], models["CompletionRequest"]["properties"]
+    assert (chat["n"]["minimum"], chat["n"]["maximum"]) == (1, 128)
+    assert chat["max_tokens"]["anyOf"][0]["minimum"] == 1 and text["max_tokens"]["anyOf"][0]["minimum"] == 1
+    assert chat["top_logprobs"]["anyOf"][0]["maximum"] == 20 and text["logprobs"]["anyOf"][0]["maximum"] == 20
+    assert chat["seed"]["anyOf"][0]["exclusiveMaximum"] == 2**63  # int64
+    assert chat["stop"]["anyOf"][1]["maxItems"] == 4
+    assert list(chat["logit_bias"]["anyOf"][0]["patternProperties"].values()) == [
+        {"type": "number", "minimum": -100, "maximum": 100}
+    ]
