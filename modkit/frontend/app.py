@@ -227,24 +227,26 @@ def build_app(
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(req: CompletionRequest, http: Request) -> Response:
         check_model(req.model)
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         text = req.prompt if isinstance(req.prompt, str) else None
         return await serve(req, "completion", _tokens(engine, req.prompt), text, http)
 
-    app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi_schema(app, model_name)  # type: ignore[method-assign]
     return app
 
 
-def _openapi_schema(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema without the 422 it documents for every body: this app answers 400."""
+def _openapi_schema(app: FastAPI, model_name: str) -> dict[str, Any]:
+    """FastAPI's schema, less the 422 it documents for every body (this app answers 400), and
+    with ``model`` naming the one model served (another name is a 404)."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
         for operations in schema["paths"].values():
             for operation in operations.values():
                 operation["responses"].pop("422", None)
+        models = schema["components"]["schemas"]
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            models.pop(name, None)
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            models[name]["properties"]["model"] = {"type": "string", "enum": [model_name], "title": "Model"}
     return app.openapi_schema or {}
 
 

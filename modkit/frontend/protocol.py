@@ -2,12 +2,13 @@
 
 Request models accept the OpenAI fields modkit implements plus vLLM's extra sampling
 fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``); unknown fields are ignored, as vLLM does.
+``stop_token_ids``); unknown fields are ignored, as vLLM does. Types are strict, as OpenAI's are: ``true`` is no
+integer and ``"1"`` no number.
 
 Every field states its bounds here, so that a bad value is a 400 before any work is done
 and ``/openapi.json`` documents the limits (a schema-driven fuzzer reads them). The
 bounds are OpenAI's where it has them (``n`` <= 128, ``logprobs`` <= 20, ``logit_bias``
-in [-100, 100], at most 4 stop strings), vLLM's otherwise (``seed`` within int64).
+in [-100, 100], at most 4 stop strings), vLLM's otherwise.
 ``SamplingParams`` checks the values again (it is also built without the API) and the
 engine checks what only it knows: token ids against the vocabulary, the prompt against
 the context length.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from modkit.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
@@ -27,9 +28,11 @@ MAX_STOP_STRINGS = 4  # OpenAI's "up to 4 sequences"
 # Stop strings are matched against the tail of the output text after every token: a
 # bound keeps that cheap. Real ones are a few characters ("\n\nUser:").
 MAX_STOP_STRING_CHARS = 256
-# vLLM's bounds on seed (torch.long's), written as [-2**63, 2**63): JSON Schema's numbers are
-# floats, and 2**63 - 1 is not one (it would round up to 2**63, a seed this API refuses).
-INT64_MIN, INT64_END = -(2**63), 2**63
+# seed: an integer every JSON client writes exactly, |seed| <= 2**53 - 1 (JavaScript's
+# MAX_SAFE_INTEGER), inside vLLM's int64. JSON Schema's numbers are floats: a bound near
+# 2**63 (vLLM's) is blurred by 1,024 either way, and a schema-driven client would then
+# disagree with this API about seeds near it.
+MAX_SAFE_INTEGER = 2**53 - 1
 
 
 def _no_lone_surrogates(text: str) -> str:
@@ -48,8 +51,20 @@ Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
 # logit_bias's JSON keys are token ids written as strings ({"50256": -100}).
-TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]
+TOKEN_ID_KEY = r"^[0-9]{1,10}$"
+TokenIdKey = Annotated[str, Field(pattern=TOKEN_ID_KEY)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
+LogitBias = Annotated[
+    dict[TokenIdKey, Bias],
+    # pydantic would write only patternProperties, which lets any other key through.
+    WithJsonSchema(
+        {
+            "type": "object",
+            "patternProperties": {TOKEN_ID_KEY: {"type": "number", "minimum": -100, "maximum": 100}},
+            "additionalProperties": False,
+        }
+    ),
+]
 
 
 class ErrorInfo(BaseModel):
@@ -64,21 +79,23 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: Text
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = Field(None, ge=INT64_MIN, lt=INT64_END)
+    seed: int | None = Field(None, ge=-MAX_SAFE_INTEGER, le=MAX_SAFE_INTEGER)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[TokenIdKey, Bias] | None = None
+    logit_bias: LogitBias | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
@@ -118,14 +135,14 @@ class _SamplingFields(BaseModel):
 class ContentPart(BaseModel):
     """One part of a message's content; only ``{"type": "text", "text": ...}`` is served."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: str
     text: Text | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
@@ -154,11 +171,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Text | Annotated[list[TokenId], Field(min_length=1)]
+    prompt: Annotated[Text, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
-    echo: bool = False
+    echo: Literal[False] = Field(False, description="echo=true (the prompt in the output) is not supported")
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:

@@ -67,6 +67,8 @@ BOUNDS = [  # (route, fields over the defaults, the param the 400 names)
     ("text", {"logprobs": -1}, "logprobs"),
     ("text", {"best_of": 0}, "best_of"),
     ("text", {"best_of": 3}, "best_of"),  # best_of > n: not supported
+    ("text", {"echo": True}, "echo"),  # not supported
+    ("text", {"max_tokens": True}, "max_tokens"),  # strict: a bool is no integer
     ("chat", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("chat", {"stop": "x" * 257}, "stop"),
     ("chat", {"stop": ""}, "stop"),
@@ -74,6 +76,7 @@ BOUNDS = [  # (route, fields over the defaults, the param the 400 names)
     ("chat", {"logit_bias": {"5": 101}}, "logit_bias"),
     ("chat", {"logit_bias": {"999999999": 1}}, "logit_bias"),  # outside the vocabulary
     ("chat", {"seed": 2**63}, "seed"),
+    ("chat", {"seed": 2**53}, "seed"),
     ("chat", {"stop_token_ids": [10**9]}, "stop_token_ids"),
     ("chat", {"stop_token_ids": [-1]}, "stop_token_ids"),
     ("chat", {"temperature": -1}, "temperature"),
@@ -259,8 +262,9 @@ def test_the_openapi_schema_documents_the_errors_and_the_bounds(http: httpx.Clie
     assert (chat["n"]["minimum"], chat["n"]["maximum"]) == (1, 128)
     assert chat["max_tokens"]["anyOf"][0]["minimum"] == 1 and text["max_tokens"]["anyOf"][0]["minimum"] == 1
     assert chat["top_logprobs"]["anyOf"][0]["maximum"] == 20 and text["logprobs"]["anyOf"][0]["maximum"] == 20
-    assert chat["seed"]["anyOf"][0]["exclusiveMaximum"] == 2**63  # int64
+    assert chat["seed"]["anyOf"][0]["maximum"] == 2**53 - 1
     assert chat["stop"]["anyOf"][1]["maxItems"] == 4
-    assert list(chat["logit_bias"]["anyOf"][0]["patternProperties"].values()) == [
-        {"type": "number", "minimum": -100, "maximum": 100}
-    ]
+    bias = chat["logit_bias"]["anyOf"][0]
+    assert list(bias["patternProperties"].values()) == [{"type": "number", "minimum": -100, "maximum": 100}]
+    assert bias["additionalProperties"] is False
+    assert chat["model"]["enum"] == [EMBEDDED_MODEL_NAME]
