@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -189,14 +189,14 @@ def build_app(
     async def serve(
         req: ChatCompletionRequest | CompletionRequest,
         kind: str,
-        prompt: Awaitable[list[int]],
+        tokenize: Callable[[], list[int]],
         text: str | None,
         http: Request,
     ) -> Response:
-        """Tokenize, check, submit; wait for the first token, then stream or collect the rest.
-        Until the first token the request holds a place in ``queue`` (429 when there is none)."""
+        """Tokenize (on a thread), check, submit; wait for the first token, then stream or collect
+        the rest. Until the first token the request holds a place in ``queue`` (429 if none is left)."""
         with queue.admit():
-            prompt_ids = await prompt
+            prompt_ids = await asyncio.to_thread(tokenize)
             if not prompt_ids:
                 raise APIError(400, "the prompt is empty", param="prompt")
             params = sampling_params(req, len(prompt_ids), "messages" if kind == "chat" else "prompt")
@@ -222,13 +222,18 @@ def build_app(
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from err
-        return await serve(req, "chat", asyncio.to_thread(encode_chat, engine.tokenizer, messages), None, http)
+        return await serve(req, "chat", lambda: encode_chat(engine.tokenizer, messages), None, http)
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(req: CompletionRequest, http: Request) -> Response:
         check_model(req.model)
-        text = req.prompt if isinstance(req.prompt, str) else None
-        return await serve(req, "completion", _tokens(engine, req.prompt), text, http)
+        if isinstance(req.prompt, str):
+            text = req.prompt
+            return await serve(
+                req, "completion", lambda: engine.tokenizer.encode(text, add_special_tokens=False), text, http
+            )
+        ids = req.prompt
+        return await serve(req, "completion", lambda: ids, None, http)
 
     app.openapi = lambda: _openapi_schema(app, model_name)  # type: ignore[method-assign]
     return app
@@ -262,12 +267,6 @@ def _validation_message(errors: Any) -> tuple[str, str | None]:
         param = param or (str(loc[0]) if loc else None)
         lines.append(f"{'.'.join(map(str, loc)) or 'body'}: {e.get('msg', 'invalid')}")
     return "; ".join(lines), param
-
-
-async def _tokens(engine: EngineClient, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, list):
-        return list(prompt)
-    return list(await asyncio.to_thread(engine.tokenizer.encode, prompt, add_special_tokens=False))
 
 
 async def _unless_disconnected(work: Awaitable[T], http: Request) -> T | None:

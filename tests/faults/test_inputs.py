@@ -99,6 +99,28 @@ def test_a_field_out_of_bounds_is_a_400_naming_it(
     assert error["type"] == "invalid_request_error"
 
 
+MASS = [  # a body just under the limit that is wrong everywhere: one error, not 200,000
+    ("text", {"prompt": [-1] * 200_000}, "prompt"),
+    ("text", {"stop_token_ids": [True] * 150_000}, "stop_token_ids"),
+    ("text", {"logit_bias": {f"x{i}": 1 for i in range(50_000)}}, "logit_bias"),
+    ("chat", {"messages": [{"role": "robot"}] * 50_000}, "messages"),
+]
+
+
+@pytest.mark.parametrize(("route", "fields", "param"), MASS, ids=[p for _, _, p in MASS])
+def test_a_body_wrong_everywhere_is_refused_as_fast(
+    http: httpx.Client, route: str, fields: dict[str, Any], param: str
+) -> None:
+    path, base = ("/v1/chat/completions", CHAT) if route == "chat" else ("/v1/completions", TEXT)
+    body = json.dumps({**base, **fields}).encode()
+    assert len(body) < MAX_BODY
+    start = time.perf_counter()
+    response = http.post(path, content=body, headers=JSON)
+    elapsed = time.perf_counter() - start
+    assert_openai_error(response, 400, param)
+    assert len(response.content) < 2000 and elapsed < 1.5, (elapsed, len(response.content))  # was 2.4 s, idle
+
+
 def test_prompt_ids_outside_the_vocabulary_and_the_context_are_refused(http: httpx.Client) -> None:
     error = assert_openai_error(http.post("/v1/completions", json={**TEXT, "prompt": [10**9]}), 400)
     assert "vocabulary" in error["message"]
