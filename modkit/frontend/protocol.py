@@ -2,8 +2,8 @@
 
 Request models accept the OpenAI fields modkit implements plus vLLM's extra sampling
 fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``); unknown fields are ignored, as vLLM does. Types are strict, as OpenAI's are: ``true`` is no
-integer and ``"1"`` no number.
+``stop_token_ids``); unknown fields are ignored, as vLLM does. Types are strict, as JSON Schema's are: ``true``
+is no integer and ``"1"`` no number (``3.0`` is an integer).
 
 Every field states its bounds here, so that a bad value is a 400 before any work is done
 and ``/openapi.json`` documents the limits (a schema-driven fuzzer reads them). The
@@ -20,7 +20,7 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from modkit.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
@@ -48,9 +48,22 @@ def _no_lone_surrogates(text: str) -> str:
     return text
 
 
+def _integral(value: object) -> object:
+    """JSON Schema counts 3.0 as an integer, so this API does too; true is still not one."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _not_true(echo: bool) -> bool:
+    if echo:
+        raise ValueError("echo=true (the prompt in the output) is not supported")
+    return echo
+
+
+INTEGRAL = BeforeValidator(_integral)  # after a field's bounds, so that the schema keeps them
+Echo = Annotated[bool, AfterValidator(_not_true), WithJsonSchema({"type": "boolean", "const": False})]
 Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0), INTEGRAL]
 # logit_bias's JSON keys are token ids written as strings ({"50256": -100}).
 TOKEN_ID_KEY = r"^[0-9]{1,10}$"
 
@@ -102,11 +115,11 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: Text
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] = 1
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = Field(None, ge=-MAX_SAFE_INTEGER, le=MAX_SAFE_INTEGER)
+    seed: Annotated[int, Field(ge=-MAX_SAFE_INTEGER, le=MAX_SAFE_INTEGER), INTEGRAL] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: LogitBias | None = None
@@ -114,10 +127,10 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: Text | None = None
     # vLLM's extras
-    top_k: int | None = Field(None, ge=-1)
+    top_k: Annotated[int, Field(ge=-1), INTEGRAL] | None = None
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
     ignore_eos: bool = False
     stop_token_ids: TokenIds | None = None
 
@@ -172,10 +185,12 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name; wins when both are given
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = (
+        None  # the newer name; wins when both are given
+    )
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
@@ -186,10 +201,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: Annotated[Text, Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
-    echo: Literal[False] = Field(False, description="echo=true (the prompt in the output) is not supported")
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
+    echo: Echo = False
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
