@@ -37,6 +37,7 @@ from modkit.frontend.guards import (
     QueueFull,
     RequestQueue,
     RequireAPIKey,
+    ShedWhenFull,
     error_body,
 )
 from modkit.frontend.interface import EngineClient
@@ -94,7 +95,9 @@ def build_app(
     app = FastAPI(title="modkit", summary="OpenAI-compatible API over modkit's engine")
     started = time.time()
     queue = RequestQueue(max_queued_requests)
-    # Added last, runs first: the key is checked before a byte of the body is read.
+    # Added last, runs first: the key, then the body's size, then the queue, each before a
+    # byte of the body is read.
+    app.add_middleware(ShedWhenFull, queue=queue, paths=("/v1/chat/completions", "/v1/completions"))
     app.add_middleware(LimitRequestBody, max_bytes=max_request_body_bytes)
     if api_key is not None:
         app.add_middleware(RequireAPIKey, api_key=api_key)
@@ -105,8 +108,7 @@ def build_app(
 
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, err: QueueFull) -> Response:
-        body = error_body(str(err), "rate_limit_error", code="rate_limit_exceeded")
-        return _error(429, body, {"Retry-After": str(RETRY_AFTER_S)})
+        return _error(429, err.body(), {"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError) -> Response:

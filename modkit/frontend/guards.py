@@ -8,7 +8,9 @@ non-streaming request ran to its end for a client that had gone.
 
 Each answers in OpenAI's error shape (``error_body``): 401 for a missing or wrong key,
 413 for a body over the limit. ``RequestQueue`` is the backpressure: 429 with
-``Retry-After`` once ``max_queued_requests`` requests wait for their first token.
+``Retry-After`` once ``max_queued_requests`` requests wait for their first token
+(``ShedWhenFull`` answers it before the body is even read). All of it runs on the server's
+one event loop, so the counts need no lock.
 """
 
 from __future__ import annotations
@@ -94,12 +96,32 @@ class LimitRequestBody:
         await self.app(scope, counted, send)
 
 
+class ShedWhenFull:
+    """429 for a new completion while ``queue`` is full, before its body is read or parsed:
+    under a flood, refusing must cost less than serving. ``RequestQueue.admit`` in the
+    handler makes the exact check; this one only saves the work."""
+
+    def __init__(self, app: ASGIApp, queue: RequestQueue, paths: tuple[str, ...]) -> None:
+        self.app, self.queue, self.paths = app, queue, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths and self.queue.full():
+            self.queue.num_refused += 1
+            err = QueueFull(self.queue.max_queued)
+            await send_error(send, 429, err.body(), {"Retry-After": str(RETRY_AFTER_S)})
+            return
+        await self.app(scope, receive, send)
+
+
 class QueueFull(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(
             f"the server already has {limit} requests waiting for their first token "
             f"(max_queued_requests); retry after {RETRY_AFTER_S} s"
         )
+
+    def body(self) -> dict[str, Any]:
+        return error_body(str(self), "rate_limit_error", code="rate_limit_exceeded")
 
 
 class RequestQueue:
@@ -116,10 +138,13 @@ class RequestQueue:
         self.num_queued = 0
         self.num_refused = 0
 
+    def full(self) -> bool:
+        return self.num_queued >= self.max_queued
+
     @contextmanager
     def admit(self) -> Iterator[None]:
         """Hold a place while the block runs; ``QueueFull`` (429) if there is none."""
-        if self.num_queued >= self.max_queued:
+        if self.full():
             self.num_refused += 1
             raise QueueFull(self.max_queued)
         self.num_queued += 1

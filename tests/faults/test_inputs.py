@@ -18,6 +18,7 @@ import pytest
 from test_server import KEY, Served, start
 from waiting import wait_until
 
+from modkit.config import ConfigError, PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -290,3 +291,10 @@ def test_the_openapi_schema_documents_the_errors_and_the_bounds(http: httpx.Clie
     assert list(bias["patternProperties"].values()) == [{"type": "number", "minimum": -100, "maximum": 100}]
     assert bias["additionalProperties"] is False
     assert chat["model"]["enum"] == [EMBEDDED_MODEL_NAME]
+
+
+@pytest.mark.parametrize("field", ["max_request_body_bytes", "max_queued_requests"])
+def test_the_limits_are_config_fields_checked_at_start(field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        PipelineConfig(**{field: 0})
+    assert PipelineConfig.from_cli([f"--{field.replace('_', '-')}", "7"]).frontend_limits()[field] == 7
