@@ -296,5 +296,5 @@ def test_the_openapi_schema_documents_the_errors_and_the_bounds(http: httpx.Clie
 @pytest.mark.parametrize("field", ["max_request_body_bytes", "max_queued_requests"])
 def test_the_limits_are_config_fields_checked_at_start(field: str) -> None:
     with pytest.raises(ConfigError, match=field):
-        PipelineConfig(**{field: 0})
+        PipelineConfig.from_dict({field: 0})
     assert PipelineConfig.from_cli([f"--{field.replace('_', '-')}", "7"]).frontend_limits()[field] == 7
