@@ -101,6 +101,15 @@ class PipelineConfig:
     kv_cache_manager_port: int = 8005
     sampler_port: int = 8006
     log_dir: str | None = None  # where each component writes <name>.log; None: a temporary directory per launch
+    # -- the frontend's limits on requests ---------------------------------------------------
+    # 4 MiB: the longest legitimate body, a 128k-token context, is ~1 MiB as token ids
+    # (<= 7 characters each with the comma) and ~0.5 MiB as text (~4 characters a token), ~3 MiB
+    # if every character is \u-escaped; past 4 MiB a body is a mistake or an attack (413).
+    max_request_body_bytes: int = 4 * 2**20
+    # Requests accepted but not yet at their first token; one more gets 429 + Retry-After. 512
+    # is two full batches of max_num_seqs (256): a request queued behind more would wait for two
+    # batches to finish before its first token, longer than a client should hang on unanswered.
+    max_queued_requests: int = 512
     # Socket name -> endpoint, for sockets that must not be ipc files in one directory
     # (components on other hosts or containers); names as in modkit/pipeline/addresses.py.
     # In a launch, a tcp:// socket speaks ZeroMQ CURVE with the launch's keys (transport/security.py).
@@ -161,6 +170,8 @@ class PipelineConfig:
         _check_seconds("restart_window_s", self.restart_window_s)
         _check_seconds("restart_backoff_s", self.restart_backoff_s, minimum=0.0)
         _check_seconds("restart_unresponsive_after_s", self.restart_unresponsive_after_s, optional=True)
+        _check_int("max_request_body_bytes", self.max_request_body_bytes, minimum=1)
+        _check_int("max_queued_requests", self.max_queued_requests, minimum=1)
         self._check_ports()
         self._check_addresses()
 
@@ -271,6 +282,13 @@ class PipelineConfig:
         if ":" in host:
             host = f"[{host}]"  # an IPv6 address in a URL
         return {name: f"http://{host}:{port}/health" for name, port in self.ports().items()}
+
+    def frontend_limits(self) -> dict[str, int]:
+        """The limits the OpenAI app enforces on requests: ``build_app``'s keyword arguments."""
+        return {
+            "max_request_body_bytes": self.max_request_body_bytes,
+            "max_queued_requests": self.max_queued_requests,
+        }
 
     def to_engine_config(self, worker_index: int = 0) -> EngineConfig:
         """The in-process engine's config for one worker. Workers are replicas, so all get the same

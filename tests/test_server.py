@@ -186,7 +186,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: str
     assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
     no_key = httpx.post(f"{server}/v1/chat/completions", json={"model": EMBEDDED_MODEL_NAME, "messages": HELLO})
     assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(f"{server}/health").status_code == 401  # every route is protected
+    assert httpx.get(f"{server}/health").status_code == 200  # open: a probe carries no key
+    assert httpx.get(f"{server}/stats").status_code == 401  # every other route is protected
     ok = client.chat.completions.create(model=EMBEDDED_MODEL_NAME, messages=HELLO, temperature=0)  # type: ignore[arg-type]
     assert ok.choices[0].message.content.startswith("Hello")  # type: ignore[union-attr]
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = AsyncEngine(config.to_engine_config())
     name = config.resolved_model() or EMBEDDED_MODEL_NAME
     try:
-        app = build_app(engine, name, config.api_key)
+        app = build_app(engine, name, config.api_key, **config.frontend_limits())
         uvicorn.run(app, host=config.host, port=config.frontend_port, log_level="warning")
     finally:
         engine.shutdown()

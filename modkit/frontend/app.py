@@ -3,32 +3,64 @@
 
 The app talks to an engine through ``EngineClient`` (``interface.py``): ``generate`` (an
 async stream of deltas) and ``abort``, in this process or across the pipeline; it
-tokenizes, validates, and shapes responses. Errors
-are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``, 400 for a bad
-request (validation, malformed JSON, a prompt too long for the context), 404 for an
-unknown model, 401 for a missing or wrong API key, 503 when the engine has failed.
+tokenizes (on a thread, so that a long prompt does not stall the event loop), validates,
+and shapes responses. Every error is OpenAI-shaped,
+``{"error": {"message", "type", "param", "code"}}``, whatever went wrong: 400 for a bad
+request (a field out of its bounds, malformed JSON, a prompt too long for the context),
+401 for a missing or wrong API key (``/health`` asks none), 404 for an unknown model or
+route, 405 for a wrong method, 413 for a body over ``max_request_body_bytes``, 429 (with
+``Retry-After``) once ``max_queued_requests`` requests wait for their first token, 503
+when the engine has failed, and 500, logged, for a bug. A client that hangs up aborts its
+request, streamed or not, which frees its KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from modkit.engine.async_engine import EngineDeadError
 from modkit.engine.output_processor import CompletionDelta
+from modkit.frontend.guards import (
+    RETRY_AFTER_S,
+    LimitRequestBody,
+    QueueFull,
+    RequestQueue,
+    RequireAPIKey,
+    ShedWhenFull,
+    error_body,
+)
 from modkit.frontend.interface import EngineClient
-from modkit.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from modkit.frontend.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from modkit.frontend.shaping import Shaper
 from modkit.model import encode_chat
 from modkit.sampling_params import SamplingParams, SamplingParamsError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# What /openapi.json documents for each /v1 route besides its 200.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "A bad request: a field out of its bounds, malformed JSON, a prompt too long for the context"),
+        (401, "A missing or wrong API key"),
+        (404, "An unknown model"),
+        (413, "A body over max_request_body_bytes"),
+        (429, "max_queued_requests requests already wait for their first token; see Retry-After"),
+        (503, "The engine failed, or the server is shutting down"),
+    )
+}
 
 
 class APIError(Exception):
@@ -44,32 +76,53 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
 
 
-def build_app(engine: EngineClient, model_name: str, api_key: str | None = None) -> FastAPI:
+def _error(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
+    # ASCII JSON: a message that quotes the client's text (a lone surrogate, say) still encodes.
+    return Response(json.dumps(body), status, headers, media_type="application/json")
+
+
+def build_app(
+    engine: EngineClient,
+    model_name: str,
+    api_key: str | None = None,
+    *,
+    max_request_body_bytes: int,
+    max_queued_requests: int,
+) -> FastAPI:
     app = FastAPI(title="modkit", summary="OpenAI-compatible API over modkit's engine")
     started = time.time()
+    queue = RequestQueue(max_queued_requests)
+    # Added last, runs first: the key, then the body's size, then the queue, each before a
+    # byte of the body is read.
+    app.add_middleware(ShedWhenFull, queue=queue, paths=("/v1/chat/completions", "/v1/completions"))
+    app.add_middleware(LimitRequestBody, max_bytes=max_request_body_bytes)
+    if api_key is not None:
+        app.add_middleware(RequireAPIKey, api_key=api_key)
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+    async def api_error(_: Request, err: APIError) -> Response:
+        return _error(err.status, err.body())
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, err: QueueFull) -> Response:
+        return _error(429, err.body(), {"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = "malformed JSON body" if first.get("type") == "json_invalid" else first.get("msg", str(err))
-        return JSONResponse(APIError(400, message, param=".".join(loc) or None).body(), status_code=400)
+    async def validation_error(_: Request, err: RequestValidationError) -> Response:
+        message, param = _validation_message(err.errors())
+        return _error(400, APIError(400, message, param=param).body())
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                body = APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-                return JSONResponse(body.body(), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(HTTPException)  # unknown route (404), wrong method (405), unreadable body, 413
+    async def http_error(_: Request, err: HTTPException) -> Response:
+        return _error(err.status_code, error_body(str(err.detail), "invalid_request_error"), err.headers)
+
+    @app.exception_handler(Exception)  # a bug: logged by Starlette, answered in the same shape
+    async def server_error(_: Request, err: Exception) -> Response:
+        log.exception("unhandled error in the OpenAI API", exc_info=err)
+        return _error(500, error_body(f"internal server error: {type(err).__name__}", "server_error"))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -93,9 +146,10 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
-        return dict(engine.stats())
+        mine = {"num_requests_queued": queue.num_queued, "num_requests_refused_queue_full": queue.num_refused}
+        return {**engine.stats(), **mine}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:
         card = {
             "id": model_name,
@@ -115,13 +169,15 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
                 code="model_not_found",
             )
 
-    def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> SamplingParams:
+    def sampling_params(
+        req: ChatCompletionRequest | CompletionRequest, prompt_len: int, prompt_param: str
+    ) -> SamplingParams:
         room = engine.max_model_len - prompt_len
         if room < 1:
             raise APIError(
                 400,
                 f"This model's maximum context length is {engine.max_model_len} tokens; the prompt has {prompt_len}.",
-                param="messages",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         try:
@@ -138,59 +194,111 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             )
         return params
 
-    @app.post("/v1/chat/completions")
+    async def serve(
+        req: ChatCompletionRequest | CompletionRequest,
+        kind: str,
+        tokenize: Callable[[], list[int]],
+        text: str | None,
+        http: Request,
+    ) -> Response:
+        """Tokenize (on a thread), check, submit; wait for the first token, then stream or collect
+        the rest. Until the first token the request holds a place in ``queue`` (429 if none is left)."""
+        with queue.admit():
+            prompt_ids = await asyncio.to_thread(tokenize)
+            if not prompt_ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            params = sampling_params(req, len(prompt_ids), "messages" if kind == "chat" else "prompt")
+            request_id = engine.new_request_id("chatcmpl" if kind == "chat" else "cmpl")
+            deltas = engine.generate(request_id, prompt_ids, params, text, stream=bool(req.stream))
+            first = await _unless_disconnected(_first(deltas), http)
+        if first is None:
+            return Response(status_code=499)  # the client left; nobody reads this
+        shaper = Shaper(engine, kind, request_id, model_name, len(prompt_ids), params)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(first, deltas, shaper, include_usage), media_type="text/event-stream")
+        try:
+            seen = await _unless_disconnected(_collect(first, deltas), http)
+        except EngineDeadError as err:  # failed after it began (a worker's step failed, no worker left)
+            raise APIError(503, str(err), "server_error") from err
+        return Response(status_code=499) if seen is None else JSONResponse(shaper.full(seen))
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat(req: ChatCompletionRequest, http: Request) -> Response:
         check_model(req.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from err
-        prompt_ids = encode_chat(engine.tokenizer, messages)
-        params = sampling_params(req, len(prompt_ids))
-        request_id = engine.new_request_id("chatcmpl")
-        deltas = engine.generate(request_id, prompt_ids, params, stream=bool(req.stream))
-        shaper = _Shaper(engine, "chat", request_id, model_name, len(prompt_ids), params)
-        return await _respond(req.stream, req.stream_options, deltas, shaper, http)
+        return await serve(req, "chat", lambda: encode_chat(engine.tokenizer, messages), None, http)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(req: CompletionRequest, http: Request) -> Response:
         check_model(req.model)
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         if isinstance(req.prompt, str):
-            prompt_ids = list(engine.tokenizer.encode(req.prompt, add_special_tokens=False))
-        else:
-            prompt_ids = list(req.prompt)
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        params = sampling_params(req, len(prompt_ids))
-        request_id = engine.new_request_id("cmpl")
-        text = req.prompt if isinstance(req.prompt, str) else None
-        deltas = engine.generate(request_id, prompt_ids, params, text, stream=bool(req.stream))
-        shaper = _Shaper(engine, "completion", request_id, model_name, len(prompt_ids), params)
-        return await _respond(req.stream, req.stream_options, deltas, shaper, http)
+            text = req.prompt
+            return await serve(
+                req, "completion", lambda: engine.tokenizer.encode(text, add_special_tokens=False), text, http
+            )
+        ids = req.prompt
+        return await serve(req, "completion", lambda: ids, None, http)
 
+    app.openapi = lambda: _openapi_schema(app, model_name)  # type: ignore[method-assign]
     return app
 
 
-async def _respond(
-    stream: bool, options: Any, deltas: AsyncIterator[CompletionDelta], shaper: _Shaper, http: Request
-) -> Response:
-    first = await _first(deltas)  # raises here (as a 4xx) if the engine refuses the request
-    if stream:
-        include_usage = bool(options and options.include_usage)
-        return StreamingResponse(_sse(first, deltas, shaper, include_usage), media_type="text/event-stream")
-    collect = asyncio.ensure_future(_collect(first, deltas))
-    while not collect.done():  # a client that hangs up aborts its request (the generator's finally)
-        await asyncio.wait([collect], timeout=1.0)  # each look costs the server: once a second each
-        if not collect.done() and await http.is_disconnected():
-            collect.cancel()
-            return Response(status_code=499)
+def _openapi_schema(app: FastAPI, model_name: str) -> dict[str, Any]:
+    """FastAPI's schema, less the 422 it documents for every body (this app answers 400), and
+    with ``model`` naming the one model served (another name is a 404)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        models = schema["components"]["schemas"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            models.pop(name, None)
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            models[name]["properties"]["model"] = {"type": "string", "enum": [model_name], "title": "Model"}
+    return app.openapi_schema or {}
+
+
+def _validation_message(errors: Any) -> tuple[str, str | None]:
+    """A 400's message and ``param`` from pydantic's errors: the top-level field is the param;
+    where one value failed every branch of a union, the type mismatches are left out."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return "malformed JSON body", None
+    wanted = [e for e in errors if not str(e.get("type", "")).endswith("_type")] or list(errors)
+    lines, param = [], None
+    for e in wanted[:3]:
+        loc = [p for p in e.get("loc", ()) if p != "body" and (isinstance(p, int) or "[" not in str(p))]
+        param = param or (str(loc[0]) if loc else None)
+        lines.append(f"{'.'.join(map(str, loc)) or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(lines), param
+
+
+async def _unless_disconnected(work: Awaitable[T], http: Request) -> T | None:
+    """``work``'s result; None if the client hangs up first, in which case ``work`` is cancelled
+    (cancelling a request's delta stream aborts the request, which frees its blocks)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(http))
     try:
-        deltas_seen = collect.result()
-    except EngineDeadError as err:  # failed after it began (a worker's step failed, no worker left)
-        raise APIError(503, str(err), "server_error") from err
-    return JSONResponse(shaper.full(deltas_seen))
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        await asyncio.gather(task, return_exceptions=True)  # let the abort run before we answer
+        return None
+    return task.result()
+
+
+async def _disconnect(http: Request) -> None:
+    """Returns when the client hangs up. The body has been read, so the next ASGI message is
+    ``http.disconnect``; waiting for it costs nothing, where polling would cost a wake-up each."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _first(deltas: AsyncIterator[CompletionDelta]) -> CompletionDelta:
@@ -209,7 +317,7 @@ async def _collect(first: CompletionDelta, deltas: AsyncIterator[CompletionDelta
 
 
 async def _sse(
-    first: CompletionDelta, deltas: AsyncIterator[CompletionDelta], shaper: _Shaper, include_usage: bool
+    first: CompletionDelta, deltas: AsyncIterator[CompletionDelta], shaper: Shaper, include_usage: bool
 ) -> AsyncIterator[str]:
     try:
         for chunk in shaper.opening_chunks():
@@ -228,111 +336,3 @@ def _event(chunk: dict[str, Any], include_usage: bool) -> str:
     if include_usage:
         chunk["usage"] = None
     return f"data: {json.dumps(chunk)}\n\n"
-
-
-class _Shaper:
-    """Builds the JSON bodies of one response, streamed or whole."""
-
-    def __init__(
-        self, engine: EngineClient, kind: str, request_id: str, model: str, prompt_len: int, params: SamplingParams
-    ) -> None:
-        self.engine, self.kind, self.id, self.model = engine, kind, request_id, model
-        self.prompt_len, self.params, self.created = prompt_len, params, int(time.time())
-        self.completion_tokens = 0
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_len,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_len + self.completion_tokens,
-        }
-
-    def opening_chunks(self) -> list[dict[str, Any]]:
-        if self.kind != "chat":
-            return []
-        return [
-            self._envelope(
-                "chat.completion.chunk",
-                [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                    for i in range(self.params.n)
-                ],
-            )
-        ]
-
-    def chunk(self, d: CompletionDelta) -> dict[str, Any]:
-        self.completion_tokens += len(d.new_token_ids)
-        choice: dict[str, Any] = {
-            "index": d.index,
-            "logprobs": self._logprobs(d.new_token_ids, d.new_logprobs),
-            "finish_reason": d.finish_reason,
-        }
-        if self.kind == "chat":
-            choice["delta"] = {"content": d.text} if d.text or d.finish_reason is None else {}
-            return self._envelope("chat.completion.chunk", [choice])
-        choice["text"] = d.text
-        return self._envelope("text_completion", [choice])
-
-    def usage_chunk(self) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._envelope(obj, []), "usage": self.usage()}
-
-    def full(self, deltas: list[CompletionDelta]) -> dict[str, Any]:
-        choices = []
-        for i in range(self.params.n):
-            mine = [d for d in deltas if d.index == i]
-            ids = [t for d in mine for t in d.new_token_ids]
-            lps = [lp for d in mine for lp in (d.new_logprobs or [])] if self.params.logprobs is not None else None
-            self.completion_tokens += len(ids)
-            text, last = "".join(d.text for d in mine), mine[-1]
-            choice: dict[str, Any] = {
-                "index": i,
-                "logprobs": self._logprobs(ids, lps),
-                "finish_reason": last.finish_reason,
-            }
-            if self.kind == "chat":
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            choices.append(choice)
-        obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {**self._envelope(obj, choices), "usage": self.usage()}
-
-    def _logprobs(self, ids: list[int], lps: list[Any] | None) -> dict[str, Any] | None:
-        if self.params.logprobs is None or lps is None:
-            return None
-        tok = self.engine.tokenizer
-
-        def piece(t: int) -> str:
-            return str(tok.decode([t]))
-
-        if self.kind == "chat":
-            content = []
-            for token, entry in zip(ids, lps, strict=True):
-                top = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[: self.params.logprobs]
-                content.append(
-                    {
-                        "token": piece(token),
-                        "logprob": entry[token].logprob,
-                        "bytes": list(piece(token).encode()),
-                        "top_logprobs": [
-                            {"token": piece(t), "logprob": lp.logprob, "bytes": list(piece(t).encode())}
-                            for t, lp in top
-                        ],
-                    }
-                )
-            return {"content": content}
-        return {
-            "tokens": [piece(t) for t in ids],
-            "token_logprobs": [e[t].logprob for t, e in zip(ids, lps, strict=True)],
-            "top_logprobs": [
-                {
-                    piece(t): lp.logprob
-                    for t, lp in sorted(e.items(), key=lambda kv: -kv[1].logprob)[: self.params.logprobs]
-                }
-                for e in lps
-            ],
-        }

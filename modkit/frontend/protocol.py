@@ -2,18 +2,96 @@
 
 Request models accept the OpenAI fields modkit implements plus vLLM's extra sampling
 fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``); unknown fields are ignored, as vLLM does. Range checks are not
-repeated here: ``SamplingParams`` makes them and its error names the field.
+``stop_token_ids``); unknown fields are ignored, as vLLM does. Types are strict, as JSON Schema's are: ``true``
+is no integer and ``"1"`` no number (``3.0`` is an integer).
+
+Every field states its bounds here, so that a bad value is a 400 before any work is done
+and ``/openapi.json`` documents the limits (a schema-driven fuzzer reads them). The
+bounds are OpenAI's where it has them (``n`` <= 128, ``logprobs`` <= 20, ``logit_bias``
+in [-100, 100], at most 4 stop strings), vLLM's otherwise.
+``SamplingParams`` checks the values again (it is also built without the API) and the
+engine checks what only it knows: token ids against the vocabulary, the prompt against
+the context length.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from modkit.sampling_params import SamplingParams
+from modkit.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
+
+MAX_N = 128  # OpenAI's limit on completions per request; each is a request of its own in the engine
+MAX_STOP_STRINGS = 4  # OpenAI's "up to 4 sequences"
+# Stop strings are matched against the tail of the output text after every token: a
+# bound keeps that cheap. Real ones are a few characters ("\n\nUser:").
+MAX_STOP_STRING_CHARS = 256
+# seed: an integer every JSON client writes exactly, |seed| <= 2**53 - 1 (JavaScript's
+# MAX_SAFE_INTEGER), inside vLLM's int64. JSON Schema's numbers are floats: a bound near
+# 2**63 (vLLM's) is blurred by 1,024 either way, and a schema-driven client would then
+# disagree with this API about seeds near it.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def _no_lone_surrogates(text: str) -> str:
+    """JSON may escape half a UTF-16 pair ("\\ud800"); such a string has no UTF-8 form, so the
+    tokenizer (and any response that echoes it) could not encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "the string holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode"
+        ) from None
+    return text
+
+
+def _integral(value: object) -> object:
+    """JSON Schema counts 3.0 as an integer, so this API does too; true is still not one."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _not_true(echo: bool) -> bool:
+    if echo:
+        raise ValueError("echo=true (the prompt in the output) is not supported")
+    return echo
+
+
+INTEGRAL = BeforeValidator(_integral)  # after a field's bounds, so that the schema keeps them
+Echo = Annotated[bool, AfterValidator(_not_true), WithJsonSchema({"type": "boolean", "const": False})]
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+TokenId = Annotated[int, Field(ge=0), INTEGRAL]
+# logit_bias's JSON keys are token ids written as strings ({"50256": -100}).
+TOKEN_ID_KEY = r"^[0-9]{1,10}$"
+
+
+def _check_logit_bias(bias: dict[str, Any]) -> dict[str, Any]:
+    """One error for the whole mapping: a body of 300,000 bad keys would otherwise cost the
+    event loop seconds to list them all (as ``fail_fast`` saves for the lists)."""
+    for key, value in bias.items():
+        if not re.fullmatch(TOKEN_ID_KEY, key):
+            raise ValueError(f"keys must be token ids (digits), got {key[:20]!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+            raise ValueError(f"values must be numbers in [-100, 100], got {value!r} for token {key}")
+    return bias
+
+
+LogitBias = Annotated[
+    dict[str, Any],
+    AfterValidator(_check_logit_bias),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "patternProperties": {TOKEN_ID_KEY: {"type": "number", "minimum": -100, "maximum": 100}},
+            "additionalProperties": False,
+        }
+    ),
+]
+# Lists a client may make long stop at their first bad item (one error, not a million).
+TokenIds = Annotated[list[TokenId], Field(fail_fast=True)]
 
 
 class ErrorInfo(BaseModel):
@@ -28,31 +106,33 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    model: Text
+    n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] = 1
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Annotated[int, Field(ge=-MAX_SAFE_INTEGER, le=MAX_SAFE_INTEGER), INTEGRAL] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: LogitBias | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: Annotated[int, Field(ge=-1), INTEGRAL] | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
 
     def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         optional: dict[str, Any] = {
@@ -79,40 +159,58 @@ class _SamplingFields(BaseModel):
         )
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``{"type": "text", "text": ...}`` is served."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: str
+    text: Text | None = None
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | Annotated[list[ContentPart], Field(fail_fast=True)] | None = None
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        if any(part.get("type") != "text" for part in self.content):
+        if any(part.type != "text" for part in self.content):
             raise ValueError("only text content parts are supported")
-        return "".join(str(part.get("text", "")) for part in self.content)
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None  # the newer name; wins when both are given
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = (
+        None  # the newer name; wins when both are given
+    )
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise SamplingParamsError("top_logprobs", "top_logprobs needs logprobs=true")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: bool = False
+    prompt: Annotated[Text, Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
+    echo: Echo = False
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        if self.best_of is not None and self.best_of != self.n:
+            raise SamplingParamsError(
+                "best_of", f"best_of must equal n ({self.n}) if given: best_of > n is not supported, got {self.best_of}"
+            )
         return self._params(self.max_tokens or default_max_tokens, self.logprobs)
 
 

@@ -39,7 +39,7 @@ class FrontendService:
         self.client = PipelineClient(
             tokenizer, model_config, max_model_len, PipelineAddresses(ipc_dir, cfg.addresses or {}), cfg.allow_remote
         )
-        app = build_app(self.client, self.model_name, cfg.api_key)
+        app = build_app(self.client, self.model_name, cfg.api_key, **cfg.frontend_limits())
         # NOTE: the plain asyncio loop, which pyzmq's asyncio sockets are known to work with.
         uv_config = uvicorn.Config(app, host=cfg.host, port=cfg.frontend_port, log_level="warning", loop="asyncio")
         self.server = uvicorn.Server(uv_config)
