@@ -62,6 +62,23 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     )
 }
 
+# With "stream": true, the 200 is server-sent events: "data: <chunk JSON>" lines, then "data: [DONE]".
+STREAMED_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    200: {
+        "description": "The completion: JSON, or with stream=true a stream of server-sent events",
+        "content": {
+            "text/event-stream": {  # the schema of one event
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string", "description": "a chunk as JSON, or [DONE]"}},
+                    "required": ["data"],
+                }
+            }
+        },
+    },
+}
+
 
 class APIError(Exception):
     def __init__(
@@ -223,7 +240,7 @@ def build_app(
             raise APIError(503, str(err), "server_error") from err
         return Response(status_code=499) if seen is None else JSONResponse(shaper.full(seen))
 
-    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    @app.post("/v1/chat/completions", responses=STREAMED_RESPONSES)
     async def chat(req: ChatCompletionRequest, http: Request) -> Response:
         check_model(req.model)
         try:
@@ -232,7 +249,7 @@ def build_app(
             raise APIError(400, str(err), param="messages") from err
         return await serve(req, "chat", lambda: encode_chat(engine.tokenizer, messages), None, http)
 
-    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    @app.post("/v1/completions", responses=STREAMED_RESPONSES)
     async def completions(req: CompletionRequest, http: Request) -> Response:
         check_model(req.model)
         if isinstance(req.prompt, str):

@@ -45,14 +45,16 @@ def nothing_held(p: Pipeline) -> bool:
     return not any(holding(p).values())
 
 
-def stream(url: str, question: str, max_tokens: int, cut_after: int | None, cut: threading.Event) -> str:
+def stream(
+    url: str, question: str, max_tokens: int, cut_after: int | None, cut: threading.Event, ignore_eos: bool = False
+) -> str:
     """One streamed chat; with ``cut_after``, the connection is closed after that many chunks."""
     body = {
         "model": EMBEDDED_MODEL_NAME,
         "messages": [{"role": "user", "content": question}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "ignore_eos": cut_after is not None,  # a cut stream must still be running when it is cut
+        "ignore_eos": ignore_eos or cut_after is not None,  # a cut stream must still be running when it is cut
         "stream": True,
     }
     text = []
@@ -107,9 +109,11 @@ def test_cut_streams_are_aborted_and_the_others_equal_solo_runs(pipeline: Pipeli
 def test_a_drain_finishes_the_requests_in_flight_and_holds_nothing_after(pipeline: Pipeline) -> None:
     """Last in this file: a drained pipeline takes no new request."""
     cut = threading.Event()
+    pipeline.clear_trace()
     with ThreadPoolExecutor(8) as pool:
-        running = [pool.submit(stream, pipeline.url, q, 200, None, cut) for q in QUESTIONS + QUESTIONS[:3]]
-        assert wait_until(lambda: holding(pipeline)["requests"] > 0, 30), "no request reached the scheduler"
+        running = [pool.submit(stream, pipeline.url, q, 200, None, cut, True) for q in QUESTIONS + QUESTIONS[:3]]
+        in_flight = lambda: pipeline.stats()["frontend"]["num_requests_in_flight"]  # noqa: E731
+        assert wait_until(lambda: in_flight() == len(running), 30), "the requests did not all reach the frontend"
         assert pipeline.drain(timeout_s=120), "requests were still in flight when the drain gave up"
         refused = httpx.post(
             f"{pipeline.url}/v1/chat/completions",
@@ -118,6 +122,8 @@ def test_a_drain_finishes_the_requests_in_flight_and_holds_nothing_after(pipelin
         )
         texts = [job.result() for job in running]
     assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
-    assert all(texts), "a request in flight was cut by the drain"
+    requests = pipeline.trace().requests
+    assert len(texts) == len(requests) == 8
+    assert (requests.finish_reason == "length").all() and (requests.num_output_tokens == 200).all(), requests
     assert not cut.is_set()
     assert wait_until(lambda: nothing_held(pipeline), 30), f"still held after the drain: {holding(pipeline)}"
