@@ -51,11 +51,17 @@ class FrontendService:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"uvicorn did not start on {self.url} (port taken?)")
             time.sleep(0.02)
+        # Outputs may come before any request does (for those of a frontend this one replaces): receive now.
+        self.client.start(self.server.servers[0].get_loop())
 
     def drain(self) -> int:
         """Refuse new requests (503) from now on; return how many are still in flight."""
         self.client.draining = True
         return int(self.client.stats()["num_requests_in_flight"])
+
+    def resubmit(self) -> dict[str, int]:
+        """Send every request in flight again, with its outputs so far (after a router or scheduler restart)."""
+        return self.client.resubmit()
 
     def announce_events(self, token: str) -> None:
         """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""

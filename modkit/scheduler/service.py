@@ -22,6 +22,16 @@ planning run while the worker computes, instead of between its steps. Without it
 planned only after the previous one came back. Either way the next plan goes out before the
 last step's results do: the outputs to the frontend, the finished ids to the router and the
 step's event are sent while the worker computes.
+
+Restarts. When the KV cache manager loses a worker's pool (it restarted, or stopped
+answering: ``KVCacheLost``, see ``modkit.kvcache.client``), that worker's requests are all
+taken as a preemption takes them (outputs kept, recomputed when readmitted), its steps in
+flight are forgotten (their results ignored when they come back), and its next plan tells
+the worker to drop them (``preempted_req_ids``); once the manager answers again, the pool is
+reset and scheduling goes on. Meanwhile messages are taken as usual. An ``AddRequest`` for
+a request this scheduler already has, or finished lately, is ignored: after a router or
+scheduler restart the frontend sends every request in flight again (``resubmit``), and only
+the lost ones are added, with their outputs so far.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from modkit.config import PipelineConfig
-from modkit.kvcache.client import KVCacheManagerClient
+from modkit.kvcache.client import KVCacheLost, KVCacheManagerClient
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import (
     AbortRequest,
@@ -53,9 +63,10 @@ from modkit.scheduler.scheduler import Scheduler
 from modkit.scheduler.slots import InFlightStep, WorkerSlot
 from modkit.scheduler.swapping import SchedulerSwapping
 from modkit.trace.events import EventPublisher, ScheduledReq, StepEvent
-from modkit.transport import Inbox, Outbox, RpcClient
+from modkit.transport import Inbox, Outbox, RemoteError, RpcClient, RpcTimeoutError
 
-KV_RPC_TIMEOUT_S = 30.0
+KV_RPC_TIMEOUT_S = 5.0  # calls other than apply (which has its own, see modkit.kvcache.client)
+MAX_RECENTLY_FINISHED = 10_000  # finished req_ids remembered, so that a resubmitted copy is not run again
 
 
 class SchedulerService(SchedulerSwapping):
@@ -85,6 +96,7 @@ class SchedulerService(SchedulerSwapping):
         self.block_size, self.enable_prefix_caching = cfg.block_size, cfg.enable_prefix_caching
         self.held: list[AddRequest] | None = None  # new requests kept back while draining (hold_new_requests)
         self.owner: dict[str, int] = {}  # req_id -> worker id, while the request lives
+        self.recently_finished: dict[str, None] = {}  # the last MAX_RECENTLY_FINISHED, oldest first
         self.num_rejected = 0
         self.num_moved = 0  # requests moved off a dead worker
         self.after_steps: list[Callable[[], None]] = []  # sends owed by steps that came back (run_once)
@@ -129,10 +141,21 @@ class SchedulerService(SchedulerSwapping):
         elif isinstance(message, WorkerUp):
             slot = self.slots[message.worker_id]
             if not slot.alive:
-                self.kv_rpc.call("reset_prefix_cache", slot.worker_id)  # a restarted worker's cache is empty
+                self._reset_prefix_cache(slot)  # a restarted worker's cache is empty
                 slot.alive = True
 
+    def _reset_prefix_cache(self, slot: WorkerSlot) -> None:
+        """The worker's cache is empty: so must the pool's prefix cache be (a lost pool is reset when rejoined)."""
+        if slot.kv.lost is not None:
+            return
+        try:
+            self.kv_rpc.call("reset_prefix_cache", slot.worker_id)
+        except (RpcTimeoutError, RemoteError) as error:
+            slot.kv.lose(f"reset_prefix_cache failed: {error}")
+
     def _add(self, message: AddRequest) -> None:
+        if message.req_id in self.owner or message.req_id in self.recently_finished:
+            return  # sent again after a restart (resubmit): this one was not lost
         if self.held is not None:
             self.held.append(message)
             return
@@ -163,13 +186,22 @@ class SchedulerService(SchedulerSwapping):
         by_worker: dict[int, list[str]] = {}
         for req_id in message.req_ids:
             if req_id in self.owner:
-                by_worker.setdefault(self.owner.pop(req_id), []).append(req_id)
+                by_worker.setdefault(self.owner[req_id], []).append(req_id)
+                self._finished(req_id)
         for worker_id, req_ids in by_worker.items():
             self.slots[worker_id].scheduler.finish_requests(req_ids, status)
         self.to_router.send(RequestsFinished([r for ids in by_worker.values() for r in ids]))
 
+    def _finished(self, req_id: str) -> None:
+        """The request is over here: remembered a while, so that a copy sent again is not run again."""
+        self.owner.pop(req_id, None)
+        self.recently_finished[req_id] = None
+        if len(self.recently_finished) > MAX_RECENTLY_FINISHED:
+            del self.recently_finished[next(iter(self.recently_finished))]
+
     def _reject(self, req_id: str, kind: str, message: str) -> None:
         self.num_rejected += 1
+        self._finished(req_id)
         self.to_frontend.send(RequestRejected(req_id, kind, message))
         self.to_router.send(RequestsFinished([req_id]))
 
@@ -195,7 +227,7 @@ class SchedulerService(SchedulerSwapping):
                 )
             )
         self.num_moved += len(moved)
-        self.kv_rpc.call("reset_prefix_cache", slot.worker_id)
+        self._reset_prefix_cache(slot)
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -204,14 +236,52 @@ class SchedulerService(SchedulerSwapping):
         return self.async_scheduling and isinstance(slot.scheduler, Scheduler)
 
     def _send_step(self, slot: WorkerSlot) -> None:
+        if not self._kv_ready(slot):
+            return  # the KV cache manager is not back yet: tried again on the next turn
         t0, kv0 = time.perf_counter(), slot.kv.round_trip_s
-        plan = slot.scheduler.schedule()
+        try:
+            plan = slot.scheduler.schedule()
+        except KVCacheLost:
+            self._requeue_all(slot)
+            return
+        if slot.to_drop:  # requeued after a lost pool: the worker drops its copies (readmitted ones come back new)
+            plan.preempted_req_ids |= slot.to_drop
+            slot.to_drop = set()
         self._check_swapped_policy(slot)
         sent_at = time.perf_counter()
         kv_s = slot.kv.round_trip_s - kv0
         slot.in_flight.append(InFlightStep(plan, slot.scheduler.last_record, sent_at, time.time(), sent_at - t0, kv_s))
         slot.schedule_s += sent_at - t0
         slot.outbox.send(StepPlan(slot.worker_id, plan))
+
+    def _kv_ready(self, slot: WorkerSlot) -> bool:
+        """Whether the worker's KV pool can be used: after a loss, once its requests are requeued and
+        the manager answers again (``rejoin``, which resets the pool)."""
+        if slot.kv.lost is None:
+            return True
+        if not slot.requeued:
+            self._requeue_all(slot)
+        if not slot.kv.rejoin():
+            return False
+        slot.requeued = False
+        return True
+
+    def _requeue_all(self, slot: WorkerSlot) -> None:
+        """The KV cache manager lost the worker's pool: every request waits again, as a preemption leaves it
+        (outputs kept, nothing computed), and the steps in flight are forgotten (their results are ignored)."""
+        slot.kv.forget_all()
+        slot.requeued = True
+        slot.in_flight.clear()
+        slot.num_kv_rebuilds += 1
+        scheduler = slot.scheduler
+        if scheduler.kv is not slot.kv:
+            return  # vLLM's scheduler keeps its own KV cache manager, which was not lost
+        taken = scheduler.take_requests(sorted(scheduler.requests, key=lambda r: scheduler.requests[r].arrival_time))
+        for request in taken:
+            request.num_preemptions += 1
+            scheduler.add_request(request)
+        scheduler.num_preemptions += len(taken)
+        slot.to_drop |= {r.req_id for r in taken}
 
     def _came_back(self, slot: WorkerSlot, step: int) -> InFlightStep | None:
         """The oldest step in flight, if it is ``step``; None for a step of a worker declared dead, come back late."""
@@ -237,7 +307,7 @@ class SchedulerService(SchedulerSwapping):
         event = self._step_event(slot, step, elapsed, done.forward_s, done.sample_s, update_s=update_s)
         finished = [o.req_id for o in outputs if o.finish_reason is not None]
         for req_id in finished:
-            self.owner.pop(req_id, None)
+            self._finished(req_id)
 
         def send() -> None:
             if finished:  # the router first: a client's next request, sent on this reply, is routed knowing it
@@ -263,7 +333,6 @@ class SchedulerService(SchedulerSwapping):
         req_ids = [r for r in plan.num_scheduled_tokens if r in slot.scheduler.requests]
         slot.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)  # blocks freed, never cached
         for req_id in req_ids:
-            self.owner.pop(req_id, None)
             self._reject(req_id, "error", f"{worker_name(slot.worker_id)} failed the step: {failed.error}")
 
     # -- swapping the whole scheduler (after a drain) ------------------------------------------

@@ -133,6 +133,7 @@ class Worker:
         on_device: dict[str, LastSampled] = {}
         for new in out.scheduled_new_reqs:
             self.failed_req_ids.discard(new.req_id)  # readmitted after a preemption
+            self._drop(new.req_id)  # held already: a restarted scheduler sent it again, as new
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), list(new.block_ids), new.num_computed_tokens, new.num_prompt_tokens
             )
