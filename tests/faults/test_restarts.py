@@ -25,6 +25,8 @@ from waiting import wait_until
 
 from modkit import LLM, Pipeline, SamplingParams
 from modkit.frontend import EMBEDDED_MODEL_NAME
+from modkit.kvcache.service import KVCacheService, UnknownGeneration
+from modkit.protocol import KVAdmit
 
 NUM_STREAMS = 8
 MAX_TOKENS = 256
@@ -80,6 +82,24 @@ def _run(url: str, messages: list[dict[str, str]], out: Stream, max_tokens: int 
         out.ended_at = time.monotonic()
     if out.finish_reason is None and out.error is None:
         out.error = "the stream ended without a finish_reason"
+
+
+def test_the_kv_cache_manager_applies_a_retried_call_once_and_refuses_a_stranger() -> None:
+    """What the scheduler's client relies on to retry and to notice a restart (modkit.kvcache.client)."""
+    service = KVCacheService([16], 4)
+    try:
+        service.reset(0, "g1")
+        first = service.apply(0, [KVAdmit("a", list(range(1, 11)), 0, 16)], "g1", seq=1)
+        again = service.apply(0, [KVAdmit("a", list(range(1, 11)), 0, 16)], "g1", seq=1)  # its reply was lost
+        assert again == first and service.block_tables(0) == {"a": first.results[0][0]}
+        with pytest.raises(UnknownGeneration):  # a restarted manager, or another scheduler's pool
+            service.apply(0, [KVAdmit("b", [1, 2], 0, 16)], "g0", seq=2)
+        assert set(service.block_tables(0)) == {"a"}, "nothing of a refused call was applied"
+        service.reset(0, "g2")  # a new scheduler takes the pool: the old one's blocks are freed
+        assert service.block_tables(0) == {} and service.pools[0].num_free_blocks == 15
+        service.check_invariants(0)
+    finally:
+        service.close()
 
 
 @pytest.fixture(scope="module")
@@ -194,22 +214,36 @@ def test_a_restart_ends_every_request(pipeline: Pipeline, expected: list[str], c
     _check_clean(pipeline, expected)
 
 
-@pytest.mark.parametrize("how", ["stopped", "killed"])
-def test_a_restarted_frontend_leaves_nothing_computing(pipeline: Pipeline, expected: list[str], how: str) -> None:
-    # Longer than the restart: the old frontend's clients are cut off while their requests run. A
-    # stopped frontend aborts its requests as it closes; a killed one cannot: the new one aborts
-    # them when their outputs come.
-    orphans = pipeline.stats()["frontend"]["num_orphans_aborted"]
-    kill = {"killed": pipeline.pids()["frontend"], "stopped": None}[how]
-    streams, back = _restart_under_traffic(pipeline, "frontend", max_tokens=LONG_MAX_TOKENS, kill=kill)
+def test_a_restarted_frontend_leaves_nothing_computing(pipeline: Pipeline, expected: list[str]) -> None:
+    # Longer than the restart: the old frontend's clients are cut off while their requests run.
+    streams, back = _restart_under_traffic(pipeline, "frontend", max_tokens=LONG_MAX_TOKENS)
     assert all(s.error is not None for s in streams), "every client of the old frontend lost its connection"
-
-    def idle() -> bool:
-        scheduler = pipeline.stats()["scheduler"]
-        return scheduler["num_requests_running"] + scheduler["num_requests_waiting"] == 0
-
     # Aborted (by the old frontend as it closed, or by the new one when their outputs came), not run to the end.
-    assert wait_until(idle, back + ANSWER_WITHIN_S - time.monotonic()), pipeline.stats()["scheduler"]
-    if how == "killed":
-        assert pipeline.stats()["frontend"]["num_orphans_aborted"] > orphans
+    assert wait_until(lambda: _num_requests(pipeline) == 0, back + ANSWER_WITHIN_S - time.monotonic())
     _check_clean(pipeline, expected)
+
+
+def test_the_requests_of_a_killed_frontend_are_aborted(pipeline: Pipeline, expected: list[str]) -> None:
+    # Held at the scheduler while their frontend is killed (it cannot abort them) and restarted: once let
+    # in, their outputs reach a frontend that does not know them, which aborts them.
+    pipeline.hold_requests(True)
+    try:
+        streams, threads = _start(pipeline, CONVERSATIONS[:4], LONG_MAX_TOKENS)
+        assert wait_until(lambda: pipeline.hold_requests(True) == 4, 30)
+        os.kill(pipeline.pids()["frontend"], signal.SIGKILL)
+        pipeline.restart("frontend")
+    finally:
+        pipeline.hold_requests(False)
+    back = time.monotonic()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert all(s.error is not None and s.num_chunks == 0 for s in streams), streams
+    assert wait_until(lambda: _num_requests(pipeline) == 0, ANSWER_WITHIN_S), pipeline.stats()["scheduler"]
+    print(f"\nkilled frontend: 4 requests aborted {time.monotonic() - back:.2f} s after the hold ended")
+    assert pipeline.stats()["frontend"]["num_orphans_aborted"] == 4, "the new frontend aborted each once"
+    _check_clean(pipeline, expected)
+
+
+def _num_requests(p: Pipeline) -> int:
+    scheduler = p.stats()["scheduler"]
+    return int(scheduler["num_requests_running"] + scheduler["num_requests_waiting"])
