@@ -31,13 +31,16 @@ the worker to drop them (``preempted_req_ids``); once the manager answers again,
 reset and scheduling goes on. Meanwhile messages are taken as usual. An ``AddRequest`` for
 a request this scheduler already has, or finished lately, is ignored: after a router or
 scheduler restart the frontend sends every request in flight again (``resubmit``), and only
-the lost ones are added, with their outputs so far.
+the lost ones are added, with their outputs so far. Every plan carries this process's
+``scheduler_id``: a worker that sees a new one drops every request it holds, and results
+tagged with another id (plans of the scheduler before a restart) are ignored here.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +76,7 @@ class SchedulerService(SchedulerSwapping):
     def __init__(self, config: dict[str, Any], ipc_dir: str, max_model_len: int, swap_key: str | None = None) -> None:
         cfg = PipelineConfig.from_dict(config)
         self.started = time.time()
+        self.scheduler_id = uuid.uuid4().hex  # in every plan: the workers tell this process from the one before
         self.implementation = cfg.scheduling_policy
         self.scheduler_name = "modkit"  # whose scheduler: "modkit", or "vllm" (modkit.vllm_v1)
         self.previous_implementation = cfg.scheduling_policy  # shown again if a swapped-in policy is put aside
@@ -252,7 +256,7 @@ class SchedulerService(SchedulerSwapping):
         kv_s = slot.kv.round_trip_s - kv0
         slot.in_flight.append(InFlightStep(plan, slot.scheduler.last_record, sent_at, time.time(), sent_at - t0, kv_s))
         slot.schedule_s += sent_at - t0
-        slot.outbox.send(StepPlan(slot.worker_id, plan))
+        slot.outbox.send(StepPlan(slot.worker_id, plan, self.scheduler_id))
 
     def _kv_ready(self, slot: WorkerSlot) -> bool:
         """Whether the worker's KV pool can be used: after a loss, once its requests are requeued and
@@ -283,15 +287,16 @@ class SchedulerService(SchedulerSwapping):
         scheduler.num_preemptions += len(taken)
         slot.to_drop |= {r.req_id for r in taken}
 
-    def _came_back(self, slot: WorkerSlot, step: int) -> InFlightStep | None:
-        """The oldest step in flight, if it is ``step``; None for a step of a worker declared dead, come back late."""
-        if not slot.in_flight or slot.in_flight[0].plan.step != step:
+    def _came_back(self, slot: WorkerSlot, step: int, scheduler_id: str) -> InFlightStep | None:
+        """The oldest step in flight, if it is ``step``; None for a step of a worker declared dead, come back
+        late, one forgotten when the KV cache manager lost its pool, or one a scheduler before this one planned."""
+        if scheduler_id != self.scheduler_id or not slot.in_flight or slot.in_flight[0].plan.step != step:
             return None
         return slot.in_flight.popleft()
 
     def _step_done(self, done: StepDone) -> None:
         slot = self.slots[done.worker_id]
-        step = self._came_back(slot, done.step)
+        step = self._came_back(slot, done.step, done.scheduler_id)
         if step is None:
             return
         plan = step.plan
@@ -322,7 +327,7 @@ class SchedulerService(SchedulerSwapping):
     def _step_failed(self, failed: StepFailed) -> None:
         """The worker could not run the step: its requests fail (503), the others carry on."""
         slot = self.slots[failed.worker_id]
-        step = self._came_back(slot, failed.step)
+        step = self._came_back(slot, failed.step, failed.scheduler_id)
         if step is None:
             return
         plan = step.plan

@@ -91,6 +91,13 @@ class Worker:
             self._drop(req_id)
             self.failed_req_ids.add(req_id)
 
+    def drop_all(self) -> None:
+        """Forget every request (a restarted scheduler sends the ones it has again, as new)."""
+        self.requests.clear()
+        self.sampled.clear()
+        self.placeholders.clear()
+        self.failed_req_ids.clear()
+
     def _drop(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
         self.sampled.pop(req_id, None)
@@ -133,7 +140,6 @@ class Worker:
         on_device: dict[str, LastSampled] = {}
         for new in out.scheduled_new_reqs:
             self.failed_req_ids.discard(new.req_id)  # readmitted after a preemption
-            self._drop(new.req_id)  # held already: a restarted scheduler sent it again, as new
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), list(new.block_ids), new.num_computed_tokens, new.num_prompt_tokens
             )
