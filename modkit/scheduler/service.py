@@ -23,15 +23,9 @@ planned only after the previous one came back. Either way the next plan goes out
 last step's results do: the outputs to the frontend, the finished ids to the router and the
 step's event are sent while the worker computes.
 
-Restarts. When the KV cache manager loses a worker's pool (it restarted, or stopped
-answering: ``KVCacheLost``, see ``modkit.kvcache.client``), that worker's requests are all
-taken as a preemption takes them (outputs kept, recomputed when readmitted), its steps in
-flight are forgotten (their results ignored when they come back), and its next plan tells
-the worker to drop them (``preempted_req_ids``); once the manager answers again, the pool is
-reset and scheduling goes on. Meanwhile messages are taken as usual. An ``AddRequest`` for
-a request this scheduler already has, or finished lately, is ignored: after a router or
-scheduler restart the frontend sends every request in flight again (``resubmit``), and only
-the lost ones are added, with their outputs so far. Every plan carries this process's
+Restarts elsewhere (``modkit.scheduler.recovery``): a KV pool the KV cache manager lost
+has its requests recomputed, and a request sent again after a router or scheduler restart
+is added only if it was lost. Every plan carries this process's
 ``scheduler_id``: a worker that sees a new one drops every request it holds, and results
 tagged with another id (plans of the scheduler before a restart) are ignored here.
 """
@@ -62,17 +56,17 @@ from modkit.protocol import (
 )
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.output import MAX_WAITING_REASONS
+from modkit.scheduler.recovery import SchedulerRecovery
 from modkit.scheduler.scheduler import Scheduler
 from modkit.scheduler.slots import InFlightStep, WorkerSlot
 from modkit.scheduler.swapping import SchedulerSwapping
 from modkit.trace.events import EventPublisher, ScheduledReq, StepEvent
-from modkit.transport import Inbox, Outbox, RemoteError, RpcClient, RpcTimeoutError
+from modkit.transport import Inbox, Outbox, RpcClient
 
 KV_RPC_TIMEOUT_S = 5.0  # calls other than apply (which has its own, see modkit.kvcache.client)
-MAX_RECENTLY_FINISHED = 10_000  # finished req_ids remembered, so that a resubmitted copy is not run again
 
 
-class SchedulerService(SchedulerSwapping):
+class SchedulerService(SchedulerSwapping, SchedulerRecovery):
     def __init__(self, config: dict[str, Any], ipc_dir: str, max_model_len: int, swap_key: str | None = None) -> None:
         cfg = PipelineConfig.from_dict(config)
         self.started = time.time()
@@ -148,17 +142,8 @@ class SchedulerService(SchedulerSwapping):
                 self._reset_prefix_cache(slot)  # a restarted worker's cache is empty
                 slot.alive = True
 
-    def _reset_prefix_cache(self, slot: WorkerSlot) -> None:
-        """The worker's cache is empty: so must the pool's prefix cache be (a lost pool is reset when rejoined)."""
-        if slot.kv.lost is not None:
-            return
-        try:
-            self.kv_rpc.call("reset_prefix_cache", slot.worker_id)
-        except (RpcTimeoutError, RemoteError) as error:
-            slot.kv.lose(f"reset_prefix_cache failed: {error}")
-
     def _add(self, message: AddRequest) -> None:
-        if message.req_id in self.owner or message.req_id in self.recently_finished:
+        if self._is_known(message.req_id):
             return  # sent again after a restart (resubmit): this one was not lost
         if self.held is not None:
             self.held.append(message)
@@ -195,13 +180,6 @@ class SchedulerService(SchedulerSwapping):
         for worker_id, req_ids in by_worker.items():
             self.slots[worker_id].scheduler.finish_requests(req_ids, status)
         self.to_router.send(RequestsFinished([r for ids in by_worker.values() for r in ids]))
-
-    def _finished(self, req_id: str) -> None:
-        """The request is over here: remembered a while, so that a copy sent again is not run again."""
-        self.owner.pop(req_id, None)
-        self.recently_finished[req_id] = None
-        if len(self.recently_finished) > MAX_RECENTLY_FINISHED:
-            del self.recently_finished[next(iter(self.recently_finished))]
 
     def _reject(self, req_id: str, kind: str, message: str) -> None:
         self.num_rejected += 1
@@ -257,35 +235,6 @@ class SchedulerService(SchedulerSwapping):
         slot.in_flight.append(InFlightStep(plan, slot.scheduler.last_record, sent_at, time.time(), sent_at - t0, kv_s))
         slot.schedule_s += sent_at - t0
         slot.outbox.send(StepPlan(slot.worker_id, plan, self.scheduler_id))
-
-    def _kv_ready(self, slot: WorkerSlot) -> bool:
-        """Whether the worker's KV pool can be used: after a loss, once its requests are requeued and
-        the manager answers again (``rejoin``, which resets the pool)."""
-        if slot.kv.lost is None:
-            return True
-        if not slot.requeued:
-            self._requeue_all(slot)
-        if not slot.kv.rejoin():
-            return False
-        slot.requeued = False
-        return True
-
-    def _requeue_all(self, slot: WorkerSlot) -> None:
-        """The KV cache manager lost the worker's pool: every request waits again, as a preemption leaves it
-        (outputs kept, nothing computed), and the steps in flight are forgotten (their results are ignored)."""
-        slot.kv.forget_all()
-        slot.requeued = True
-        slot.in_flight.clear()
-        slot.num_kv_rebuilds += 1
-        scheduler = slot.scheduler
-        if scheduler.kv is not slot.kv:
-            return  # vLLM's scheduler keeps its own KV cache manager, which was not lost
-        taken = scheduler.take_requests(sorted(scheduler.requests, key=lambda r: scheduler.requests[r].arrival_time))
-        for request in taken:
-            request.num_preemptions += 1
-            scheduler.add_request(request)
-        scheduler.num_preemptions += len(taken)
-        slot.to_drop |= {r.req_id for r in taken}
 
     def _came_back(self, slot: WorkerSlot, step: int, scheduler_id: str) -> InFlightStep | None:
         """The oldest step in flight, if it is ``step``; None for a step of a worker declared dead, come back
