@@ -183,6 +183,9 @@ class StepPlan(msgspec.Struct, tag="plan", frozen=True):
 
     worker_id: int
     output: SchedulerOutput
+    # Which scheduler process planned it (random, per start): a worker that sees a new one drops
+    # every request it holds (a restarted scheduler knows none of them) and tags its results with it.
+    scheduler_id: str = ""
 
 
 class StepDone(msgspec.Struct, tag="done", frozen=True):
@@ -193,6 +196,7 @@ class StepDone(msgspec.Struct, tag="done", frozen=True):
     output: ModelRunnerOutput
     forward_s: float  # model forward (with the input preparation)
     sample_s: float  # sampling, including the one copy of sampled ids to the host
+    scheduler_id: str = ""  # the StepPlan's: a restarted scheduler ignores results of its predecessor's plans
 
 
 class StepFailed(msgspec.Struct, tag="failed", frozen=True):
@@ -201,6 +205,7 @@ class StepFailed(msgspec.Struct, tag="failed", frozen=True):
     worker_id: int
     step: int
     error: str  # the exception, as text
+    scheduler_id: str = ""  # the StepPlan's
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs", frozen=True):

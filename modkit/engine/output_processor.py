@@ -101,6 +101,10 @@ class OutputProcessor:
     def is_tracked(self, req_id: str) -> bool:
         return req_id in self._tracked
 
+    def output_token_ids(self, req_id: str) -> list[int]:
+        """The tokens a tracked engine request has generated so far."""
+        return list(self._tracked[req_id].completion.token_ids)
+
     def process(self, outputs: list[EngineCoreOutput]) -> ProcessedStep:
         now = time.time()
         step = ProcessedStep()

@@ -12,6 +12,13 @@ vocabulary, a prompt that fits the context, ``prompt_logprobs``), so a bad reque
 400 without a round trip; the scheduler's own refusals come back as ``RequestRejected``.
 A stop string is found here, on the text: the frontend then tells the scheduler to
 finish the request (``AbortRequest(reason="stop")``), as vLLM's API server does.
+
+Restarts of the parts behind it: ``resubmit`` (the launcher calls it after a router or
+scheduler restart) sends every request in flight again, with the tokens it has received so
+far (the scheduler ignores those it still has, and carries the others on from there), and the
+aborts of the last ``RESEND_ABORTS_S`` (lost with the router's inbox, they would leave the
+scheduler computing for nobody). Outputs for a request this frontend does not follow (it
+finished here, or belongs to a frontend that was restarted) get one ``AbortRequest``.
 """
 
 from __future__ import annotations
@@ -21,8 +28,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from modkit.engine.async_engine import EngineDeadError
 from modkit.engine.output_processor import CompletionDelta, OutputProcessor
@@ -39,6 +49,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+RESEND_ABORTS_S = 60.0  # aborts sent this recently are sent again by resubmit()
+MAX_ABORTED = 10_000  # aborted req_ids remembered, so that late outputs for one get no second abort
+RESUBMIT_TIMEOUT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -72,11 +85,15 @@ class PipelineClient:
         self.events = EventPublisher("frontend", addresses.events("frontend"), allow_remote)
         self._streams: dict[str, _Stream] = {}  # request id -> its stream
         self._owner: dict[str, str] = {}  # engine req_id -> request id
+        self._adds: dict[str, AddRequest] = {}  # engine req_id -> the AddRequest sent for it, while in flight
+        self._aborted: dict[str, float] = {}  # engine req_id -> when an abort was sent for it, oldest first
         self._receiver: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.num_requests = 0
         self.num_finished = 0
         self.num_aborted = 0
         self.num_rejected = 0
+        self.num_orphans_aborted = 0  # requests this frontend does not follow whose outputs came: aborted
 
     @property
     def max_model_len(self) -> int:
@@ -107,9 +124,9 @@ class PipelineClient:
             request.eos_token_ids = eos
             self.processor.track(output, index, request)
             self._owner[request.req_id] = request_id
-            self.to_router.send(
-                AddRequest(request.req_id, prompt_token_ids, request.sampling_params, eos, request.arrival_time)
-            )
+            add = AddRequest(request.req_id, prompt_token_ids, request.sampling_params, eos, request.arrival_time)
+            self._adds[request.req_id] = add
+            self.to_router.send(add)
             arrived = RequestArrived(
                 request.arrival_time, request.req_id, request_id, len(prompt_token_ids), params.max_tokens
             )
@@ -135,7 +152,7 @@ class PipelineClient:
             return
         self._forget(stream)
         self.num_aborted += 1
-        self.to_router.send(AbortRequest(stream.req_ids))
+        self._send_abort(stream.req_ids)
         now = time.time()
         for req_id in stream.req_ids:
             self.events.publish("request", RequestDone(now, req_id, "abort"))
@@ -144,12 +161,55 @@ class PipelineClient:
         self.processor.forget(stream.req_ids)
         for req_id in stream.req_ids:
             self._owner.pop(req_id, None)
+            self._adds.pop(req_id, None)
+
+    def _send_abort(self, req_ids: list[str], reason: str = "abort") -> None:
+        now = time.monotonic()
+        for req_id in req_ids:
+            self._aborted[req_id] = now
+        while len(self._aborted) > MAX_ABORTED:
+            del self._aborted[next(iter(self._aborted))]
+        self.to_router.send(AbortRequest(req_ids, reason=reason))
+
+    # -- after a restart behind the frontend ---------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Receive on ``loop`` (the server's) from now on, before any request: outputs for requests of a
+        frontend that was restarted get their abort. Called from another thread."""
+        self._loop = loop
+        asyncio.run_coroutine_threadsafe(self._start(), loop).result(RESUBMIT_TIMEOUT_S)
+
+    async def _start(self) -> None:
+        self._ensure_receiver()
+
+    def resubmit(self) -> dict[str, int]:
+        """Send every request in flight again, and the recent aborts (see the module docstring); from any thread."""
+        if self._loop is None:
+            return {"requests": 0, "aborts": 0}
+        future: Future[dict[str, int]] = asyncio.run_coroutine_threadsafe(self._resubmit(), self._loop)
+        return future.result(RESUBMIT_TIMEOUT_S)
+
+    async def _resubmit(self) -> dict[str, int]:
+        # NOTE: the old scheduler's last outputs were received before this runs (the launcher calls it
+        # once the new one is up, seconds later), so "so far" is all this frontend will ever get from it.
+        since = time.monotonic() - RESEND_ABORTS_S
+        aborts = [req_id for req_id, at in self._aborted.items() if at >= since]
+        if aborts:
+            self.to_router.send(AbortRequest(aborts))
+        num_requests = 0
+        for req_id, add in list(self._adds.items()):
+            if self.processor.is_tracked(req_id):
+                outputs = self.processor.output_token_ids(req_id)
+                self.to_router.send(msgspec.structs.replace(add, output_token_ids=outputs))
+                num_requests += 1
+        return {"requests": num_requests, "aborts": len(aborts)}
 
     # -- the receiver task ------------------------------------------------------------------
 
     def _ensure_receiver(self) -> None:
         if self._receiver is None or self._receiver.done():
-            self._receiver = asyncio.get_running_loop().create_task(self._receive())
+            self._loop = asyncio.get_running_loop()
+            self._receiver = self._loop.create_task(self._receive())
 
     async def _receive(self) -> None:
         try:
@@ -169,9 +229,16 @@ class PipelineClient:
 
     def _on_outputs(self, message: EngineOutputs) -> None:
         tracked = [o for o in message.outputs if self.processor.is_tracked(o.req_id)]
+        if len(tracked) < len(message.outputs):
+            # Computed for nobody here (a client of a restarted frontend, an abort lost on the way): stopped once.
+            unknown = [o.req_id for o in message.outputs if o.finish_reason is None and o.req_id not in self._aborted]
+            unknown = [r for r in unknown if not self.processor.is_tracked(r)]
+            if unknown:
+                self.num_orphans_aborted += len(unknown)
+                self._send_abort(unknown)
         step = self.processor.process(message.outputs)
         if step.stopped:
-            self.to_router.send(AbortRequest(step.stopped, reason="stop"))
+            self._send_abort(step.stopped, reason="stop")
         self._publish_outputs(tracked, step.stopped)
         for delta in step.deltas:
             stream = self._streams.get(delta.request_id)
@@ -190,6 +257,7 @@ class PipelineClient:
             if stream is not None:
                 for req_id in stream.req_ids:
                     self._owner.pop(req_id, None)
+                    self._adds.pop(req_id, None)
 
     def _publish_outputs(self, outputs: list[EngineCoreOutput], stopped: list[str]) -> None:
         """When each token left the engine, and which requests it finished (for TTFT and inter-token latency)."""
@@ -215,7 +283,7 @@ class PipelineClient:
             self.events.publish("request", RequestDone(now, req_id, reason, message.message))
         others = [r for r in stream.req_ids if r != message.req_id]
         if others:  # the other completions of an n > 1 request are of no use alone
-            self.to_router.send(AbortRequest(others))
+            self._send_abort(others)
         error: Exception = (
             ValueError(message.message) if message.kind == "invalid" else EngineDeadError(message.message)
         )
@@ -228,6 +296,7 @@ class PipelineClient:
             "num_finished": self.num_finished,
             "num_aborted": self.num_aborted,
             "num_rejected": self.num_rejected,
+            "num_orphans_aborted": self.num_orphans_aborted,
         }
 
     def close(self) -> None:

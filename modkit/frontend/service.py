@@ -51,6 +51,8 @@ class FrontendService:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"uvicorn did not start on {self.url} (port taken?)")
             time.sleep(0.02)
+        # Outputs may come before any request does (for those of a frontend this one replaces): receive now.
+        self.client.start(self.server.servers[0].get_loop())
 
     def drain(self) -> int:
         """Refuse new requests (503) from now on; return how many are still in flight."""
@@ -61,6 +63,10 @@ class FrontendService:
         """Which components are down now (the launcher's supervisor calls this): while any is,
         ``/health`` says "degraded" (503) and names them; an empty list clears it."""
         self.client.down_components = [str(name) for name in names]
+
+    def resubmit(self) -> dict[str, int]:
+        """Send every request in flight again, with its outputs so far (after a router or scheduler restart)."""
+        return self.client.resubmit()
 
     def announce_events(self, token: str) -> None:
         """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""

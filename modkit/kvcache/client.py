@@ -36,14 +36,30 @@ count cannot vouch for is one round trip of its own.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from modkit.kvcache.interface import BlockHandles, KVRequest
 from modkit.protocol import KVAdmit, KVAllocate, KVCacheComputed, KVFree, KVGetComputed, KVOp
-from modkit.transport import RpcClient
+from modkit.transport import RemoteError, RpcClient, RpcTimeoutError
+
+APPLY_TIMEOUT_S = 2.0  # an apply takes milliseconds: this long without a reply, the manager is asked if it lives
+PING_TIMEOUT_S = 0.5
+MAX_APPLY_ATTEMPTS = 3  # to a manager that answers pings but not the apply (a slow one)
+REJOIN_INTERVAL_S = 0.25  # while lost: how often the manager is tried again
+REJOIN_TIMEOUT_S = 0.25
+
+
+class KVCacheLost(RuntimeError):
+    """The KV cache manager lost this pool's state (or cannot be reached): nothing held there is known."""
+
+    def __init__(self, pool: int, why: str) -> None:
+        super().__init__(f"KV cache pool {pool}: {why}")
+        self.pool, self.why = pool, why
 
 
 @dataclass(slots=True)
@@ -76,6 +92,12 @@ class KVCacheManagerClient:
         self._blocks: dict[str, list[int]] = {}  # each request's block table, as the service handed it out
         self._num_full_reported: dict[str, int] = {}  # full blocks of each request cache_blocks has reported
         self._admissions: _Admissions | None = None
+        self.generation: str | None = None  # the pool is ours once reset under it (``_join``)
+        self.manager_pid: int | None = None  # of the manager the generation lives in
+        self.lost: str | None = None  # why the manager's state was lost; None while it is not
+        self.num_lost = 0
+        self._seq = 0
+        self._next_rejoin = 0.0
 
     # -- admissions: one round trip for a run of them ---------------------------------------
 
@@ -230,9 +252,78 @@ class KVCacheManagerClient:
         return self._promised_per_request.get(req_id, 0)
 
     def flush(self) -> None:
+        """Send what is queued. A lost manager is only noted (``lost``): the scheduler rebuilds from there."""
         self._end_admissions()
-        if self._pending:
-            self._apply([])
+        if self._pending and self.lost is None:
+            with contextlib.suppress(KVCacheLost):
+                self._apply([])
+
+    # -- a lost KV cache manager ---------------------------------------------------------------
+
+    def forget_all(self) -> None:
+        """Forget every block table and queued call (the scheduler has requeued its requests)."""
+        self._pending, self._promised, self._num_promised_blocks = [], [], 0
+        self._promised_per_request.clear()
+        self._sent.clear()
+        self._blocks.clear()
+        self._num_full_reported.clear()
+        self._admissions = None
+        self.usage, self.num_free_blocks = 0.0, 0
+
+    def rejoin(self) -> bool:
+        """While lost: reset the pool under a new generation if the manager answers (tried at most every
+        ``REJOIN_INTERVAL_S``, waiting ``REJOIN_TIMEOUT_S``); True once it is ours again."""
+        if self.lost is None:
+            return True
+        if time.monotonic() < self._next_rejoin:
+            return False
+        self._next_rejoin = time.monotonic() + REJOIN_INTERVAL_S
+        assert not self._blocks and not self._pending, "forget_all() before rejoining"
+        self.generation = None
+        try:
+            self._join(REJOIN_TIMEOUT_S)
+        except (RpcTimeoutError, RemoteError):
+            return False
+        self.lost = None
+        return True
+
+    def _join(self, timeout_s: float) -> None:
+        """Reset the pool under a new generation of ours (freeing whatever a scheduler before us held)."""
+        generation = uuid.uuid4().hex
+        pid = int(self.rpc.ping(timeout_s)["pid"])
+        reply = self.rpc.invoke("reset", (self.pool, generation), timeout_s=timeout_s)
+        self.generation, self.manager_pid = generation, pid
+        self.usage, self.num_free_blocks = reply["usage"], reply["num_free_blocks"]
+
+    def lose(self, why: str) -> KVCacheLost:
+        """Note that the manager lost (or may have lost) this pool; the exception to raise, if the caller raises."""
+        self.lost, self.num_lost = why, self.num_lost + 1
+        self._next_rejoin = 0.0
+        return KVCacheLost(self.pool, why)
+
+    def _call_apply(self, batch: list[KVOp]) -> dict[str, Any]:
+        """One apply, retried with the same sequence number while the manager answers pings; KVCacheLost if lost."""
+        if self.lost is not None:
+            raise KVCacheLost(self.pool, self.lost)
+        try:
+            if self.generation is None:
+                self._join(APPLY_TIMEOUT_S)
+            self._seq += 1
+            for _ in range(MAX_APPLY_ATTEMPTS):
+                try:
+                    args = (self.pool, batch, self.generation, self._seq)
+                    return cast("dict[str, Any]", self.rpc.invoke("apply", args, timeout_s=APPLY_TIMEOUT_S))
+                except RpcTimeoutError:
+                    pid = int(self.rpc.ping(PING_TIMEOUT_S)["pid"])
+                    if pid != self.manager_pid:
+                        raise self.lose(f"the KV cache manager restarted (pid {self.manager_pid} -> {pid})") from None
+            raise self.lose(f"no reply to apply after {MAX_APPLY_ATTEMPTS} tries")
+        except RpcTimeoutError as error:
+            raise self.lose(f"the KV cache manager does not answer ({error})") from None
+        except RemoteError as error:
+            if error.type_name == "UnknownGeneration":
+                raise self.lose(f"the KV cache manager lost this pool's blocks ({error.message})") from None
+            raise
 
     def check_invariants(self) -> None:
         """The service's invariants hold, and its block tables are exactly the ones this side uses."""
@@ -255,7 +346,7 @@ class KVCacheManagerClient:
         self._num_promised_blocks = 0
         self._promised_per_request.clear()
         sent = time.perf_counter()
-        reply: dict[str, Any] = self.rpc.call("apply", self.pool, batch)
+        reply = self._call_apply(batch)
         self.round_trip_s += time.perf_counter() - sent
         self.manager_s += reply["apply_s"]
         self.num_round_trips += 1

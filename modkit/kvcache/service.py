@@ -11,6 +11,14 @@ The service holds one ``KVCacheManager`` (its own block pool and prefix cache) p
 worker, because each worker has its own KV cache tensors. Every block id a worker
 computes into was handed out here. ``apply`` runs a batch of operations in order and
 answers them in one reply (``KVApplyReply``): the client decides what travels together.
+
+Restarts on either side: a scheduler's client opens each pool with ``reset(pool, generation)``
+(every block freed, the prefix cache forgotten), and names that generation in every ``apply``.
+An ``apply`` of any other generation is refused before anything is applied
+(``UnknownGeneration``): a restarted KV cache manager knows none, so the scheduler learns
+that its blocks are gone and rebuilds; a restarted scheduler resets the pools it opens, so
+the blocks of the one before are freed. Each ``apply`` also carries a sequence number: the
+same number again (a retry after a lost reply) gets the remembered reply, applied once.
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ class _RemoteRequest:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+
+class UnknownGeneration(RuntimeError):
+    """``apply`` named a generation this pool was not reset for: the caller's blocks are not here."""
 
 
 class KVCacheService(SwapOwner):
@@ -81,6 +93,8 @@ class KVCacheService(SwapOwner):
         self.eviction_policy = eviction_policy
         self.previous_policy = eviction_policy  # the name to show again if a swapped-in policy is put aside
         self.requests: list[dict[str, _RemoteRequest]] = [{} for _ in num_blocks]
+        self.generations: list[str | None] = [None] * len(num_blocks)  # set by reset(): whose blocks each pool holds
+        self.last_replies: list[tuple[int, KVApplyReply] | None] = [None] * len(num_blocks)  # (seq, reply), for retries
         self.num_calls = 0
         self.num_ops = 0
         self.num_kv_events = 0  # published for the router; its /stats counts those it received
@@ -113,8 +127,36 @@ class KVCacheService(SwapOwner):
         if self.publisher is not None:
             self.publisher.announce(token)
 
-    def apply(self, pool: int, ops: list[KVOp]) -> KVApplyReply:
-        """Run ``ops`` on pool ``pool`` in order; one result per op."""
+    def apply(self, pool: int, ops: list[KVOp], generation: str | None = None, seq: int | None = None) -> KVApplyReply:
+        """Run ``ops`` on pool ``pool`` in order; one result per op.
+
+        With a ``generation`` (what the scheduler's client sends), the pool must have been
+        ``reset`` for it, else ``UnknownGeneration`` and nothing is applied; a ``seq`` equal to
+        the last one's answers the remembered reply (the caller retries after a lost reply).
+        """
+        if generation is not None and generation != self.generations[pool]:
+            raise UnknownGeneration(f"pool {pool} holds generation {self.generations[pool]}, not {generation}")
+        last = self.last_replies[pool]
+        if seq is not None and last is not None and last[0] == seq:
+            return last[1]
+        reply = self._apply(pool, ops)
+        if seq is not None:
+            self.last_replies[pool] = (seq, reply)
+        return reply
+
+    def reset(self, pool: int, generation: str) -> KVApplyReply:
+        """Free every block of pool ``pool`` and forget its prefix cache: it belongs to ``generation`` now."""
+        manager = self.pools[pool]
+        self._watch(pool)
+        for request in self.requests[pool].values():
+            manager.free(request)
+        self.requests[pool] = {}
+        manager.reset_prefix_cache()  # tells the router (AllBlocksCleared) that the pool forgot everything
+        self._publish_activity(pool)
+        self.generations[pool], self.last_replies[pool] = generation, None
+        return KVApplyReply([], manager.num_free_blocks, manager.usage)
+
+    def _apply(self, pool: int, ops: list[KVOp]) -> KVApplyReply:
         started = time.perf_counter()
         manager, requests = self.pools[pool], self.requests[pool]
         self._watch(pool)
@@ -239,6 +281,7 @@ class KVCacheService(SwapOwner):
             self.pools[i].reset_prefix_cache()  # tells the router (AllBlocksCleared) that this pool forgot everything
             self._publish_activity(i)
         self.pools, self.requests = pools, [{} for _ in pools]
+        self.last_replies = [None] * len(pools)
         previous, self.implementation = self.implementation, name
         self._swapped_in("kv_cache_manager", name, previous)
         return {"implementation": name, "previous": previous, "drained": True}
@@ -270,6 +313,7 @@ class KVCacheService(SwapOwner):
             "last_swap_error": self.last_swap_error,
             "uptime_s": round(time.time() - self.started, 3),
             "num_pools": len(self.pools),
+            "generations": list(self.generations),
         }
 
     def stats(self) -> dict[str, Any]:

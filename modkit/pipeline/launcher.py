@@ -372,9 +372,14 @@ class Pipeline:
         """Stop one component and start it again with the same settings (from ``target``,
         "package.module:Class" with the same constructor, if given).
 
-        Requests in flight through it are lost: a restarted scheduler or KV cache manager
-        forgets every request; a restarted worker's requests fail (the router notices the
-        gap in its heartbeats) and the worker comes back with an empty cache.
+        Requests in flight carry on, or end with an error: after a router or scheduler
+        restart the frontend sends every request in flight again, with its outputs so far
+        (``FrontendService.resubmit``), and the scheduler adds those it lost; a restarted KV
+        cache manager makes the scheduler recompute what ran (``modkit.scheduler.service``); a
+        restarted worker's requests move to another worker, or fail (the router notices the
+        gap in its heartbeats), and it comes back with an empty cache; a restarted frontend's
+        clients lose their connections, and their requests are aborted. Prints nothing;
+        raises if the component does not come back.
         """
         process = self._process(component)
         process.stop(timeout_s)
@@ -382,6 +387,9 @@ class Pipeline:
             self.specs[component] = dataclasses.replace(self.specs[component], target=target)
         self._start(self.specs[component], progress_printer(False))
         self.wait_healthy()
+        if component in ("router", "scheduler") and "frontend" in self.processes:
+            with self.processes["frontend"].client(timeout_s=15.0) as rpc:
+                rpc.call("resubmit")  # what the old one had and had not finished, sent again
 
     SWAPPABLE = SWAPPABLE
 

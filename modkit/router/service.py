@@ -10,7 +10,13 @@
 A worker with no heartbeat for ``worker_timeout_s`` is marked dead: the router routes
 nothing more to it and tells the scheduler (``WorkerDown``), which sends that worker's
 requests back here, with their outputs so far, to be routed to a live worker. When its
-heartbeats come back (a restarted worker), it is routed to again.
+heartbeats come back (a restarted worker), it is routed to again. A worker whose
+heartbeats come from another pid was restarted faster than that: it is declared dead and
+back at once, so that the scheduler moves the requests the old process held.
+
+Restarts of this router: messages in its inbox are lost, and the new one starts with no
+request routed; the frontend sends its requests in flight again (``resubmit``), and
+``RequestsFinished`` or aborts for requests it never routed are passed on or ignored.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class RouterService(SwapOwner):
         self.events = EventPublisher("router", addresses.events("router"), cfg.allow_remote)
         now = time.monotonic()
         self.last_beat = {i: now for i in self.router.workers}  # the launcher started them just now
+        self.worker_pids: dict[int, int] = {}  # the process each worker's heartbeats came from last
         self.num_kv_events = 0
 
     def wait_sockets(self) -> list[Any]:
@@ -109,6 +116,12 @@ class RouterService(SwapOwner):
                 self.router.finish(req_id)
         elif isinstance(message, WorkerHeartbeat) and message.worker_id in self.router.workers:
             self.last_beat[message.worker_id] = max(self.last_beat[message.worker_id], message.sent_at)
+            before = self.worker_pids.setdefault(message.worker_id, message.pid)
+            if before != message.pid:  # restarted before its silence was noticed: what the old one held is lost
+                self.worker_pids[message.worker_id] = message.pid
+                if self.router.workers[message.worker_id].alive:
+                    self.router.mark_dead(message.worker_id)
+                    self.to_scheduler.send(WorkerDown(message.worker_id, f"restarted (pid {before} -> {message.pid})"))
             if not self.router.workers[message.worker_id].alive:
                 self.router.mark_alive(message.worker_id)
                 self.to_scheduler.send(WorkerUp(message.worker_id))

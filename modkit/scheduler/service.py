@@ -22,17 +22,24 @@ planning run while the worker computes, instead of between its steps. Without it
 planned only after the previous one came back. Either way the next plan goes out before the
 last step's results do: the outputs to the frontend, the finished ids to the router and the
 step's event are sent while the worker computes.
+
+Restarts elsewhere (``modkit.scheduler.recovery``): a KV pool the KV cache manager lost
+has its requests recomputed, and a request sent again after a router or scheduler restart
+is added only if it was lost. Every plan carries this process's
+``scheduler_id``: a worker that sees a new one drops every request it holds, and results
+tagged with another id (plans of the scheduler before a restart) are ignored here.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from modkit.config import PipelineConfig
-from modkit.kvcache.client import KVCacheManagerClient
+from modkit.kvcache.client import KVCacheLost, KVCacheManagerClient
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import (
     AbortRequest,
@@ -49,19 +56,21 @@ from modkit.protocol import (
 )
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.output import MAX_WAITING_REASONS
+from modkit.scheduler.recovery import SchedulerRecovery
 from modkit.scheduler.scheduler import Scheduler
 from modkit.scheduler.slots import InFlightStep, WorkerSlot
 from modkit.scheduler.swapping import SchedulerSwapping
 from modkit.trace.events import EventPublisher, ScheduledReq, StepEvent
 from modkit.transport import Inbox, Outbox, RpcClient
 
-KV_RPC_TIMEOUT_S = 30.0
+KV_RPC_TIMEOUT_S = 5.0  # calls other than apply (which has its own, see modkit.kvcache.client)
 
 
-class SchedulerService(SchedulerSwapping):
+class SchedulerService(SchedulerSwapping, SchedulerRecovery):
     def __init__(self, config: dict[str, Any], ipc_dir: str, max_model_len: int, swap_key: str | None = None) -> None:
         cfg = PipelineConfig.from_dict(config)
         self.started = time.time()
+        self.scheduler_id = uuid.uuid4().hex  # in every plan: the workers tell this process from the one before
         self.implementation = cfg.scheduling_policy
         self.scheduler_name = "modkit"  # whose scheduler: "modkit", or "vllm" (modkit.vllm_v1)
         self.previous_implementation = cfg.scheduling_policy  # shown again if a swapped-in policy is put aside
@@ -85,6 +94,7 @@ class SchedulerService(SchedulerSwapping):
         self.block_size, self.enable_prefix_caching = cfg.block_size, cfg.enable_prefix_caching
         self.held: list[AddRequest] | None = None  # new requests kept back while draining (hold_new_requests)
         self.owner: dict[str, int] = {}  # req_id -> worker id, while the request lives
+        self.recently_finished: dict[str, None] = {}  # the last MAX_RECENTLY_FINISHED, oldest first
         self.num_rejected = 0
         self.num_moved = 0  # requests moved off a dead worker
         self.after_steps: list[Callable[[], None]] = []  # sends owed by steps that came back (run_once)
@@ -129,10 +139,12 @@ class SchedulerService(SchedulerSwapping):
         elif isinstance(message, WorkerUp):
             slot = self.slots[message.worker_id]
             if not slot.alive:
-                self.kv_rpc.call("reset_prefix_cache", slot.worker_id)  # a restarted worker's cache is empty
+                self._reset_prefix_cache(slot)  # a restarted worker's cache is empty
                 slot.alive = True
 
     def _add(self, message: AddRequest) -> None:
+        if self._is_known(message.req_id):
+            return  # sent again after a restart (resubmit): this one was not lost
         if self.held is not None:
             self.held.append(message)
             return
@@ -163,13 +175,15 @@ class SchedulerService(SchedulerSwapping):
         by_worker: dict[int, list[str]] = {}
         for req_id in message.req_ids:
             if req_id in self.owner:
-                by_worker.setdefault(self.owner.pop(req_id), []).append(req_id)
+                by_worker.setdefault(self.owner[req_id], []).append(req_id)
+                self._finished(req_id)
         for worker_id, req_ids in by_worker.items():
             self.slots[worker_id].scheduler.finish_requests(req_ids, status)
         self.to_router.send(RequestsFinished([r for ids in by_worker.values() for r in ids]))
 
     def _reject(self, req_id: str, kind: str, message: str) -> None:
         self.num_rejected += 1
+        self._finished(req_id)
         self.to_frontend.send(RequestRejected(req_id, kind, message))
         self.to_router.send(RequestsFinished([req_id]))
 
@@ -195,7 +209,7 @@ class SchedulerService(SchedulerSwapping):
                 )
             )
         self.num_moved += len(moved)
-        self.kv_rpc.call("reset_prefix_cache", slot.worker_id)
+        self._reset_prefix_cache(slot)
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -204,24 +218,34 @@ class SchedulerService(SchedulerSwapping):
         return self.async_scheduling and isinstance(slot.scheduler, Scheduler)
 
     def _send_step(self, slot: WorkerSlot) -> None:
+        if not self._kv_ready(slot):
+            return  # the KV cache manager is not back yet: tried again on the next turn
         t0, kv0 = time.perf_counter(), slot.kv.round_trip_s
-        plan = slot.scheduler.schedule()
+        try:
+            plan = slot.scheduler.schedule()
+        except KVCacheLost:
+            self._requeue_all(slot)
+            return
+        if slot.to_drop:  # requeued after a lost pool: the worker drops its copies (readmitted ones come back new)
+            plan.preempted_req_ids |= slot.to_drop
+            slot.to_drop = set()
         self._check_swapped_policy(slot)
         sent_at = time.perf_counter()
         kv_s = slot.kv.round_trip_s - kv0
         slot.in_flight.append(InFlightStep(plan, slot.scheduler.last_record, sent_at, time.time(), sent_at - t0, kv_s))
         slot.schedule_s += sent_at - t0
-        slot.outbox.send(StepPlan(slot.worker_id, plan))
+        slot.outbox.send(StepPlan(slot.worker_id, plan, self.scheduler_id))
 
-    def _came_back(self, slot: WorkerSlot, step: int) -> InFlightStep | None:
-        """The oldest step in flight, if it is ``step``; None for a step of a worker declared dead, come back late."""
-        if not slot.in_flight or slot.in_flight[0].plan.step != step:
+    def _came_back(self, slot: WorkerSlot, step: int, scheduler_id: str) -> InFlightStep | None:
+        """The oldest step in flight, if it is ``step``; None for a step of a worker declared dead, come back
+        late, one forgotten when the KV cache manager lost its pool, or one a scheduler before this one planned."""
+        if scheduler_id != self.scheduler_id or not slot.in_flight or slot.in_flight[0].plan.step != step:
             return None
         return slot.in_flight.popleft()
 
     def _step_done(self, done: StepDone) -> None:
         slot = self.slots[done.worker_id]
-        step = self._came_back(slot, done.step)
+        step = self._came_back(slot, done.step, done.scheduler_id)
         if step is None:
             return
         plan = step.plan
@@ -237,7 +261,7 @@ class SchedulerService(SchedulerSwapping):
         event = self._step_event(slot, step, elapsed, done.forward_s, done.sample_s, update_s=update_s)
         finished = [o.req_id for o in outputs if o.finish_reason is not None]
         for req_id in finished:
-            self.owner.pop(req_id, None)
+            self._finished(req_id)
 
         def send() -> None:
             if finished:  # the router first: a client's next request, sent on this reply, is routed knowing it
@@ -252,7 +276,7 @@ class SchedulerService(SchedulerSwapping):
     def _step_failed(self, failed: StepFailed) -> None:
         """The worker could not run the step: its requests fail (503), the others carry on."""
         slot = self.slots[failed.worker_id]
-        step = self._came_back(slot, failed.step)
+        step = self._came_back(slot, failed.step, failed.scheduler_id)
         if step is None:
             return
         plan = step.plan
@@ -263,7 +287,6 @@ class SchedulerService(SchedulerSwapping):
         req_ids = [r for r in plan.num_scheduled_tokens if r in slot.scheduler.requests]
         slot.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)  # blocks freed, never cached
         for req_id in req_ids:
-            self.owner.pop(req_id, None)
             self._reject(req_id, "error", f"{worker_name(slot.worker_id)} failed the step: {failed.error}")
 
     # -- swapping the whole scheduler (after a drain) ------------------------------------------

@@ -32,6 +32,9 @@ class WorkerSlot:
     kv: KVCacheManagerClient
     outbox: Outbox
     alive: bool = True
+    requeued: bool = False  # its KV pool was lost and its requests requeued; not yet rejoined
+    to_drop: set[str] = field(default_factory=set)  # requeued requests the worker must drop (next plan)
+    num_kv_rebuilds: int = 0  # times its KV pool was lost and its requests requeued
     in_flight: deque[InFlightStep] = field(default_factory=deque)  # oldest first, as the worker runs them
     num_steps: int = 0
     num_failed_steps: int = 0
@@ -51,6 +54,7 @@ class WorkerSlot:
             "num_requests_running": len(s.running),
             "num_requests_waiting": len(s.waiting),
             "num_preemptions": s.num_preemptions,
+            "num_kv_rebuilds": self.num_kv_rebuilds,
             "num_steps": self.num_steps,
             "num_failed_steps": self.num_failed_steps,
             "kv_cache_usage": s.kv.usage,

@@ -24,6 +24,10 @@ configuration when it starts, then runs the implementation where the logits alre
 
 A ``Beacon`` thread tells the router every 0.5 s that this process lives, also while the
 main thread is deep in a long forward.
+
+A plan from a scheduler process this worker has not seen (``StepPlan.scheduler_id``: the
+scheduler restarted) first makes it finish the steps it has and drop every request: the
+new scheduler sends again, as new, the ones it goes on with.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class WorkerService(WorkerSwapping):
             HEARTBEAT_INTERVAL_S,
         )
         self.launched: deque[LaunchedStep] = deque()  # at most one between calls of run_once
+        self.scheduler_id = ""  # of the scheduler process whose plans this worker runs (StepPlan.scheduler_id)
         self.num_steps = 0
         self.num_failed_steps = 0
         self.last_error: str | None = None  # of the last step, if it failed
@@ -120,10 +125,20 @@ class WorkerService(WorkerSwapping):
     def run_once(self) -> bool:
         for message in self.inbox.drain():
             if isinstance(message, StepPlan):
+                if message.scheduler_id != self.scheduler_id:
+                    self._new_scheduler(message.scheduler_id)
                 self._launch(message.output)
         if self.launched and self.launched[0].is_done():
             self._finish(self.launched.popleft())
         return bool(self.launched)  # busy: look again without waiting, for a plan or the device
+
+    def _new_scheduler(self, scheduler_id: str) -> None:
+        """Plans come from another scheduler process (it restarted): finish the old one's steps, drop every request."""
+        while self.launched:
+            self._finish(self.launched.popleft())
+        self.worker.drop_all()
+        self.executor.states.clear()
+        self.scheduler_id = scheduler_id
 
     def _launch(self, plan: SchedulerOutput) -> None:
         """Queue the plan's forward and sampling; then finish the step before it, now behind it on the device.
@@ -159,7 +174,8 @@ class WorkerService(WorkerSwapping):
         if step.result.num_tokens:  # a step that only skipped requests of a failed one proves nothing
             self.last_error = None
         self._check_swaps()
-        self.to_scheduler.send(StepDone(self.worker_id, plan.step, output, step.forward_s, sample_s))
+        done = StepDone(self.worker_id, plan.step, output, step.forward_s, sample_s, self.scheduler_id)
+        self.to_scheduler.send(done)
         self._publish(plan, step.started, step.forward_s, sample_s, len(output.req_ids))
         if output.req_ids:
             states = self.executor.states
@@ -175,7 +191,7 @@ class WorkerService(WorkerSwapping):
         self.executor.fail(plan)
         self.num_failed_steps += 1
         self.last_error = f"{type(error).__name__}: {error}"
-        self.to_scheduler.send(StepFailed(self.worker_id, plan.step, self.last_error))
+        self.to_scheduler.send(StepFailed(self.worker_id, plan.step, self.last_error, self.scheduler_id))
         self._publish(plan, started, 0.0, 0.0, 0, self.last_error)
 
     def _publish(

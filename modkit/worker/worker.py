@@ -91,6 +91,13 @@ class Worker:
             self._drop(req_id)
             self.failed_req_ids.add(req_id)
 
+    def drop_all(self) -> None:
+        """Forget every request (a restarted scheduler sends the ones it has again, as new)."""
+        self.requests.clear()
+        self.sampled.clear()
+        self.placeholders.clear()
+        self.failed_req_ids.clear()
+
     def _drop(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
         self.sampled.pop(req_id, None)
