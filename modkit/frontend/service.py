@@ -41,7 +41,16 @@ class FrontendService:
         )
         app = build_app(self.client, self.model_name, cfg.api_key, **cfg.frontend_limits())
         # NOTE: the plain asyncio loop, which pyzmq's asyncio sockets are known to work with.
-        uv_config = uvicorn.Config(app, host=cfg.host, port=cfg.frontend_port, log_level="warning", loop="asyncio")
+        # A stop cuts open streams after 1 s: finishing them is a drain's job (Pipeline.drain, which
+        # start_all runs on SIGTERM before it stops anything), not a stop's.
+        uv_config = uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.frontend_port,
+            log_level="warning",
+            loop="asyncio",
+            timeout_graceful_shutdown=1,
+        )
         self.server = uvicorn.Server(uv_config)
         self.url = f"http://{cfg.host}:{cfg.frontend_port}"
         self.thread = threading.Thread(target=self.server.run, name="frontend-uvicorn", daemon=True)
