@@ -1,11 +1,13 @@
-"""The step ``Scheduler.schedule()`` is planning: what each request gets, and why the others wait."""
+"""The step ``Scheduler.schedule()`` is planning: what each request gets, and why the others wait;
+and, once planned, whether a step that computes nothing leaves a request waiting for ever."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from modkit.request import Request
-from modkit.scheduler.output import MAX_WAITING_REASONS, ScheduledEntry
+from modkit.scheduler.interface import SchedulerInterface
+from modkit.scheduler.output import MAX_WAITING_REASONS, ScheduledEntry, SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -54,3 +56,28 @@ class StepDraft:
             self.waiting_why[waiting[0].req_id] = why
             for later in waiting[1:MAX_WAITING_REASONS]:
                 self.waiting_why.setdefault(later.req_id, f"queued behind {waiting[0].req_id}")
+
+
+def waits_for_ever(scheduler: SchedulerInterface, plan: SchedulerOutput) -> Request | None:
+    """The request that ``plan`` shows can never be scheduled, or None.
+
+    A plan that computes no token is normal only for a moment: every running request gets at
+    least one token a step, so it means that nothing runs. If nothing was preempted either, the
+    whole KV pool was free (only running requests hold blocks) and the first waiting request
+    still did not fit: no free, new request or abort can ever make room for it, and every
+    request behind it waits too. Stepping on would spin for ever (nothing changes between two
+    such steps), so the caller fails it instead. A ``max_model_len`` within what the KV cache
+    holds (``fit_max_model_len``) rules this out; this is the guard behind it.
+    """
+    if plan.total_num_scheduled_tokens or plan.preempted_req_ids or scheduler.running or not scheduler.waiting:
+        return None
+    return scheduler.waiting[0]
+
+
+def never_fits_message(request: Request, scheduler: SchedulerInterface) -> str:
+    """Why ``waits_for_ever`` fails ``request``, for its client."""
+    return (
+        f"request {request.req_id} ({request.num_tokens} tokens) does not fit in the whole KV cache "
+        f"(blocks of {scheduler.kv.block_size} tokens), even with no other request running: "
+        f"max_model_len ({scheduler.max_model_len}) is larger than the cache holds"
+    )
