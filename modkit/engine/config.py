@@ -27,7 +27,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step
     max_num_seqs: int = 256  # requests running at once
     enable_prefix_caching: bool = True
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # None: the model's max_position_embeddings, lowered to what the KV cache holds if that is less;
+    # a value the KV cache cannot hold is refused (ConfigError) when the engine sizes its cache.
+    max_model_len: int | None = None
     # "modkit", or "vllm": vLLM's own V1 scheduler (with its own KV cache manager) or KV cache
     # manager (under modkit's scheduler), behind modkit's interfaces (modkit.vllm_v1; needs vllm).
     scheduler: str = "modkit"

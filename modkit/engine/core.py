@@ -82,7 +82,7 @@ class EngineCore:
         if fitted < max_model_len:
             log.warning(
                 "max_model_len lowered from the model's %d to %d: the KV cache holds no more "
-                "(%d blocks of %d; set num_kv_blocks to hold more)",
+                "(%d blocks of %d); a larger cache (num_kv_blocks) allows longer requests",
                 max_model_len,
                 fitted,
                 self.memory.num_blocks - 1,

@@ -12,6 +12,10 @@ Start order, and why: every component but one starts at once (they connect lazil
 worker's first call asks the sampler which sampling implementation to run, and waits for
 it). Each worker loads the model and sizes its KV cache from free memory; then the KV
 cache manager starts with one block pool per worker, sized from what each allocated.
+``max_model_len`` is never more than a worker's pool holds: with ``num_kv_blocks`` given it is
+fitted before anything starts (``resolve_max_model_len``); a pool sized from free memory is
+known only once the workers report it, and if the length must be lowered then, the scheduler
+and frontend, which took it at start, start again with the lowered value.
 
 Components run in their own sessions, so a Ctrl-C or a notebook cell interrupt reaches
 only the launcher; if the launcher dies, each child sees its stdin close and exits by

@@ -45,7 +45,7 @@ def fit_to_kv_pool(config: PipelineConfig, max_model_len: int, num_blocks: int) 
     if fitted < max_model_len:
         log.warning(
             "max_model_len lowered from the model's %d to %d: a worker's KV cache holds no more "
-            "(%d blocks of %d; set num_kv_blocks to hold more)",
+            "(%d blocks of %d); a larger cache (num_kv_blocks) allows longer requests",
             max_model_len,
             fitted,
             num_blocks - 1,

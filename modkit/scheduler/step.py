@@ -61,13 +61,12 @@ class StepDraft:
 def waits_for_ever(scheduler: SchedulerInterface, plan: SchedulerOutput) -> Request | None:
     """The request that ``plan`` shows can never be scheduled, or None.
 
-    A plan that computes no token is normal only for a moment: every running request gets at
-    least one token a step, so it means that nothing runs. If nothing was preempted either, the
-    whole KV pool was free (only running requests hold blocks) and the first waiting request
-    still did not fit: no free, new request or abort can ever make room for it, and every
-    request behind it waits too. Stepping on would spin for ever (nothing changes between two
-    such steps), so the caller fails it instead. A ``max_model_len`` within what the KV cache
-    holds (``fit_max_model_len``) rules this out; this is the guard behind it.
+    A plan that computes nothing, while nothing runs and nothing was preempted, was made with
+    the whole KV pool free (only running requests hold blocks), and the first waiting request
+    still did not fit. No free, new request or abort can make room for it, and every request
+    behind it waits too: stepping on would repeat the same empty step for ever, so the caller
+    fails it instead. A ``max_model_len`` within what the KV cache holds (``fit_max_model_len``)
+    rules this out; this is the guard behind it.
     """
     if plan.total_num_scheduled_tokens or plan.preempted_req_ids or scheduler.running or not scheduler.waiting:
         return None

@@ -11,10 +11,12 @@ never run is failed. Each promise is tested in-process and in the pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -128,6 +130,31 @@ def test_one_process_server_serves_the_lowered_length(tiny_model_dir: Path) -> N
         engine.shutdown()
 
 
+@pytest.mark.timeout(120)
+def test_async_engine_fails_only_the_request_that_never_fits(tiny_model_dir: Path) -> None:
+    """The same guard in the server's engine: the request fails, the engine lives on and serves the rest."""
+    engine = AsyncEngine(EngineConfig(num_kv_blocks=NUM_KV_BLOCKS))
+    assert isinstance(engine.core.scheduler, Scheduler)
+    engine.core.scheduler.max_model_len = 1024  # set before any request: the engine thread is asleep
+
+    async def complete(request_id: str, prompt: list[int]) -> list[int]:
+        deltas = engine.generate(request_id, prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+        return [t async for d in deltas for t in d.new_token_ids]
+
+    async def both() -> tuple[BaseException | list[int], ...]:
+        return tuple(
+            await asyncio.gather(complete("long", LONG_PROMPT), complete("short", [1, 2, 3]), return_exceptions=True)
+        )
+
+    try:
+        refused, served = asyncio.run(both())
+        assert isinstance(refused, ValueError) and "does not fit in the whole KV cache" in str(refused)
+        assert isinstance(served, list) and len(served) == 4
+        assert engine.error is None
+    finally:
+        engine.shutdown()
+
+
 # -- the pipeline -----------------------------------------------------------------------
 
 
@@ -141,7 +168,7 @@ def completion(prompt: list[int], **fields: object) -> dict[str, object]:
     return {"model": EMBEDDED_MODEL_NAME, "prompt": prompt, "temperature": 0, **fields}
 
 
-def check_refused(response: httpx.Response, code: str) -> None:
+def check_refused(response: httpx.Response, code: str | None) -> None:
     """A 400 in the OpenAI error shape."""
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -178,7 +205,7 @@ def test_pipeline_refuses_what_can_never_fit_with_a_400(pipeline: Pipeline) -> N
     too_long = completion(list(range(10, 110)), max_tokens=CAPACITY)
     check_refused(httpx.post(f"{pipeline.url}/v1/completions", json=too_long, timeout=120), "context_length_exceeded")
     assert time.monotonic() - t0 < FAST_S
-    assert cpu_rate(pipeline.pids()["scheduler"], 1.0) < MAX_CPU_RATE  # and nothing is left spinning
+    assert_idle(pipeline)  # and nothing is left spinning
 
 
 def test_pipeline_scheduler_steps_only_what_computes_while_a_request_waits_for_blocks(pipeline: Pipeline) -> None:
@@ -209,8 +236,16 @@ def test_pipeline_scheduler_steps_only_what_computes_while_a_request_waits_for_b
     assert rate < MAX_CPU_RATE, f"scheduler CPU {rate:.2f} s/s over {len(steps)} steps"
 
 
-def scheduler_stats(pipeline: Pipeline) -> dict[str, int]:
+def scheduler_stats(pipeline: Pipeline) -> dict[str, Any]:
     return httpx.get(pipeline.urls()["scheduler"].removesuffix("/health") + "/stats", timeout=10).json()
+
+
+def assert_idle(pipeline: Pipeline, window_s: float = 1.0) -> None:
+    """With every request answered, the scheduler steps nothing and spends (almost) no CPU over ``window_s``."""
+    num_steps = scheduler_stats(pipeline)["workers"][0]["num_steps"]
+    rate = cpu_rate(pipeline.pids()["scheduler"], window_s)
+    assert scheduler_stats(pipeline)["workers"][0]["num_steps"] == num_steps, "the scheduler steps with nothing to do"
+    assert rate < MAX_CPU_RATE, f"the scheduler spends {rate:.2f} CPU s/s with nothing to do"
 
 
 def cpu_rate(pid: int, window_s: float) -> float:
@@ -225,27 +260,27 @@ def test_pipeline_scheduler_refuses_a_request_it_can_never_schedule(pipeline: Pi
     """The guard behind the length check, end to end: the scheduler and frontend restarted with the
     model's length over the small pool (the state the issue reported). The long prompt now reaches
     the scheduler; its empty plan is not sent, the request is refused (400), and the short one
-    queued behind it is served."""
-    started_with = pipeline.max_model_len
-    try:
-        restart_with_max_model_len(pipeline, 1024)
-        scheduler = psutil.Process(pipeline.pids()["scheduler"])
-        with ThreadPoolExecutor(2) as pool:
-            long = pool.submit(httpx.post, f"{pipeline.url}/v1/completions", json=completion(LONG_PROMPT), timeout=120)
-            short = pool.submit(
-                httpx.post, f"{pipeline.url}/v1/completions", json=completion([1, 2, 3], max_tokens=4), timeout=120
-            )
-            refused = long.result()
-            assert short.result().status_code == 200
-        assert refused.status_code == 400, refused.text
-        assert "does not fit in the whole KV cache" in refused.json()["error"]["message"]
-        assert cpu_rate(scheduler.pid, 1.0) < MAX_CPU_RATE
-        assert scheduler_stats(pipeline)["num_rejected"] == 1
-    finally:
-        restart_with_max_model_len(pipeline, started_with)
-
-
-def restart_with_max_model_len(pipeline: Pipeline, max_model_len: int) -> None:
+    queued behind it is served. Then the launcher's fit for a pool sized from free memory
+    (``_fit_to_kv_pools``) lowers the length again, restarting both with the lowered value."""
     for name in ("scheduler", "frontend"):
-        pipeline.specs[name].kwargs["max_model_len"] = max_model_len
+        pipeline.specs[name].kwargs["max_model_len"] = pipeline.max_model_len = 1024
         pipeline.restart(name)
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(httpx.post, f"{pipeline.url}/v1/completions", json=completion(LONG_PROMPT), timeout=120)
+        short = pool.submit(
+            httpx.post, f"{pipeline.url}/v1/completions", json=completion([1, 2, 3], max_tokens=4), timeout=120
+        )
+        refused = long.result()
+        assert short.result().status_code == 200
+    check_refused(refused, code=None)
+    assert "does not fit in the whole KV cache" in refused.json()["error"]["message"]
+    assert_idle(pipeline)
+    assert scheduler_stats(pipeline)["num_rejected"] == 1
+
+    pipeline._fit_to_kv_pools(NUM_KV_BLOCKS, lambda _: None)
+    assert pipeline.max_model_len == CAPACITY
+    assert httpx.get(f"{pipeline.url}/v1/models", timeout=10).json()["data"][0]["max_model_len"] == CAPACITY
+    check_refused(
+        httpx.post(f"{pipeline.url}/v1/completions", json=completion(LONG_PROMPT), timeout=120),
+        "context_length_exceeded",
+    )
