@@ -157,7 +157,7 @@ class EngineCore:
         if not self.async_scheduling or not isinstance(scheduler, PlansAhead) or not scheduler.can_plan_ahead():
             return None
         self.num_planned_ahead += 1
-        return self.scheduler.schedule()
+        return self._schedule()
 
     def can_launch_ahead(self, plan: SchedulerOutput) -> bool:
         """Whether a plan made ahead may be launched now, before the step in flight is finished."""
@@ -171,13 +171,18 @@ class EngineCore:
         detokenizes the previous step's tokens meanwhile.
         """
         if scheduler_output is None:
-            scheduler_output = self.scheduler.schedule()
-            if (stuck := waits_for_ever(self.scheduler, scheduler_output)) is not None:
-                # Stepping on would repeat this empty step for ever: fail the request instead.
-                message = never_fits_message(stuck, self.scheduler)
-                self.abort_requests([stuck.req_id])
-                raise RequestNeverFits(stuck.req_id, message)
+            scheduler_output = self._schedule()
         return self.executor.launch(scheduler_output)
+
+    def _schedule(self) -> SchedulerOutput:
+        """The scheduler's next plan; RequestNeverFits, the request aborted, if the plan shows that
+        one can never fit (``waits_for_ever``): stepping on would repeat the same steps for ever."""
+        plan = self.scheduler.schedule()
+        if (stuck := waits_for_ever(self.scheduler, plan)) is not None:
+            message = never_fits_message(stuck, self.scheduler)
+            self.abort_requests([stuck.req_id])
+            raise RequestNeverFits(stuck.req_id, message)
+        return plan
 
     def finish_step(self, launched: LaunchedStep) -> list[EngineCoreOutput]:
         """Wait for the step's tokens (the one host copy), and update the scheduler with them."""

@@ -48,7 +48,7 @@ from modkit.protocol import (
     WorkerUp,
 )
 from modkit.request import Request, RequestStatus
-from modkit.scheduler.output import MAX_WAITING_REASONS
+from modkit.scheduler.output import MAX_WAITING_REASONS, SchedulerOutput
 from modkit.scheduler.scheduler import Scheduler
 from modkit.scheduler.slots import InFlightStep, WorkerSlot
 from modkit.scheduler.step import never_fits_message, waits_for_ever
@@ -209,27 +209,34 @@ class SchedulerService(SchedulerSwapping):
 
         Such a plan is not sent: the worker would answer at once, and the scheduler plan the
         same empty step again, for ever, at full speed. The scheduler waits for a message
-        instead (a step's results, a new request, an abort). If the plan shows that the first
-        waiting request can never fit (``waits_for_ever``), it is refused and the next in line
-        is planned.
+        instead (a step's results, a new request, an abort). A request that a plan shows can
+        never fit (``waits_for_ever``) is refused, and the next in line planned.
         """
         t0, kv0 = time.perf_counter(), slot.kv.round_trip_s
-        plan = slot.scheduler.schedule()
-        self._check_swapped_policy(slot)
-        while not (plan.total_num_scheduled_tokens or plan.finished_req_ids or plan.preempted_req_ids):
-            stuck = waits_for_ever(slot.scheduler, plan)
-            if stuck is None:
-                return False
-            slot.scheduler.finish_requests([stuck.req_id], RequestStatus.FINISHED_ABORTED)
-            self.owner.pop(stuck.req_id, None)
-            self._reject(stuck.req_id, "invalid", never_fits_message(stuck, slot.scheduler))
-            plan = slot.scheduler.schedule()  # the next in line, if it fits
+        while True:
+            plan = slot.scheduler.schedule()
             self._check_swapped_policy(slot)
+            refused = self._refuse_if_never_fits(slot, plan)
+            if plan.total_num_scheduled_tokens or plan.finished_req_ids or plan.preempted_req_ids:
+                break
+            if not refused:
+                return False
         sent_at = time.perf_counter()
         kv_s = slot.kv.round_trip_s - kv0
         slot.in_flight.append(InFlightStep(plan, slot.scheduler.last_record, sent_at, time.time(), sent_at - t0, kv_s))
         slot.schedule_s += sent_at - t0
         slot.outbox.send(StepPlan(slot.worker_id, plan))
+        return True
+
+    def _refuse_if_never_fits(self, slot: WorkerSlot, plan: SchedulerOutput) -> bool:
+        """Refuse (400) the request ``plan`` shows can never fit, if any; its id reaches the worker in the next plan."""
+        stuck = waits_for_ever(slot.scheduler, plan)
+        if stuck is None:
+            return False
+        message = never_fits_message(stuck, slot.scheduler)
+        slot.scheduler.finish_requests([stuck.req_id], RequestStatus.FINISHED_ABORTED)
+        self.owner.pop(stuck.req_id, None)
+        self._reject(stuck.req_id, "invalid", message)
         return True
 
     def _came_back(self, slot: WorkerSlot, step: int) -> InFlightStep | None:

@@ -61,16 +61,23 @@ class StepDraft:
 def waits_for_ever(scheduler: SchedulerInterface, plan: SchedulerOutput) -> Request | None:
     """The request that ``plan`` shows can never be scheduled, or None.
 
-    A plan that computes nothing, while nothing runs and nothing was preempted, was made with
-    the whole KV pool free (only running requests hold blocks), and the first waiting request
-    still did not fit. No free, new request or abort can make room for it, and every request
-    behind it waits too: stepping on would repeat the same empty step for ever, so the caller
-    fails it instead. A ``max_model_len`` within what the KV cache holds (``fit_max_model_len``)
-    rules this out; this is the guard behind it.
+    A plan that computes nothing and leaves nothing running was made with the whole KV pool
+    within reach (only running requests hold blocks). A request waits then only if it needs
+    more than the whole pool, in one of two ways: nothing was preempted, and the first waiting
+    request did not fit; or the last request running preempted itself (the last one the step
+    preempted), finding no room to grow even alone (a prefix-cache hit can let such a request
+    in; its own growth takes it out again, step after step). No free, new request or abort can
+    make room for it: stepping on would repeat the same steps for ever, so the caller fails it.
+    A ``max_model_len`` within what the KV cache holds (``fit_max_model_len``) rules this out;
+    this is the guard behind it.
     """
-    if plan.total_num_scheduled_tokens or plan.preempted_req_ids or scheduler.running or not scheduler.waiting:
+    if plan.total_num_scheduled_tokens or scheduler.running or not scheduler.waiting:
         return None
-    return scheduler.waiting[0]
+    if not plan.preempted_req_ids:
+        return scheduler.waiting[0]
+    record = scheduler.last_record
+    last_preempted = list(record.preempted)[-1] if record is not None and record.preempted else None
+    return scheduler.requests.get(last_preempted) if last_preempted is not None else None
 
 
 def never_fits_message(request: Request, scheduler: SchedulerInterface) -> str:
