@@ -5,8 +5,9 @@ hold: first in line, it was never admitted, every request behind it waited, and 
 stepped on empty steps at full speed. Now such a configuration is refused at start (a
 ``max_model_len`` the user set) or ``max_model_len`` is lowered to what the cache holds (the
 model's default), a request that can never fit is refused (ValueError in-process, 400 over
-HTTP), and a plan that computes nothing is never stepped or sent: the request it shows can
-never run is failed. Each promise is tested in-process and in the pipeline.
+HTTP), and a plan that shows a request can never run (nothing computed, or the request
+preempting itself with the pool to itself) is not stepped on: the request is failed, and an
+empty plan is never sent. Each promise is tested in-process and in the pipeline.
 """
 
 from __future__ import annotations
