@@ -171,7 +171,7 @@ def test_a_subscriber_sees_a_request_through_in_order_and_misses_nothing(
 def test_a_client_that_leaves_is_traced_as_an_abort(run: tuple[Pipeline, Trace, list[Any]]) -> None:
     pipeline, _, _ = run
     pipeline.clear_trace()
-    body = {"model": pipeline.model_name, "prompt": "Hi", "max_tokens": 500, "stream": True, "ignore_eos": True}
+    body = {"model": pipeline.model_name, "prompt": "Hi", "max_tokens": 300, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{pipeline.url}/v1/completions", json=body, timeout=30) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from modkit.engine.config import EngineConfig
-from modkit.engine.core import EngineCore
+from modkit.engine.core import EngineCore, RequestNeverFits
 from modkit.engine.output_processor import CompletionDelta, OutputProcessor
 from modkit.model import load_tokenizer
 from modkit.request import RequestStatus
@@ -148,6 +148,9 @@ class AsyncEngine:
                 continue
             try:
                 step = self.processor.process(self.core.step())
+            except RequestNeverFits as err:  # aborted in the engine: only its caller gets the error
+                self._fail_request(err.req_id, err)
+                continue
             except Exception as err:  # any failure: fail every request rather than let one hang
                 logger.exception("engine step failed")
                 self._fail_all(err)
@@ -160,6 +163,14 @@ class AsyncEngine:
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
             for finished in step.finished:
                 self._streams.pop(finished.request_id, None)
+
+    def _fail_request(self, req_id: str, err: BaseException) -> None:
+        """Fail the caller whose request has engine request ``req_id`` (its ``n`` siblings aborted too)."""
+        for request_id, stream in list(self._streams.items()):
+            if req_id in stream.req_ids:
+                self._abort_now(stream.req_ids)
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
+                del self._streams[request_id]
 
     def _fail_all(self, err: BaseException) -> None:
         self.error = err

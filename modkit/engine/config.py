@@ -27,7 +27,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step
     max_num_seqs: int = 256  # requests running at once
     enable_prefix_caching: bool = True
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # None: the model's max_position_embeddings, lowered to what the KV cache holds if that is less;
+    # a value the KV cache cannot hold is refused (ConfigError) when the engine sizes its cache.
+    max_model_len: int | None = None
     # "modkit", or "vllm": vLLM's own V1 scheduler (with its own KV cache manager) or KV cache
     # manager (under modkit's scheduler), behind modkit's interfaces (modkit.vllm_v1; needs vllm).
     scheduler: str = "modkit"
@@ -71,3 +73,31 @@ class EngineConfig:
                 raise ConfigError(name, f"must be 'modkit' or 'vllm', got {getattr(self, name)!r}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise ConfigError("device", f"must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+
+
+def fit_max_model_len(max_model_len: int, explicit: bool, num_blocks: int, block_size: int, sized_by: str) -> int:
+    """``max_model_len`` made to fit a KV pool of ``num_blocks`` blocks (block 0, the null block,
+    holds nothing), so that any request the model allows can run alone in the whole pool.
+
+    A length the user set (``explicit``) that does not fit is refused with ConfigError, as vLLM
+    refuses it; one taken from the model's default is lowered to what the pool holds (the
+    caller says so). ``sized_by`` names the setting that decided the pool's size, for the
+    message: "num_kv_blocks" or "gpu_memory_utilization".
+    """
+    capacity = (num_blocks - 1) * block_size
+    if max_model_len <= capacity:
+        return max_model_len
+    if explicit:
+        needed = -(-max_model_len // block_size) + 1
+        more = f"num_kv_blocks={needed} or more"
+        if sized_by != "num_kv_blocks":
+            more = f"more memory for it ({sized_by}, or {more})"
+        raise ConfigError(
+            "max_model_len",
+            f"({max_model_len}) is larger than the maximum number of tokens that can be stored in the KV cache "
+            f"({capacity}: {num_blocks - 1} blocks of {block_size}, block 0 is reserved). "
+            f"Lower max_model_len to {capacity} or less, or give the KV cache {more}.",
+        )
+    if capacity < 2:
+        raise ConfigError("num_kv_blocks", f"a KV cache of {capacity} token(s) cannot hold a request")
+    return capacity

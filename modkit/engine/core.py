@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from modkit.engine.config import ConfigError, EngineConfig
+from modkit.engine.config import ConfigError, EngineConfig, fit_max_model_len
 from modkit.kvcache import KVCacheManager, KVEventSink
 from modkit.model import load_model
 from modkit.model.config import ModelConfig
@@ -23,12 +23,21 @@ from modkit.request import Request, RequestStatus, check_prompt
 from modkit.sampler import Sampler, get_sampler
 from modkit.scheduler import EngineCoreOutput, Scheduler, SchedulerOutput
 from modkit.scheduler.interface import PlansAhead, SchedulerInterface
+from modkit.scheduler.step import never_fits_message, waits_for_ever
 from modkit.worker.executor import LaunchedStep, StepExecutor, build_worker
 
 if TYPE_CHECKING:
     from modkit.vllm_v1.kv_cache_manager import VLLMKVCacheManager
 
 log = logging.getLogger(__name__)
+
+
+class RequestNeverFits(ValueError):
+    """A request that the whole KV cache cannot hold; the engine has aborted it (``req_id``)."""
+
+    def __init__(self, req_id: str, message: str) -> None:
+        super().__init__(message)
+        self.req_id = req_id
 
 
 class EngineCore:
@@ -50,6 +59,7 @@ class EngineCore:
             piece = self.worker.runner.piecewise
             pieces = f"; piecewise for steps of up to {piece.max_tokens} tokens" if piece else ""
             log.info("CUDA graphs: %d for decode batches up to %d%s", len(graphs.sizes), graphs.max_batch, pieces)
+        self.max_model_len = self._fit_to_kv_cache(config, self.max_model_len)
         log.info(self.memory.describe(self.max_model_len))
         self.kv_manager, self.scheduler = self._scheduler(config, self.memory.num_blocks, kv_event_sink)
         sampler = get_sampler(config.sampler, seed=config.seed)
@@ -61,6 +71,24 @@ class EngineCore:
         self.launch_ahead = self.device.type == "cuda"
         self.num_planned_ahead = 0  # steps planned while the one before was on the device
         self.num_launched_ahead = 0  # of those, launched before its tokens were on the host
+
+    def _fit_to_kv_cache(self, config: EngineConfig, max_model_len: int) -> int:
+        """``max_model_len`` within what the KV cache holds: a request that the model allows but
+        the whole cache cannot hold would wait for ever. ConfigError if the user set it; lowered
+        (and logged) if it was the model's default."""
+        sized_by = "num_kv_blocks" if config.num_kv_blocks is not None else "gpu_memory_utilization"
+        explicit = config.max_model_len is not None
+        fitted = fit_max_model_len(max_model_len, explicit, self.memory.num_blocks, config.block_size, sized_by)
+        if fitted < max_model_len:
+            log.warning(
+                "max_model_len lowered from the model's %d to %d: the KV cache holds no more "
+                "(%d blocks of %d); a larger cache (num_kv_blocks) allows longer requests",
+                max_model_len,
+                fitted,
+                self.memory.num_blocks - 1,
+                config.block_size,
+            )
+        return fitted
 
     def _scheduler(
         self, config: EngineConfig, num_blocks: int, kv_event_sink: KVEventSink | None
@@ -129,7 +157,7 @@ class EngineCore:
         if not self.async_scheduling or not isinstance(scheduler, PlansAhead) or not scheduler.can_plan_ahead():
             return None
         self.num_planned_ahead += 1
-        return self.scheduler.schedule()
+        return self._schedule()
 
     def can_launch_ahead(self, plan: SchedulerOutput) -> bool:
         """Whether a plan made ahead may be launched now, before the step in flight is finished."""
@@ -143,8 +171,18 @@ class EngineCore:
         detokenizes the previous step's tokens meanwhile.
         """
         if scheduler_output is None:
-            scheduler_output = self.scheduler.schedule()
+            scheduler_output = self._schedule()
         return self.executor.launch(scheduler_output)
+
+    def _schedule(self) -> SchedulerOutput:
+        """The scheduler's next plan; RequestNeverFits, the request aborted, if the plan shows that
+        one can never fit (``waits_for_ever``): stepping on would repeat the same steps for ever."""
+        plan = self.scheduler.schedule()
+        if (stuck := waits_for_ever(self.scheduler, plan)) is not None:
+            message = never_fits_message(stuck, self.scheduler)
+            self.abort_requests([stuck.req_id])
+            raise RequestNeverFits(stuck.req_id, message)
+        return plan
 
     def finish_step(self, launched: LaunchedStep) -> list[EngineCoreOutput]:
         """Wait for the step's tokens (the one host copy), and update the scheduler with them."""

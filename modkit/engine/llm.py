@@ -105,6 +105,11 @@ class LLM:
         self.check_invariants_each_step = False  # tests turn this on
         self.overlap_steps = True  # detokenize step N while the device runs step N+1 (see steps())
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest request (prompt + output tokens): the model's limit, or what the KV cache holds."""
+        return self.engine.max_model_len
+
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.tokenizer
 

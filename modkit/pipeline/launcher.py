@@ -12,6 +12,10 @@ Start order, and why: every component but one starts at once (they connect lazil
 worker's first call asks the sampler which sampling implementation to run, and waits for
 it). Each worker loads the model and sizes its KV cache from free memory; then the KV
 cache manager starts with one block pool per worker, sized from what each allocated.
+``max_model_len`` is never more than a worker's pool holds: with ``num_kv_blocks`` given it is
+fitted before anything starts (``resolve_max_model_len``); a pool sized from free memory is
+known only once the workers report it, and if the length must be lowered then, the scheduler
+and frontend, which took it at start, start again with the lowered value.
 
 Components run in their own sessions, so a Ctrl-C or a notebook cell interrupt reaches
 only the launcher; if the launcher dies, each child sees its stdin close and exits by
@@ -41,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from modkit.config import PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
-from modkit.pipeline.preflight import check_ports_free, resolve_max_model_len, with_ports
+from modkit.pipeline.preflight import check_ports_free, fit_to_kv_pool, resolve_max_model_len, with_ports
 from modkit.pipeline.processes import (
     READY_TIMEOUT_S,
     TARGETS,
@@ -197,6 +201,8 @@ class Pipeline:
                 num_blocks.append(int(rpc.call("info")["num_blocks"]))
             # A restarted worker must match its pool in the KV cache manager, block for block.
             spec.kwargs["config"] = {**spec.kwargs["config"], "num_kv_blocks": num_blocks[-1]}
+        if cfg.num_kv_blocks is None:  # sized from free memory: known only now
+            self._fit_to_kv_pools(min(num_blocks), say)
         kv_kwargs = {
             "num_blocks": num_blocks,
             "block_size": cfg.block_size,
@@ -211,6 +217,23 @@ class Pipeline:
             say,
         )
         self.wait_healthy()
+
+    def _fit_to_kv_pools(self, num_blocks: int, say: Callable[[str], None]) -> None:
+        """``max_model_len`` within the smallest pool the workers sized from free memory
+        (``fit_to_kv_pool``: ConfigError if the user set a length it cannot hold). If it is
+        lowered, the components that took the old value at start (scheduler, frontend) start
+        again with the new one; no request has reached them yet. A given ``num_kv_blocks`` is
+        fitted before anything starts (``resolve_max_model_len``)."""
+        fitted = fit_to_kv_pool(self.config, self.max_model_len, num_blocks)
+        if fitted == self.max_model_len:
+            return
+        self.max_model_len = fitted
+        for spec in self.specs.values():
+            if "max_model_len" in spec.kwargs:
+                spec.kwargs["max_model_len"] = fitted
+        for name in ("scheduler", "frontend"):
+            self.processes[name].stop()
+            self._start(self.specs[name], say)
 
     def _start_together(self, specs: list[ComponentSpec], say: Callable[[str], None]) -> None:
         default_log_dir(), run_dir()  # each made once, before the threads race for them

@@ -4,23 +4,54 @@ and the ports themselves when a launch asks for ``ports="auto"`` or a first port
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import socket
 
 from modkit.config import ConfigError, PipelineConfig
+from modkit.engine.config import fit_max_model_len
 from modkit.model import resolve_model_path
 from modkit.model.config import ModelConfig
 
+log = logging.getLogger(__name__)
+
 
 def resolve_max_model_len(config: PipelineConfig) -> int:
-    """``max_model_len``, or the model's own limit; ConfigError if it is beyond the model's."""
+    """``max_model_len``, or the model's own limit; ConfigError if it is beyond the model's.
+
+    With ``num_kv_blocks`` given, every worker's KV pool is known before anything starts: a
+    length the pool cannot hold is refused if the user set it, or lowered to what the pool
+    holds (and logged) if it was the model's default (``fit_max_model_len``). So every
+    component starts with the same, final value. A pool sized from free memory is checked
+    once the workers report it (``Pipeline._start_all``).
+    """
     model_config = ModelConfig.from_pretrained(resolve_model_path(config.resolved_model()))
     limit = model_config.max_position_embeddings
     if config.max_model_len is not None and config.max_model_len > limit:
         raise ConfigError(
             "max_model_len", f"must be <= the model's max_position_embeddings ({limit}), got {config.max_model_len}"
         )
-    return config.max_model_len or limit
+    max_model_len = config.max_model_len or limit
+    if config.num_kv_blocks is not None:
+        return fit_to_kv_pool(config, max_model_len, config.num_kv_blocks)
+    return max_model_len
+
+
+def fit_to_kv_pool(config: PipelineConfig, max_model_len: int, num_blocks: int) -> int:
+    """``max_model_len`` within a worker's pool of ``num_blocks`` (``fit_max_model_len``), logged if lowered."""
+    sized_by = "num_kv_blocks" if config.num_kv_blocks is not None else "gpu_memory_utilization"
+    explicit = config.max_model_len is not None
+    fitted = fit_max_model_len(max_model_len, explicit, num_blocks, config.block_size, sized_by)
+    if fitted < max_model_len:
+        log.warning(
+            "max_model_len lowered from the model's %d to %d: a worker's KV cache holds no more "
+            "(%d blocks of %d); a larger cache (num_kv_blocks) allows longer requests",
+            max_model_len,
+            fitted,
+            num_blocks - 1,
+            config.block_size,
+        )
+    return fitted
 
 
 class PortInUseError(OSError):

@@ -55,10 +55,11 @@ from modkit.protocol import (
     WorkerUp,
 )
 from modkit.request import Request, RequestStatus
-from modkit.scheduler.output import MAX_WAITING_REASONS
+from modkit.scheduler.output import MAX_WAITING_REASONS, SchedulerOutput
 from modkit.scheduler.recovery import SchedulerRecovery
 from modkit.scheduler.scheduler import Scheduler
 from modkit.scheduler.slots import InFlightStep, WorkerSlot
+from modkit.scheduler.step import never_fits_message, waits_for_ever
 from modkit.scheduler.swapping import SchedulerSwapping
 from modkit.trace.events import EventPublisher, ScheduledReq, StepEvent
 from modkit.transport import Inbox, Outbox, RpcClient
@@ -113,8 +114,8 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
                     self._send_step(slot)  # its KV calls carry the last step's cache_blocks and frees
                 else:
                     slot.kv.flush()  # idle: the KV cache manager (and its events) catch up now
-            if len(slot.in_flight) == 1 and self._plans_ahead(slot) and slot.scheduler.can_plan_ahead():
-                self._send_step(slot)  # step N+1, while the worker computes step N
+            plan_ahead = len(slot.in_flight) == 1 and self._plans_ahead(slot) and slot.scheduler.can_plan_ahead()
+            if plan_ahead and self._send_step(slot):  # step N+1, while the worker computes step N
                 slot.num_planned_ahead += 1
         # What the finished steps' results owe others (outputs to the frontend, finished ids to
         # the router, step events) goes out now, while the workers compute their next steps.
@@ -217,24 +218,50 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
         """Async scheduling, with a scheduler that counts placeholders (modkit's; vLLM's is stepped in turn)."""
         return self.async_scheduling and isinstance(slot.scheduler, Scheduler)
 
-    def _send_step(self, slot: WorkerSlot) -> None:
+    def _send_step(self, slot: WorkerSlot) -> bool:
+        """Plan the worker's next step and send it; False if it would tell the worker nothing.
+
+        Such a plan is not sent: the worker would answer at once, and the scheduler plan the
+        same empty step again, for ever, at full speed. The scheduler waits for a message
+        instead (a step's results, a new request, an abort). A request that a plan shows can
+        never fit (``waits_for_ever``) is refused, and the next in line planned. Nothing is
+        planned while the worker's KV pool is lost (its manager restarting: ``SchedulerRecovery``).
+        """
         if not self._kv_ready(slot):
-            return  # the KV cache manager is not back yet: tried again on the next turn
+            return False  # the KV cache manager is not back yet: tried again on the next turn
         t0, kv0 = time.perf_counter(), slot.kv.round_trip_s
-        try:
-            plan = slot.scheduler.schedule()
-        except KVCacheLost:
-            self._requeue_all(slot)
-            return
-        if slot.to_drop:  # requeued after a lost pool: the worker drops its copies (readmitted ones come back new)
-            plan.preempted_req_ids |= slot.to_drop
-            slot.to_drop = set()
-        self._check_swapped_policy(slot)
+        while True:
+            try:
+                plan = slot.scheduler.schedule()
+            except KVCacheLost:
+                self._requeue_all(slot)
+                return False
+            if slot.to_drop:  # requeued after a lost pool: the worker drops its copies (readmitted ones come back new)
+                plan.preempted_req_ids |= slot.to_drop
+                slot.to_drop = set()
+            self._check_swapped_policy(slot)
+            refused = self._refuse_if_never_fits(slot, plan)
+            if plan.total_num_scheduled_tokens or plan.finished_req_ids or plan.preempted_req_ids:
+                break
+            if not refused:
+                return False
         sent_at = time.perf_counter()
         kv_s = slot.kv.round_trip_s - kv0
         slot.in_flight.append(InFlightStep(plan, slot.scheduler.last_record, sent_at, time.time(), sent_at - t0, kv_s))
         slot.schedule_s += sent_at - t0
         slot.outbox.send(StepPlan(slot.worker_id, plan, self.scheduler_id))
+        return True
+
+    def _refuse_if_never_fits(self, slot: WorkerSlot, plan: SchedulerOutput) -> bool:
+        """Refuse (400) the request ``plan`` shows can never fit, if any; its id reaches the worker in the next plan."""
+        stuck = waits_for_ever(slot.scheduler, plan)
+        if stuck is None:
+            return False
+        message = never_fits_message(stuck, slot.scheduler)
+        slot.scheduler.finish_requests([stuck.req_id], RequestStatus.FINISHED_ABORTED)
+        self.owner.pop(stuck.req_id, None)
+        self._reject(stuck.req_id, "invalid", message)
+        return True
 
     def _came_back(self, slot: WorkerSlot, step: int, scheduler_id: str) -> InFlightStep | None:
         """The oldest step in flight, if it is ``step``; None for a step of a worker declared dead, come back

@@ -1,11 +1,13 @@
-"""The step ``Scheduler.schedule()`` is planning: what each request gets, and why the others wait."""
+"""The step ``Scheduler.schedule()`` is planning: what each request gets, and why the others wait;
+and, once planned, whether a step that computes nothing leaves a request waiting for ever."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from modkit.request import Request
-from modkit.scheduler.output import MAX_WAITING_REASONS, ScheduledEntry
+from modkit.scheduler.interface import SchedulerInterface
+from modkit.scheduler.output import MAX_WAITING_REASONS, ScheduledEntry, SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -54,3 +56,34 @@ class StepDraft:
             self.waiting_why[waiting[0].req_id] = why
             for later in waiting[1:MAX_WAITING_REASONS]:
                 self.waiting_why.setdefault(later.req_id, f"queued behind {waiting[0].req_id}")
+
+
+def waits_for_ever(scheduler: SchedulerInterface, plan: SchedulerOutput) -> Request | None:
+    """The request that ``plan`` shows can never be scheduled, or None.
+
+    A plan that computes nothing and leaves nothing running was made with the whole KV pool
+    within reach (only running requests hold blocks). A request waits then only if it needs
+    more than the whole pool, in one of two ways: nothing was preempted, and the first waiting
+    request did not fit; or the last request running preempted itself (the last one the step
+    preempted), finding no room to grow even alone (a prefix-cache hit can let such a request
+    in; its own growth takes it out again, step after step). No free, new request or abort can
+    make room for it: stepping on would repeat the same steps for ever, so the caller fails it.
+    A ``max_model_len`` within what the KV cache holds (``fit_max_model_len``) rules this out;
+    this is the guard behind it.
+    """
+    if plan.total_num_scheduled_tokens or scheduler.running or not scheduler.waiting:
+        return None
+    if not plan.preempted_req_ids:
+        return scheduler.waiting[0]
+    record = scheduler.last_record
+    last_preempted = list(record.preempted)[-1] if record is not None and record.preempted else None
+    return scheduler.requests.get(last_preempted) if last_preempted is not None else None
+
+
+def never_fits_message(request: Request, scheduler: SchedulerInterface) -> str:
+    """Why ``waits_for_ever`` fails ``request``, for its client."""
+    return (
+        f"request {request.req_id} ({request.num_tokens} tokens) does not fit in the whole KV cache "
+        f"(blocks of {scheduler.kv.block_size} tokens), even with no other request running: "
+        f"max_model_len ({scheduler.max_model_len}) is larger than the cache holds"
+    )
