@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from modkit.config import PipelineConfig
 from modkit.engine.async_engine import EngineDeadError
 from modkit.engine.output_processor import CompletionDelta
 from modkit.frontend.guards import (
@@ -106,9 +107,15 @@ def build_app(
     model_name: str,
     api_key: str | None = None,
     *,
-    max_request_body_bytes: int,
-    max_queued_requests: int,
+    max_request_body_bytes: int | None = None,
+    max_queued_requests: int | None = None,
 ) -> FastAPI:
+    """The OpenAI API over ``engine``; the limits default to ``PipelineConfig``'s."""
+    defaults = PipelineConfig().frontend_limits()
+    if max_request_body_bytes is None:
+        max_request_body_bytes = defaults["max_request_body_bytes"]
+    if max_queued_requests is None:
+        max_queued_requests = defaults["max_queued_requests"]
     app = FastAPI(title="modkit", summary="OpenAI-compatible API over modkit's engine")
     started = time.time()
     queue = RequestQueue(max_queued_requests)
