@@ -218,6 +218,7 @@ class Pipeline:
         )
         self.wait_healthy()
 
+    @_exclusive  # it restarts components: not while the supervisor restarts one
     def _fit_to_kv_pools(self, num_blocks: int, say: Callable[[str], None]) -> None:
         """``max_model_len`` within the smallest pool the workers sized from free memory
         (``fit_to_kv_pool``: ConfigError if the user set a length it cannot hold). If it is
