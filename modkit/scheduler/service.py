@@ -231,8 +231,9 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
             return False  # the KV cache manager is not back yet: tried again on the next turn
         t0, kv0 = time.perf_counter(), slot.kv.round_trip_s
         while True:
+            scheduler = slot.scheduler
             try:
-                plan = slot.scheduler.schedule()
+                plan = scheduler.schedule()
             except KVCacheLost:
                 self._requeue_all(slot)
                 return False
@@ -240,7 +241,10 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
                 plan.preempted_req_ids |= slot.to_drop
                 slot.to_drop = set()
             self._check_swapped_policy(slot)
-            refused = self._refuse_if_never_fits(slot, plan)
+            # A swapped-in scheduler that failed was taken over (modkit.scheduler.swapping): its last
+            # plan preempts every request, which leaves nothing running for a reason of its own.
+            taken_over = slot.scheduler is not scheduler
+            refused = not taken_over and self._refuse_if_never_fits(slot, plan)
             if plan.total_num_scheduled_tokens or plan.finished_req_ids or plan.preempted_req_ids:
                 break
             if not refused:

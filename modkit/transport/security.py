@@ -18,7 +18,7 @@ What is protected, and by what:
   request id is not above the last one it took from that client (a replay): the caller
   gets an ``ErrorReply`` naming ``PermissionError``, and nothing runs (a swap by
   ``import_path`` imports nothing). ``OPEN_METHODS`` are the liveness reads (PING, LOOP,
-  ``health``, ``stats``) that ``/health`` and ``/stats`` use.
+  ``health``, ``stats``) that ``/health`` and ``/stats`` use, and the sampler's ``config``.
 - **TCP endpoints** (``PipelineConfig.addresses`` overrides). With keys, every socket that
   binds a ``tcp://`` endpoint, loopback included, is a CURVE server whose ZAP handler
   admits only the launch's client key, and every socket that connects to one is that
@@ -57,7 +57,9 @@ from modkit.protocol import LOOP, PING, LaunchKeys
 from modkit.transport.addresses import InsecureAddressError, check_bind_address, is_loopback, split_tcp
 from modkit.transport.codec import CallFrame
 
-OPEN_METHODS = frozenset({PING, LOOP, "health", "stats"})  # answered without a MAC: liveness reads only
+# Answered without a MAC: reads that change nothing. The liveness reads (/health, /stats), and
+# "config", which a worker asks the sampler at start: also one started by hand, without keys.
+OPEN_METHODS = frozenset({PING, LOOP, "health", "stats", "config"})
 REPLAY_WINDOW_S = 60.0  # a signed call is accepted this long (either way) from the server's clock
 CLIENT_ID_BYTES = 16
 ZAP_DOMAIN = "modkit"
