@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 from pipeline_targets import POISON_TOKEN
-from waiting import wait_until
+from waiting import pid_exists, wait_until
 
 from modkit import LLM, Pipeline
 from modkit.config import ConfigError, PipelineConfig, free_component_ports
@@ -68,16 +68,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); its /proc status says so.
-    status = Path(f"/proc/{pid}/status")
-    return not (status.exists() and "\nState:\tZ" in status.read_text())
 
 
 def wait_for(check: object, timeout_s: float, what: str) -> None:

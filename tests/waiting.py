@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: float = 0.05) -> bool:
@@ -18,3 +20,13 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: fl
             return False
         time.sleep(interval_s)
     return True
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether process ``pid`` is alive: a zombie still answers kill(0), but its /proc status says so."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())

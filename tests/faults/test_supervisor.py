@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from waiting import wait_until
+from waiting import pid_exists, wait_until
 
 from modkit import LLM, Pipeline, SamplingParams
 from modkit.config import ConfigError, PipelineConfig
@@ -97,16 +97,6 @@ def get_json(url: str) -> dict[str, object]:
     except httpx.HTTPError:
         return {"status": "unreachable"}
     return {**reply.json(), "http_status": reply.status_code}
-
-
-def pid_exists(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/status")
-    return not (status.exists() and "\nState:\tZ" in status.read_text())
 
 
 def dirs_of_launcher(pid: int) -> list[Path]:
