@@ -3,17 +3,24 @@
 
     python scripts/benchmark.py                                   # embedded model, CPU
     python scripts/benchmark.py --model-shape qwen2.5-0.5b --device cuda --num-prompts 1024 \\
-        --input-len 256 --output-len 128                          # a GPU
+        --input-len 256 --output-len 128 --engines modkit pipeline hf:64 hf:128 hf:256 hf-batch
     python scripts/benchmark.py --engines modkit pipeline         # the cost of the process split
-    python scripts/benchmark.py --engines modkit hf hf-batch      # HF's own continuous batching
+    python scripts/benchmark.py --engines modkit modkit@old --checkout old=../old-checkout  # before and after
     python scripts/benchmark.py --engines modkit modkit-eager     # what the CUDA graphs buy (a GPU)
     python scripts/benchmark.py --engines pipeline pipeline-sync  # what async scheduling buys
     python scripts/benchmark.py --engines modkit modkit-planned-ahead  # what launching step N+1 early buys
     python scripts/benchmark.py --engines modkit modkit-decode-graphs  # what piecewise graphs buy
 
-``hf`` is ``model.generate`` on static batches (--hf-batch-size prompts at a time, with no
-padding as every prompt has one length): the baseline of the ``vs hf`` column. ``hf-batch`` is
-transformers' continuous batching, ``model.generate_batch`` over its paged KV cache with
+Every engine runs in a process of its own, loaded and warmed up once; then ``--rounds``
+rounds each run the whole workload once on every engine, each round starting one engine
+later, so that a host growing busier or quieter weighs on all of them alike. The median
+round is reported, with the slowest and fastest. ``NAME@LABEL`` runs an engine on another
+version of the code (``--checkout LABEL=DIR``, DIR holding its ``modkit/``), beside this
+one in the same run: how a change moved the numbers, measured on one host.
+
+``hf`` is ``model.generate`` on static batches (``hf:64``: 64 prompts at a time; plain ``hf``:
+--hf-batch-size, default all), with no padding as every prompt has one length. ``hf-batch``
+is transformers' continuous batching, ``model.generate_batch`` over its paged KV cache with
 "paged|sdpa" attention, given the same --max-num-seqs and --max-num-batched-tokens as modkit.
 
 The ``pipeline`` engine is the six-process pipeline behind its OpenAI API: launched once
@@ -25,8 +32,9 @@ Every engine gets the same prompts (random token ids of one length, so HF needs 
 padding), greedy decoding and ``ignore_eos`` (``hf-batch``: no eos token), so each produces
 exactly num_prompts x output_len tokens. Each warms up on --warmup-prompts prompts (default a
 full batch: a smaller one leaves the first timed run paying for allocator growth and CUDA
-graphs of larger sizes), then runs the whole workload --repeats times; the median is
-reported. A table is printed last; the full results go to --out.
+graphs of larger sizes). On a GPU, modkit's KV cache defaults to what a full batch of the
+workload needs, so that the engines fit side by side. A table is printed last, with the
+host's CPU and cores; the full results go to --out.
 """
 
 from __future__ import annotations
@@ -35,7 +43,6 @@ import argparse
 import asyncio
 import dataclasses
 import functools
-import gc
 import importlib.metadata
 import itertools
 import json
@@ -46,6 +53,8 @@ import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -233,7 +242,10 @@ def send_completions(
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="modkit", max_retries=0) as client:
             return await asyncio.gather(*(one(client, p) for p in prompts))
 
-    return asyncio.run(send())
+    try:
+        return asyncio.run(send())
+    except openai.APIStatusError as err:  # it cannot travel back from a client process as it is
+        raise RuntimeError(f"HTTP {err.status_code}: {err.message}") from None
 
 
 def bench_pipeline(
@@ -242,9 +254,15 @@ def bench_pipeline(
     """The six-process pipeline on free ports, up until ``stack`` closes; every prompt is sent at once."""
 
     from modkit import Pipeline
-    from modkit.config import free_component_ports
+    from modkit.config import PipelineConfig, free_component_ports
 
     config: dict[str, Any] = free_component_ports()
+    # Every prompt arrives at once: the frontend must queue them all rather than answer 429 (its
+    # default bound, PipelineConfig.max_queued_requests, is smaller than a large workload; code
+    # older than that bound has none).
+    bound = {f.name: f.default for f in dataclasses.fields(PipelineConfig)}.get("max_queued_requests")
+    if isinstance(bound, int):
+        config["max_queued_requests"] = max(len(prompts), bound)
     start = time.perf_counter()
     pipeline = Pipeline.launch(
         model=str(model_dir),
@@ -347,6 +365,97 @@ RUNNERS: dict[str, Callable[[Path, list[list[int]], argparse.Namespace, ExitStac
 }
 
 
+def parse_engine(spec: str) -> tuple[str, int | None, str | None]:
+    """``"hf:64@before"`` -> (runner name, HF batch size, the checkout's label or None for this one)."""
+    name, _, label = spec.partition("@")
+    name, _, batch = name.partition(":")
+    if name not in RUNNERS:
+        raise argparse.ArgumentTypeError(f"{spec!r}: no engine {name!r}; choose from {', '.join(RUNNERS)}")
+    if batch and (name != "hf" or not batch.isdigit()):
+        raise argparse.ArgumentTypeError(f"{spec!r}: only hf takes a batch size (hf:64)")
+    return name, int(batch) if batch else None, label or None
+
+
+def engine_spec(spec: str) -> str:
+    parse_engine(spec)
+    return spec
+
+
+def serve_engine(spec: str, setup: Path) -> None:
+    """The engine process: load and warm up one engine, then time a run of the whole workload for
+    each ``run`` line on stdin, answering one JSON line per request on the stdout it started with."""
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # what the engine prints (and its child processes) goes to stderr, not into the replies
+    loaded = json.loads(setup.read_text())
+    args = argparse.Namespace(**loaded["args"])
+    name, hf_batch, _ = parse_engine(spec)
+    if hf_batch is not None:
+        args.hf_batch_size = hf_batch
+    prompts: list[list[int]] = loaded["prompts"]
+    with ExitStack() as stack:
+        start = time.perf_counter()
+        try:
+            run = RUNNERS[name](Path(loaded["model_dir"]), prompts, args, stack)
+        except ImportError as err:
+            replies.write(json.dumps({"skipped": str(err)}) + "\n")
+            return
+        device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+        ready = {"ready": True, "load_s": time.perf_counter() - start, "device_name": device_name or "cpu"}
+        ready["modkit_file"] = importlib.import_module("modkit").__file__
+        replies.write(json.dumps(ready) + "\n")
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            (seconds,), (measured,) = timed(run, 1, args.device)
+            replies.write(json.dumps({"seconds": seconds, "measured": measured}) + "\n")
+
+
+class EngineProcess:
+    """One engine in a process of its own (``serve_engine``), loaded once and run on request.
+
+    Engines live apart so that runs can alternate between them without reloading, and so that
+    ``NAME@LABEL`` can import modkit from another checkout (``--checkout LABEL=DIR``) beside this one."""
+
+    def __init__(self, spec: str, setup: Path, checkouts: dict[str, str]) -> None:
+        env = dict(os.environ)
+        label = parse_engine(spec)[2]
+        if label is not None:
+            if label not in checkouts:
+                raise SystemExit(f"{spec}: no checkout {label!r}; name it with --checkout {label}=DIR")
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(checkouts[label]).resolve()), env.get("PYTHONPATH", "")])
+        self.spec = spec
+        command = [sys.executable, __file__, "--serve-engine", spec, "--serve-setup", str(setup)]
+        # Started away from any checkout: ``python -m`` and ``-c`` put the working folder first on
+        # sys.path, which would shadow PYTHONPATH in the engine's own child processes.
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=setup.parent
+        )
+        self.ready = self.reply()
+
+    def reply(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.spec}: its process ended (exit code {self.process.wait()}); see stderr above")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def run(self) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self.reply()
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 def timed(run: Run, repeats: int, device: str) -> tuple[list[float], list[dict[str, Any]]]:
     """Seconds of each of ``repeats`` runs of the whole workload, and what each run returned."""
     times, measured = [], []
@@ -367,7 +476,20 @@ def median_of(values: list[Any]) -> Any:
     return statistics.median(values)
 
 
-def main() -> None:
+def host() -> dict[str, Any]:
+    """The machine the host side runs on: its CPU model, cores, and how busy it is."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        model = names[0] if names else model
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": usable, "load_average": os.getloadavg()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model-shape",
@@ -385,13 +507,36 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="modkit and pipeline (default on a GPU: what --max-num-seqs requests of the workload's length "
+        "need, so that engines loaded side by side fit; on the CPU the engine's own default)",
+    )
     parser.add_argument(
         "--attention-backend", default="auto", help="modkit and pipeline: auto, torch_batched, triton, torch_ref"
     )
     parser.add_argument("--enforce-eager", action="store_true", help="modkit and pipeline: no CUDA graphs")
-    parser.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
-    parser.add_argument("--engines", nargs="+", default=["modkit", "hf", "vllm"], choices=list(RUNNERS))
+    parser.add_argument(
+        "--hf-batch-size", type=int, default=None, help="hf: default all prompts in one batch (hf:64 sets it)"
+    )
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        type=engine_spec,
+        default=["modkit", "hf", "vllm"],
+        help=f"any of {', '.join(RUNNERS)}; hf:N is hf on static batches of N; NAME@LABEL runs NAME "
+        "on the code of --checkout LABEL=DIR",
+    )
+    parser.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="another version of the code (DIR holds its modkit/) for engines named NAME@LABEL; repeatable",
+    )
+    parser.add_argument("--before", default=None, metavar="DIR", help="short for --checkout before=DIR")
     parser.add_argument("--num-workers", type=int, default=1, help="pipeline: workers (replicas; one GPU is shared)")
     parser.add_argument("--stream", action="store_true", help="pipeline: stream, and report the mean TTFT")
     parser.add_argument(
@@ -409,13 +554,106 @@ def main() -> None:
     parser.add_argument(
         "--warmup-prompts", type=int, default=None, help="prompts of each engine's warm-up (default: a full batch)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
+    parser.add_argument(
+        "--rounds",
+        "--repeats",
+        dest="rounds",
+        type=int,
+        default=3,
+        help="rounds; each runs every engine once, in an order that turns each round; the median is reported",
+    )
     parser.add_argument("--out", default="results/benchmark_offline.json")
-    args = parser.parse_args()
+    parser.add_argument("--serve-engine", default=None, help=argparse.SUPPRESS)  # an engine process (EngineProcess)
+    parser.add_argument("--serve-setup", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    pairs = args.checkout + ([f"before={args.before}"] if args.before else [])
+    if any("=" not in pair for pair in pairs):
+        parser.error("--checkout takes LABEL=DIR")
+    args.checkouts = dict(pair.split("=", 1) for pair in pairs)
     if args.warmup_prompts is None:
         args.warmup_prompts = min(args.num_prompts, args.max_num_seqs)
+    if args.num_kv_blocks is None and args.device.startswith("cuda"):
+        per_request = -(-(args.input_len + args.output_len) // 16) + 1  # blocks of 16 tokens, one to spare
+        args.num_kv_blocks = min(args.num_prompts, args.max_num_seqs) * per_request + 64
+    return args
 
+
+def summarize(spec: str, rounds: list[dict[str, Any]], num_tokens: int) -> dict[str, Any]:
+    """One engine's rounds: median throughput and its spread, and the median of what each run measured."""
+    times = [r["seconds"] for r in rounds]
+    measured = [r["measured"] for r in rounds]
+    last = measured[-1]
+    tokens = last.get("output_tokens", num_tokens)  # each run checks that it made every token
+    rates = [tokens / t for t in times]
+    numbers = [k for k in last if k not in ("texts", "output_tokens")]
+    return {
+        "seconds": statistics.median(times),
+        "runs_s": times,
+        "output_tokens_per_s": statistics.median(rates),
+        "output_tokens_per_s_min": min(rates),
+        "output_tokens_per_s_max": max(rates),
+        **{k: median_of([m[k] for m in measured]) for k in numbers},
+    }
+
+
+def print_table(results: dict[str, Any], meta: dict[str, Any]) -> None:
+    hosts = f"{meta['host']['cpu']}, {meta['host']['usable_cores']} cores"
+    print(
+        f"\nOffline throughput, {meta['model']}, {meta['num_prompts']} prompts x {meta['input_len']} in / "
+        f"{meta['output_len']} out, greedy, ignore_eos, {meta['dtype']} on {meta['device_name']} ({hosts}); "
+        f"{meta['rounds']} rounds, alternated"
+    )
+    done = {k: r for k, r in results.items() if "seconds" in r}
+    best_hf = max((r["output_tokens_per_s"] for k, r in done.items() if k.split("@")[0].startswith("hf")), default=None)
+    print(f"{'engine':<22}{'out tok/s':>11}{'min':>10}{'max':>10}{'vs best hf':>12}{'vs modkit':>11}{'vs before':>11}")
+    for name, r in results.items():
+        if name not in done:
+            print(f"{name:<22}{'skipped' if 'skipped' in r else 'failed':>11}")
+            continue
+        rate = r["output_tokens_per_s"]
+        label = name.partition("@")[2]
+        modkit = done.get(f"modkit@{label}" if label else "modkit")
+        before = done.get(f"{name}@before")
+        cells = [
+            rate / best_hf if best_hf else None,
+            rate / modkit["output_tokens_per_s"] if modkit else None,
+            rate / before["output_tokens_per_s"] if before else None,
+        ]
+        ratios = "".join(f"{c:>11.2f}x" if c is not None else f"{'':>12}" for c in cells)
+        print(
+            f"{name:<22}{rate:>11,.0f}{r['output_tokens_per_s_min']:>10,.0f}{r['output_tokens_per_s_max']:>10,.0f}{ratios}"
+        )
+    for name, r in done.items():  # each engine against itself on other code
+        base, _, label = name.partition("@")
+        if label and base in done:
+            ratio = done[base]["output_tokens_per_s"] / r["output_tokens_per_s"]
+            print(f"{base}: {ratio:.2f}x its throughput on the code of {label} ({meta['checkouts'][label]})")
+    for name, r in done.items():
+        if not name.split("@")[0].startswith("pipeline"):
+            continue
+        notes = [f"launched in {r['launch_s']:.1f} s (not timed)"]
+        if "mean_ttft_s" in r:
+            notes.append(f"mean TTFT {r['mean_ttft_s']:.2f} s")
+        if "outputs_equal_modkit" in r:
+            notes.append(f"{r['outputs_equal_modkit']}/{meta['num_prompts']} outputs equal to the LLM's")
+        print(f"{name}: " + "; ".join(notes))
+        print(
+            f"{name}, per step (ms): wall {r['wall_ms']:.1f}; worker {r['worker_ms']:.1f} from plan sent to result "
+            f"back (forward {r['forward_ms']:.1f}, sample {r['sample_ms']:.1f}; with async scheduling a plan also "
+            f"waits there for the step before it); scheduler: schedule {r['schedule_ms']:.1f} "
+            f"({r['kv_round_trips']:.1f} KV round trips, waiting {r['kv_wait_ms']:.1f}, of which the KV cache "
+            f"manager worked {r['kv_manager_ms']:.1f}), update {r['update_ms']:.1f}"
+        )
+        busy = ", ".join(f"{n} {share:.0%}" for n, share in r.get("loop_busy", {}).items())
+        print(f"{name}, serve loops busy (a worker's includes waiting for its GPU): {busy}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.serve_engine:
+        serve_engine(args.serve_engine, Path(args.serve_setup))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             model_dir = Path(args.model)
@@ -424,96 +662,83 @@ def main() -> None:
         vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
         rng = random.Random(0)
         prompts = [[rng.randrange(3, min(vocab, 2000)) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+        setup = Path(tmp) / "setup.json"
+        setup.write_text(json.dumps({"args": vars(args), "prompts": prompts, "model_dir": str(model_dir.resolve())}))
+        meta: dict[str, Any] = {"host": host()}
         results: dict[str, Any] = {}
-        texts: dict[str, list[str]] = {}
-        for name in args.engines:
-            with ExitStack() as stack:  # the engine's processes, if any, stop when it is done
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        loaded_from: dict[str, str] = {}  # the folder each engine imported modkit from
+        with ExitStack() as stack:
+            engines: dict[str, EngineProcess] = {}
+            for spec in args.engines:  # loaded one after another, so that no load competes with another
                 try:
-                    run = RUNNERS[name](Path(model_dir), prompts, args, stack)
-                except ImportError as err:
-                    print(f"{name}: skipped ({err})")
-                    results[name] = {"skipped": str(err)}
+                    engine = EngineProcess(spec, setup, args.checkouts)
+                except RuntimeError as err:
+                    print(err, flush=True)
+                    results[spec] = {"failed": str(err)}
                     continue
-                times, measured = timed(run, args.repeats, args.device)
-                del run
-            seconds, last = statistics.median(times), measured[-1]
-            texts[name] = last.get("texts", [])
-            # Each run checks that it made every token, so the count is the same every run.
-            tokens = last.get("output_tokens", args.num_prompts * args.output_len)
-            numbers = [k for k in last if k not in ("texts", "output_tokens")]
-            extra = {k: median_of([m[k] for m in measured]) for k in numbers}
-            results[name] = {"seconds": seconds, "runs_s": times, "output_tokens_per_s": tokens / seconds, **extra}
-            scalars = "".join(f", {k} {v:.3g}" for k, v in extra.items() if not isinstance(v, dict))
-            print(
-                f"{name}: median {seconds:.2f} s of {[round(t, 2) for t in times]}, "
-                f"{tokens / seconds:,.0f} output tok/s{scalars}",
-                flush=True,
-            )
-            gc.collect()
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-
-    pipeline, llm = results.get("pipeline", {}), results.get("modkit", {})
-    for name in ("pipeline", "pipeline-sync"):
-        split = results.get(name, {})
-        if "seconds" in split and "seconds" in llm:  # the cost of the process split, on the same prompts
-            split["vs_modkit"] = split["output_tokens_per_s"] / llm["output_tokens_per_s"]
-            split["outputs_equal_modkit"] = sum(a == b for a, b in zip(texts[name], texts["modkit"], strict=True))
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    meta = {
-        "model": args.model or args.model_shape or "embedded tiny-chat",
-        "device": args.device,
-        "device_name": device_name,
-        "dtype": args.dtype,
-        "num_prompts": args.num_prompts,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "torch": torch.__version__,
-        "transformers": importlib.metadata.version("transformers"),
-        "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"),
-        "repeats": args.repeats,
-        "warmup_prompts": args.warmup_prompts,
-    }
+                stack.callback(engine.close)
+                if "skipped" in engine.ready:
+                    print(f"{spec}: skipped ({engine.ready['skipped']})", flush=True)
+                    results[spec] = {"skipped": engine.ready["skipped"]}
+                    continue
+                print(
+                    f"{spec}: loaded in {engine.ready['load_s']:.1f} s from {engine.ready['modkit_file']}", flush=True
+                )
+                meta["device_name"] = engine.ready["device_name"]
+                engines[spec], rounds[spec] = engine, []
+                loaded_from[spec] = str(Path(engine.ready["modkit_file"]).parent.parent)
+            order = list(engines)
+            meta["orders"] = []
+            for number in range(args.rounds):  # each round starts one engine later: no engine always goes first
+                turn = order[number % len(order) :] + order[: number % len(order)] if order else []
+                meta["orders"].append(turn)
+                for spec in turn:
+                    try:
+                        rounds[spec].append(engines[spec].run())
+                    except RuntimeError as err:
+                        print(err, flush=True)
+                        results[spec] = {"failed": str(err)}
+                        order.remove(spec)
+                        continue
+                    seconds = rounds[spec][-1]["seconds"]
+                    print(
+                        f"round {number + 1}: {spec} {args.num_prompts * args.output_len / seconds:,.0f} tok/s",
+                        flush=True,
+                    )
+        texts: dict[str, list[str]] = {}
+        for spec, runs in rounds.items():
+            if runs and spec not in results:
+                texts[spec] = runs[-1]["measured"].get("texts", [])
+                results[spec] = summarize(spec, runs, args.num_prompts * args.output_len)
+                results[spec]["modkit_from"] = loaded_from[spec]
+        results = {spec: results[spec] for spec in args.engines if spec in results}
+    for spec, r in results.items():
+        label = parse_engine(spec)[2]
+        reference = f"modkit@{label}" if label else "modkit"
+        if texts.get(spec) and texts.get(reference) and spec != reference:  # the same prompts, greedy
+            r["outputs_equal_modkit"] = sum(a == b for a, b in zip(texts[spec], texts[reference], strict=True))
+            r["vs_modkit"] = r["output_tokens_per_s"] / results[reference]["output_tokens_per_s"]
+    meta["host"]["load_average_after"] = os.getloadavg()
+    meta.update(
+        model=args.model or args.model_shape or "embedded tiny-chat",
+        device=args.device,
+        dtype=args.dtype,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        torch=torch.__version__,
+        transformers=importlib.metadata.version("transformers"),
+        date=time.strftime("%Y-%m-%d"),
+        rounds=args.rounds,
+        warmup_prompts=args.warmup_prompts,
+        num_kv_blocks=args.num_kv_blocks,
+        checkouts=args.checkouts,
+    )
+    meta.setdefault("device_name", args.device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(
-        f"\nOffline throughput, {meta['model']}, {args.num_prompts} prompts x {args.input_len} in / "
-        f"{args.output_len} out, greedy, ignore_eos, {args.dtype} on {device_name}"
-    )
-    print(f"{'engine':<13}{'median s':>10}{'out tok/s':>12}{'vs hf':>8}{'vs vllm':>9}{'vs modkit':>11}")
-    for name, r in results.items():
-        if "seconds" not in r:
-            print(f"{name:<13}{'skipped':>10}")
-            continue
-        ratio = {
-            k: r["output_tokens_per_s"] / results[k]["output_tokens_per_s"]
-            for k in ("hf", "vllm", "modkit")
-            if "seconds" in results.get(k, {})
-        }
-        print(
-            f"{name:<13}{r['seconds']:>10.2f}{r['output_tokens_per_s']:>12,.0f}"
-            f"{ratio.get('hf', float('nan')):>8.2f}{ratio.get('vllm', float('nan')):>9.2f}"
-            f"{ratio.get('modkit', float('nan')):>11.2f}"
-        )
-    if "seconds" in pipeline:
-        notes = [f"launched in {pipeline['launch_s']:.1f} s (not timed)"]
-        if "mean_ttft_s" in pipeline:
-            notes.append(f"mean TTFT {pipeline['mean_ttft_s']:.2f} s")
-        if "vs_modkit" in pipeline:
-            notes.append(f"{pipeline['vs_modkit']:.2f}x the in-process LLM's throughput")
-            notes.append(f"{pipeline['outputs_equal_modkit']}/{args.num_prompts} outputs equal to the LLM's")
-        print("pipeline: " + "; ".join(notes))
-        print(
-            f"pipeline, per step (ms): wall {pipeline['wall_ms']:.1f}; worker {pipeline['worker_ms']:.1f} from plan "
-            f"sent to result back (forward {pipeline['forward_ms']:.1f}, sample {pipeline['sample_ms']:.1f}; with "
-            f"async scheduling a plan also waits there for the step before it); scheduler: schedule "
-            f"{pipeline['schedule_ms']:.1f} ({pipeline['kv_round_trips']:.1f} KV round trips, waiting "
-            f"{pipeline['kv_wait_ms']:.1f}, of which the KV cache manager worked {pipeline['kv_manager_ms']:.1f}), "
-            f"update {pipeline['update_ms']:.1f}"
-        )
-        busy = ", ".join(f"{name} {share:.0%}" for name, share in pipeline.get("loop_busy", {}).items())
-        print(f"pipeline, serve loops busy (a worker's includes waiting for its GPU): {busy}")
+    print_table(results, meta)
     print(f"saved {args.out}")
 
 

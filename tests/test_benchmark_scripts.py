@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,21 +51,31 @@ def test_benchmark_online(tmp_path: Path) -> None:
 
 
 def test_benchmark_offline(tmp_path: Path) -> None:
+    """Engines in processes of their own, alternated round by round; NAME@before imports another checkout."""
     out = tmp_path / "offline.json"
-    engines = ("modkit", "pipeline", "hf-batch")
+    before = tmp_path / "before"
+    shutil.copytree(REPO / "modkit", before / "modkit", ignore=shutil.ignore_patterns("__pycache__"))
+    engines = ("modkit", "pipeline", "hf:2", "hf-batch", "modkit@before")
     run_script(
         "benchmark.py",
-        *("--engines", *engines, "--num-prompts", "4", "--input-len", "8", "--output-len", "4", "--repeats", "1"),
-        *("--out", str(out)),
+        *("--engines", *engines, "--num-prompts", "4", "--input-len", "8", "--output-len", "4", "--rounds", "2"),
+        *("--before", str(before), "--out", str(out)),
     )
     report = json.loads(out.read_text())
-    results = report["results"]
-    assert report["meta"]["warmup_prompts"] == 4  # min(num_prompts, max_num_seqs)
+    results, meta = report["results"], report["meta"]
+    assert meta["warmup_prompts"] == 4  # min(num_prompts, max_num_seqs)
+    assert meta["host"]["cores"] >= 1 and meta["host"]["cpu"]
     assert list(results) == list(engines)
+    # Each round starts one engine later, so no engine always runs first.
+    assert [turn[0] for turn in meta["orders"]] == list(engines[:2])
     for name in engines:
         if name == "hf-batch" and "skipped" in results[name]:  # a transformers without generate_batch
             continue
-        assert results[name]["output_tokens_per_s"] > 0
-        assert len(results[name]["runs_s"]) == 1
+        r = results[name]
+        assert len(r["runs_s"]) == 2
+        assert r["output_tokens_per_s_min"] <= r["output_tokens_per_s"] <= r["output_tokens_per_s_max"]
+    assert results["modkit@before"]["modkit_from"] == str(before)
+    assert results["modkit"]["modkit_from"] == str(REPO)
+    # Greedy on the same prompts: the pipeline and the other checkout's LLM say what the LLM says.
     assert results["pipeline"]["outputs_equal_modkit"] == 4
     assert results["pipeline"]["vs_modkit"] > 0
