@@ -17,7 +17,7 @@ from modkit import LLM, SamplingParams
 from modkit.engine.config import EngineConfig
 from modkit.model import load_model
 from modkit.worker import ModelRunner, PagedKVCache
-from modkit.worker.cuda_graphs import capture_sizes, piecewise_capture_sizes
+from modkit.worker.cuda_graphs import DecodeInputs, capture_sizes, piecewise_capture_sizes
 from modkit.worker.memory import plan_kv_cache
 from modkit.worker.model_runner import SequenceChunk
 
@@ -53,6 +53,41 @@ def decode_chunks(rng: random.Random, n: int, block_size: int, num_blocks: int) 
         table = [free.pop() for _ in range(context // block_size + 1)]
         chunks.append(SequenceChunk([rng.randrange(512)], context, table))
     return chunks
+
+
+def test_decode_inputs_are_the_eager_inputs(random_checkpoint) -> None:
+    """A decode graph's host inputs, written a column at a time, are what ``prepare`` computes
+    for the eager forward; padding rows read and write the null block; a bad step is refused
+    with the eager path's reason. On the CPU: this is host work only."""
+    model = load_model(random_checkpoint("qwen2"), dtype="float32", device="cpu")
+    runner = ModelRunner(model, PagedKVCache.allocate(model.config, 64, 16, torch.float32, "cpu"))
+    rng = random.Random(0)
+    inputs = DecodeInputs(runner, rows=16, width=8)
+    for step in range(3):  # over the rows of the step before: tables of other lengths
+        chunks = []
+        for _ in range(11 - 3 * step):
+            position = rng.randrange(7 * 16)
+            table = rng.sample(range(1, 64), k=position // 16 + 1 + rng.randrange(2))
+            chunks.append(SequenceChunk([rng.randrange(512)], position, table))
+        n, pad = len(chunks), 16 - len(chunks)
+        inputs.fill(chunks, 16)
+        eager = runner.prepare(chunks)
+        assert inputs.token_ids[:n].tolist() == eager.input_ids.tolist()
+        assert inputs.positions[:n].tolist() == eager.positions.tolist()
+        assert inputs.slot_mapping[:n].tolist() == eager.metadata.slot_mapping.tolist()
+        assert inputs.seq_lens[:n].tolist() == eager.metadata.seq_lens.tolist()
+        for row, chunk in enumerate(chunks):
+            assert inputs.block_tables[row, : len(chunk.block_table)].tolist() == chunk.block_table
+        assert inputs.token_ids[n:].tolist() == inputs.positions[n:].tolist() == [0] * pad
+        assert inputs.slot_mapping[n:].tolist() == inputs.block_tables[n:, 0].tolist() == [0] * pad
+        assert inputs.seq_lens[n:].tolist() == [1] * pad
+    for bad, message in (
+        (SequenceChunk([6], 3, [64]), "chunk 1 names a block outside 0..63"),
+        (SequenceChunk([6], 40, [1, 2]), "chunk 1 needs 3 blocks for 41 tokens"),
+        (SequenceChunk([6], -1, [1]), "chunk 1 has negative num_computed_tokens"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            inputs.fill([SequenceChunk([5], 20, [1, 2]), bad], 2)
 
 
 @gpu

@@ -108,13 +108,13 @@ class OutputProcessor:
     def process(self, outputs: list[EngineCoreOutput]) -> ProcessedStep:
         now = time.time()
         step = ProcessedStep()
+        tracked = self._tracked
         for out in outputs:
-            if out.req_id in self._tracked:
-                step.deltas.append(self._process_one(out, now, step))
+            if (t := tracked.get(out.req_id)) is not None:
+                step.deltas.append(self._process_one(t, out, now, step))
         return step
 
-    def _process_one(self, out: EngineCoreOutput, now: float, step: ProcessedStep) -> CompletionDelta:
-        t = self._tracked[out.req_id]
+    def _process_one(self, t: _Tracked, out: EngineCoreOutput, now: float, step: ProcessedStep) -> CompletionDelta:
         completion, metrics = t.completion, t.parent.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now

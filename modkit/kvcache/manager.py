@@ -100,19 +100,20 @@ class KVCacheManager:
         Returns how many blocks were newly allocated (0 when the held ones have room), or
         ``None``, changing nothing, when the free blocks do not suffice.
         """
-        hits = cast("Sequence[KVCacheBlock]", new_computed_blocks)  # what get_computed_blocks gave
-        first_allocation = request.req_id not in self.req_to_blocks
-        held = self.req_to_blocks.get(request.req_id, [])
+        held = self.req_to_blocks.get(request.req_id)
+        first_allocation = held is None
+        num_held = 0 if held is None else len(held)
         total = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        num_needed = -(-total // self.block_size) - len(held) - len(new_computed_blocks)
-        if num_needed <= 0 and not hits and not first_allocation:
+        num_needed = -(-total // self.block_size) - num_held - len(new_computed_blocks)
+        if num_needed <= 0 and not new_computed_blocks and not first_allocation:
             return 0  # room in the blocks it holds (most decode steps): nothing changes
+        hits = cast("Sequence[KVCacheBlock]", new_computed_blocks)  # what get_computed_blocks gave
         # Hit blocks that nobody holds sit in the free queue; taking them uses up free blocks too.
         num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_free_hits:
             return None
 
-        blocks = self.req_to_blocks.setdefault(request.req_id, held)
+        blocks = self.req_to_blocks.setdefault(request.req_id, [])
         self.pool.touch(hits)
         blocks.extend(hits)
         evicted: list[int] = []
@@ -164,7 +165,10 @@ class KVCacheManager:
 
     def get_block_ids(self, req_id: str, start: int = 0) -> list[int]:
         """The request's block table from its ``start``-th block (the scheduler asks only for new ones)."""
-        return [b.block_id for b in self.req_to_blocks.get(req_id, [])[start:]]
+        blocks = self.req_to_blocks.get(req_id, [])
+        if start >= len(blocks):
+            return []  # nothing new: most decode steps, for every running request
+        return [b.block_id for b in blocks[start:]]
 
     def held_req_ids(self) -> set[str]:
         """Requests that hold blocks now."""

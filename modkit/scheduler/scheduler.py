@@ -332,18 +332,18 @@ class Scheduler:
         logprobs = runner_output.logprobs or [None] * len(runner_output.req_ids)
         for req_id, token, lp in zip(runner_output.req_ids, runner_output.sampled_token_ids, logprobs, strict=True):
             request = self.requests.get(req_id)
-            if request is None or request.is_finished:
-                continue  # aborted while its step ran, or ended by a token of an earlier step
+            if request is None:
+                continue  # aborted while its step ran, or ended by a token of an earlier step (finished: gone)
             if request.num_output_placeholders > 0:
                 request.num_output_placeholders -= 1
             request.append_output_token_ids(token)
             status = check_stop(request, token, self.max_model_len)
+            finish_reason = None
             if status is not None:
                 self._finish(request, status)
+                finish_reason = status.finish_reason
             outputs.append(
-                EngineCoreOutput(
-                    req_id, [token], request.status.finish_reason, request.stop_reason, [lp] if lp is not None else None
-                )
+                EngineCoreOutput(req_id, [token], finish_reason, request.stop_reason, [lp] if lp is not None else None)
             )
         return outputs
 

@@ -31,10 +31,12 @@ tensor per size.
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from modkit.attention import AttentionBackend, AttentionMetadata
@@ -51,6 +53,71 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return [*sizes, top]
 
 
+class DecodeInputs:
+    """The host side of a decode graph's inputs: one buffer per input, rows 0..b-1 filled each step.
+
+    Rows 0..n-1 are the step's requests, rows n..b-1 padding up to the graph's size b. The
+    buffers are pinned on a GPU host, so their copies to the device are asynchronous.
+    """
+
+    def __init__(self, runner: ModelRunner, rows: int, width: int, pin_memory: bool = False) -> None:
+        self.runner = runner
+
+        def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+
+        self.token_ids = zeros(rows, dtype=torch.int64)
+        self.positions = zeros(rows, dtype=torch.int64)
+        self.slot_mapping = zeros(rows, dtype=torch.int64)
+        self.seq_lens = zeros(rows, dtype=torch.int32)
+        self.block_tables = zeros(rows, width, dtype=torch.int32)  # width: a request at max_model_len
+
+    def fill(self, chunks: Sequence[SequenceChunk], b: int) -> None:
+        """Write a decode step's rows (one new token per chunk), padded to ``b`` rows.
+
+        A column at a time: one numpy operation per buffer, not one per request (at a batch
+        of hundreds, a loop over the chunks would cost more than the rest of the step's host
+        work). ``ModelRunner.validate``'s checks are made on the columns too; on a failure
+        that loop runs, to name the chunk and the reason.
+        """
+        n = len(chunks)
+        block_size = self.runner.kv_cache.block_size
+        positions = np.fromiter((c.num_computed_tokens for c in chunks), np.int64, n)  # (n,)
+        lengths = np.fromiter((len(c.block_table) for c in chunks), np.int64, n)  # (n,) block-table lengths
+        tables = self.block_tables.numpy()  # (rows, width)
+        if not self._fits(positions, lengths, tables.shape[1]):
+            self.runner.validate(list(chunks))
+            raise ValueError("a decode step the cache or the model cannot hold")
+        # The ragged block tables, flattened, land at (row, column) pairs; cells past a row's
+        # length keep earlier steps' ids, which nothing reads.
+        flat = np.fromiter(itertools.chain.from_iterable(c.block_table for c in chunks), np.int32, int(lengths.sum()))
+        rows = np.repeat(np.arange(n), lengths)  # (sum of lengths,)
+        columns = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        tables[rows, columns] = flat
+        tables[n:b, 0] = 0  # padding reads the null block
+        if flat.min() < 0 or flat.max() >= self.runner.kv_cache.num_blocks:
+            self.runner.validate(list(chunks))
+            raise ValueError("a decode step names a block outside the cache")
+        slots = tables[np.arange(n), positions // block_size] * block_size + positions % block_size  # (n,)
+        token_ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, n)  # (n,)
+        for host, values, pad in (
+            (self.token_ids, token_ids, 0),
+            (self.positions, positions, 0),
+            (self.slot_mapping, slots, 0),  # padding writes to the null block
+            (self.seq_lens, positions + 1, 1),  # padding: a context of one token
+        ):
+            column = host.numpy()
+            column[:n] = values
+            column[n:b] = pad
+
+    def _fits(self, positions: np.ndarray, lengths: np.ndarray, width: int) -> bool:
+        """Every position is within the model's length and its request's block table, every table
+        within the buffer's width."""
+        max_len = self.runner.model.config.max_position_embeddings
+        covered = positions // self.runner.kv_cache.block_size < lengths
+        return bool(positions.min() >= 0 and positions.max() < max_len and covered.all() and lengths.max() <= width)
+
+
 class DecodeGraphs:
     """Persistent input buffers and one captured decoder stack per batch size."""
 
@@ -64,15 +131,7 @@ class DecodeGraphs:
         width = -(-max_model_len // block_size)  # block-table columns: a request at full length
         dev = runner.device
 
-        def pinned(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, pin_memory=True)
-
-        # Host side (pinned, so copies to the device can be asynchronous) and device side of each input.
-        self.host_ids = pinned(rows, dtype=torch.int64)
-        self.host_positions = pinned(rows, dtype=torch.int64)
-        self.host_slots = pinned(rows, dtype=torch.int64)
-        self.host_seq_lens = pinned(rows, dtype=torch.int32)
-        self.host_tables = pinned(rows, width, dtype=torch.int32)
+        self.host = DecodeInputs(runner, rows, width, pin_memory=True)  # filled on the host, copied each step
         self.input_ids = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.slot_mapping = torch.zeros(rows, dtype=torch.int64, device=dev)
@@ -135,58 +194,27 @@ class DecodeGraphs:
         """A decode-only step (one new token and one logit row each) that a graph is big enough for."""
         return len(chunks) <= self.max_batch and all(len(c.token_ids) == 1 == c.num_logits for c in chunks)
 
-    def _check(self, chunks: Sequence[SequenceChunk], positions: list[int], tables: Any) -> None:
-        """``ModelRunner.validate``'s checks for a decode step, on whole columns at once (its loop
-        over the chunks costs more than the rest of the step's host work); on a failure that
-        loop runs, to name the chunk. ``tables`` holds the step's rows up to its longest table;
-        cells past a shorter row's length hold earlier steps' ids."""
-        runner = self.runner
-        ok = min(positions) >= 0 and max(positions) < runner.model.config.max_position_embeddings
-        if not (ok and tables.min() >= 0 and tables.max() < runner.kv_cache.num_blocks):
-            runner.validate(list(chunks))
-            raise ValueError("a decode step the cache or the model cannot hold")
-
     @torch.inference_mode()
     def run(self, chunks: Sequence[SequenceChunk], device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         """Logits (len(chunks), vocab_size) float32 for a decode-only step, by replay."""
-        n = len(chunks)
-        b = self.sizes[bisect.bisect_left(self.sizes, n)]
-        block_size = self.runner.kv_cache.block_size
+        b = self.sizes[bisect.bisect_left(self.sizes, len(chunks))]
         self.copied.synchronize()  # never overwrite pinned rows a copy still reads
-        positions = [c.num_computed_tokens for c in chunks]
-        tables = self.host_tables.numpy()
-        slots = []
-        width = 0  # of the longest table: only those columns are checked (the rest is never read)
-        try:
-            for i, (chunk, pos) in enumerate(zip(chunks, positions, strict=True)):
-                table = chunk.block_table
-                tables[i, : len(table)] = table
-                width = max(width, len(table))
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-        except (IndexError, ValueError):  # a table too short, or too long: name the chunk and the reason
-            self.runner.validate(list(chunks))
-            raise
-        self._check(chunks, positions, tables[:n, :width])
-        pad = b - n
-        self.host_ids[:b] = torch.tensor([c.token_ids[0] for c in chunks] + [0] * pad)
-        self.host_positions[:b] = torch.tensor(positions + [0] * pad)
-        self.host_slots[:b] = torch.tensor(slots + [0] * pad)  # padding writes to the null block
-        self.host_seq_lens[:b] = torch.tensor([p + 1 for p in positions] + [1] * pad)
-        tables[n:b, 0] = 0  # padding reads the null block
-        for host, device in (
-            (self.host_ids, self.input_ids),
-            (self.host_positions, self.positions),
-            (self.host_slots, self.slot_mapping),
-            (self.host_seq_lens, self.seq_lens),
-            (self.host_tables, self.block_tables),
+        host = self.host
+        host.fill(chunks, b)
+        for pinned, device in (
+            (host.token_ids, self.input_ids),
+            (host.positions, self.positions),
+            (host.slot_mapping, self.slot_mapping),
+            (host.seq_lens, self.seq_lens),
+            (host.block_tables, self.block_tables),
         ):
-            device[:b].copy_(host[:b], non_blocking=True)
+            device[:b].copy_(pinned[:b], non_blocking=True)
         self.copied.record()
         if device_tokens is not None:
             device_tokens.write(self.input_ids)
         self.graphs[b].replay()
         self.num_replays += 1
-        return self.runner.model.lm_head(self.hidden[b][:n]).float()
+        return self.runner.model.lm_head(self.hidden[b][: len(chunks)]).float()
 
 
 # -- piecewise graphs for steps with prompt chunks ---------------------------------------------
