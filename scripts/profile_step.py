@@ -120,18 +120,20 @@ def phase_by_phase(llm: LLM, steps: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def gpu_busy(llm: LLM, steps: int) -> float:
-    """Milliseconds of kernel time per step, from torch.profiler."""
+def gpu_busy(llm: LLM, steps: int) -> tuple[float, dict[str, float]]:
+    """Milliseconds of kernel time per step, from torch.profiler, and the ten costliest kernels' share of it."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             llm.processor.process(llm.engine.step())
         sync(llm.engine.device)
-    kernel_us = sum(
-        e.device_time_total for e in prof.events() if e.device_type.name == "CUDA" and e.device_time_total > 0
-    )
-    return kernel_us / 1e3 / steps
+    by_kernel: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and e.device_time_total > 0:
+            by_kernel[e.name] = by_kernel.get(e.name, 0.0) + e.device_time_total / 1e3 / steps
+    top = dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:10])
+    return sum(by_kernel.values()), top
 
 
 def main() -> None:
@@ -170,7 +172,7 @@ def main() -> None:
                 runs[mode].append(1e3 * free_running(llm, args.steps, mode))
         plain_ms, detok_ms, planned_ms, step_ms = (statistics.median(runs[mode]) for mode in MODES)
         phases = phase_by_phase(llm, args.steps)
-        busy = gpu_busy(llm, 5) if llm.engine.device.type == "cuda" else None
+        busy, kernels = gpu_busy(llm, 5) if llm.engine.device.type == "cuda" else (None, {})
 
     core = llm.engine
     result: dict[str, Any] = {
@@ -192,6 +194,7 @@ def main() -> None:
         "phases_ms": phases,
         "prompt_step_ms": prompt_steps,
         "gpu_busy_ms": busy,
+        "gpu_kernels_ms": kernels,
     }
     print(
         f"\n{result['device']}, {result['model']}, {result['dtype']}, attention {result['attention_backend']}, "
@@ -214,6 +217,8 @@ def main() -> None:
     if busy is not None:
         idle = 100 * (1 - busy / step_ms)
         print(f"{'GPU busy per step (profiler)':<34}{busy:>9.2f}   (GPU idle {idle:.0f}% of the step)")
+        for name, ms in kernels.items():
+            print(f"  {ms:>7.3f} ms  {name[:90]}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"saved {args.out}")
