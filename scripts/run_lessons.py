@@ -6,7 +6,8 @@
 
 ``--make-model SHAPE DIR`` saves a random-weight checkpoint of one of
 ``modkit.checks.RANDOM_MODEL_SHAPES`` (``qwen2.5-0.5b`` has Qwen2.5-0.5B's shapes) with the embedded
-model's tokenizer and chat template, so the lessons' chats run on it without a download.
+model's tokenizer and chat template, so the lessons' chats run on it without a download; a DIR that
+already holds a checkpoint is used as it is.
 
 Each notebook runs as ``scripts/build_lessons.py`` runs it (a fresh kernel through nbclient, from
 ``notebooks/``), with ``MODKIT_MODEL`` set for the kernel; the notebooks pick the device and dtype
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "--make-model",
         nargs=2,
         metavar=("SHAPE", "DIR"),
-        help="save a random checkpoint of SHAPE (e.g. qwen2.5-0.5b) with the embedded tokenizer to DIR; run on it",
+        help="save a random SHAPE checkpoint (qwen2.5-0.5b ...) to DIR, unless it holds one; run on it",
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="the JSON report (executed notebooks go beside it)"
@@ -116,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         from modkit.checks import make_random_checkpoint
 
         shape, folder = options.make_model
-        print(f"saving a random {shape} checkpoint to {folder} ...")
-        model = str(make_random_checkpoint(shape, folder, tokenizer="embedded").resolve())
+        if (Path(folder) / "config.json").is_file():
+            print(f"using the checkpoint already in {folder}")
+        else:
+            print(f"saving a random {shape} checkpoint to {folder} ...")
+            make_random_checkpoint(shape, folder, tokenizer="embedded")
+        model = str(Path(folder).resolve())
     if model:
         os.environ["MODKIT_MODEL"] = model  # each notebook's kernel inherits this process's environment
 
