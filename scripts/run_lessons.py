@@ -13,7 +13,7 @@ Each notebook runs as ``scripts/build_lessons.py`` runs it (a fresh kernel throu
 ``notebooks/``), with ``MODKIT_MODEL`` set for the kernel; the notebooks pick the device and dtype
 themselves (a GPU and bfloat16 when there is one). A failing notebook does not stop the others.
 The table goes to the terminal; the same rows, with the failing cell and its error, go to
-``--out`` as JSON, and the executed notebooks beside it, outputs included.
+``--out`` as JSON, and the executed notebooks beside it, outputs (up to a failure) included.
 """
 
 from __future__ import annotations
@@ -31,39 +31,41 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from build_lessons import execute, lesson_paths  # noqa: E402  (the one way notebooks are run)
+from build_lessons import lesson_paths, run_in_kernel  # noqa: E402  (the one way notebooks are run)
 
 DEFAULT_OUT = REPO / "build" / "lessons" / "run_lessons.json"
 
 
 def run_one(path: Path, executed: Path) -> dict[str, Any]:
-    """Run one notebook; its row: passed, seconds, and for a failure the cell's index, source and error."""
-    import nbclient
+    """Run one notebook into ``executed/<name>``, outputs up to a failure included; its row: passed,
+    seconds, and for a failure the cell's index, source and error."""
     import nbformat
 
+    notebook = nbformat.read(path, as_version=4)
     row: dict[str, Any] = {"notebook": path.name}
     t0 = time.perf_counter()
     try:
-        notebook, seconds = execute(path)
+        seconds = run_in_kernel(notebook, path.parent)
         row.update(passed=True, seconds=round(seconds, 1))
-    except nbclient.exceptions.CellExecutionError as err:
-        notebook = None
-        row.update(passed=False, seconds=round(time.perf_counter() - t0, 1), error=f"{err.ename}: {err.evalue}")
-        row.update(_failing_cell(nbformat.read(path, as_version=4), str(err)))
-    except Exception as err:  # a kernel that died or timed out: still one row, and the next notebook runs
-        notebook = None
-        row.update(passed=False, seconds=round(time.perf_counter() - t0, 1), error=f"{type(err).__name__}: {err}")
-    if notebook is not None:
-        nbformat.write(notebook, executed / path.name)
+    except Exception as err:  # a failing cell, a kernel that died or timed out: one row, and the next notebook runs
+        row.update(passed=False, seconds=round(time.perf_counter() - t0, 1), error=_error_line(err))
+        row.update(_failing_cell(notebook))
+    nbformat.write(notebook, executed / path.name)
     return row
 
 
-def _failing_cell(notebook: Any, message: str) -> dict[str, Any]:
-    """The code cell whose source nbclient quotes in its error message (it quotes the whole cell)."""
+def _error_line(err: Exception) -> str:
+    """The exception's name and message; for a failing cell, the kernel's (nbclient keeps them)."""
+    name, value = getattr(err, "ename", None), getattr(err, "evalue", None)
+    return f"{name}: {value}" if name else f"{type(err).__name__}: {err}"
+
+
+def _failing_cell(notebook: Any) -> dict[str, Any]:
+    """The index and source of the code cell that holds an error output (None if none does: a timeout)."""
     for index, cell in enumerate(notebook.cells):
-        if cell.cell_type == "code" and cell.source.strip() and cell.source.strip() in message:
+        if cell.cell_type == "code" and any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
             return {"cell": index, "cell_source": cell.source[:2000]}
-    return {"cell": None, "traceback_tail": message[-3000:]}
+    return {"cell": None}
 
 
 def environment(model: str | None) -> dict[str, Any]:

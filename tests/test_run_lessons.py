@@ -1,5 +1,5 @@
 """scripts/run_lessons.py's rows: a notebook that runs passes; one that fails names its cell and error,
-and the environment it sets reaches the kernel."""
+and its executed copy keeps the outputs up to the failure. The kernel sees the environment."""
 
 from __future__ import annotations
 
@@ -41,3 +41,5 @@ def test_rows_for_a_pass_and_a_failure(tmp_path: Path, monkeypatch: pytest.Monke
     assert not failed["passed"] and failed["seconds"] > 0
     assert failed["error"] == "AssertionError: x is not two"
     assert failed["cell"] == 1 and failed["cell_source"].startswith("assert x == 2")
+    cells = nbformat.read(executed / bad.name, as_version=4).cells
+    assert cells[1].outputs[0].output_type == "error" and cells[2].outputs == [], "kept up to the failure"
