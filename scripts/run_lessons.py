@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.make_model and options.model:
         parser.error("give --model or --make-model, not both")
 
+    paths = lesson_paths(options.prefixes)
     model = options.model
     if options.make_model:
         from modkit.checks import make_random_checkpoint
@@ -128,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     if model:
         os.environ["MODKIT_MODEL"] = model  # each notebook's kernel inherits this process's environment
 
-    paths = lesson_paths(options.prefixes)
     executed = options.out.parent / f"{options.out.stem}_notebooks"
     executed.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"environment": environment(model), "notebooks": []}
