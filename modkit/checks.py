@@ -174,12 +174,12 @@ def write_embedded_tokenizer(out_dir: str | Path, vocab_size: int, model_max_len
     vocab: dict[str, int] = spec["model"]["vocab"]
     if vocab_size < len(vocab):
         raise ValueError(f"vocab_size {vocab_size} is smaller than the embedded tokenizer's {len(vocab)} ids")
-    # BPE only emits an entry some merge builds (ignore_merges would also emit whole words).
+    # BPE emits single characters as they come and a longer entry only where a merge builds it
+    # (with ignore_merges it would also emit a whole word that is in the vocabulary).
     assert not spec["model"].get("ignore_merges"), "new entries must be unreachable from the merges"
     words = (("Ġ" if n % 2 else "") + _word(n // 2) for n in itertools.count())
     for token_id in range(len(vocab), vocab_size):
-        word = next(w for w in words if w not in vocab)
-        vocab[word] = token_id
+        vocab[next(w for w in words if len(w) > 1 and w not in vocab)] = token_id
     (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     for name in EMBEDDED_TOKENIZER_FILES:
         shutil.copyfile(source / name, out / name)
