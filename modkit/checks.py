@@ -8,14 +8,17 @@ bfloat16).
 
 from __future__ import annotations
 
+import itertools
+import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from modkit.model import load_model
+from modkit.model import embedded_model_dir, load_model
 from modkit.worker import ModelRunner, PagedKVCache, SequenceChunk
 
 if TYPE_CHECKING:  # transformers loads in seconds: only the functions that need it import it
@@ -95,19 +98,45 @@ RANDOM_MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_random_checkpoint(shape: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Save a random-weight HF checkpoint of one of ``RANDOM_MODEL_SHAPES`` to ``out_dir``, with a
-    tokenizer that has a word for every token id (``word_per_id_tokenizer``)."""
+def make_random_checkpoint(shape: str, out_dir: str | Path, seed: int = 0, tokenizer: str = "words") -> Path:
+    """Save a random-weight HF checkpoint of one of ``RANDOM_MODEL_SHAPES`` to ``out_dir``.
+
+    ``tokenizer="words"`` gives it ``word_per_id_tokenizer``: a word for every id, no chat
+    template. ``tokenizer="embedded"`` gives it the embedded tiny chat model's tokenizer, chat
+    template, special ids and generation config (``write_embedded_tokenizer``), so the lessons'
+    chats and English prompts run on it; the vocabulary is then at least the embedded model's.
+    """
     import transformers
 
     family, kwargs = RANDOM_MODEL_SHAPES[shape]
-    kwargs = {"vocab_size": 512, "max_position_embeddings": 1024, **kwargs}
+    if tokenizer == "embedded":
+        embedded = json.loads((embedded_model_dir() / "config.json").read_text())
+        special = {k: embedded[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        kwargs = {"vocab_size": embedded["vocab_size"], "max_position_embeddings": 1024, **special, **kwargs}
+    elif tokenizer == "words":
+        kwargs = {"vocab_size": 512, "max_position_embeddings": 1024, **kwargs}
+    else:
+        raise ValueError(f"tokenizer must be 'words' or 'embedded', not {tokenizer!r}")
     config = getattr(transformers, f"{family}Config")(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, f"{family}ForCausalLM")(config)
     model.save_pretrained(out_dir)
-    word_per_id_tokenizer(config.vocab_size).save_pretrained(out_dir)
+    if tokenizer == "embedded":
+        write_embedded_tokenizer(out_dir, config.vocab_size, config.max_position_embeddings)
+    else:
+        word_per_id_tokenizer(config.vocab_size).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def _word(i: int) -> str:
+    """0 -> "a", 25 -> "z", 26 -> "ab" ...: a distinct short lowercase word for every number."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    letters = ""
+    while True:
+        i, r = divmod(i, len(alphabet))
+        letters += alphabet[r]
+        if i == 0:
+            return letters
 
 
 def word_per_id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -121,21 +150,43 @@ def word_per_id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = "abcdefghijklmnopqrstuvwxyz"
-
-    def word(i: int) -> str:
-        letters = ""
-        while True:
-            i, r = divmod(i, len(alphabet))
-            letters += alphabet[r]
-            if i == 0:
-                return letters
-
-    vocab = {("Ġ" if i % 2 else "") + word(i // 2): i for i in range(vocab_size)}
+    vocab = {("Ġ" if i % 2 else "") + _word(i // 2): i for i in range(vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=next(iter(vocab))))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False)
+
+
+EMBEDDED_TOKENIZER_FILES = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
+
+def write_embedded_tokenizer(out_dir: str | Path, vocab_size: int, model_max_length: int) -> None:
+    """Write the embedded model's tokenizer into ``out_dir``, with a word for every id below ``vocab_size``.
+
+    The embedded byte-level BPE knows fewer ids than a large random model samples from. Each
+    id it lacks gets a new vocabulary entry, a short word (half with a leading space, "Ġ"),
+    that no merge produces: encoding any text gives exactly the embedded model's ids, and
+    every id decodes to text. The chat template, special tokens and generation config (its
+    eos id) are copied as they are.
+    """
+    source, out = embedded_model_dir(), Path(out_dir)
+    spec = json.loads((source / "tokenizer.json").read_text())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    if vocab_size < len(vocab):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the embedded tokenizer's {len(vocab)} ids")
+    # BPE emits single characters as they come and a longer entry only where a merge builds it
+    # (with ignore_merges it would also emit a whole word that is in the vocabulary).
+    assert not spec["model"].get("ignore_merges"), "new entries must be unreachable from the merges"
+    words = (("Ġ" if n % 2 else "") + _word(n // 2) for n in itertools.count())
+    for token_id in range(len(vocab), vocab_size):
+        vocab[next(w for w in words if len(w) > 1 and w not in vocab)] = token_id
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    for name in EMBEDDED_TOKENIZER_FILES:
+        shutil.copyfile(source / name, out / name)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_max_length"] = model_max_length
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 @dataclass(slots=True)

@@ -46,17 +46,25 @@ def lesson_paths(prefixes: list[str] | None = None) -> list[Path]:
 def execute(path: Path, timeout_s: int = CELL_TIMEOUT_S) -> tuple[Any, float]:
     """Run the notebook at ``path`` in a fresh kernel, as a learner's Jupyter would; returns it with
     its outputs, and the seconds it took. A failing cell raises ``nbclient``'s CellExecutionError."""
-    import nbclient
     import nbformat
 
     notebook = nbformat.read(path, as_version=4)
+    return notebook, run_in_kernel(notebook, path.parent, timeout_s)
+
+
+def run_in_kernel(notebook: Any, folder: Path, timeout_s: int = CELL_TIMEOUT_S) -> float:
+    """Run ``notebook`` (read by nbformat) in a fresh kernel started in ``folder``, filling in its
+    outputs; returns the seconds it took. A failing cell raises ``nbclient``'s CellExecutionError,
+    with the outputs of the cells that ran, the failing one's error included, left in ``notebook``."""
+    import nbclient
+
     os.environ.setdefault("MODKIT_PORTS", "auto")  # the kernel inherits this process's environment
     client = nbclient.NotebookClient(
-        notebook, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        notebook, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
     )
     t0 = time.perf_counter()
     client.execute()
-    return notebook, time.perf_counter() - t0
+    return time.perf_counter() - t0
 
 
 def execute_all(paths: list[Path], docs: Path, say: Any = print) -> dict[str, float]:
