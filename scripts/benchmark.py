@@ -628,7 +628,12 @@ def print_table(results: dict[str, Any], meta: dict[str, Any]) -> None:
         base, _, label = name.partition("@")
         if label and base in done:
             ratio = done[base]["output_tokens_per_s"] / r["output_tokens_per_s"]
-            print(f"{base}: {ratio:.2f}x its throughput on the code of {label} ({meta['checkouts'][label]})")
+            same = (
+                f"; {r['outputs_equal_this_code']}/{meta['num_prompts']} outputs equal"
+                if "outputs_equal_this_code" in r
+                else ""
+            )
+            print(f"{base}: {ratio:.2f}x its throughput on the code of {label} ({meta['checkouts'][label]}){same}")
     for name, r in done.items():
         if not name.split("@")[0].startswith("pipeline"):
             continue
@@ -713,12 +718,19 @@ def main() -> None:
                 results[spec] = summarize(spec, runs, args.num_prompts * args.output_len)
                 results[spec]["modkit_from"] = loaded_from[spec]
         results = {spec: results[spec] for spec in args.engines if spec in results}
-    for spec, r in results.items():
+
+    def equal(a: str, b: str) -> int:
+        return sum(x == y for x, y in zip(texts[a], texts[b], strict=True))
+
+    for spec, r in results.items():  # the same prompts, greedy: how many outputs agree
         label = parse_engine(spec)[2]
         reference = f"modkit@{label}" if label else "modkit"
-        if texts.get(spec) and texts.get(reference) and spec != reference:  # the same prompts, greedy
-            r["outputs_equal_modkit"] = sum(a == b for a, b in zip(texts[spec], texts[reference], strict=True))
+        if texts.get(spec) and texts.get(reference) and spec != reference:
+            r["outputs_equal_modkit"] = equal(spec, reference)
             r["vs_modkit"] = r["output_tokens_per_s"] / results[reference]["output_tokens_per_s"]
+        base = spec.partition("@")[0]
+        if label and texts.get(spec) and texts.get(base):  # the same engine on this checkout's code
+            r["outputs_equal_this_code"] = equal(spec, base)
     meta["host"]["load_average_after"] = os.getloadavg()
     meta.update(
         model=args.model or args.model_shape or "embedded tiny-chat",
