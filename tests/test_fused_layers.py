@@ -60,16 +60,19 @@ def _run(model: CausalLM, device: str) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Everywhere: the CPU runs the reference path, and joining the projections changes nothing.
+# Everywhere: the CPU runs the reference path but for the joined matmuls, and joining the
+# projections changes nothing.
 
 
-def test_cpu_runs_the_reference_path(random_checkpoint) -> None:
-    model = load_model(random_checkpoint("qwen2"), device="cpu", dtype=torch.float32)
+@pytest.mark.parametrize("shape", ["qwen2", "qwen3", "llama3"])
+def test_cpu_joins_projections_to_the_same_bits(random_checkpoint, shape: str) -> None:
+    model = load_model(random_checkpoint(shape), device="cpu", dtype=torch.float32)
     assert not fused.available(torch.zeros(1))
-    assert model.use_fused  # on by default, but nothing to fuse with on the CPU
-    assert model.model.layers[0].self_attn.qkv_weight is None  # load_model joins projections only on a GPU
+    assert model.use_fused  # on by default: on the CPU that means the joined matmuls only
+    assert model.model.layers[0].self_attn.qkv_weight is not None  # load_model joined them
+    assert model.model.layers[0].mlp.gate_up_weight is not None
     on = _run(model, "cpu")
-    model.use_fused = False
+    model.use_fused = False  # one matmul per projection, as Hugging Face computes them
     assert not model.use_fused and not model.model.norm.use_fused
     off = _run(model, "cpu")
     for a, b in zip(on, off, strict=True):
@@ -79,10 +82,12 @@ def test_cpu_runs_the_reference_path(random_checkpoint) -> None:
 @pytest.mark.parametrize("shape", ["qwen2", "qwen3", "llama3"])
 def test_joined_projections_keep_names_and_values(random_checkpoint, shape: str) -> None:
     model = load_model(random_checkpoint(shape), device="cpu", dtype=torch.float32)
+    model.use_fused = False  # load_model joined them: compare with one matmul per projection
     names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
     state = {name: t.clone() for name, t in model.state_dict().items()}
     before = _run(model, "cpu")
-    model.fuse_projections()
+    model.fuse_projections()  # again, on parameters that are views already
+    model.use_fused = True
     assert [name for name, _ in model.named_parameters(remove_duplicate=False)] == names
     assert model.state_dict().keys() == state.keys()
     for name, t in model.state_dict().items():

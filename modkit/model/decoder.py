@@ -8,9 +8,10 @@ of many requests end to end, shape ``(num_tokens,)``, no batch dimension, no pad
 keeps keys and values in a paged KV cache described by ``AttentionMetadata``. See
 ``modkit.attention.interface`` for the layout.
 
-On a CUDA GPU with Triton the small steps run as fused kernels (``modkit.model.fused``) and
-q/k/v and gate/up are single matmuls (``CausalLM.fuse_projections``, done by ``load_model``);
-``CausalLM.use_fused = False`` switches back to the plain PyTorch path, the one the CPU runs.
+q/k/v and gate/up are single matmuls (``CausalLM.fuse_projections``, done by ``load_model`` on
+every device), and on a CUDA GPU with Triton the small steps run as fused kernels
+(``modkit.model.fused``); ``CausalLM.use_fused = False`` switches back to the plain PyTorch
+path, one matmul per projection.
 The residual stream travels beside the hidden states, as in vLLM: each layer returns
 ``(hidden, residual)`` and the next norm adds the two, so the add and the norm are one kernel::
 
@@ -184,8 +185,8 @@ class CausalLM(nn.Module):
     def use_fused(self) -> bool:
         """Whether the layers take the fused path (Triton kernels on a CUDA GPU, fused matmuls).
 
-        True by default; it changes nothing on the CPU or without Triton, where the kernels
-        cannot run, nor for the matmuls until ``fuse_projections`` has run. Setting it sets
+        True by default. On the CPU or without Triton only the joined matmuls apply (the kernels
+        cannot run there), and those only once ``fuse_projections`` has run. Setting it sets
         every layer's own ``use_fused``, so ``model.use_fused = False`` runs the reference path.
         """
         return all(module.use_fused for module in self._fusable_modules())
@@ -199,7 +200,7 @@ class CausalLM(nn.Module):
         return [m for m in self.modules() if isinstance(m, RMSNorm | GatedMLP | Attention)]
 
     def fuse_projections(self) -> None:
-        """Join q/k/v and gate/up weights for one matmul each; ``load_model`` does it on a GPU.
+        """Join q/k/v and gate/up weights for one matmul each; ``load_model`` does it on every device.
 
         Run once, after the weights are loaded. Parameter names and values stay as they are
         (the parameters become views of the joined tensors: no extra memory, never stale), so

@@ -54,7 +54,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 class GatedMLP(nn.Module):
     """down_proj(silu(gate_proj(x)) * up_proj(x)), the SwiGLU feed-forward of Llama and Qwen.
 
-    After ``fuse_projections`` (done once, after loading, on a GPU) gate and up are one matmul
+    After ``fuse_projections`` (done once, after loading) gate and up are one matmul
     against ``gate_up_weight``; with ``use_fused`` and a CUDA input, silu * up is one kernel.
     """
 
