@@ -188,7 +188,11 @@ def bench_serve(url: str, args: argparse.Namespace, model_name: str, num_prompts
 
 
 def bench_offline(engines: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """``scripts/benchmark.py`` once over the offline engines (alternated there); tok/s of each."""
+    """``scripts/benchmark.py`` once over the offline engines (alternated there); tok/s of each.
+
+    An engine that cannot start (vLLM's ``LLM`` refuses to when less host memory is free than it
+    wants to reserve), or a failed run, leaves rows that say why; the run goes on with the others.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "offline.json"
         command = [
@@ -199,9 +203,15 @@ def bench_offline(engines: list[str], args: argparse.Namespace) -> dict[str, dic
         ]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=REPO)
         if done.returncode != 0:
-            raise RuntimeError(f"scripts/benchmark.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"scripts/benchmark.py failed: {error}", file=sys.stderr)
+            return {e: {"output_throughput": None, "error": error} for e in engines}
         results = json.loads(out.read_text())["results"]
-    return {e: {"output_throughput": results[OFFLINE[e]]["output_tokens_per_s"]} for e in engines}
+    rows = {}
+    for engine in engines:
+        result = results[OFFLINE[engine]]  # {"skipped": why} for an engine that could not start
+        rows[engine] = {"output_throughput": result.get("output_tokens_per_s"), "error": result.get("skipped")}
+    return rows
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -233,15 +243,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         load = os.getloadavg()[0]
                         result = bench_serve(urls[engine], args, model_name, args.num_prompts, seed=number)
                         samples[engine][phase].append({**result, "load_1m": load})
-                        print(f"round {number + 1} {phase:5s} {engine:10s} {result['output_throughput']:8.0f} tok/s  "
-                              f"TPOT p50 {result['median_tpot_ms']:6.1f} ms  load {load:.1f}", flush=True)  # fmt: skip
+                        say(number, phase, engine, result, load)
                     if offline_engines:
                         load = os.getloadavg()[0]
                         for engine, result in bench_offline(offline_engines, args).items():
                             samples[engine][phase].append({**result, "load_1m": load})
-                            print(f"round {number + 1} {phase:5s} {engine:10s} "
-                                  f"{result['output_throughput']:8.0f} tok/s  load {load:.1f}", flush=True)  # fmt: skip
+                            say(number, phase, engine, result, load)
     return {"meta": meta(args), "results": summarize(samples), "samples": samples}
+
+
+def say(number: int, phase: str, engine: str, result: dict[str, Any], load: float) -> None:
+    tpot = fmt(result.get("median_tpot_ms"), "6.1f")
+    rate = fmt(result["output_throughput"], "8.0f")
+    print(f"round {number + 1} {phase:5s} {engine:10s} {rate} tok/s  TPOT p50 {tpot} ms  load {load:.1f}", flush=True)
 
 
 def median_of(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -254,7 +268,7 @@ def summarize(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
     for engine, phases in samples.items():
         row: dict[str, Any] = {}
         for phase, rows in phases.items():
-            rates = [r["output_throughput"] for r in rows]
+            rates = [r["output_throughput"] for r in rows if r["output_throughput"] is not None]
             row[f"{phase}_tok_s"] = median_of(rows, "output_throughput")
             row[f"{phase}_tok_s_min"], row[f"{phase}_tok_s_max"] = (min(rates), max(rates)) if rates else (None, None)
             row[f"{phase}_ttft_p50_ms"] = median_of(rows, "median_ttft_ms")
