@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -79,3 +80,21 @@ def test_benchmark_offline(tmp_path: Path) -> None:
     # Greedy on the same prompts: the pipeline and the other checkout's LLM say what the LLM says.
     assert results["pipeline"]["outputs_equal_modkit"] == 4
     assert results["pipeline"]["vs_modkit"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm bench serve is vLLM's client")
+def test_benchmark_cpu_quick(tmp_path: Path) -> None:
+    """Both modkit servers measured by ``vllm bench serve``, quiet and beside the script's CPU hog."""
+    out = tmp_path / "cpu.json"
+    run_script("benchmark_cpu.py", "--quick", "--engines", "frontend", "pipeline", "--out", str(out))
+    report = json.loads(out.read_text())
+    meta, results, samples = report["meta"], report["results"], report["samples"]
+    assert meta["machine"]["cores"] >= 1 and meta["versions"]["torch"]
+    assert list(results) == ["frontend", "pipeline"]
+    for name, row in results.items():
+        for phase in ("quiet", "busy"):
+            assert len(samples[name][phase]) == 1, (name, phase)
+            assert row[f"{phase}_tok_s"] > 0 and row[f"{phase}_tpot_p50_ms"] > 0 and row[f"{phase}_ttft_p50_ms"] > 0
+    assert results["frontend"]["quiet_vs_frontend"] == 1.0
+    pipeline, frontend = results["pipeline"], results["frontend"]
+    assert pipeline["busy_vs_frontend"] == pipeline["busy_tok_s"] / frontend["busy_tok_s"]

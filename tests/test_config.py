@@ -332,8 +332,11 @@ def test_dtype_names_are_the_loaders() -> None:
 
 
 def test_cpu_workers_share_the_cores_and_gpu_workers_keep_one_host_thread() -> None:
-    assert worker_threads_env(PipelineConfig(device="cpu")) == {}, "one CPU worker takes every core"
+    cores = len(os.sched_getaffinity(0))
+    one = worker_threads_env(PipelineConfig(device="cpu"))
+    assert one["OMP_NUM_THREADS"] == str(cores), "one CPU worker takes every usable core"
+    assert one["OMP_WAIT_POLICY"] == "PASSIVE", "its threads sleep while it waits for the other processes"
     four = worker_threads_env(PipelineConfig(device="cpu", num_workers=4))
-    assert four["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 4))
+    assert four["OMP_NUM_THREADS"] == str(max(1, cores // 4))
     assert four["OMP_WAIT_POLICY"] == "PASSIVE", "a waiting thread sleeps instead of taking a core from another worker"
     assert worker_threads_env(PipelineConfig(device="cuda", num_workers=2)) == QUIET_THREADS

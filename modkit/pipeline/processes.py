@@ -91,18 +91,30 @@ def on_cuda(device: str | None) -> bool:
     return torch.cuda.is_available()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container or ``taskset`` may allow fewer)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def worker_threads_env(config: PipelineConfig) -> dict[str, str]:
     """The thread settings of each worker process.
 
     On a GPU, a worker does little tensor work on the host (a step's small input tensors), and
     a pool of spinning OpenMP threads there competes with five busy processes for the cores:
-    one quiet thread. On the CPU, one worker's forward needs every core; several workers share
-    them, each with its share of threads, waiting threads sleeping (four workers on two cores
-    with the default spinning threads took 20 to 30 times longer per forward).
+    one quiet thread. On the CPU, the workers share the usable cores, each with its share of
+    threads, and a thread that waits sleeps (``OMP_WAIT_POLICY=PASSIVE``), one worker too.
+
+    NOTE: why passive, when the in-process ``LLM`` keeps OpenMP's spinning: between two
+    forwards a worker waits for the scheduler, the frontend and the client, other processes
+    that need the same cores; and a forward's threads meet at a barrier many times a layer.
+    A spinning thread burns its share of a core while it waits, so the kernel's scheduler
+    runs it less once anything else wants that core, and every barrier then waits for it:
+    several workers on few cores, or one worker on a busy box, then take many times longer
+    per forward (docs/benchmarks.md has the figures).
     """
     if on_cuda(config.device):
         return dict(QUIET_THREADS)
-    if config.num_workers == 1:
-        return {}
-    share = max(1, (os.cpu_count() or 1) // config.num_workers)
-    return {"OMP_NUM_THREADS": str(share), "MKL_NUM_THREADS": str(share), "OMP_WAIT_POLICY": "PASSIVE"}
+    share = str(max(1, usable_cores() // config.num_workers))
+    return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share, "OMP_WAIT_POLICY": "PASSIVE"}
