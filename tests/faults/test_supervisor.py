@@ -407,6 +407,8 @@ def test_the_restart_limit(pipeline: Launched) -> None:
         wait_healthy_again(p)
     os.kill(p.pids()["sampler"], signal.SIGKILL)
     assert wait_until(lambda: p.down() == {"sampler": "failed"}, 10), p.down()
+    # The supervisor marks the part failed, then tells the frontend: wait for the frontend to say so.
+    assert wait_until(lambda: p.health()["frontend"]["status"] == "degraded", 5), p.health()["frontend"]
     health = p.health()
     assert health["sampler"]["status"] == "failed"
     assert health["frontend"]["status"] == "degraded" and health["frontend"]["down"] == ["sampler"]
