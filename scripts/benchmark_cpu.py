@@ -47,6 +47,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchmark import host  # noqa: E402  (one description of the machine for both benchmarks)
+
 SERVED = ("frontend", "pipeline", "vllm-serve")
 OFFLINE = {"llm": "modkit", "vllm-llm": "vllm"}  # our name -> scripts/benchmark.py's
 BASELINE = "frontend"  # ratios are to the one-process server
@@ -292,8 +296,7 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "usable_cores": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+        "machine": {**host(), "python": platform.python_version()},  # CPU model, cores, load
         "load_average_at_end": os.getloadavg(),
         "versions": versions,
         "commit": commit.stdout.strip(),
