@@ -355,3 +355,28 @@ def test_steps_freeze_the_startup_heap_and_give_it_back(tiny_model_dir) -> None:
     del llm
     gc.collect()
     assert model() is None, "nothing of the engine is kept alive"
+
+
+def test_a_loop_left_open_at_exit_closes_cleanly(tmp_path) -> None:
+    """A script that stops reading ``LLM.steps()`` and exits: the loop is closed at exit, its steps
+    in flight finished, while the interpreter still works (teardown would find modules gone and
+    print a traceback, then abort in torch)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import atexit\n"
+        "atexit.register(lambda: print('tokens at exit', len(out.outputs[0].token_ids)))  # runs last\n"
+        "from modkit import LLM, SamplingParams\n"
+        "llm = LLM(max_num_seqs=1)\n"
+        "out = llm._add('Once upon a time', SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), 0, [])\n"
+        "loop = llm.steps()\n"
+        "next(loop)\n"
+        "print('tokens read', len(out.outputs[0].token_ids))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-2000:]
+    assert "tokens read 1" in done.stdout
+    assert "tokens at exit 3" in done.stdout, "the held-back and in-flight steps were processed at exit"

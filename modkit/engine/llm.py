@@ -15,7 +15,9 @@ the request in the engine too).
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -206,6 +208,11 @@ class LLM:
         two late, and the tokens it computed meanwhile are dropped (vLLM's async scheduling
         does the same).
         """
+        loop = self._frozen_steps()
+        _open_loops.add(loop)
+        return loop
+
+    def _frozen_steps(self) -> Iterator[ProcessedStep]:
         with frozen_heap():  # full collections skip the model, tokenizer and cache (modkit.heap)
             yield from self._steps()
 
@@ -249,6 +256,18 @@ class LLM:
         if self.check_invariants_each_step:
             self.engine.check_invariants()
         return step
+
+
+# Step loops not run to their end (a cell interrupted, a loop left half-read in a script).
+_open_loops: weakref.WeakSet[Iterator[ProcessedStep]] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loops() -> None:
+    """Close each loop left open while the interpreter still works: closing finishes its steps in
+    flight on the device. Left to interpreter teardown, that would run with modules half gone."""
+    for loop in list(_open_loops):
+        loop.close()  # type: ignore[attr-defined]
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
