@@ -30,11 +30,12 @@ against modkit's LLM, and ``vs modkit`` is the cost of splitting the engine into
 
 Every engine gets the same prompts (random token ids of one length, so HF needs no
 padding), greedy decoding and ``ignore_eos`` (``hf-batch``: no eos token), so each produces
-exactly num_prompts x output_len tokens. Each warms up on --warmup-prompts prompts (default a
-full batch: a smaller one leaves the first timed run paying for allocator growth and CUDA
-graphs of larger sizes). On a GPU, modkit's KV cache defaults to what a full batch of the
-workload needs, so that the engines fit side by side. A table is printed last, with the
-host's CPU and cores; the full results go to --out.
+exactly num_prompts x output_len tokens (``hf`` and ``hf-batch``: of the first
+--hf-num-prompts, if given). Each warms up on --warmup-prompts prompts (default a full
+batch: a smaller one leaves the first timed run paying for allocator growth and CUDA graphs
+of larger sizes; ``hf:N``: one batch of N). On a GPU, modkit's KV cache defaults to what a
+full batch of the workload needs, so that the engines fit side by side. A table is printed
+last, with the host's CPU and cores; the full results go to --out.
 """
 
 from __future__ import annotations
@@ -118,9 +119,10 @@ def bench_modkit(
 def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack) -> Run:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = load_hf_model(model_dir, dtype, args.device)
+    prompts = prompts[: args.hf_num_prompts]
     batch = args.hf_batch_size or len(prompts)
 
-    def run(ps: list[list[int]]) -> None:
+    def run(ps: list[list[int]]) -> dict[str, Any]:
         for i in range(0, len(ps), batch):
             ids = torch.tensor(ps[i : i + batch], device=args.device)
             out = model.generate(
@@ -132,8 +134,9 @@ def bench_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace
                 pad_token_id=0,
             )
             assert out.shape[1] == ids.shape[1] + args.output_len
+        return {"output_tokens": len(ps) * args.output_len}
 
-    run(prompts[: args.warmup_prompts])  # warm-up
+    run(prompts[: min(args.warmup_prompts, batch)])  # warm-up: static batches all have one shape
     return lambda: run(prompts)
 
 
@@ -166,8 +169,9 @@ def bench_hf_batch(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
     # manager's warning that it says so on every call is all its logger would print.
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
     stack.callback(model.destroy_cached_continuous_batching_manager)
+    prompts = prompts[: args.hf_num_prompts]
 
-    def run(ps: list[list[int]]) -> None:
+    def run(ps: list[list[int]]) -> dict[str, Any]:
         outs = model.generate_batch(
             inputs=ps,
             generation_config=generation_config,
@@ -176,6 +180,7 @@ def bench_hf_batch(model_dir: Path, prompts: list[list[int]], args: argparse.Nam
         )
         assert len(outs) == len(ps), f"{len(outs)} of {len(ps)} requests came back"  # it logs a failed one and goes on
         assert all(len(o.generated_tokens) == args.output_len for o in outs.values())
+        return {"output_tokens": len(ps) * args.output_len}
 
     run(prompts[: args.warmup_prompts])  # warm-up
     return lambda: run(prompts)
@@ -524,6 +529,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hf-batch-size", type=int, default=None, help="hf: default all prompts in one batch (hf:64 sets it)"
     )
     parser.add_argument(
+        "--hf-num-prompts",
+        type=int,
+        default=None,
+        help="hf and hf-batch: time only the first N prompts (default all); static batches run at one "
+        "rate, so a slow engine's rate costs fewer minutes",
+    )
+    parser.add_argument(
         "--engines",
         nargs="+",
         type=engine_spec,
@@ -605,6 +617,7 @@ def print_table(results: dict[str, Any], meta: dict[str, Any]) -> None:
         f"\nOffline throughput, {meta['model']}, {meta['num_prompts']} prompts x {meta['input_len']} in / "
         f"{meta['output_len']} out, greedy, ignore_eos, {meta['dtype']} on {meta['device_name']} ({hosts}); "
         f"{meta['rounds']} rounds, alternated"
+        + (f"; hf engines timed on the first {meta['hf_num_prompts']} prompts" if meta.get("hf_num_prompts") else "")
     )
     done = {k: r for k, r in results.items() if "seconds" in r}
     best_hf = max((r["output_tokens_per_s"] for k, r in done.items() if k.split("@")[0].startswith("hf")), default=None)
@@ -708,9 +721,10 @@ def main() -> None:
                         results[spec] = {"failed": str(err)}
                         order.remove(spec)
                         continue
-                    seconds = rounds[spec][-1]["seconds"]
+                    last = rounds[spec][-1]
+                    tokens = last["measured"].get("output_tokens", args.num_prompts * args.output_len)
                     print(
-                        f"round {number + 1}: {spec} {args.num_prompts * args.output_len / seconds:,.0f} tok/s",
+                        f"round {number + 1}: {spec} {tokens / last['seconds']:,.0f} tok/s",
                         flush=True,
                     )
         texts: dict[str, list[str]] = {}
@@ -739,6 +753,7 @@ def main() -> None:
         device=args.device,
         dtype=args.dtype,
         num_prompts=args.num_prompts,
+        hf_num_prompts=args.hf_num_prompts,
         input_len=args.input_len,
         output_len=args.output_len,
         torch=torch.__version__,

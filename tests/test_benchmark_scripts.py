@@ -60,7 +60,7 @@ def test_benchmark_offline(tmp_path: Path) -> None:
     run_script(
         "benchmark.py",
         *("--engines", *engines, "--num-prompts", "4", "--input-len", "8", "--output-len", "4", "--rounds", "2"),
-        *("--before", str(before), "--out", str(out)),
+        *("--before", str(before), "--hf-num-prompts", "2", "--out", str(out)),
     )
     report = json.loads(out.read_text())
     results, meta = report["results"], report["meta"]
@@ -75,6 +75,9 @@ def test_benchmark_offline(tmp_path: Path) -> None:
         r = results[name]
         assert len(r["runs_s"]) == 2
         assert r["output_tokens_per_s_min"] <= r["output_tokens_per_s"] <= r["output_tokens_per_s_max"]
+    for name, tokens in (("hf:2", 2 * 4), ("modkit", 4 * 4)):  # HF timed on its first two prompts only
+        r = results[name]
+        assert r["output_tokens_per_s_max"] == pytest.approx(tokens / min(r["runs_s"]))
     assert results["modkit@before"]["modkit_from"] == str(before)
     assert results["modkit"]["modkit_from"] == str(REPO)
     # Greedy on the same prompts: the pipeline and the other checkout's LLM say what the LLM says.
