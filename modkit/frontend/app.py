@@ -49,6 +49,7 @@ from modkit.sampling_params import SamplingParams, SamplingParamsError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+UNSUPPORTED = "not supported by this server (refused rather than ignored)"
 
 # What /openapi.json documents for each /v1 route besides its 200.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -184,8 +185,8 @@ def build_app(
         }
         return {"object": "list", "data": [card]}
 
-    def check_model(name: str) -> None:
-        if name != model_name:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:  # None: the served model, as vLLM does
             raise APIError(
                 404,
                 f"The model '{name}' does not exist; this server serves '{model_name}'",
@@ -273,7 +274,7 @@ def build_app(
 
 def _openapi_schema(app: FastAPI, model_name: str) -> dict[str, Any]:
     """FastAPI's schema, less the 422 it documents for every body (this app answers 400), and
-    with ``model`` naming the one model served (another name is a 404)."""
+    with ``model`` naming the one model served (another name is a 404; none, that one)."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
         for operations in schema["paths"].values():
@@ -297,7 +298,8 @@ def _validation_message(errors: Any) -> tuple[str, str | None]:
     for e in wanted[:3]:
         loc = [p for p in e.get("loc", ()) if p != "body" and (isinstance(p, int) or "[" not in str(p))]
         param = param or (str(loc[0]) if loc else None)
-        lines.append(f"{'.'.join(map(str, loc)) or 'body'}: {e.get('msg', 'invalid')}")
+        msg = UNSUPPORTED if e.get("type") == "extra_forbidden" else e.get("msg", "invalid")
+        lines.append(f"{'.'.join(map(str, loc)) or 'body'}: {msg}")
     return "; ".join(lines), param
 
 

@@ -2,13 +2,17 @@
 
 Request models accept the OpenAI fields modkit implements plus vLLM's extra sampling
 fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``); unknown fields are ignored, as vLLM does. Types are strict, as JSON Schema's are: ``true``
-is no integer and ``"1"`` no number (``3.0`` is an integer).
+``stop_token_ids``). Any other field is a 400 that names it: vLLM ignores fields it does
+not know (it logs them), but a client that sends ``suffix`` or ``use_beam_search`` and gets
+plain text back has no way to tell. ``model`` may be left out: the served model answers, as
+in vLLM. Types are strict, as JSON Schema's are: ``true`` is no integer and ``"1"`` no
+number (``3.0`` is an integer).
 
 Every field states its bounds here, so that a bad value is a 400 before any work is done
 and ``/openapi.json`` documents the limits (a schema-driven fuzzer reads them). The
 bounds are OpenAI's where it has them (``n`` <= 128, ``logprobs`` <= 20, ``logit_bias``
-in [-100, 100], at most 4 stop strings), vLLM's otherwise.
+in [-100, 100], at most 4 stop strings, which is also vLLM's ``VLLM_MAX_STOP_STRINGS``),
+vLLM's otherwise.
 ``SamplingParams`` checks the values again (it is also built without the API) and the
 engine checks what only it knows: token ids against the vocabulary, the prompt against
 the context length.
@@ -59,8 +63,14 @@ def _not_true(echo: bool) -> bool:
     return echo
 
 
+def _no_suffix(suffix: str | None) -> None:
+    if suffix is not None:  # vLLM: the same 400 for a model without fill-in-the-middle
+        raise ValueError("suffix is only supported for models with fill-in-the-middle completion; this one has none")
+
+
 INTEGRAL = BeforeValidator(_integral)  # after a field's bounds, so that the schema keeps them
 Echo = Annotated[bool, AfterValidator(_not_true), WithJsonSchema({"type": "boolean", "const": False})]
+Suffix = Annotated[str | None, AfterValidator(_no_suffix), WithJsonSchema({"type": "null"})]
 Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenId = Annotated[int, Field(ge=0), INTEGRAL]
@@ -106,15 +116,15 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: Text
+    model: Text | None = None  # None: the served model
     n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] = 1
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -193,7 +203,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # vLLM lets top_logprobs=0 through alone
             raise SamplingParamsError("top_logprobs", "top_logprobs needs logprobs=true")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
@@ -205,6 +215,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
     echo: Echo = False
+    suffix: Suffix = None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
