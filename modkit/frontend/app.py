@@ -1,5 +1,7 @@
 """The OpenAI-compatible HTTP API: ``/v1/chat/completions``, ``/v1/completions``,
-``/v1/models``, ``/health``, ``/stats``.
+``/v1/models`` (and ``/v1/models/{id}``), vLLM's ``/tokenize``, ``/detokenize`` and
+``/version``, ``/metrics`` (Prometheus text with vLLM's names, ``metrics.py``), ``/health``
+and ``/stats``.
 
 The app talks to an engine through ``EngineClient`` (``interface.py``): ``generate`` (an
 async stream of deltas) and ``abort``, in this process or across the pipeline; it
@@ -29,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+import modkit
 from modkit.config import PipelineConfig
 from modkit.engine.async_engine import EngineDeadError
 from modkit.engine.output_processor import CompletionDelta
@@ -42,10 +45,21 @@ from modkit.frontend.guards import (
     error_body,
 )
 from modkit.frontend.interface import EngineClient
-from modkit.frontend.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from modkit.frontend.metrics import EngineState, ServingMetrics
+from modkit.frontend.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from modkit.frontend.shaping import Shaper
 from modkit.model import encode_chat
 from modkit.sampling_params import SamplingParams, SamplingParamsError
+from modkit.transport.prometheus import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,6 +134,19 @@ def build_app(
     app = FastAPI(title="modkit", summary="OpenAI-compatible API over modkit's engine")
     started = time.time()
     queue = RequestQueue(max_queued_requests)
+
+    def counters() -> dict[str, Any]:
+        return {
+            **engine.stats(),
+            "num_requests_queued": queue.num_queued,
+            "num_requests_refused_queue_full": queue.num_refused,
+        }
+
+    def engine_states() -> list[EngineState]:
+        return [EngineState.from_stats(stats) for stats in engine.engine_stats()]
+
+    metrics = ServingMetrics(model_name, engine_states, counters)
+    engine.step_observers.append(metrics.on_step)
     # Added last, runs first: the key, then the body's size, then the queue, each before a
     # byte of the body is read.
     app.add_middleware(ShedWhenFull, queue=queue, paths=("/v1/chat/completions", "/v1/completions"))
@@ -171,19 +198,60 @@ def build_app(
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
-        mine = {"num_requests_queued": queue.num_queued, "num_requests_refused_queue_full": queue.num_refused}
-        return {**engine.stats(), **mine}
+        return counters()
 
-    @app.get("/v1/models", responses=ERROR_RESPONSES)
-    async def models() -> dict[str, Any]:
-        card = {
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    async def prometheus() -> Response:
+        # On a thread: the pipeline's engine states are calls to other processes.
+        return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": modkit.__version__}
+
+    def model_card() -> dict[str, Any]:
+        return {
             "id": model_name,
             "object": "model",
             "created": int(started),
             "owned_by": "modkit",
             "max_model_len": engine.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
+    async def model(model_id: str) -> dict[str, Any]:
+        check_model(model_id)
+        return model_card()
+
+    @app.post("/tokenize", responses=ERROR_RESPONSES)
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        check_model(req.model)
+        if req.messages is not None:
+            messages = _messages(req.messages)
+            text = str(
+                engine.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=req.add_generation_prompt, tokenize=False
+                )
+            )
+            special = bool(req.add_special_tokens)
+        else:
+            text, special = str(req.prompt), req.add_special_tokens is not False
+        ids = await asyncio.to_thread(engine.tokenizer.encode, text, add_special_tokens=special)
+        strs = list(engine.tokenizer.convert_ids_to_tokens(ids)) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize", responses=ERROR_RESPONSES)
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        check_model(req.model)
+        vocab_size = len(engine.tokenizer)
+        if any(t >= vocab_size for t in req.tokens):
+            raise APIError(400, f"token ids must be below the vocabulary's size, {vocab_size}", param="tokens")
+        text = await asyncio.to_thread(engine.tokenizer.decode, req.tokens)
+        return DetokenizeResponse(prompt=str(text))
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:  # None: the served model, as vLLM does
@@ -234,7 +302,8 @@ def build_app(
                 raise APIError(400, "the prompt is empty", param="prompt")
             params = sampling_params(req, len(prompt_ids), "messages" if kind == "chat" else "prompt")
             request_id = engine.new_request_id("chatcmpl" if kind == "chat" else "cmpl")
-            deltas = engine.generate(request_id, prompt_ids, params, text, stream=bool(req.stream))
+            generated = engine.generate(request_id, prompt_ids, params, text, stream=bool(req.stream))
+            deltas = metrics.track(request_id, len(prompt_ids), params.n, generated)
             first = await _unless_disconnected(_first(deltas), http)
         if first is None:
             return Response(status_code=499)  # the client left; nobody reads this
@@ -251,10 +320,7 @@ def build_app(
     @app.post("/v1/chat/completions", responses=STREAMED_RESPONSES)
     async def chat(req: ChatCompletionRequest, http: Request) -> Response:
         check_model(req.model)
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        except ValueError as err:
-            raise APIError(400, str(err), param="messages") from err
+        messages = _messages(req.messages)
         return await serve(req, "chat", lambda: encode_chat(engine.tokenizer, messages), None, http)
 
     @app.post("/v1/completions", responses=STREAMED_RESPONSES)
@@ -270,6 +336,13 @@ def build_app(
 
     app.openapi = lambda: _openapi_schema(app, model_name)  # type: ignore[method-assign]
     return app
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    try:
+        return [{"role": m.role, "content": m.text()} for m in messages]
+    except ValueError as err:
+        raise APIError(400, str(err), param="messages") from err
 
 
 def _openapi_schema(app: FastAPI, model_name: str) -> dict[str, Any]:

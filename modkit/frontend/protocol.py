@@ -24,7 +24,7 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from modkit.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
@@ -233,3 +233,46 @@ class Usage(BaseModel):
 
 def now() -> int:
     return int(time.time())
+
+
+# -- vLLM's /tokenize and /detokenize ---------------------------------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's two ``/tokenize`` bodies in one: a ``prompt`` to tokenize as ``/v1/completions``
+    would, or ``messages`` in the chat template, as ``/v1/chat/completions`` would."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, fail_fast=True)] | None = None
+    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: bool | None = (
+        None  # vLLM's defaults: true for a prompt, false for messages (the template has them)
+    )
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Text | None = None
+    tokens: TokenIds
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
