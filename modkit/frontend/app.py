@@ -31,12 +31,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-import modkit
 from modkit.config import PipelineConfig
 from modkit.engine.async_engine import EngineDeadError
 from modkit.engine.output_processor import CompletionDelta
+from modkit.frontend.batch import Prompt, close_all, first_deltas, merged
 from modkit.frontend.guards import (
     RETRY_AFTER_S,
+    APIError,
     LimitRequestBody,
     QueueFull,
     RequestQueue,
@@ -47,19 +48,16 @@ from modkit.frontend.guards import (
 from modkit.frontend.interface import EngineClient
 from modkit.frontend.metrics import EngineState, ServingMetrics
 from modkit.frontend.protocol import (
+    MAX_PROMPTS,
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
-    DetokenizeRequest,
-    DetokenizeResponse,
     ErrorResponse,
-    TokenizeRequest,
-    TokenizeResponse,
+    chat_messages,
 )
-from modkit.frontend.shaping import Shaper
+from modkit.frontend.shaping import Shaper, merge_full, usage_chunk
+from modkit.frontend.vllm_routes import vllm_routes
 from modkit.model import encode_chat
 from modkit.sampling_params import SamplingParams, SamplingParamsError
-from modkit.transport.prometheus import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,22 +92,6 @@ STREAMED_RESPONSES: dict[int | str, dict[str, Any]] = {
         },
     },
 }
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
 
 
 def _error(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
@@ -200,15 +182,6 @@ def build_app(
     async def stats() -> dict[str, Any]:
         return counters()
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
-    async def prometheus() -> Response:
-        # On a thread: the pipeline's engine states are calls to other processes.
-        return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE)
-
-    @app.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": modkit.__version__}
-
     def model_card() -> dict[str, Any]:
         return {
             "id": model_name,
@@ -227,32 +200,6 @@ def build_app(
         check_model(model_id)
         return model_card()
 
-    @app.post("/tokenize", responses=ERROR_RESPONSES)
-    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
-        check_model(req.model)
-        if req.messages is not None:
-            messages = _messages(req.messages)
-            text = str(
-                engine.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=req.add_generation_prompt, tokenize=False
-                )
-            )
-            special = bool(req.add_special_tokens)
-        else:
-            text, special = str(req.prompt), req.add_special_tokens is not False
-        ids = await asyncio.to_thread(engine.tokenizer.encode, text, add_special_tokens=special)
-        strs = list(engine.tokenizer.convert_ids_to_tokens(ids)) if req.return_token_strs else None
-        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
-
-    @app.post("/detokenize", responses=ERROR_RESPONSES)
-    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
-        check_model(req.model)
-        vocab_size = len(engine.tokenizer)
-        if any(t >= vocab_size for t in req.tokens):
-            raise APIError(400, f"token ids must be below the vocabulary's size, {vocab_size}", param="tokens")
-        text = await asyncio.to_thread(engine.tokenizer.decode, req.tokens)
-        return DetokenizeResponse(prompt=str(text))
-
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:  # None: the served model, as vLLM does
             raise APIError(
@@ -261,6 +208,8 @@ def build_app(
                 param="model",
                 code="model_not_found",
             )
+
+    app.include_router(vllm_routes(engine, metrics, check_model, ERROR_RESPONSES))
 
     def sampling_params(
         req: ChatCompletionRequest | CompletionRequest, prompt_len: int, prompt_param: str
@@ -290,59 +239,84 @@ def build_app(
     async def serve(
         req: ChatCompletionRequest | CompletionRequest,
         kind: str,
-        tokenize: Callable[[], list[int]],
-        text: str | None,
+        tokenize: Callable[[], list[Prompt]],
         http: Request,
     ) -> Response:
-        """Tokenize (on a thread), check, submit; wait for the first token, then stream or collect
-        the rest. Until the first token the request holds a place in ``queue`` (429 if none is left)."""
+        """Tokenize (on a thread), check, submit each prompt; wait for each one's first token, then
+        stream or collect the rest. Until the first tokens the request holds a place in ``queue``
+        (429 if none is left)."""
         with queue.admit():
-            prompt_ids = await asyncio.to_thread(tokenize)
-            if not prompt_ids:
+            prompts = await asyncio.to_thread(tokenize)
+            if not all(p.ids for p in prompts):
                 raise APIError(400, "the prompt is empty", param="prompt")
-            params = sampling_params(req, len(prompt_ids), "messages" if kind == "chat" else "prompt")
+            param = "messages" if kind == "chat" else "prompt"
+            params = [sampling_params(req, len(p.ids), param) for p in prompts]
             request_id = engine.new_request_id("chatcmpl" if kind == "chat" else "cmpl")
-            generated = engine.generate(request_id, prompt_ids, params, text, stream=bool(req.stream))
-            deltas = metrics.track(request_id, len(prompt_ids), params.n, generated)
-            first = await _unless_disconnected(_first(deltas), http)
-        if first is None:
+            # One prompt: one engine request under the response's id; a batch: one per prompt.
+            ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+            streams = [
+                metrics.track(rid, len(p.ids), ps.n, engine.generate(rid, p.ids, ps, p.text, stream=bool(req.stream)))
+                for rid, p, ps in zip(ids, prompts, params, strict=True)
+            ]
+            firsts = await _unless_disconnected(first_deltas(streams, _first), http)
+        if firsts is None:
+            await close_all(streams)
             return Response(status_code=499)  # the client left; nobody reads this
-        shaper = Shaper(engine, kind, request_id, model_name, len(prompt_ids), params)
+        echo = isinstance(req, CompletionRequest) and req.echo
+        shapers = [
+            Shaper(
+                engine,
+                kind,
+                request_id,
+                model_name,
+                len(p.ids),
+                ps,
+                first_index=i * ps.n,
+                echo=_prompt_text(engine, p) if echo else None,
+            )
+            for i, (p, ps) in enumerate(zip(prompts, params, strict=True))
+        ]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(first, deltas, shaper, include_usage), media_type="text/event-stream")
+            return StreamingResponse(_sse(firsts, streams, shapers, include_usage), media_type="text/event-stream")
+        collecting = asyncio.gather(*(_collect(f, s) for f, s in zip(firsts, streams, strict=True)))
         try:
-            seen = await _unless_disconnected(_collect(first, deltas), http)
+            seen = await _unless_disconnected(collecting, http)
         except EngineDeadError as err:  # failed after it began (a worker's step failed, no worker left)
             raise APIError(503, str(err), "server_error") from err
-        return Response(status_code=499) if seen is None else JSONResponse(shaper.full(seen))
+        return Response(status_code=499) if seen is None else JSONResponse(merge_full(shapers, list(seen)))
 
     @app.post("/v1/chat/completions", responses=STREAMED_RESPONSES)
     async def chat(req: ChatCompletionRequest, http: Request) -> Response:
         check_model(req.model)
-        messages = _messages(req.messages)
-        return await serve(req, "chat", lambda: encode_chat(engine.tokenizer, messages), None, http)
+        try:
+            messages = chat_messages(req.messages)
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages") from err
+        return await serve(req, "chat", lambda: [Prompt(encode_chat(engine.tokenizer, messages), None)], http)
 
     @app.post("/v1/completions", responses=STREAMED_RESPONSES)
     async def completions(req: CompletionRequest, http: Request) -> Response:
         check_model(req.model)
-        if isinstance(req.prompt, str):
-            text = req.prompt
-            return await serve(
-                req, "completion", lambda: engine.tokenizer.encode(text, add_special_tokens=False), text, http
-            )
-        ids = req.prompt
-        return await serve(req, "completion", lambda: ids, None, http)
+        batch = req.prompts()
+        if len(batch) * req.n > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} completions a request (prompts x n)", param="prompt")
+
+        def tokenize() -> list[Prompt]:
+            encode = engine.tokenizer.encode
+            return [
+                Prompt(encode(p, add_special_tokens=False), p) if isinstance(p, str) else Prompt(p, None) for p in batch
+            ]
+
+        return await serve(req, "completion", tokenize, http)
 
     app.openapi = lambda: _openapi_schema(app, model_name)  # type: ignore[method-assign]
     return app
 
 
-def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    try:
-        return [{"role": m.role, "content": m.text()} for m in messages]
-    except ValueError as err:
-        raise APIError(400, str(err), param="messages") from err
+def _prompt_text(engine: EngineClient, prompt: Prompt) -> str:
+    """The prompt as text, for ``echo``: as sent, or token ids decoded (as vLLM does)."""
+    return prompt.text if prompt.text is not None else str(engine.tokenizer.decode(prompt.ids))
 
 
 def _openapi_schema(app: FastAPI, model_name: str) -> dict[str, Any]:
@@ -416,16 +390,20 @@ async def _collect(first: CompletionDelta, deltas: AsyncIterator[CompletionDelta
 
 
 async def _sse(
-    first: CompletionDelta, deltas: AsyncIterator[CompletionDelta], shaper: Shaper, include_usage: bool
+    firsts: list[CompletionDelta],
+    streams: list[AsyncIterator[CompletionDelta]],
+    shapers: list[Shaper],
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     try:
-        for chunk in shaper.opening_chunks():
+        for chunk in shapers[0].opening_chunks():
             yield _event(chunk, include_usage)
-        yield _event(shaper.chunk(first), include_usage)
-        async for delta in deltas:
-            yield _event(shaper.chunk(delta), include_usage)
+        for shaper, first in zip(shapers, firsts, strict=True):
+            yield _event(shaper.chunk(first), include_usage)
+        async for i, delta in merged(streams):
+            yield _event(shapers[i].chunk(delta), include_usage)
         if include_usage:
-            yield f"data: {json.dumps(shaper.usage_chunk())}\n\n"
+            yield f"data: {json.dumps(usage_chunk(shapers))}\n\n"
     except EngineDeadError as err:  # after the stream began: an error event, then [DONE]
         yield f"data: {json.dumps(APIError(503, str(err), 'server_error').body())}\n\n"
     yield "data: [DONE]\n\n"

@@ -29,6 +29,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from modkit.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
 MAX_N = 128  # OpenAI's limit on completions per request; each is a request of its own in the engine
+# Prompts in one /v1/completions batch: vLLM's VLLM_MAX_COMPLETION_PROMPTS. Each has n completions.
+MAX_PROMPTS = 1024
 MAX_STOP_STRINGS = 4  # OpenAI's "up to 4 sequences"
 # Stop strings are matched against the tail of the output text after every token: a
 # bound keeps that cheap. Real ones are a few characters ("\n\nUser:").
@@ -57,19 +59,12 @@ def _integral(value: object) -> object:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _not_true(echo: bool) -> bool:
-    if echo:
-        raise ValueError("echo=true (the prompt in the output) is not supported")
-    return echo
-
-
 def _no_suffix(suffix: str | None) -> None:
     if suffix is not None:  # vLLM: the same 400 for a model without fill-in-the-middle
         raise ValueError("suffix is only supported for models with fill-in-the-middle completion; this one has none")
 
 
 INTEGRAL = BeforeValidator(_integral)  # after a field's bounds, so that the schema keeps them
-Echo = Annotated[bool, AfterValidator(_not_true), WithJsonSchema({"type": "boolean", "const": False})]
 Suffix = Annotated[str | None, AfterValidator(_no_suffix), WithJsonSchema({"type": "null"})]
 Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
@@ -193,6 +188,11 @@ class ChatMessage(BaseModel):
         return "".join(part.text or "" for part in self.content)
 
 
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them; ValueError for content parts other than text."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
@@ -209,15 +209,38 @@ class ChatCompletionRequest(_SamplingFields):
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
+Prompt = Annotated[Text, Field(min_length=1)]
+PromptIds = Annotated[TokenIds, Field(min_length=1)]
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Annotated[Text, Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)]
+    """``prompt`` as clients send it: a text, token ids, or a list of either (a batch). Each
+    prompt of a batch gets ``n`` choices, indexed prompt by prompt: prompt ``p``'s completion
+    ``i`` is choice ``p * n + i``, as in OpenAI's API and vLLM."""
+
+    prompt: (
+        Prompt
+        | PromptIds
+        | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)]
+        | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)]
+    )
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
-    echo: Echo = False
+    echo: bool = False  # the prompt's text before each choice's
     suffix: Suffix = None
 
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each prompt a text or its token ids."""
+        if isinstance(self.prompt, str) or not isinstance(self.prompt[0], str | list):
+            return [self.prompt]
+        return list(self.prompt)
+
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        if self.echo and self.logprobs is not None:
+            raise SamplingParamsError(
+                "echo", "echo with logprobs needs the prompt's logprobs, which the engine does not compute yet"
+            )
         if self.best_of is not None and self.best_of != self.n:
             raise SamplingParamsError(
                 "best_of", f"best_of must equal n ({self.n}) if given: best_of > n is not supported, got {self.best_of}"
