@@ -6,17 +6,20 @@ What vLLM 0.32 does, and modkit with it:
   (lm-eval's ``local-completions`` sends token ids). A batch of P prompts with ``n``
   completions each has P * n choices, prompt by prompt: prompt ``p``'s completion ``i`` is
   choice ``p * n + i``; usage counts each prompt's tokens once.
-- ``echo``: each choice's text starts with its prompt's (token ids decoded).
+- ``echo``: each choice's text starts with its prompt's (token ids decoded); with
+  ``logprobs``, its logprobs start with the prompt tokens' (the engine's
+  ``prompt_logprobs``), the first ``None``: what lm-eval's loglikelihood tasks read.
 - completions logprobs have ``text_offset``: where each token starts in the choice's text,
   from 0, continued across the chunks of a stream.
 
-Where modkit differs: ``echo`` with ``logprobs`` needs the prompt's logprobs, which the
-engine does not compute yet: a 400 naming ``echo`` (vLLM answers them). A request may ask
-for at most 1,024 completions (prompts x n; vLLM bounds only the prompts, at 1,024).
+Where modkit differs: a request may ask for at most 1,024 completions (prompts x n; vLLM
+bounds only the prompts, at 1,024); ``echo`` with ``max_tokens: 0`` (vLLM: the prompt
+alone) is a 400, as any ``max_tokens`` below 1.
 
-The oracle is the server itself, one prompt at a time: a batch must answer what each of its
-prompts alone answers. The app runs in this process over the in-process engine; the last
-test sends a batch of token ids through the six-process pipeline.
+The oracles: the server itself, one prompt at a time (a batch must answer what each of its
+prompts alone answers), and for prompt logprobs HF transformers' ``log_softmax`` of the same
+prompt. The app runs in this process over the in-process engine; the last test sends
+batches through the six-process pipeline.
 """
 
 from __future__ import annotations
@@ -27,13 +30,17 @@ from typing import Any
 
 import openai
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM
+from waiting import wait_until
 
-from modkit import Pipeline
+from modkit import LLM, Pipeline, SamplingParams
 from modkit.engine.async_engine import AsyncEngine
 from modkit.engine.config import EngineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.frontend.app import build_app
+from modkit.model.loader import embedded_model_dir
 
 PROMPTS = ["The dog", "Once upon a time", "The cat sat on"]
 GREEDY = {"max_tokens": 8, "temperature": 0}
@@ -146,7 +153,6 @@ def test_text_offset_says_where_each_token_starts(http: TestClient) -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"prompt": "The dog", "echo": True, "logprobs": 1}, "echo"),  # vLLM answers this; modkit cannot yet
         ({"prompt": ["The dog", ""]}, "prompt"),
         ({"prompt": [[5, 6], []]}, "prompt"),
         ({"prompt": [[5], [10**9]]}, None),  # outside the vocabulary, found by the engine
@@ -161,7 +167,12 @@ def test_bad_batches_are_refused_whole(
     response = http.post("/v1/completions", json={"max_tokens": 4, **fields})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
-    assert engine.stats()["num_requests_running"] == 0 and engine.stats()["num_requests_waiting"] == 0
+
+    def idle() -> bool:  # the other prompts' requests, aborted (on the engine's thread)
+        stats = engine.stats()
+        return stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0
+
+    assert wait_until(idle, 10), engine.stats()
 
 
 def test_the_openai_client_sends_batches(http: TestClient) -> None:
@@ -172,19 +183,81 @@ def test_the_openai_client_sends_batches(http: TestClient) -> None:
     assert reply.choices[1].text == complete(http, prompt=PROMPTS[1], max_tokens=4, temperature=0)["choices"][0]["text"]
 
 
+LONG = "Once upon a time there was a little dog who lived in a small house near the big park, and every day"
+
+
+@pytest.fixture(scope="module")
+def hf_logprobs() -> Any:
+    """log P(token i | tokens before it) for each token after the first, by HF transformers."""
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32)
+
+    def logprobs(ids: list[int]) -> list[float]:
+        with torch.no_grad():
+            lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # (T, V)
+        return [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+
+    return logprobs
+
+
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [{}, {"max_num_batched_tokens": 8}],  # the whole prompt in one step, or in chunks of at most 8 tokens
+    ids=["one_step", "chunked"],
+)
+def test_prompt_logprobs_equal_hf_log_softmax(engine: AsyncEngine, hf_logprobs: Any, engine_kwargs: dict) -> None:
+    llm = LLM(num_kv_blocks=64, **engine_kwargs)
+    ids = ids_of(engine, LONG)
+    warm = llm.generate({"prompt_token_ids": ids[:20]}, SamplingParams(max_tokens=1), use_tqdm=False)  # caches a prefix
+    assert warm[0].prompt_logprobs is None  # not asked for
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)
+    for _ in range(2):  # the second time every full block is cached: computed again all the same
+        [out] = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
+        assert out.prompt_logprobs is not None and out.prompt_logprobs[0] is None
+        ours = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+        assert ours == pytest.approx(hf_logprobs(ids), abs=1e-4)
+        for entry, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True):
+            assert len(entry) in (3, 4) and entry[token].rank is not None
+            best = max(entry.values(), key=lambda lp: lp.logprob)
+            assert best.rank == 1 and (entry[token].rank == 1) == (entry[token].logprob == best.logprob)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_hf(http: TestClient, engine: AsyncEngine, hf_logprobs: Any) -> None:
+    """lm-eval's loglikelihood request: token ids, echo, logprobs 1, max_tokens 1."""
+    ids = ids_of(engine, LONG)
+    body = complete(http, prompt=[ids, ids[:12]], echo=True, logprobs=1, max_tokens=1, temperature=0)
+    for choice, prompt in zip(body["choices"], [ids, ids[:12]], strict=True):
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(prompt) + 1 and choice["text"].startswith(engine.tokenizer.decode(prompt))
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        assert logprobs["token_logprobs"][1 : len(prompt)] == pytest.approx(hf_logprobs(prompt), abs=1e-4)
+        assert logprobs["text_offset"][0] == 0 and "".join(logprobs["tokens"]) == choice["text"]
+        for token_lp, top in zip(logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:], strict=True):
+            assert len(top) == 1 and max(top.values()) >= token_lp  # lm-eval's is_greedy reads this
+    chunks = streamed(http, prompt=ids[:12], echo=True, logprobs=1, max_tokens=3, temperature=0)
+    streamed_lps = [
+        lp for c in chunks for ch in c["choices"] if ch["logprobs"] for lp in ch["logprobs"]["token_logprobs"]
+    ]
+    whole = complete(http, prompt=ids[:12], echo=True, logprobs=1, max_tokens=3, temperature=0)
+    assert streamed_lps == whole["choices"][0]["logprobs"]["token_logprobs"]
+
+
 @pytest.mark.slow
 def test_the_pipeline_serves_token_id_batches_as_the_engine_does(http: TestClient, engine: AsyncEngine) -> None:
     prompts = [ids_of(engine, p) for p in PROMPTS]
-    expected = complete(http, prompt=prompts, echo=True, **GREEDY)
+    expected = complete(http, prompt=prompts, echo=True, logprobs=2, **GREEDY)
     with Pipeline.launch(ports="auto", num_kv_blocks=256, max_model_len=512, progress=False) as pipeline:
         client = pipeline.client()
-        reply = client.completions.create(model=pipeline.model_name, prompt=prompts, echo=True, **GREEDY)
+        reply = client.completions.create(model=pipeline.model_name, prompt=prompts, echo=True, logprobs=2, **GREEDY)
         chunks = client.completions.create(model=pipeline.model_name, prompt=prompts, stream=True, **GREEDY)
         streamed_texts: dict[int, str] = {}
         for chunk in chunks:
             for c in chunk.choices:
                 streamed_texts[c.index] = streamed_texts.get(c.index, "") + c.text
     assert [c.text for c in reply.choices] == [c["text"] for c in expected["choices"]]
+    for theirs, ours in zip(reply.choices, expected["choices"], strict=True):
+        assert theirs.logprobs is not None and theirs.logprobs.token_logprobs is not None
+        assert theirs.logprobs.token_logprobs[0] is None
+        assert theirs.logprobs.token_logprobs[1:] == pytest.approx(ours["logprobs"]["token_logprobs"][1:], abs=1e-5)
     assert reply.usage is not None and reply.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
     assert [streamed_texts[i] for i in range(3)] == [
         c["text"][len(engine.tokenizer.decode(p)) :] for c, p in zip(expected["choices"], prompts, strict=True)

@@ -273,6 +273,7 @@ def build_app(
                 ps,
                 first_index=i * ps.n,
                 echo=_prompt_text(engine, p) if echo else None,
+                echo_ids=p.ids,
             )
             for i, (p, ps) in enumerate(zip(prompts, params, strict=True))
         ]

@@ -8,7 +8,7 @@ a lock::
                     stop strings) -> each request's asyncio.Queue -> generate() yields
 
 The frontend checks what it can before anything leaves (token ids within the
-vocabulary, a prompt that fits the context, ``prompt_logprobs``), so a bad request is a
+vocabulary, a prompt that fits the context), so a bad request is a
 400 without a round trip; the scheduler's own refusals come back as ``RequestRejected``.
 A stop string is found here, on the text: the frontend then tells the scheduler to
 finish the request (``AbortRequest(reason="stop")``), as vLLM's API server does.

@@ -139,7 +139,7 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: TokenIds | None = None
 
-    def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         optional: dict[str, Any] = {
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -159,6 +159,7 @@ class _SamplingFields(BaseModel):
             stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             logit_bias=bias,
             **{k: v for k, v in optional.items() if v is not None},
         )
@@ -227,7 +228,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
-    echo: bool = False  # the prompt's text before each choice's
+    echo: bool = False  # the prompt before each choice: its text, and with logprobs its tokens' logprobs
     suffix: Suffix = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -237,15 +238,13 @@ class CompletionRequest(_SamplingFields):
         return list(self.prompt)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        if self.echo and self.logprobs is not None:
-            raise SamplingParamsError(
-                "echo", "echo with logprobs needs the prompt's logprobs, which the engine does not compute yet"
-            )
         if self.best_of is not None and self.best_of != self.n:
             raise SamplingParamsError(
                 "best_of", f"best_of must equal n ({self.n}) if given: best_of > n is not supported, got {self.best_of}"
             )
-        return self._params(self.max_tokens or default_max_tokens, self.logprobs)
+        # With echo, the prompt's tokens are shown with logprobs too (as vLLM does).
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self._params(self.max_tokens or default_max_tokens, self.logprobs, prompt_logprobs)
 
 
 class Usage(BaseModel):

@@ -35,11 +35,13 @@ class Shaper:
         *,
         first_index: int = 0,
         echo: str | None = None,
+        echo_ids: list[int] | None = None,
     ) -> None:
         self.engine, self.kind, self.id, self.model = engine, kind, request_id, model
         self.prompt_len, self.params, self.created = prompt_len, params, int(time.time())
         self.first_index = first_index  # of this prompt's first choice in the response
         self.echo = echo  # the prompt's text, put before each choice's (completions' echo)
+        self.echo_ids = echo_ids or []  # and its tokens, before each choice's in logprobs
         self.completion_tokens = 0
         self._echoed: set[int] = set()  # choices whose stream has had the prompt
         self._offsets: dict[int, int] = {}  # choice -> text_offset of its next token, in a stream
@@ -70,7 +72,9 @@ class Shaper:
     def chunk(self, d: CompletionDelta) -> dict[str, Any]:
         self.completion_tokens += len(d.new_token_ids)
         offset = self._offsets.get(d.index, 0)
-        logprobs = self._logprobs(d.new_token_ids, d.new_logprobs, offset)
+        echoing = self.echo is not None and d.index not in self._echoed
+        ids, lps = self._with_prompt(d.new_token_ids, d.new_logprobs, d.prompt_logprobs if echoing else None)
+        logprobs = self._logprobs(ids, lps, offset)
         if logprobs is not None and logprobs.get("tokens"):
             self._offsets[d.index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
         choice: dict[str, Any] = {
@@ -82,9 +86,9 @@ class Shaper:
             choice["delta"] = {"content": d.text} if d.text or d.finish_reason is None else {}
             return self._envelope("chat.completion.chunk", [choice])
         choice["text"] = d.text
-        if self.echo is not None and d.index not in self._echoed:
+        if echoing:
             self._echoed.add(d.index)
-            choice["text"] = self.echo + d.text
+            choice["text"] = f"{self.echo}{d.text}"
         return self._envelope("text_completion", [choice])
 
     def usage_chunk(self) -> dict[str, Any]:
@@ -99,6 +103,7 @@ class Shaper:
             lps = [lp for d in mine for lp in (d.new_logprobs or [])] if self.params.logprobs is not None else None
             self.completion_tokens += len(ids)
             text, last = "".join(d.text for d in mine), mine[-1]
+            ids, lps = self._with_prompt(ids, lps, mine[0].prompt_logprobs)
             choice: dict[str, Any] = {
                 "index": self.first_index + i,
                 "logprobs": self._logprobs(ids, lps),
@@ -111,6 +116,15 @@ class Shaper:
             choices.append(choice)
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {**self._envelope(obj, choices), "usage": self.usage()}
+
+    def _with_prompt(
+        self, ids: list[int], lps: list[Any] | None, prompt_lps: list[Any] | None
+    ) -> tuple[list[int], list[Any] | None]:
+        """With ``echo`` and logprobs, a choice's first tokens are its prompt's, with their logprobs
+        (``prompt_lps``, the first None) before the generated ones."""
+        if self.echo is None or lps is None or prompt_lps is None:
+            return ids, lps
+        return self.echo_ids + ids, prompt_lps + lps
 
     def _logprobs(self, ids: list[int], lps: list[Any] | None, offset: int = 0) -> dict[str, Any] | None:
         if self.params.logprobs is None or lps is None:
@@ -138,12 +152,14 @@ class Shaper:
             return {"content": content}
         tokens = [piece(t) for t in ids]
         starts = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset)) if tokens else []
-        return {
+        return {  # an entry of None: the prompt's first token, which nothing scores
             "text_offset": starts,
             "tokens": tokens,
-            "token_logprobs": [e[t].logprob for t, e in zip(ids, lps, strict=True)],
+            "token_logprobs": [None if e is None else e[t].logprob for t, e in zip(ids, lps, strict=True)],
             "top_logprobs": [
-                {
+                None
+                if e is None
+                else {
                     piece(t): lp.logprob
                     for t, lp in sorted(e.items(), key=lambda kv: -kv[1].logprob)[: self.params.logprobs]
                 }

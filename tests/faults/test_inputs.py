@@ -68,7 +68,6 @@ BOUNDS = [  # (route, fields over the defaults, the param the 400 names)
     ("text", {"logprobs": -1}, "logprobs"),
     ("text", {"best_of": 0}, "best_of"),
     ("text", {"best_of": 3}, "best_of"),  # best_of > n: not supported
-    ("text", {"echo": True, "logprobs": 1}, "echo"),  # the prompt's logprobs: not computed yet
     ("text", {"max_tokens": True}, "max_tokens"),  # strict: a bool is no integer
     ("chat", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("chat", {"stop": "x" * 257}, "stop"),
