@@ -83,6 +83,19 @@ ENGINE_METRICS = [
 ]
 
 
+MAX_PENDING = 100_000  # inter-token times noted before on_step flushes them itself
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Times noted by ``on_step`` since the last ``flush``, in seconds."""
+
+    generation_tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class _Timing:
     arrival: float
@@ -127,6 +140,7 @@ class ServingMetrics:
         self.registry.register(_EngineCollector(model_name, engine_states, counters))
         self._timings: dict[str, _Timing] = {}
         self._lock = threading.Lock()  # on_step may run on the engine's thread (AsyncEngine)
+        self._pending = _Pending()
 
     async def track(
         self, request_id: str, prompt_len: int, n: int, deltas: AsyncIterator[CompletionDelta]
@@ -146,26 +160,45 @@ class ServingMetrics:
                 await close()
 
     def on_step(self, deltas: Iterable[CompletionDelta]) -> None:
-        """An engine step's deltas, as the engine made them (not as a client reads them)."""
+        """An engine step's deltas, as the engine made them (not as a client reads them).
+
+        NOTE: this runs every step, on the engine's thread in the one-process server, so it only
+        notes the times; ``flush`` (at a scrape) puts them in the histograms, where each
+        ``observe`` takes a lock and a bisection: a step of hundreds of requests would pay that
+        hundreds of times."""
         now = time.monotonic()
+        pending = self._pending
         with self._lock:
             for delta in deltas:
                 timing = self._timings.get(delta.request_id)
                 if timing is None:
                     continue
                 if delta.new_token_ids:
-                    self.generation_tokens.inc(len(delta.new_token_ids))
+                    pending.generation_tokens += len(delta.new_token_ids)
                     last = timing.last_token.get(delta.index)
                     if last is None:
-                        self.ttft.observe(now - timing.arrival)
+                        pending.ttft.append(now - timing.arrival)
                     else:
-                        self.itl.observe(now - last)
+                        pending.itl.append(now - last)
                     timing.last_token[delta.index] = now
                 if delta.finish_reason is not None:  # per completion: vLLM's n > 1 are n engine requests
-                    self.e2e.observe(now - timing.arrival)
+                    pending.e2e.append(now - timing.arrival)
+            full = len(pending.itl) > MAX_PENDING
+        if full:  # nobody scrapes: flush here rather than keep every time
+            self.flush()
+
+    def flush(self) -> None:
+        """Put the times noted since the last flush in the histograms and counters."""
+        with self._lock:
+            pending, self._pending = self._pending, _Pending()
+        self.generation_tokens.inc(pending.generation_tokens)
+        for histogram, values in ((self.ttft, pending.ttft), (self.itl, pending.itl), (self.e2e, pending.e2e)):
+            for value in values:
+                histogram.observe(value)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything in the registry."""
+        self.flush()
         return bytes(generate_latest(self.registry))
 
 
