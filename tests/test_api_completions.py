@@ -175,6 +175,20 @@ def test_bad_batches_are_refused_whole(
     assert wait_until(idle, 10), engine.stats()
 
 
+def test_a_client_that_leaves_a_streamed_batch_aborts_every_prompt(http: TestClient, engine: AsyncEngine) -> None:
+    steps_before = engine.stats()["num_steps"]
+    body = {"prompt": PROMPTS, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: "))  # then hang up
+
+    def idle() -> bool:
+        stats = engine.stats()
+        return stats["num_requests_running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+    assert wait_until(idle, 10), engine.stats()
+    assert engine.stats()["num_steps"] - steps_before < 400, "aborted, not run to their 400 tokens"
+
+
 def test_the_openai_client_sends_batches(http: TestClient) -> None:
     server = http.base_url
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", http_client=http, max_retries=0)
