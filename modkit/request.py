@@ -42,13 +42,11 @@ _FINISH_REASONS = {3: "stop", 4: "length", 5: "abort"}  # RequestStatus -> finis
 
 def check_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
     """ValueError (or SamplingParamsError) for a request no engine should queue: a token id
-    outside the vocabulary, or a feature the worker does not compute."""
+    outside the vocabulary."""
     bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
     params.check_token_ids(vocab_size)
-    if params.prompt_logprobs is not None:
-        raise ValueError("prompt_logprobs is not supported yet (the worker computes logits only for sampled rows)")
 
 
 @dataclass(slots=True, eq=False)

@@ -207,8 +207,6 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(tiny_model_dir) -
         llm.generate({"prompt_token_ids": [5] * 64}, SamplingParams(max_tokens=4), use_tqdm=False)
     with pytest.raises(ValueError, match="vocab"):
         llm.generate({"prompt_token_ids": [10**6]}, SamplingParams(max_tokens=4), use_tqdm=False)
-    with pytest.raises(ValueError, match="prompt_logprobs is not supported"):
-        llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(prompt_logprobs=1), use_tqdm=False)
     # A bad prompt after good ones: the good ones of that call are dropped too, nothing stays queued.
     with pytest.raises(ValueError, match="vocab"):
         llm.generate([{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [-1]}], use_tqdm=False)

@@ -52,6 +52,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
+        # Called with each step's deltas on the engine thread (the server's /metrics times them).
+        self.step_observers: list[Callable[[list[CompletionDelta]], None]] = []
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="modkit-engine", daemon=True)
         self._thread.start()
@@ -123,6 +125,10 @@ class AsyncEngine:
     def stats(self) -> dict[str, float]:
         return self.core.stats()
 
+    def engine_stats(self) -> list[dict[str, float]]:
+        """One engine: ``stats()`` has every counter the server's ``/metrics`` reads."""
+        return [self.core.stats()]
+
     def shutdown(self) -> None:
         self._stopping.set()
         self._commands.put(lambda: None)
@@ -157,6 +163,8 @@ class AsyncEngine:
                 continue
             if step.stopped:
                 self.core.abort_requests(step.stopped, RequestStatus.FINISHED_STOPPED)
+            for observe in self.step_observers:
+                observe(step.deltas)
             for delta in step.deltas:
                 stream = self._streams.get(delta.request_id)
                 if stream is not None:

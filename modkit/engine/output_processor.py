@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from modkit.engine.detokenizer import IncrementalDetokenizer
 from modkit.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from modkit.logprobs import PromptLogprobs, TokenLogprobs
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler import EngineCoreOutput
@@ -36,6 +37,8 @@ class CompletionDelta:
     finish_reason: str | None
     stop_reason: int | str | None
     new_logprobs: list[dict[int, Logprob]] | None
+    # With prompt_logprobs, on a completion's first delta only: the prompt's (RequestOutput.prompt_logprobs).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass(slots=True)
@@ -51,6 +54,8 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer | None
     completion: CompletionOutput
     parent: RequestOutput
+    # With prompt_logprobs: filled in prompt chunk by prompt chunk, handed on with the first token.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class OutputProcessor:
@@ -92,7 +97,10 @@ class OutputProcessor:
                 stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
             )
-        self._tracked[request.req_id] = _Tracked(request, detok, output.outputs[index], output)
+        tracked = _Tracked(request, detok, output.outputs[index], output)
+        if params.prompt_logprobs is not None:
+            tracked.prompt_logprobs = [None] * len(output.prompt_token_ids)
+        self._tracked[request.req_id] = tracked
 
     def forget(self, req_ids: list[str]) -> None:
         for req_id in req_ids:
@@ -111,6 +119,10 @@ class OutputProcessor:
         tracked = self._tracked
         for out in outputs:
             if (t := tracked.get(out.req_id)) is not None:
+                if out.prompt_logprobs is not None:
+                    _fill_prompt_logprobs(t, out.prompt_logprobs)
+                    if not out.new_token_ids and out.finish_reason is None:
+                        continue  # a prompt chunk's: nothing to show yet
                 step.deltas.append(self._process_one(t, out, now, step))
         return step
 
@@ -124,12 +136,7 @@ class OutputProcessor:
         if out.new_logprobs is not None:
             new_logprobs = []
             for lp, token in zip(out.new_logprobs, out.new_token_ids, strict=True):
-                entry = {
-                    tid: Logprob(v, rank=r + 1)
-                    for r, (tid, v) in enumerate(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
-                }
-                entry[token] = Logprob(lp.logprob, rank=lp.rank)
-                new_logprobs.append(entry)
+                new_logprobs.append(_entry(lp, token))
                 completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + lp.logprob
             completion.logprobs = (completion.logprobs or []) + new_logprobs
         finish_reason, stop_reason = out.finish_reason, out.stop_reason
@@ -151,6 +158,10 @@ class OutputProcessor:
             stop_reason,
             new_logprobs,
         )
+        if t.prompt_logprobs is not None:  # handed on once, with the first token
+            delta.prompt_logprobs, t.prompt_logprobs = t.prompt_logprobs, None
+            if t.parent.prompt_logprobs is None:
+                t.parent.prompt_logprobs = delta.prompt_logprobs
         if finish_reason is not None:
             completion.finish_reason, completion.stop_reason = finish_reason, stop_reason
             metrics.num_cached_tokens = max(metrics.num_cached_tokens, t.request.num_cached_tokens or 0)
@@ -161,3 +172,23 @@ class OutputProcessor:
                 metrics.finished_time = now
                 step.finished.append(t.parent)
         return delta
+
+
+def _entry(lp: TokenLogprobs, token: int) -> dict[int, Logprob]:
+    """{token_id: Logprob} of one position: the top alternatives, and the token itself."""
+    entry = {
+        tid: Logprob(v, rank=r + 1) for r, (tid, v) in enumerate(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
+    }
+    entry[token] = Logprob(lp.logprob, rank=lp.rank)
+    return entry
+
+
+def _fill_prompt_logprobs(t: _Tracked, piece: PromptLogprobs) -> None:
+    """Put a prompt chunk's logprobs in place. After the first token they were handed on: a chunk
+    computed again (the request was preempted and recomputed) changes nothing."""
+    if t.prompt_logprobs is None:
+        return
+    prompt = t.parent.prompt_token_ids
+    for i, lp in enumerate(piece.logprobs):
+        position = piece.start + i
+        t.prompt_logprobs[position] = _entry(lp, prompt[position])

@@ -53,6 +53,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    # With prompt_logprobs: per prompt token, {token_id: Logprob} for it and the top alternatives;
+    # None for the first, which nothing scores (vLLM's shape).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def num_cached_tokens(self) -> int:

@@ -1,5 +1,7 @@
 """The OpenAI-compatible HTTP API: ``/v1/chat/completions``, ``/v1/completions``,
-``/v1/models``, ``/health``, ``/stats``.
+``/v1/models`` (and ``/v1/models/{id}``), vLLM's ``/tokenize``, ``/detokenize`` and
+``/version``, ``/metrics`` (Prometheus text with vLLM's names, ``metrics.py``), ``/health``
+and ``/stats``.
 
 The app talks to an engine through ``EngineClient`` (``interface.py``): ``generate`` (an
 async stream of deltas) and ``abort``, in this process or across the pipeline; it
@@ -32,8 +34,10 @@ from starlette.exceptions import HTTPException
 from modkit.config import PipelineConfig
 from modkit.engine.async_engine import EngineDeadError
 from modkit.engine.output_processor import CompletionDelta
+from modkit.frontend.batch import Prompt, close_all, first_deltas, merged
 from modkit.frontend.guards import (
     RETRY_AFTER_S,
+    APIError,
     LimitRequestBody,
     QueueFull,
     RequestQueue,
@@ -42,13 +46,22 @@ from modkit.frontend.guards import (
     error_body,
 )
 from modkit.frontend.interface import EngineClient
-from modkit.frontend.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
-from modkit.frontend.shaping import Shaper
+from modkit.frontend.metrics import EngineState, ServingMetrics
+from modkit.frontend.protocol import (
+    MAX_PROMPTS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    chat_messages,
+)
+from modkit.frontend.shaping import Shaper, merge_full, usage_chunk
+from modkit.frontend.vllm_routes import vllm_routes
 from modkit.model import encode_chat
 from modkit.sampling_params import SamplingParams, SamplingParamsError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+UNSUPPORTED = "not supported by this server (refused rather than ignored)"
 
 # What /openapi.json documents for each /v1 route besides its 200.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -81,22 +94,6 @@ STREAMED_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
 def _error(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
     # ASCII JSON: a message that quotes the client's text (a lone surrogate, say) still encodes.
     return Response(json.dumps(body), status, headers, media_type="application/json")
@@ -119,6 +116,19 @@ def build_app(
     app = FastAPI(title="modkit", summary="OpenAI-compatible API over modkit's engine")
     started = time.time()
     queue = RequestQueue(max_queued_requests)
+
+    def counters() -> dict[str, Any]:
+        return {
+            **engine.stats(),
+            "num_requests_queued": queue.num_queued,
+            "num_requests_refused_queue_full": queue.num_refused,
+        }
+
+    def engine_states() -> list[EngineState]:
+        return [EngineState.from_stats(stats) for stats in engine.engine_stats()]
+
+    metrics = ServingMetrics(model_name, engine_states, counters)
+    engine.step_observers.append(metrics.on_step)
     # Added last, runs first: the key, then the body's size, then the queue, each before a
     # byte of the body is read.
     app.add_middleware(ShedWhenFull, queue=queue, paths=("/v1/chat/completions", "/v1/completions"))
@@ -170,28 +180,36 @@ def build_app(
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
-        mine = {"num_requests_queued": queue.num_queued, "num_requests_refused_queue_full": queue.num_refused}
-        return {**engine.stats(), **mine}
+        return counters()
 
-    @app.get("/v1/models", responses=ERROR_RESPONSES)
-    async def models() -> dict[str, Any]:
-        card = {
+    def model_card() -> dict[str, Any]:
+        return {
             "id": model_name,
             "object": "model",
             "created": int(started),
             "owned_by": "modkit",
             "max_model_len": engine.max_model_len,
         }
-        return {"object": "list", "data": [card]}
 
-    def check_model(name: str) -> None:
-        if name != model_name:
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
+    async def model(model_id: str) -> dict[str, Any]:
+        check_model(model_id)
+        return model_card()
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:  # None: the served model, as vLLM does
             raise APIError(
                 404,
                 f"The model '{name}' does not exist; this server serves '{model_name}'",
                 param="model",
                 code="model_not_found",
             )
+
+    app.include_router(vllm_routes(engine, metrics, check_model, ERROR_RESPONSES))
 
     def sampling_params(
         req: ChatCompletionRequest | CompletionRequest, prompt_len: int, prompt_param: str
@@ -221,59 +239,90 @@ def build_app(
     async def serve(
         req: ChatCompletionRequest | CompletionRequest,
         kind: str,
-        tokenize: Callable[[], list[int]],
-        text: str | None,
+        tokenize: Callable[[], list[Prompt]],
         http: Request,
     ) -> Response:
-        """Tokenize (on a thread), check, submit; wait for the first token, then stream or collect
-        the rest. Until the first token the request holds a place in ``queue`` (429 if none is left)."""
+        """Tokenize (on a thread), check, submit each prompt; wait for each one's first token, then
+        stream or collect the rest. Until the first tokens the request holds a place in ``queue``
+        (429 if none is left)."""
         with queue.admit():
-            prompt_ids = await asyncio.to_thread(tokenize)
-            if not prompt_ids:
+            prompts = await asyncio.to_thread(tokenize)
+            if not all(p.ids for p in prompts):
                 raise APIError(400, "the prompt is empty", param="prompt")
-            params = sampling_params(req, len(prompt_ids), "messages" if kind == "chat" else "prompt")
+            param = "messages" if kind == "chat" else "prompt"
+            params = [sampling_params(req, len(p.ids), param) for p in prompts]
             request_id = engine.new_request_id("chatcmpl" if kind == "chat" else "cmpl")
-            deltas = engine.generate(request_id, prompt_ids, params, text, stream=bool(req.stream))
-            first = await _unless_disconnected(_first(deltas), http)
-        if first is None:
+            # One prompt: one engine request under the response's id; a batch: one per prompt.
+            ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+            streams = [
+                metrics.track(rid, len(p.ids), ps.n, engine.generate(rid, p.ids, ps, p.text, stream=bool(req.stream)))
+                for rid, p, ps in zip(ids, prompts, params, strict=True)
+            ]
+            firsts = await _unless_disconnected(first_deltas(streams, _first), http)
+        if firsts is None:
+            await close_all(streams)
             return Response(status_code=499)  # the client left; nobody reads this
-        shaper = Shaper(engine, kind, request_id, model_name, len(prompt_ids), params)
+        echo = isinstance(req, CompletionRequest) and req.echo
+        shapers = [
+            Shaper(
+                engine,
+                kind,
+                request_id,
+                model_name,
+                len(p.ids),
+                ps,
+                first_index=i * ps.n,
+                echo=_prompt_text(engine, p) if echo else None,
+                echo_ids=p.ids,
+            )
+            for i, (p, ps) in enumerate(zip(prompts, params, strict=True))
+        ]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(first, deltas, shaper, include_usage), media_type="text/event-stream")
+            return StreamingResponse(_sse(firsts, streams, shapers, include_usage), media_type="text/event-stream")
+        collecting = asyncio.gather(*(_collect(f, s) for f, s in zip(firsts, streams, strict=True)))
         try:
-            seen = await _unless_disconnected(_collect(first, deltas), http)
+            seen = await _unless_disconnected(collecting, http)
         except EngineDeadError as err:  # failed after it began (a worker's step failed, no worker left)
             raise APIError(503, str(err), "server_error") from err
-        return Response(status_code=499) if seen is None else JSONResponse(shaper.full(seen))
+        return Response(status_code=499) if seen is None else JSONResponse(merge_full(shapers, list(seen)))
 
     @app.post("/v1/chat/completions", responses=STREAMED_RESPONSES)
     async def chat(req: ChatCompletionRequest, http: Request) -> Response:
         check_model(req.model)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            messages = chat_messages(req.messages)
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from err
-        return await serve(req, "chat", lambda: encode_chat(engine.tokenizer, messages), None, http)
+        return await serve(req, "chat", lambda: [Prompt(encode_chat(engine.tokenizer, messages), None)], http)
 
     @app.post("/v1/completions", responses=STREAMED_RESPONSES)
     async def completions(req: CompletionRequest, http: Request) -> Response:
         check_model(req.model)
-        if isinstance(req.prompt, str):
-            text = req.prompt
-            return await serve(
-                req, "completion", lambda: engine.tokenizer.encode(text, add_special_tokens=False), text, http
-            )
-        ids = req.prompt
-        return await serve(req, "completion", lambda: ids, None, http)
+        batch = req.prompts()
+        if len(batch) * req.n > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} completions a request (prompts x n)", param="prompt")
+
+        def tokenize() -> list[Prompt]:
+            encode = engine.tokenizer.encode
+            return [
+                Prompt(encode(p, add_special_tokens=False), p) if isinstance(p, str) else Prompt(p, None) for p in batch
+            ]
+
+        return await serve(req, "completion", tokenize, http)
 
     app.openapi = lambda: _openapi_schema(app, model_name)  # type: ignore[method-assign]
     return app
 
 
+def _prompt_text(engine: EngineClient, prompt: Prompt) -> str:
+    """The prompt as text, for ``echo``: as sent, or token ids decoded (as vLLM does)."""
+    return prompt.text if prompt.text is not None else str(engine.tokenizer.decode(prompt.ids))
+
+
 def _openapi_schema(app: FastAPI, model_name: str) -> dict[str, Any]:
     """FastAPI's schema, less the 422 it documents for every body (this app answers 400), and
-    with ``model`` naming the one model served (another name is a 404)."""
+    with ``model`` naming the one model served (another name is a 404; none, that one)."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
         for operations in schema["paths"].values():
@@ -297,7 +346,8 @@ def _validation_message(errors: Any) -> tuple[str, str | None]:
     for e in wanted[:3]:
         loc = [p for p in e.get("loc", ()) if p != "body" and (isinstance(p, int) or "[" not in str(p))]
         param = param or (str(loc[0]) if loc else None)
-        lines.append(f"{'.'.join(map(str, loc)) or 'body'}: {e.get('msg', 'invalid')}")
+        msg = UNSUPPORTED if e.get("type") == "extra_forbidden" else e.get("msg", "invalid")
+        lines.append(f"{'.'.join(map(str, loc)) or 'body'}: {msg}")
     return "; ".join(lines), param
 
 
@@ -341,16 +391,20 @@ async def _collect(first: CompletionDelta, deltas: AsyncIterator[CompletionDelta
 
 
 async def _sse(
-    first: CompletionDelta, deltas: AsyncIterator[CompletionDelta], shaper: Shaper, include_usage: bool
+    firsts: list[CompletionDelta],
+    streams: list[AsyncIterator[CompletionDelta]],
+    shapers: list[Shaper],
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     try:
-        for chunk in shaper.opening_chunks():
+        for chunk in shapers[0].opening_chunks():
             yield _event(chunk, include_usage)
-        yield _event(shaper.chunk(first), include_usage)
-        async for delta in deltas:
-            yield _event(shaper.chunk(delta), include_usage)
+        for shaper, first in zip(shapers, firsts, strict=True):
+            yield _event(shaper.chunk(first), include_usage)
+        async for i, delta in merged(streams):
+            yield _event(shapers[i].chunk(delta), include_usage)
         if include_usage:
-            yield f"data: {json.dumps(shaper.usage_chunk())}\n\n"
+            yield f"data: {json.dumps(usage_chunk(shapers))}\n\n"
     except EngineDeadError as err:  # after the stream began: an error event, then [DONE]
         yield f"data: {json.dumps(APIError(503, str(err), 'server_error').body())}\n\n"
     yield "data: [DONE]\n\n"

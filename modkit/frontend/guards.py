@@ -34,6 +34,24 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class APIError(Exception):
+    """Answered with ``status`` and OpenAI's error shape (the app's exception handler)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
 async def send_error(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
     """A whole JSON error response, written straight to ASGI (for the middlewares, which run outside FastAPI)."""
     payload = json.dumps(body).encode()  # ASCII: any string the client sent survives the encoding

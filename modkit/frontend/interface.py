@@ -11,7 +11,7 @@ Leaving the iteration early aborts the request, which frees its KV blocks.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from modkit.engine.output_processor import CompletionDelta
@@ -25,6 +25,8 @@ class EngineClient(Protocol):
     tokenizer: PreTrainedTokenizerBase
     error: BaseException | None  # set once the engine can serve nothing (/health answers 503)
     draining: bool  # shutting down: new requests get 503, those in flight finish
+    # Each is called with every engine step's deltas, as the engine makes them (on any thread).
+    step_observers: list[Callable[[list[CompletionDelta]], None]]
 
     @property
     def max_model_len(self) -> int: ...
@@ -47,4 +49,11 @@ class EngineClient(Protocol):
 
     def stats(self) -> Mapping[str, float]:
         """Counters for ``/stats``, by name."""
+        ...
+
+    def engine_stats(self) -> Sequence[Mapping[str, float]]:
+        """Each engine's (worker's) scheduler and KV cache counters, by its index, for ``/metrics``:
+        ``num_requests_running``, ``num_requests_waiting``, ``kv_cache_usage``,
+        ``prefix_cache_queries``, ``prefix_cache_hits``, ``num_preemptions``. May block (the
+        pipeline asks other processes): call it on a thread."""
         ...

@@ -8,7 +8,7 @@ a lock::
                     stop strings) -> each request's asyncio.Queue -> generate() yields
 
 The frontend checks what it can before anything leaves (token ids within the
-vocabulary, a prompt that fits the context, ``prompt_logprobs``), so a bad request is a
+vocabulary, a prompt that fits the context), so a bad request is a
 400 without a round trip; the scheduler's own refusals come back as ``RequestRejected``.
 A stop string is found here, on the text: the frontend then tells the scheduler to
 finish the request (``AbortRequest(reason="stop")``), as vLLM's API server does.
@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,7 +43,7 @@ from modkit.request import check_prompt
 from modkit.sampling_params import SamplingParams
 from modkit.scheduler.output import EngineCoreOutput
 from modkit.trace.events import EventPublisher, RequestArrived, RequestDone, TokensOut
-from modkit.transport import AsyncInbox, Outbox
+from modkit.transport import AsyncInbox, Outbox, RpcClient, RpcTimeoutError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 RESEND_ABORTS_S = 60.0  # aborts sent this recently are sent again by resubmit()
 MAX_ABORTED = 10_000  # aborted req_ids remembered, so that late outputs for one get no second abort
 RESUBMIT_TIMEOUT_S = 10.0
+ENGINE_STATS_TIMEOUT_S = 2.0  # a scrape of /metrics waits this long for the scheduler and the KV cache manager
 
 
 @dataclass(slots=True)
@@ -80,6 +81,7 @@ class PipelineClient:
         self.error: BaseException | None = None
         self.draining = False  # set by drain(): new requests are refused with 503, those in flight finish
         self.down_components: list[str] = []  # set by the launcher's supervisor: /health says "degraded"
+        self.addresses = addresses
         self.inbox = AsyncInbox(addresses.inbox("frontend"), allow_remote=allow_remote)
         self.to_router = Outbox(addresses.inbox("router"))
         self.events = EventPublisher("frontend", addresses.events("frontend"), allow_remote)
@@ -89,6 +91,7 @@ class PipelineClient:
         self._aborted: dict[str, float] = {}  # engine req_id -> when an abort was sent for it, oldest first
         self._receiver: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.step_observers: list[Callable[[list[CompletionDelta]], None]] = []  # each step's deltas (/metrics)
         self.num_requests = 0
         self.num_finished = 0
         self.num_aborted = 0
@@ -240,6 +243,8 @@ class PipelineClient:
         if step.stopped:
             self._send_abort(step.stopped, reason="stop")
         self._publish_outputs(tracked, step.stopped)
+        for observe in self.step_observers:
+            observe(step.deltas)
         for delta in step.deltas:
             stream = self._streams.get(delta.request_id)
             if stream is None:
@@ -298,6 +303,30 @@ class PipelineClient:
             "num_rejected": self.num_rejected,
             "num_orphans_aborted": self.num_orphans_aborted,
         }
+
+    def engine_stats(self) -> list[dict[str, float]]:
+        """Each worker's counters: its scheduler's (running, waiting, preemptions, KV usage) from the
+        scheduler process, its KV pool's prefix cache counts from the KV cache manager's. Blocks: call
+        it on a thread. An empty list if either does not answer in time."""
+        try:
+            with RpcClient(self.addresses.rpc("scheduler"), ENGINE_STATS_TIMEOUT_S) as rpc:
+                workers = rpc.call("stats")["workers"]
+            with RpcClient(self.addresses.rpc("kv_cache_manager"), ENGINE_STATS_TIMEOUT_S) as rpc:
+                pools = rpc.call("stats")["pools"]
+        except RpcTimeoutError:
+            log.warning("the scheduler or the KV cache manager did not answer a /metrics scrape in time")
+            return []
+        return [
+            {
+                "num_requests_running": worker["num_requests_running"],
+                "num_requests_waiting": worker["num_requests_waiting"],
+                "num_preemptions": worker["num_preemptions"],
+                "kv_cache_usage": worker["kv_cache_usage"],
+                "prefix_cache_queries": pool["prefix_cache_queries"],
+                "prefix_cache_hits": pool["prefix_cache_hits"],
+            }
+            for worker, pool in zip(workers, pools, strict=False)
+        ]
 
     def close(self) -> None:
         if self._receiver is not None:

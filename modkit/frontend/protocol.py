@@ -2,13 +2,17 @@
 
 Request models accept the OpenAI fields modkit implements plus vLLM's extra sampling
 fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``); unknown fields are ignored, as vLLM does. Types are strict, as JSON Schema's are: ``true``
-is no integer and ``"1"`` no number (``3.0`` is an integer).
+``stop_token_ids``). Any other field is a 400 that names it: vLLM ignores fields it does
+not know (it logs them), but a client that sends ``suffix`` or ``use_beam_search`` and gets
+plain text back has no way to tell. ``model`` may be left out: the served model answers, as
+in vLLM. Types are strict, as JSON Schema's are: ``true`` is no integer and ``"1"`` no
+number (``3.0`` is an integer).
 
 Every field states its bounds here, so that a bad value is a 400 before any work is done
 and ``/openapi.json`` documents the limits (a schema-driven fuzzer reads them). The
 bounds are OpenAI's where it has them (``n`` <= 128, ``logprobs`` <= 20, ``logit_bias``
-in [-100, 100], at most 4 stop strings), vLLM's otherwise.
+in [-100, 100], at most 4 stop strings, which is also vLLM's ``VLLM_MAX_STOP_STRINGS``),
+vLLM's otherwise.
 ``SamplingParams`` checks the values again (it is also built without the API) and the
 engine checks what only it knows: token ids against the vocabulary, the prompt against
 the context length.
@@ -20,11 +24,13 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from modkit.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
 MAX_N = 128  # OpenAI's limit on completions per request; each is a request of its own in the engine
+# Prompts in one /v1/completions batch: vLLM's VLLM_MAX_COMPLETION_PROMPTS. Each has n completions.
+MAX_PROMPTS = 1024
 MAX_STOP_STRINGS = 4  # OpenAI's "up to 4 sequences"
 # Stop strings are matched against the tail of the output text after every token: a
 # bound keeps that cheap. Real ones are a few characters ("\n\nUser:").
@@ -53,14 +59,13 @@ def _integral(value: object) -> object:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _not_true(echo: bool) -> bool:
-    if echo:
-        raise ValueError("echo=true (the prompt in the output) is not supported")
-    return echo
+def _no_suffix(suffix: str | None) -> None:
+    if suffix is not None:  # vLLM: the same 400 for a model without fill-in-the-middle
+        raise ValueError("suffix is only supported for models with fill-in-the-middle completion; this one has none")
 
 
 INTEGRAL = BeforeValidator(_integral)  # after a field's bounds, so that the schema keeps them
-Echo = Annotated[bool, AfterValidator(_not_true), WithJsonSchema({"type": "boolean", "const": False})]
+Suffix = Annotated[str | None, AfterValidator(_no_suffix), WithJsonSchema({"type": "null"})]
 Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenId = Annotated[int, Field(ge=0), INTEGRAL]
@@ -106,15 +111,15 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: Text
+    model: Text | None = None  # None: the served model
     n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] = 1
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -134,7 +139,7 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: TokenIds | None = None
 
-    def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         optional: dict[str, Any] = {
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -154,6 +159,7 @@ class _SamplingFields(BaseModel):
             stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             logit_bias=bias,
             **{k: v for k, v in optional.items() if v is not None},
         )
@@ -183,6 +189,11 @@ class ChatMessage(BaseModel):
         return "".join(part.text or "" for part in self.content)
 
 
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them; ValueError for content parts other than text."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
@@ -193,25 +204,47 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # vLLM lets top_logprobs=0 through alone
             raise SamplingParamsError("top_logprobs", "top_logprobs needs logprobs=true")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
+Prompt = Annotated[Text, Field(min_length=1)]
+PromptIds = Annotated[TokenIds, Field(min_length=1)]
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Annotated[Text, Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)]
+    """``prompt`` as clients send it: a text, token ids, or a list of either (a batch). Each
+    prompt of a batch gets ``n`` choices, indexed prompt by prompt: prompt ``p``'s completion
+    ``i`` is choice ``p * n + i``, as in OpenAI's API and vLLM."""
+
+    prompt: (
+        Prompt
+        | PromptIds
+        | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)]
+        | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)]
+    )
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
-    echo: Echo = False
+    echo: bool = False  # the prompt before each choice: its text, and with logprobs its tokens' logprobs
+    suffix: Suffix = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each prompt a text or its token ids."""
+        if isinstance(self.prompt, str) or not isinstance(self.prompt[0], str | list):
+            return [self.prompt]
+        return list(self.prompt)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
             raise SamplingParamsError(
                 "best_of", f"best_of must equal n ({self.n}) if given: best_of > n is not supported, got {self.best_of}"
             )
-        return self._params(self.max_tokens or default_max_tokens, self.logprobs)
+        # With echo, the prompt's tokens are shown with logprobs too (as vLLM does).
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self._params(self.max_tokens or default_max_tokens, self.logprobs, prompt_logprobs)
 
 
 class Usage(BaseModel):
@@ -222,3 +255,46 @@ class Usage(BaseModel):
 
 def now() -> int:
     return int(time.time())
+
+
+# -- vLLM's /tokenize and /detokenize ---------------------------------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's two ``/tokenize`` bodies in one: a ``prompt`` to tokenize as ``/v1/completions``
+    would, or ``messages`` in the chat template, as ``/v1/chat/completions`` would."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, fail_fast=True)] | None = None
+    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: bool | None = (
+        None  # vLLM's defaults: true for a prompt, false for messages (the template has them)
+    )
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Text | None = None
+    tokens: TokenIds
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

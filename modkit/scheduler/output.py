@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from modkit.logprobs import TokenLogprobs
+from modkit.logprobs import PromptLogprobs, TokenLogprobs
 from modkit.sampling_params import SamplingParams
 
 # A step names why the first requests in line wait; num_waiting counts them all. Naming every
@@ -61,6 +61,8 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     # Per sampled request: the sampled token's logprob and the top alternatives, when asked for.
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    # Requests with prompt_logprobs whose prompt chunk ran this step (sampled or not): those logprobs.
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -72,6 +74,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # 'stop', 'length', 'abort'
     stop_reason: int | str | None = None
     new_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # a piece of the prompt's, when asked for (no new tokens, mid-prompt)
 
 
 @dataclass(slots=True)

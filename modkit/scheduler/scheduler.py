@@ -214,15 +214,18 @@ class Scheduler:
             step.note_waiting_queue(self.waiting, "preemption this step: no admissions")
             return
         candidates = self.waiting[: max(self.max_num_seqs - len(self.running), 0)]
-        if candidates and step.budget > 0:
-            # A hint: a KV cache manager in another process does all of the lookups and
-            # allocations below in one round trip, and answers these calls from its reply.
+        # A hint: a KV cache manager in another process does all of the lookups and allocations
+        # below in one round trip, and answers these calls from its reply (not when one asks for
+        # prompt logprobs: the reply would hold the prefix-cache hit it must not take).
+        if candidates and step.budget > 0 and all(r.sampling_params.prompt_logprobs is None for r in candidates):
             self.kv.prepare_admissions(candidates, step.budget)
         why = None  # why the first one left in line waits
         for request in candidates:
             if step.budget == 0:
                 break
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            if request.sampling_params.prompt_logprobs is not None:  # every prompt position needs its logits,
+                hit_blocks, num_hit = [], 0  # so none is skipped as cached (vLLM does the same)
             num_new = min(request.num_tokens - num_hit, step.budget)
             if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
                 why = "not enough free KV blocks"
@@ -329,6 +332,12 @@ class Scheduler:
             if request is not None and request.status == RequestStatus.RUNNING:
                 self.kv.cache_blocks(request, request.num_computed_tokens - later)
         outputs = []
+        prompt_logprobs = runner_output.prompt_logprobs
+        if prompt_logprobs:  # a prompt chunk that sampled nothing: its logprobs alone
+            sampled = set(runner_output.req_ids)
+            for req_id, piece in prompt_logprobs.items():
+                if req_id not in sampled and req_id in self.requests:
+                    outputs.append(EngineCoreOutput(req_id, [], prompt_logprobs=piece))
         logprobs = runner_output.logprobs or [None] * len(runner_output.req_ids)
         for req_id, token, lp in zip(runner_output.req_ids, runner_output.sampled_token_ids, logprobs, strict=True):
             request = self.requests.get(req_id)
@@ -343,7 +352,14 @@ class Scheduler:
                 self._finish(request, status)
                 finish_reason = status.finish_reason
             outputs.append(
-                EngineCoreOutput(req_id, [token], finish_reason, request.stop_reason, [lp] if lp is not None else None)
+                EngineCoreOutput(
+                    req_id,
+                    [token],
+                    finish_reason,
+                    request.stop_reason,
+                    [lp] if lp is not None else None,
+                    prompt_logprobs.get(req_id),
+                )
             )
         return outputs
 

@@ -1,4 +1,4 @@
-"""The serve loop every component process runs, and its ``/health`` / ``/stats`` HTTP port.
+"""The serve loop every component process runs, and its ``/health`` / ``/stats`` / ``/metrics`` HTTP port.
 
 One thread owns the component object and all its sockets::
 
@@ -21,8 +21,9 @@ answers calls.
 The HTTP port is a small stdlib server on a thread of its own. It does not touch the
 object: it asks the serve loop over RPC (``health``, ``stats``), so ``/health`` answers
 200 only while the loop really turns, and 503 when the object says it cannot do its job
-or the loop does not answer in time. ``/health`` is open to anyone who reaches the port;
-with an ``api_key``, ``/stats`` answers 401 unless the request carries
+or the loop does not answer in time. ``/metrics`` is ``/stats`` in Prometheus' text format
+(``modkit.transport.prometheus``). ``/health`` is open to anyone who reaches the port; with
+an ``api_key``, ``/stats`` and ``/metrics`` answer 401 unless the request carries
 ``Authorization: Bearer <api_key>``.
 """
 
@@ -45,6 +46,7 @@ import zmq
 
 from modkit.heap import frozen_heap
 from modkit.protocol import LOOP, LaunchKeys
+from modkit.transport.prometheus import CONTENT_TYPE, render_stats
 from modkit.transport.rpc import RemoteError, RpcClient, RpcServer, RpcTimeoutError
 
 log = logging.getLogger(__name__)
@@ -146,9 +148,10 @@ def _serve(
 
 
 class HealthHTTPServer:
-    """``GET /health`` and ``GET /stats`` on ``host:port``, answered by calling the serve loop at ``rpc_address``.
+    """``GET /health``, ``/stats`` and ``/metrics`` on ``host:port``, answered by calling the serve loop at
+    ``rpc_address``.
 
-    ``keys`` sign those calls (the launch's); ``api_key``, if set, guards ``/stats``.
+    ``keys`` sign those calls (the launch's); ``api_key``, if set, guards ``/stats`` and ``/metrics``.
     """
 
     def __init__(
@@ -180,13 +183,13 @@ def _handler_class(
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?")[0].rstrip("/")
-            if path not in ("/health", "/stats"):
-                self._reply(404, {"error": f"no route {self.path}; try /health or /stats"})
+            if path not in ("/health", "/stats", "/metrics"):
+                self._reply(404, {"error": f"no route {self.path}; try /health, /stats or /metrics"})
                 return
             if path != "/health" and not self._authorized():
                 self._reply(401, _unauthorized(path))
                 return
-            method = path.lstrip("/")
+            method = "stats" if path == "/metrics" else path.lstrip("/")
             try:
                 with RpcClient(rpc_address, HEALTH_RPC_TIMEOUT_S, keys=keys) as rpc:
                     body = rpc.call(method)
@@ -200,6 +203,9 @@ def _handler_class(
                 return
             if method == "health":
                 body.setdefault("pid", os.getpid())
+            if path == "/metrics":
+                self._send(200, render_stats(name, body), CONTENT_TYPE)
+                return
             ok = method != "health" or body.get("status") == "ok"
             self._reply(200 if ok else 503, body)
 
@@ -210,9 +216,11 @@ def _handler_class(
             return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
 
         def _reply(self, code: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
+            self._send(code, json.dumps(body).encode(), "application/json")
+
+        def _send(self, code: int, data: bytes, content_type: str) -> None:
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             if code == 401:
                 self.send_header("WWW-Authenticate", "Bearer")
             self.send_header("Content-Length", str(len(data)))

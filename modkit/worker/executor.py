@@ -116,6 +116,7 @@ class StepExecutor:
         them computes them next (the worker fills them in)."""
         sampled = step.sampled.to_lists() if step.sampled is not None else []
         output = ModelRunnerOutput(step.req_ids, [s.token_id for s in sampled], [s.logprobs for s in sampled])
+        output.prompt_logprobs = {r: lp for r, lp in step.result.prompt_logprobs.items() if r in self.states}
         self.worker.record_sampled(step.plan.step, step.req_ids, output.sampled_token_ids)
         return output
 

@@ -15,14 +15,20 @@ it planned. The worker keeps each request's last sampled token for that::
 So step S+1 can be launched before step S's tokens reach the host (vLLM's async scheduling
 does the same): the GPU runs S+1 right after S, and the host copy of S's tokens waits
 behind nothing. Launched after ``record_sampled``, the step takes the token from the host.
+
+A request with ``prompt_logprobs`` gets logits for every position of its prompt chunks,
+not only the last: the logprob of each prompt token given those before it, and the
+request's ``prompt_logprobs`` most likely tokens, are computed here, after the forward
+(``StepResult.prompt_logprobs``); the sampler sees only the rows it samples from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from modkit.logprobs import PromptLogprobs, TokenLogprobs
 from modkit.scheduler.output import SchedulerOutput
 from modkit.worker.model_runner import DeviceTokens, ModelRunner, SequenceChunk
 
@@ -40,6 +46,7 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     num_prompt_tokens: int
+    num_prompt_logprobs: int | None = None  # top tokens per prompt position; None: no prompt logprobs
 
 
 @dataclass(slots=True)
@@ -59,6 +66,7 @@ class StepResult:
     req_ids: list[str]  # in the order of the logits rows
     logits: torch.Tensor  # (len(req_ids), vocab_size) float32, on the model's device
     num_tokens: int  # tokens computed in the forward
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)  # on the host
 
 
 class Worker:
@@ -108,6 +116,9 @@ class Worker:
         chunks, sample_ids = [], []
         fill = DeviceTokens()
         position = 0  # of the chunk's first token in the flat batch
+        prompt_rows: list[tuple[str, int, int, int]] = []  # (req_id, first logits row, its position, rows)
+        sample_rows: list[int] = []  # the logits rows the sampler reads
+        num_rows = 0
         # Decodes first: attention backends batch the one-token requests apart from prompt chunks.
         order = sorted(scheduler_output.num_scheduled_tokens.items(), key=lambda item: item[1] > 1)
         for req_id, n in order:
@@ -119,18 +130,49 @@ class Worker:
             # Only a request whose every known token is now computed samples a next token;
             # a prompt chunk that stops mid-prompt gets no logits.
             samples = start + n == len(state.token_ids)
-            chunks.append(SequenceChunk(state.token_ids[start : start + n], start, state.block_ids, int(samples)))
+            # Prompt logprobs: every position of a chunk that scores a prompt token (position p's
+            # logits score token p + 1), and the last one if it samples.
+            scores = state.num_prompt_logprobs is not None and start < state.num_prompt_tokens - 1
+            num_logits = n if scores else int(samples)
+            chunks.append(SequenceChunk(state.token_ids[start : start + n], start, state.block_ids, num_logits))
             if (sampled := on_device.get(req_id)) is not None:  # its newest token: read on the device
                 fill.add(position + n - 1, sampled.device_ids, sampled.row)
+            if scores:
+                prompt_rows.append((req_id, num_rows, start, n))
             if samples:
                 sample_ids.append(req_id)
+                sample_rows.append(num_rows + num_logits - 1)
+            num_rows += num_logits
             state.num_computed_tokens += n
             position += n
         if not chunks:
             vocab = self.runner.model.config.vocab_size
             return StepResult([], torch.empty((0, vocab), device=self.runner.device), 0)
         logits = self.runner.execute(chunks, fill if fill.positions else None)
-        return StepResult(sample_ids, logits, position)
+        if not prompt_rows:
+            return StepResult(sample_ids, logits, position)
+        prompt_logprobs = {r[0]: self._prompt_logprobs(logits, *r) for r in prompt_rows}
+        rows = torch.tensor(sample_rows, dtype=torch.int64, device=logits.device)
+        return StepResult(sample_ids, logits.index_select(0, rows), position, prompt_logprobs)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, req_id: str, row: int, start: int, n: int) -> PromptLogprobs:
+        """The logprobs of the prompt tokens that positions ``start`` ... ``start + n - 1`` score, from
+        their logits: rows ``row`` ... of ``logits``."""
+        state = self.requests[req_id]
+        assert state.num_prompt_logprobs is not None
+        end = min(start + n, state.num_prompt_tokens - 1)  # the last prompt position scores no prompt token
+        targets = torch.tensor(state.token_ids[start + 1 : end + 1], device=logits.device)  # (M,)
+        logprobs = logits[row : row + len(targets)].float().log_softmax(dim=-1)  # (M, V)
+        chosen = logprobs.gather(1, targets.unsqueeze(1))  # (M, 1)
+        ranks = (logprobs >= chosen).sum(dim=-1)  # (M,): tokens tied with it count as ranked above, as sampled ones
+        top_logprobs, top_ids = logprobs.topk(state.num_prompt_logprobs, dim=-1)  # (M, K) each
+        entries = [
+            TokenLogprobs(lp, rank, ids, tops)
+            for lp, rank, ids, tops in zip(
+                chosen.squeeze(1).tolist(), ranks.tolist(), top_ids.tolist(), top_logprobs.tolist(), strict=True
+            )
+        ]
+        return PromptLogprobs(start + 1, entries)
 
     def _apply_diff(self, out: SchedulerOutput) -> dict[str, LastSampled]:
         """Bring the request table up to the plan; return the tokens this step reads on the device."""
@@ -141,7 +183,12 @@ class Worker:
         for new in out.scheduled_new_reqs:
             self.failed_req_ids.discard(new.req_id)  # readmitted after a preemption
             self.requests[new.req_id] = CachedRequestState(
-                new.req_id, list(new.token_ids), list(new.block_ids), new.num_computed_tokens, new.num_prompt_tokens
+                new.req_id,
+                list(new.token_ids),
+                list(new.block_ids),
+                new.num_computed_tokens,
+                new.num_prompt_tokens,
+                new.sampling_params.prompt_logprobs,
             )
         for cached in out.scheduled_cached_reqs:
             if cached.req_id in self.failed_req_ids:

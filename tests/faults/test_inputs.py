@@ -68,7 +68,6 @@ BOUNDS = [  # (route, fields over the defaults, the param the 400 names)
     ("text", {"logprobs": -1}, "logprobs"),
     ("text", {"best_of": 0}, "best_of"),
     ("text", {"best_of": 3}, "best_of"),  # best_of > n: not supported
-    ("text", {"echo": True}, "echo"),  # not supported
     ("text", {"max_tokens": True}, "max_tokens"),  # strict: a bool is no integer
     ("chat", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("chat", {"stop": "x" * 257}, "stop"),
@@ -160,7 +159,11 @@ MALFORMED = {  # name: (path, raw body, content type)
         json.dumps({**CHAT, "messages": [{"role": "robot", "content": "hi"}]}).encode(),
         "application/json",
     ),
-    "a prompt batch": ("/v1/completions", json.dumps({**TEXT, "prompt": ["a", "b"]}).encode(), "application/json"),
+    "a mixed prompt batch": (
+        "/v1/completions",
+        json.dumps({**TEXT, "prompt": ["a", [5]]}).encode(),
+        "application/json",
+    ),
 }
 
 
