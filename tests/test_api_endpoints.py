@@ -126,6 +126,39 @@ def test_bad_tokenize_requests_are_openai_errors(
     assert response.json()["error"]["param"] == param
 
 
+def test_tokenizer_info_lets_a_client_tokenize_through_the_server(http: TestClient, engine: AsyncEngine) -> None:
+    """What lm-eval's API models read to go without a tokenizer of their own: the special tokens,
+    and a chat template that renders as the server's own (they then tokenize via /tokenize)."""
+    import jinja2
+
+    info = http.get("/tokenizer_info").json()
+    tokenizer = engine.tokenizer
+    assert info["tokenizer_class"] == type(tokenizer).__name__
+    assert info["eos_token"] == tokenizer.eos_token
+    paths = [key for key in info if key.endswith("_file") or key == "name_or_path"]
+    assert not paths, "no path of the server's disk"
+    messages = [{"role": "user", "content": "What does a cow say?"}]
+    rendered = (
+        jinja2.Environment()
+        .from_string(info["chat_template"])
+        .render(messages=messages, add_generation_prompt=True, eos_token=info["eos_token"], bos_token=info["bos_token"])
+    )
+    assert rendered == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    eos = http.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"]
+    assert eos == [tokenizer.eos_token_id]
+
+
+def test_tokenizer_info_has_what_vllms_has(http: TestClient, engine: AsyncEngine) -> None:
+    pytest.importorskip("vllm", reason="vLLM's own TokenizerInfo is the oracle")
+    from vllm.entrypoints.serve.tokenize.serving import TokenizerInfo
+
+    tokenizer = engine.tokenizer
+    expected = json.loads(json.dumps(TokenizerInfo(tokenizer, tokenizer.chat_template).to_dict(), default=repr))
+    info = http.get("/tokenizer_info").json()
+    del expected["name_or_path"]  # where the server loaded it from: modkit does not say
+    assert {k: info.get(k) for k in expected} == expected
+
+
 def test_version_and_one_model(http: TestClient) -> None:
     assert http.get("/version").json() == {"version": modkit.__version__}
     card = http.get(f"/v1/models/{EMBEDDED_MODEL_NAME}").json()  # the name has a slash: modkit/tiny-chat

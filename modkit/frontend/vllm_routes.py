@@ -5,6 +5,10 @@
   ``messages`` (in the chat template, as ``/v1/chat/completions`` does); answers
   ``tokens``, ``count``, ``max_model_len`` and, with ``return_token_strs``, ``token_strs``.
 - ``POST /detokenize``: ``tokens`` -> ``prompt``.
+- ``GET /tokenizer_info``: the tokenizer's settings (its class, special tokens, chat
+  template), as vLLM's ``--enable-tokenizer-info-endpoint`` answers them; lm-eval's API
+  models tokenize through these three routes when a server has them, with no tokenizer of
+  their own.
 - ``GET /version``: modkit's version.
 - ``GET /metrics``: Prometheus text (``metrics.py``).
 """
@@ -69,6 +73,10 @@ def vllm_routes(
             raise APIError(400, f"token ids must be below the vocabulary's size, {vocab_size}", param="tokens")
         return DetokenizeResponse(prompt=str(await asyncio.to_thread(tokenizer.decode, req.tokens)))
 
+    @router.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return describe_tokenizer(tokenizer)
+
     @router.get("/version")
     async def version() -> dict[str, str]:
         return {"version": modkit.__version__}
@@ -79,3 +87,34 @@ def vllm_routes(
         return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE)
 
     return router
+
+
+def describe_tokenizer(tokenizer: Any) -> dict[str, Any]:
+    """The tokenizer's settings as plain JSON: what it was made with, its class, its special tokens
+    as text, and its chat template. Not where it was loaded from: no path of the server's disk
+    (vLLM's has ``name_or_path`` too)."""
+    settings = {
+        k: v
+        for k, v in dict(getattr(tokenizer, "init_kwargs", {}) or {}).items()
+        if not k.endswith("_file") and k != "name_or_path"
+    }
+    info = {k: _plain(v) for k, v in settings.items()}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        info[name] = getattr(tokenizer, name, None)
+    info["tokenizer_class"] = type(tokenizer).__name__
+    if getattr(tokenizer, "chat_template", None):
+        info["chat_template"] = tokenizer.chat_template
+    return info
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON: a special token object becomes its text; what JSON cannot hold, its repr."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
