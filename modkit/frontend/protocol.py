@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from modkit.frontend.structured import StructuredOutputFields
 from modkit.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
 MAX_N = 128  # OpenAI's limit on completions per request; each is a request of its own in the engine
@@ -111,7 +112,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(StructuredOutputFields):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: Text
@@ -155,6 +156,7 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             logit_bias=bias,
+            structured_outputs=self.constraint(),
             **{k: v for k, v in optional.items() if v is not None},
         )
 
