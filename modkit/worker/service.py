@@ -182,7 +182,8 @@ class WorkerService(WorkerSwapping):
         if output.req_ids:
             states = self.executor.states
             greedy = sum(1 for r in output.req_ids if r in states and states[r].params.temperature == 0.0)
-            self.to_sampler.send(SamplerReport(self.worker_id, len(output.req_ids), greedy, sample_s))
+            constrained = sum(1 for r in output.req_ids if r in states and states[r].grammar is not None)
+            self.to_sampler.send(SamplerReport(self.worker_id, len(output.req_ids), greedy, sample_s, constrained))
         self.num_steps += 1
         self.num_tokens += step.result.num_tokens
         self.forward_s += step.forward_s
