@@ -19,6 +19,7 @@ import openai
 import pytest
 import torch
 from pydantic import BaseModel, Field
+from waiting import wait_until
 
 from modkit import LLM, Pipeline, SamplingParams
 from modkit.model import load_tokenizer
@@ -148,6 +149,33 @@ def test_bad_constraints_are_refused_naming_the_field() -> None:
         assert err.value.field == field, (kwargs, err.value)
 
 
+def test_constrained_rows_are_never_launched_ahead(llm: LLM) -> None:
+    """Async scheduling launches a step planned ahead before the last one's tokens reach the host
+    (on a GPU; forced here on the CPU): a grammar must see every token, so a step with a
+    constrained row waits for them, and the outputs are those of a step at a time."""
+    params = [
+        SamplingParams(temperature=0, max_tokens=40),
+        constrained(json=PET_SCHEMA),
+        constrained(0.7, 2, regex=REGEX),
+    ]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+
+    def run() -> list[list[str]]:
+        return [[o.text for o in r.outputs] for r in llm.generate(prompts, params, use_tqdm=False)]
+
+    llm.engine.launch_ahead = False
+    one_at_a_time = run()
+    llm.engine.launch_ahead = True
+    try:
+        launched_before = llm.engine.num_launched_ahead
+        assert run() == one_at_a_time
+        free_only = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
+        assert free_only[0].outputs[0].text == one_at_a_time[0][0]
+        assert llm.engine.num_launched_ahead > launched_before, "free rows alone are launched ahead"
+    finally:
+        llm.engine.launch_ahead = False
+
+
 # -- through the pipeline's OpenAI API ------------------------------------------------
 
 
@@ -187,6 +215,8 @@ def test_parse_with_a_pydantic_model_and_extra_body_constraints(pipeline: Pipeli
             extra_body={"structured_outputs": {"choice": CHOICES}},
         )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in CHOICES
+    # The sampler process counts the tokens its grammar stage masked (reports arrive after each step).
+    assert wait_until(lambda: pipeline.stats()["sampler"]["num_tokens_constrained"] >= 2 * 3, timeout_s=10)
 
 
 @pytest.mark.slow
@@ -239,33 +269,6 @@ def test_the_grammar_stage_swaps_with_the_sampler(pipeline: Pipeline) -> None:
     finally:
         pipeline.swap("sampler", "default")
     assert ask() in CHOICES
-
-
-def test_constrained_rows_are_never_launched_ahead(llm: LLM) -> None:
-    """Async scheduling launches a step planned ahead before the last one's tokens reach the host
-    (on a GPU; forced here on the CPU): a grammar must see every token, so a step with a
-    constrained row waits for them, and the outputs are those of a step at a time."""
-    params = [
-        SamplingParams(temperature=0, max_tokens=40),
-        constrained(json=PET_SCHEMA),
-        constrained(0.7, 2, regex=REGEX),
-    ]
-    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
-
-    def run() -> list[list[str]]:
-        return [[o.text for o in r.outputs] for r in llm.generate(prompts, params, use_tqdm=False)]
-
-    llm.engine.launch_ahead = False
-    one_at_a_time = run()
-    llm.engine.launch_ahead = True
-    try:
-        launched_before = llm.engine.num_launched_ahead
-        assert run() == one_at_a_time
-        free_only = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
-        assert free_only[0].outputs[0].text == one_at_a_time[0][0]
-        assert llm.engine.num_launched_ahead > launched_before, "free rows alone are launched ahead"
-    finally:
-        llm.engine.launch_ahead = False
 
 
 @pytest.mark.slow  # imports vLLM

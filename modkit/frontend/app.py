@@ -44,7 +44,7 @@ from modkit.frontend.guards import (
 from modkit.frontend.interface import EngineClient
 from modkit.frontend.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from modkit.frontend.shaping import Shaper
-from modkit.model import encode_chat
+from modkit.frontend.tools import encode_chat_with_tools, template_message
 from modkit.sampling_params import SamplingParams, SamplingParamsError
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,8 @@ def build_app(
         if first is None:
             return Response(status_code=499)  # the client left; nobody reads this
         shaper = Shaper(engine, kind, request_id, model_name, len(prompt_ids), params)
+        if isinstance(req, ChatCompletionRequest):
+            shaper.tool_calls = req.tool_call_output()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(first, deltas, shaper, include_usage), media_type="text/event-stream")
@@ -251,10 +253,13 @@ def build_app(
     async def chat(req: ChatCompletionRequest, http: Request) -> Response:
         check_model(req.model)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            messages = [template_message(m.role, m.text(), m.tool_calls, m.tool_call_id) for m in req.messages]
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from err
-        return await serve(req, "chat", lambda: encode_chat(engine.tokenizer, messages), None, http)
+        # As vLLM by default, the tools are in the prompt even under tool_choice="none".
+        return await serve(
+            req, "chat", lambda: encode_chat_with_tools(engine.tokenizer, messages, req.tools), None, http
+        )
 
     @app.post("/v1/completions", responses=STREAMED_RESPONSES)
     async def completions(req: CompletionRequest, http: Request) -> Response:

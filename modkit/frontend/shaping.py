@@ -12,6 +12,7 @@ from typing import Any
 
 from modkit.engine.output_processor import CompletionDelta
 from modkit.frontend.interface import EngineClient
+from modkit.frontend.tools import ToolCallOutput
 from modkit.sampling_params import SamplingParams
 
 
@@ -24,6 +25,7 @@ class Shaper:
         self.engine, self.kind, self.id, self.model = engine, kind, request_id, model
         self.prompt_len, self.params, self.created = prompt_len, params, int(time.time())
         self.completion_tokens = 0
+        self.tool_calls: ToolCallOutput | None = None  # chat with tools: reads calls out of the text
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -57,6 +59,8 @@ class Shaper:
         }
         if self.kind == "chat":
             choice["delta"] = {"content": d.text} if d.text or d.finish_reason is None else {}
+            if self.tool_calls is not None:
+                choice["delta"], choice["finish_reason"] = self.tool_calls.delta(d.index, d.text, d.finish_reason)
             return self._envelope("chat.completion.chunk", [choice])
         choice["text"] = d.text
         return self._envelope("text_completion", [choice])
@@ -80,6 +84,8 @@ class Shaper:
             }
             if self.kind == "chat":
                 choice["message"] = {"role": "assistant", "content": text}
+                if self.tool_calls is not None:
+                    choice["message"], choice["finish_reason"] = self.tool_calls.message(text, last.finish_reason)
             else:
                 choice["text"] = text
             choices.append(choice)
