@@ -13,8 +13,9 @@ import jsonschema
 import pytest
 
 from modkit import Pipeline
+from modkit.frontend.hermes import HermesToolParser, parse_tool_calls
 from modkit.frontend.protocol import ChatCompletionRequest
-from modkit.frontend.tools import HermesToolParser, ToolCallOutput, encode_chat_with_tools, parse_tool_calls
+from modkit.frontend.tools import ToolCallOutput, encode_chat_with_tools
 from modkit.model import load_tokenizer
 from modkit.sampling_params import SamplingParamsError
 
