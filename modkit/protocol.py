@@ -257,6 +257,7 @@ class SamplerReport(msgspec.Struct, tag="sampled", frozen=True):
     num_tokens: int
     num_greedy: int  # of those, sampled with temperature 0
     seconds: float
+    num_constrained: int = 0  # of those, masked by a grammar (structured outputs, tool calls)
 
 
 class SwapRolledBack(msgspec.Struct, tag="rolled_back", frozen=True):

@@ -6,7 +6,8 @@ none may edit it. Fields fall into three groups:
 
 - what the **sampler** reads each step: ``temperature``, ``top_p``, ``top_k``, ``min_p``,
   ``seed``, the three penalties, ``logit_bias``, ``min_tokens`` (with ``stop_token_ids``
-  and the model's eos ids), ``logprobs``;
+  and the model's eos ids), ``logprobs``, ``structured_outputs`` (a grammar the output must
+  follow, ``StructuredOutputsParams``);
 - what the **engine** reads to decide when a request is finished: ``max_tokens``,
   ``stop_token_ids``, ``ignore_eos``, ``stop`` (strings, checked on the detokenized text);
 - what the **detokenizer / API layer** reads: ``n``, ``stop``, ``include_stop_str_in_output``,
@@ -20,9 +21,13 @@ it into an OpenAI-style 400 with ``param`` filled in.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 # A temperature below this is greedy sampling (vLLM's _SAMPLING_EPS): dividing logits by it
 # would overflow, and the distribution is a point mass on the argmax anyway.
@@ -49,6 +54,103 @@ class SamplingParamsError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputsParams:
+    """One grammar the output must follow (vLLM's ``StructuredOutputsParams``): exactly one field set.
+
+    The sampler compiles it once per request (xgrammar, ``modkit.sampler.structured``) and
+    masks, at every step, each token the grammar does not allow next; once the grammar is
+    complete only an end-of-sequence token is allowed, so the request finishes with
+    ``finish_reason="stop"``. The grammar is checked here, so a bad one is a
+    ``SamplingParamsError`` (a 400) before any work is done.
+    """
+
+    json: str | dict[str, Any] | None = None
+    """A JSON schema (as a dict or its JSON text): the output is one JSON value valid against it."""
+    regex: str | None = None
+    """A regular expression the whole output matches."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """An EBNF grammar (GBNF style, with a ``root`` rule) the output is a sentence of."""
+    json_object: bool | None = None
+    """True: the output is any JSON object (OpenAI's ``response_format={"type": "json_object"}``)."""
+    disable_any_whitespace: bool = False
+    """JSON without free whitespace: ``{"a":1,"b":2}``. Default False: any whitespace between JSON
+    tokens, as vLLM allows, but at most 16 characters in a row (``grammar.MAX_JSON_WHITESPACE``, modkit's
+    bound: a small model may otherwise emit newlines until ``max_tokens``)."""
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in CONSTRAINT_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise SamplingParamsError(
+                "structured_outputs",
+                f"structured_outputs takes exactly one of {', '.join(CONSTRAINT_KINDS)}; got {kinds or 'none'}",
+            )
+        kind = kinds[0]
+        value = getattr(self, kind)
+        if kind == "json" and not isinstance(value, str | dict):
+            raise SamplingParamsError(
+                "structured_outputs.json", f"json must be a JSON schema (object or text), got {value!r}"
+            )
+        if kind in ("regex", "grammar") and not (isinstance(value, str) and value):
+            raise SamplingParamsError(f"structured_outputs.{kind}", f"{kind} must be a non-empty string, got {value!r}")
+        if kind == "choice" and not (
+            isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)
+        ):
+            raise SamplingParamsError(
+                "structured_outputs.choice", f"choice must be a list of non-empty strings, got {value!r}"
+            )
+        if kind == "json_object" and value is not True:
+            raise SamplingParamsError(
+                "structured_outputs.json_object", f"json_object must be true if given, got {value!r}"
+            )
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise SamplingParamsError(
+                "structured_outputs.disable_any_whitespace", "disable_any_whitespace must be True or False"
+            )
+        if (error := _grammar_error(kind, self.source)) is not None:
+            raise SamplingParamsError(f"structured_outputs.{kind}", f"invalid {kind}: {error}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(k for k in CONSTRAINT_KINDS if getattr(self, k) is not None)
+
+    @property
+    def source(self) -> str:
+        """The constraint as one string (a schema as JSON text, choices as a JSON list); keys keep
+        their order, which is the order a schema's properties are generated in."""
+        value = getattr(self, self.kind)
+        if isinstance(value, str):
+            return value
+        return json.dumps(value)
+
+
+# The fields of StructuredOutputsParams that are constraints, in the order vLLM lists them.
+CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar_error(kind: str, source: str) -> str | None:
+    """Why xgrammar cannot read this constraint, or None if it can. Needs no tokenizer, so the API
+    checks it before a request is queued. Cached: ``child_params`` and every decode of the
+    request on the wire check it again."""
+    import xgrammar as xgr  # imported only where grammars are used
+
+    try:
+        if kind == "json":
+            xgr.Grammar.from_json_schema(source)
+        elif kind == "regex":
+            xgr.Grammar.from_regex(source)
+        elif kind == "grammar":
+            xgr.Grammar.from_ebnf(source)
+    except (RuntimeError, ValueError) as err:  # xgrammar's parse errors: the first line says what and where
+        first = (str(err).strip().splitlines() or ["unreadable"])[0]
+        return re.sub(r"^(\[[^\]]*\]\s*)?\S+\.cc:\d+:\s*", "", first)  # less "[time] file.cc:line: "
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +244,11 @@ class SamplingParams:
     detokenize: bool = True
     """Produce output text, not only token ids. Default True. Stop strings need it."""
 
+    structured_outputs: StructuredOutputsParams | None = None
+    """A grammar the output must follow (a JSON schema, any JSON, a regex, one of some strings,
+    an EBNF grammar): the sampler masks every token the grammar does not allow next. Default
+    None = free text. See ``StructuredOutputsParams``."""
+
     def __post_init__(self) -> None:
         # The dataclass is frozen: normalised values are written with object.__setattr__.
         set_ = object.__setattr__
@@ -203,6 +310,11 @@ class SamplingParams:
                     f"{name} must be in [0, {MAX_LOGPROBS}] (or None; {MAX_LOGPROBS} is OpenAI's limit), got {value}",
                 )
         set_(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise SamplingParamsError(
+                "structured_outputs",
+                f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}",
+            )
 
     @property
     def sampling_type(self) -> SamplingType:

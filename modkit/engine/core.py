@@ -24,7 +24,7 @@ from modkit.sampler import Sampler, get_sampler
 from modkit.scheduler import EngineCoreOutput, Scheduler, SchedulerOutput
 from modkit.scheduler.interface import PlansAhead, SchedulerInterface
 from modkit.scheduler.step import never_fits_message, waits_for_ever
-from modkit.worker.executor import LaunchedStep, StepExecutor, build_worker
+from modkit.worker.executor import LaunchedStep, StepExecutor, build_worker, grammar_backend
 
 if TYPE_CHECKING:
     from modkit.vllm_v1.kv_cache_manager import VLLMKVCacheManager
@@ -63,7 +63,9 @@ class EngineCore:
         log.info(self.memory.describe(self.max_model_len))
         self.kv_manager, self.scheduler = self._scheduler(config, self.memory.num_blocks, kv_event_sink)
         sampler = get_sampler(config.sampler, seed=config.seed)
-        self.executor = StepExecutor(self.worker, sampler, self.model.config.eos_token_ids)
+        self.executor = StepExecutor(
+            self.worker, sampler, self.model.config.eos_token_ids, grammar_backend(config.model, self.model.config)
+        )
         self.async_scheduling = config.async_scheduling  # may be switched between steps (scripts/profile_step.py)
         # Async scheduling on a GPU: a step planned ahead is also launched ahead, before the step
         # before it has brought its tokens to the host (it reads them on the device). On a CPU

@@ -52,11 +52,10 @@ from modkit.frontend.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
-    chat_messages,
 )
 from modkit.frontend.shaping import Shaper, merge_full, usage_chunk
+from modkit.frontend.tools import encode_chat_with_tools, template_message
 from modkit.frontend.vllm_routes import vllm_routes
-from modkit.model import encode_chat
 from modkit.sampling_params import SamplingParams, SamplingParamsError
 
 log = logging.getLogger(__name__)
@@ -277,6 +276,8 @@ def build_app(
             )
             for i, (p, ps) in enumerate(zip(prompts, params, strict=True))
         ]
+        if isinstance(req, ChatCompletionRequest):  # one prompt: its choices may carry tool calls
+            shapers[0].tool_calls = req.tool_call_output()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(firsts, streams, shapers, include_usage), media_type="text/event-stream")
@@ -291,10 +292,13 @@ def build_app(
     async def chat(req: ChatCompletionRequest, http: Request) -> Response:
         check_model(req.model)
         try:
-            messages = chat_messages(req.messages)
+            messages = [template_message(m.role, m.text(), m.tool_calls, m.tool_call_id) for m in req.messages]
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from err
-        return await serve(req, "chat", lambda: [Prompt(encode_chat(engine.tokenizer, messages), None)], http)
+        # As vLLM by default, the tools are in the prompt even under tool_choice="none".
+        return await serve(
+            req, "chat", lambda: [Prompt(encode_chat_with_tools(engine.tokenizer, messages, req.tools), None)], http
+        )
 
     @app.post("/v1/completions", responses=STREAMED_RESPONSES)
     async def completions(req: CompletionRequest, http: Request) -> Response:

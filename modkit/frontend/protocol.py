@@ -26,7 +26,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
-from modkit.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
+from modkit.frontend.structured import StructuredOutputFields
+from modkit.frontend.tools import ToolCall, ToolFields
+from modkit.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError, StructuredOutputsParams
 
 MAX_N = 128  # OpenAI's limit on completions per request; each is a request of its own in the engine
 # Prompts in one /v1/completions batch: vLLM's VLLM_MAX_COMPLETION_PROMPTS. Each has n completions.
@@ -116,7 +118,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(StructuredOutputFields):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: Text | None = None  # None: the served model
@@ -161,6 +163,7 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias=bias,
+            structured_outputs=self.constraint(),
             **{k: v for k, v in optional.items() if v is not None},
         )
 
@@ -179,6 +182,8 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[ContentPart], Field(fail_fast=True)] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back with the conversation
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
@@ -194,7 +199,7 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.text()} for m in messages]
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, ToolFields):
     messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = (
@@ -208,6 +213,18 @@ class ChatCompletionRequest(_SamplingFields):
             raise SamplingParamsError("top_logprobs", "top_logprobs needs logprobs=true")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """``response_format`` or ``structured_outputs``, or the grammar of ``tool_choice`` (not both)."""
+        tools = self.tool_constraint()
+        if tools is None:
+            return super().constraint()
+        if self.structured_outputs is not None or (self.response_format and self.response_format.type != "text"):
+            raise SamplingParamsError(
+                "tool_choice",
+                f"tool_choice={self.tool_mode()} does not combine with response_format or structured_outputs",
+            )
+        return tools
 
 
 Prompt = Annotated[Text, Field(min_length=1)]

@@ -18,6 +18,7 @@ from typing import Any
 
 from modkit.engine.output_processor import CompletionDelta
 from modkit.frontend.interface import EngineClient
+from modkit.frontend.tools import ToolCallOutput
 from modkit.sampling_params import SamplingParams
 
 
@@ -45,6 +46,7 @@ class Shaper:
         self.completion_tokens = 0
         self._echoed: set[int] = set()  # choices whose stream has had the prompt
         self._offsets: dict[int, int] = {}  # choice -> text_offset of its next token, in a stream
+        self.tool_calls: ToolCallOutput | None = None  # chat with tools: reads calls out of the text
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -84,6 +86,8 @@ class Shaper:
         }
         if self.kind == "chat":
             choice["delta"] = {"content": d.text} if d.text or d.finish_reason is None else {}
+            if self.tool_calls is not None:
+                choice["delta"], choice["finish_reason"] = self.tool_calls.delta(d.index, d.text, d.finish_reason)
             return self._envelope("chat.completion.chunk", [choice])
         choice["text"] = d.text
         if echoing:
@@ -111,6 +115,8 @@ class Shaper:
             }
             if self.kind == "chat":
                 choice["message"] = {"role": "assistant", "content": text}
+                if self.tool_calls is not None:
+                    choice["message"], choice["finish_reason"] = self.tool_calls.message(text, last.finish_reason)
             else:
                 choice["text"] = (self.echo or "") + text
             choices.append(choice)

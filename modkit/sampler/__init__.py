@@ -5,6 +5,7 @@ Importing this package registers the built-in samplers ("default", "per_request"
 
 from modkit.sampler import per_request as _per_request  # noqa: F401  (registers "per_request")
 from modkit.sampler import sampler as _sampler  # noqa: F401  (registers "default")
+from modkit.sampler.grammar import GrammarBackend, RequestGrammar
 from modkit.sampler.interface import (
     LogprobsTensors,
     SampledToken,
@@ -21,7 +22,9 @@ from modkit.sampler.sampler import DefaultSampler
 
 __all__ = [
     "DefaultSampler",
+    "GrammarBackend",
     "LogprobsTensors",
+    "RequestGrammar",
     "SampledToken",
     "Sampler",
     "SamplerOutput",

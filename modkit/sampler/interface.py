@@ -12,14 +12,16 @@ The engine owns one ``SamplingState`` per request, for the request's whole life:
 it with ``SamplingState.create`` when the request arrives, appends every sampled token to
 ``state.output_token_ids`` after each step, and drops it when the request finishes. The
 sampler reads states and never changes them, except that drawing a seeded row's noise
-advances that row's generator. Hence, for a seeded request, the token drawn at step ``t``
+advances that row's generator, and a constrained row's grammar matcher is advanced to the
+row's output tokens. Hence, for a seeded request, the token drawn at step ``t``
 depends only on its seed, its logits, its tokens so far and ``t``, not on the batch around it.
 
 A sampler must, for every row:
 
 1. report logprobs (when asked) of the *raw* logits it was given (vLLM's default
    ``raw_logprobs``), whatever it does to the logits afterwards;
-2. apply ``logit_bias``, then the ``min_tokens`` mask, then the repetition / frequency /
+2. mask every token a row's grammar does not allow next (structured outputs, ``grammar.py``),
+   then apply ``logit_bias``, then the ``min_tokens`` mask, then the repetition / frequency /
    presence penalties: these change which token is most likely, so they apply to greedy rows too;
 3. greedy rows (``temperature < 1e-5``): take the argmax;
 4. random rows: divide by ``temperature``, then apply the ``min_p``, ``top_k`` and ``top_p``
@@ -45,7 +47,8 @@ from modkit.logprobs import TokenLogprobs
 from modkit.registry import Registry
 from modkit.sampling_params import SamplingParams, SamplingType
 
-if TYPE_CHECKING:  # metadata.py imports this module
+if TYPE_CHECKING:  # metadata.py and grammar.py import this module
+    from modkit.sampler.grammar import RequestGrammar
     from modkit.sampler.metadata import RowParams
 
 
@@ -64,6 +67,9 @@ class SamplingState:
     eos_token_ids: tuple[int, ...] = ()
     """The model's end-of-sequence ids. The sampler masks them, with ``stop_token_ids``, until
     ``min_tokens`` is reached (even under ``ignore_eos``, as vLLM does)."""
+    grammar: RequestGrammar | None = field(default=None, compare=False, repr=False)
+    """The request's grammar matcher (``params.structured_outputs``), made by the engine's
+    ``GrammarBackend``; None for free text. The sampler advances it to ``output_token_ids``."""
     row: RowParams | None = field(default=None, compare=False, repr=False)
     """What ``params`` contribute to a step's sampling tensors, read once for the request's
     life (``SamplingMetadata``; ``params`` never change)."""
@@ -75,23 +81,25 @@ class SamplingState:
         prompt_token_ids: Sequence[int],
         device: torch.device | str,
         eos_token_ids: Sequence[int] = (),
+        grammar: RequestGrammar | None = None,
     ) -> SamplingState:
         """A fresh state; seeded random requests get a generator on ``device`` seeded with ``params.seed``."""
+        assert (grammar is None) == (params.structured_outputs is None), "a grammar exactly for structured outputs"
         generator = None
         if params.sampling_type == SamplingType.RANDOM_SEED:
             assert params.seed is not None
             generator = torch.Generator(device=device)
             generator.manual_seed(params.seed)
-        return cls(params, list(prompt_token_ids), [], generator, tuple(eos_token_ids))
+        return cls(params, list(prompt_token_ids), [], generator, tuple(eos_token_ids), grammar)
 
     @property
     def reads_output_tokens(self) -> bool:
-        """Whether the default sampler reads this row's output tokens: their values (a penalty) or
-        their count (``min_tokens`` not yet reached). Rows that do not can be sampled before the
-        last step's token reaches ``output_token_ids`` (``Sampler.can_sample_ahead``)."""
+        """Whether the default sampler reads this row's output tokens: their values (a penalty, a
+        grammar) or their count (``min_tokens`` not yet reached). Rows that do not can be sampled
+        before the last step's token reaches ``output_token_ids`` (``Sampler.can_sample_ahead``)."""
         params = self.params
         penalised = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
-        return bool(penalised) or len(self.output_token_ids) < params.min_tokens
+        return bool(penalised) or self.grammar is not None or len(self.output_token_ids) < params.min_tokens
 
     @property
     def min_tokens_masked_ids(self) -> list[int]:

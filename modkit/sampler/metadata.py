@@ -1,7 +1,8 @@
 """``SamplingMetadata``: one step's per-request parameters, gathered into tensors on the device.
 
 This is the only place the sampler loops over requests in Python: once per step, to read
-each row's ``SamplingParams`` into small lists, which become a handful of tensors. All work
+each row's ``SamplingParams`` into small lists, which become a handful of tensors (and, for
+rows with structured outputs, to step their grammar matchers: ``grammar.py``). All work
 over the vocabulary happens afterwards, batched. Optional parts are None when no row of the
 step uses them, so a batch of plain greedy requests pays for nothing it does not use.
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from modkit.sampler.grammar import GrammarMask, states_grammar_mask
 from modkit.sampler.interface import SamplingState
 from modkit.sampling_params import SamplingParams, SamplingType
 from modkit.transfer import to_device
@@ -56,6 +58,7 @@ class SamplingMetadata:
     max_top_k: int  # largest top_k in use, for torch.topk
     top_p: torch.Tensor | None  # (N,) float32, 1 = off
     generators: dict[int, torch.Generator]  # row -> its own generator, for seeded random rows
+    grammar: GrammarMask | None  # tokens each constrained row's grammar allows next (structured outputs)
     logit_bias: TokenEdits | None  # added to the logits
     min_tokens_mask: TokenEdits | None  # set to -inf: eos and stop ids of rows short of min_tokens
     penalties: PenaltyTensors | None
@@ -115,6 +118,7 @@ class SamplingMetadata:
             max_top_k=max(top_k, default=0),
             top_p=floats(top_p) if any(p < 1 for p in top_p) else None,
             generators=generators,
+            grammar=states_grammar_mask(states, vocab_size, device),
             logit_bias=TokenEdits(ints(bias_rows), ints(bias_ids), floats(bias_values)) if bias_rows else None,
             min_tokens_mask=TokenEdits(ints(mask_rows), ints(mask_ids), None) if mask_rows else None,
             penalties=_penalty_tensors(states, vocab_size, device) if any(r.penalised for r in rows) else None,

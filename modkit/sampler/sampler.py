@@ -5,7 +5,7 @@ One step, for logits (N, V) and N sampling states::
     raw logits ──► log_softmax ──────────────────────────────────────────► logprobs (rows that asked)
         │
         ▼  logits processors: they can move the argmax, so greedy rows get them too
-    + logit_bias ──► min_tokens mask ──► penalties
+    grammar mask ──► + logit_bias ──► min_tokens mask ──► penalties
         │
         ├──► greedy rows: argmax
         ▼
@@ -13,7 +13,11 @@ One step, for logits (N, V) and N sampling states::
 
 Everything runs on the logits' device with one op per stage for the whole batch; rows whose
 parameter is off pass through a stage unchanged. The only Python loop over requests builds
-the step's ``SamplingMetadata``, plus one noise draw per seeded row.
+the step's ``SamplingMetadata``, plus one noise draw per seeded row and, for rows with
+structured outputs, one grammar matcher step each (``grammar.py``).
+
+Each stage is a method, so a sampler swapped in (``Pipeline.swap("sampler", ...)``) can
+replace one stage and inherit the others: ``apply_structured_outputs`` for the grammar mask.
 
 ``DefaultSampler.probs`` runs the same stages and stops before the race: it returns the
 distribution each row's token is drawn from, for a notebook to plot or a test to check.
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from modkit.sampler.grammar import GrammarMask, apply_grammar_mask
 from modkit.sampler.interface import LogprobsTensors, Sampler, SamplerOutput, SamplingState, register_sampler
 from modkit.sampler.metadata import SamplingMetadata
 from modkit.sampler.penalties import apply_penalties
@@ -66,7 +71,9 @@ class DefaultSampler(Sampler):
         return not any(s.reads_output_tokens for s in states)
 
     def apply_logits_processors(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        """logit_bias, then the min_tokens mask, then penalties. May modify ``logits`` (N, V) in place."""
+        """The grammar mask, logit_bias, the min_tokens mask, penalties. May modify ``logits`` (N, V) in place."""
+        if (grammar := metadata.grammar) is not None:
+            logits = self.apply_structured_outputs(logits, grammar)
         if (bias := metadata.logit_bias) is not None:
             assert bias.values is not None
             logits.index_put_((bias.rows, bias.token_ids), bias.values, accumulate=True)
@@ -76,6 +83,11 @@ class DefaultSampler(Sampler):
             logits = apply_penalties(
                 logits, p.prompt_token_ids, p.output_token_ids, p.presence, p.frequency, p.repetition
             )
+        return logits
+
+    def apply_structured_outputs(self, logits: torch.Tensor, grammar: GrammarMask) -> torch.Tensor:
+        """Structured outputs: -inf on every token a constrained row's grammar does not allow next."""
+        apply_grammar_mask(logits, grammar)
         return logits
 
     def sample_tokens(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:

@@ -61,10 +61,12 @@ class SamplerService(SwapOwner):
         for message in self.inbox.drain():
             if isinstance(message, SamplerReport):
                 totals = self.per_worker.setdefault(
-                    message.worker_id, {"num_tokens": 0, "num_greedy": 0, "num_steps": 0, "seconds": 0.0}
+                    message.worker_id,
+                    {"num_tokens": 0, "num_greedy": 0, "num_constrained": 0, "num_steps": 0, "seconds": 0.0},
                 )
                 totals["num_tokens"] += message.num_tokens
                 totals["num_greedy"] += message.num_greedy
+                totals["num_constrained"] += message.num_constrained
                 totals["num_steps"] += 1
                 totals["seconds"] += message.seconds
             elif isinstance(message, SwapRolledBack):
@@ -135,6 +137,7 @@ class SamplerService(SwapOwner):
         seconds = sum(w["seconds"] for w in self.per_worker.values())
         return {
             "num_tokens_sampled": tokens,
+            "num_tokens_constrained": sum(int(w["num_constrained"]) for w in self.per_worker.values()),
             "sample_s_total": seconds,
             "us_per_token": 1e6 * seconds / tokens if tokens else 0.0,
             "workers": {str(k): v for k, v in sorted(self.per_worker.items())},

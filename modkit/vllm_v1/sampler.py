@@ -6,7 +6,8 @@ does the work; its output comes back as modkit's ``SamplerOutput``::
     states --> vllm.SamplingParams per row --> builtin logits processors (min_tokens,
            \\                                   logit_bias, min_p), fed one BatchUpdate
             --> SamplingMetadata (temperature, top_k/top_p, penalties, generators)
-    logits --> vllm Sampler --> sampled (N, 1) int32 + LogprobsTensors --> modkit SamplerOutput
+    logits --> grammar mask (structured outputs, modkit.sampler.grammar) --> vllm Sampler
+           --> sampled (N, 1) int32 + LogprobsTensors --> modkit SamplerOutput
 
 Where vLLM and modkit's ``DefaultSampler`` agree: raw logprobs, greedy argmax after
 logit_bias / min_tokens / penalties, top_k / top_p / min_p masks, their order.
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from modkit.sampler.grammar import apply_grammar_mask, states_grammar_mask
 from modkit.sampler.interface import LogprobsTensors, Sampler, SamplerOutput, SamplingState
 from modkit.sampling_params import SamplingType
 from modkit.vllm_v1.bridge import (
@@ -70,7 +72,11 @@ class VLLMSampler(Sampler):
         global_seed = int(torch.randint(0, 2**62, (), generator=self._seeds))
         with torch.random.fork_rng(devices=devices), torch.compiler.set_stance("force_eager"):
             torch.manual_seed(global_seed)
-            out = self.sampler(logits.to(torch.float32, copy=True), metadata)
+            processed = logits.to(torch.float32, copy=True)
+            # Structured outputs: vLLM masks in its model runner, before its sampler; so here.
+            if (grammar := states_grammar_mask(states, logits.shape[1], logits.device)) is not None:
+                apply_grammar_mask(processed, grammar)
+            out = self.sampler(processed, metadata)
         sampled = out.sampled_token_ids.view(-1).to(torch.int64)  # (N,)
         logprobs = None
         if out.logprobs_tensors is not None:

@@ -11,11 +11,12 @@
 call, or a ZeroMQ message), and in when they finish a launched step.
 
 The executor keeps each request's ``SamplingState`` (its sampling parameters, its outputs so
-far for penalties and ``min_tokens``, its seeded generator) in step with the plan's diff, as
-the worker keeps its request table: created when the request is first scheduled, dropped
-when the plan says it finished. A preempted request keeps its state: when it is resumed,
-its seeded generator goes on where it stopped, so a seeded request samples the same tokens
-whether or not it was preempted, in-process and in the pipeline.
+far for penalties and ``min_tokens``, its seeded generator, its grammar matcher for
+structured outputs) in step with the plan's diff, as the worker keeps its request table:
+created when the request is first scheduled, dropped when the plan says it finished. A
+preempted request keeps its state: when it is resumed, its seeded generator goes on where
+it stopped, so a seeded request samples the same tokens whether or not it was preempted,
+in-process and in the pipeline.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from modkit.engine.config import EngineConfig
+from modkit.model import load_tokenizer
+from modkit.model.config import ModelConfig
 from modkit.model.decoder import CausalLM
-from modkit.sampler import Sampler, SamplerOutput, SamplingState
+from modkit.sampler import GrammarBackend, Sampler, SamplerOutput, SamplingState
 from modkit.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from modkit.worker.kv_cache import PagedKVCache
 from modkit.worker.memory import MemoryPlan, plan_kv_cache
@@ -63,6 +67,11 @@ def build_worker(
     return worker, memory
 
 
+def grammar_backend(model: str | Path | None, config: ModelConfig) -> GrammarBackend:
+    """Compiles structured outputs for the model's vocabulary; its tokenizer is loaded on the first grammar."""
+    return GrammarBackend(lambda: load_tokenizer(model), config.vocab_size, config.eos_token_ids)
+
+
 @dataclass(slots=True)
 class LaunchedStep:
     """A step whose forward and sampling are queued on the device; its tokens are not on the host yet."""
@@ -84,10 +93,13 @@ class LaunchedStep:
 class StepExecutor:
     """Runs the scheduler's plans on a ``Worker`` and samples next to the logits."""
 
-    def __init__(self, worker: Worker, sampler: Sampler, eos_token_ids: Sequence[int]) -> None:
+    def __init__(
+        self, worker: Worker, sampler: Sampler, eos_token_ids: Sequence[int], grammars: GrammarBackend | None = None
+    ) -> None:
         self.worker = worker
         self.sampler = sampler
         self.eos_token_ids = tuple(eos_token_ids)
+        self.grammars = grammars  # compiles structured outputs; None: requests with them fail
         self.device = worker.runner.device
         self.states: dict[str, SamplingState] = {}  # req_id -> its sampling state, from first scheduled to finished
 
@@ -144,7 +156,12 @@ class StepExecutor:
             state = self.states.get(new.req_id)
             if state is None:  # first scheduled (a resumed request keeps its state, and its generator)
                 prompt = new.token_ids[: new.num_prompt_tokens]
-                state = SamplingState.create(new.sampling_params, prompt, self.device, self.eos_token_ids)
+                params = new.sampling_params
+                grammar = None
+                if params.structured_outputs is not None:
+                    assert self.grammars is not None, "structured outputs need a GrammarBackend"
+                    grammar = self.grammars.grammar(params.structured_outputs)
+                state = SamplingState.create(params, prompt, self.device, self.eos_token_ids, grammar)
                 self.states[new.req_id] = state
             state.output_token_ids = outputs
         for cached in plan.scheduled_cached_reqs:

@@ -52,7 +52,7 @@ from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import EventPublisher, ForwardEvent
 from modkit.transport import Inbox, Outbox, RpcClient
 from modkit.transport.channels import Beacon
-from modkit.worker.executor import LaunchedStep, StepExecutor, build_worker
+from modkit.worker.executor import LaunchedStep, StepExecutor, build_worker, grammar_backend
 from modkit.worker.swapping import WorkerSwapping
 
 HEARTBEAT_INTERVAL_S = 0.5
@@ -86,7 +86,9 @@ class WorkerService(WorkerSwapping):
         self.sampler_name = choice["implementation"]
         spec = msgspec.convert(choice["spec"], ImplSpec)
         sampler: Sampler = resolve(spec, SAMPLERS.get, swap_key)(seed=choice["seed"])
-        self.executor = StepExecutor(self.worker, sampler, self.model.config.eos_token_ids)
+        self.executor = StepExecutor(
+            self.worker, sampler, self.model.config.eos_token_ids, grammar_backend(engine.model, self.model.config)
+        )
         self.attention_backend_spec = ImplSpec(name=engine.attention_backend)
         self.previous_sampler_name = self.sampler_name  # names shown again if a swapped-in one is put aside
         self.previous_attention_backend = engine.attention_backend
@@ -180,7 +182,8 @@ class WorkerService(WorkerSwapping):
         if output.req_ids:
             states = self.executor.states
             greedy = sum(1 for r in output.req_ids if r in states and states[r].params.temperature == 0.0)
-            self.to_sampler.send(SamplerReport(self.worker_id, len(output.req_ids), greedy, sample_s))
+            constrained = sum(1 for r in output.req_ids if r in states and states[r].grammar is not None)
+            self.to_sampler.send(SamplerReport(self.worker_id, len(output.req_ids), greedy, sample_s, constrained))
         self.num_steps += 1
         self.num_tokens += step.result.num_tokens
         self.forward_s += step.forward_s
