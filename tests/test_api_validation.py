@@ -91,7 +91,7 @@ UNSUPPORTED = [  # fields of OpenAI's or vLLM's API that modkit does not impleme
     ("text", {"use_beam_search": True}, "use_beam_search"),
     ("text", {"include_stop_str_in_output": True}, "include_stop_str_in_output"),
     ("text", {"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
-    ("chat", {"parallel_tool_calls": True, "web_search_options": {}}, "parallel_tool_calls"),
+    ("chat", {"web_search_options": {}}, "web_search_options"),
     ("chat", {"bad_words": ["dog"]}, "bad_words"),
     ("chat", {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
     ("chat", {"temprature": 0.5}, "temprature"),  # a typo is not silently the default
