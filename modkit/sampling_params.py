@@ -60,7 +60,7 @@ class SamplingParamsError(ValueError):
 class StructuredOutputsParams:
     """One grammar the output must follow (vLLM's ``StructuredOutputsParams``): exactly one field set.
 
-    The sampler compiles it once per request (xgrammar, ``modkit.sampler.structured``) and
+    The sampler compiles it once per request (xgrammar, ``modkit.sampler.grammar``) and
     masks, at every step, each token the grammar does not allow next; once the grammar is
     complete only an end-of-sequence token is allowed, so the request finishes with
     ``finish_reason="stop"``. The grammar is checked here, so a bad one is a
