@@ -109,6 +109,25 @@ def test_constrained_and_free_rows_share_a_batch(llm: LLM) -> None:
     assert all(m.outputs[0].text in CHOICES for m in mixed[4:])
 
 
+def test_a_trace_counts_the_rows_the_grammar_stage_masked(llm: LLM) -> None:
+    """Each forward says how many of the rows it sampled were constrained: here the four choice rows
+    until each one's grammar completes, and no free row ever."""
+    from modkit.trace.inprocess import record_forwards
+
+    free = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    with record_forwards(llm) as recording:
+        outputs = llm.generate(PROMPTS * 2, [free] * 4 + [constrained(choice=CHOICES)] * 4, use_tqdm=False)
+    forwards = recording.trace().forwards
+    longest_choice = max(len(o.outputs[0].token_ids) for o in outputs[4:])
+    counts = forwards.num_constrained.tolist()
+    assert counts[0] == 4 and max(counts) == 4, "the four constrained rows, from their first token"
+    assert sum(counts) == sum(len(o.outputs[0].token_ids) for o in outputs[4:]), "one per constrained token"
+    assert all(c == 0 for c in counts[longest_choice:]), "none once the grammars are complete"
+    with record_forwards(llm) as recording:
+        llm.generate(PROMPTS, free, use_tqdm=False)
+    assert (recording.trace().forwards.num_constrained == 0).all()
+
+
 def test_the_stage_masks_what_the_grammar_forbids_and_follows_the_output() -> None:
     tokenizer = load_tokenizer(None)
     vocab_size, eos = 2240, (tokenizer.convert_tokens_to_ids("<|im_end|>"),)
@@ -217,6 +236,23 @@ def test_parse_with_a_pydantic_model_and_extra_body_constraints(pipeline: Pipeli
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in CHOICES
     # The sampler process counts the tokens its grammar stage masked (reports arrive after each step).
     assert wait_until(lambda: pipeline.stats()["sampler"]["num_tokens_constrained"] >= 2 * 3, timeout_s=10)
+
+
+@pytest.mark.slow
+def test_the_pipelines_trace_counts_the_constrained_rows(pipeline: Pipeline) -> None:
+    """The worker's forward events say how many sampled rows a grammar constrained, as in-process."""
+    client = pipeline.client()
+    model = client.models.list().data[0].id
+    pipeline.clear_trace()
+    only = {"structured_outputs": {"choice": CHOICES}}
+    reply = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=40, temperature=0, extra_body=only)
+    assert reply.choices[0].text in CHOICES
+    wait_until(lambda: reply.usage.completion_tokens <= pipeline.trace().forwards.num_sampled.sum(), timeout_s=10)
+    forwards = pipeline.trace().forwards
+    # Every row sampled was this request's, so every one was constrained: its tokens, and one more
+    # where a step planned ahead ran before its end was known (async scheduling drops that token).
+    assert (forwards.num_constrained == forwards.num_sampled).all()
+    assert forwards.num_constrained.sum() >= reply.usage.completion_tokens
 
 
 @pytest.mark.slow

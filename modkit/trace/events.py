@@ -90,6 +90,9 @@ class ForwardEvent(msgspec.Struct, tag="forward", frozen=True):
     num_seqs: int  # requests in the batch
     num_sampled: int  # of those, requests that produced a token (not mid-prompt)
     failed: str | None = None
+    # Of the sampled, rows the grammar stage constrained (structured outputs); defaulted, so that
+    # a trace saved without it still loads.
+    num_constrained: int = 0
 
 
 class BlockActivity(msgspec.Struct, array_like=True, frozen=True):

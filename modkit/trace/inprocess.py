@@ -51,7 +51,7 @@ class _RecordingExecutor(StepExecutor):
     """
 
     def __init__(self, inner: StepExecutor, recording: ForwardRecording) -> None:
-        super().__init__(inner.worker, inner.sampler, inner.eos_token_ids)
+        super().__init__(inner.worker, inner.sampler, inner.eos_token_ids, inner.grammars)
         self.states = inner.states
         self.recording = recording
         self._pending: dict[int, int] = {}  # step -> index of its event, until the step is finished
@@ -67,6 +67,7 @@ class _RecordingExecutor(StepExecutor):
             num_tokens=plan.total_num_scheduled_tokens,
             num_seqs=len(plan.num_scheduled_tokens),
             num_sampled=len(step.req_ids),
+            num_constrained=sum(1 for r in step.req_ids if self.states[r].grammar is not None),
         )
         self.recording.events.append(event)
         self._pending[plan.step] = len(self.recording.events) - 1

@@ -290,6 +290,7 @@ class Trace:
                 "num_tokens": e.num_tokens,
                 "num_seqs": e.num_seqs,
                 "num_sampled": e.num_sampled,
+                "num_constrained": e.num_constrained,  # rows the grammar stage masked (structured outputs)
                 "failed": e.failed,
             }
             for e in self._of(ForwardEvent)

@@ -178,11 +178,11 @@ class WorkerService(WorkerSwapping):
         self._check_swaps()
         done = StepDone(self.worker_id, plan.step, output, step.forward_s, sample_s, self.scheduler_id)
         self.to_scheduler.send(done)
-        self._publish(plan, step.started, step.forward_s, sample_s, len(output.req_ids))
+        states = self.executor.states
+        constrained = sum(1 for r in output.req_ids if r in states and states[r].grammar is not None)
+        self._publish(plan, step.started, step.forward_s, sample_s, len(output.req_ids), num_constrained=constrained)
         if output.req_ids:
-            states = self.executor.states
             greedy = sum(1 for r in output.req_ids if r in states and states[r].params.temperature == 0.0)
-            constrained = sum(1 for r in output.req_ids if r in states and states[r].grammar is not None)
             self.to_sampler.send(SamplerReport(self.worker_id, len(output.req_ids), greedy, sample_s, constrained))
         self.num_steps += 1
         self.num_tokens += step.result.num_tokens
@@ -205,6 +205,7 @@ class WorkerService(WorkerSwapping):
         sample_s: float,
         num_sampled: int,
         failed: str | None = None,
+        num_constrained: int = 0,
     ) -> None:
         if not self.events.wants(f"forward.{self.worker_id}"):
             return  # nobody listens: not even built
@@ -218,6 +219,7 @@ class WorkerService(WorkerSwapping):
             num_seqs=len(plan.num_scheduled_tokens),
             num_sampled=num_sampled,
             failed=failed,
+            num_constrained=num_constrained,
         )
         self.events.publish(f"forward.{self.worker_id}", event)
 
