@@ -14,6 +14,7 @@ simulated clock that drives the real objects). A simulation answers in seconds w
 run answers in minutes, as well as its cost model predicts step times.
 """
 
+from modkit.sim.cost_model import GPUS, CostModel, FitError
 from modkit.sim.workload import Workload, WorkloadRequest, workload_from_trace
 
-__all__ = ["Workload", "WorkloadRequest", "workload_from_trace"]
+__all__ = ["GPUS", "CostModel", "FitError", "Workload", "WorkloadRequest", "workload_from_trace"]
