@@ -15,6 +15,7 @@ run answers in minutes, as well as its cost model predicts step times.
 """
 
 from modkit.sim.cost_model import GPUS, CostModel, FitError
+from modkit.sim.simulate import simulate
 from modkit.sim.workload import Workload, WorkloadRequest, workload_from_trace
 
-__all__ = ["GPUS", "CostModel", "FitError", "Workload", "WorkloadRequest", "workload_from_trace"]
+__all__ = ["GPUS", "CostModel", "FitError", "Workload", "WorkloadRequest", "simulate", "workload_from_trace"]
