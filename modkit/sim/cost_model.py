@@ -1,7 +1,7 @@
 """``CostModel``: how long one step takes, as a function of what the step computes.
 
-The simulator replaces the model's forward by this, and nothing else. A step's time is the
-longest of a few *terms*, each a linear function of the step's features::
+The simulator replaces the model's forward by this, and nothing else. A step's forward time
+is the longest of a few *terms*, each a linear function of the step's features::
 
     features  num_prompt_tokens       prompt tokens computed (chunks, recomputes after a preemption)
               prompt_attention_tokens sum over prompt chunks of chunk * (num_computed_tokens + chunk / 2):
@@ -9,20 +9,28 @@ longest of a few *terms*, each a linear function of the step's features::
               num_decode_tokens       requests that compute one new token
               decode_context_tokens   sum over decodes of num_computed_tokens: the KV each one reads
               num_seqs                requests in the batch
-              idle                    1 if the worker had nothing in flight when the plan was sent
-                                      (the plan's trip to the worker and back is not hidden behind another step)
               step                    1: a constant per step
+
+and the step as the scheduler sees it (plan sent to result back) takes ``step_overhead_s``
+more (the hops between the scheduler, worker and sampler), and ``idle_overhead_s`` more
+again when the worker had nothing in flight (no other step hid the plan's trip).
 
 Two ways to get one:
 
 - ``CostModel.fit(trace)``: one term, least squares with non-negative coefficients over the
-  steps of a live run. The time fitted is when the step's result came back minus when the
-  worker could start it (the plan was sent, or the step before came back, whichever is
-  later): with async scheduling steps overlap, and this is the gap between them.
-  ``fit_error`` reports how far the fit is from the steps it was fitted on.
+  worker's own timing of each step of a live run (``forward_s + sample_s``); the overheads
+  are the mean of what the scheduler measured beyond it: when the step's result came back
+  minus when the worker could start it (the plan was sent, or the step before came back,
+  whichever is later; with async scheduling steps overlap, and this is the gap between
+  them). ``fit_error`` reports how far the fit is from the steps it was fitted on.
 - ``CostModel.roofline(model_config, gpu="H100")``: two terms, compute (FLOPs over peak
   FLOP/s) and memory (bytes over HBM bandwidth): the weights are read once a step, and each
   decode reads its KV. For hardware the learner does not have; it knows no overheads.
+
+A fitted model also keeps its steps' spread (``spread``: each step's measured forward time
+over the fit's prediction, scaled to a mean of 1). The simulator multiplies each forward by
+one drawn at random (a residual bootstrap), so that its steps vary as the live run's did:
+the medians and tails of latencies depend on that, not only their means.
 
 Two latencies around the steps, fitted too: ``admit_s`` (a request's arrival at the frontend
 to the scheduler planning with it: the hops through the router) and ``output_s`` (a step's
@@ -34,6 +42,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -52,7 +61,6 @@ FEATURES = (
     "num_decode_tokens",
     "decode_context_tokens",
     "num_seqs",
-    "idle",
     "step",
 )
 
@@ -68,7 +76,7 @@ class ScheduledLike(Protocol):
     def num_computed_tokens(self) -> int: ...
 
 
-def step_features(scheduled: Iterable[ScheduledLike], idle: bool) -> dict[str, float]:
+def step_features(scheduled: Iterable[ScheduledLike]) -> dict[str, float]:
     """The features of a step that computes ``scheduled`` (see the module docstring)."""
     f = dict.fromkeys(FEATURES, 0.0)
     for s in scheduled:
@@ -79,7 +87,6 @@ def step_features(scheduled: Iterable[ScheduledLike], idle: bool) -> dict[str, f
         else:
             f["num_prompt_tokens"] += s.num_tokens
             f["prompt_attention_tokens"] += s.num_tokens * (s.num_computed_tokens + s.num_tokens / 2)
-    f["idle"] = float(idle)
     f["step"] = 1.0
     return f
 
@@ -95,16 +102,24 @@ class FitError:
 
 @dataclass(frozen=True, slots=True)
 class CostModel:
-    terms: list[dict[str, float]]  # each: feature -> seconds per unit; a step takes its longest term
+    terms: list[dict[str, float]]  # each: feature -> seconds per unit; a forward takes its longest term
+    step_overhead_s: float = 0.0  # every step, beyond its forward
+    idle_overhead_s: float = 0.0  # more, for a step sent to a worker with nothing in flight
     admit_s: float = 0.0
     output_s: float = 0.0
     source: str = ""  # how it was made, for a simulated trace's meta
     fit_error: FitError | None = None
+    spread: list[float] = field(default_factory=list)  # measured / predicted forward times, mean 1 (empty: none)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def step_time(self, features: dict[str, float]) -> float:
-        """Seconds one step with these features takes."""
-        return max(sum(c * features.get(name, 0.0) for name, c in term.items()) for term in self.terms)
+    def forward_time(self, features: dict[str, float], rng: random.Random | None = None) -> float:
+        """Seconds the worker spends on a step with these features; with ``rng``, times one of ``spread``."""
+        predicted = max(sum(c * features.get(name, 0.0) for name, c in term.items()) for term in self.terms)
+        return predicted * rng.choice(self.spread) if rng is not None and self.spread else predicted
+
+    def overhead(self, idle: bool) -> float:
+        """Seconds a step takes beyond its forward, as the scheduler sees it."""
+        return self.step_overhead_s + (self.idle_overhead_s if idle else 0.0)
 
     def describe(self) -> dict[str, Any]:
         """What it is, as plain values (a trace's meta keeps it)."""
@@ -112,9 +127,12 @@ class CostModel:
         return {
             "source": self.source,
             "terms": self.terms,
+            "step_overhead_s": self.step_overhead_s,
+            "idle_overhead_s": self.idle_overhead_s,
             "admit_s": self.admit_s,
             "output_s": self.output_s,
             "fit_error": None if error is None else dataclasses.asdict(error),
+            "spread_samples": len(self.spread),
             **self.info,
         }
 
@@ -122,50 +140,54 @@ class CostModel:
         terms = " | ".join(", ".join(f"{k}={v:.3g}" for k, v in t.items() if v) for t in self.terms)
         e = self.fit_error
         error = "" if e is None else f", error p50 {e.median:.0%} p90 {e.p90:.0%}"
-        return f"CostModel({self.source}: {terms}; admit {self.admit_s:.3g} s, output {self.output_s:.3g} s{error})"
+        overheads = f"overhead {self.step_overhead_s:.3g} s (+{self.idle_overhead_s:.3g} s idle)"
+        latencies = f"admit {self.admit_s:.3g} s, output {self.output_s:.3g} s"
+        return f"CostModel({self.source}: {terms}; {overheads}; {latencies}{error})"
 
     # -- from a live run ---------------------------------------------------------------------
 
     @classmethod
     def fit(cls, trace: Trace) -> CostModel:
-        """Fit one linear term on the steps of ``trace`` (non-negative coefficients), and the two latencies.
+        """Fit one linear term on the steps of ``trace`` (non-negative coefficients), the overheads
+        and the two latencies (see the module docstring).
 
-        The coefficients come from the worker's own timing of each step (``forward_s + sample_s``:
-        measured where the model ran, so free of the hops' jitter). What a step costs beyond it
-        (the hops between the scheduler, worker and sampler) is the mean over the steps of the
-        measured gap minus that timing: ``step`` for every step, and ``idle`` more for a step whose
-        hops no other step hid. The mean keeps the run's total busy time, hence its throughput.
+        The coefficients come from the worker's own timing of each step, measured where the model
+        ran and so free of the hops' jitter. The overheads are means, not medians: the mean keeps
+        the run's total busy time, hence its throughput.
         """
-        rows, worker_s, wall_s = [], [], []
+        rows, worker_s, wall_s, idle = [], [], [], []
         for worker_steps in _steps_by_worker(trace).values():
             prev_end = -np.inf
             for e in worker_steps:
                 end = e.started + e.step_s
-                rows.append([step_features(e.scheduled, e.started >= prev_end)[name] for name in FEATURES])
+                rows.append([step_features(e.scheduled)[name] for name in FEATURES])
                 worker_s.append(e.forward_s + e.sample_s)
                 wall_s.append(end - max(e.started, prev_end))
+                idle.append(e.started >= prev_end)
                 prev_end = end
         if len(rows) < len(FEATURES):
             raise ValueError(f"{len(rows)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
-        x, y, wall = np.asarray(rows), np.asarray(worker_s), np.asarray(wall_s)
-        idle_column = FEATURES.index("idle")
-        on_worker = np.ones(len(FEATURES), dtype=bool)
-        on_worker[idle_column] = False  # the worker's own time does not depend on the hops
-        coefficients = np.zeros(len(FEATURES))
-        coefficients[on_worker] = nonnegative_least_squares(x[:, on_worker], y)
+        x, y = np.asarray(rows), np.asarray(worker_s)
+        coefficients = nonnegative_least_squares(x, y)
         predicted = x @ coefficients
         relative = np.abs(predicted - y) / np.maximum(y, 1e-9)
         error = FitError(float(np.median(relative)), float(np.percentile(relative, 90)), len(y))
-        idle = x[:, idle_column] == 1
-        busy_overhead = float(np.mean(wall[~idle] - predicted[~idle])) if np.any(~idle) else 0.0
-        idle_overhead = float(np.mean(wall[idle] - predicted[idle])) if np.any(idle) else busy_overhead
+        ratios = y[predicted > 0] / predicted[predicted > 0]
+        beyond, is_idle = np.asarray(wall_s) - predicted, np.asarray(idle)
+        busy_overhead = float(np.mean(beyond[~is_idle])) if np.any(~is_idle) else 0.0
+        idle_overhead = float(np.mean(beyond[is_idle])) if np.any(is_idle) else busy_overhead
         term = {name: float(c) for name, c in zip(FEATURES, coefficients, strict=True)}
-        term["step"] += max(busy_overhead, -term["step"])
-        term["idle"] = max(idle_overhead - busy_overhead, 0.0)
-        wall_error = np.abs(x @ np.array([term[n] for n in FEATURES]) - wall) / np.maximum(wall, 1e-9)
-        info = {"gap_error": {"median": float(np.median(wall_error)), "p90": float(np.percentile(wall_error, 90))}}
         admit_s, output_s = _latencies(trace)
-        return cls([term], admit_s, output_s, f"fit on {len(y)} steps", error, info)
+        return cls(
+            [term],
+            step_overhead_s=max(busy_overhead, 0.0),
+            idle_overhead_s=max(idle_overhead - max(busy_overhead, 0.0), 0.0),
+            admit_s=admit_s,
+            output_s=output_s,
+            source=f"fit on {len(y)} steps",
+            fit_error=error,
+            spread=[float(r) for r in ratios / ratios.mean()] if len(ratios) else [],
+        )
 
     # -- from the hardware's spec sheet --------------------------------------------------------
 

@@ -23,7 +23,8 @@ would see them::
 After each, the worker is planned for as ``SchedulerService.run_once`` does it, async
 scheduling included: a plan when nothing is in flight, and one more ahead while one is. A
 worker runs its steps one after another: a step starts when it is planned or when the
-worker's previous step ends, whichever is later, and lasts ``cost_model.step_time``.
+worker's previous step ends, whichever is later, and lasts the cost model's forward time
+and overhead.
 
 The events it records are the live pipeline's (StepEvent, ForwardEvent, BlockEvents,
 RequestArrived, Routed, TokensOut, RequestDone), so the result is an ordinary ``Trace``,
@@ -36,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import random
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +90,7 @@ class StepTiming:
     record: StepRecord
     started: float  # the plan was sent
     ready: float  # the worker could start it
+    forward_s: float
     end: float  # its result is back at the scheduler
     num_sampled: int
 
@@ -120,6 +123,7 @@ class Simulation:
         self.router = Router(config.num_workers, config.block_size, config.router_policy)
         self.workers = [SimWorker(i, config, max_model_len, self) for i in range(config.num_workers)]
         self.now = 0.0
+        self.rng = random.Random(config.seed)  # draws each step's spread (CostModel.spread)
         self.events: list[PipelineEvent] = []
         self._queue: list[tuple[float, int, str, Any]] = []  # (time, tie-break, kind, what)
         self._order = itertools.count()
@@ -190,11 +194,12 @@ class Simulation:
                 return
         record = scheduler.last_record
         assert record is not None
-        idle = len(worker.driver.in_flight) == 1
+        idle = len(worker.driver.in_flight) == 1  # nothing else in flight
         ready = max(self.now, worker.free_at)
-        end = ready + self.cost_model.step_time(step_features(record.scheduled, idle))
+        forward_s = self.cost_model.forward_time(step_features(record.scheduled), self.rng)
+        end = ready + forward_s + self.cost_model.overhead(idle)
         worker.free_at = end
-        worker.timings.append(StepTiming(record, self.now, ready, end, len(step.sampling)))
+        worker.timings.append(StepTiming(record, self.now, ready, forward_s, end, len(step.sampling)))
         self._at(end, "step_done", worker.worker_id)
 
     def _refuse_if_never_fits(self, worker: SimWorker, plan: Any) -> bool:
@@ -228,13 +233,12 @@ class Simulation:
 
     def _step_event(self, worker: SimWorker, timing: StepTiming) -> StepEvent:
         record = timing.record
-        cost = timing.end - timing.ready
         self.events.append(
             ForwardEvent(
                 worker.worker_id,
                 record.step,
                 timing.ready,
-                cost,
+                timing.forward_s,
                 0.0,
                 record.tokens_used,
                 len(record.scheduled),
@@ -247,7 +251,7 @@ class Simulation:
             started=timing.started,
             step_s=timing.end - timing.started,
             schedule_s=0.0,
-            forward_s=cost,
+            forward_s=timing.forward_s,
             sample_s=0.0,
             scheduled=[
                 ScheduledReq(e.req_id, e.num_tokens, e.kind, e.num_computed_tokens, e.num_cached_tokens)
