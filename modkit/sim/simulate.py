@@ -112,6 +112,7 @@ class SimWorker:
         self.scheduler = Scheduler(
             self.kv, config.max_num_batched_tokens, config.max_num_seqs, max_model_len, config.scheduling_policy
         )
+        self.scheduler.policy.clock = lambda: sim.now  # a policy that ages requests reads the simulated clock
         self.driver = SimulatedWorker(self.scheduler, config.async_scheduling)
         self.timings: deque[StepTiming] = deque()  # one per step in self.driver.in_flight
         self.free_at = 0.0  # when its last step in flight ends
