@@ -13,19 +13,24 @@ workload and configuration with the live run.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
-from modkit import loadgen, viz
+from modkit import Pipeline, loadgen, viz
 from modkit.config import ConfigError
 from modkit.model.config import ModelConfig
 from modkit.sampling_params import SamplingParams
-from modkit.sim import CostModel, Workload, WorkloadRequest, simulate
+from modkit.sim import CostModel, Workload, WorkloadRequest, simulate, workload_from_trace
 from modkit.sim.cost_model import FEATURES, step_features
 from modkit.trace import Trace
-from modkit.trace.events import StepEvent
+from modkit.trace.events import RequestArrived, StepEvent, TokensOut
 
 # A made-up model of a CPU step: 3 ms a step, 0.2 ms a prompt token, 1 ms a decode.
 COST = CostModel(
@@ -189,3 +194,107 @@ class _Scheduled:
     num_tokens: int
     kind: str
     num_computed_tokens: int
+
+
+# -- against a live pipeline ----------------------------------------------------------------------
+
+RATE, NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN, SHARED_PREFIX = 5.0, 60, 64, 32, 32
+
+
+@dataclasses.dataclass
+class LiveRun:
+    workload: Workload  # what was sent
+    trace: Trace
+    results: list[loadgen.RequestResult]
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveRun]:
+    """The embedded model on the CPU, default settings, serving a Poisson workload with a shared prefix."""
+    workload = Workload.poisson(NUM_REQUESTS, RATE, PROMPT_LEN, OUTPUT_LEN, seed=0, shared_prefix=SHARED_PREFIX)
+    with Pipeline.launch(ports="auto", seed=0, progress=False) as pipeline:
+        results, _ = loadgen.open_loop(
+            f"{pipeline.url}/v1", pipeline.model_name, workload.prompts, RATE, OUTPUT_LEN, seed=0
+        )
+
+        def traced() -> bool:  # every request's last tokens and every step's record are in
+            trace = pipeline.trace(settle_s=0)
+            return len(trace.requests.dropna(subset=["finish_reason"])) == NUM_REQUESTS and len(trace.forwards) == len(
+                trace.steps
+            )
+
+        assert wait_until(traced, 30), "the trace never held every request's end"
+        yield LiveRun(workload, pipeline.trace(), results)
+
+
+@pytest.mark.slow
+def test_summary_of_a_live_trace_is_what_its_events_say(live: LiveRun) -> None:
+    events = live.trace.events
+    arrived = {e.req_id: e.ts for e in events if isinstance(e, RequestArrived)}
+    token_times: dict[str, list[float]] = {}
+    for e in events:
+        if isinstance(e, TokensOut):
+            for req_id, n in e.counts.items():
+                if n > 0:
+                    token_times.setdefault(req_id, []).append(e.ts)
+    ttft = [times[0] - arrived[r] for r, times in token_times.items()]
+    itl = [b - a for times in token_times.values() for a, b in itertools.pairwise(times)]
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    num_tokens = sum(n for e in events if isinstance(e, TokensOut) for n in e.counts.values())
+    duration = max(t for times in token_times.values() for t in times) - min(arrived.values())
+
+    summary = live.trace.summary()
+    assert summary.num_requests == NUM_REQUESTS
+    assert summary.num_output_tokens == num_tokens == sum(r.output_tokens for r in live.results)
+    assert summary.duration_s == pytest.approx(duration)
+    assert summary.output_throughput == pytest.approx(num_tokens / duration)
+    assert summary.ttft_p50_s == pytest.approx(np.percentile(ttft, 50))
+    assert summary.ttft_p99_s == pytest.approx(np.percentile(ttft, 99))
+    assert summary.itl_p50_s == pytest.approx(np.percentile(itl, 50))
+    assert summary.itl_p99_s == pytest.approx(np.percentile(itl, 99))
+    assert summary.num_preemptions == sum(len(e.preempted) for e in steps)
+    hits, queries = sum(e.prefix_cache_hits for e in steps), sum(e.prefix_cache_queries for e in steps)
+    assert summary.prefix_hit_rate == pytest.approx(hits / queries) and summary.prefix_hit_rate > 0.3
+    assert "TTFT" in repr(summary) and "tok/s" in repr(summary)
+
+
+@pytest.mark.slow
+def test_the_workload_of_a_live_trace_is_the_one_sent(live: LiveRun) -> None:
+    replayed = workload_from_trace(live.trace)
+    assert len(replayed) == NUM_REQUESTS
+    assert sorted(replayed.prompts) == sorted(live.workload.prompts)
+    assert all(r.output_len == OUTPUT_LEN for r in replayed.requests)
+    assert all(r.sampling_params.temperature == 0 and r.sampling_params.ignore_eos for r in replayed.requests)
+    assert replayed.config["num_kv_blocks"] == live.trace.meta["num_blocks"][0]
+    # The frontend saw them arrive about when loadgen sent them (a loaded box delays a few).
+    sent = [r.arrival_s for r in live.workload.requests]
+    offsets = np.abs(np.subtract([r.arrival_s for r in replayed.requests], sent))
+    assert np.median(offsets) < 0.05 and offsets.max() < 1.0, offsets
+
+
+@pytest.mark.slow
+def test_a_simulation_of_the_live_run_predicts_its_throughput_and_ttft(live: LiveRun) -> None:
+    cost = CostModel.fit(live.trace)
+    replayed = workload_from_trace(live.trace)
+    measured = live.trace.summary()
+    predicted = [simulate(replayed, cost, seed=seed).summary() for seed in range(5)]
+    report = f"\nlive: {measured}\nsimulated (seed 0): {predicted[0]}\n{cost}\nload: {os.getloadavg()}"
+    print(report)
+    for name in ("output_throughput", "ttft_p50_s"):
+        prediction = float(np.median([getattr(p, name) for p in predicted]))
+        assert prediction == pytest.approx(getattr(measured, name), rel=0.25), f"{name}{report}"
+    assert all(p.num_preemptions == measured.num_preemptions == 0 for p in predicted)
+    assert all(p.prefix_hit_rate == pytest.approx(measured.prefix_hit_rate, abs=0.02) for p in predicted)
+
+
+@pytest.mark.slow
+def test_a_thousand_requests_simulate_a_hundred_times_faster_than_they_would_run(live: LiveRun) -> None:
+    cost = CostModel.fit(live.trace)
+    workload = Workload.poisson(1000, RATE, PROMPT_LEN, OUTPUT_LEN, seed=1, shared_prefix=SHARED_PREFIX)
+    started = time.perf_counter()
+    trace = simulate(workload, cost)
+    wall = time.perf_counter() - started
+    simulated = trace.summary().duration_s
+    print(f"\n1,000 requests: {simulated:.1f} simulated seconds in {wall:.2f} wall seconds: {simulated / wall:.0f}x")
+    assert trace.summary().num_requests == 1000
+    assert simulated / wall >= 100
