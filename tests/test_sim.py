@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,3 +300,21 @@ def test_a_thousand_requests_simulate_a_hundred_times_faster_than_they_would_run
     print(f"\n1,000 requests: {simulated:.1f} simulated seconds in {wall:.2f} wall seconds: {simulated / wall:.0f}x")
     assert trace.summary().num_requests == 1000
     assert simulated / wall >= 100
+
+
+@pytest.mark.slow  # starts a script
+def test_the_script_replays_a_saved_trace_with_other_settings(tmp_path: Path) -> None:
+    recorded = simulate(varied_workload(), COST, max_num_batched_tokens=128).save(tmp_path / "run.json.gz")
+    out = tmp_path / "what_if.json.gz"
+    command = [sys.executable, "scripts/simulate.py", str(recorded), "--set", "num_kv_blocks=14", "--out", str(out)]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "recorded:" in done.stdout and "simulated:" in done.stdout
+    what_if = Trace.load(out)
+    assert what_if.meta["simulated"] and what_if.meta["num_blocks"] == [14]
+    assert what_if.meta["max_num_batched_tokens"] == 128  # the recorded settings, but for the one changed
+    assert f"preemptions        {what_if.summary().num_preemptions}" in done.stdout
+    bad = subprocess.run([*command[:3], "--set", "num_kv_block=14"], cwd=repo, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean 'num_kv_blocks'" in bad.stderr
