@@ -154,11 +154,13 @@ def test_a_fit_on_a_simulated_trace_gives_back_its_cost_model() -> None:
     trace = simulate(varied_workload(), COST, max_num_batched_tokens=128)
     fitted = CostModel.fit(trace)
     steps = [e for e in trace.events if isinstance(e, StepEvent)]
-    for step in steps:
+    for step in steps:  # a fit folds the per-step overhead into its forward
         features = step_features(step.scheduled)
-        assert fitted.forward_time(features) == pytest.approx(COST.forward_time(features), rel=1e-6)
+        for idle in (False, True):
+            expected = COST.forward_time(features) + COST.overhead(idle)
+            assert fitted.forward_time(features) + fitted.overhead(idle) == pytest.approx(expected, rel=1e-6)
     assert fitted.fit_error is not None and fitted.fit_error.p90 < 1e-6
-    for name in ("step_overhead_s", "idle_overhead_s", "admit_s", "output_s"):
+    for name in ("idle_overhead_s", "admit_s", "output_s"):
         assert getattr(fitted, name) == pytest.approx(getattr(COST, name), rel=1e-6), name
 
 
@@ -318,3 +320,13 @@ def test_the_script_replays_a_saved_trace_with_other_settings(tmp_path: Path) ->
     assert f"preemptions        {what_if.summary().num_preemptions}" in done.stdout
     bad = subprocess.run([*command[:3], "--set", "num_kv_block=14"], cwd=repo, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'num_kv_blocks'" in bad.stderr
+
+
+def test_a_pool_too_small_for_the_model_length_lowers_it_as_a_launch_does() -> None:
+    workload = poisson(4)  # 64 + 16 tokens a request
+    just_enough = simulate(workload, COST, num_kv_blocks=6)  # 5 blocks: 80 tokens
+    assert just_enough.meta["max_model_len"] == 80 and (just_enough.requests.num_output_tokens == 16).all()
+    too_small = simulate(workload, COST, num_kv_blocks=5)  # 64 tokens: no room for one output token
+    assert too_small.meta["max_model_len"] == 64 and (too_small.requests.finish_reason == "rejected").all()
+    with pytest.raises(ConfigError, match="max_model_len"):
+        simulate(workload, COST, num_kv_blocks=5, max_model_len=128)

@@ -18,17 +18,18 @@ again when the worker had nothing in flight (no other step hid the plan's trip).
 Two ways to get one:
 
 - ``CostModel.fit(trace)``: one term, least squares with non-negative coefficients over the
-  worker's own timing of each step of a live run (``forward_s + sample_s``); the overheads
-  are the mean of what the scheduler measured beyond it: when the step's result came back
-  minus when the worker could start it (the plan was sent, or the step before came back,
+  steps of a live run, each timed as the scheduler saw it: when its result came back minus
+  when the worker could start it (the plan was sent, or the step before came back,
   whichever is later; with async scheduling steps overlap, and this is the gap between
-  them). ``fit_error`` reports how far the fit is from the steps it was fitted on.
+  them). The hops between processes are in that time, so they are in the fitted ``step``
+  coefficient; a step sent to an idle worker takes ``idle_overhead_s`` more. ``fit_error``
+  reports how far the fit is from the steps it was fitted on.
 - ``CostModel.roofline(model_config, gpu="H100")``: two terms, compute (FLOPs over peak
   FLOP/s) and memory (bytes over HBM bandwidth): the weights are read once a step, and each
   decode reads its KV. For hardware the learner does not have; it knows no overheads.
 
-A fitted model also keeps its steps' spread (``spread``: each step's measured forward time
-over the fit's prediction, scaled to a mean of 1). The simulator multiplies each forward by
+A fitted model also keeps its steps' spread (``spread``: each step's measured time over the
+fit's prediction, scaled to a mean of 1). The simulator multiplies each forward by
 one drawn at random (a residual bootstrap), so that its steps vary as the live run's did:
 the medians and tails of latencies depend on that, not only their means.
 
@@ -148,40 +149,41 @@ class CostModel:
 
     @classmethod
     def fit(cls, trace: Trace) -> CostModel:
-        """Fit one linear term on the steps of ``trace`` (non-negative coefficients), the overheads
-        and the two latencies (see the module docstring).
+        """Fit one linear term on the steps of ``trace`` (non-negative coefficients), the idle
+        overhead and the two latencies (see the module docstring).
 
-        The coefficients come from the worker's own timing of each step, measured where the model
-        ran and so free of the hops' jitter. The overheads are means, not medians: the mean keeps
-        the run's total busy time, hence its throughput.
+        What is fitted is each step's time as the scheduler saw it: when its result came back
+        minus when the worker could start it (the plan was sent, or the step before came back,
+        whichever is later). With async scheduling steps overlap, and this is the gap between
+        their results, what a request waits between two tokens. The hops between processes are
+        part of it, so a fitted model's ``step_overhead_s`` is 0: they are in its ``step``
+        coefficient. The coefficients come from the steps planned ahead (the worker was busy);
+        the steps sent to an idle worker give ``idle_overhead_s``, the mean of what they took
+        beyond the fit (a mean keeps their total time).
         """
-        rows, worker_s, wall_s, idle = [], [], [], []
+        rows, wall_s, idle = [], [], []
         for worker_steps in _steps_by_worker(trace).values():
             prev_end = -np.inf
             for e in worker_steps:
                 end = e.started + e.step_s
                 rows.append([step_features(e.scheduled)[name] for name in FEATURES])
-                worker_s.append(e.forward_s + e.sample_s)
                 wall_s.append(end - max(e.started, prev_end))
                 idle.append(e.started >= prev_end)
                 prev_end = end
-        if len(rows) < len(FEATURES):
-            raise ValueError(f"{len(rows)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
-        x, y = np.asarray(rows), np.asarray(worker_s)
-        coefficients = nonnegative_least_squares(x, y)
+        x, y, is_idle = np.asarray(rows), np.asarray(wall_s), np.asarray(idle, dtype=bool)
+        busy = ~is_idle if np.sum(~is_idle) >= len(FEATURES) else np.ones(len(y), dtype=bool)
+        if np.sum(busy) < len(FEATURES):
+            raise ValueError(f"{len(y)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
+        coefficients = nonnegative_least_squares(x[busy], y[busy])
         predicted = x @ coefficients
-        relative = np.abs(predicted - y) / np.maximum(y, 1e-9)
+        idle_overhead = max(float(np.mean(y[is_idle] - predicted[is_idle])), 0.0) if np.any(is_idle) else 0.0
+        relative = np.abs(predicted + idle_overhead * is_idle - y) / np.maximum(y, 1e-9)
         error = FitError(float(np.median(relative)), float(np.percentile(relative, 90)), len(y))
-        ratios = y[predicted > 0] / predicted[predicted > 0]
-        beyond, is_idle = np.asarray(wall_s) - predicted, np.asarray(idle)
-        busy_overhead = float(np.mean(beyond[~is_idle])) if np.any(~is_idle) else 0.0
-        idle_overhead = float(np.mean(beyond[is_idle])) if np.any(is_idle) else busy_overhead
-        term = {name: float(c) for name, c in zip(FEATURES, coefficients, strict=True)}
+        ratios = y[busy & (predicted > 0)] / predicted[busy & (predicted > 0)]
         admit_s, output_s = _latencies(trace)
         return cls(
-            [term],
-            step_overhead_s=max(busy_overhead, 0.0),
-            idle_overhead_s=max(idle_overhead - max(busy_overhead, 0.0), 0.0),
+            [{name: float(c) for name, c in zip(FEATURES, coefficients, strict=True)}],
+            idle_overhead_s=idle_overhead,
             admit_s=admit_s,
             output_s=output_s,
             source=f"fit on {len(y)} steps",

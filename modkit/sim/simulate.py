@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modkit.config import PipelineConfig
+from modkit.engine.config import fit_max_model_len
 from modkit.kvcache.manager import KVCacheManager
 from modkit.request import Request, RequestStatus
 from modkit.router.router import Router
@@ -80,6 +81,10 @@ def simulate(workload: Workload, cost_model: CostModel, **overrides: Any) -> Tra
     settings = {**workload.config, **overrides}
     max_model_len = settings.pop("max_model_len", None) or DEFAULT_MAX_MODEL_LEN
     config = PipelineConfig(**settings)
+    # As a launch does: a length the pool cannot hold is lowered to what it holds, or refused if given.
+    num_blocks = config.num_kv_blocks or DEFAULT_NUM_KV_BLOCKS
+    explicit = overrides.get("max_model_len") is not None
+    max_model_len = fit_max_model_len(max_model_len, explicit, num_blocks, config.block_size, "num_kv_blocks")
     return Simulation(config, max_model_len, cost_model).run(workload)
 
 
@@ -102,7 +107,7 @@ class SimWorker:
         self.worker_id = worker_id
         self.activity: list[BlockActivity] = []  # what the KV cache manager did since the last flush
         self.kv = KVCacheManager(
-            config.num_kv_blocks or DEFAULT_NUM_KV_BLOCKS,
+            config.num_kv_blocks or DEFAULT_NUM_KV_BLOCKS,  # as each of the launch's workers
             config.block_size,
             config.enable_prefix_caching,
             event_sink=lambda event: sim.router.on_kv_event(worker_id, event),
