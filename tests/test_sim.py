@@ -29,7 +29,7 @@ from modkit import Pipeline, loadgen, viz
 from modkit.config import ConfigError
 from modkit.model.config import ModelConfig
 from modkit.sampling_params import SamplingParams
-from modkit.sim import CostModel, Workload, WorkloadRequest, simulate, workload_from_trace
+from modkit.sim import CostModel, Workload, WorkloadRequest, capacity_sweep, knees, simulate, workload_from_trace
 from modkit.sim.cost_model import FEATURES, step_features
 from modkit.trace import Trace
 from modkit.trace.events import RequestArrived, StepEvent, TokensOut
@@ -330,3 +330,25 @@ def test_a_pool_too_small_for_the_model_length_lowers_it_as_a_launch_does() -> N
     assert too_small.meta["max_model_len"] == 64 and (too_small.requests.finish_reason == "rejected").all()
     with pytest.raises(ConfigError, match="max_model_len"):
         simulate(workload, COST, num_kv_blocks=5, max_model_len=128)
+
+
+def test_a_capacity_sweep_finds_where_each_configuration_stops_keeping_up() -> None:
+    def workload_at(rate: float) -> Workload:
+        return Workload.poisson(150, rate, prompt_len=64, output_len=16, seed=0)
+
+    rates = [5.0, 20.0, 80.0, 320.0]
+    configs = {"one worker": {}, "two workers": {"num_workers": 2}}
+    frame = capacity_sweep(workload_at, COST, rates, configs)
+    assert len(frame) == len(rates) * len(configs) and (frame.num_requests == 150).all()
+    found = knees(frame)
+    one, two = found["one worker"], found["two workers"]
+    assert one is not None and two is not None and two > 1.5 * one  # two workers sustain nearly twice as much
+    for name, rate in found.items():
+        rows = frame[frame.config == name].set_index("request_rate")
+        assert rate == rows.request_throughput.max()  # loadgen.knee: the most it completed
+        assert rows.ttft_p99_s.is_monotonic_increasing  # past the knee the queue, and TTFT, grow
+    figure = viz.capacity(frame)
+    ax = figure.axes[0]
+    knee_lines = {a.get_gid(): a for a in ax.get_lines() if str(a.get_gid()).startswith("knee-")}
+    assert set(knee_lines) == {"knee-one worker", "knee-two workers"}
+    assert np.asarray(knee_lines["knee-two workers"].get_xdata())[0] == pytest.approx(two)

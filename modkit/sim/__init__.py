@@ -9,13 +9,25 @@
     what_if = simulate(workload_from_trace(trace), cost, num_kv_blocks=64)
     what_if.summary()                                # throughput, TTFT, ITL, preemptions, hits
 
-``workload`` (what to replay), ``cost_model`` (how long a step takes) and ``simulate`` (the
-simulated clock that drives the real objects). A simulation answers in seconds what a live
+``workload`` (what to replay), ``cost_model`` (how long a step takes), ``simulate`` (the
+simulated clock that drives the real objects) and ``sweep`` (a capacity sweep: many rates
+and configurations, and where each stops keeping up). A simulation answers in seconds what a live
 run answers in minutes, as well as its cost model predicts step times.
 """
 
 from modkit.sim.cost_model import GPUS, CostModel, FitError
 from modkit.sim.simulate import simulate
+from modkit.sim.sweep import capacity_sweep, knees
 from modkit.sim.workload import Workload, WorkloadRequest, workload_from_trace
 
-__all__ = ["GPUS", "CostModel", "FitError", "Workload", "WorkloadRequest", "simulate", "workload_from_trace"]
+__all__ = [
+    "GPUS",
+    "CostModel",
+    "FitError",
+    "Workload",
+    "WorkloadRequest",
+    "capacity_sweep",
+    "knees",
+    "simulate",
+    "workload_from_trace",
+]

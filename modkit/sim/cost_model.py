@@ -110,7 +110,7 @@ class CostModel:
     output_s: float = 0.0
     source: str = ""  # how it was made, for a simulated trace's meta
     fit_error: FitError | None = None
-    spread: list[float] = field(default_factory=list)  # measured / predicted forward times, mean 1 (empty: none)
+    spread: list[float] = field(default_factory=list)  # measured / predicted step times, mean 1 (empty: none)
     info: dict[str, Any] = field(default_factory=dict)
 
     def forward_time(self, features: dict[str, float], rng: random.Random | None = None) -> float:
