@@ -76,7 +76,8 @@ def simulate(workload: Workload, cost_model: CostModel, **overrides: Any) -> Tra
 
     The settings start from those the workload was recorded with (``workload.config``), then
     ``overrides``; an unknown field raises ``ConfigError``. Fields that do not change a
-    schedule (the model, ports, the sampler...) are accepted and ignored.
+    schedule (the model, ports, the sampler...) are accepted and ignored; ``seed`` seeds the
+    draws from the cost model's spread, so one seed gives one trace.
     """
     settings = {**workload.config, **overrides}
     max_model_len = settings.pop("max_model_len", None) or DEFAULT_MAX_MODEL_LEN
@@ -124,6 +125,8 @@ class SimWorker:
 
 
 class Simulation:
+    """One run on the simulated clock: the router, the workers, the queue of timed events, what it recorded."""
+
     def __init__(self, config: PipelineConfig, max_model_len: int, cost_model: CostModel) -> None:
         self.config, self.max_model_len, self.cost_model = config, max_model_len, cost_model
         self.router = Router(config.num_workers, config.block_size, config.router_policy)
