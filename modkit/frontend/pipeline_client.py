@@ -131,7 +131,13 @@ class PipelineClient:
             self._adds[request.req_id] = add
             self.to_router.send(add)
             arrived = RequestArrived(
-                request.arrival_time, request.req_id, request_id, len(prompt_token_ids), params.max_tokens
+                request.arrival_time,
+                request.req_id,
+                request_id,
+                len(prompt_token_ids),
+                params.max_tokens,
+                prompt_token_ids,
+                request.sampling_params,
             )
             self.events.publish("request", arrived)
         self.num_requests += 1

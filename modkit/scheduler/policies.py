@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 from modkit.guard import Guarded
@@ -21,6 +22,9 @@ class SchedulingPolicy(ABC):
     # True when admission keys change with time (aging): the scheduler then re-sorts the
     # waiting queue before every step instead of only when a request joins it.
     reorders_over_time: ClassVar[bool] = False
+    # "Now", for a policy that ages requests (compared with request.arrival_time): the wall
+    # clock when serving; a simulation sets its own clock on its instance (modkit.sim).
+    clock: Callable[[], float] = time.time
 
     @abstractmethod
     def admission_key(self, request: Request) -> tuple[float, ...]:
@@ -80,7 +84,7 @@ class ShortestJobFirstPolicy(SchedulingPolicy):
     max_wait_s: ClassVar[float] = 5.0
 
     def admission_key(self, request: Request) -> tuple[float, ...]:
-        if time.time() - request.arrival_time >= self.max_wait_s:
+        if self.clock() - request.arrival_time >= self.max_wait_s:
             return (0, request.arrival_time)
         return (1, request.num_tokens - request.num_computed_tokens, request.arrival_time)
 

@@ -35,6 +35,7 @@ import threading
 
 import msgspec
 
+from modkit.sampling_params import SamplingParams
 from modkit.transport import Publisher
 
 # What a subscriber of the whole stream asks for.
@@ -127,6 +128,10 @@ class RequestArrived(msgspec.Struct, tag="arrived", frozen=True):
     request_id: str  # the OpenAI request it belongs to
     num_prompt_tokens: int
     max_tokens: int | None
+    # What a replay needs (modkit.sim.workload_from_trace). Defaulted, so that a trace saved
+    # without them still loads (None: not recorded).
+    prompt_token_ids: list[int] | None = None
+    sampling_params: SamplingParams | None = None  # this request's own (one of n: n=1, its seed)
 
 
 class TokensOut(msgspec.Struct, tag="tokens", frozen=True):

@@ -11,6 +11,7 @@
     trace.forwards                       # the workers' own timings
     trace.routes                         # one row per routing decision: the worker, and what each worker offered
     trace.block_state(worker_id=0, at=2.5)  # every block's owners and cache state at t = 2.5 s
+    trace.summary()                      # throughput, TTFT and ITL percentiles, preemptions, prefix hits
     trace.save("run.json.gz"); Trace.load("run.json.gz")
 
 Times are seconds since ``meta["t0"]`` (the launch, or the recorder's last ``clear``),
@@ -38,6 +39,7 @@ from modkit.trace.events import (
     Swapped,
     TokensOut,
 )
+from modkit.trace.summary import TraceSummary, summarize
 
 if TYPE_CHECKING:  # pandas loads only when a frame is asked for
     import pandas as pd
@@ -348,6 +350,10 @@ class Trace:
         steps = self.steps
         queries = int(steps["prefix_cache_queries"].sum()) if len(steps) else 0
         return int(steps["prefix_cache_hits"].sum()) / queries if queries else 0.0
+
+    def summary(self) -> TraceSummary:
+        """Output throughput, TTFT and inter-token latency (p50, p99), preemptions, prefix-hit rate."""
+        return summarize(self)
 
 
 def event_time(event: PipelineEvent) -> float:

@@ -23,7 +23,8 @@ on, and returns a ``matplotlib.figure.Figure`` (a ``NotebookFigure`` when it mad
 made without pyplot so that a background thread may draw it and Jupyter shows it once, as
 a PNG, in any kernel. ``viz.subplots`` makes such a figure for several views side by side,
 ``dashboard`` puts them all on one figure, and ``live`` redraws views in a notebook while
-a pipeline runs (``live.py``).
+a pipeline runs (``live.py``). ``viz.capacity`` draws a capacity sweep (``modkit.sim``):
+latency against offered rate for several configurations, each knee marked.
 """
 
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from matplotlib.figure import Figure
 
 from modkit.viz.blocks import NotebookFigure, block_grid, request_colors, subplots
+from modkit.viz.capacity import capacity
 from modkit.viz.live import LiveView, live
 from modkit.viz.static import batch_composition, dashboard, kv_usage, latency_histograms, timeline
 
@@ -48,6 +50,7 @@ __all__ = [
     "NotebookFigure",
     "batch_composition",
     "block_grid",
+    "capacity",
     "dashboard",
     "kv_usage",
     "latency_histograms",

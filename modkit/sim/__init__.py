@@ -1,0 +1,33 @@
+"""What-if on a recorded run: the real scheduler, KV cache manager and router, with a cost model for the forward.
+
+::
+
+    from modkit.sim import CostModel, Workload, simulate, workload_from_trace
+
+    trace = pipeline.trace()                         # a live run
+    cost = CostModel.fit(trace)                      # a step's time, fitted on its steps
+    what_if = simulate(workload_from_trace(trace), cost, num_kv_blocks=64)
+    what_if.summary()                                # throughput, TTFT, ITL, preemptions, hits
+
+``workload`` (what to replay), ``cost_model`` (how long a step takes), ``simulate`` (the
+simulated clock that drives the real objects) and ``sweep`` (a capacity sweep: many rates
+and configurations, and where each stops keeping up). A simulation answers in seconds what a live
+run answers in minutes, as well as its cost model predicts step times.
+"""
+
+from modkit.sim.cost_model import GPUS, CostModel, FitError
+from modkit.sim.simulate import simulate
+from modkit.sim.sweep import capacity_sweep, knees
+from modkit.sim.workload import Workload, WorkloadRequest, workload_from_trace
+
+__all__ = [
+    "GPUS",
+    "CostModel",
+    "FitError",
+    "Workload",
+    "WorkloadRequest",
+    "capacity_sweep",
+    "knees",
+    "simulate",
+    "workload_from_trace",
+]

@@ -1,0 +1,299 @@
+"""``CostModel``: how long one step takes, as a function of what the step computes.
+
+The simulator replaces the model's forward by this, and nothing else. A step's forward time
+is the longest of a few *terms*, each a linear function of the step's features::
+
+    features  num_prompt_tokens       prompt tokens computed (chunks, recomputes after a preemption)
+              prompt_attention_tokens sum over prompt chunks of chunk * (num_computed_tokens + chunk / 2):
+                                      the query-key pairs of their attention
+              num_decode_tokens       requests that compute one new token
+              decode_context_tokens   sum over decodes of num_computed_tokens: the KV each one reads
+              num_seqs                requests in the batch
+              step                    1: a constant per step
+
+and the step as the scheduler sees it (plan sent to result back) takes ``step_overhead_s``
+more (the hops between the scheduler, worker and sampler), and ``idle_overhead_s`` more
+again when the worker had nothing in flight (no other step hid the plan's trip).
+
+Two ways to get one:
+
+- ``CostModel.fit(trace)``: one term, least squares with non-negative coefficients over the
+  steps of a live run, each timed as the scheduler saw it: when its result came back minus
+  when the worker could start it (the plan was sent, or the step before came back,
+  whichever is later; with async scheduling steps overlap, and this is the gap between
+  them). The hops between processes are in that time, so they are in the fitted ``step``
+  coefficient; a step sent to an idle worker takes ``idle_overhead_s`` more. ``fit_error``
+  reports how far the fit is from the steps it was fitted on.
+- ``CostModel.roofline(model_config, gpu="H100")``: two terms, compute (FLOPs over peak
+  FLOP/s) and memory (bytes over HBM bandwidth): the weights are read once a step, and each
+  decode reads its KV. For hardware the learner does not have; it knows no overheads.
+
+A fitted model also keeps its steps' spread (``spread``: each step's measured time over the
+fit's prediction, scaled to a mean of 1). The simulator multiplies each forward by
+one drawn at random (a residual bootstrap), so that its steps vary as the live run's did:
+the medians and tails of latencies depend on that, not only their means.
+
+Two latencies around the steps, fitted too: ``admit_s`` (a request's arrival at the frontend
+to the scheduler planning with it: the hops through the router) and ``output_s`` (a step's
+result at the scheduler to its tokens at the frontend).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from modkit.trace.events import RequestArrived, StepEvent, TokensOut
+
+if TYPE_CHECKING:
+    from modkit.model.config import ModelConfig
+    from modkit.trace.trace import Trace
+
+FEATURES = (
+    "num_prompt_tokens",
+    "prompt_attention_tokens",
+    "num_decode_tokens",
+    "decode_context_tokens",
+    "num_seqs",
+    "step",
+)
+
+
+class ScheduledLike(Protocol):
+    """One request's share of a step: a live ``ScheduledReq`` or a scheduler's ``ScheduledEntry``."""
+
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def num_computed_tokens(self) -> int: ...
+
+
+def step_features(scheduled: Iterable[ScheduledLike]) -> dict[str, float]:
+    """The features of a step that computes ``scheduled`` (see the module docstring)."""
+    f = dict.fromkeys(FEATURES, 0.0)
+    for s in scheduled:
+        f["num_seqs"] += 1
+        if s.kind == "decode":
+            f["num_decode_tokens"] += s.num_tokens
+            f["decode_context_tokens"] += s.num_computed_tokens
+        else:
+            f["num_prompt_tokens"] += s.num_tokens
+            f["prompt_attention_tokens"] += s.num_tokens * (s.num_computed_tokens + s.num_tokens / 2)
+    f["step"] = 1.0
+    return f
+
+
+@dataclass(frozen=True, slots=True)
+class FitError:
+    """|predicted - measured| / measured over the steps a model was fitted on."""
+
+    median: float
+    p90: float
+    num_steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    terms: list[dict[str, float]]  # each: feature -> seconds per unit; a forward takes its longest term
+    step_overhead_s: float = 0.0  # every step, beyond its forward
+    idle_overhead_s: float = 0.0  # more, for a step sent to a worker with nothing in flight
+    admit_s: float = 0.0
+    output_s: float = 0.0
+    source: str = ""  # how it was made, for a simulated trace's meta
+    fit_error: FitError | None = None
+    spread: list[float] = field(default_factory=list)  # measured / predicted step times, mean 1 (empty: none)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def forward_time(self, features: dict[str, float], rng: random.Random | None = None) -> float:
+        """Seconds the worker spends on a step with these features; with ``rng``, times one of ``spread``."""
+        predicted = max(sum(c * features.get(name, 0.0) for name, c in term.items()) for term in self.terms)
+        return predicted * rng.choice(self.spread) if rng is not None and self.spread else predicted
+
+    def overhead(self, idle: bool) -> float:
+        """Seconds a step takes beyond its forward, as the scheduler sees it."""
+        return self.step_overhead_s + (self.idle_overhead_s if idle else 0.0)
+
+    def describe(self) -> dict[str, Any]:
+        """What it is, as plain values (a trace's meta keeps it)."""
+        error = self.fit_error
+        return {
+            "source": self.source,
+            "terms": self.terms,
+            "step_overhead_s": self.step_overhead_s,
+            "idle_overhead_s": self.idle_overhead_s,
+            "admit_s": self.admit_s,
+            "output_s": self.output_s,
+            "fit_error": None if error is None else dataclasses.asdict(error),
+            "spread_samples": len(self.spread),
+            **self.info,
+        }
+
+    def __repr__(self) -> str:
+        terms = " | ".join(", ".join(f"{k}={v:.3g}" for k, v in t.items() if v) for t in self.terms)
+        e = self.fit_error
+        error = "" if e is None else f", error p50 {e.median:.0%} p90 {e.p90:.0%}"
+        overheads = f"overhead {self.step_overhead_s:.3g} s (+{self.idle_overhead_s:.3g} s idle)"
+        latencies = f"admit {self.admit_s:.3g} s, output {self.output_s:.3g} s"
+        return f"CostModel({self.source}: {terms}; {overheads}; {latencies}{error})"
+
+    # -- from a live run ---------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, trace: Trace) -> CostModel:
+        """Fit one linear term on the steps of ``trace`` (non-negative coefficients), the idle
+        overhead and the two latencies (see the module docstring).
+
+        What is fitted is each step's time as the scheduler saw it: when its result came back
+        minus when the worker could start it (the plan was sent, or the step before came back,
+        whichever is later). With async scheduling steps overlap, and this is the gap between
+        their results, what a request waits between two tokens. The hops between processes are
+        part of it, so a fitted model's ``step_overhead_s`` is 0: they are in its ``step``
+        coefficient. The coefficients come from the steps planned ahead (the worker was busy);
+        the steps sent to an idle worker give ``idle_overhead_s``, the mean of what they took
+        beyond the fit (a mean keeps their total time).
+        """
+        rows, wall_s, idle = [], [], []
+        for worker_steps in _steps_by_worker(trace).values():
+            prev_end = -np.inf
+            for e in worker_steps:
+                end = e.started + e.step_s
+                rows.append([step_features(e.scheduled)[name] for name in FEATURES])
+                wall_s.append(end - max(e.started, prev_end))
+                idle.append(e.started >= prev_end)
+                prev_end = end
+        x, y, is_idle = np.asarray(rows), np.asarray(wall_s), np.asarray(idle, dtype=bool)
+        busy = ~is_idle if np.sum(~is_idle) >= len(FEATURES) else np.ones(len(y), dtype=bool)
+        if np.sum(busy) < len(FEATURES):
+            raise ValueError(f"{len(y)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
+        coefficients = nonnegative_least_squares(x[busy], y[busy])
+        predicted = x @ coefficients
+        idle_overhead = max(float(np.mean(y[is_idle] - predicted[is_idle])), 0.0) if np.any(is_idle) else 0.0
+        relative = np.abs(predicted + idle_overhead * is_idle - y) / np.maximum(y, 1e-9)
+        error = FitError(float(np.median(relative)), float(np.percentile(relative, 90)), len(y))
+        ratios = y[busy & (predicted > 0)] / predicted[busy & (predicted > 0)]
+        admit_s, output_s = _latencies(trace)
+        return cls(
+            [{name: float(c) for name, c in zip(FEATURES, coefficients, strict=True)}],
+            idle_overhead_s=idle_overhead,
+            admit_s=admit_s,
+            output_s=output_s,
+            source=f"fit on {len(y)} steps",
+            fit_error=error,
+            spread=[float(r) for r in ratios / ratios.mean()] if len(ratios) else [],
+        )
+
+    # -- from the hardware's spec sheet --------------------------------------------------------
+
+    @classmethod
+    def roofline(cls, model_config: ModelConfig, gpu: str = "H100", dtype_bytes: int = 2) -> CostModel:
+        """Compute and memory terms for ``model_config`` on ``gpu`` (a key of ``GPUS``), weights of ``dtype_bytes``."""
+        if gpu not in GPUS:
+            raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPUS)}")
+        spec = GPUS[gpu]
+        m = model_config
+        q_dim, kv_dim = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+        attention_params = m.hidden_size * (q_dim + 2 * kv_dim) + q_dim * m.hidden_size  # q, k, v, o
+        per_layer = attention_params + 3 * m.hidden_size * m.intermediate_size  # and gate, up, down
+        num_params = m.num_hidden_layers * per_layer + m.vocab_size * m.hidden_size  # the lm_head
+        flops_per_token = 2 * num_params  # a multiply and an add per weight
+        attention_flops = 4 * m.num_hidden_layers * q_dim  # QK^T and PV, per query-key pair
+        kv_bytes_per_token = 2 * m.num_hidden_layers * kv_dim * dtype_bytes  # K and V
+        compute = {
+            "num_prompt_tokens": flops_per_token / spec.flops,
+            "prompt_attention_tokens": attention_flops / spec.flops,
+            "num_decode_tokens": flops_per_token / spec.flops,
+            "decode_context_tokens": attention_flops / spec.flops,
+        }
+        memory = {
+            "step": num_params * dtype_bytes / spec.bandwidth,  # every weight read once a step
+            "decode_context_tokens": kv_bytes_per_token / spec.bandwidth,
+            "num_prompt_tokens": kv_bytes_per_token / spec.bandwidth,  # written once
+        }
+        info = {"gpu": gpu, "gpu_source": spec.source, "num_params": num_params}
+        return cls([compute, memory], source=f"roofline on {gpu}", info=info)
+
+
+@dataclass(frozen=True, slots=True)
+class GPUSpec:
+    flops: float  # dense bf16 FLOP/s (without sparsity)
+    bandwidth: float  # HBM bytes/s
+    source: str
+
+
+GPUS = {
+    "H100": GPUSpec(989e12, 3.35e12, "NVIDIA H100 SXM5 datasheet: 989 TFLOPS bf16 dense, 3.35 TB/s HBM3"),
+    "H200": GPUSpec(989e12, 4.8e12, "NVIDIA H200 SXM datasheet: 989 TFLOPS bf16 dense, 4.8 TB/s HBM3e"),
+    "A100": GPUSpec(312e12, 2.039e12, "NVIDIA A100 80GB SXM datasheet: 312 TFLOPS bf16 dense, 2,039 GB/s HBM2e"),
+}
+
+
+def nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """argmin ||x c - y|| over c >= 0, exactly: the best unconstrained fit on each subset of the
+    columns, kept if all its coefficients are >= 0 (2^columns subsets: fine for a handful)."""
+    num_columns = x.shape[1]
+    best, best_residual = np.zeros(num_columns), float(np.sum(y**2))
+    for size in range(1, num_columns + 1):
+        for subset in itertools.combinations(range(num_columns), size):
+            columns = list(subset)
+            c, *_ = np.linalg.lstsq(x[:, columns], y, rcond=None)
+            if np.any(c < 0):
+                continue
+            residual = float(np.sum((x[:, columns] @ c - y) ** 2))
+            if residual < best_residual:
+                best, best_residual = np.zeros(num_columns), residual
+                best[columns] = c
+    return best
+
+
+def _steps_by_worker(trace: Trace) -> dict[int, list[StepEvent]]:
+    steps: dict[int, list[StepEvent]] = {}
+    for e in trace.events:
+        if isinstance(e, StepEvent) and e.failed is None:
+            steps.setdefault(e.worker_id, []).append(e)
+    return {w: sorted(s, key=lambda e: e.step) for w, s in steps.items()}
+
+
+def _latencies(trace: Trace) -> tuple[float, float]:
+    """Medians of: arrival to the first step that schedules the request, for requests that arrived
+    while their worker had no step in flight (nothing to wait for but the hops); and a step's
+    result back at the scheduler to the next ``TokensOut`` at the frontend."""
+    steps = _steps_by_worker(trace)
+    first_step: dict[str, tuple[int, float]] = {}  # req_id -> (worker, when its first step was sent)
+    for worker_id, worker_steps in steps.items():
+        for step in worker_steps:
+            for r in step.scheduled:
+                first_step.setdefault(r.req_id, (worker_id, step.started))
+    admits = []
+    for event in trace.events:
+        if isinstance(event, RequestArrived) and event.req_id in first_step:
+            worker_id, scheduled_at = first_step[event.req_id]
+            if not _in_flight_at(steps[worker_id], event.ts):
+                admits.append(scheduled_at - event.ts)
+    ends = np.sort([step.started + step.step_s for s in steps.values() for step in s])
+    outputs = []
+    for event in trace.events:
+        if isinstance(event, TokensOut) and len(ends):
+            i = int(np.searchsorted(ends, event.ts, side="right")) - 1
+            if i >= 0:
+                outputs.append(event.ts - ends[i])
+    return _median(admits), _median(outputs)
+
+
+def _in_flight_at(steps: list[StepEvent], t: float) -> bool:
+    """Whether one of ``steps`` (in the order they were sent) was in flight at ``t``."""
+    starts = [s.started for s in steps]
+    i = bisect.bisect_right(starts, t)  # the steps sent by t; a worker's steps end in the order sent
+    return i > 0 and steps[i - 1].started + steps[i - 1].step_s > t
+
+
+def _median(values: Sequence[float]) -> float:
+    return max(float(np.median(values)), 0.0) if len(values) else 0.0

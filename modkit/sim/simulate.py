@@ -1,0 +1,304 @@
+"""``simulate``: a workload through the real scheduler, KV cache manager and router, on a simulated clock.
+
+::
+
+    trace = simulate(workload, cost_model, num_kv_blocks=64, scheduling_policy="sjf")
+    trace.summary(); viz.dashboard(trace)
+
+Only the model is missing. The objects that decide are the ones that serve: a ``Router``
+picks each request's worker, and each worker has a ``Scheduler`` with its own
+``KVCacheManager``, built from a ``PipelineConfig`` exactly as the scheduler and KV cache
+manager processes build theirs. Instead of running a forward, a step takes the time the
+cost model gives it, and each request that samples gets a made-up token
+(``modkit.scheduler.simulate``); a request finishes at its recorded length.
+
+The clock is a queue of timed events (discrete-event simulation), as the scheduler process
+would see them::
+
+    arrival      the frontend sends the request on (RequestArrived); the router picks a worker (Routed);
+                 admit_s later it reaches that worker's scheduler
+    step done    a step's result is back: update_from_output, then the next plans; admit_s...
+                 output_s later its tokens reach the frontend (TokensOut, RequestDone)
+
+After each, the worker is planned for as ``SchedulerService.run_once`` does it, async
+scheduling included: a plan when nothing is in flight, and one more ahead while one is. A
+worker runs its steps one after another: a step starts when it is planned or when the
+worker's previous step ends, whichever is later, and lasts the cost model's forward time
+and overhead.
+
+The events it records are the live pipeline's (StepEvent, ForwardEvent, BlockEvents,
+RequestArrived, Routed, TokensOut, RequestDone), so the result is an ordinary ``Trace``,
+whose ``meta`` says ``simulated: True`` and which cost model timed it. It is a simulation:
+its times are as good as the cost model, and the hops between processes are two constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from modkit.config import PipelineConfig
+from modkit.engine.config import fit_max_model_len
+from modkit.kvcache.manager import KVCacheManager
+from modkit.request import Request, RequestStatus
+from modkit.router.router import Router
+from modkit.scheduler.output import MAX_WAITING_REASONS, StepRecord
+from modkit.scheduler.scheduler import Scheduler
+from modkit.scheduler.simulate import SimulatedWorker
+from modkit.scheduler.step import never_fits_message, waits_for_ever
+from modkit.sim.cost_model import CostModel, step_features
+from modkit.sim.workload import Workload, WorkloadRequest
+from modkit.trace.events import (
+    BlockActivity,
+    BlockEvents,
+    ForwardEvent,
+    PipelineEvent,
+    RequestArrived,
+    RequestDone,
+    Routed,
+    ScheduledReq,
+    StepEvent,
+    TokensOut,
+)
+from modkit.trace.trace import Trace, event_time
+
+DEFAULT_NUM_KV_BLOCKS = 8192  # what a launch on the CPU gives each worker with num_kv_blocks=None
+DEFAULT_MAX_MODEL_LEN = 1024  # the embedded model's
+
+
+def simulate(workload: Workload, cost_model: CostModel, **overrides: Any) -> Trace:
+    """Serve ``workload`` on a simulated clock; ``overrides`` are ``PipelineConfig`` fields.
+
+    The settings start from those the workload was recorded with (``workload.config``), then
+    ``overrides``; an unknown field raises ``ConfigError``. Fields that do not change a
+    schedule (the model, ports, the sampler...) are accepted and ignored; ``seed`` seeds the
+    draws from the cost model's spread, so one seed gives one trace.
+    """
+    settings = {**workload.config, **overrides}
+    max_model_len = settings.pop("max_model_len", None) or DEFAULT_MAX_MODEL_LEN
+    config = PipelineConfig(**settings)
+    # As a launch does: a length the pool cannot hold is lowered to what it holds, or refused if given.
+    num_blocks = config.num_kv_blocks or DEFAULT_NUM_KV_BLOCKS
+    explicit = overrides.get("max_model_len") is not None
+    max_model_len = fit_max_model_len(max_model_len, explicit, num_blocks, config.block_size, "num_kv_blocks")
+    return Simulation(config, max_model_len, cost_model).run(workload)
+
+
+@dataclass(slots=True)
+class StepTiming:
+    """A step in flight on the simulated clock."""
+
+    record: StepRecord
+    started: float  # the plan was sent
+    ready: float  # the worker could start it
+    forward_s: float
+    end: float  # its result is back at the scheduler
+    num_sampled: int
+
+
+class SimWorker:
+    """One worker: its scheduler and KV cache manager (the real ones), and when it is free."""
+
+    def __init__(self, worker_id: int, config: PipelineConfig, max_model_len: int, sim: Simulation) -> None:
+        self.worker_id = worker_id
+        self.activity: list[BlockActivity] = []  # what the KV cache manager did since the last flush
+        self.kv = KVCacheManager(
+            config.num_kv_blocks or DEFAULT_NUM_KV_BLOCKS,  # as each of the launch's workers
+            config.block_size,
+            config.enable_prefix_caching,
+            event_sink=lambda event: sim.router.on_kv_event(worker_id, event),
+            activity_sink=lambda kind, req_id, block_ids: self.activity.append(BlockActivity(kind, req_id, block_ids)),
+            eviction_policy=config.eviction_policy,
+        )
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_batched_tokens, config.max_num_seqs, max_model_len, config.scheduling_policy
+        )
+        self.scheduler.policy.clock = lambda: sim.now  # a policy that ages requests reads the simulated clock
+        self.driver = SimulatedWorker(self.scheduler, config.async_scheduling)
+        self.timings: deque[StepTiming] = deque()  # one per step in self.driver.in_flight
+        self.free_at = 0.0  # when its last step in flight ends
+
+
+class Simulation:
+    """One run on the simulated clock: the router, the workers, the queue of timed events, what it recorded."""
+
+    def __init__(self, config: PipelineConfig, max_model_len: int, cost_model: CostModel) -> None:
+        self.config, self.max_model_len, self.cost_model = config, max_model_len, cost_model
+        self.router = Router(config.num_workers, config.block_size, config.router_policy)
+        self.workers = [SimWorker(i, config, max_model_len, self) for i in range(config.num_workers)]
+        self.now = 0.0
+        self.rng = random.Random(config.seed)  # draws each step's spread (CostModel.spread)
+        self.events: list[PipelineEvent] = []
+        self._queue: list[tuple[float, int, str, Any]] = []  # (time, tie-break, kind, what)
+        self._order = itertools.count()
+
+    def run(self, workload: Workload) -> Trace:
+        for i, request in enumerate(workload.requests):
+            self._at(request.arrival_s, "arrival", (f"sim-{i}", request))
+        while self._queue:
+            self.now, _, kind, what = heapq.heappop(self._queue)
+            if kind == "arrival":
+                self._arrival(*what)
+            elif kind == "add":
+                self._add(*what)
+            else:
+                self._step_done(what)
+        self.events.sort(key=event_time)  # in time order, as a recorder receives them
+        return Trace(self.events, self._meta())
+
+    def _at(self, t: float, kind: str, what: Any) -> None:
+        heapq.heappush(self._queue, (t, next(self._order), kind, what))
+
+    # -- the frontend and the router ---------------------------------------------------------
+
+    def _arrival(self, req_id: str, request: WorkloadRequest) -> None:
+        prompt, params = request.prompt_token_ids, request.sampling_params
+        arrived = RequestArrived(self.now, req_id, req_id, len(prompt), params.max_tokens, prompt, params)
+        self.events.append(arrived)
+        worker_id = self.router.route(req_id, prompt)
+        seen = self.router.last_seen
+        num_blocks = -(-len(prompt) // self.config.block_size)
+        cached = {w: c for w, (c, _) in seen.items()}
+        active = {w: a for w, (_, a) in seen.items()}
+        self.events.append(Routed(self.now, req_id, worker_id, self.config.router_policy, num_blocks, cached, active))
+        self._at(self.now + self.cost_model.admit_s, "add", (worker_id, req_id, request))
+
+    # -- the scheduler process ---------------------------------------------------------------
+
+    def _add(self, worker_id: int, req_id: str, request: WorkloadRequest) -> None:
+        worker = self.workers[worker_id]
+        params = dataclasses.replace(request.sampling_params, max_tokens=request.output_len, ignore_eos=True)
+        try:
+            worker.scheduler.add_request(Request(req_id, request.prompt_token_ids, params, arrival_time=self.now))
+        except ValueError as error:
+            self._done(req_id, "rejected", str(error), self.now)
+            return
+        self._plan(worker)
+
+    def _plan(self, worker: SimWorker) -> None:
+        """What ``SchedulerService.run_once`` does for one worker: a step if none is in flight,
+        and one more ahead (async scheduling) while one is."""
+        if not worker.driver.in_flight and worker.scheduler.has_unfinished_requests():
+            self._send_step(worker)
+        if worker.driver.may_plan_ahead():
+            self._send_step(worker)
+        self._flush_blocks(worker)
+
+    def _send_step(self, worker: SimWorker) -> None:
+        """Plan a step and put it on the worker, unless it tells the worker nothing (as ``_send_step``)."""
+        scheduler = worker.scheduler
+        while True:
+            step = worker.driver.plan()
+            plan = step.plan
+            refused = self._refuse_if_never_fits(worker, plan)
+            if plan.total_num_scheduled_tokens or plan.finished_req_ids or plan.preempted_req_ids:
+                break
+            worker.driver.in_flight.pop()  # not sent
+            if not refused:
+                return
+        record = scheduler.last_record
+        assert record is not None
+        idle = len(worker.driver.in_flight) == 1  # nothing else in flight
+        ready = max(self.now, worker.free_at)
+        forward_s = self.cost_model.forward_time(step_features(record.scheduled), self.rng)
+        end = ready + forward_s + self.cost_model.overhead(idle)
+        worker.free_at = end
+        worker.timings.append(StepTiming(record, self.now, ready, forward_s, end, len(step.sampling)))
+        self._at(end, "step_done", worker.worker_id)
+
+    def _refuse_if_never_fits(self, worker: SimWorker, plan: Any) -> bool:
+        stuck = waits_for_ever(worker.scheduler, plan)
+        if stuck is None:
+            return False
+        message = never_fits_message(stuck, worker.scheduler)
+        worker.scheduler.finish_requests([stuck.req_id], RequestStatus.FINISHED_ABORTED)
+        self._done(stuck.req_id, "rejected", message, self.now)
+        return True
+
+    def _step_done(self, worker_id: int) -> None:
+        worker = self.workers[worker_id]
+        timing = worker.timings.popleft()
+        outputs = worker.driver.finish_oldest()
+        self.events.append(self._step_event(worker, timing))
+        self._flush_blocks(worker)
+        at_frontend = self.now + self.cost_model.output_s
+        if outputs:
+            self.events.append(TokensOut(at_frontend, {o.req_id: len(o.new_token_ids) for o in outputs}))
+        for output in outputs:
+            if output.finish_reason is not None:
+                self._done(output.req_id, output.finish_reason, None, at_frontend)
+        self._plan(worker)
+
+    def _done(self, req_id: str, finish_reason: str, message: str | None, at: float) -> None:
+        self.router.finish(req_id)
+        self.events.append(RequestDone(at, req_id, finish_reason, message))
+
+    # -- what the live pipeline would have published -------------------------------------------
+
+    def _step_event(self, worker: SimWorker, timing: StepTiming) -> StepEvent:
+        record = timing.record
+        self.events.append(
+            ForwardEvent(
+                worker.worker_id,
+                record.step,
+                timing.ready,
+                timing.forward_s,
+                0.0,
+                record.tokens_used,
+                len(record.scheduled),
+                timing.num_sampled,
+            )
+        )
+        return StepEvent(
+            worker_id=worker.worker_id,
+            step=record.step,
+            started=timing.started,
+            step_s=timing.end - timing.started,
+            schedule_s=0.0,
+            forward_s=timing.forward_s,
+            sample_s=0.0,
+            scheduled=[
+                ScheduledReq(e.req_id, e.num_tokens, e.kind, e.num_computed_tokens, e.num_cached_tokens)
+                for e in record.scheduled
+            ],
+            preempted=record.preempted,
+            waiting=dict(itertools.islice(record.waiting.items(), MAX_WAITING_REASONS)),
+            num_waiting=record.num_waiting,
+            num_running=record.num_running,
+            token_budget=record.token_budget,
+            tokens_used=record.tokens_used,
+            kv_usage=record.kv_usage,
+            prefix_cache_queries=record.prefix_cache_queries,
+            prefix_cache_hits=record.prefix_cache_hits,
+        )
+
+    def _flush_blocks(self, worker: SimWorker) -> None:
+        if worker.activity:
+            self.events.append(
+                BlockEvents(worker.worker_id, self.now, worker.activity, worker.kv.num_free_blocks, worker.kv.usage)
+            )
+            worker.activity = []
+
+    def _meta(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "simulated": True,
+            "cost_model": self.cost_model.describe(),
+            "num_workers": cfg.num_workers,
+            "num_blocks": [w.kv.pool.num_blocks for w in self.workers],
+            "block_size": cfg.block_size,
+            "max_num_batched_tokens": cfg.max_num_batched_tokens,
+            "max_num_seqs": cfg.max_num_seqs,
+            "max_model_len": self.max_model_len,
+            "enable_prefix_caching": cfg.enable_prefix_caching,
+            "async_scheduling": cfg.async_scheduling,
+            "scheduling_policy": cfg.scheduling_policy,
+            "eviction_policy": cfg.eviction_policy,
+            "router_policy": cfg.router_policy,
+            "t0": 0.0,
+        }

@@ -1,0 +1,354 @@
+"""``modkit.sim``: the real scheduler objects on a simulated clock, checked against themselves
+and against a live pipeline.
+
+The fast tests need no process: a simulation must show what the real ``Scheduler``,
+``KVCacheManager`` and ``Router`` do (preemptions in a tiny pool, prefix hits on a shared
+prefix, a policy's order), finish every request at its length, and give back the cost model
+it ran with when one is fitted on its trace. The slow ones launch the embedded model on the
+CPU, serve a Poisson workload live, and compare: ``Trace.summary`` with the numbers rebuilt
+from the events, the replayed workload with the one sent, and the simulation of the same
+workload and configuration with the live run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from waiting import wait_until
+
+from modkit import Pipeline, loadgen, viz
+from modkit.config import ConfigError
+from modkit.model.config import ModelConfig
+from modkit.sampling_params import SamplingParams
+from modkit.sim import CostModel, Workload, WorkloadRequest, capacity_sweep, knees, simulate, workload_from_trace
+from modkit.sim.cost_model import FEATURES, step_features
+from modkit.trace import Trace
+from modkit.trace.events import RequestArrived, StepEvent, TokensOut
+
+# A made-up model of a CPU step: 3 ms a step, 0.2 ms a prompt token, 1 ms a decode.
+COST = CostModel(
+    [{"step": 3e-3, "num_prompt_tokens": 2e-4, "num_decode_tokens": 1e-3, "decode_context_tokens": 1e-6}],
+    step_overhead_s=1e-3,
+    idle_overhead_s=2e-3,
+    admit_s=2e-3,
+    output_s=5e-4,
+    source="made up",
+)
+
+
+def poisson(n: int = 40, rate: float = 20.0, shared_prefix: int = 0, seed: int = 0) -> Workload:
+    return Workload.poisson(n, rate, prompt_len=64, output_len=16, seed=seed, shared_prefix=shared_prefix)
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+def test_poisson_workload_arrives_as_loadgen_sends_and_shares_its_prefix() -> None:
+    workload = poisson(50, rate=4.0, shared_prefix=24, seed=3)
+    assert [r.arrival_s for r in workload.requests] == loadgen.poisson_send_times(50, 4.0, seed=3)
+    prompts = workload.prompts
+    assert all(len(p) == 64 and p[:24] == prompts[0][:24] for p in prompts)
+    assert len({tuple(p[24:]) for p in prompts}) == 50
+    assert all(r.output_len == 16 and r.sampling_params.max_tokens == 16 for r in workload.requests)
+    with pytest.raises(ValueError, match="shared_prefix"):
+        Workload.poisson(2, 1.0, prompt_len=8, output_len=4, shared_prefix=9)
+
+
+# -- the real scheduler objects ------------------------------------------------------------------
+
+
+def test_every_request_finishes_at_its_length_in_an_ordinary_trace(tmp_path: Path) -> None:
+    workload = poisson()
+    trace = simulate(workload, COST)
+    assert trace.meta["simulated"] is True and trace.meta["cost_model"]["source"] == "made up"
+    requests = trace.requests
+    assert len(requests) == len(workload)
+    assert (requests.num_output_tokens == 16).all() and (requests.finish_reason == "length").all()
+    assert (requests.arrival <= requests.first_scheduled).all()
+    assert (requests.first_scheduled < requests.first_token).all() and (requests.first_token <= requests.finished).all()
+    assert len(trace.forwards) == len(trace.steps) > 0
+    assert trace.block_state(0).counts()["held"] == 0  # every block given back
+    # Saved and loaded as any trace.
+    assert Trace.load(trace.save(tmp_path / "sim.json.gz")).summary() == trace.summary()
+
+
+def test_a_tiny_kv_pool_preempts_and_a_big_one_does_not() -> None:
+    workload = poisson(rate=200.0)
+    tiny = simulate(workload, COST, num_kv_blocks=14)  # 13 blocks: three prompts of 4, no room to grow
+    big = simulate(workload, COST)
+    assert tiny.summary().num_preemptions > 0 and big.summary().num_preemptions == 0
+    assert tiny.summary().num_preemptions == int(tiny.requests.num_preemptions.sum())
+    assert (tiny.requests.num_output_tokens == 16).all()  # preempted requests are recomputed and finish
+    assert tiny.summary().ttft_p50_s > big.summary().ttft_p50_s
+
+
+def test_a_shared_prefix_is_hit_unless_prefix_caching_is_off() -> None:
+    shared = simulate(poisson(shared_prefix=48), COST)
+    # After the first request, each finds its first three blocks (48 of 64 tokens) cached.
+    assert shared.summary().prefix_hit_rate == pytest.approx(48 / 64 * (39 / 40), abs=0.01)
+    assert simulate(poisson(shared_prefix=0), COST).summary().prefix_hit_rate == 0
+    assert simulate(poisson(shared_prefix=48), COST, enable_prefix_caching=False).summary().prefix_hit_rate == 0
+
+
+def test_sjf_admits_the_shortest_prompt_first_and_fcfs_the_first_arrival() -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    lengths = [50, 40, 30, 20, 10]
+    workload = Workload([WorkloadRequest(0.001 * i, list(range(1, n + 1)), 4, params) for i, n in enumerate(lengths)])
+
+    def order(policy: str) -> list[int]:
+        requests = simulate(workload, COST, max_num_seqs=1, scheduling_policy=policy).requests
+        return [int(r.removeprefix("sim-")) for r in requests.sort_values("first_scheduled").req_id]
+
+    # The first arrives alone and runs; the rest queue behind it.
+    assert order("fcfs") == [0, 1, 2, 3, 4]
+    assert order("sjf") == [0, 4, 3, 2, 1]
+
+
+def test_the_router_spreads_requests_over_workers() -> None:
+    trace = simulate(poisson(), COST, num_workers=2, router_policy="round_robin")
+    assert trace.routes.worker_id.tolist() == [i % 2 for i in range(40)]
+    assert set(trace.steps.worker_id) == {0, 1}
+    assert (trace.requests.num_output_tokens == 16).all()
+
+
+def test_an_unknown_override_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="num_kv_blocks"):
+        simulate(poisson(2), COST, num_kv_block=8)
+    with pytest.raises(ConfigError, match="scheduling_policy"):
+        simulate(poisson(2), COST, scheduling_policy="lifo")
+
+
+def test_views_draw_a_simulated_trace() -> None:
+    trace = simulate(poisson(rate=200.0), COST, num_kv_blocks=14)
+    middle = float(trace.steps.start.median())
+    viz.block_grid(trace, at=middle)
+    viz.timeline(trace)
+    assert len(viz.dashboard(trace).axes) >= len(viz.VIEWS)
+
+
+# -- cost models ------------------------------------------------------------------------------
+
+
+def varied_workload() -> Workload:
+    """Prompts of many lengths, some longer than the budget below (chunked), so that no feature follows another."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    return Workload(
+        [
+            WorkloadRequest(0.02 * i, [int(t) for t in rng.integers(1, 999, size=n)], int(rng.integers(2, 30)), params)
+            for i, n in enumerate(rng.integers(5, 200, size=60))
+        ]
+    )
+
+
+def test_a_fit_on_a_simulated_trace_gives_back_its_cost_model() -> None:
+    trace = simulate(varied_workload(), COST, max_num_batched_tokens=128)
+    fitted = CostModel.fit(trace)
+    steps = [e for e in trace.events if isinstance(e, StepEvent)]
+    for step in steps:  # a fit folds the per-step overhead into its forward
+        features = step_features(step.scheduled)
+        for idle in (False, True):
+            expected = COST.forward_time(features) + COST.overhead(idle)
+            assert fitted.forward_time(features) + fitted.overhead(idle) == pytest.approx(expected, rel=1e-6)
+    assert fitted.fit_error is not None and fitted.fit_error.p90 < 1e-6
+    for name in ("idle_overhead_s", "admit_s", "output_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(COST, name), rel=1e-6), name
+
+
+def test_roofline_of_qwen_on_an_h100() -> None:
+    qwen = ModelConfig.from_hf_dict(
+        {
+            "architectures": ["Qwen2ForCausalLM"],
+            "vocab_size": 151936,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+        }
+    )
+    h100, h200 = CostModel.roofline(qwen, "H100"), CostModel.roofline(qwen, "H200")
+    num_params = h100.info["num_params"]
+    assert num_params == pytest.approx(494e6, rel=0.01)  # Qwen2.5-0.5B: 0.49 B parameters
+    one_decode = step_features([_Scheduled(1, "decode", 256)])
+    # One decode reads every weight (bf16) once: memory-bound, 2 bytes a parameter over 3.35 TB/s.
+    assert h100.forward_time(one_decode) == pytest.approx(2 * num_params / 3.35e12, rel=0.05)
+    assert h200.forward_time(one_decode) < h100.forward_time(one_decode)
+    # A 2,048-token prompt chunk does 2 FLOPs a parameter a token: compute-bound at 989 TFLOP/s.
+    prefill = step_features([_Scheduled(2048, "prompt", 0)])
+    assert h100.forward_time(prefill) == pytest.approx(2 * num_params * 2048 / 989e12, rel=0.15)
+    assert h200.forward_time(prefill) == pytest.approx(h100.forward_time(prefill), rel=0.05)
+    with pytest.raises(ValueError, match="unknown gpu"):
+        CostModel.roofline(qwen, "TPU")
+    assert set(FEATURES) >= {k for term in h100.terms for k in term}
+
+
+@dataclasses.dataclass
+class _Scheduled:
+    num_tokens: int
+    kind: str
+    num_computed_tokens: int
+
+
+# -- against a live pipeline ----------------------------------------------------------------------
+
+RATE, NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN, SHARED_PREFIX = 5.0, 60, 64, 32, 32
+
+
+@dataclasses.dataclass
+class LiveRun:
+    workload: Workload  # what was sent
+    trace: Trace
+    results: list[loadgen.RequestResult]
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveRun]:
+    """The embedded model on the CPU, default settings, serving a Poisson workload with a shared prefix."""
+    workload = Workload.poisson(NUM_REQUESTS, RATE, PROMPT_LEN, OUTPUT_LEN, seed=0, shared_prefix=SHARED_PREFIX)
+    with Pipeline.launch(ports="auto", seed=0, progress=False) as pipeline:
+        results, _ = loadgen.open_loop(
+            f"{pipeline.url}/v1", pipeline.model_name, workload.prompts, RATE, OUTPUT_LEN, seed=0
+        )
+
+        def traced() -> bool:  # every request's last tokens and every step's record are in
+            trace = pipeline.trace(settle_s=0)
+            return len(trace.requests.dropna(subset=["finish_reason"])) == NUM_REQUESTS and len(trace.forwards) == len(
+                trace.steps
+            )
+
+        assert wait_until(traced, 30), "the trace never held every request's end"
+        yield LiveRun(workload, pipeline.trace(), results)
+
+
+@pytest.mark.slow
+def test_summary_of_a_live_trace_is_what_its_events_say(live: LiveRun) -> None:
+    events = live.trace.events
+    arrived = {e.req_id: e.ts for e in events if isinstance(e, RequestArrived)}
+    token_times: dict[str, list[float]] = {}
+    for e in events:
+        if isinstance(e, TokensOut):
+            for req_id, n in e.counts.items():
+                if n > 0:
+                    token_times.setdefault(req_id, []).append(e.ts)
+    ttft = [times[0] - arrived[r] for r, times in token_times.items()]
+    itl = [b - a for times in token_times.values() for a, b in itertools.pairwise(times)]
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    num_tokens = sum(n for e in events if isinstance(e, TokensOut) for n in e.counts.values())
+    duration = max(t for times in token_times.values() for t in times) - min(arrived.values())
+
+    summary = live.trace.summary()
+    assert summary.num_requests == NUM_REQUESTS
+    assert summary.num_output_tokens == num_tokens == sum(r.output_tokens for r in live.results)
+    assert summary.duration_s == pytest.approx(duration)
+    assert summary.output_throughput == pytest.approx(num_tokens / duration)
+    assert summary.ttft_p50_s == pytest.approx(np.percentile(ttft, 50))
+    assert summary.ttft_p99_s == pytest.approx(np.percentile(ttft, 99))
+    assert summary.itl_p50_s == pytest.approx(np.percentile(itl, 50))
+    assert summary.itl_p99_s == pytest.approx(np.percentile(itl, 99))
+    assert summary.num_preemptions == sum(len(e.preempted) for e in steps)
+    hits, queries = sum(e.prefix_cache_hits for e in steps), sum(e.prefix_cache_queries for e in steps)
+    assert summary.prefix_hit_rate == pytest.approx(hits / queries) and summary.prefix_hit_rate > 0.3
+    assert "TTFT" in repr(summary) and "tok/s" in repr(summary)
+
+
+@pytest.mark.slow
+def test_the_workload_of_a_live_trace_is_the_one_sent(live: LiveRun) -> None:
+    replayed = workload_from_trace(live.trace)
+    assert len(replayed) == NUM_REQUESTS
+    assert sorted(replayed.prompts) == sorted(live.workload.prompts)
+    assert all(r.output_len == OUTPUT_LEN for r in replayed.requests)
+    assert all(r.sampling_params.temperature == 0 and r.sampling_params.ignore_eos for r in replayed.requests)
+    assert replayed.config["num_kv_blocks"] == live.trace.meta["num_blocks"][0]
+    # The frontend saw them arrive about when loadgen sent them (a loaded box delays a few).
+    sent = [r.arrival_s for r in live.workload.requests]
+    offsets = np.abs(np.subtract([r.arrival_s for r in replayed.requests], sent))
+    assert np.median(offsets) < 0.05 and offsets.max() < 1.0, offsets
+
+
+@pytest.mark.slow
+def test_a_simulation_of_the_live_run_predicts_its_throughput_and_ttft(live: LiveRun) -> None:
+    cost = CostModel.fit(live.trace)
+    replayed = workload_from_trace(live.trace)
+    measured = live.trace.summary()
+    predicted = [simulate(replayed, cost, seed=seed).summary() for seed in range(5)]
+    report = f"\nlive: {measured}\nsimulated (seed 0): {predicted[0]}\n{cost}\nload: {os.getloadavg()}"
+    print(report)
+    for name in ("output_throughput", "ttft_p50_s"):
+        prediction = float(np.median([getattr(p, name) for p in predicted]))
+        assert prediction == pytest.approx(getattr(measured, name), rel=0.25), f"{name}{report}"
+    assert all(p.num_preemptions == measured.num_preemptions == 0 for p in predicted)
+    assert all(p.prefix_hit_rate == pytest.approx(measured.prefix_hit_rate, abs=0.02) for p in predicted)
+
+
+@pytest.mark.slow
+def test_a_thousand_requests_simulate_a_hundred_times_faster_than_they_would_run(live: LiveRun) -> None:
+    cost = CostModel.fit(live.trace)
+    workload = Workload.poisson(1000, RATE, PROMPT_LEN, OUTPUT_LEN, seed=1, shared_prefix=SHARED_PREFIX)
+    started = time.perf_counter()
+    trace = simulate(workload, cost)
+    wall = time.perf_counter() - started
+    simulated = trace.summary().duration_s
+    print(f"\n1,000 requests: {simulated:.1f} simulated seconds in {wall:.2f} wall seconds: {simulated / wall:.0f}x")
+    assert trace.summary().num_requests == 1000
+    assert simulated / wall >= 100
+
+
+@pytest.mark.slow  # starts a script
+def test_the_script_replays_a_saved_trace_with_other_settings(tmp_path: Path) -> None:
+    recorded = simulate(varied_workload(), COST, max_num_batched_tokens=128).save(tmp_path / "run.json.gz")
+    out = tmp_path / "what_if.json.gz"
+    command = [sys.executable, "scripts/simulate.py", str(recorded), "--set", "num_kv_blocks=14", "--out", str(out)]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "recorded:" in done.stdout and "simulated:" in done.stdout
+    what_if = Trace.load(out)
+    assert what_if.meta["simulated"] and what_if.meta["num_blocks"] == [14]
+    assert what_if.meta["max_num_batched_tokens"] == 128  # the recorded settings, but for the one changed
+    assert f"preemptions        {what_if.summary().num_preemptions}" in done.stdout
+    bad = subprocess.run([*command[:3], "--set", "num_kv_block=14"], cwd=repo, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean 'num_kv_blocks'" in bad.stderr
+
+
+def test_a_pool_too_small_for_the_model_length_lowers_it_as_a_launch_does() -> None:
+    workload = poisson(4)  # 64 + 16 tokens a request
+    just_enough = simulate(workload, COST, num_kv_blocks=6)  # 5 blocks: 80 tokens
+    assert just_enough.meta["max_model_len"] == 80 and (just_enough.requests.num_output_tokens == 16).all()
+    too_small = simulate(workload, COST, num_kv_blocks=5)  # 64 tokens: no room for one output token
+    assert too_small.meta["max_model_len"] == 64 and (too_small.requests.finish_reason == "rejected").all()
+    with pytest.raises(ConfigError, match="max_model_len"):
+        simulate(workload, COST, num_kv_blocks=5, max_model_len=128)
+
+
+def test_a_capacity_sweep_finds_where_each_configuration_stops_keeping_up() -> None:
+    def workload_at(rate: float) -> Workload:
+        return Workload.poisson(150, rate, prompt_len=64, output_len=16, seed=0)
+
+    rates = [5.0, 20.0, 80.0, 320.0]
+    configs = {"one worker": {}, "two workers": {"num_workers": 2}}
+    frame = capacity_sweep(workload_at, COST, rates, configs)
+    assert len(frame) == len(rates) * len(configs) and (frame.num_requests == 150).all()
+    found = knees(frame)
+    one, two = found["one worker"], found["two workers"]
+    assert one is not None and two is not None and two > 1.5 * one  # two workers sustain nearly twice as much
+    for name, rate in found.items():
+        rows = frame[frame.config == name].set_index("request_rate")
+        assert rate == rows.request_throughput.max()  # loadgen.knee: the most it completed
+        assert rows.ttft_p99_s.is_monotonic_increasing  # past the knee the queue, and TTFT, grow
+    figure = viz.capacity(frame)
+    ax = figure.axes[0]
+    knee_lines = {a.get_gid(): a for a in ax.get_lines() if str(a.get_gid()).startswith("knee-")}
+    assert set(knee_lines) == {"knee-one worker", "knee-two workers"}
+    assert np.asarray(knee_lines["knee-two workers"].get_xdata())[0] == pytest.approx(two)
