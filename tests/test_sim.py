@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -352,3 +353,30 @@ def test_a_capacity_sweep_finds_where_each_configuration_stops_keeping_up() -> N
     knee_lines = {a.get_gid(): a for a in ax.get_lines() if str(a.get_gid()).startswith("knee-")}
     assert set(knee_lines) == {"knee-one worker", "knee-two workers"}
     assert np.asarray(knee_lines["knee-two workers"].get_xdata())[0] == pytest.approx(two)
+
+
+@pytest.mark.slow  # starts a script
+def test_the_script_sweeps_rates_and_finds_each_configurations_knee(tmp_path: Path) -> None:
+    """A second worker roughly doubles what the made-up model keeps up with: its knee lies further
+    out, and its TTFT p99 is lower at every rate."""
+    recorded = simulate(varied_workload(), COST, max_num_batched_tokens=128).save(tmp_path / "run.json.gz")
+    out, figure = tmp_path / "sweep.json", tmp_path / "capacity.png"
+    command = [
+        *(sys.executable, "scripts/simulate.py", "--cost-from", str(recorded), "--poisson", "200"),
+        *("--output-len", "16", "--sweep", "10", "20", "40", "80", "160", "--compare", "2 workers: num_workers=2"),
+        *("--out", str(out), "--figure", str(figure)),
+    ]
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        command, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    one, two = report["knees"]["default"], report["knees"]["2 workers"]
+    assert one is not None and two is not None and two > 1.5 * one, report["knees"]
+    rows = report["rows"]
+    for rate in report["rates"]:
+        p99 = {r["config"]: r["ttft_p99_s"] for r in rows if r["request_rate"] == rate}
+        assert p99["2 workers"] < p99["default"], rate
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert f"knee of default: {one:.1f} requests/s" in done.stdout
