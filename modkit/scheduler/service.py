@@ -32,7 +32,6 @@ tagged with another id (plans of the scheduler before a restart) are ignored her
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 from collections.abc import Callable
@@ -55,13 +54,13 @@ from modkit.protocol import (
     WorkerUp,
 )
 from modkit.request import Request, RequestStatus
-from modkit.scheduler.output import MAX_WAITING_REASONS, SchedulerOutput
+from modkit.scheduler.output import SchedulerOutput
 from modkit.scheduler.recovery import SchedulerRecovery
 from modkit.scheduler.scheduler import Scheduler
 from modkit.scheduler.slots import InFlightStep, WorkerSlot
 from modkit.scheduler.step import never_fits_message, waits_for_ever
 from modkit.scheduler.swapping import SchedulerSwapping
-from modkit.trace.events import EventPublisher, ScheduledReq, StepEvent
+from modkit.trace.events import EventPublisher, StepEvent, step_event
 from modkit.transport import Inbox, Outbox, RpcClient
 
 KV_RPC_TIMEOUT_S = 5.0  # calls other than apply (which has its own, see modkit.kvcache.client)
@@ -361,28 +360,14 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
         record = step.record
         if record is None or not self.events.wants(f"step.{slot.worker_id}"):
             return None  # nobody listens: not even built
-        waiting = dict(itertools.islice(record.waiting.items(), MAX_WAITING_REASONS))
-        return StepEvent(
+        return step_event(
+            record,
             worker_id=slot.worker_id,
-            step=record.step,
             started=step.sent_wall,
             step_s=step_s,
             schedule_s=step.schedule_s,
             forward_s=forward_s,
             sample_s=sample_s,
-            scheduled=[
-                ScheduledReq(e.req_id, e.num_tokens, e.kind, e.num_computed_tokens, e.num_cached_tokens)
-                for e in record.scheduled
-            ],
-            preempted=record.preempted,
-            waiting=waiting,
-            num_waiting=record.num_waiting,
-            num_running=record.num_running,
-            token_budget=record.token_budget,
-            tokens_used=record.tokens_used,
-            kv_usage=record.kv_usage,
-            prefix_cache_queries=record.prefix_cache_queries,
-            prefix_cache_hits=record.prefix_cache_hits,
             failed=failed,
             kv_s=step.kv_s,
             update_s=update_s,

@@ -47,7 +47,7 @@ from modkit.engine.config import fit_max_model_len
 from modkit.kvcache.manager import KVCacheManager
 from modkit.request import Request, RequestStatus
 from modkit.router.router import Router
-from modkit.scheduler.output import MAX_WAITING_REASONS, StepRecord
+from modkit.scheduler.output import StepRecord
 from modkit.scheduler.scheduler import Scheduler
 from modkit.scheduler.simulate import SimulatedWorker
 from modkit.scheduler.step import never_fits_message, waits_for_ever
@@ -61,9 +61,9 @@ from modkit.trace.events import (
     RequestArrived,
     RequestDone,
     Routed,
-    ScheduledReq,
     StepEvent,
     TokensOut,
+    step_event,
 )
 from modkit.trace.trace import Trace, event_time
 
@@ -254,27 +254,14 @@ class Simulation:
                 timing.num_sampled,
             )
         )
-        return StepEvent(
+        return step_event(
+            record,
             worker_id=worker.worker_id,
-            step=record.step,
             started=timing.started,
             step_s=timing.end - timing.started,
             schedule_s=0.0,
             forward_s=timing.forward_s,
             sample_s=0.0,
-            scheduled=[
-                ScheduledReq(e.req_id, e.num_tokens, e.kind, e.num_computed_tokens, e.num_cached_tokens)
-                for e in record.scheduled
-            ],
-            preempted=record.preempted,
-            waiting=dict(itertools.islice(record.waiting.items(), MAX_WAITING_REASONS)),
-            num_waiting=record.num_waiting,
-            num_running=record.num_running,
-            token_budget=record.token_budget,
-            tokens_used=record.tokens_used,
-            kv_usage=record.kv_usage,
-            prefix_cache_queries=record.prefix_cache_queries,
-            prefix_cache_hits=record.prefix_cache_hits,
         )
 
     def _flush_blocks(self, worker: SimWorker) -> None:

@@ -31,12 +31,17 @@ router); subscribers of this stream do not subscribe to those.
 
 from __future__ import annotations
 
+import itertools
 import threading
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from modkit.sampling_params import SamplingParams
 from modkit.transport import Publisher
+
+if TYPE_CHECKING:
+    from modkit.scheduler.output import StepRecord
 
 # What a subscriber of the whole stream asks for.
 TOPICS = ("step.", "forward.", "blocks.", "request", "route", "swap", "hello")
@@ -77,6 +82,50 @@ class StepEvent(msgspec.Struct, tag="step", frozen=True):
     # Defaulted, so that a trace saved without them still loads (0.0: not measured).
     kv_s: float = 0.0  # of schedule_s, waiting for the KV cache manager's replies (round trips)
     update_s: float = 0.0  # update_from_output() in the scheduler, after the result came back
+
+
+def step_event(
+    record: StepRecord,
+    *,
+    worker_id: int,
+    started: float,
+    step_s: float,
+    schedule_s: float,
+    forward_s: float,
+    sample_s: float,
+    failed: str | None = None,
+    kv_s: float = 0.0,
+    update_s: float = 0.0,
+) -> StepEvent:
+    """The ``StepEvent`` of a scheduler's ``StepRecord``, with the step's timings: what the
+    scheduler process publishes, and what a simulation (``modkit.sim``) records."""
+    from modkit.scheduler.output import MAX_WAITING_REASONS
+
+    return StepEvent(
+        worker_id=worker_id,
+        step=record.step,
+        started=started,
+        step_s=step_s,
+        schedule_s=schedule_s,
+        forward_s=forward_s,
+        sample_s=sample_s,
+        scheduled=[
+            ScheduledReq(e.req_id, e.num_tokens, e.kind, e.num_computed_tokens, e.num_cached_tokens)
+            for e in record.scheduled
+        ],
+        preempted=record.preempted,
+        waiting=dict(itertools.islice(record.waiting.items(), MAX_WAITING_REASONS)),
+        num_waiting=record.num_waiting,
+        num_running=record.num_running,
+        token_budget=record.token_budget,
+        tokens_used=record.tokens_used,
+        kv_usage=record.kv_usage,
+        prefix_cache_queries=record.prefix_cache_queries,
+        prefix_cache_hits=record.prefix_cache_hits,
+        failed=failed,
+        kv_s=kv_s,
+        update_s=update_s,
+    )
 
 
 class ForwardEvent(msgspec.Struct, tag="forward", frozen=True):
