@@ -51,16 +51,16 @@ DEVICES = ("cpu", "cuda", "mps")  # and cuda:N
 COMPONENTS = ("frontend", "scheduler", "worker", "router", "kv_cache_manager", "sampler")
 
 
-def free_component_ports() -> dict[str, int]:
-    """``<component>_port`` for every component, each a loopback port free now and all different:
-    for a pipeline beside another on one machine (tests, benchmarks). Racy, as any free port is."""
-    from modkit.transport.addresses import free_tcp_port
+def free_component_ports(num_workers: int = 4) -> dict[str, int]:
+    """``<component>_port`` for every component, laid out as ``ports="auto"`` lays them: a run of
+    ports free now, with room for up to ``num_workers`` workers (worker-1 and on take the ports
+    after the sampler's). For a pipeline beside another on one machine (tests, benchmarks).
+    Racy, as any free port is, but the run lies below the range the OS hands client
+    connections their ports from, so that none of those takes a worker's port meanwhile."""
+    from modkit.pipeline.preflight import with_ports
 
-    ports: list[int] = []
-    while len(ports) < len(COMPONENTS):  # the OS may hand the same free port out twice
-        if (port := free_tcp_port()) not in ports:
-            ports.append(port)
-    return {f"{name}_port": port for name, port in zip(COMPONENTS, ports, strict=True)}
+    config = with_ports(PipelineConfig(num_workers=max(num_workers, 1)), "auto")
+    return {f"{name}_port": getattr(config, f"{name}_port") for name in COMPONENTS}
 
 
 REDACTED = "<redacted>"  # what to_dict() writes in place of the API key
