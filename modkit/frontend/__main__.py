@@ -4,6 +4,7 @@
     python -m modkit.frontend --model Qwen/Qwen2.5-0.5B-Instruct --api-key secret
     python -m modkit.frontend --config pipeline.yaml --frontend-port 9001
     python -m modkit.frontend --ipc-dir DIR [flags]    # the pipeline's frontend, run by hand
+    python -m modkit.frontend --config pipeline.yaml --keys DIR   # ... with the launch's keys
 
 Flags are ``PipelineConfig``'s (``python -m modkit.frontend --help``). The six-process
 pipeline puts the same app in front of the router and scheduler processes; this
@@ -24,7 +25,7 @@ from modkit.frontend.app import build_app
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if any(a == "--ipc-dir" or a.startswith("--ipc-dir=") for a in args):
+    if any(a in ("--ipc-dir", "--keys") or a.startswith(("--ipc-dir=", "--keys=")) for a in args):
         from modkit.pipeline.standalone import run_component
 
         run_component("frontend", args)

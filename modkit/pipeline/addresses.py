@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modkit.transport.addresses import tcp_address
 from modkit.transport.rundirs import write_owner
 
 COMPONENT_ORDER = ("sampler", "worker", "kv_cache_manager", "scheduler", "router", "frontend")  # start order
@@ -51,6 +52,23 @@ def socket_names(num_workers: int) -> list[str]:
         + [f"{c}.ev" for c in publishers]
         + ["kv.events"]
     )
+
+
+def owner(socket: str) -> str:
+    """The component that binds ``socket`` (``"worker-1.in"`` -> ``"worker-1"``, ``"kv.events"`` -> the KV manager)."""
+    name = socket.rpartition(".")[0]
+    return "kv_cache_manager" if name == "kv" else name
+
+
+def tcp_addresses(
+    num_workers: int, first_port: int, host: str = "127.0.0.1", hosts: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Every socket of the pipeline on TCP, for ``PipelineConfig.addresses``: ports from
+    ``first_port`` on, one each, on ``host``, or on ``hosts[component]`` for the components
+    it names (``{"worker-0": "10.0.0.7"}``: the host that component runs on, where it binds)."""
+    hosts = hosts or {}
+    names = socket_names(num_workers)
+    return {name: tcp_address(first_port + i, hosts.get(owner(name), host)) for i, name in enumerate(names)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,10 +4,21 @@
     python -m modkit.scheduler --num-workers 2
     python -m modkit.frontend --ipc-dir /tmp/modkit-1000     # the pipeline's frontend needs the flag
 
-Every component of one pipeline must get the same ``--ipc-dir`` (where the socket files
-live; by default ``/tmp/modkit-<uid>``) and the same config flags. ``--port`` overrides
-the component's HTTP port from the config. Each serves ``GET /health`` and ``GET /stats``
-there and stops on Ctrl-C or SIGTERM.
+    # on several hosts: the same config file and keys directory on each (docs/scaling.md)
+    python -m modkit keys keys/                               # once; copy keys/ to every host
+    python -m modkit.worker --config pipeline.yaml --keys keys/ --worker-id 0 [--port N]
+
+Every component of one pipeline must get the same config (flags or ``--config FILE``)
+and the same ``--ipc-dir`` (where the socket files live; by default
+``/tmp/modkit-<uid>``) for the sockets the config's ``addresses`` do not put on TCP.
+``--port`` overrides the component's HTTP port from the config. Each serves ``GET
+/health`` and ``GET /stats`` there, on the config's ``host``, and stops on Ctrl-C or
+SIGTERM.
+
+``--keys DIR`` (written by ``python -m modkit keys DIR``) makes this process a member of
+the launch those keys name, as ``Pipeline.launch``'s children are: its control calls are
+signed and checked, and every ``tcp://`` socket speaks CURVE (``modkit.transport.security``).
+Without it, a ``tcp://`` address beyond loopback in ``addresses`` is refused at once.
 """
 
 from __future__ import annotations
@@ -25,13 +36,24 @@ from typing import Any
 
 from modkit.config import ConfigError, PipelineConfig
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
-from modkit.transport import RpcClient, RpcServer
+from modkit.transport import RpcClient, RpcServer, security
+from modkit.transport.addresses import is_loopback, split_tcp
+from modkit.transport.keyfiles import KeyFileError, load_keys
 from modkit.transport.serve import HealthHTTPServer, serve
 
 
 def default_ipc_dir() -> str:
     """One directory per user, so components started by hand find each other with no flag."""
     return os.path.join(tempfile.gettempdir(), f"modkit-{os.getuid()}")
+
+
+def remote_tcp_addresses(config: PipelineConfig) -> dict[str, str]:
+    """The sockets ``addresses`` puts on a ``tcp://`` endpoint beyond loopback (these need keys)."""
+    return {
+        name: endpoint
+        for name, endpoint in (config.addresses or {}).items()
+        if endpoint.startswith("tcp://") and not is_loopback(split_tcp(endpoint)[0])
+    }
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -47,13 +69,23 @@ def run_component(kind: str, argv: list[str] | None = None) -> None:
         help="directory of the pipeline's socket files, the same for every component (default: %(default)s)",
     )
     parser.add_argument("--port", type=int, default=None, help="HTTP port for /health and /stats")
+    parser.add_argument("--keys", metavar="DIR", default=None, help="the launch's keys (python -m modkit keys DIR)")
     if kind == "worker":
         parser.add_argument("--worker-id", type=int, required=True)
     own, rest = parser.parse_known_args(argv)
     try:
         config = PipelineConfig.from_cli(rest)
-    except ConfigError as error:
+        keys = load_keys(own.keys) if own.keys is not None else None
+    except (ConfigError, KeyFileError) as error:
         sys.exit(f"modkit.{kind}: {error}")
+    if keys is None and (remote := remote_tcp_addresses(config)):
+        name, endpoint = next(iter(remote.items()))
+        sys.exit(
+            f"modkit.{kind}: addresses[{name!r}] is {endpoint}, beyond loopback: such a socket speaks CURVE "
+            "with the launch's keys, and there are none; make them once with 'python -m modkit keys DIR', "
+            "copy DIR to every host and pass --keys DIR"
+        )
+    security.set_process_keys(keys)  # every socket this process opens signs, checks, and speaks CURVE with them
     logging.basicConfig(level="INFO", format=f"%(asctime)s {kind}[%(process)d] %(levelname)s %(name)s: %(message)s")
     addresses = PipelineAddresses.at(own.ipc_dir, config.addresses)
     name = worker_name(own.worker_id) if kind == "worker" else kind
@@ -69,6 +101,7 @@ def run_component(kind: str, argv: list[str] | None = None) -> None:
     build = _builders()[kind]
     signal.signal(signal.SIGTERM, _stop)
     with contextlib.ExitStack() as stack:
+        stack.callback(security.stop_authenticators)  # CURVE's ZAP threads, once every socket is closed
         obj = build(config, addresses, own)
         close = getattr(obj, "close", None)
         if callable(close):
