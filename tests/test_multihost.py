@@ -181,7 +181,7 @@ def peer_kind(socket_name: str) -> int:
 
 def handshake(kind: int, address: str, keys: LaunchKeys | None, timeout_s: float = 10.0) -> str:
     """Connect a ``kind`` socket to ``address`` as ``keys``' client: "succeeded", "failed", or "none" (no answer)."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     monitor = sock.get_monitor_socket()
