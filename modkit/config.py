@@ -72,6 +72,9 @@ class PipelineConfig:
     model: str | None = None  # None: Qwen/Qwen2.5-0.5B-Instruct on a CUDA GPU, else the embedded tiny model
     dtype: str | None = None  # None: float32 on CPU, bfloat16 (or float16) on GPU
     device: str | None = None  # None: cuda if available, else cpu
+    # One device per worker, e.g. ["cuda:0", "cuda:1"]: each worker runs on its own and sizes its KV
+    # cache from that device's memory. None: every worker on ``device``. Not both.
+    devices: list[str] | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     gpu_memory_utilization: float = 0.9  # GPU memory share for a card's workers: weights, activations, KV cache
     max_num_batched_tokens: int = 2048  # token budget of one step: enough for a long prompt chunk plus decodes
@@ -133,10 +136,7 @@ class PipelineConfig:
         _check_str("model", self.model, optional=True)
         _check_choice("dtype", self.dtype, DTYPES, optional=True)
         if self.device is not None:
-            _check_str("device", self.device)
-            kind, colon, index = self.device.partition(":")
-            if kind not in DEVICES or (colon and (kind != "cuda" or not index.isdigit())):
-                raise ConfigError("device", f"must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+            _check_device("device", self.device)
         _check_int("max_model_len", self.max_model_len, minimum=2, optional=True)
         _check_fraction("gpu_memory_utilization", self.gpu_memory_utilization)
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
@@ -174,6 +174,7 @@ class PipelineConfig:
         _check_int("max_queued_requests", self.max_queued_requests, minimum=1)
         self._check_ports()
         self._check_addresses()
+        self._check_devices()
 
     def _check_ports(self) -> None:
         owner: dict[int, str] = {}  # port -> the field that took it first
@@ -213,6 +214,44 @@ class PipelineConfig:
             except (InsecureAddressError, ValueError) as error:
                 raise ConfigError("addresses", f"[{name!r}]: {error}") from None
 
+    def _check_devices(self) -> None:
+        if self.devices is None:
+            return
+        if self.device is not None:
+            raise ConfigError(
+                "devices", f"and device ({self.device!r}) are both set: give one device per worker, or one for all"
+            )
+        if not isinstance(self.devices, (list, tuple)):
+            raise ConfigError("devices", f"must be a list of devices, one per worker, {_got(self.devices)}")
+        if len(self.devices) != self.num_workers:
+            raise ConfigError(
+                "devices", f"has {len(self.devices)} entries for num_workers={self.num_workers}: give one per worker"
+            )
+        for device in self.devices:
+            _check_device("devices", device)
+        kinds = {device.partition(":")[0] for device in self.devices}
+        if len(kinds) > 1:
+            raise ConfigError(
+                "devices",
+                f"mixes {' and '.join(sorted(kinds))}: the workers are replicas, which must run one kind of "
+                f"device (and so one dtype), got {self.devices!r}",
+            )
+        for i, device in enumerate(self.devices):
+            if not self._worker_elsewhere(i):  # a worker on another host checks its own device when it starts
+                _check_cuda_index("devices", device)
+
+    def _worker_elsewhere(self, worker_id: int) -> bool:
+        """Whether worker ``worker_id`` runs on another host: its inbox is a TCP endpoint beyond loopback."""
+        return self._host_of_worker(worker_id) != "local"
+
+    def _host_of_worker(self, worker_id: int) -> str:
+        endpoint = (self.addresses or {}).get(f"worker-{worker_id}.in", "")
+        if not endpoint.startswith("tcp://"):
+            return "local"
+        host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+        address = _ip_address(host)
+        return "local" if host == "localhost" or (address is not None and address.is_loopback) else host
+
     # -- sources ------------------------------------------------------------------------------
 
     @classmethod
@@ -249,8 +288,23 @@ class PipelineConfig:
         else None, the embedded tiny model. Asks torch about CUDA only when ``device`` is None."""
         if self.model is not None:
             return self.model
-        on_cuda = self.device.startswith("cuda") if self.device is not None else torch.cuda.is_available()
+        device = self.worker_device(0)
+        on_cuda = device.startswith("cuda") if device is not None else torch.cuda.is_available()
         return DEFAULT_GPU_MODEL if on_cuda else None
+
+    def worker_device(self, worker_id: int) -> str | None:
+        """The device worker ``worker_id`` runs on: its entry in ``devices``, else ``device``."""
+        return self.devices[worker_id] if self.devices is not None else self.device
+
+    def workers_sharing_device(self, worker_id: int) -> int:
+        """How many workers share worker ``worker_id``'s device (itself included): those of its host
+        with the same device. Each sizes its KV cache for that share of the device's memory."""
+
+        def card(i: int) -> tuple[str, str]:
+            device = self.worker_device(i) or "default"
+            return self._host_of_worker(i), "cuda:0" if device == "cuda" else device
+
+        return sum(card(i) == card(worker_id) for i in range(self.num_workers))
 
     def worker_ports(self) -> list[int]:
         """One port per worker: ``worker_port``, then the next ports that no other component uses."""
@@ -292,13 +346,16 @@ class PipelineConfig:
 
     def to_engine_config(self, worker_index: int = 0) -> EngineConfig:
         """The in-process engine's config for one worker. Workers are replicas, so all get the same
-        settings."""
+        settings, each on its own device (``worker_device``), which must exist on this machine."""
         if type(worker_index) is not int or not 0 <= worker_index < self.num_workers:  # a bool is no index
             raise ConfigError("worker_index", f"must be an integer in [0, {self.num_workers}), got {worker_index!r}")
+        device = self.worker_device(worker_index)
+        if self.devices is not None and device is not None:
+            _check_cuda_index("devices", device)
         return EngineConfig(
             model=self.resolved_model(),
             dtype=self.dtype,
-            device=self.device,
+            device=device,
             block_size=self.block_size,
             num_kv_blocks=self.num_kv_blocks,
             max_num_batched_tokens=self.max_num_batched_tokens,
@@ -395,6 +452,25 @@ def _check_choice(name: str, value: object, choices: Iterable[str], *, optional:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         allowed = ", ".join(map(repr, choices))
         raise ConfigError(name, f"must be {'None or ' if optional else ''}one of {allowed}, got {value!r}{hint}")
+
+
+def _check_device(name: str, value: object) -> None:
+    _check_str(name, value)
+    kind, colon, index = str(value).partition(":")
+    if kind not in DEVICES or (colon and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(name, f"must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
+
+
+def _check_cuda_index(name: str, device: str) -> None:
+    """ConfigError if ``device`` is ``cuda:N`` and this machine has CUDA but no GPU N (without CUDA: no check)."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not index or not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    if int(index) >= count:
+        raise ConfigError(
+            name, f"names {device!r}, but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+        )
 
 
 def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -3,7 +3,8 @@
 Every failure is a ``ConfigError`` naming the field, the flag or the file, so a bad value
 is refused the same way whichever source it came from. The flags are made from the
 config's own fields (``--block-size`` for ``block_size``); a value follows its flag and
-is parsed to the field's type; ``none`` means None where a field allows it.
+is parsed to the field's type (a list from comma-separated values, a dict from JSON);
+``none`` means None where a field allows it.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def _parse_flag_value(name: str, kind: str, value: Any) -> Any:
         return value
     if kind.endswith(" | None") and value.lower() == "none":
         return None
+    if kind.startswith("list"):  # --devices cuda:0,cuda:1
+        return [item.strip() for item in value.split(",")]
     if kind.startswith("dict"):
         try:
             return json.loads(value)

@@ -114,7 +114,7 @@ def worker_threads_env(config: PipelineConfig) -> dict[str, str]:
     several workers on few cores, or one worker on a busy box, then take many times longer
     per forward (docs/benchmarks.md has the figures).
     """
-    if on_cuda(config.device):
+    if on_cuda(config.worker_device(0)):
         return dict(QUIET_THREADS)
     share = str(max(1, usable_cores() // config.num_workers))
     return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share, "OMP_WAIT_POLICY": "PASSIVE"}

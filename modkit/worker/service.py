@@ -75,8 +75,9 @@ class WorkerService(WorkerSwapping):
             engine.model, dtype=engine.dtype, device=engine.device, attention_backend=engine.attention_backend
         )
         self.device = self.model.lm_head.weight.device
-        # Workers of one machine share its memory: each sizes its cache for 1 / num_workers of the budget.
-        self.worker, self.memory = build_worker(self.model, engine, max_model_len, num_sharing=cfg.num_workers)
+        # Workers on one device share its memory: each sizes its cache for its share of the budget.
+        sharing = cfg.workers_sharing_device(worker_id)
+        self.worker, self.memory = build_worker(self.model, engine, max_model_len, num_sharing=sharing)
         self.num_blocks = self.memory.num_blocks
         self.block_size = engine.block_size
         self.attention_backend = resolve_attention_backend(engine.attention_backend, self.device)
