@@ -33,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 from modkit import LLM
 from modkit.config import free_component_ports
 from modkit.frontend import EMBEDDED_MODEL_NAME
-from modkit.pipeline.addresses import owner, socket_names, tcp_addresses
+from modkit.pipeline.addresses import owner, socket_names
 from modkit.protocol import LaunchKeys
 from modkit.sampling_params import SamplingParams
 from modkit.transport import RpcClient, RpcTimeoutError, Subscriber, security
@@ -76,17 +76,22 @@ def _bindable(host: str, port: int) -> bool:
         return True
 
 
+def modkit_command(*args: str) -> str:
+    """What ``python -m modkit ARGS`` prints."""
+    return subprocess.run([sys.executable, "-m", "modkit", *args], check=True, capture_output=True, text=True).stdout
+
+
 class HandStarted:
     """The pipeline's processes, each started by its own command; ``stop`` ends every one."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.keys_dir = tmp / "keys"
-        subprocess.run([sys.executable, "-m", "modkit", "keys", str(self.keys_dir)], check=True, capture_output=True)
+        modkit_command("keys", str(self.keys_dir))
         self.keys = load_keys(self.keys_dir)
-        self.addresses = tcp_addresses(
-            1, free_run_of_ports(len(socket_names(1))), OTHERS_HOST, {"worker-0": WORKER_HOST}
-        )
+        first_port = str(free_run_of_ports(len(socket_names(1))))
+        layout = ["--first-port", first_port, "--host", OTHERS_HOST, "--on", f"worker-0={WORKER_HOST}"]
+        self.addresses = yaml.safe_load(modkit_command("addresses", *layout))["addresses"]
         self.ports = free_component_ports(1)
         config = {"num_kv_blocks": 64, "host": OTHERS_HOST, "addresses": self.addresses, **self.ports}
         self.config_file = tmp / "pipeline.yaml"
