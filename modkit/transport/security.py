@@ -5,7 +5,10 @@ key pairs. Only the launcher and the processes it starts hold them; a child read
 from the ``ChildSpec`` on its stdin (never a command line) and makes them its process
 default (``set_process_keys``), so every socket a component opens uses them without its
 code passing them around. The launcher side passes them explicitly (``keys=``), since one
-notebook process may hold several pipelines.
+notebook process may hold several pipelines. Components started by hand, on one host or
+several, read the same kind of keys from a directory (``--keys DIR``, written once by
+``python -m modkit keys DIR``: ``modkit.transport.keyfiles``) and make them their default
+the same way.
 
 What is protected, and by what:
 
@@ -26,8 +29,8 @@ What is protected, and by what:
   call, push into an inbox, nor subscribe, and what travels is encrypted. Loopback TCP
   is CURVE too because every local user can reach it (the attack of issue 19 came from
   another local user over the documented TCP override). Without keys (a component
-  started by hand, a test), a loopback TCP socket is plain and a non-loopback one is
-  refused (``InsecureAddressError``), ``allow_remote`` or not.
+  started by hand without ``--keys``, a test), a loopback TCP socket is plain and a
+  non-loopback one is refused (``InsecureAddressError``), ``allow_remote`` or not.
 
 What is not:
 
@@ -35,8 +38,11 @@ What is not:
   only this user can connect (``modkit.transport.addresses``). The PUSH/PULL inboxes and
   the event publishers there rely on that alone. The user is the trust boundary: a
   process of the same user can also read the keys out of a child's memory.
-- A server started without keys (``python -m modkit.worker`` by hand, ``RpcServer`` in
-  a test) accepts every call, as before; it should listen on ipc:// only.
+- A server started without keys (``python -m modkit.worker`` by hand without ``--keys``,
+  ``RpcServer`` in a test) accepts every call, as before; it should listen on ipc:// only.
+- CURVE authenticates a launch, not a component: every member holds both key pairs (each
+  binds some sockets and connects to others), so any host with the keys directory can
+  play any component. Keep the directory on the pipeline's hosts only.
 - ``/health`` and ``/stats`` over HTTP are ``modkit.transport.serve``'s: ``/stats``
   asks for the API key when one is set.
 """
