@@ -84,11 +84,17 @@ def asked(pipeline: Pipeline) -> list[str]:
 
 
 def engine_replies(model: str | None, device: str, **kwargs: Any) -> list[str]:
-    """What the in-process engine writes for ``QUESTIONS``, greedily."""
-    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    """What the in-process engine writes for ``QUESTIONS``, greedily, one at a time as ``asked`` sends them."""
+    llm = LLM(model, device=device, **kwargs)
     greedy = SamplingParams(temperature=0, max_tokens=16)
-    outputs = LLM(model, device=device, **kwargs).chat(conversations, greedy, use_tqdm=False)
-    return [o.outputs[0].text for o in outputs]
+    return [llm.chat([[{"role": "user", "content": q}]], greedy, use_tqdm=False)[0].outputs[0].text for q in QUESTIONS]
+
+
+def on_gpus(model: Path, devices: list[str]) -> Pipeline:
+    """Two workers of the embedded model in float32 (greedy ties broken as on the CPU) on ``devices``."""
+    return Pipeline.launch(
+        model=str(model), dtype="float32", num_workers=2, devices=devices, ports="auto", progress=False
+    )
 
 
 def worker_info(pipeline: Pipeline, worker_id: int) -> dict[str, Any]:
@@ -109,20 +115,20 @@ def test_two_workers_on_their_devices_write_what_the_engine_writes() -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_each_worker_sits_on_its_own_gpu_and_sizes_its_cache_from_it() -> None:
-    with Pipeline.launch(num_workers=2, devices=["cuda:0", "cuda:1"], ports="auto", progress=False) as p:
+def test_each_worker_sits_on_its_own_gpu_and_sizes_its_cache_from_it(tiny_model_dir: Path) -> None:
+    with on_gpus(tiny_model_dir, ["cuda:0", "cuda:1"]) as p:
         served = asked(p)
         infos = [worker_info(p, i) for i in range(2)]
     assert [info["device"] for info in infos] == ["cuda:0", "cuda:1"]
     assert all("shared by" not in info["memory"] for info in infos), infos  # each has a card to itself
-    assert served == engine_replies(p.model_name, "cuda:0")
+    assert served == engine_replies(str(tiny_model_dir), "cuda:0", dtype="float32")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_two_workers_on_one_gpu_share_its_memory() -> None:
-    with Pipeline.launch(num_workers=2, devices=["cuda:0", "cuda:0"], ports="auto", progress=False) as p:
+def test_two_workers_on_one_gpu_share_its_memory(tiny_model_dir: Path) -> None:
+    with on_gpus(tiny_model_dir, ["cuda:0", "cuda:0"]) as p:
         served = asked(p)
         infos = [worker_info(p, i) for i in range(2)]
     assert all("shared by 2 workers" in info["memory"] for info in infos), infos
-    assert served == engine_replies(p.model_name, "cuda:0")
+    assert served == engine_replies(str(tiny_model_dir), "cuda:0", dtype="float32")
