@@ -202,6 +202,7 @@ class PipelineConfig:
         from modkit.transport.addresses import InsecureAddressError, check_bind_address
 
         known = socket_names(self.num_workers)
+        taken: dict[str, str] = {}  # endpoint -> the socket given it first
         for name, endpoint in self.addresses.items():
             if name not in known:
                 close = difflib.get_close_matches(str(name), known, n=1)
@@ -213,6 +214,14 @@ class PipelineConfig:
                 check_bind_address(endpoint, allow_remote=self.allow_remote)
             except (InsecureAddressError, ValueError) as error:
                 raise ConfigError("addresses", f"[{name!r}]: {error}") from None
+            port = endpoint.rpartition(":")[2]
+            if endpoint.startswith("tcp://") and not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise ConfigError(
+                    "addresses", f"[{name!r}] is {endpoint!r}: its peers connect to it, so it needs a port 1 to 65535"
+                )
+            if endpoint in taken:
+                raise ConfigError("addresses", f"gives {endpoint!r} to both {taken[endpoint]!r} and {name!r}")
+            taken[endpoint] = name
 
     def _check_devices(self) -> None:
         if self.devices is None:

@@ -31,7 +31,7 @@ from waiting import wait_until
 from zmq.utils.monitor import recv_monitor_message
 
 from modkit import LLM
-from modkit.config import free_component_ports
+from modkit.config import ConfigError, PipelineConfig, free_component_ports
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.pipeline.addresses import owner, socket_names
 from modkit.protocol import LaunchKeys
@@ -261,6 +261,20 @@ def test_a_non_loopback_address_without_keys_is_refused_at_once(tmp_path: Path) 
     assert done.returncode != 0
     assert "worker-0.in" in done.stderr and "--keys" in done.stderr, done.stderr
     assert time.monotonic() - started < 30  # before loading or binding anything
+
+
+@pytest.mark.parametrize(
+    ("addresses", "says"),
+    [
+        ({"router.in": "tcp://127.0.0.3:*"}, "needs a port 1 to 65535"),
+        ({"router.in": "tcp://127.0.0.3:9100", "scheduler.in": "tcp://127.0.0.3:9100"}, "to both 'router.in' and"),
+        ({"worker-0.in": "tcp://192.0.2.7:9100"}, "not a loopback address"),  # allow_remote is not set
+    ],
+)
+def test_an_address_no_peer_could_use_is_refused(addresses: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError, match="addresses") as caught:
+        PipelineConfig(addresses=addresses)
+    assert says in str(caught.value), str(caught.value)
 
 
 def test_keys_others_could_read_are_refused(tmp_path: Path) -> None:
