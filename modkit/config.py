@@ -246,20 +246,18 @@ class PipelineConfig:
                 f"device (and so one dtype), got {self.devices!r}",
             )
         for i, device in enumerate(self.devices):
-            if not self._worker_elsewhere(i):  # a worker on another host checks its own device when it starts
+            if self._host_of_worker(i) == "local":  # one on another host checks its own device when it starts
                 _check_cuda_index("devices", device)
 
-    def _worker_elsewhere(self, worker_id: int) -> bool:
-        """Whether worker ``worker_id`` runs on another host: its inbox is a TCP endpoint beyond loopback."""
-        return self._host_of_worker(worker_id) != "local"
-
     def _host_of_worker(self, worker_id: int) -> str:
+        """The host worker ``worker_id`` runs on: its inbox's TCP host beyond loopback, else \"local\"."""
+        from modkit.transport.addresses import is_loopback, split_tcp
+
         endpoint = (self.addresses or {}).get(f"worker-{worker_id}.in", "")
         if not endpoint.startswith("tcp://"):
             return "local"
-        host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-        address = _ip_address(host)
-        return "local" if host == "localhost" or (address is not None and address.is_loopback) else host
+        host, _ = split_tcp(endpoint)
+        return "local" if is_loopback(host) else host
 
     # -- sources ------------------------------------------------------------------------------
 
@@ -294,7 +292,8 @@ class PipelineConfig:
 
     def resolved_model(self) -> str | None:
         """The model the workers load: ``model`` if set; else, on a CUDA device, Qwen2.5-0.5B-Instruct;
-        else None, the embedded tiny model. Asks torch about CUDA only when ``device`` is None."""
+        else None, the embedded tiny model. Asks torch about CUDA only when ``device`` is None
+        (worker 0's entry in ``devices``, if given)."""
         if self.model is not None:
             return self.model
         device = self.worker_device(0)
