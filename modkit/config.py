@@ -250,7 +250,7 @@ class PipelineConfig:
                 _check_cuda_index("devices", device)
 
     def _host_of_worker(self, worker_id: int) -> str:
-        """The host worker ``worker_id`` runs on: its inbox's TCP host beyond loopback, else \"local\"."""
+        """The host worker ``worker_id`` runs on: its inbox's TCP host beyond loopback, else ``"local"``."""
         from modkit.transport.addresses import is_loopback, split_tcp
 
         endpoint = (self.addresses or {}).get(f"worker-{worker_id}.in", "")
