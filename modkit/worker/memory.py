@@ -83,7 +83,8 @@ def plan_kv_cache(
     """Decide the number of KV blocks for ``model`` under ``cfg`` (see the module docstring)."""
     device = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
-    per_block = kv_cache_bytes_per_block(model.config, cfg.block_size, dtype)
+    tp_size = model.tp.size
+    per_block = kv_cache_bytes_per_block(model.config, cfg.block_size, dtype, tp_size)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = MemoryPlan(
         str(device), str(dtype).removeprefix("torch."), 0, cfg.block_size, per_block, weights, 0, 0, None, ""
@@ -111,8 +112,11 @@ def plan_kv_cache(
         if num_sharing > 1:
             plan.rule += f" shared by {num_sharing} workers"
     else:
-        budget = min(int(_available_host_memory() * 0.25 / num_sharing), CPU_KV_CACHE_CAP_BYTES)
+        # Tensor-parallel ranks on the CPU share the host too: together they hold what one would.
+        budget = min(int(_available_host_memory() * 0.25 / num_sharing), CPU_KV_CACHE_CAP_BYTES) // tp_size
         plan.rule = f"a quarter of free host memory, at most {CPU_KV_CACHE_CAP_BYTES / GiB:.1f} GiB"
+        if tp_size > 1:
+            plan.rule += f", shared by {tp_size} tensor-parallel ranks"
     plan.budget_bytes = budget
     if budget < 2 * per_block:
         raise ConfigError(
@@ -177,7 +181,7 @@ def _scratch(model: CausalLM, cfg: EngineConfig, lengths: list[int]) -> tuple[Mo
         tables.append(list(range(next_block, next_block + need)))
         next_block += need
     device = model.lm_head.weight.device
-    cache = PagedKVCache.allocate(model.config, next_block, bs, model.lm_head.weight.dtype, device)
+    cache = PagedKVCache.allocate(model.config, next_block, bs, model.lm_head.weight.dtype, device, model.tp.size)
     return ModelRunner(model, cache), [SequenceChunk([0] * n, 0, t) for n, t in zip(lengths, tables, strict=True)]
 
 
