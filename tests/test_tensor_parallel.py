@@ -137,6 +137,8 @@ def test_a_dead_rank_fails_the_next_step_and_close_leaves_no_rank() -> None:
     with pytest.raises(RankDied, match=rf"rank 1 \(pid {rank_pid}\) exited"):
         texts(llm, FIRST[:1])
     assert time.monotonic() - started < 10
+    with pytest.raises(RuntimeError, match="default process group is already in use"):
+        LLM(num_kv_blocks=32, tensor_parallel_size=2)  # one tensor-parallel engine in a process at a time
     llm.close()
     llm.close()  # idempotent
     assert not pid_exists(rank_pid)

@@ -99,11 +99,6 @@ def rank_device(device: str | None, rank: int) -> str:
 
 def _join_group(store: dist.Store, rank: int, size: int, device: str) -> None:
     """Join the default process group: NCCL between CUDA devices, gloo on loopback for the CPU."""
-    if dist.is_initialized():
-        raise RuntimeError(
-            "torch.distributed's default process group is already in use in this process "
-            "(another engine with tensor_parallel_size > 1?); close that engine first"
-        )
     loopback = _loopback_interface()
     os.environ["GLOO_SOCKET_IFNAME"] = loopback  # gloo's and NCCL's own sockets: loopback only
     os.environ["NCCL_SOCKET_IFNAME"] = loopback
@@ -201,6 +196,11 @@ class TensorParallelRanks:
         The caller then loads rank 0's slice (``load_model(..., tp=ranks.tp)``) and builds its
         worker (``build_worker``), as each rank does meanwhile, and ends with ``attach``.
         """
+        if dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed's default process group is already in use in this process "
+                "(another engine with tensor_parallel_size > 1?); close that engine first"
+            )
         size = config.tensor_parallel_size
         device = rank_device(config.device, 0)
         path = run_dir() / f"tp-store-{uuid.uuid4().hex[:12]}"
@@ -226,8 +226,8 @@ class TensorParallelRanks:
             store = dist.FileStore(str(path), size)
             ranks = cls(TensorParallel(0, size), device, store, processes, saved)
             ranks._wait_joined()
-            torch.set_num_threads(threads)
             _join_group(store, 0, size, device)
+            torch.set_num_threads(threads)
         except BaseException:
             for proc in processes:
                 _stop(proc)
