@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ SPLIT = {  # parameter of layer 0 -> its shape on each of 2 ranks
 SYSTEM = "You are a kind helper. You answer in short sentences about colors, animals, sums and capitals."
 FIRST = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in ("Hello!", "What is 2 + 3?")]
 THEN = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What does a cow say?"}]]
-SETTINGS = {"num_kv_blocks": 64, "max_num_batched_tokens": 32, "max_model_len": 512}
+SETTINGS: dict[str, Any] = {"num_kv_blocks": 64, "max_num_batched_tokens": 32, "max_model_len": 512}
 
 
 def texts(llm: LLM, conversations: list[list[dict[str, str]]]) -> list[str]:
