@@ -18,7 +18,7 @@ from waiting import pid_exists, wait_until
 from modkit import LLM, Pipeline
 from modkit.config import ConfigError, PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
-from modkit.model import load_model
+from modkit.model import encode_chat, load_model
 from modkit.sampling_params import SamplingParams
 from modkit.worker.tensor_parallel import RankDied
 
@@ -64,6 +64,8 @@ def test_two_ranks_give_the_same_greedy_outputs_as_one_and_each_holds_half(one_r
     which moves logits in their last bits only; the argmax, and so every token, stays."""
     for llm in (one_rank, two_ranks):
         llm.check_invariants_each_step = True
+    prompt = encode_chat(one_rank.get_tokenizer(), FIRST[0])
+    assert len(prompt) > SETTINGS["max_num_batched_tokens"], "the prompt is computed in chunks"
     assert texts(two_ranks, FIRST) == texts(one_rank, FIRST)
     assert texts(two_ranks, THEN) == texts(one_rank, THEN)
     assert two_ranks.stats()["prefix_cache_hits"] > 0  # the system prompt's blocks, computed by both ranks
