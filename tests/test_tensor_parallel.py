@@ -38,7 +38,8 @@ SPLIT = {  # parameter of layer 0 -> its shape on each of 2 ranks
 SYSTEM = "You are a kind helper. You answer in short sentences about colors, animals, sums and capitals."
 FIRST = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in ("Hello!", "What is 2 + 3?")]
 THEN = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What does a cow say?"}]]
-SETTINGS: dict[str, Any] = {"num_kv_blocks": 64, "max_num_batched_tokens": 32, "max_model_len": 512}
+CPU: dict[str, Any] = {"device": "cpu", "dtype": "float32"}  # gloo, on any machine (a GPU box too)
+SETTINGS: dict[str, Any] = {**CPU, "num_kv_blocks": 64, "max_num_batched_tokens": 32, "max_model_len": 512}
 
 
 def texts(llm: LLM, conversations: list[list[dict[str, str]]]) -> list[str]:
@@ -130,8 +131,22 @@ def test_more_ranks_than_cuda_devices_is_refused() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between two CUDA devices")
+def test_two_gpus_over_nccl_give_the_same_greedy_outputs_as_one() -> None:
+    gpu: dict[str, Any] = {**SETTINGS, "device": "cuda:0"}
+    expected = texts(LLM(**gpu), FIRST + THEN)
+    llm = LLM(**gpu, tensor_parallel_size=2)
+    try:
+        assert llm.engine.ranks is not None
+        assert [h["device"] for h in llm.engine.ranks.held()] == ["cuda:0", "cuda:1"]
+        assert texts(llm, FIRST + THEN) == expected
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
 def test_a_dead_rank_fails_the_next_step_and_close_leaves_no_rank() -> None:
-    llm = LLM(num_kv_blocks=32, tensor_parallel_size=2)
+    llm = LLM(**CPU, num_kv_blocks=32, tensor_parallel_size=2)
     assert llm.engine.ranks is not None
     (rank_pid,) = llm.engine.ranks.pids
     assert texts(llm, FIRST[:1])
@@ -141,12 +156,12 @@ def test_a_dead_rank_fails_the_next_step_and_close_leaves_no_rank() -> None:
         texts(llm, FIRST[:1])
     assert time.monotonic() - started < 10
     with pytest.raises(RuntimeError, match="default process group is already in use"):
-        LLM(num_kv_blocks=32, tensor_parallel_size=2)  # one tensor-parallel engine in a process at a time
+        LLM(**CPU, num_kv_blocks=32, tensor_parallel_size=2)  # one tensor-parallel engine in a process at a time
     llm.close()
     llm.close()  # idempotent
     assert not pid_exists(rank_pid)
 
-    llm = LLM(num_kv_blocks=32, tensor_parallel_size=2)  # the default process group is free again
+    llm = LLM(**CPU, num_kv_blocks=32, tensor_parallel_size=2)  # the default process group is free again
     assert llm.engine.ranks is not None
     pids = llm.engine.ranks.pids
     del llm  # collected: its ranks stop too

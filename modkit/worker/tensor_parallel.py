@@ -15,7 +15,9 @@ the weights and of the KV heads (``modkit.model.parallel``)::
 
 All N join one ``torch.distributed`` process group: NCCL on CUDA devices, gloo on the CPU (on
 the loopback interface). They meet through a ``FileStore`` in this process's private 0700
-directory (``modkit.transport.addresses.run_dir``), so the rendezvous opens no port. Setting up
+directory (``modkit.transport.addresses.run_dir``), so the rendezvous opens no port. NOTE:
+gloo's and NCCL's own connections are TCP on loopback with no authentication (torch.distributed
+has none), the one exception to CURVE on every TCP socket (docs/architecture.md). Setting up
 (loading, sizing the KV cache) runs the same code on every rank, so their collectives match:
 each rank sizes its cache, and all take the smallest number of blocks.
 
