@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import openai
 import pytest
 import torch
 from waiting import pid_exists, wait_until
@@ -170,7 +171,9 @@ def test_a_dead_rank_fails_the_next_step_and_close_leaves_no_rank() -> None:
 
 @pytest.mark.slow
 def test_a_pipeline_worker_of_two_ranks_matches_one_rank_and_takes_its_ranks_with_it(one_rank: LLM) -> None:
-    p = Pipeline.launch(ports="auto", tensor_parallel_size=2, supervise=False, progress=False, **SETTINGS)
+    """The same replies as one rank; a dead rank ends its worker (the supervisor starts it again, with
+    new ranks); a killed worker, or a shut-down pipeline, leaves no rank behind."""
+    p = Pipeline.launch(ports="auto", tensor_parallel_size=2, progress=False, **SETTINGS)
     try:
         health = p.health()["worker-0"]
         assert health["tensor_parallel_size"] == 2
@@ -190,7 +193,25 @@ def test_a_pipeline_worker_of_two_ranks_matches_one_rank_and_takes_its_ranks_wit
         served = [chat(c) for c in FIRST + THEN]
         assert served == texts(one_rank, FIRST) + texts(one_rank, THEN)
         assert p.stats()["kv_cache_manager"]["pools"][0]["prefix_cache_hits"] > 0
-        os.kill(p.pids()["worker-0"], signal.SIGKILL)  # the harshest end: its rank must still go
+
+        worker_pid = p.pids()["worker-0"]
+        os.kill(rank_pid, signal.SIGKILL)
+        with pytest.raises(openai.InternalServerError):  # its step raised RankDied: the only worker is gone
+            chat(THEN[0])
+
+        def restarted() -> bool:
+            health = p.health()["worker-0"]
+            return health["http_status"] == 200 and health["pid"] != worker_pid
+
+        assert wait_until(restarted, 60), "the supervisor did not start worker-0 again"
+        (rank_pid,) = p.health()["worker-0"]["tensor_parallel_pids"]
+        assert chat(THEN[0]) == served[-1]
+
+        worker_pid = p.pids()["worker-0"]
+        os.kill(worker_pid, signal.SIGKILL)  # the harshest end: its rank must still go
         assert wait_until(lambda: not pid_exists(rank_pid), 15), "rank 1 outlived its killed worker"
+        assert wait_until(restarted, 60), "the supervisor did not start worker-0 again"
+        (rank_pid,) = p.health()["worker-0"]["tensor_parallel_pids"]
     finally:
         p.shutdown()
+    assert not pid_exists(rank_pid), "rank 1 outlived the pipeline"

@@ -16,7 +16,9 @@ workers that share one card), and never more than is free now::
 On the CPU there is nothing to measure against: the cache takes a quarter of available
 host memory, at most ``CPU_KV_CACHE_CAP_BYTES`` (notebooks run several engines side by side).
 Either way the cache never holds more than every running request at full length needs.
-``MemoryPlan.describe()`` is the line the engine logs at start.
+A tensor-parallel rank plans for its own device, its slice of the weights and its KV heads
+(on the CPU the ranks split the host's share); all ranks then take the smallest number of
+blocks (``build_worker``). ``MemoryPlan.describe()`` is the line the engine logs at start.
 """
 
 from __future__ import annotations
