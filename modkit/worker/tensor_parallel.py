@@ -52,7 +52,6 @@ from modkit.model import load_model
 from modkit.model.config import ModelConfig
 from modkit.model.decoder import CausalLM
 from modkit.model.parallel import TensorParallel
-from modkit.transport.addresses import run_dir
 from modkit.worker.kv_cache import PagedKVCache
 from modkit.worker.model_runner import ForwardInputs
 
@@ -203,6 +202,8 @@ class TensorParallelRanks:
                 "torch.distributed's default process group is already in use in this process "
                 "(another engine with tensor_parallel_size > 1?); close that engine first"
             )
+        from modkit.transport.addresses import run_dir  # here: an engine of one rank imports no zmq
+
         size = config.tensor_parallel_size
         device = rank_device(config.device, 0)
         path = run_dir() / f"tp-store-{uuid.uuid4().hex[:12]}"
