@@ -94,6 +94,9 @@ class PipelineConfig:
     seed: int = 0  # seeds requests that bring no seed, so a run can be repeated
     # -- processes and network --------------------------------------------------------------
     num_workers: int = 1  # one model replica; the router spreads requests over more
+    # Each worker split over this many ranks and devices (tensor parallelism, modkit.worker.tensor_parallel);
+    # must divide the model's attention and KV heads.
+    tensor_parallel_size: int = 1
     host: str = "127.0.0.1"  # loopback: only this machine can reach the components
     allow_remote: bool = False  # a non-loopback host is refused unless this is True
     api_key: str | None = field(default=None, repr=False)  # None: the frontend asks no key (fine on loopback)
@@ -155,6 +158,7 @@ class PipelineConfig:
         _check_bool("async_scheduling", self.async_scheduling)
         _check_int("seed", self.seed, minimum=0)
         _check_int("num_workers", self.num_workers, minimum=1)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1)
         _check_bool("allow_remote", self.allow_remote)
         _check_host(self.host, self.allow_remote)
         _check_str("api_key", self.api_key, optional=True)
@@ -379,6 +383,7 @@ class PipelineConfig:
             cudagraph_mode=self.cudagraph_mode,
             async_scheduling=self.async_scheduling,
             seed=self.seed,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
 
     def to_dict(self, *, include_secrets: bool = False) -> dict[str, Any]:

@@ -47,9 +47,12 @@ class EngineConfig:
     cudagraph_mode: str = "full_and_piecewise"
     async_scheduling: bool = True  # plan step N+1 while the device runs step N (vLLM's async scheduling)
     seed: int = 0  # seeds unseeded random sampling
+    # Ranks the model is split over, one device each (modkit.worker.tensor_parallel); must divide
+    # the model's attention heads and KV heads. 1: the whole model on one device.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        positive = ("block_size", "max_num_batched_tokens", "max_num_seqs")
+        positive = ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING
 
 from modkit.engine.config import ConfigError, EngineConfig, fit_max_model_len
 from modkit.kvcache import KVCacheManager, KVEventSink
-from modkit.model import load_model
+from modkit.model import resolve_model_path
 from modkit.model.config import ModelConfig
 from modkit.request import Request, RequestStatus, check_prompt
 from modkit.sampler import Sampler, get_sampler
 from modkit.scheduler import EngineCoreOutput, Scheduler, SchedulerOutput
 from modkit.scheduler.interface import PlansAhead, SchedulerInterface
 from modkit.scheduler.step import never_fits_message, waits_for_ever
-from modkit.worker.executor import LaunchedStep, StepExecutor, build_worker, grammar_backend
+from modkit.worker.executor import LaunchedStep, StepExecutor, grammar_backend, start_worker
+from modkit.worker.tensor_parallel import check_tensor_parallel
 
 if TYPE_CHECKING:
     from modkit.vllm_v1.kv_cache_manager import VLLMKVCacheManager
@@ -43,18 +44,27 @@ class RequestNeverFits(ValueError):
 class EngineCore:
     def __init__(self, config: EngineConfig, kv_event_sink: KVEventSink | None = None) -> None:
         self.config = config
-        self.model = load_model(
-            config.model, dtype=config.dtype, device=config.device, attention_backend=config.attention_backend
-        )
-        self.device = self.model.lm_head.weight.device
-        self.dtype = self.model.lm_head.weight.dtype
-        limit = self.model.config.max_position_embeddings
+        model_config = ModelConfig.from_pretrained(resolve_model_path(config.model))
+        check_tensor_parallel(config.tensor_parallel_size, model_config, config.device)
+        limit = model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ConfigError(
                 "max_model_len", f"must be <= the model's max_position_embeddings ({limit}), got {config.max_model_len}"
             )
         self.max_model_len = config.max_model_len or limit
-        self.worker, self.memory = build_worker(self.model, config, self.max_model_len)
+        # tensor_parallel_size N > 1: this process is rank 0 of N (modkit.worker.tensor_parallel).
+        self.model, self.worker, self.memory = start_worker(config, self.max_model_len)
+        self.ranks = self.worker.runner.tensor_parallel_ranks
+        try:
+            self._setup(config, kv_event_sink)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, config: EngineConfig, kv_event_sink: KVEventSink | None) -> None:
+        """Everything after the model and its worker: the scheduler, the KV cache manager, the sampler."""
+        self.device = self.model.lm_head.weight.device
+        self.dtype = self.model.lm_head.weight.dtype
         if (graphs := self.worker.runner.graphs) is not None:
             piece = self.worker.runner.piecewise
             pieces = f"; piecewise for steps of up to {piece.max_tokens} tokens" if piece else ""
@@ -213,6 +223,11 @@ class EngineCore:
             "kv_capacity_tokens": self.memory.kv_capacity_tokens,
             "num_cuda_graph_replays": self.worker.runner.num_cuda_graph_replays,
         }
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any (nothing else holds a process or a device)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()

@@ -51,7 +51,13 @@ PromptType = str | list[int] | TextPrompt
 
 
 class LLM:
-    """An in-process engine over a paged KV cache. Arguments are ``EngineConfig``'s fields."""
+    """An in-process engine over a paged KV cache. Arguments are ``EngineConfig``'s fields.
+
+    With ``tensor_parallel_size`` N > 1 this process is rank 0 and starts N - 1 more
+    (``modkit.worker.tensor_parallel``); ``close()`` stops them. On the CPU the N ranks share
+    the cores: each, this process included, runs with ``torch.get_num_threads() // N`` threads
+    until ``close()``.
+    """
 
     def __init__(
         self,
@@ -76,6 +82,7 @@ class LLM:
         enforce_eager: bool = False,
         cudagraph_mode: str = "full_and_piecewise",
         async_scheduling: bool = True,
+        tensor_parallel_size: int = 1,
         kv_event_sink: KVEventSink | None = None,
     ) -> None:
         self.config = EngineConfig(
@@ -99,8 +106,11 @@ class LLM:
             enforce_eager=enforce_eager,
             cudagraph_mode=cudagraph_mode,
             async_scheduling=async_scheduling,
+            tensor_parallel_size=tensor_parallel_size,
         )
         self.engine = EngineCore(self.config, kv_event_sink)
+        # Ranks 1..N-1 of a tensor-parallel engine stop with close(), or when this LLM is collected.
+        self._finalizer = weakref.finalize(self, self.engine.close)
         self.tokenizer = load_tokenizer(model)
         self._ids = itertools.count()
         self.processor = OutputProcessor(self.tokenizer)
@@ -157,6 +167,11 @@ class LLM:
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (``tensor_parallel_size`` > 1); the engine cannot step afterwards.
+        Nothing to do for one rank, whose memory goes when the LLM is collected."""
+        self._finalizer()
 
     # -- internals ----------------------------------------------------------------------
 

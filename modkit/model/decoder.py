@@ -30,21 +30,26 @@ from modkit.attention import AttentionBackend, AttentionMetadata
 from modkit.model import fused
 from modkit.model.config import ModelConfig
 from modkit.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, fuse_linears
+from modkit.model.parallel import RowParallelLinear, TensorParallel
 
 
 class Attention(nn.Module):
     """Project to q/k/v, rotate by position, attend over the paged cache, project back.
 
     After ``fuse_projections`` q, k and v come from one matmul against ``qkv_weight``.
+    With tensor parallelism (``modkit.model.parallel``) this rank holds ``num_heads`` of the
+    model's ``total_num_heads`` query heads and the KV heads they read; o_proj's all-reduce
+    adds the ranks' parts.
     """
 
     qkv_weight: torch.Tensor | None
     qkv_bias: torch.Tensor | None
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.total_num_heads, self.total_num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_heads = tp.split(config.num_attention_heads, "num_attention_heads")  # this rank's
+        self.num_kv_heads = tp.split(config.num_key_value_heads, "num_key_value_heads")
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.backend = backend
@@ -52,7 +57,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, config.hidden_size, tp)
         # Qwen3 normalises each head of q and k before the rotation.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -113,12 +118,12 @@ class DecoderLayer(nn.Module):
     embeddings are the stream). The sum ``hidden + residual`` is what HF calls the layer's output.
     """
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend)
+        self.self_attn = Attention(config, backend, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, tp)
 
     def forward(
         self,
@@ -140,10 +145,10 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embeddings, the stack of layers, and the final norm (HF's ``model.`` prefix)."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # replicated on every rank
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
@@ -166,13 +171,18 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """The decoder plus its language-model head. Logits come only for the rows asked for."""
+    """The decoder plus its language-model head. Logits come only for the rows asked for.
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    ``tp``: this model's rank among the tensor-parallel ranks of one worker; the default, rank 0
+    of 1, holds every weight. ``config`` is always the whole model's shape.
+    """
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, backend)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tp = tp if tp is not None else TensorParallel()
+        self.model = DecoderModel(config, backend, self.tp)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # replicated on every rank
         self.tie_weights()
 
     @property

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from modkit.model import fused
 from modkit.model.config import ModelConfig
+from modkit.model.parallel import RowParallelLinear, TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -56,15 +57,19 @@ class GatedMLP(nn.Module):
 
     After ``fuse_projections`` (done once, after loading) gate and up are one matmul
     against ``gate_up_weight``; with ``use_fused`` and a CUDA input, silu * up is one kernel.
+    With tensor parallelism each rank holds ``intermediate_size / size`` rows of gate and up
+    and the matching columns of down_proj, whose all-reduce adds the ranks' parts.
     """
 
     gate_up_weight: torch.Tensor | None
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        tp = tp if tp is not None else TensorParallel()
+        local = tp.split(intermediate_size, "intermediate_size")  # this rank's share
+        self.gate_proj = nn.Linear(hidden_size, local, bias=False)
+        self.up_proj = nn.Linear(hidden_size, local, bias=False)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp)
         self.register_buffer("gate_up_weight", None, persistent=False)  # (2 * I, hidden) once fused
         self.use_fused = True
 

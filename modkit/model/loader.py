@@ -18,6 +18,7 @@ from safetensors import safe_open
 from modkit.attention import DEFAULT_ATTENTION_BACKEND, get_attention_backend
 from modkit.model.config import ModelConfig
 from modkit.model.decoder import CausalLM
+from modkit.model.parallel import TensorParallel, shard_slice
 
 if TYPE_CHECKING:  # transformers loads in seconds: only load_tokenizer imports it
     from transformers import PreTrainedTokenizerBase
@@ -134,7 +135,10 @@ def _read_checkpoint(model_dir: Path) -> dict[str, Any]:
 
 
 def load_weights(model: CausalLM, model_dir: Path) -> None:
-    """Copy every checkpoint tensor into the parameter of the same name, casting dtype."""
+    """Copy every checkpoint tensor into the parameter of the same name, casting dtype.
+
+    A tensor-parallel rank reads only its slice of each split tensor (``shard_slice``).
+    """
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set(params)
     if model.config.tie_word_embeddings:
@@ -159,7 +163,8 @@ def load_weights(model: CausalLM, model_dir: Path) -> None:
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names:
-                    tensor = f.get_tensor(name)
+                    stored = f.get_slice(name)
+                    tensor = stored[shard_slice(name, tuple(stored.get_shape()), model.tp)]
                     if tensor.shape != params[name].shape:
                         raise CheckpointMismatchError(
                             f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(params[name].shape)}"
@@ -173,6 +178,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     attention_backend: str = DEFAULT_ATTENTION_BACKEND,
+    tp: TensorParallel | None = None,
 ) -> CausalLM:
     """Build modkit's decoder for a checkpoint and load its weights, ready for inference.
 
@@ -181,6 +187,7 @@ def load_model(
     gate/up weights are then joined for one matmul each (``fuse_projections``): on a GPU and on
     the CPU alike, each output column comes from the same dot product as before, so the logits
     are the same bits (``tests/test_fused_layers.py``), from fewer and larger matmuls.
+    ``tp``: load only this tensor-parallel rank's slices (``modkit.model.parallel``).
     """
     model_dir = resolve_model_path(model)
     config = ModelConfig.from_pretrained(model_dir)
@@ -189,7 +196,7 @@ def load_model(
     backend = get_attention_backend(attention_backend, dev)
     # Build on the meta device (no memory, no random init), then allocate for real.
     with torch.device("meta"):
-        net = CausalLM(config, backend)
+        net = CausalLM(config, backend, tp)
     net.to_empty(device=dev)
     net.to(torch_dtype)
     net.tie_weights()  # to_empty gives each parameter its own storage, re-share the head

@@ -1,5 +1,6 @@
-"""Checks that run before a pipeline starts anything: the model's length limit, free ports,
-and the ports themselves when a launch asks for ``ports="auto"`` or a first port."""
+"""Checks that run before a pipeline starts anything: the model's length limit and
+``tensor_parallel_size``, free ports, and the ports themselves when a launch asks for
+``ports="auto"`` or a first port."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from modkit.config import ConfigError, PipelineConfig
 from modkit.engine.config import fit_max_model_len
 from modkit.model import resolve_model_path
 from modkit.model.config import ModelConfig
+from modkit.worker.tensor_parallel import check_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ def resolve_max_model_len(config: PipelineConfig) -> int:
     once the workers report it (``Pipeline._start_all``).
     """
     model_config = ModelConfig.from_pretrained(resolve_model_path(config.resolved_model()))
+    check_tensor_parallel(config.tensor_parallel_size, model_config, config.device)
     limit = model_config.max_position_embeddings
     if config.max_model_len is not None and config.max_model_len > limit:
         raise ConfigError(

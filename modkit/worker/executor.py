@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from modkit.engine.config import EngineConfig
-from modkit.model import load_tokenizer
+from modkit.model import load_model, load_tokenizer
 from modkit.model.config import ModelConfig
 from modkit.model.decoder import CausalLM
 from modkit.sampler import GrammarBackend, Sampler, SamplerOutput, SamplingState
@@ -37,6 +37,7 @@ from modkit.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from modkit.worker.kv_cache import PagedKVCache
 from modkit.worker.memory import MemoryPlan, plan_kv_cache
 from modkit.worker.model_runner import ModelRunner
+from modkit.worker.tensor_parallel import TensorParallelRanks
 from modkit.worker.worker import PLACEHOLDER, StepResult, Worker
 
 
@@ -46,25 +47,65 @@ def piecewise_tokens(config: EngineConfig) -> int | None:
 
 
 def use_cuda_graphs(model: CausalLM, config: EngineConfig) -> bool:
-    """Decode steps replay CUDA graphs on a GPU, unless enforce_eager or the attention backend cannot."""
+    """Decode steps replay CUDA graphs on a GPU, unless enforce_eager or the attention backend cannot.
+
+    NOTE: a tensor-parallel worker runs eagerly: its ranks would have to capture and replay
+    their all-reduces together, which modkit does not do.
+    """
     backend = model.attention_backend
-    return model.lm_head.weight.is_cuda and not config.enforce_eager and backend.supports_cuda_graphs
+    eager = config.enforce_eager or model.tp.size > 1
+    return model.lm_head.weight.is_cuda and not eager and backend.supports_cuda_graphs
 
 
 def build_worker(
     model: CausalLM, config: EngineConfig, max_model_len: int, num_sharing: int = 1
 ) -> tuple[Worker, MemoryPlan]:
     """The model's paged KV cache, sized for ``1 / num_sharing`` of the device's budget (workers of
-    one machine share it), and a ``Worker`` over it, its CUDA graphs captured where they apply."""
+    one machine share it), and a ``Worker`` over it, its CUDA graphs captured where they apply.
+
+    Every tensor-parallel rank runs this with the same arguments: each sizes its own cache, and
+    all take the smallest number of blocks, so a block id means the same block on every rank.
+    """
     cuda_graphs = use_cuda_graphs(model, config)
     memory = plan_kv_cache(model, config, max_model_len, num_sharing=num_sharing, cuda_graphs=cuda_graphs)
     dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
-    kv_cache = PagedKVCache.allocate(model.config, memory.num_blocks, config.block_size, dtype, device)
+    memory.num_blocks = model.tp.smallest(memory.num_blocks, device)
+    kv_cache = PagedKVCache.allocate(model.config, memory.num_blocks, config.block_size, dtype, device, model.tp.size)
     worker = Worker(ModelRunner(model, kv_cache))
     if cuda_graphs:
         worker.runner.capture_cuda_graphs(config.max_num_seqs, max_model_len, piecewise_tokens(config))
         memory.cuda_graph_bytes = worker.runner.cuda_graph_pool_bytes
     return worker, memory
+
+
+def start_worker(config: EngineConfig, max_model_len: int, num_sharing: int = 1) -> tuple[CausalLM, Worker, MemoryPlan]:
+    """Load the model and build its ``Worker`` (``build_worker``).
+
+    With ``tensor_parallel_size`` N > 1 this process becomes rank 0: ranks 1..N-1 start first
+    and set up beside it, each its own slice; ``worker.runner.tensor_parallel_ranks`` is the
+    handle that feeds them each step and stops them (``close()``), here too if anything fails.
+    """
+    if config.tensor_parallel_size == 1:
+        model = load_model(
+            config.model, dtype=config.dtype, device=config.device, attention_backend=config.attention_backend
+        )
+        return (model, *build_worker(model, config, max_model_len, num_sharing))
+    ranks = TensorParallelRanks.start(config, max_model_len, num_sharing)
+    try:
+        model = load_model(
+            config.model,
+            dtype=config.dtype,
+            device=ranks.device,
+            attention_backend=config.attention_backend,
+            tp=ranks.tp,
+        )
+        worker, memory = build_worker(model, config, max_model_len, num_sharing)
+        ranks.attach(model, worker.runner.kv_cache)
+    except BaseException:
+        ranks.close()
+        raise
+    worker.runner.tensor_parallel_ranks = ranks
+    return model, worker, memory
 
 
 def grammar_backend(model: str | Path | None, config: ModelConfig) -> GrammarBackend:

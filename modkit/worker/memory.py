@@ -16,7 +16,9 @@ workers that share one card), and never more than is free now::
 On the CPU there is nothing to measure against: the cache takes a quarter of available
 host memory, at most ``CPU_KV_CACHE_CAP_BYTES`` (notebooks run several engines side by side).
 Either way the cache never holds more than every running request at full length needs.
-``MemoryPlan.describe()`` is the line the engine logs at start.
+A tensor-parallel rank plans for its own device, its slice of the weights and its KV heads
+(on the CPU the ranks split the host's share); all ranks then take the smallest number of
+blocks (``build_worker``). ``MemoryPlan.describe()`` is the line the engine logs at start.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def plan_kv_cache(
     """Decide the number of KV blocks for ``model`` under ``cfg`` (see the module docstring)."""
     device = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
-    per_block = kv_cache_bytes_per_block(model.config, cfg.block_size, dtype)
+    tp_size = model.tp.size
+    per_block = kv_cache_bytes_per_block(model.config, cfg.block_size, dtype, tp_size)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = MemoryPlan(
         str(device), str(dtype).removeprefix("torch."), 0, cfg.block_size, per_block, weights, 0, 0, None, ""
@@ -111,8 +114,11 @@ def plan_kv_cache(
         if num_sharing > 1:
             plan.rule += f" shared by {num_sharing} workers"
     else:
-        budget = min(int(_available_host_memory() * 0.25 / num_sharing), CPU_KV_CACHE_CAP_BYTES)
+        # Tensor-parallel ranks on the CPU share the host too: together they hold what one would.
+        budget = min(int(_available_host_memory() * 0.25 / num_sharing), CPU_KV_CACHE_CAP_BYTES) // tp_size
         plan.rule = f"a quarter of free host memory, at most {CPU_KV_CACHE_CAP_BYTES / GiB:.1f} GiB"
+        if tp_size > 1:
+            plan.rule += f", shared by {tp_size} tensor-parallel ranks"
     plan.budget_bytes = budget
     if budget < 2 * per_block:
         raise ConfigError(
@@ -177,7 +183,7 @@ def _scratch(model: CausalLM, cfg: EngineConfig, lengths: list[int]) -> tuple[Mo
         tables.append(list(range(next_block, next_block + need)))
         next_block += need
     device = model.lm_head.weight.device
-    cache = PagedKVCache.allocate(model.config, next_block, bs, model.lm_head.weight.dtype, device)
+    cache = PagedKVCache.allocate(model.config, next_block, bs, model.lm_head.weight.dtype, device, model.tp.size)
     return ModelRunner(model, cache), [SequenceChunk([0] * n, 0, t) for n, t in zip(lengths, tables, strict=True)]
 
 

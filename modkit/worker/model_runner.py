@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from modkit.model.decoder import CausalLM
 from modkit.transfer import to_device
 from modkit.worker.cuda_graphs import DecodeGraphs, PiecewiseGraphs
 from modkit.worker.kv_cache import PagedKVCache
+
+if TYPE_CHECKING:
+    from modkit.worker.tensor_parallel import TensorParallelRanks
 
 
 @dataclass(slots=True)
@@ -85,6 +89,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.graphs: DecodeGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None
+        # Rank 0 of a tensor-parallel worker: the other ranks, given each forward's inputs.
+        self.tensor_parallel_ranks: TensorParallelRanks | None = None
 
     def capture_cuda_graphs(
         self, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int | None = None
@@ -216,7 +222,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inputs: ForwardInputs) -> torch.Tensor:
-        """The eager forward of prepared inputs."""
-        return self.model(
-            inputs.input_ids, inputs.positions, self.kv_cache.layers, inputs.metadata, inputs.logits_indices
-        )
+        """The eager forward of prepared inputs; with tensor parallelism, on every rank at once."""
+        ranks = self.tensor_parallel_ranks
+        try:
+            if ranks is not None:
+                ranks.send_step(inputs)  # ranks 1..N-1 run the same forward over their heads
+            return self.model(
+                inputs.input_ids, inputs.positions, self.kv_cache.layers, inputs.metadata, inputs.logits_indices
+            )
+        except (RuntimeError, OSError) as error:
+            if ranks is not None:  # a pipe or a collective failed: RankDied if a rank is gone
+                ranks.check_alive(error, wait_s=1.0)
+            raise

@@ -42,7 +42,9 @@ import msgspec
 
 from modkit.attention.interface import resolve_attention_backend
 from modkit.config import PipelineConfig
-from modkit.model import load_model
+from modkit.engine.config import EngineConfig
+from modkit.model import resolve_model_path
+from modkit.model.config import ModelConfig
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, WorkerHeartbeat
 from modkit.sampler import Sampler
@@ -52,8 +54,9 @@ from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import EventPublisher, ForwardEvent
 from modkit.transport import Inbox, Outbox, RpcClient
 from modkit.transport.channels import Beacon
-from modkit.worker.executor import LaunchedStep, StepExecutor, build_worker, grammar_backend
+from modkit.worker.executor import LaunchedStep, StepExecutor, grammar_backend, start_worker
 from modkit.worker.swapping import WorkerSwapping
+from modkit.worker.tensor_parallel import RankDied, check_tensor_parallel
 
 HEARTBEAT_INTERVAL_S = 0.5
 
@@ -71,17 +74,33 @@ class WorkerService(WorkerSwapping):
         self.worker_id, self.started = worker_id, time.time()
         self.max_model_len = max_model_len
         addresses = PipelineAddresses(ipc_dir, cfg.addresses or {})
-        self.model = load_model(
-            engine.model, dtype=engine.dtype, device=engine.device, attention_backend=engine.attention_backend
-        )
-        self.device = self.model.lm_head.weight.device
+        model_config = ModelConfig.from_pretrained(resolve_model_path(engine.model))
+        check_tensor_parallel(engine.tensor_parallel_size, model_config, engine.device)
         # Workers on one device share its memory: each sizes its cache for its share of the budget.
+        # With tensor_parallel_size N > 1 this process is rank 0 of N (modkit.worker.tensor_parallel).
         sharing = cfg.workers_sharing_device(worker_id)
-        self.worker, self.memory = build_worker(self.model, engine, max_model_len, num_sharing=sharing)
+        self.model, self.worker, self.memory = start_worker(engine, max_model_len, num_sharing=sharing)
+        self.ranks = self.worker.runner.tensor_parallel_ranks
+        try:
+            self._connect(cfg, engine, addresses, worker_id, swap_key)
+        except BaseException:
+            self.close_ranks()
+            raise
+
+    def _connect(
+        self,
+        cfg: PipelineConfig,
+        engine: EngineConfig,
+        addresses: PipelineAddresses,
+        worker_id: int,
+        swap_key: str | None,
+    ) -> None:
+        """The sampler's choice, then the sockets: everything after the model and its worker."""
+        self.device = self.model.lm_head.weight.device
         self.num_blocks = self.memory.num_blocks
         self.block_size = engine.block_size
         self.attention_backend = resolve_attention_backend(engine.attention_backend, self.device)
-        log.info("%s: %s", worker_name(worker_id), self.memory.describe(max_model_len))
+        log.info("%s: %s", worker_name(worker_id), self.memory.describe(self.max_model_len))
         with RpcClient(addresses.rpc("sampler"), timeout_s=30.0) as sampler_rpc:
             choice = sampler_rpc.call("config")  # the Sampler process decides which implementation runs here
         self.sampler_name = choice["implementation"]
@@ -155,6 +174,8 @@ class WorkerService(WorkerSwapping):
             self._finish(self.launched.popleft())  # its tokens first: this plan's sampling reads them
         try:
             launched = self.executor.launch(plan)
+        except RankDied:  # this worker cannot compute any more: its process exits, the supervisor restarts it
+            raise
         except Exception as error:  # a failed step fails its requests, not the worker
             while self.launched:  # the scheduler hears of steps in the order it planned them
                 self._finish(self.launched.popleft())
@@ -239,6 +260,8 @@ class WorkerService(WorkerSwapping):
             "cuda_graphs": self.worker.runner.graphs is not None,
             "device": str(self.device),
             "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch."),
+            "tensor_parallel_size": self.model.tp.size,
+            "tensor_parallel_pids": self.ranks.pids if self.ranks is not None else [],  # ranks 1..N-1
         }
 
     def health(self) -> dict[str, Any]:
@@ -265,7 +288,13 @@ class WorkerService(WorkerSwapping):
             "sample_s_total": self.sample_s,
         }
 
+    def close_ranks(self) -> None:
+        """Stop the tensor-parallel ranks 1..N-1, if any."""
+        if self.ranks is not None:
+            self.ranks.close()
+
     def close(self) -> None:
+        self.close_ranks()
         self.beacon.close()
         self.events.close()
         for closable in (self.inbox, self.to_scheduler, self.to_sampler):

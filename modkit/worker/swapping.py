@@ -68,6 +68,8 @@ class WorkerSwapping(SwapOwner):
 
     def use_attention(self, spec: ImplSpec) -> dict[str, str | float | ImplSpec]:
         """Run attention with another backend from the next step on; it must match the current one on a probe."""
+        if self.model.tp.size > 1:
+            raise ValueError("an attention swap reaches rank 0 only: not supported with tensor_parallel_size > 1")
         backend = resolve(spec, ATTENTION_BACKENDS.get, self.swap_key)()
         if not isinstance(backend, AttentionBackend):
             raise TypeError(f"{type(backend).__qualname__} is not an AttentionBackend")
