@@ -44,20 +44,33 @@ from modkit.sim import CostModel, Workload, simulate, workload_from_trace
 from modkit.trace import Trace
 from modkit.trace.summary import TraceSummary
 
-# name -> (PipelineConfig overrides, request rate multiplier)
+# name -> (PipelineConfig overrides, request rate multiplier); "small KV pool" gets its num_kv_blocks
+# from the workload (small_pool).
 CONFIGS: dict[str, tuple[dict[str, Any], float]] = {
     "base": ({}, 1.0),
     "2x rate": ({}, 2.0),
     "budget 64": ({"max_num_batched_tokens": 64}, 1.0),
-    "16 KV blocks": ({"num_kv_blocks": 16}, 1.0),
+    "small KV pool": ({}, 1.0),
     "2 workers": ({"num_workers": 2}, 2.0),
 }
+BLOCK_SIZE = 16  # PipelineConfig's default
+
+
+def small_pool(prompt_len: int, output_len: int, shared_prefix: int) -> int:
+    """KV blocks for about three requests at full length: their own blocks, the shared prefix's
+    once, the null block and one spare (16 for 64-token prompts sharing 32, and 32 output tokens)."""
+    shared = shared_prefix // BLOCK_SIZE
+    own = -(-(prompt_len + output_len) // BLOCK_SIZE) - shared
+    return 2 + shared + 3 * own
+
+
 METRICS = ("output_throughput", "ttft_p50_s", "itl_p50_s", "num_preemptions", "prefix_hit_rate")
 
 
-def live_run(pipeline: Pipeline, workload: Workload, rate: float, output_len: int) -> Trace:
+def live_run(pipeline: Pipeline, workload: Workload, rate: float, output_len: int, seed: int) -> Trace:
+    """Send ``workload``'s prompts at the offsets ``Workload.poisson`` drew for ``seed``; the run's trace."""
     pipeline.clear_trace()
-    loadgen.open_loop(f"{pipeline.url}/v1", pipeline.model_name, workload.prompts, rate, output_len, seed=0)
+    loadgen.open_loop(f"{pipeline.url}/v1", pipeline.model_name, workload.prompts, rate, output_len, seed=seed)
     return pipeline.trace(settle_s=0.5)
 
 
@@ -134,20 +147,24 @@ def main() -> None:
         rows: dict[str, dict[str, list[TraceSummary]]] = {}
         for name in ["base", *[c for c in args.configs if c != "base"]]:
             overrides, rate_factor = CONFIGS[name]
+            if name == "small KV pool":
+                overrides = {"num_kv_blocks": small_pool(args.prompt_len, args.output_len, args.shared_prefix)}
             rate = args.rate * rate_factor
             settings = {**common, **overrides}
             if "max_model_len" in common and "num_kv_blocks" in overrides:  # no longer than the small pool holds
-                settings["max_model_len"] = min(common["max_model_len"], 16 * (overrides["num_kv_blocks"] - 1))
+                settings["max_model_len"] = min(common["max_model_len"], BLOCK_SIZE * (overrides["num_kv_blocks"] - 1))
             with Pipeline.launch(ports="auto", seed=0, progress=False, **settings) as pipeline:
                 if cost is None:  # the run the cost model is fitted on, not one of those predicted
-                    cost = CostModel.fit(live_run(pipeline, workload(0, args.rate), args.rate, args.output_len))
+                    cost = CostModel.fit(live_run(pipeline, workload(0, args.rate), args.rate, args.output_len, 0))
                     print(cost, flush=True)
                 runs = rows[name] = {"live": [], "simulated": []}
                 for seed in range(1, args.runs + 1):
-                    trace = live_run(pipeline, workload(seed, rate), rate, args.output_len)
+                    trace = live_run(pipeline, workload(seed, rate), rate, args.output_len, seed)
                     runs["live"].append(trace.summary())
                     runs["simulated"].append(simulate(workload_from_trace(trace), cost, **overrides).summary())
-                    print(name, seed, runs["live"][-1].to_dict(), runs["simulated"][-1].to_dict(), flush=True)
+                    print(
+                        name, overrides, seed, runs["live"][-1].to_dict(), runs["simulated"][-1].to_dict(), flush=True
+                    )
             if name not in args.configs:
                 del rows[name]
 
