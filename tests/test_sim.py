@@ -348,15 +348,18 @@ def test_a_simulation_of_the_live_run_predicts_its_throughput_and_ttft(live: Liv
 
 @pytest.mark.slow
 def test_a_thousand_requests_simulate_a_hundred_times_faster_than_they_would_run(live: LiveRun) -> None:
+    """Timed in this process's CPU seconds: on a shared box the wall clock also counts the time
+    other processes held the cores (a busy CI box made the same simulation 4x slower by the wall
+    clock); the CPU time is what the simulation itself costs, and on an idle machine the two agree."""
     cost = CostModel.fit(live.trace)
     workload = Workload.poisson(1000, RATE, PROMPT_LEN, OUTPUT_LEN, seed=1, shared_prefix=SHARED_PREFIX)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     trace = simulate(workload, cost)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - started_cpu
     simulated = trace.summary().duration_s
-    print(f"\n1,000 requests: {simulated:.1f} simulated seconds in {wall:.2f} wall seconds: {simulated / wall:.0f}x")
+    print(f"\n1,000 requests: {simulated:.1f} simulated seconds in {cpu:.2f} CPU seconds ({wall:.2f} wall)")
     assert trace.summary().num_requests == 1000
-    assert simulated / wall >= 100
+    assert simulated / cpu >= 100, f"{simulated / cpu:.0f}x"
 
 
 @pytest.mark.slow  # starts a script
