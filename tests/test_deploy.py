@@ -1,0 +1,244 @@
+"""The container deployment: Dockerfile, deploy/compose.yaml, deploy/k8s/, run_demo.sh.
+
+Checked here without a container engine: every file parses; compose has the six components
+(and the one-shot ``keys`` service), each started by its real ``python -m modkit.<component>``
+command, with the healthcheck on that component's port in ``PipelineConfig``'s defaults and
+only the frontend's 8001 published (on loopback); the configs ``deploy/layout.py`` writes are
+valid ``PipelineConfig``s with every socket on its owner's host; the Kubernetes manifests have
+the fields a Deployment, StatefulSet and Service need, each Service selects its pods and names
+their ports; the Dockerfile's command is ``start_all.py`` with flags it takes; ``run_demo.sh``
+passes ``bash -n`` and shellcheck, and refuses a bad worker count.
+
+With podman that can run containers (root, user namespaces), ``test_image_serves_a_chat``
+builds the image from a local Debian base and chats with it; elsewhere it skips and says why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from modkit.config import COMPONENTS, PipelineConfig
+from modkit.pipeline.addresses import socket_names
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+sys.path.insert(0, str(DEPLOY))
+import layout  # noqa: E402  (deploy/layout.py is a script, not a package module)
+
+MODULES = {  # the module that runs each component, as in modkit/pipeline/standalone.py
+    "frontend": "modkit.frontend",
+    "scheduler": "modkit.scheduler",
+    "worker": "modkit.worker",
+    "router": "modkit.router",
+    "kv_cache_manager": "modkit.kvcache",
+    "sampler": "modkit.sampler",
+}
+SERVICES = {component: component.replace("_", "-") for component in COMPONENTS}  # compose and k8s names
+DEFAULT_PORTS = {component: getattr(PipelineConfig(), f"{component}_port") for component in COMPONENTS}
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def command_of(service: dict[str, Any]) -> list[str]:
+    """A service's command as argv: a ``sh -c`` one split into words (``$$`` is compose's ``$``)."""
+    command = service["command"]
+    if command[:2] == ["sh", "-c"]:
+        return shlex.split(command[2].removeprefix("exec "))
+    return command
+
+
+def flag(argv: list[str], name: str) -> str:
+    assert name in argv, f"{name} missing from {argv}"
+    return argv[argv.index(name) + 1]
+
+
+# -- compose -------------------------------------------------------------------------------
+
+
+def test_compose_runs_each_component_by_its_own_command() -> None:
+    services = compose()["services"]
+    assert set(services) == {"keys", *SERVICES.values()}
+    for component, name in SERVICES.items():
+        argv = command_of(services[name])
+        assert argv[:3] == ["python", "-m", MODULES[component]], name
+        assert importlib.util.find_spec(MODULES[component] + ".__main__") is not None
+        assert flag(argv, "--config") == "/run/modkit/pipeline.yaml"
+        assert flag(argv, "--keys") == "/run/modkit/keys"
+        assert services[name]["image"] == services["keys"]["image"]  # one image
+        assert "run:/run/modkit:ro" in services[name]["volumes"]
+        assert services[name]["depends_on"]["keys"] == {"condition": "service_completed_successfully"}
+    worker = command_of(services["worker"])
+    assert flag(worker, "--port") == str(DEFAULT_PORTS["worker"])
+    assert flag(worker, "--worker-id") == "$$(python deploy/layout.py worker-id --num-workers ${MODKIT_NUM_WORKERS:-1})"
+
+
+def test_compose_starts_components_in_the_launchers_order() -> None:
+    services = compose()["services"]
+    order = ["sampler", "worker", "kv-cache-manager", "scheduler", "router", "frontend"]  # COMPONENT_ORDER's
+    for before, after in itertools.pairwise(order):
+        assert services[after]["depends_on"][before] == {"condition": "service_healthy"}, after
+
+
+def test_compose_healthchecks_ask_each_components_default_port_and_publish_only_the_api() -> None:
+    services = compose()["services"]
+    for component, name in SERVICES.items():
+        test = services[name]["healthcheck"]["test"]
+        assert f"http://127.0.0.1:{DEFAULT_PORTS[component]}/health" in test[-1], name
+        published = services[name].get("ports", [])
+        assert published == (["127.0.0.1:8001:8001"] if component == "frontend" else []), name
+
+
+def test_compose_keys_service_writes_keys_then_the_layout() -> None:
+    keys = compose()["services"]["keys"]
+    script = keys["command"][2]
+    assert "python -m modkit keys /run/modkit/keys" in script
+    assert "python deploy/layout.py compose --num-workers ${MODKIT_NUM_WORKERS:-1}" in script
+    assert script.rstrip().endswith("> /run/modkit/pipeline.yaml")
+    assert "./pipeline.yaml:/etc/modkit/pipeline.yaml:ro" in keys["volumes"]
+    assert (DEPLOY / "pipeline.yaml").is_file()
+    PipelineConfig.from_file(DEPLOY / "pipeline.yaml")  # the user's settings alone are a valid config
+
+
+# -- deploy/layout.py ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("platform", ["compose", "k8s"])
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_layout_puts_every_socket_on_its_owners_host(platform: str, num_workers: int) -> None:
+    base = yaml.safe_load((DEPLOY / "pipeline.yaml").read_text())
+    config = PipelineConfig.from_dict(layout.layout(platform, num_workers, base))  # validates every address
+    assert config.num_workers == num_workers and config.allow_remote
+    assert config.addresses is not None and set(config.addresses) == set(socket_names(num_workers))
+    worker_hosts = {layout.worker_host(platform, i) for i in range(num_workers)}
+    assert len(worker_hosts) == num_workers  # each worker reachable by a name of its own
+    for name, endpoint in config.addresses.items():
+        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+        owner = layout.owner(name)
+        expected = layout.worker_host(platform, int(owner[7:])) if owner.startswith("worker-") else SERVICES[owner]
+        assert host == expected, name
+        assert int(port) == {"rpc": 9000, "in": 9001, "ev": 9002, "events": 9002}[name.rpartition(".")[2]]
+    for component in COMPONENTS:  # HTTP ports stay PipelineConfig's defaults
+        assert getattr(config, f"{component}_port") == DEFAULT_PORTS[component]
+
+
+def test_layout_command_writes_the_config_the_k8s_configmap_holds() -> None:
+    written = subprocess.run(
+        [sys.executable, "deploy/layout.py", "k8s", "--num-workers", "2", "--base", "deploy/pipeline.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout
+    assert written == (K8S / "pipeline.yaml").read_text(), "regenerate deploy/k8s/pipeline.yaml (kustomization.yaml)"
+
+
+# -- Kubernetes --------------------------------------------------------------------------------
+
+
+def manifests(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    workload, service = yaml.safe_load_all((K8S / f"{name}.yaml").read_text())
+    return workload, service
+
+
+def test_kustomization_lists_every_component_its_config_and_keys() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(f"{name}.yaml" for name in SERVICES.values())
+    assert kustomization["configMapGenerator"] == [{"name": "modkit-config", "files": ["pipeline.yaml"]}]
+    (secret,) = kustomization["secretGenerator"]
+    assert secret["name"] == "modkit-keys"
+    assert sorted(Path(f).name for f in secret["files"]) == ["client.key_secret", "hmac.key", "server.key_secret"]
+    assert "keys/" in (K8S / ".gitignore").read_text().split()  # keys are never committed
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_k8s_workload_and_service_match(component: str) -> None:
+    name = SERVICES[component]
+    workload, service = manifests(name)
+    assert workload["apiVersion"] == "apps/v1" and service["apiVersion"] == "v1" and service["kind"] == "Service"
+    assert workload["kind"] == ("StatefulSet" if component == "worker" else "Deployment")
+    assert workload["metadata"]["name"] == service["metadata"]["name"] == name
+    spec, pod = workload["spec"], workload["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": DEFAULT_PORTS[component], "rpc": 9000, "inbox": 9001, "events": 9002}
+    assert {(p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {(n, t) for t, n in ports.items()}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    argv = container["command"]
+    assert argv[:3] == ["python", "-m", MODULES[component]]
+    assert flag(argv, "--config") == "/etc/modkit/config/pipeline.yaml"
+    assert flag(argv, "--keys") == "/run/modkit/keys"
+    assert flag(argv, "--port") == str(DEFAULT_PORTS[component])
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "modkit-config"
+    assert volumes["keys"]["secret"]["secretName"] == "modkit-keys"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {"/etc/modkit/config": "config", "/run/modkit": "run"}
+    (init,) = pod["spec"]["initContainers"]
+    assert "install -d -m 0700 /run/modkit/keys" in init["command"][-1]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_k8s_workers_are_a_statefulset_whose_pods_the_config_names() -> None:
+    workload, service = manifests("worker")
+    assert workload["spec"]["serviceName"] == service["metadata"]["name"] == "worker"
+    config = PipelineConfig.from_file(K8S / "pipeline.yaml")
+    assert workload["spec"]["replicas"] == config.num_workers
+    assert config.addresses is not None
+    for i in range(config.num_workers):  # pod worker-<i> of StatefulSet worker, through its headless Service
+        assert config.addresses[f"worker-{i}.in"] == f"tcp://worker-{i}.worker:9001"
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    assert flag(container["command"], "--worker-id") == "$(WORKER_ID)"
+    (env,) = container["env"]
+    assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+# -- Dockerfile and run_demo.sh ----------------------------------------------------------------
+
+
+def test_dockerfile_copies_what_exists_and_runs_start_all() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert "torch==2.13.0" in text and "https://download.pytorch.org/whl/cpu" in text
+    for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), f"COPY {path}: no such file"
+    (cmd,) = re.findall(r"^CMD (.+)$", text, re.M)
+    argv = yaml.safe_load(cmd)  # a JSON array
+    assert argv[:2] == ["python", "scripts/start_all.py"] and (ROOT / argv[1]).is_file()
+    config = PipelineConfig.from_cli(argv[2:])  # start_all's flags are PipelineConfig's
+    assert config.host == "0.0.0.0" and config.allow_remote
+
+
+def test_run_demo_is_valid_shell() -> None:
+    subprocess.run(["bash", "-n", str(ROOT / "run_demo.sh")], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (Debian: apt-get install shellcheck); bash -n passed")
+    subprocess.run(["shellcheck", str(ROOT / "run_demo.sh")], check=True)
+
+
+@pytest.mark.parametrize("workers", ["0", "two", "-1"])
+def test_run_demo_refuses_a_bad_worker_count_before_starting_anything(workers: str) -> None:
+    done = subprocess.run(["bash", str(ROOT / "run_demo.sh"), workers], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"got '{workers}'" in done.stderr
