@@ -9,8 +9,12 @@ the fields a Deployment, StatefulSet and Service need, each Service selects its 
 their ports; the Dockerfile's command is ``start_all.py`` with flags it takes; ``run_demo.sh``
 passes ``bash -n`` and shellcheck, and refuses a bad worker count.
 
-With podman that can run containers (root, user namespaces), ``test_image_serves_a_chat``
-builds the image from a local Debian base and chats with it; elsewhere it skips and says why.
+With ``MODKIT_CONTAINER_TESTS=1`` and podman that can run containers here (root, podman,
+runc, podman-compose 1.1 or newer, debootstrap), ``test_run_demo_serves_a_chat_in_containers``
+builds the image from a local Debian base (debootstrap, imported: no registry is pulled), runs
+``run_demo.sh 2`` under podman-compose, and checks the reply against the in-process ``LLM``
+and that both workers computed tokens. It takes minutes (a build), so it is opt-in; it
+skips, saying why, wherever any of that is missing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -242,3 +247,117 @@ def test_run_demo_refuses_a_bad_worker_count_before_starting_anything(workers: s
     done = subprocess.run(["bash", str(ROOT / "run_demo.sh"), workers], capture_output=True, text=True)
     assert done.returncode == 2
     assert f"got '{workers}'" in done.stderr
+
+
+# -- in containers, where podman can run them ----------------------------------------------------
+
+ENGINE_DIR = Path("/var/tmp/modkit-containers")  # podman's storage, settings and the base's root: kept between runs
+BASE_IMAGE = "localhost/debian-python:bookworm"
+IMAGE = "localhost/modkit:latest"  # what deploy/compose.yaml's modkit:latest resolves to
+WHEELS = Path("/opt/wheels")  # where this kind of machine keeps the CPU torch wheel (no PyTorch index here)
+
+
+def podman_env() -> dict[str, str]:
+    """Settings for rootful podman inside a VM like this one, in files of their own (CONTAINERS_CONF):
+    runc (crun refuses hybrid cgroups), cgroupfs and a file event log (no systemd), and ulimits no
+    higher than this process's hard limits (raising one needs CAP_SYS_RESOURCE, which root lacks here)."""
+    import resource
+
+    ENGINE_DIR.mkdir(parents=True, exist_ok=True)
+    nofile = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 65536)
+    (ENGINE_DIR / "containers.conf").write_text(
+        "[containers]\n"
+        f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc=4096:4096"]\n'
+        '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nruntime = "runc"\n'
+    )
+    (ENGINE_DIR / "storage.conf").write_text(
+        f'[storage]\ndriver = "overlay"\nrunroot = "/run/modkit-containers/storage"\ngraphroot = "{ENGINE_DIR}/storage"\n'
+    )
+    return {
+        **os.environ,
+        "CONTAINERS_CONF": str(ENGINE_DIR / "containers.conf"),
+        "CONTAINERS_STORAGE_CONF": str(ENGINE_DIR / "storage.conf"),
+    }
+
+
+def run(argv: list[str], env: dict[str, str], timeout_s: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+
+
+def engine_missing() -> str | None:
+    """Why the containers cannot run here, or None."""
+    if os.environ.get("MODKIT_CONTAINER_TESTS") != "1":
+        return "builds an image and starts eight containers (minutes): set MODKIT_CONTAINER_TESTS=1 to run it"
+    if os.geteuid() != 0:
+        return "needs root: rootful podman"
+    for tool in ("podman", "runc", "debootstrap", "podman-compose"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install podman runc debootstrap; pip install podman-compose)"
+    version = run(["podman-compose", "--version"], dict(os.environ)).stdout.split("podman-compose version ")[-1].split()
+    if not version or tuple(int(part) for part in version[0].split(".")[:2]) < (1, 1):
+        return f"podman-compose {version} names containers modkit_worker_1; deploy/compose.yaml needs 1.1 or newer"
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8001)) == 0:
+            return "port 8001 is taken: deploy/compose.yaml publishes the API there"
+    return None
+
+
+def build_local_base(env: dict[str, str]) -> None:
+    """A Debian bookworm root with python3 and venv, made by debootstrap and imported: no registry."""
+    if run(["podman", "image", "exists", BASE_IMAGE], env).returncode == 0:
+        return
+    root = ENGINE_DIR / "base-root"
+    shutil.rmtree(root, ignore_errors=True)
+    made = run(
+        ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm", str(root)],
+        env,
+    )
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    # pip in the build reaches what pip here reaches: this machine's CA bundle (a proxy's, if any).
+    cert = run([sys.executable, "-m", "pip", "config", "get", "global.cert"], env).stdout.strip()
+    if cert and Path(cert).is_file():
+        shutil.copy(cert, root / "etc/ssl/certs/host-ca.crt")
+        (root / "etc/pip.conf").write_text("[global]\ncert = /etc/ssl/certs/host-ca.crt\n")
+    tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+    imported = subprocess.run(["podman", "import", "-", BASE_IMAGE], stdin=tar.stdout, env=env, capture_output=True)
+    assert tar.wait() == 0 and imported.returncode == 0, imported.stderr[-2000:]
+
+
+def build_image(env: dict[str, str]) -> None:
+    argv = ["podman", "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", IMAGE]
+    if any(WHEELS.glob("torch-2.13.0+cpu-*.whl")):  # the wheel on disk, not PyTorch's index
+        argv += ["--volume", f"{WHEELS}:/wheels:ro", "--build-arg", "TORCH_PIP_ARGS=--find-links /wheels"]
+    built = run([*argv, "."], env)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+
+
+def remove_project(env: dict[str, str]) -> None:
+    """Every container, the network and the volume of project modkit, however many replicas there were."""
+    ids = run(["podman", "ps", "-aq", "--filter", "label=io.podman.compose.project=modkit"], env).stdout.split()
+    if ids:
+        run(["podman", "rm", "-f", "-t", "5", *ids], env)
+    run(["podman", "network", "rm", "-f", "modkit_default"], env)
+    run(["podman", "volume", "rm", "-f", "modkit_run"], env)
+
+
+@pytest.mark.slow
+def test_run_demo_serves_a_chat_in_containers() -> None:
+    reason = engine_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    env = podman_env()
+    build_local_base(env)
+    probe = run(["podman", "run", "--rm", BASE_IMAGE, "true"], env)
+    if probe.returncode != 0:
+        pytest.skip(f"podman cannot run a container here: {probe.stderr.strip()[-500:]}")
+    build_image(env)
+    from modkit import LLM, SamplingParams
+
+    expected = LLM().chat([{"role": "user", "content": "Hello!"}], SamplingParams(temperature=0, max_tokens=32))
+    remove_project(env)
+    try:
+        demo = run(["bash", "run_demo.sh", "2"], {**env, "COMPOSE": "podman-compose", "BUILD": "0"}, timeout_s=900)
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        assert demo.stdout.splitlines()[-2:] == [expected[0].outputs[0].text, "stopping ..."]
+    finally:
+        remove_project(env)
