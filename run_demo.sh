@@ -41,9 +41,9 @@ until curl -fsS "$url/health" >/dev/null 2>&1; do
     sleep 1
 done
 
-model=$(curl -fsS "$url/v1/models" | python3 -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')
+model=$(curl -fsS --max-time 30 "$url/v1/models" | python3 -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')
 request=$(python3 -c 'import json, sys; print(json.dumps({"model": sys.argv[1], "temperature": 0, "max_tokens": 32,
     "messages": [{"role": "user", "content": "Hello!"}]}))' "$model")
 echo "POST $url/v1/chat/completions  (model $model, $workers worker(s))"
-curl -fsS "$url/v1/chat/completions" -H "Content-Type: application/json" -d "$request" |
+curl -fsS --max-time 120 "$url/v1/chat/completions" -H "Content-Type: application/json" -d "$request" |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])'

@@ -2,6 +2,7 @@
 
     python deploy/layout.py compose --num-workers 2 --base deploy/pipeline.yaml   # to stdout
     python deploy/layout.py k8s --num-workers 2 --base deploy/pipeline.yaml
+    python deploy/layout.py compose --num-workers 2 --base ... --out /run/modkit/pipeline.yaml
     python deploy/layout.py worker-id --num-workers 2                            # in a worker's container
 
 Each component runs in its own container, so each socket of ``modkit/pipeline/addresses.py``
@@ -26,6 +27,7 @@ refused: the scheduler would never send it a step.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import time
@@ -108,15 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["compose", "k8s", "worker-id"])
     parser.add_argument("--num-workers", type=int, required=True)
     parser.add_argument("--base", type=Path, default=None, help="a pipeline.yaml of your own settings")
+    parser.add_argument("--wait-s", type=float, default=60.0, help="worker-id: how long to wait for DNS")
+    parser.add_argument("--out", type=Path, default=None, help="write the config here (whole, by a rename)")
     args = parser.parse_args(argv)
     if args.num_workers < 1:
         parser.error(f"--num-workers must be 1 or more, got {args.num_workers}")
     if args.what == "worker-id":
-        print(find_worker_id("compose", args.num_workers))
+        print(find_worker_id("compose", args.num_workers, args.wait_s))
         return 0
     base = yaml.safe_load(args.base.read_text()) if args.base is not None else {}
-    print(f"# written by deploy/layout.py {args.what} --num-workers {args.num_workers}")
-    print(yaml.safe_dump(layout(args.what, args.num_workers, base or {}), sort_keys=False), end="")
+    text = f"# written by deploy/layout.py {args.what} --num-workers {args.num_workers}\n"
+    text += yaml.safe_dump(layout(args.what, args.num_workers, base or {}), sort_keys=False)
+    if args.out is None:
+        print(text, end="")
+    else:  # a component reading it meanwhile sees the old file or the new one, never half of one
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(text)
+        os.replace(partial, args.out)
     return 0
 
 

@@ -92,6 +92,25 @@ def test_compose_runs_each_component_by_its_own_command() -> None:
     assert flag(worker, "--worker-id") == "$$(python deploy/layout.py worker-id --num-workers ${MODKIT_NUM_WORKERS:-1})"
 
 
+def test_compose_scales_workers_with_the_configs_num_workers() -> None:
+    spec = compose()
+    assert spec["name"] == "modkit" and spec["x-podman"] == {"name_separator_compat": True}  # modkit-worker-<k>
+    assert spec["services"]["worker"]["scale"] == "${MODKIT_NUM_WORKERS:-1}"
+    assert "--num-workers ${MODKIT_NUM_WORKERS:-1}" in spec["services"]["keys"]["command"][2]
+
+
+def test_worker_id_refuses_a_container_that_is_no_worker() -> None:
+    done = subprocess.run(
+        [sys.executable, "deploy/layout.py", "worker-id", "--num-workers", "2", "--wait-s", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert "none of the 2 worker names resolves to this container" in done.stderr
+
+
 def test_compose_starts_components_in_the_launchers_order() -> None:
     services = compose()["services"]
     order = ["sampler", "worker", "kv-cache-manager", "scheduler", "router", "frontend"]  # COMPONENT_ORDER's
@@ -113,7 +132,7 @@ def test_compose_keys_service_writes_keys_then_the_layout() -> None:
     script = keys["command"][2]
     assert "python -m modkit keys /run/modkit/keys" in script
     assert "python deploy/layout.py compose --num-workers ${MODKIT_NUM_WORKERS:-1}" in script
-    assert script.rstrip().endswith("> /run/modkit/pipeline.yaml")
+    assert script.rstrip().endswith("--out /run/modkit/pipeline.yaml")
     assert "./pipeline.yaml:/etc/modkit/pipeline.yaml:ro" in keys["volumes"]
     assert (DEPLOY / "pipeline.yaml").is_file()
     PipelineConfig.from_file(DEPLOY / "pipeline.yaml")  # the user's settings alone are a valid config
@@ -271,7 +290,10 @@ def podman_env() -> dict[str, str]:
         '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nruntime = "runc"\n'
     )
     (ENGINE_DIR / "storage.conf").write_text(
-        f'[storage]\ndriver = "overlay"\nrunroot = "/run/modkit-containers/storage"\ngraphroot = "{ENGINE_DIR}/storage"\n'
+        "[storage]\n"
+        'driver = "overlay"\n'
+        'runroot = "/run/modkit-containers/storage"\n'
+        f'graphroot = "{ENGINE_DIR}/storage"\n'
     )
     return {
         **os.environ,
@@ -336,7 +358,8 @@ def remove_project(env: dict[str, str]) -> None:
     ids = run(["podman", "ps", "-aq", "--filter", "label=io.podman.compose.project=modkit"], env).stdout.split()
     if ids:
         run(["podman", "rm", "-f", "-t", "5", *ids], env)
-    run(["podman", "network", "rm", "-f", "modkit_default"], env)
+    for network in ("modkit_default", "modkit-default"):  # podman-compose names it as it names containers
+        run(["podman", "network", "rm", "-f", network], env)
     run(["podman", "volume", "rm", "-f", "modkit_run"], env)
 
 
