@@ -6,8 +6,10 @@ command, with the healthcheck on that component's port in ``PipelineConfig``'s d
 only the frontend's 8001 published (on loopback); the configs ``deploy/layout.py`` writes are
 valid ``PipelineConfig``s with every socket on its owner's host; the Kubernetes manifests have
 the fields a Deployment, StatefulSet and Service need, each Service selects its pods and names
-their ports; the Dockerfile's command is ``start_all.py`` with flags it takes; ``run_demo.sh``
-passes ``bash -n`` and shellcheck, and refuses a bad worker count.
+their ports, and they pass Kubernetes' own schema (kubernetes-validate, strict), as compose.yaml
+passes the Compose Specification's (check-jsonschema), where those are installed; the
+Dockerfile's command is ``start_all.py`` with flags it takes; ``run_demo.sh`` passes
+``bash -n`` and shellcheck, and refuses a bad worker count.
 
 With ``MODKIT_CONTAINER_TESTS=1`` and podman that can run containers here (root, podman,
 runc, podman-compose 1.1 or newer, debootstrap), ``test_run_demo_serves_a_chat_in_containers``
@@ -234,6 +236,26 @@ def test_k8s_workers_are_a_statefulset_whose_pods_the_config_names() -> None:
     assert flag(container["command"], "--worker-id") == "$(WORKER_ID)"
     (env,) = container["env"]
     assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_k8s_manifests_pass_the_kubernetes_schema(component: str) -> None:
+    """Kubernetes 1.32's own OpenAPI schema, strict: a misspelt or misplaced field fails (offline)."""
+    validator = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    for resource in manifests(SERVICES[component]):
+        validator.validate(resource, "1.32", strict=True)  # raises ValidationError naming the field
+
+
+def test_compose_passes_the_compose_spec_schema() -> None:
+    """The Compose Specification's JSON schema (check-jsonschema's vendored copy, offline)."""
+    pytest.importorskip("check_jsonschema", reason="pip install check-jsonschema")
+    done = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", "deploy/compose.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # -- Dockerfile and run_demo.sh ----------------------------------------------------------------
