@@ -10,6 +10,7 @@
     python scripts/benchmark.py --engines pipeline pipeline-sync  # what async scheduling buys
     python scripts/benchmark.py --engines modkit modkit-planned-ahead  # what launching step N+1 early buys
     python scripts/benchmark.py --engines modkit modkit-decode-graphs  # what piecewise graphs buy
+    python scripts/benchmark.py --engines modkit modkit-tp2 pipeline pipeline-tp2  # tensor parallel, two ranks
 
 Every engine runs in a process of its own, loaded and warmed up once; then ``--rounds``
 rounds each run the whole workload once on every engine, each round starting one engine
@@ -89,6 +90,7 @@ def bench_modkit(
     async_scheduling: bool = True,
     cudagraph_mode: str = "full_and_piecewise",
     launch_ahead: bool = True,
+    tensor_parallel_size: int = 1,
 ) -> Run:
     from modkit import LLM, SamplingParams
 
@@ -103,6 +105,7 @@ def bench_modkit(
         enforce_eager=eager or args.enforce_eager,
         async_scheduling=async_scheduling,
         cudagraph_mode=cudagraph_mode,
+        **({"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size > 1 else {}),  # older code has none
     )
     llm.engine.launch_ahead = llm.engine.launch_ahead and launch_ahead
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -256,7 +259,12 @@ def send_completions(
 
 
 def bench_pipeline(
-    model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stack: ExitStack, async_scheduling: bool = True
+    model_dir: Path,
+    prompts: list[list[int]],
+    args: argparse.Namespace,
+    stack: ExitStack,
+    async_scheduling: bool = True,
+    tensor_parallel_size: int = 1,
 ) -> Run:
     """The six-process pipeline on free ports, up until ``stack`` closes; every prompt is sent at once."""
 
@@ -270,6 +278,8 @@ def bench_pipeline(
     bound = {f.name: f.default for f in dataclasses.fields(PipelineConfig)}.get("max_queued_requests")
     if isinstance(bound, int):
         config["max_queued_requests"] = max(len(prompts), bound)
+    if tensor_parallel_size > 1:
+        config["tensor_parallel_size"] = tensor_parallel_size
     start = time.perf_counter()
     pipeline = Pipeline.launch(
         model=str(model_dir),
@@ -364,11 +374,13 @@ RUNNERS: dict[str, Callable[[Path, list[list[int]], argparse.Namespace, ExitStac
     "modkit-sync": functools.partial(bench_modkit, async_scheduling=False),  # what async scheduling buys
     "modkit-planned-ahead": functools.partial(bench_modkit, launch_ahead=False),  # what launching ahead buys
     "modkit-decode-graphs": functools.partial(bench_modkit, cudagraph_mode="full_decode_only"),  # piecewise's worth
+    "modkit-tp2": functools.partial(bench_modkit, tensor_parallel_size=2),  # one replica over two ranks
     "hf": bench_hf,
     "hf-batch": bench_hf_batch,
     "vllm": bench_vllm,
     "pipeline": bench_pipeline,
     "pipeline-sync": functools.partial(bench_pipeline, async_scheduling=False),
+    "pipeline-tp2": functools.partial(bench_pipeline, tensor_parallel_size=2),  # its worker over two ranks
 }
 
 
