@@ -215,7 +215,8 @@ class PipelineConfig:
         elif self.num_workers != total:
             raise ConfigError(
                 "num_workers",
-                f"is {self.num_workers}, but prefill_workers + decode_workers is {total}: leave it out or make them agree",
+                f"is {self.num_workers}, but prefill_workers + decode_workers is {total}: "
+                "leave it out or make them agree",
             )
         if self.tensor_parallel_size != 1:
             raise ConfigError("prefill_workers", "with tensor_parallel_size > 1 is not supported yet")

@@ -52,14 +52,21 @@ class SchedulerConnector:
             return 0
         return max(min(remote.num_tokens, request.num_prompt_tokens) - 1 - num_computed_tokens, 0)
 
-    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_hit: int, num_external: int) -> None:
-        """The blocks for the ``num_external`` tokens after the ``num_hit`` cached ones: load them."""
+    def update_state_after_alloc(
+        self, request: Request, block_ids: Callable[[], list[int]], num_hit: int, num_external: int
+    ) -> None:
+        """The blocks for the ``num_external`` tokens after the ``num_hit`` cached ones: load them.
+
+        ``block_ids`` is asked only for a request that loads: asking the KV cache manager's client
+        for a block table ends the run of admissions it prepared in one round trip.
+        """
         remote = self.remote.pop(request.req_id, None)  # used once: a preempted request recomputes
         if remote is None or num_external == 0:
             return
         first = num_hit // self.block_size
         last = -(-(num_hit + num_external) // self.block_size)  # past the block of the last loaded token
-        assert last <= len(block_ids)
+        table = block_ids()
+        assert last <= len(table)
         self._load[request.req_id] = LoadSpec(remote.src_worker_id, first, last - first)
 
     def build_connector_meta(

@@ -43,6 +43,7 @@ class SchedulerDisaggregation:
         self.prefilling: dict[str, tuple[int, Request]] = {}  # req_id -> (prefill worker, the request for decode)
         self.num_remote_prefills = 0
         self.num_local_prefills = 0
+        self.num_prefills_lost = 0  # prompts a prefill worker lost (it died, its step failed): computed on decode
         for slot, role in zip(self.slots, roles, strict=True):
             if role != "both":
                 slot.scheduler.connector = SchedulerConnector(role, self.block_size)
@@ -109,6 +110,7 @@ class SchedulerDisaggregation:
             if entry is None:
                 continue
             request = entry[1]
+            self.num_prefills_lost += 1
             decode = self.slots[self._decode_worker_of(req_id)]
             if decode.alive:
                 decode.scheduler.add_request(request)

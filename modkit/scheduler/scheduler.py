@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from functools import partial
 
 from modkit.kvcache.interface import KVCacheManagerInterface
 from modkit.kvtransfer.scheduler_side import SchedulerConnector
@@ -225,7 +226,12 @@ class Scheduler:
         # below in one round trip, and answers these calls from its reply (not when one asks for
         # prompt logprobs: the reply would hold the prefix-cache hit it must not take).
         hint = self.connector is None or not self.connector.remote  # loads change what admission allocates
-        if hint and candidates and step.budget > 0 and all(r.sampling_params.prompt_logprobs is None for r in candidates):
+        if (
+            hint
+            and candidates
+            and step.budget > 0
+            and all(r.sampling_params.prompt_logprobs is None for r in candidates)
+        ):
             self.kv.prepare_admissions(candidates, step.budget)
         why = None  # why the first one left in line waits
         for request in candidates:
@@ -242,7 +248,7 @@ class Scheduler:
                 break
             if self.connector is not None:
                 self.connector.update_state_after_alloc(
-                    request, self.kv.get_block_ids(request.req_id), num_hit, num_external
+                    request, partial(self.kv.get_block_ids, request.req_id), num_hit, num_external
                 )
             request.num_computed_tokens = num_hit + num_external
             if request.num_cached_tokens is None:

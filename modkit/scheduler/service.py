@@ -425,6 +425,7 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery, SchedulerDisaggrega
             "num_moved": self.num_moved,
             "num_remote_prefills": self.num_remote_prefills,  # prompts computed on a prefill worker
             "num_local_prefills": self.num_local_prefills,  # on their decode worker (conditional disaggregation)
+            "num_prefills_lost": self.num_prefills_lost,  # handed back by a prefill worker that died or failed
             "workers": workers,
         }
 

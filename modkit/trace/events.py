@@ -247,7 +247,16 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
 
 
 PipelineEvent = (
-    StepEvent | ForwardEvent | TransferEvent | BlockEvents | RequestArrived | TokensOut | RequestDone | Routed | Swapped | Hello
+    StepEvent
+    | ForwardEvent
+    | TransferEvent
+    | BlockEvents
+    | RequestArrived
+    | TokensOut
+    | RequestDone
+    | Routed
+    | Swapped
+    | Hello
 )
 
 

@@ -32,7 +32,6 @@ import msgspec
 from modkit.trace.events import (
     BlockEvents,
     ForwardEvent,
-    TransferEvent,
     PipelineEvent,
     RequestArrived,
     RequestDone,
@@ -40,6 +39,7 @@ from modkit.trace.events import (
     StepEvent,
     Swapped,
     TokensOut,
+    TransferEvent,
 )
 from modkit.trace.summary import TraceSummary, summarize
 

@@ -211,7 +211,9 @@ class WorkerService(WorkerSwapping):
         num_tokens = min(num_tokens, request.num_computed_tokens - first_token)  # not past what the plan counts
         recompute_id = f"{request.req_id}#recompute"
         params = SamplingParams(max_tokens=1)
-        job = NewRequestData(recompute_id, request.token_ids, request.num_prompt_tokens, request.block_ids, first_token, params)
+        job = NewRequestData(
+            recompute_id, request.token_ids, request.num_prompt_tokens, request.block_ids, first_token, params
+        )
         self.worker.execute_model(SchedulerOutput(-1, [job], [], {recompute_id: num_tokens}, num_tokens, set(), set()))
         self.worker.execute_model(SchedulerOutput(-1, [], [], {}, 0, {recompute_id}, set()))  # forget it
 
