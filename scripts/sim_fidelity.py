@@ -3,42 +3,74 @@
 
     python scripts/sim_fidelity.py                       # the embedded model on the CPU
     python scripts/sim_fidelity.py --runs 3 --num-requests 60 --rate 5 --out fidelity.json
+    python scripts/sim_fidelity.py --cores 2 --out laptop.json            # as on a 2-core laptop
+    python scripts/sim_fidelity.py --model-shape qwen2.5-0.5b --device cuda --rate 40 \\
+        --num-requests 400 --prompt-len 256 --shared-prefix 128 --output-len 64 --out gpu.json
 
 A cost model is fitted on one live run of the base configuration. Then, for each
 configuration (another rate, budget, block count, worker count...), ``--runs`` live runs
 (Poisson workloads of seeds 1, 2, ...) and the simulation of each one's recorded workload
 under that configuration. Prints a markdown table of the medians over the runs: output
 throughput, TTFT p50, ITL p50, preemptions and prefix-hit rate, live and simulated.
+
+``--model``, ``--model-shape`` (random weights with a known model's shapes, made on the spot),
+``--device``, ``--dtype`` and ``--max-model-len`` go to every launch. ``--cores N`` confines
+this script and every process it starts to N of the cores it may use (CPU affinity, as
+``taskset``), so a big host behaves as a small one: a launch gives each worker N / workers
+threads, and the six processes share N cores. ``--out`` writes the machine (CPU, cores, GPU,
+load average before and after, versions), the settings, the cost model and every run's
+summaries as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from modkit import Pipeline, loadgen
+from modkit.checks import RANDOM_MODEL_SHAPES, make_random_checkpoint
 from modkit.sim import CostModel, Workload, simulate, workload_from_trace
 from modkit.trace import Trace
 from modkit.trace.summary import TraceSummary
 
-# name -> (PipelineConfig overrides, request rate multiplier)
+# name -> (PipelineConfig overrides, request rate multiplier); "small KV pool" gets its num_kv_blocks
+# from the workload (small_pool).
 CONFIGS: dict[str, tuple[dict[str, Any], float]] = {
     "base": ({}, 1.0),
     "2x rate": ({}, 2.0),
     "budget 64": ({"max_num_batched_tokens": 64}, 1.0),
-    "16 KV blocks": ({"num_kv_blocks": 16}, 1.0),
+    "small KV pool": ({}, 1.0),
     "2 workers": ({"num_workers": 2}, 2.0),
 }
+BLOCK_SIZE = 16  # PipelineConfig's default
+
+
+def small_pool(prompt_len: int, output_len: int, shared_prefix: int) -> int:
+    """KV blocks for about three requests at full length: their own blocks, the shared prefix's
+    once, the null block and one spare (16 for 64-token prompts sharing 32, and 32 output tokens)."""
+    shared = shared_prefix // BLOCK_SIZE
+    own = -(-(prompt_len + output_len) // BLOCK_SIZE) - shared
+    return 2 + shared + 3 * own
+
+
 METRICS = ("output_throughput", "ttft_p50_s", "itl_p50_s", "num_preemptions", "prefix_hit_rate")
 
 
-def live_run(pipeline: Pipeline, workload: Workload, rate: float, output_len: int) -> Trace:
+def live_run(pipeline: Pipeline, workload: Workload, rate: float, output_len: int, seed: int) -> Trace:
+    """Send ``workload``'s prompts at the offsets ``Workload.poisson`` drew for ``seed``; the run's trace."""
     pipeline.clear_trace()
-    loadgen.open_loop(f"{pipeline.url}/v1", pipeline.model_name, workload.prompts, rate, output_len, seed=0)
+    loadgen.open_loop(f"{pipeline.url}/v1", pipeline.model_name, workload.prompts, rate, output_len, seed=seed)
     return pipeline.trace(settle_s=0.5)
 
 
@@ -46,6 +78,37 @@ def pair(live: dict[str, float], sim: dict[str, float], metric: str, scale: floa
     """``live / simulated (error)`` for one metric."""
     error = (sim[metric] - live[metric]) / live[metric] if live[metric] else 0.0
     return f"{scale * live[metric]:.1f} / {scale * sim[metric]:.1f} ({error:+.0%})"
+
+
+def machine(device: str | None) -> dict[str, Any]:
+    """What ran it: the CPU, the cores this process may use, the GPU, the versions."""
+    names = []
+    if Path("/proc/cpuinfo").exists():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    on_cuda = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
+    return {
+        "cpu": names[0] if names else platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if on_cuda else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "commit": commit.stdout.strip() or None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def confine_to_cores(n: int) -> list[int]:
+    """Let this process, and every process it starts, run on only ``n`` of the cores it may use."""
+    usable = sorted(os.sched_getaffinity(0))
+    if not 1 <= n <= len(usable):
+        raise SystemExit(f"--cores must be in [1, {len(usable)}] (the cores this process may use), got {n}")
+    os.sched_setaffinity(0, usable[:n])
+    torch.set_num_threads(n)
+    return usable[:n]
 
 
 def main() -> None:
@@ -57,47 +120,78 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--shared-prefix", type=int, default=32)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--out", default=None, help="write every run's summaries here (JSON)")
+    launch = parser.add_argument_group("every launch")
+    launch.add_argument("--model", default=None, help="a checkpoint directory or hub id (default: the embedded model)")
+    launch.add_argument("--model-shape", choices=sorted(RANDOM_MODEL_SHAPES), help="random weights of this shape")
+    launch.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if there is one)")
+    launch.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on a GPU")
+    launch.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
+    launch.add_argument("--cores", type=int, default=None, help="run on this many of the usable cores (affinity)")
+    parser.add_argument("--out", default=None, help="write the machine, the cost model and every run's summaries here")
     args = parser.parse_args()
+    if args.model and args.model_shape:
+        parser.error("--model or --model-shape, not both")
+    host = {**machine(args.device), "load_average_before": os.getloadavg()}
+    host["cores_used"] = confine_to_cores(args.cores) if args.cores else None
 
     def workload(seed: int, rate: float) -> Workload:
         return Workload.poisson(
             args.num_requests, rate, args.prompt_len, args.output_len, seed, shared_prefix=args.shared_prefix
         )
 
-    cost: CostModel | None = None
-    rows: dict[str, dict[str, list[TraceSummary]]] = {}
-    for name in ["base", *[c for c in args.configs if c != "base"]]:
-        overrides, rate_factor = CONFIGS[name]
-        rate = args.rate * rate_factor
-        with Pipeline.launch(ports="auto", seed=0, progress=False, **overrides) as pipeline:
-            if cost is None:  # the run the cost model is fitted on, not one of those predicted
-                cost = CostModel.fit(live_run(pipeline, workload(0, args.rate), args.rate, args.output_len))
-                print(cost, flush=True)
-            runs = rows[name] = {"live": [], "simulated": []}
-            for seed in range(1, args.runs + 1):
-                trace = live_run(pipeline, workload(seed, rate), rate, args.output_len)
-                runs["live"].append(trace.summary())
-                runs["simulated"].append(simulate(workload_from_trace(trace), cost, **overrides).summary())
-                print(name, seed, runs["live"][-1].to_dict(), runs["simulated"][-1].to_dict(), flush=True)
-        if name not in args.configs:
-            del rows[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(make_random_checkpoint(args.model_shape, tmp)) if args.model_shape else args.model
+        common = {"model": model, "device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
+        common = {k: v for k, v in common.items() if v is not None}
+        cost: CostModel | None = None
+        rows: dict[str, dict[str, list[TraceSummary]]] = {}
+        for name in ["base", *[c for c in args.configs if c != "base"]]:
+            overrides, rate_factor = CONFIGS[name]
+            if name == "small KV pool":
+                overrides = {"num_kv_blocks": small_pool(args.prompt_len, args.output_len, args.shared_prefix)}
+            rate = args.rate * rate_factor
+            settings = {**common, **overrides}
+            if "max_model_len" in common and "num_kv_blocks" in overrides:  # no longer than the small pool holds
+                settings["max_model_len"] = min(common["max_model_len"], BLOCK_SIZE * (overrides["num_kv_blocks"] - 1))
+            with Pipeline.launch(ports="auto", seed=0, progress=False, **settings) as pipeline:
+                if cost is None:  # the run the cost model is fitted on, not one of those predicted
+                    cost = CostModel.fit(live_run(pipeline, workload(0, args.rate), args.rate, args.output_len, 0))
+                    print(cost, flush=True)
+                runs = rows[name] = {"live": [], "simulated": []}
+                for seed in range(1, args.runs + 1):
+                    trace = live_run(pipeline, workload(seed, rate), rate, args.output_len, seed)
+                    runs["live"].append(trace.summary())
+                    runs["simulated"].append(simulate(workload_from_trace(trace), cost, **overrides).summary())
+                    print(
+                        name, overrides, seed, runs["live"][-1].to_dict(), runs["simulated"][-1].to_dict(), flush=True
+                    )
+            if name not in args.configs:
+                del rows[name]
 
-    print(f"\nload average {os.getloadavg()}\n")
+    host["load_average_after"] = os.getloadavg()
+    print(f"\n{host}\n")
     print("| configuration | tok/s live / sim | TTFT p50 ms live / sim | ITL p50 ms live / sim | preemptions | hits |")
     print("| --- | --- | --- | --- | --- | --- |")
+    medians: dict[str, dict[str, dict[str, float]]] = {}
     for name, runs in rows.items():
         live = {m: float(np.median([getattr(s, m) for s in runs["live"]])) for m in METRICS}
         sim = {m: float(np.median([getattr(s, m) for s in runs["simulated"]])) for m in METRICS}
+        medians[name] = {"live": live, "simulated": sim}
         print(
             f"| {name} | {pair(live, sim, 'output_throughput')} | {pair(live, sim, 'ttft_p50_s', 1e3)} "
             f"| {pair(live, sim, 'itl_p50_s', 1e3)} | {live['num_preemptions']:.0f} / {sim['num_preemptions']:.0f} "
             f"| {live['prefix_hit_rate']:.2f} / {sim['prefix_hit_rate']:.2f} |"
         )
     if args.out:
-        data = {n: {k: [s.to_dict() for s in v] for k, v in r.items()} for n, r in rows.items()}
-        with open(args.out, "w") as f:
-            json.dump({"cost_model": cost.describe() if cost else None, "runs": data}, f, indent=1)
+        report = {
+            "machine": host,
+            "command": [sys.executable, *sys.argv],
+            "settings": vars(args),
+            "cost_model": cost.describe() if cost else None,
+            "medians": medians,
+            "runs": {n: {k: [s.to_dict() for s in v] for k, v in r.items()} for n, r in rows.items()},
+        }
+        Path(args.out).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

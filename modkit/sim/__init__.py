@@ -9,9 +9,10 @@
     what_if = simulate(workload_from_trace(trace), cost, num_kv_blocks=64)
     what_if.summary()                                # throughput, TTFT, ITL, preemptions, hits
 
-``workload`` (what to replay), ``cost_model`` (how long a step takes), ``simulate`` (the
-simulated clock that drives the real objects) and ``sweep`` (a capacity sweep: many rates
-and configurations, and where each stops keeping up). A simulation answers in seconds what a live
+``workload`` (what to replay), ``cost_model`` (how long a step takes; ``regression``, the
+robust fit behind it), ``simulate`` (the simulated clock that drives the real objects;
+``launch``, the KV pool a launch would give each worker) and ``sweep`` (a capacity sweep:
+many rates and configurations, and where each stops keeping up). A simulation answers in seconds what a live
 run answers in minutes, as well as its cost model predicts step times.
 """
 

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from modkit.config import PipelineConfig
-from modkit.engine.config import fit_max_model_len
 from modkit.kvcache.manager import KVCacheManager
 from modkit.request import Request, RequestStatus
 from modkit.router.router import Router
@@ -52,6 +51,7 @@ from modkit.scheduler.scheduler import Scheduler
 from modkit.scheduler.simulate import SimulatedWorker
 from modkit.scheduler.step import never_fits_message, waits_for_ever
 from modkit.sim.cost_model import CostModel, step_features
+from modkit.sim.launch import launch_pool
 from modkit.sim.workload import Workload, WorkloadRequest
 from modkit.trace.events import (
     BlockActivity,
@@ -67,25 +67,22 @@ from modkit.trace.events import (
 )
 from modkit.trace.trace import Trace, event_time
 
-DEFAULT_NUM_KV_BLOCKS = 8192  # what a launch on the CPU gives each worker with num_kv_blocks=None
-DEFAULT_MAX_MODEL_LEN = 1024  # the embedded model's
-
 
 def simulate(workload: Workload, cost_model: CostModel, **overrides: Any) -> Trace:
     """Serve ``workload`` on a simulated clock; ``overrides`` are ``PipelineConfig`` fields.
 
     The settings start from those the workload was recorded with (``workload.config``), then
-    ``overrides``; an unknown field raises ``ConfigError``. Fields that do not change a
-    schedule (the model, ports, the sampler...) are accepted and ignored; ``seed`` seeds the
-    draws from the cost model's spread, so one seed gives one trace.
+    ``overrides``; an unknown field raises ``ConfigError``. Without ``num_kv_blocks`` each
+    worker gets the pool a launch on the CPU would give it (``modkit.sim.launch``: from the
+    model's shapes, ``model`` and ``dtype`` included). Other fields that do not change a schedule
+    (ports, the sampler...) are accepted and ignored; ``seed`` seeds the draws from the cost
+    model's spread, so one seed gives one trace.
     """
     settings = {**workload.config, **overrides}
-    max_model_len = settings.pop("max_model_len", None) or DEFAULT_MAX_MODEL_LEN
     config = PipelineConfig(**settings)
-    # As a launch does: a length the pool cannot hold is lowered to what it holds, or refused if given.
-    num_blocks = config.num_kv_blocks or DEFAULT_NUM_KV_BLOCKS
-    explicit = overrides.get("max_model_len") is not None
-    max_model_len = fit_max_model_len(max_model_len, explicit, num_blocks, config.block_size, "num_kv_blocks")
+    # Each worker's pool and the length limit, as a launch of this configuration would have them.
+    num_blocks, max_model_len = launch_pool(config, explicit_max_model_len=overrides.get("max_model_len") is not None)
+    config = dataclasses.replace(config, num_kv_blocks=num_blocks, max_model_len=max_model_len)
     return Simulation(config, max_model_len, cost_model).run(workload)
 
 
@@ -107,8 +104,9 @@ class SimWorker:
     def __init__(self, worker_id: int, config: PipelineConfig, max_model_len: int, sim: Simulation) -> None:
         self.worker_id = worker_id
         self.activity: list[BlockActivity] = []  # what the KV cache manager did since the last flush
+        assert config.num_kv_blocks is not None, "simulate() gives each worker a launch's pool (launch_pool)"
         self.kv = KVCacheManager(
-            config.num_kv_blocks or DEFAULT_NUM_KV_BLOCKS,  # as each of the launch's workers
+            config.num_kv_blocks,
             config.block_size,
             config.enable_prefix_caching,
             event_sink=lambda event: sim.router.on_kv_event(worker_id, event),

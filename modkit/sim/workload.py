@@ -4,6 +4,7 @@ Two ways to get one::
 
     workload = workload_from_trace(pipeline.trace())     # what a live run served, as it came
     workload = Workload.poisson(200, rate=8.0, prompt_len=64, output_len=32, seed=0, shared_prefix=32)
+    workload = Workload.poisson(200, rate=8.0, prompt_len=range(16, 513), output_len=32)   # prompts of many lengths
 
 A replayed request produces exactly its recorded number of tokens (as with ``ignore_eos``):
 which tokens the model would pick is not simulated, only how long the engine takes to pick
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,23 +65,33 @@ class Workload:
         cls,
         num_requests: int,
         rate: float,
-        prompt_len: int,
+        prompt_len: int | Sequence[int],
         output_len: int,
         seed: int = 0,
         shared_prefix: int = 0,
         vocab_size: int = 1000,
     ) -> Workload:
-        """``num_requests`` Poisson arrivals at ``rate`` per second, each a prompt of ``prompt_len``
-        random token ids (below ``vocab_size``) whose first ``shared_prefix`` are the same for all,
-        producing ``output_len`` tokens, greedy (loadgen's requests)."""
-        if not 0 <= shared_prefix <= prompt_len:
-            raise ValueError(f"shared_prefix must be in [0, prompt_len={prompt_len}], got {shared_prefix}")
+        """``num_requests`` Poisson arrivals at ``rate`` per second, each a prompt of random token
+        ids (below ``vocab_size``) whose first ``shared_prefix`` are the same for all, producing
+        ``output_len`` tokens, greedy (loadgen's requests).
+
+        ``prompt_len`` is every prompt's length, or lengths to draw each prompt's from, each
+        as likely: a list (``[32, 64, 512]``) or a range (``range(16, 257)``).
+        """
+        lengths = [prompt_len] if isinstance(prompt_len, int) else list(prompt_len)
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"prompt_len must be >= 1, or a non-empty list of them, got {prompt_len!r}")
+        if not 0 <= shared_prefix <= min(lengths):
+            raise ValueError(
+                f"shared_prefix must be in [0, the shortest prompt_len={min(lengths)}], got {shared_prefix}"
+            )
         rng = random.Random(seed)
         prefix = [rng.randrange(1, vocab_size) for _ in range(shared_prefix)]
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         requests = []
         for at in poisson_send_times(num_requests, rate, seed):
-            own = [rng.randrange(1, vocab_size) for _ in range(prompt_len - shared_prefix)]
+            length = lengths[0] if len(lengths) == 1 else rng.choice(lengths)
+            own = [rng.randrange(1, vocab_size) for _ in range(length - shared_prefix)]
             requests.append(WorkloadRequest(at, prefix + own, output_len, params))
         return cls(requests)
 
