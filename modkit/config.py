@@ -220,6 +220,13 @@ class PipelineConfig:
             )
         if self.tensor_parallel_size != 1:
             raise ConfigError("prefill_workers", "with tensor_parallel_size > 1 is not supported yet")
+        from modkit.kvtransfer.worker_side import KV_CONNECTORS  # torch and sockets: only when asked
+
+        if ":" not in self.kv_connector and self.kv_connector not in KV_CONNECTORS.names():
+            raise ConfigError(
+                "kv_connector",
+                f"{self.kv_connector!r} is not one of {KV_CONNECTORS.names()} nor 'package.module:Class'",
+            )
 
     @property
     def disaggregated(self) -> bool:

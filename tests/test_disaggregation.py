@@ -9,6 +9,7 @@ prefill worker while requests are in flight.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from collections.abc import Iterator
@@ -16,14 +17,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from matplotlib.collections import LineCollection
 from waiting import wait_until
 
-from modkit import LLM, Pipeline
+from modkit import LLM, Pipeline, viz
 from modkit.config import ConfigError, PipelineConfig
 from modkit.kvcache import KVCacheManager
 from modkit.kvtransfer import SchedulerConnector
+from modkit.protocol import AddRequest
 from modkit.request import Request
 from modkit.sampling_params import SamplingParams
+from modkit.scheduler import Scheduler
+from modkit.scheduler.disaggregation import SchedulerDisaggregation
+from modkit.scheduler.slots import WorkerSlot
+from modkit.trace import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 4
@@ -77,7 +84,11 @@ def test_roles_are_checked_when_the_config_is_built() -> None:
         PipelineConfig(prefill_workers=1, decode_workers=1, kv_transfer_timeout_s=0)
     with pytest.raises(ConfigError, match="decode_workers"):
         Pipeline.launch(prefill_workers=2, progress=False)
-    config = PipelineConfig(prefill_workers=1, decode_workers=2)
+    with pytest.raises(ConfigError, match="kv_connector"):
+        PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector="nccl")  # no such connector here
+    with pytest.raises(ConfigError, match="tensor_parallel"):
+        PipelineConfig(prefill_workers=1, decode_workers=1, tensor_parallel_size=2)
+    config = PipelineConfig.from_cli(["--prefill-workers", "1", "--decode-workers", "2"])  # start_all.py's flags
     assert config.num_workers == 3
     assert [config.worker_role(i) for i in range(3)] == ["prefill", "decode", "decode"]
     assert PipelineConfig(num_workers=2).worker_role(1) == "both"
@@ -88,8 +99,6 @@ def test_roles_are_checked_when_the_config_is_built() -> None:
 
 def test_decode_admission_loads_only_the_blocks_past_its_prefix_hit() -> None:
     """vLLM's get_num_new_matched_tokens: all of the prompt but its last token, less the local hit."""
-    from modkit.scheduler import Scheduler
-
     kv = KVCacheManager(num_blocks=32, block_size=BLOCK_SIZE)
     scheduler = Scheduler(kv, max_num_batched_tokens=64, max_num_seqs=4, max_model_len=128)
     scheduler.connector = connector = SchedulerConnector("decode", BLOCK_SIZE)
@@ -108,6 +117,49 @@ def test_decode_admission_loads_only_the_blocks_past_its_prefix_hit() -> None:
     assert scheduler.requests["b"].num_computed_tokens == len(prompt)
     assert "b" not in connector.remote  # used once: a preempted request computes its prompt itself
     scheduler.check_invariants()
+
+
+class Roles(SchedulerDisaggregation):
+    """The scheduler process's disaggregation logic over real in-process Schedulers (no sockets)."""
+
+    def __init__(self, roles: list[str], max_local_prefill_length: int, max_prefill_queue_size: int) -> None:
+        self.block_size = BLOCK_SIZE
+        self.slots = []
+        for i in range(len(roles)):
+            kv = KVCacheManager(num_blocks=32, block_size=BLOCK_SIZE)
+            scheduler = Scheduler(kv, max_num_batched_tokens=64, max_num_seqs=4, max_model_len=128)
+            self.slots.append(WorkerSlot(i, scheduler, kv, None))  # type: ignore[arg-type]
+        self._setup_roles(roles, max_local_prefill_length, max_prefill_queue_size)
+
+    def where(self, req_id: str, num_tokens: int, num_cached_blocks: int = 0) -> int:
+        """Which worker computes a new prompt of ``num_tokens`` routed to worker 1 (and queue it there)."""
+        prompt = list(range(1, num_tokens + 1))
+        params = SamplingParams(temperature=0, max_tokens=4)
+        message = AddRequest(req_id, prompt, params, (), 0.0, worker_id=1, num_cached_blocks=num_cached_blocks)
+        request = Request(req_id, prompt, params, ())
+        prefill = self._prefill_slot(message, request, self.slots[1])
+        if prefill is None:
+            self.slots[1].scheduler.add_request(request)
+            return 1
+        self._start_prefill(prefill, request)
+        return prefill.worker_id
+
+
+def test_conditional_disaggregation_follows_both_thresholds() -> None:
+    """Dynamo's rule: remote only when the uncached prompt is long and the prefill queue short."""
+    roles = Roles(["prefill", "decode"], max_local_prefill_length=8, max_prefill_queue_size=2)
+    assert roles.where("short", 8) == 1  # not longer than the threshold: computed where it generates
+    assert roles.where("long", 9) == 0
+    assert roles.where("cached", 12, num_cached_blocks=1) == 1  # 12 - 4 cached = 8 uncached: local
+    assert roles.where("long-2", 12) == 0
+    assert roles.where("queue-full", 40) == 1  # two prompts wait on the prefill worker already
+    assert (roles.num_remote_prefills, roles.num_local_prefills) == (2, 3)
+    roles.slots[0].scheduler.schedule()  # the prefill worker admits its two: its queue is empty again
+    assert roles.where("long-3", 40) == 0
+    roles.slots[0].alive = False
+    assert roles.where("prefill-dead", 40) == 1  # no live prefill worker: never lost, computed locally
+    aggregated = Roles(["both", "both"], max_local_prefill_length=0, max_prefill_queue_size=8)
+    assert aggregated.where("any", 40) == 1 and not aggregated.disaggregated
 
 
 # -- the pipeline --------------------------------------------------------------------------------
@@ -144,6 +196,7 @@ def test_disaggregated_outputs_equal_the_in_process_engine(disaggregated: Pipeli
     assert prefill_tokens > decode_prompt.num_tokens.sum()  # the prompts ran on worker 0
     stats = p.stats()["scheduler"]
     assert stats["num_remote_prefills"] >= len(PROMPTS)
+    assert_handoffs_drawn(trace, failed=False)
     assert stats["workers"][0]["num_requests_running"] == stats["workers"][1]["num_requests_running"] == 0
 
 
@@ -187,3 +240,17 @@ def test_failed_transfers_are_computed_on_the_decode_worker(monkeypatch: pytest.
     assert {req_ids[0], req_ids[2]} <= set(transfers.req_id)
     assert transfers.failed.str.contains("does not hold").all() and (transfers.num_bytes == 0).all()
     assert stats["num_local_prefills"] >= 1 and stats["num_remote_prefills"] == 2
+    assert_handoffs_drawn(trace, failed=True)
+
+
+def assert_handoffs_drawn(trace: Trace, failed: bool) -> None:
+    """viz.handoffs draws each transfer as an arrow from worker 0's lane down to worker 1's."""
+    figure = viz.handoffs(trace, max_requests=100)
+    ax = figure.axes[0]
+    arrows = {a.get_gid(): a for a in ax.collections if isinstance(a, LineCollection)}
+    drawn = arrows["failed" if failed else "transfer"].get_segments()
+    assert len(drawn) == len(trace.transfers) and len(arrows["transfer" if failed else "failed"].get_segments()) == 0
+    assert all(start[1] < 0.5 < end[1] for start, end in drawn)  # lane 0 (prefill) to lane 1 (decode)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["worker 0\n(prefill)", "worker 1\n(decode)"]
+    figure.savefig(io.BytesIO(), format="png")

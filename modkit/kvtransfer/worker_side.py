@@ -17,7 +17,6 @@ blocks' K/V as they lie in the cache, with their dtype and shape beside them: no
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from modkit.kvtransfer.metadata import KVConnectorMetadata, LoadSpec
+from modkit.registry import Registry
+from modkit.swap import resolve, spec_for
 from modkit.trace.events import TransferEvent
 from modkit.transport import RpcClient
 
@@ -50,13 +51,27 @@ class _Kept:
 class KVConnector:
     """The worker side of a connector (vLLM's ``KVConnectorBase_V1`` worker calls).
 
-    ``layers`` is the worker's KV cache, one ``(2, num_blocks, block_size, num_kv_heads,
-    head_dim)`` tensor per layer. ``recompute(req_id, first_token, num_tokens)`` computes a
-    request's tokens into its blocks on this worker: what a failed load falls back to.
+    Three calls make the contract, each made by the worker around a step's forward:
+
+    - ``wait_for_save(meta)`` (prefill side, after the forward): the blocks of each request in
+      ``meta.reqs_to_save`` hold its prompt; keep (or send) them for the decode worker;
+    - ``start_load_kv(meta, block_tables, recompute)`` (decode side, before the forward): fill
+      the blocks of each request in ``meta.reqs_to_load``, allocated by the decode side's KV
+      cache manager; a load that fails must call ``recompute`` for those tokens, never skip them;
+    - ``get_finished()``: the transfers done since the last call, as ``TransferEvent`` s.
+
+    This base class keeps blocks on the host and writes them in; an implementation says how
+    they travel by overriding ``read`` (and ``kv_blocks``, the prefill side's answer). It is
+    built as ``cls(worker_id, layers, timeout_s, rpc_address)``: ``layers`` is the worker's KV
+    cache, one ``(2, num_blocks, block_size, num_kv_heads, head_dim)`` tensor per layer;
+    ``rpc_address(i)`` is worker ``i``'s RPC socket.
     """
 
-    def __init__(self, worker_id: int, layers: list[torch.Tensor], timeout_s: float) -> None:
+    def __init__(
+        self, worker_id: int, layers: list[torch.Tensor], timeout_s: float, rpc_address: Callable[[int], str]
+    ) -> None:
         self.worker_id, self.layers, self.timeout_s = worker_id, layers, timeout_s
+        self.rpc_address = rpc_address
         self.kept: dict[str, _Kept] = {}
         self.finished: list[TransferEvent] = []  # since the last get_finished
 
@@ -147,15 +162,21 @@ class KVConnector:
         """Ask the prefill worker for the blocks (how they travel is the implementation's)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the connector holds (sockets, buffers); the worker is stopping."""
 
+
+KV_CONNECTORS: Registry[KVConnector] = Registry("KV connector")
+
+
+@KV_CONNECTORS.register("zmq")
 class ZmqKVConnector(KVConnector):
     """Reads blocks over each prefill worker's RPC socket (``WorkerService.kv_blocks``)."""
 
     def __init__(
         self, worker_id: int, layers: list[torch.Tensor], timeout_s: float, rpc_address: Callable[[int], str]
     ) -> None:
-        super().__init__(worker_id, layers, timeout_s)
-        self.rpc_address = rpc_address
+        super().__init__(worker_id, layers, timeout_s, rpc_address)
         self.clients: dict[int, RpcClient] = {}
 
     def read(self, req_id: str, spec: LoadSpec) -> dict[str, Any]:
@@ -181,24 +202,18 @@ def _as_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.view(torch.uint8).numpy().tobytes()
 
 
-KV_CONNECTORS: dict[str, type[ZmqKVConnector]] = {"zmq": ZmqKVConnector}
-
-
 def make_connector(
     config: PipelineConfig, worker_id: int, layers: list[torch.Tensor], addresses: PipelineAddresses
-) -> ZmqKVConnector | None:
-    """The worker side of ``config.kv_connector`` for a worker with a role; None for an aggregated one."""
+) -> KVConnector | None:
+    """The worker side of ``config.kv_connector`` for a worker with a role; None for an aggregated one.
+
+    The name is looked up as every swappable part's is (``modkit.swap.resolve``): a name in
+    ``KV_CONNECTORS``, or ``"package.module:Class"`` imported in the worker's process.
+    """
     if config.worker_role(worker_id) == "both":
         return None
-    name = config.kv_connector
-    if ":" in name:  # "package.module:Class", imported here (the launch's own code, like tests' targets)
-        module, _, attr = name.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
-    elif name in KV_CONNECTORS:
-        cls = KV_CONNECTORS[name]
-    else:
-        raise ValueError(f"kv_connector {name!r} is not one of {sorted(KV_CONNECTORS)} nor 'package.module:Class'")
-    connector: ZmqKVConnector = cls(
+    cls = resolve(spec_for(config.kv_connector, None), KV_CONNECTORS.get, None)
+    connector: KVConnector = cls(
         worker_id, layers, config.kv_transfer_timeout_s, lambda i: addresses.rpc(f"worker-{i}")
     )
     return connector

@@ -322,7 +322,8 @@ class Trace:
             }
             for e in self._of(TransferEvent)
         ]
-        return _frame(rows, ["req_id", "src_worker_id", "dst_worker_id", "num_blocks", "num_bytes", "start", "end"])
+        columns = ["req_id", "src_worker_id", "dst_worker_id", "first_block", "num_blocks", "num_bytes"]
+        return _frame(rows, [*columns, "start", "end", "transfer_s", "gb_per_s", "failed"])
 
     @cached_property
     def routes(self) -> pd.DataFrame:
