@@ -32,7 +32,6 @@ from modkit.transport import RpcClient
 
 if TYPE_CHECKING:
     from modkit.config import PipelineConfig
-    from modkit.pipeline.addresses import PipelineAddresses
 
 KEEP_S = 120.0  # a prefill worker forgets blocks nobody read for this long (the request ended elsewhere)
 NUM_TRIES = 2
@@ -203,7 +202,7 @@ def _as_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def make_connector(
-    config: PipelineConfig, worker_id: int, layers: list[torch.Tensor], addresses: PipelineAddresses
+    config: PipelineConfig, worker_id: int, layers: list[torch.Tensor], rpc_address: Callable[[int], str]
 ) -> KVConnector | None:
     """The worker side of ``config.kv_connector`` for a worker with a role; None for an aggregated one.
 
@@ -213,7 +212,5 @@ def make_connector(
     if config.worker_role(worker_id) == "both":
         return None
     cls = resolve(spec_for(config.kv_connector, None), KV_CONNECTORS.get, None)
-    connector: KVConnector = cls(
-        worker_id, layers, config.kv_transfer_timeout_s, lambda i: addresses.rpc(f"worker-{i}")
-    )
+    connector: KVConnector = cls(worker_id, layers, config.kv_transfer_timeout_s, rpc_address)
     return connector

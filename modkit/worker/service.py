@@ -133,7 +133,8 @@ class WorkerService(WorkerSwapping):
         self.num_tokens = 0
         self.forward_s = 0.0
         self.sample_s = 0.0
-        self.connector = make_connector(cfg, worker_id, self.worker.runner.kv_cache.layers, addresses)
+        layers = self.worker.runner.kv_cache.layers
+        self.connector = make_connector(cfg, worker_id, layers, lambda i: addresses.rpc(worker_name(i)))
 
     def wait_sockets(self) -> list[Inbox]:
         return [self.inbox]
