@@ -203,20 +203,26 @@ class WorkerService(WorkerSwapping):
             return
         new = {r.req_id: r for r in plan.scheduled_new_reqs}
         tables = {req_id: new[req_id].block_ids for req_id in meta.reqs_to_load}
-        self.connector.start_load_kv(meta, tables, lambda req_id, first, n: self._recompute(new[req_id], first, n))
+
+        def recompute(req_id: str, first_token: int, num_tokens: int) -> None:
+            self._recompute(plan.step, new[req_id], first_token, num_tokens)
+
+        self.connector.start_load_kv(meta, tables, recompute)
         for event in self.connector.get_finished():
             self.events.publish(f"transfer.{self.worker_id}", event)
 
-    def _recompute(self, request: NewRequestData, first_token: int, num_tokens: int) -> None:
-        """A load failed: compute the request's tokens ``first_token`` ... into its blocks here instead."""
+    def _recompute(self, step: int, request: NewRequestData, first_token: int, num_tokens: int) -> None:
+        """A load failed: compute the request's tokens ``first_token`` ... into its blocks here instead,
+        as a request of its own (one forward, its sampled token unused), before ``step``'s forward."""
         num_tokens = min(num_tokens, request.num_computed_tokens - first_token)  # not past what the plan counts
         recompute_id = f"{request.req_id}#recompute"
         params = SamplingParams(max_tokens=1)
         job = NewRequestData(
             recompute_id, request.token_ids, request.num_prompt_tokens, request.block_ids, first_token, params
         )
-        self.worker.execute_model(SchedulerOutput(-1, [job], [], {recompute_id: num_tokens}, num_tokens, set(), set()))
-        self.worker.execute_model(SchedulerOutput(-1, [], [], {}, 0, {recompute_id}, set()))  # forget it
+        scheduled = {recompute_id: num_tokens}
+        self.worker.execute_model(SchedulerOutput(step, [job], [], scheduled, num_tokens, set(), set()))
+        self.worker.execute_model(SchedulerOutput(step, [], [], {}, 0, {recompute_id}, set()))  # forget it
 
     def kv_blocks(self, req_id: str, first_block: int, num_blocks: int) -> dict[str, Any]:
         """Prefill side, over RPC: a kept request's blocks, for the decode worker that reads them."""
