@@ -221,6 +221,26 @@ def test_a_prefill_worker_killed_mid_run_loses_no_request(disaggregated: Pipelin
 
 
 @pytest.mark.slow
+def test_preemptions_on_the_prefill_side_change_no_output() -> None:
+    """Four long prompts queued at once on a prefill worker with 40 blocks and a budget of 64
+    tokens: it preempts some (their copies recompute), and every reply is still the engine's."""
+    prompts = [f"Tale {i}: " + STORY * 4 for i in range(4)]  # ~80 tokens each: 20 blocks of 4
+    config = SMALL | {"max_num_batched_tokens": 64}
+    with Pipeline.launch(prefill_workers=1, decode_workers=1, ports="auto", progress=False, **config) as p:
+        p.hold_requests(True)  # all four in the prefill worker's queue before its first step
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(complete, p, prompts, 16)
+            assert wait_until(lambda: p.hold_requests(True) == len(prompts), 30)
+            p.hold_requests(False)
+            texts, req_ids = running.result(timeout=120)
+        trace = p.trace()
+    assert texts == expected(prompts, 16)
+    scheduled = trace.scheduled
+    assert 0 in set(scheduled[scheduled.kind == "preempted"].worker_id)
+    assert set(trace.transfers.req_id) == set(req_ids) and trace.transfers.failed.isna().all()
+
+
+@pytest.mark.slow
 def test_failed_transfers_are_computed_on_the_decode_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     """A prefill worker that keeps nothing (tests/disagg_targets.py): each read fails, the decode
     worker computes the prompt; short prompts never leave it (max_local_prefill_length)."""
