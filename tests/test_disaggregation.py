@@ -131,6 +131,9 @@ class Roles(SchedulerDisaggregation):
             self.slots.append(WorkerSlot(i, scheduler, kv, None))  # type: ignore[arg-type]
         self._setup_roles(roles, max_local_prefill_length, max_prefill_queue_size)
 
+    def _decode_worker_of(self, req_id: str) -> int:
+        return 1  # where() routes every request to worker 1
+
     def where(self, req_id: str, num_tokens: int, num_cached_blocks: int = 0) -> int:
         """Which worker computes a new prompt of ``num_tokens`` routed to worker 1 (and queue it there)."""
         prompt = list(range(1, num_tokens + 1))
@@ -160,6 +163,26 @@ def test_conditional_disaggregation_follows_both_thresholds() -> None:
     assert roles.where("prefill-dead", 40) == 1  # no live prefill worker: never lost, computed locally
     aggregated = Roles(["both", "both"], max_local_prefill_length=0, max_prefill_queue_size=8)
     assert aggregated.where("any", 40) == 1 and not aggregated.disaggregated
+
+
+def test_a_prompt_on_a_prefill_worker_is_aborted_there_or_handed_back() -> None:
+    """An abort reaches the prefill worker's copy; a prefill worker lost hands its prompts to the
+    decode worker, or back to the router when that one is gone too. Nothing is dropped."""
+    roles = Roles(["prefill", "decode"], max_local_prefill_length=0, max_prefill_queue_size=8)
+    assert [roles.where(r, 20) for r in ("aborted", "lost", "orphan")] == [0, 0, 0]
+    roles._abort_prefill("aborted")
+    assert "aborted" not in roles.slots[0].scheduler.requests and "aborted" not in roles.prefilling
+    assert "aborted" not in roles._connector(roles.slots[0]).to_save
+    prefill = roles.slots[0].scheduler
+    prefill.take_requests(list(prefill.requests))  # as when the prefill worker is found dead
+    assert roles._prefill_lost(["lost"]) == []  # the decode worker computes it
+    assert "lost" in roles.slots[1].scheduler.requests
+    roles.slots[1].alive = False
+    orphans = roles._prefill_lost(["orphan", "never-there"])
+    assert [r.req_id for r in orphans] == ["orphan"]  # to be routed again
+    assert roles.num_prefills_lost == 2 and not roles.prefilling
+    for slot in roles.slots:
+        slot.scheduler.check_invariants()
 
 
 # -- the pipeline --------------------------------------------------------------------------------
