@@ -97,6 +97,17 @@ class PipelineConfig:
     # Each worker split over this many ranks and devices (tensor parallelism, modkit.worker.tensor_parallel);
     # must divide the model's attention and KV heads.
     tensor_parallel_size: int = 1
+    # -- disaggregated prefill and decode (modkit.kvtransfer); 0 and 0: every worker does both ---------
+    # Workers 0 .. P-1 compute prompts, P .. P+D-1 generate; num_workers is P + D (set from them when
+    # left at 1). A prompt is computed on a prefill worker only when more than max_local_prefill_length
+    # of its tokens are not cached on its decode worker and a prefill worker has fewer than
+    # max_prefill_queue_size requests waiting (Dynamo's conditional disaggregation); else locally.
+    prefill_workers: int = 0
+    decode_workers: int = 0
+    max_local_prefill_length: int = 0
+    max_prefill_queue_size: int = 8
+    kv_connector: str = "zmq"  # moves the blocks: a name in KV_CONNECTORS or "package.module:Class"
+    kv_transfer_timeout_s: float = 5.0  # a decode worker's read of a prefill worker's blocks, per try
     host: str = "127.0.0.1"  # loopback: only this machine can reach the components
     allow_remote: bool = False  # a non-loopback host is refused unless this is True
     api_key: str | None = field(default=None, repr=False)  # None: the frontend asks no key (fine on loopback)
@@ -159,6 +170,7 @@ class PipelineConfig:
         _check_int("seed", self.seed, minimum=0)
         _check_int("num_workers", self.num_workers, minimum=1)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1)
+        self._check_roles()
         _check_bool("allow_remote", self.allow_remote)
         _check_host(self.host, self.allow_remote)
         _check_str("api_key", self.api_key, optional=True)
@@ -179,6 +191,53 @@ class PipelineConfig:
         self._check_ports()
         self._check_addresses()
         self._check_devices()
+
+    def _check_roles(self) -> None:
+        """Prefill and decode workers come together; num_workers is their sum."""
+        _check_int("prefill_workers", self.prefill_workers, minimum=0)
+        _check_int("decode_workers", self.decode_workers, minimum=0)
+        _check_int("max_local_prefill_length", self.max_local_prefill_length, minimum=0)
+        _check_int("max_prefill_queue_size", self.max_prefill_queue_size, minimum=1)
+        _check_str("kv_connector", self.kv_connector)
+        _check_seconds("kv_transfer_timeout_s", self.kv_transfer_timeout_s)
+        if not self.prefill_workers and not self.decode_workers:
+            return
+        if not self.prefill_workers or not self.decode_workers:
+            field_name = "decode_workers" if self.prefill_workers else "prefill_workers"
+            raise ConfigError(
+                field_name,
+                f"is 0 with prefill_workers={self.prefill_workers}, decode_workers={self.decode_workers}: "
+                "disaggregation needs at least one of each (or neither)",
+            )
+        total = self.prefill_workers + self.decode_workers
+        if self.num_workers == 1:
+            object.__setattr__(self, "num_workers", total)  # frozen: set once, here, before anyone reads it
+        elif self.num_workers != total:
+            raise ConfigError(
+                "num_workers",
+                f"is {self.num_workers}, but prefill_workers + decode_workers is {total}: "
+                "leave it out or make them agree",
+            )
+        if self.tensor_parallel_size != 1:
+            raise ConfigError("prefill_workers", "with tensor_parallel_size > 1 is not supported yet")
+        from modkit.kvtransfer.worker_side import KV_CONNECTORS  # torch and sockets: only when asked
+
+        if ":" not in self.kv_connector and self.kv_connector not in KV_CONNECTORS.names():
+            raise ConfigError(
+                "kv_connector",
+                f"{self.kv_connector!r} is not one of {KV_CONNECTORS.names()} nor 'package.module:Class'",
+            )
+
+    @property
+    def disaggregated(self) -> bool:
+        """Whether workers have roles (prefill_workers and decode_workers)."""
+        return self.prefill_workers > 0
+
+    def worker_role(self, worker_id: int) -> str:
+        """``"prefill"``, ``"decode"``, or ``"both"`` (aggregated: today's workers)."""
+        if not self.disaggregated:
+            return "both"
+        return "prefill" if worker_id < self.prefill_workers else "decode"
 
     def _check_ports(self) -> None:
         owner: dict[int, str] = {}  # port -> the field that took it first

@@ -169,6 +169,9 @@ class AddRequest(msgspec.Struct, tag="add", frozen=True):
     # Tokens already generated: set when a request moves off a worker that died; the new
     # worker recomputes prompt + these, and generation carries on where it stopped.
     output_token_ids: list[int] = []
+    # The router's estimate of the prompt's full blocks the chosen worker caches (from its KV
+    # events): what a disaggregated scheduler subtracts before deciding where the prompt runs.
+    num_cached_blocks: int = 0
 
 
 class AbortRequest(msgspec.Struct, tag="abort", frozen=True):

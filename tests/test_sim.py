@@ -51,6 +51,13 @@ def poisson(n: int = 40, rate: float = 20.0, shared_prefix: int = 0, seed: int =
     return Workload.poisson(n, rate, prompt_len=64, output_len=16, seed=seed, shared_prefix=shared_prefix)
 
 
+def test_a_configuration_with_roles_is_refused() -> None:
+    """The simulator's workers all do both; it must not predict a disaggregated run as aggregated."""
+    with pytest.raises(ConfigError, match="prefill_workers"):
+        simulate(poisson(4), COST, prefill_workers=1, decode_workers=1)
+    assert len(simulate(poisson(4), COST, num_workers=2).requests) == 4  # the same call without roles runs
+
+
 # -- workloads -------------------------------------------------------------------------------
 
 

@@ -278,8 +278,9 @@ def test_latency_percentiles_match_the_frames(trace: Trace) -> None:
 # -- every view -----------------------------------------------------------------------------
 
 
-def test_views_are_the_five_named_ones() -> None:
-    assert set(viz.VIEWS) == {"block_grid", "timeline", "batch_composition", "kv_usage", "latency_histograms"}
+def test_views_are_the_six_named_ones() -> None:
+    five = {"block_grid", "timeline", "batch_composition", "kv_usage", "latency_histograms"}
+    assert set(viz.VIEWS) == five | {"handoffs"}  # handoffs: tests/test_disaggregation.py draws real transfers
 
 
 @pytest.mark.parametrize("name", sorted(ALL_VIEWS))

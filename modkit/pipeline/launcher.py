@@ -367,6 +367,8 @@ class Pipeline:
         return {
             "model": self.model_name,
             "num_workers": cfg.num_workers,
+            "prefill_workers": cfg.prefill_workers,  # workers 0 .. P-1 compute prompts (0: aggregated)
+            "decode_workers": cfg.decode_workers,
             "num_blocks": list(self.num_blocks),
             "block_size": cfg.block_size,
             "max_num_batched_tokens": cfg.max_num_batched_tokens,

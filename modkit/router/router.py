@@ -22,12 +22,20 @@ class NoWorkerError(RuntimeError):
 
 
 class Router:
-    def __init__(self, num_workers: int, block_size: int, policy: str | RouterPolicy = "round_robin") -> None:
+    def __init__(
+        self,
+        num_workers: int,
+        block_size: int,
+        policy: str | RouterPolicy = "round_robin",
+        routed_to: Sequence[int] | None = None,
+    ) -> None:
+        """``routed_to``: the workers requests go to (disaggregation: the decode workers); None: all."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.block_size = block_size
         self.policy = get_router_policy(policy) if isinstance(policy, str) else policy
         self.workers = {i: WorkerView(i) for i in range(num_workers)}
+        self.routed_to = set(range(num_workers) if routed_to is None else routed_to)
         self._routed: dict[str, tuple[int, int]] = {}  # request id -> (worker id, blocks counted)
         self.decisions: Counter[int] = Counter()
         # What the last decision saw, per live worker: (prompt blocks cached there, blocks held there).
@@ -39,7 +47,7 @@ class Router:
         A request routed again (it moved off a dead worker) stops counting on its old one.
         """
         self.finish(request_id)
-        live = [w for w in self.workers.values() if w.alive]
+        live = [w for w in self.workers.values() if w.alive and w.worker_id in self.routed_to]
         if not live:
             raise NoWorkerError("no live worker to route to")
         hashes = hash_request_blocks(prompt_token_ids, self.block_size, [])

@@ -53,7 +53,9 @@ class RouterService(SwapOwner):
         self.started = time.time()
         self.swap_key = swap_key  # verifies classes sent by value (modkit.swap); None: none accepted
         self.last_swap_error: str | None = None
-        self.router = Router(cfg.num_workers, cfg.block_size, cfg.router_policy)
+        # With disaggregation requests are routed to decode workers; the scheduler picks a prefill worker.
+        routed_to = [i for i in range(cfg.num_workers) if cfg.worker_role(i) != "prefill"]
+        self.router = Router(cfg.num_workers, cfg.block_size, cfg.router_policy, routed_to)
         self.implementation = cfg.router_policy
         self.previous_implementation = cfg.router_policy  # shown again if a swapped-in policy is put aside
         self.worker_timeout_s = worker_timeout_s
@@ -97,8 +99,8 @@ class RouterService(SwapOwner):
             except NoWorkerError as error:
                 self.to_frontend.send(RequestRejected(message.req_id, "unavailable", str(error)))
                 return
-            self.to_scheduler.send(_with_worker(message, worker_id))
             seen = self.router.last_seen
+            self.to_scheduler.send(_with_worker(message, worker_id, seen.get(worker_id, (0, 0))[0]))
             routed = Routed(
                 time.time(),
                 message.req_id,
@@ -206,7 +208,7 @@ class RouterService(SwapOwner):
             closable.close()
 
 
-def _with_worker(message: AddRequest, worker_id: int) -> AddRequest:
+def _with_worker(message: AddRequest, worker_id: int, num_cached_blocks: int) -> AddRequest:
     return AddRequest(
         message.req_id,
         message.prompt_token_ids,
@@ -216,4 +218,5 @@ def _with_worker(message: AddRequest, worker_id: int) -> AddRequest:
         message.priority,
         worker_id,
         message.output_token_ids,
+        num_cached_blocks,
     )

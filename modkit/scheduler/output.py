@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from modkit.kvtransfer.metadata import KVConnectorMetadata
 from modkit.logprobs import PromptLogprobs, TokenLogprobs
 from modkit.sampling_params import SamplingParams
 
@@ -51,6 +52,8 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str]  # finished or aborted since the last step: the worker drops them
     preempted_req_ids: set[str]  # lost their blocks this step: the worker drops them too
+    # Disaggregation only (modkit.kvtransfer): blocks the worker saves for, or loads from, another worker.
+    kv_connector_metadata: KVConnectorMetadata | None = None
 
 
 @dataclass(slots=True)

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from functools import partial
 
 from modkit.kvcache.interface import KVCacheManagerInterface
+from modkit.kvtransfer.scheduler_side import SchedulerConnector
 from modkit.request import Request, RequestStatus
 from modkit.scheduler.checks import admit_checks, check_stop
 from modkit.scheduler.output import (
@@ -83,6 +85,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.records: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)  # the last steps' records
         self.last_record: StepRecord | None = None
+        # Disaggregated prefill and decode (modkit.kvtransfer): tokens computed on another worker.
+        self.connector: SchedulerConnector | None = None
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -166,6 +170,10 @@ class Scheduler:
         self._schedule_waiting(step)
         output = self._make_output(step.scheduled, step.admitted, step.preempted)
         self._advance(step.scheduled)
+        if self.connector is not None:
+            output.kv_connector_metadata = self.connector.build_connector_meta(
+                self.requests, step.scheduled, self.kv.get_block_ids
+            )
         self._record(step)
         return output
 
@@ -217,7 +225,13 @@ class Scheduler:
         # A hint: a KV cache manager in another process does all of the lookups and allocations
         # below in one round trip, and answers these calls from its reply (not when one asks for
         # prompt logprobs: the reply would hold the prefix-cache hit it must not take).
-        if candidates and step.budget > 0 and all(r.sampling_params.prompt_logprobs is None for r in candidates):
+        hint = self.connector is None or not self.connector.remote  # loads change what admission allocates
+        if (
+            hint
+            and candidates
+            and step.budget > 0
+            and all(r.sampling_params.prompt_logprobs is None for r in candidates)
+        ):
             self.kv.prepare_admissions(candidates, step.budget)
         why = None  # why the first one left in line waits
         for request in candidates:
@@ -226,11 +240,17 @@ class Scheduler:
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             if request.sampling_params.prompt_logprobs is not None:  # every prompt position needs its logits,
                 hit_blocks, num_hit = [], 0  # so none is skipped as cached (vLLM does the same)
-            num_new = min(request.num_tokens - num_hit, step.budget)
-            if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
+            # Tokens a prefill worker computed (disaggregation): loaded into new blocks, not computed.
+            num_external = self.connector.get_num_new_matched_tokens(request, num_hit) if self.connector else 0
+            num_new = min(request.num_tokens - num_hit - num_external, step.budget)
+            if self.kv.allocate_slots(request, num_external + num_new, hit_blocks, num_hit) is None:
                 why = "not enough free KV blocks"
                 break
-            request.num_computed_tokens = num_hit
+            if self.connector is not None:
+                self.connector.update_state_after_alloc(
+                    request, partial(self.kv.get_block_ids, request.req_id), num_hit, num_external
+                )
+            request.num_computed_tokens = num_hit + num_external
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_hit
             step.admit(request, num_new, num_hit)

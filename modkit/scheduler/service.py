@@ -54,6 +54,7 @@ from modkit.protocol import (
     WorkerUp,
 )
 from modkit.request import Request, RequestStatus
+from modkit.scheduler.disaggregation import SchedulerDisaggregation
 from modkit.scheduler.output import SchedulerOutput
 from modkit.scheduler.recovery import SchedulerRecovery
 from modkit.scheduler.scheduler import Scheduler
@@ -66,7 +67,7 @@ from modkit.transport import Inbox, Outbox, RpcClient
 KV_RPC_TIMEOUT_S = 5.0  # calls other than apply (which has its own, see modkit.kvcache.client)
 
 
-class SchedulerService(SchedulerSwapping, SchedulerRecovery):
+class SchedulerService(SchedulerSwapping, SchedulerRecovery, SchedulerDisaggregation):
     def __init__(self, config: dict[str, Any], ipc_dir: str, max_model_len: int, swap_key: str | None = None) -> None:
         cfg = PipelineConfig.from_dict(config)
         self.started = time.time()
@@ -90,6 +91,9 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
             )
             self.slots.append(WorkerSlot(i, scheduler, kv, Outbox(addresses.inbox(worker_name(i)))))
         self.limits = (cfg.max_num_batched_tokens, cfg.max_num_seqs, max_model_len)
+        self.block_size = cfg.block_size
+        roles = [cfg.worker_role(i) for i in range(cfg.num_workers)]
+        self._setup_roles(roles, cfg.max_local_prefill_length, cfg.max_prefill_queue_size)
         self.async_scheduling = cfg.async_scheduling
         self.block_size, self.enable_prefix_caching = cfg.block_size, cfg.enable_prefix_caching
         self.held: list[AddRequest] | None = None  # new requests kept back while draining (hold_new_requests)
@@ -163,8 +167,12 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
         )
         for token in message.output_token_ids:  # moved here from a worker that died
             request.append_output_token_ids(token)
+        prefill = self._prefill_slot(message, request, slot)  # disaggregation: None computes it here
         try:
-            slot.scheduler.add_request(request)
+            if prefill is None:
+                slot.scheduler.add_request(request)
+            else:
+                self._start_prefill(prefill, request)
         except ValueError as error:
             self._reject(message.req_id, "invalid", str(error))
             return
@@ -174,6 +182,8 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
         status = RequestStatus.FINISHED_STOPPED if message.reason == "stop" else RequestStatus.FINISHED_ABORTED
         by_worker: dict[int, list[str]] = {}
         for req_id in message.req_ids:
+            if self.disaggregated:
+                self._abort_prefill(req_id)
             if req_id in self.owner:
                 by_worker.setdefault(self.owner[req_id], []).append(req_id)
                 self._finished(req_id)
@@ -195,21 +205,27 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
         slot.alive = False
         slot.in_flight.clear()
         moved = slot.scheduler.take_requests(list(slot.scheduler.requests))
+        if self.roles[slot.worker_id] == "prefill":  # copies: their decode workers compute the prompts
+            moved = self._prefill_lost([r.req_id for r in moved])
         for request in moved:
-            self.owner.pop(request.req_id, None)
-            self.to_router.send(
-                AddRequest(
-                    request.req_id,
-                    request.prompt_token_ids,
-                    request.sampling_params,
-                    request.eos_token_ids,
-                    request.arrival_time,
-                    request.priority,
-                    output_token_ids=list(request.output_token_ids),
-                )
-            )
+            self._route_again(request)
         self.num_moved += len(moved)
         self._reset_prefix_cache(slot)
+
+    def _route_again(self, request: Request) -> None:
+        """Send a request back to the router, with its outputs so far, for another worker."""
+        self.owner.pop(request.req_id, None)
+        self.to_router.send(
+            AddRequest(
+                request.req_id,
+                request.prompt_token_ids,
+                request.sampling_params,
+                request.eos_token_ids,
+                request.arrival_time,
+                request.priority,
+                output_token_ids=list(request.output_token_ids),
+            )
+        )
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -289,6 +305,12 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
         update_s = time.perf_counter() - t0
         slot.update_s += update_s
         event = self._step_event(slot, step, elapsed, done.forward_s, done.sample_s, update_s=update_s)
+        if self.roles[slot.worker_id] == "prefill":  # its prompts go to their decode workers; no token leaves
+            for request in self._prefilled(slot, outputs):
+                self._route_again(request)
+            if event is not None:
+                self.after_steps.append(lambda: self.events.publish(f"step.{slot.worker_id}", event))
+            return
         finished = [o.req_id for o in outputs if o.finish_reason is not None]
         for req_id in finished:
             self._finished(req_id)
@@ -316,6 +338,10 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
             self.events.publish(f"step.{slot.worker_id}", event)
         req_ids = [r for r in plan.num_scheduled_tokens if r in slot.scheduler.requests]
         slot.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)  # blocks freed, never cached
+        if self.roles[slot.worker_id] == "prefill":  # copies: their decode workers compute the prompts
+            for request in self._prefill_lost(req_ids):
+                self._route_again(request)
+            return
         for req_id in req_ids:
             self._reject(req_id, "error", f"{worker_name(slot.worker_id)} failed the step: {failed.error}")
 
@@ -397,8 +423,14 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery):
             "num_requests_waiting": sum(w["num_requests_waiting"] for w in workers),
             "num_rejected": self.num_rejected,
             "num_moved": self.num_moved,
+            "num_remote_prefills": self.num_remote_prefills,  # prompts computed on a prefill worker
+            "num_local_prefills": self.num_local_prefills,  # on their decode worker (conditional disaggregation)
+            "num_prefills_lost": self.num_prefills_lost,  # handed back by a prefill worker that died or failed
             "workers": workers,
         }
+
+    def _decode_worker_of(self, req_id: str) -> int:
+        return self.owner[req_id]
 
     def check_invariants(self) -> None:
         for slot in self.slots:

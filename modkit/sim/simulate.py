@@ -42,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from modkit.config import PipelineConfig
+from modkit.config import ConfigError, PipelineConfig
 from modkit.kvcache.manager import KVCacheManager
 from modkit.request import Request, RequestStatus
 from modkit.router.router import Router
@@ -80,6 +80,10 @@ def simulate(workload: Workload, cost_model: CostModel, **overrides: Any) -> Tra
     """
     settings = {**workload.config, **overrides}
     config = PipelineConfig(**settings)
+    if config.disaggregated:  # its workers all do both: a trace of roles it cannot draw would mislead
+        raise ConfigError(
+            "prefill_workers", "the simulator models aggregated workers only; set it and decode_workers to 0"
+        )
     # Each worker's pool and the length limit, as a launch of this configuration would have them.
     num_blocks, max_model_len = launch_pool(config, explicit_max_model_len=overrides.get("max_model_len") is not None)
     config = dataclasses.replace(config, num_kv_blocks=num_blocks, max_model_len=max_model_len)

@@ -122,6 +122,8 @@ def workload_from_trace(trace: Trace) -> Workload:
 # Trace meta keys that are PipelineConfig fields of the same name.
 _CONFIG_KEYS = (
     "num_workers",
+    "prefill_workers",  # a run with roles: the simulator refuses it rather than treat its workers as aggregated
+    "decode_workers",
     "block_size",
     "max_num_batched_tokens",
     "max_num_seqs",

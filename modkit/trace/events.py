@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from modkit.scheduler.output import StepRecord
 
 # What a subscriber of the whole stream asks for.
-TOPICS = ("step.", "forward.", "blocks.", "request", "route", "swap", "hello")
+TOPICS = ("step.", "forward.", "transfer.", "blocks.", "request", "route", "swap", "hello")
 
 
 class ScheduledReq(msgspec.Struct, array_like=True, frozen=True):
@@ -126,6 +126,24 @@ def step_event(
         kv_s=kv_s,
         update_s=update_s,
     )
+
+
+class TransferEvent(msgspec.Struct, tag="transfer", frozen=True):
+    """A request's KV blocks moved from a prefill worker to a decode worker (modkit.kvtransfer).
+
+    Published by the decode worker, which read them: ``failed`` says why a read failed, and
+    then the decode worker computed those tokens itself (nothing moved, ``num_bytes`` is 0).
+    """
+
+    req_id: str
+    src_worker_id: int
+    dst_worker_id: int
+    first_block: int  # the blocks before it the decode worker already cached (a prefix hit)
+    num_blocks: int
+    num_bytes: int
+    started: float  # time.time()
+    ended: float
+    failed: str | None = None
 
 
 class ForwardEvent(msgspec.Struct, tag="forward", frozen=True):
@@ -229,7 +247,16 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
 
 
 PipelineEvent = (
-    StepEvent | ForwardEvent | BlockEvents | RequestArrived | TokensOut | RequestDone | Routed | Swapped | Hello
+    StepEvent
+    | ForwardEvent
+    | TransferEvent
+    | BlockEvents
+    | RequestArrived
+    | TokensOut
+    | RequestDone
+    | Routed
+    | Swapped
+    | Hello
 )
 
 

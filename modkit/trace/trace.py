@@ -9,6 +9,7 @@
     trace.tokens                         # one row per token batch the frontend received (for inter-token latency)
     trace.blocks                         # one row per block per KV cache manager action
     trace.forwards                       # the workers' own timings
+    trace.transfers                      # one row per KV transfer, prefill worker -> decode worker
     trace.routes                         # one row per routing decision: the worker, and what each worker offered
     trace.block_state(worker_id=0, at=2.5)  # every block's owners and cache state at t = 2.5 s
     trace.summary()                      # throughput, TTFT and ITL percentiles, preemptions, prefix hits
@@ -38,6 +39,7 @@ from modkit.trace.events import (
     StepEvent,
     Swapped,
     TokensOut,
+    TransferEvent,
 )
 from modkit.trace.summary import TraceSummary, summarize
 
@@ -298,6 +300,30 @@ class Trace:
             for e in self._of(ForwardEvent)
         ]
         return _frame(rows, ["worker_id", "step", "start", "forward_s", "num_tokens"])
+
+    @cached_property
+    def transfers(self) -> pd.DataFrame:
+        """One row per KV transfer (disaggregated prefill and decode): which request's blocks moved
+        from which prefill worker to which decode worker, how many, how many bytes, when, and how
+        fast (``gb_per_s``); ``failed`` says why a read failed (the decode worker recomputed)."""
+        rows = [
+            {
+                "req_id": e.req_id,
+                "src_worker_id": e.src_worker_id,
+                "dst_worker_id": e.dst_worker_id,
+                "first_block": e.first_block,
+                "num_blocks": e.num_blocks,
+                "num_bytes": e.num_bytes,
+                "start": e.started - self.t0,
+                "end": e.ended - self.t0,
+                "transfer_s": e.ended - e.started,
+                "gb_per_s": e.num_bytes / max(e.ended - e.started, 1e-9) / 1e9,
+                "failed": e.failed,
+            }
+            for e in self._of(TransferEvent)
+        ]
+        columns = ["req_id", "src_worker_id", "dst_worker_id", "first_block", "num_blocks", "num_bytes"]
+        return _frame(rows, [*columns, "start", "end", "transfer_s", "gb_per_s", "failed"])
 
     @cached_property
     def routes(self) -> pd.DataFrame:

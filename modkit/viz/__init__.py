@@ -16,6 +16,8 @@ view                    what it teaches
 ``batch_composition``   a step is one token budget shared by prompt chunks and decodes
 ``kv_usage``            a full pool means preemption; how much the prefix cache spares
 ``latency_histograms``  TTFT and inter-token latency, with p50 and p99
+``handoffs``            disaggregation: prompts on prefill workers, their KV blocks moved
+                        to decode workers, each transfer an arrow (``transfers.py``)
 ======================  ================================================================
 
 Each takes a ``Trace`` (any snapshot, even an empty one) and optionally the axes to draw
@@ -35,6 +37,7 @@ from modkit.viz.blocks import NotebookFigure, block_grid, request_colors, subplo
 from modkit.viz.capacity import capacity
 from modkit.viz.live import LiveView, live
 from modkit.viz.static import batch_composition, dashboard, kv_usage, latency_histograms, timeline
+from modkit.viz.transfers import handoffs
 
 VIEWS: dict[str, Callable[..., Figure]] = {
     "block_grid": block_grid,
@@ -42,6 +45,7 @@ VIEWS: dict[str, Callable[..., Figure]] = {
     "batch_composition": batch_composition,
     "kv_usage": kv_usage,
     "latency_histograms": latency_histograms,
+    "handoffs": handoffs,
 }
 
 __all__ = [
@@ -52,6 +56,7 @@ __all__ = [
     "block_grid",
     "capacity",
     "dashboard",
+    "handoffs",
     "kv_usage",
     "latency_histograms",
     "live",

@@ -43,13 +43,15 @@ import msgspec
 from modkit.attention.interface import resolve_attention_backend
 from modkit.config import PipelineConfig
 from modkit.engine.config import EngineConfig
+from modkit.kvtransfer.worker_side import make_connector
 from modkit.model import resolve_model_path
 from modkit.model.config import ModelConfig
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.protocol import SamplerReport, StepDone, StepFailed, StepPlan, WorkerHeartbeat
 from modkit.sampler import Sampler
 from modkit.sampler.interface import SAMPLERS
-from modkit.scheduler.output import SchedulerOutput
+from modkit.sampling_params import SamplingParams
+from modkit.scheduler.output import NewRequestData, SchedulerOutput
 from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import EventPublisher, ForwardEvent
 from modkit.transport import Inbox, Outbox, RpcClient
@@ -131,6 +133,8 @@ class WorkerService(WorkerSwapping):
         self.num_tokens = 0
         self.forward_s = 0.0
         self.sample_s = 0.0
+        layers = self.worker.runner.kv_cache.layers
+        self.connector = make_connector(cfg, worker_id, layers, lambda i: addresses.rpc(worker_name(i)))
 
     def wait_sockets(self) -> list[Inbox]:
         return [self.inbox]
@@ -173,7 +177,11 @@ class WorkerService(WorkerSwapping):
         if self.launched and not self.executor.can_launch_ahead(plan):
             self._finish(self.launched.popleft())  # its tokens first: this plan's sampling reads them
         try:
+            if self.connector is not None:
+                self._load_kv(plan)
             launched = self.executor.launch(plan)
+            if self.connector is not None:
+                self.connector.wait_for_save(plan.kv_connector_metadata)
         except RankDied:  # this worker cannot compute any more: its process exits, the supervisor restarts it
             raise
         except Exception as error:  # a failed step fails its requests, not the worker
@@ -184,6 +192,43 @@ class WorkerService(WorkerSwapping):
         self.launched.append(launched)
         while len(self.launched) > 1:
             self._finish(self.launched.popleft())
+
+    # -- disaggregated prefill and decode (modkit.kvtransfer) ----------------------------------
+
+    def _load_kv(self, plan: SchedulerOutput) -> None:
+        """Decode side: fill the blocks of requests a prefill worker computed, before the forward."""
+        assert self.connector is not None
+        meta = plan.kv_connector_metadata
+        if not meta or not meta.reqs_to_load:
+            return
+        new = {r.req_id: r for r in plan.scheduled_new_reqs}
+        tables = {req_id: new[req_id].block_ids for req_id in meta.reqs_to_load}
+
+        def recompute(req_id: str, first_token: int, num_tokens: int) -> None:
+            self._recompute(plan.step, new[req_id], first_token, num_tokens)
+
+        self.connector.start_load_kv(meta, tables, recompute)
+        for event in self.connector.get_finished():
+            self.events.publish(f"transfer.{self.worker_id}", event)
+
+    def _recompute(self, step: int, request: NewRequestData, first_token: int, num_tokens: int) -> None:
+        """A load failed: compute the request's tokens ``first_token`` ... into its blocks here instead,
+        as a request of its own (one forward, its sampled token unused), before ``step``'s forward."""
+        num_tokens = min(num_tokens, request.num_computed_tokens - first_token)  # not past what the plan counts
+        recompute_id = f"{request.req_id}#recompute"
+        params = SamplingParams(max_tokens=1)
+        job = NewRequestData(
+            recompute_id, request.token_ids, request.num_prompt_tokens, request.block_ids, first_token, params
+        )
+        scheduled = {recompute_id: num_tokens}
+        self.worker.execute_model(SchedulerOutput(step, [job], [], scheduled, num_tokens, set(), set()))
+        self.worker.execute_model(SchedulerOutput(step, [], [], {}, 0, {recompute_id}, set()))  # forget it
+
+    def kv_blocks(self, req_id: str, first_block: int, num_blocks: int) -> dict[str, Any]:
+        """Prefill side, over RPC: a kept request's blocks, for the decode worker that reads them."""
+        if self.connector is None:
+            return {"found": False}
+        return self.connector.kv_blocks(req_id, first_block, num_blocks)
 
     def _finish(self, step: LaunchedStep) -> None:
         """The step's tokens to the host (waiting for the device), and its result to the scheduler."""
@@ -294,6 +339,8 @@ class WorkerService(WorkerSwapping):
             self.ranks.close()
 
     def close(self) -> None:
+        if self.connector is not None:
+            self.connector.close()
         self.close_ranks()
         self.beacon.close()
         self.events.close()

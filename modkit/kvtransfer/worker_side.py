@@ -1,0 +1,216 @@
+"""The worker side of the KV connector: blocks kept on a prefill worker, read by a decode worker.
+
+::
+
+    prefill worker (its step computed a prompt's last token)
+        wait_for_save: copy the request's blocks out of its KV cache, keep them by req_id
+    decode worker (its plan admits the request, reqs_to_load names its blocks)
+        start_load_kv: RPC kv_blocks(req_id, first, n) to the prefill worker --> raw bytes
+                       written into the blocks its KV cache manager allocated, then the forward
+        a read that fails (the prefill worker is gone, a timeout, the blocks are not there) is
+        tried once more; then the decode worker computes those tokens itself (recomputed)
+
+``ZmqKVConnector`` reads over the prefill worker's RPC socket (ZeroMQ, signed like every call
+of the launch; ``ipc://`` in the launch's directory or CURVE on ``tcp://``). The bytes are the
+blocks' K/V as they lie in the cache, with their dtype and shape beside them: no pickle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from modkit.kvtransfer.metadata import KVConnectorMetadata, LoadSpec
+from modkit.registry import Registry
+from modkit.swap import resolve, spec_for
+from modkit.trace.events import TransferEvent
+from modkit.transport import RpcClient
+
+if TYPE_CHECKING:
+    from modkit.config import PipelineConfig
+
+KEEP_S = 120.0  # a prefill worker forgets blocks nobody read for this long (the request ended elsewhere)
+NUM_TRIES = 2
+
+
+class TransferFailed(RuntimeError):
+    """A decode worker could not read a request's blocks."""
+
+
+@dataclass(slots=True)
+class _Kept:
+    blocks: torch.Tensor  # (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), on the host
+    kept_at: float = field(default_factory=time.monotonic)
+
+
+class KVConnector:
+    """The worker side of a connector (vLLM's ``KVConnectorBase_V1`` worker calls).
+
+    Three calls make the contract, each made by the worker around a step's forward:
+
+    - ``wait_for_save(meta)`` (prefill side, after the forward): the blocks of each request in
+      ``meta.reqs_to_save`` hold its prompt; keep (or send) them for the decode worker;
+    - ``start_load_kv(meta, block_tables, recompute)`` (decode side, before the forward): fill
+      the blocks of each request in ``meta.reqs_to_load``, allocated by the decode side's KV
+      cache manager; a load that fails must call ``recompute`` for those tokens, never skip them;
+    - ``get_finished()``: the transfers done since the last call, as ``TransferEvent`` s.
+
+    This base class keeps blocks on the host and writes them in; an implementation says how
+    they travel by overriding ``read`` (and ``kv_blocks``, the prefill side's answer). It is
+    built as ``cls(worker_id, layers, timeout_s, rpc_address)``: ``layers`` is the worker's KV
+    cache, one ``(2, num_blocks, block_size, num_kv_heads, head_dim)`` tensor per layer;
+    ``rpc_address(i)`` is worker ``i``'s RPC socket.
+    """
+
+    def __init__(
+        self, worker_id: int, layers: list[torch.Tensor], timeout_s: float, rpc_address: Callable[[int], str]
+    ) -> None:
+        self.worker_id, self.layers, self.timeout_s = worker_id, layers, timeout_s
+        self.rpc_address = rpc_address
+        self.kept: dict[str, _Kept] = {}
+        self.finished: list[TransferEvent] = []  # since the last get_finished
+
+    # -- prefill side ------------------------------------------------------------------------
+
+    def wait_for_save(self, meta: KVConnectorMetadata | None) -> None:
+        """Keep a copy of the blocks of each prompt this step computed, for the decode worker to read."""
+        now = time.monotonic()
+        for req_id in [r for r, kept in self.kept.items() if now - kept.kept_at > KEEP_S]:
+            del self.kept[req_id]
+        if not meta:
+            return
+        for req_id, block_ids in meta.reqs_to_save.items():
+            index = torch.tensor(block_ids, dtype=torch.int64, device=self.layers[0].device)
+            blocks = torch.stack([layer.index_select(1, index) for layer in self.layers])
+            self.kept[req_id] = _Kept(blocks.to("cpu"))
+
+    def kv_blocks(self, req_id: str, first_block: int, num_blocks: int) -> dict[str, Any]:
+        """Blocks ``first_block`` ... of a kept request, as raw bytes; each is read once."""
+        kept = self.kept.pop(req_id, None)
+        if kept is None:
+            return {"found": False}
+        blocks = kept.blocks[:, :, first_block : first_block + num_blocks].contiguous()
+        dtype = str(blocks.dtype).removeprefix("torch.")
+        return {"found": True, "dtype": dtype, "shape": list(blocks.shape), "data": _as_bytes(blocks)}
+
+    # -- decode side -------------------------------------------------------------------------
+
+    def start_load_kv(
+        self,
+        meta: KVConnectorMetadata | None,
+        block_tables: dict[str, list[int]],
+        recompute: Callable[[str, int, int], None],
+    ) -> None:
+        """Fill each loading request's blocks before the forward: read them, or compute them here."""
+        if not meta:
+            return
+        for req_id, spec in meta.reqs_to_load.items():
+            dst = block_tables[req_id][spec.first_block : spec.first_block + spec.num_blocks]
+            started, error = time.time(), None
+            try:
+                num_bytes = self._load(req_id, spec, dst)
+            except TransferFailed as failure:
+                error, num_bytes = str(failure), 0
+                block_size = self.layers[0].shape[2]
+                recompute(req_id, spec.first_block * block_size, spec.num_blocks * block_size)
+            self.finished.append(
+                TransferEvent(
+                    req_id=req_id,
+                    src_worker_id=spec.src_worker_id,
+                    dst_worker_id=self.worker_id,
+                    first_block=spec.first_block,
+                    num_blocks=spec.num_blocks,
+                    num_bytes=num_bytes,
+                    started=started,
+                    ended=time.time(),
+                    failed=error,
+                )
+            )
+
+    def get_finished(self) -> list[TransferEvent]:
+        """The transfers (loads) finished since the last call."""
+        done, self.finished = self.finished, []
+        return done
+
+    def _load(self, req_id: str, spec: LoadSpec, dst: list[int]) -> int:
+        reply: dict[str, Any] = {}
+        last_error = "no try"
+        for _ in range(NUM_TRIES):
+            try:
+                reply = self.read(req_id, spec)
+            except Exception as error:  # a timeout, a worker gone
+                last_error = f"{type(error).__name__}: {error}"
+                continue
+            if not reply.get("found"):
+                raise TransferFailed(f"worker-{spec.src_worker_id} does not hold {req_id}'s blocks")
+            break
+        else:
+            raise TransferFailed(last_error)
+        dtype = getattr(torch, reply["dtype"])
+        blocks = torch.frombuffer(bytearray(reply["data"]), dtype=dtype).view(reply["shape"])
+        index = torch.tensor(dst, dtype=torch.int64, device=self.layers[0].device)
+        for layer, kv in zip(self.layers, blocks.to(self.layers[0].device), strict=True):
+            layer.index_copy_(1, index, kv)  # (2, n, block_size, heads, head_dim) into its blocks
+        return len(reply["data"])
+
+    def read(self, req_id: str, spec: LoadSpec) -> dict[str, Any]:
+        """Ask the prefill worker for the blocks (how they travel is the implementation's)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the connector holds (sockets, buffers); the worker is stopping."""
+
+
+KV_CONNECTORS: Registry[KVConnector] = Registry("KV connector")
+
+
+@KV_CONNECTORS.register("zmq")
+class ZmqKVConnector(KVConnector):
+    """Reads blocks over each prefill worker's RPC socket (``WorkerService.kv_blocks``)."""
+
+    def __init__(
+        self, worker_id: int, layers: list[torch.Tensor], timeout_s: float, rpc_address: Callable[[int], str]
+    ) -> None:
+        super().__init__(worker_id, layers, timeout_s, rpc_address)
+        self.clients: dict[int, RpcClient] = {}
+
+    def read(self, req_id: str, spec: LoadSpec) -> dict[str, Any]:
+        client = self.clients.get(spec.src_worker_id)
+        if client is None:
+            client = self.clients[spec.src_worker_id] = RpcClient(self.rpc_address(spec.src_worker_id), self.timeout_s)
+        try:
+            reply: dict[str, Any] = client.call("kv_blocks", req_id, spec.first_block, spec.num_blocks)
+        except Exception:
+            client.close()  # a REQ-like socket after a timeout is not reused
+            del self.clients[spec.src_worker_id]
+            raise
+        return reply
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+        self.clients.clear()
+
+
+def _as_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's memory as bytes (bfloat16 has no numpy dtype: viewed as bytes first)."""
+    return tensor.view(torch.uint8).numpy().tobytes()
+
+
+def make_connector(
+    config: PipelineConfig, worker_id: int, layers: list[torch.Tensor], rpc_address: Callable[[int], str]
+) -> KVConnector | None:
+    """The worker side of ``config.kv_connector`` for a worker with a role; None for an aggregated one.
+
+    The name is looked up as every swappable part's is (``modkit.swap.resolve``): a name in
+    ``KV_CONNECTORS``, or ``"package.module:Class"`` imported in the worker's process.
+    """
+    if config.worker_role(worker_id) == "both":
+        return None
+    cls = resolve(spec_for(config.kv_connector, None), KV_CONNECTORS.get, None)
+    connector: KVConnector = cls(worker_id, layers, config.kv_transfer_timeout_s, rpc_address)
+    return connector
