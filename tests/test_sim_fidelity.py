@@ -49,6 +49,9 @@ THROUGHPUT_TOLERANCE = 0.2  # relative
 LATENCY_TOLERANCE = 1.5  # a factor either way
 HIT_RATE_TOLERANCE = 0.03  # absolute
 SEEDS = range(5)  # simulations of each prediction; the median is compared
+# A run whose TTFT p50 is more ITL p50s than this had its requests queue: the machine did not keep
+# up with RATE. At moderate load a prompt waits a few steps for its first token (6 to 9 ITLs here).
+QUEUED = 20
 
 
 @dataclasses.dataclass
@@ -81,11 +84,13 @@ def runs() -> Iterator[Runs]:
     processes, and each other. One after the other, a shared box's load changes in between,
     and the cost model is then measured on another machine than the one it predicts.
 
-    A pair of recordings in which either run does not replay itself (its own fit, simulated,
-    misses its own summary as ``misses`` counts) was stalled by the machine: a patch of slow
-    steps that queued requests, which no cost model of this machine predicts. Such a pair is
-    recorded again, twice at most, as notebook 09 does; the check is then the prediction
-    across configurations, which is what the test is about."""
+    The check is for moderate load, as the issue states it. A pair of recordings in which either
+    run was not at moderate load is recorded again, twice at most, as notebook 09 does: a run
+    whose requests queued (the machine, busy with other work, did not keep up with ``RATE``), or
+    one that does not replay itself (its own fit, simulated, misses its own summary as
+    ``misses`` counts: a patch of slow steps that no cost model of this machine predicts). If
+    none of three pairs was, the machine cannot answer the question and the tests skip, saying
+    why; on a box with its cores to itself the first pair is."""
     with (
         Pipeline.launch(ports="auto", seed=0, progress=False) as default,
         Pipeline.launch(ports="auto", seed=0, progress=False, max_num_batched_tokens=BUDGET) as small_budget,
@@ -98,16 +103,24 @@ def runs() -> Iterator[Runs]:
             for sent in [pool.submit(serve, default, RATE, seeds[0]), pool.submit(serve, small_budget, RATE, seeds[1])]:
                 sent.result()
             recorded = Runs(traced(default), traced(small_budget))
-            stalled = [t for t in (recorded.fitted_on, recorded.other) if not replays_itself(t)]
-            if not stalled:
+            why = [w for w in map(not_moderate, (recorded.fitted_on, recorded.other)) if w is not None]
+            if not why:
                 break
-            print(f"recording {attempt}: {len(stalled)} of the two runs do not replay themselves: recording again")
+            print(f"recording {attempt}: {'; '.join(why)}: recording again")
+        else:
+            pytest.skip(f"no recording at moderate load in three (load average {os.getloadavg()}): {'; '.join(why)}")
         yield recorded
 
 
-def replays_itself(trace: Trace) -> bool:
-    """Whether a cost model fitted on ``trace`` predicts ``trace`` itself within the test's tolerances."""
-    return not misses(trace.summary().to_dict(), predict(trace, CostModel.fit(trace)))
+def not_moderate(trace: Trace) -> str | None:
+    """Why ``trace`` was not recorded at moderate load, or None if it was."""
+    s = trace.summary()
+    if s.ttft_p50_s > QUEUED * s.itl_p50_s:
+        ttft, itl = 1e3 * s.ttft_p50_s, 1e3 * s.itl_p50_s
+        return f"TTFT p50 {ttft:.0f} ms, over {QUEUED} ITL p50s ({itl:.1f} ms): requests queued"
+    if misses(s.to_dict(), predict(trace, CostModel.fit(trace))):
+        return "its own fit does not replay it: the machine stalled"
+    return None
 
 
 def predict(trace: Trace, cost: CostModel) -> dict[str, float]:
