@@ -227,6 +227,28 @@ class PipelineConfig:
                 "kv_connector",
                 f"{self.kv_connector!r} is not one of {KV_CONNECTORS.names()} nor 'package.module:Class'",
             )
+        if self.kv_connector == "cuda_ipc":
+            self._check_cuda_ipc()
+
+    def _check_cuda_ipc(self) -> None:
+        """CUDA IPC hands GPU memory between processes of one host: every worker on that host, on CUDA."""
+        hosts = {self._host_of_worker(i) for i in range(self.num_workers)}
+        if len(hosts) > 1:
+            raise ConfigError(
+                "kv_connector",
+                f"'cuda_ipc' moves blocks between processes of one host, but the workers run on "
+                f"{sorted(hosts)}: use 'zmq' across hosts",
+            )
+        for i in range(self.num_workers):
+            device = self.worker_device(i)
+            if device is None and hosts == {"local"}:  # a worker elsewhere decides its own default
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device is not None and not device.startswith("cuda"):
+                raise ConfigError(
+                    "kv_connector", f"'cuda_ipc' needs every worker on CUDA, but worker-{i} is on {device}: use 'zmq'"
+                )
 
     @property
     def disaggregated(self) -> bool:

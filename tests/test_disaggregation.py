@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from matplotlib.collections import LineCollection
 from waiting import wait_until
 
@@ -41,8 +42,8 @@ PROMPTS = [STORY + "One day", STORY + "Every morning she", "The dog ran", STORY 
 MAX_TOKENS = 24
 
 
-def expected(prompts: list[str], max_tokens: int = MAX_TOKENS) -> list[str]:
-    llm = LLM(num_kv_blocks=256, block_size=BLOCK_SIZE)
+def expected(prompts: list[str], max_tokens: int = MAX_TOKENS, **engine: str) -> list[str]:
+    llm = LLM(num_kv_blocks=256, block_size=BLOCK_SIZE, **engine)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
 
@@ -88,6 +89,11 @@ def test_roles_are_checked_when_the_config_is_built() -> None:
         PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector="nccl")  # no such connector here
     with pytest.raises(ConfigError, match="tensor_parallel"):
         PipelineConfig(prefill_workers=1, decode_workers=1, tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="'cuda_ipc' needs every worker on CUDA, but worker-0 is on cpu"):
+        PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector="cuda_ipc", device="cpu")
+    elsewhere = {"worker-1.in": "tcp://10.0.0.7:9100"}  # a handle to GPU memory means nothing on another host
+    with pytest.raises(ConfigError, match=r"one host, but the workers run on \['10.0.0.7', 'local'\]"):
+        PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector="cuda_ipc", addresses=elsewhere)
     config = PipelineConfig.from_cli(["--prefill-workers", "1", "--decode-workers", "2"])  # start_all.py's flags
     assert config.num_workers == 3
     assert [config.worker_role(i) for i in range(3)] == ["prefill", "decode", "decode"]
@@ -228,6 +234,28 @@ def test_disaggregated_outputs_equal_the_in_process_engine(disaggregated: Pipeli
     assert stats["num_remote_prefills"] >= len(PROMPTS) and stats["num_local_prefills"] == 0
     assert_handoffs_drawn(trace, failed=False)
     assert stats["workers"][0]["num_requests_running"] == stats["workers"][1]["num_requests_running"] == 0
+    assert p.stats()["worker-0"]["kv_transfer"] == {"num_requests_kept": 0}  # every copy was read, and let go
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("connector", ["zmq", "cuda_ipc"])
+def test_on_a_gpu_either_connector_gives_the_in_process_engines_outputs(connector: str) -> None:
+    """Both workers on one GPU: blocks through host memory (zmq) or mapped GPU to GPU (cuda_ipc)."""
+    gpu = {"device": "cuda", "dtype": "float32"}
+    config = SMALL | gpu | {"max_prefill_queue_size": 64, "kv_connector": connector}
+    with Pipeline.launch(prefill_workers=1, decode_workers=1, ports="auto", progress=False, **config) as p:
+        first, _ = complete(p, PROMPTS[:1])
+        rest, req_ids = complete(p, PROMPTS[1:] * 3)
+        trace = p.trace()
+        held = p.stats()["worker-0"]["kv_transfer"]
+    want = expected(PROMPTS, **gpu)
+    assert first == want[:1] and rest == want[1:] * 3
+    transfers = trace.transfers
+    assert set(req_ids) <= set(transfers.req_id) and transfers.failed.isna().all()
+    assert (transfers.first_block > 0).any()  # a prefix the decode worker cached is not moved again
+    assert (transfers.num_bytes / transfers.num_blocks).nunique() == 1
+    assert held == ({"num_requests_kept": 0} | ({"num_requests_lent": 0} if connector == "cuda_ipc" else {}))
 
 
 @pytest.mark.slow

@@ -5,14 +5,21 @@
     prefill worker (its step computed a prompt's last token)
         wait_for_save: copy the request's blocks out of its KV cache, keep them by req_id
     decode worker (its plan admits the request, reqs_to_load names its blocks)
-        start_load_kv: RPC kv_blocks(req_id, first, n) to the prefill worker --> raw bytes
-                       written into the blocks its KV cache manager allocated, then the forward
+        start_load_kv: RPC kv_blocks(req_id, first, n) to the prefill worker --> the blocks,
+                       copied into those its KV cache manager allocated, then the forward
         a read that fails (the prefill worker is gone, a timeout, the blocks are not there) is
         tried once more; then the decode worker computes those tokens itself (recomputed)
 
-``ZmqKVConnector`` reads over the prefill worker's RPC socket (ZeroMQ, signed like every call
-of the launch; ``ipc://`` in the launch's directory or CURVE on ``tcp://``). The bytes are the
-blocks' K/V as they lie in the cache, with their dtype and shape beside them: no pickle.
+Two connectors, both asking over the prefill worker's RPC socket (ZeroMQ, signed like every
+call of the launch; ``ipc://`` in the launch's directory or CURVE on ``tcp://``):
+
+- ``ZmqKVConnector`` ("zmq", any device, any host): the prefill worker keeps the blocks on the
+  host and the reply carries them as bytes, K/V as they lie in the cache with their dtype and
+  shape beside them: no pickle. On a GPU that is two copies through host memory.
+- ``CudaIpcKVConnector`` ("cuda_ipc", GPUs of one host): the blocks stay on the prefill
+  worker's GPU and the reply carries a CUDA IPC handle to them (a few hundred bytes); the
+  decode worker maps that memory and copies the blocks device to device (on one GPU, or
+  between two over NVLink/PCIe), then tells the prefill worker it may free them.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ class TransferFailed(RuntimeError):
 
 @dataclass(slots=True)
 class _Kept:
-    blocks: torch.Tensor  # (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), on the host
+    blocks: torch.Tensor  # (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), where keep() put it
     kept_at: float = field(default_factory=time.monotonic)
 
 
@@ -60,7 +67,9 @@ class KVConnector:
     - ``get_finished()``: the transfers done since the last call, as ``TransferEvent`` s.
 
     This base class keeps blocks on the host and writes them in; an implementation says how
-    they travel by overriding ``read`` (and ``kv_blocks``, the prefill side's answer). It is
+    they travel by overriding ``read`` and ``kv_blocks`` (the question and the prefill side's
+    answer), and where they wait and how a reply becomes a tensor (``keep``, ``blocks_from``,
+    ``done_reading``). It is
     built as ``cls(worker_id, layers, timeout_s, rpc_address)``: ``layers`` is the worker's KV
     cache, one ``(2, num_blocks, block_size, num_kv_heads, head_dim)`` tensor per layer;
     ``rpc_address(i)`` is worker ``i``'s RPC socket.
@@ -86,7 +95,11 @@ class KVConnector:
         for req_id, block_ids in meta.reqs_to_save.items():
             index = torch.tensor(block_ids, dtype=torch.int64, device=self.layers[0].device)
             blocks = torch.stack([layer.index_select(1, index) for layer in self.layers])
-            self.kept[req_id] = _Kept(blocks.to("cpu"))
+            self.kept[req_id] = _Kept(self.keep(blocks))
+
+    def keep(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Where a request's blocks wait for the decode worker: here, in host memory."""
+        return blocks.to("cpu")
 
     def kv_blocks(self, req_id: str, first_block: int, num_blocks: int) -> dict[str, Any]:
         """Blocks ``first_block`` ... of a kept request, as raw bytes; each is read once."""
@@ -137,6 +150,7 @@ class KVConnector:
         return done
 
     def _load(self, req_id: str, spec: LoadSpec, dst: list[int]) -> int:
+        """Read the blocks (tried ``NUM_TRIES`` times), copy them into ``dst``; their size in bytes."""
         reply: dict[str, Any] = {}
         last_error = "no try"
         for _ in range(NUM_TRIES):
@@ -150,16 +164,33 @@ class KVConnector:
             break
         else:
             raise TransferFailed(last_error)
-        dtype = getattr(torch, reply["dtype"])
-        blocks = torch.frombuffer(bytearray(reply["data"]), dtype=dtype).view(reply["shape"])
+        blocks = self.blocks_from(reply)
         index = torch.tensor(dst, dtype=torch.int64, device=self.layers[0].device)
         for layer, kv in zip(self.layers, blocks.to(self.layers[0].device), strict=True):
             layer.index_copy_(1, index, kv)  # (2, n, block_size, heads, head_dim) into its blocks
-        return len(reply["data"])
+        if index.is_cuda:  # the copies are done before the source is given back (and the time is theirs)
+            torch.cuda.synchronize(index.device)
+        self.done_reading(req_id, spec)
+        return blocks.numel() * blocks.element_size()
 
     def read(self, req_id: str, spec: LoadSpec) -> dict[str, Any]:
         """Ask the prefill worker for the blocks (how they travel is the implementation's)."""
         raise NotImplementedError
+
+    def blocks_from(self, reply: dict[str, Any]) -> torch.Tensor:
+        """The blocks a ``kv_blocks`` reply carries: here, as bytes."""
+        dtype = getattr(torch, reply["dtype"])
+        return torch.frombuffer(bytearray(reply["data"]), dtype=dtype).view(reply["shape"])
+
+    def done_reading(self, req_id: str, spec: LoadSpec) -> None:
+        """The blocks are copied in: here nothing more (the prefill worker forgot them when it replied)."""
+
+    def kv_release(self, req_id: str) -> None:
+        """Prefill side, over RPC: the decode worker has copied ``req_id``'s blocks (see ``done_reading``)."""
+
+    def stats(self) -> dict[str, int]:
+        """Requests whose blocks this (prefill) worker holds for a decode worker to read."""
+        return {"num_requests_kept": len(self.kept)}
 
     def close(self) -> None:
         """Release what the connector holds (sockets, buffers); the worker is stopping."""
@@ -194,6 +225,81 @@ class ZmqKVConnector(KVConnector):
         for client in self.clients.values():
             client.close()
         self.clients.clear()
+
+
+@KV_CONNECTORS.register("cuda_ipc")
+class CudaIpcKVConnector(ZmqKVConnector):
+    """Blocks that stay on the prefill worker's GPU, mapped by the decode worker (CUDA IPC).
+
+    The question still goes over the prefill worker's RPC socket; the answer is a handle to
+    the GPU memory that holds the blocks, which the decode worker opens and copies from, device
+    to device. Workers on one host only (a handle means nothing on another), every one on CUDA
+    (``PipelineConfig`` refuses otherwise). The handle and its reference counter are torch's
+    (``torch.multiprocessing``'s CUDA sharing, without its pickling): the memory is not reused
+    while a process has it mapped, and the prefill worker keeps its tensor until the decode
+    worker calls ``kv_release`` (or ``KEEP_S`` passes, if the decode worker died).
+    """
+
+    def __init__(
+        self, worker_id: int, layers: list[torch.Tensor], timeout_s: float, rpc_address: Callable[[int], str]
+    ) -> None:
+        super().__init__(worker_id, layers, timeout_s, rpc_address)
+        self.lent: dict[str, _Kept] = {}  # blocks a decode worker has a handle to, until it releases them
+
+    # -- prefill side ------------------------------------------------------------------------
+
+    def keep(self, blocks: torch.Tensor) -> torch.Tensor:
+        """On the GPU: ``blocks`` is already a copy (``index_select``), the cache's blocks are free to reuse."""
+        return blocks
+
+    def wait_for_save(self, meta: KVConnectorMetadata | None) -> None:
+        now = time.monotonic()
+        for req_id in [r for r, lent in self.lent.items() if now - lent.kept_at > KEEP_S]:
+            del self.lent[req_id]
+        super().wait_for_save(meta)
+
+    def kv_blocks(self, req_id: str, first_block: int, num_blocks: int) -> dict[str, Any]:
+        """A handle to blocks ``first_block`` ... of a kept request, lent until ``kv_release``."""
+        kept = self.kept.pop(req_id, None)
+        if kept is None:
+            return {"found": False}
+        blocks = kept.blocks[:, :, first_block : first_block + num_blocks].contiguous()
+        self.lent[req_id] = _Kept(blocks)
+        shared = blocks.untyped_storage()._share_cuda_()
+        return {
+            "found": True,
+            "dtype": str(blocks.dtype).removeprefix("torch."),
+            "shape": list(blocks.shape),
+            "stride": list(blocks.stride()),
+            "storage_offset": blocks.storage_offset(),
+            # (device, memory handle, size, offset in the allocation, ref counter handle, its
+            # offset, event handle, whether to wait on the event): ints and bytes
+            "cuda_ipc": list(shared),
+        }
+
+    def kv_release(self, req_id: str) -> None:
+        self.lent.pop(req_id, None)
+
+    def stats(self) -> dict[str, int]:
+        return super().stats() | {"num_requests_lent": len(self.lent)}
+
+    # -- decode side -------------------------------------------------------------------------
+
+    def blocks_from(self, reply: dict[str, Any]) -> torch.Tensor:
+        """Map the prefill worker's memory (waiting on its event: the blocks are written) as a tensor."""
+        storage = torch.UntypedStorage._new_shared_cuda(*reply["cuda_ipc"])
+        dtype = getattr(torch, reply["dtype"])
+        blocks = torch.empty(0, dtype=dtype, device=storage.device)
+        return blocks.set_(storage, reply["storage_offset"], reply["shape"], reply["stride"])
+
+    def done_reading(self, req_id: str, spec: LoadSpec) -> None:
+        """Tell the prefill worker it may free the blocks; if that call fails, KEEP_S frees them."""
+        try:
+            self.clients[spec.src_worker_id].call("kv_release", req_id)
+        except Exception:  # the blocks are in; a lost release only costs the prefill worker memory a while
+            client = self.clients.pop(spec.src_worker_id, None)
+            if client is not None:
+                client.close()
 
 
 def _as_bytes(tensor: torch.Tensor) -> bytes:

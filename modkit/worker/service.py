@@ -230,6 +230,11 @@ class WorkerService(WorkerSwapping):
             return {"found": False}
         return self.connector.kv_blocks(req_id, first_block, num_blocks)
 
+    def kv_release(self, req_id: str) -> None:
+        """Prefill side, over RPC: the decode worker has copied the blocks it was lent (``cuda_ipc``)."""
+        if self.connector is not None:
+            self.connector.kv_release(req_id)
+
     def _finish(self, step: LaunchedStep) -> None:
         """The step's tokens to the host (waiting for the device), and its result to the scheduler."""
         plan = step.plan
@@ -331,6 +336,7 @@ class WorkerService(WorkerSwapping):
             "num_requests_held": len(self.worker.requests),
             "forward_s_total": self.forward_s,
             "sample_s_total": self.sample_s,
+            **({} if self.connector is None else {"kv_transfer": self.connector.stats()}),
         }
 
     def close_ranks(self) -> None:
