@@ -165,13 +165,19 @@ class KVConnector:
         else:
             raise TransferFailed(last_error)
         blocks = self.blocks_from(reply)
+        num_bytes = blocks.numel() * blocks.element_size()
+        self._write(blocks, dst)
+        del blocks  # a mapped source is unmapped here, before its owner is told it may free it
+        self.done_reading(req_id, spec)
+        return num_bytes
+
+    def _write(self, blocks: torch.Tensor, dst: list[int]) -> None:
+        """Copy ``blocks`` (one entry per layer) into this worker's blocks ``dst``, and wait for it."""
         index = torch.tensor(dst, dtype=torch.int64, device=self.layers[0].device)
         for layer, kv in zip(self.layers, blocks.to(self.layers[0].device), strict=True):
             layer.index_copy_(1, index, kv)  # (2, n, block_size, heads, head_dim) into its blocks
         if index.is_cuda:  # the copies are done before the source is given back (and the time is theirs)
             torch.cuda.synchronize(index.device)
-        self.done_reading(req_id, spec)
-        return blocks.numel() * blocks.element_size()
 
     def read(self, req_id: str, spec: LoadSpec) -> dict[str, Any]:
         """Ask the prefill worker for the blocks (how they travel is the implementation's)."""
