@@ -227,18 +227,21 @@ class PipelineConfig:
                 "kv_connector",
                 f"{self.kv_connector!r} is not one of {KV_CONNECTORS.names()} nor 'package.module:Class'",
             )
-        if self.kv_connector == "cuda_ipc":
-            self._check_cuda_ipc()
+        if self.kv_connector in ("shm", "cuda_ipc"):
+            self._check_one_host_connector()
 
-    def _check_cuda_ipc(self) -> None:
-        """CUDA IPC hands GPU memory between processes of one host: every worker on that host, on CUDA."""
+    def _check_one_host_connector(self) -> None:
+        """The shm and cuda_ipc connectors hand memory between processes of one host (cuda_ipc: GPU memory)."""
+        name = self.kv_connector
         hosts = {self._host_of_worker(i) for i in range(self.num_workers)}
         if len(hosts) > 1:
             raise ConfigError(
                 "kv_connector",
-                f"'cuda_ipc' moves blocks between processes of one host, but the workers run on "
+                f"{name!r} moves blocks between processes of one host, but the workers run on "
                 f"{sorted(hosts)}: use 'zmq' across hosts",
             )
+        if name != "cuda_ipc":
+            return
         for i in range(self.num_workers):
             device = self.worker_device(i)
             if device is None and hosts == {"local"}:  # a worker elsewhere decides its own default
@@ -247,7 +250,8 @@ class PipelineConfig:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             if device is not None and not device.startswith("cuda"):
                 raise ConfigError(
-                    "kv_connector", f"'cuda_ipc' needs every worker on CUDA, but worker-{i} is on {device}: use 'zmq'"
+                    "kv_connector",
+                    f"'cuda_ipc' needs every worker on CUDA, but worker-{i} is on {device}: use 'shm' or 'zmq'",
                 )
 
     @property

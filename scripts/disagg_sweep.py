@@ -11,7 +11,7 @@ that both prefill and decode; a connector's name (``zmq``, ``cuda_ipc``) is one 
 decode worker moving blocks with that connector (``PipelineConfig.kv_connector``), with the
 default thresholds of conditional disaggregation. Then, each round, at each rate, the same
 Poisson workload (random prompts of ``--prompt-len`` tokens, ``--output-len`` tokens out,
-greedy, ``ignore_eos``) runs on every pipeline in turn, the order turning with each run. The
+greedy, ``ignore_eos``; new prompts each round) runs on every pipeline in turn, the order turning with each run. The
 table gives, for each rate and pipeline, the medians over the rounds of TTFT p50/p99, ITL
 p50/p99 and output throughput, and for a connector the share of prompts computed remotely and
 the transfers' median time and bandwidth. On a GPU every worker gets ``--num-kv-blocks`` (so
@@ -110,11 +110,12 @@ def main() -> None:
         turn = 0
         for round_ in range(args.rounds):
             for i, rate in enumerate(args.rates):
-                work = Workload.poisson(args.num_requests, rate, args.prompt_len, args.output_len, seed=i)
+                seed = round_ * len(args.rates) + i  # new prompts each run: none cached by an earlier one
+                work = Workload.poisson(args.num_requests, rate, args.prompt_len, args.output_len, seed=seed)
                 order = list(pipelines)[turn % len(pipelines) :] + list(pipelines)[: turn % len(pipelines)]
                 turn += 1
                 for name in order:
-                    row = one_run(pipelines[name], work, rate, args.output_len, seed=i)
+                    row = one_run(pipelines[name], work, rate, args.output_len, seed=seed)
                     runs.append({"pipeline": name, "rate": rate, "round": round_, **row})
                     print({k: round(v, 4) if isinstance(v, float) else v for k, v in runs[-1].items()}, flush=True)
     host["load_average_after"] = os.getloadavg()

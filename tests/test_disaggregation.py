@@ -10,6 +10,7 @@ prefill worker while requests are in flight.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from modkit.scheduler import Scheduler
 from modkit.scheduler.disaggregation import SchedulerDisaggregation
 from modkit.scheduler.slots import WorkerSlot
 from modkit.trace import Trace
+from modkit.transport.rundirs import launcher_alive, shared_memory_parent, sweep_stale_dirs
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 4
@@ -92,8 +94,10 @@ def test_roles_are_checked_when_the_config_is_built() -> None:
     with pytest.raises(ConfigError, match="'cuda_ipc' needs every worker on CUDA, but worker-0 is on cpu"):
         PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector="cuda_ipc", device="cpu")
     elsewhere = {"worker-1.in": "tcp://10.0.0.7:9100"}  # a handle to GPU memory means nothing on another host
-    with pytest.raises(ConfigError, match=r"one host, but the workers run on \['10.0.0.7', 'local'\]"):
-        PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector="cuda_ipc", addresses=elsewhere)
+    for one_host in ("shm", "cuda_ipc"):
+        with pytest.raises(ConfigError, match=r"one host, but the workers run on \['10.0.0.7', 'local'\]"):
+            PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector=one_host, addresses=elsewhere)
+    PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector="shm", device="cpu")  # any device
     config = PipelineConfig.from_cli(["--prefill-workers", "1", "--decode-workers", "2"])  # start_all.py's flags
     assert config.num_workers == 3
     assert [config.worker_role(i) for i in range(3)] == ["prefill", "decode", "decode"]
@@ -239,23 +243,57 @@ def test_disaggregated_outputs_equal_the_in_process_engine(disaggregated: Pipeli
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("connector", ["zmq", "cuda_ipc"])
-def test_on_a_gpu_either_connector_gives_the_in_process_engines_outputs(connector: str) -> None:
-    """Both workers on one GPU: blocks through host memory (zmq) or mapped GPU to GPU (cuda_ipc)."""
+@pytest.mark.parametrize("connector", ["zmq", "shm", "cuda_ipc"])
+def test_on_a_gpu_each_connector_gives_the_in_process_engines_outputs(connector: str) -> None:
+    """Both workers on one GPU: blocks through host memory (zmq, shm) or mapped GPU to GPU (cuda_ipc)."""
     gpu = {"device": "cuda", "dtype": "float32"}
     config = SMALL | gpu | {"max_prefill_queue_size": 64, "kv_connector": connector}
     with Pipeline.launch(prefill_workers=1, decode_workers=1, ports="auto", progress=False, **config) as p:
         first, _ = complete(p, PROMPTS[:1])
         rest, req_ids = complete(p, PROMPTS[1:] * 3)
         trace = p.trace()
-        held = p.stats()["worker-0"]["kv_transfer"]
+        nothing_held = {"num_requests_kept": 0} | ({"num_requests_lent": 0} if connector != "zmq" else {})
+        assert wait_until(lambda: p.stats()["worker-0"]["kv_transfer"] == nothing_held, 10)  # releases are one-way
     want = expected(PROMPTS, **gpu)
     assert first == want[:1] and rest == want[1:] * 3
     transfers = trace.transfers
     assert set(req_ids) <= set(transfers.req_id) and transfers.failed.isna().all()
     assert (transfers.first_block > 0).any()  # a prefix the decode worker cached is not moved again
     assert (transfers.num_bytes / transfers.num_blocks).nunique() == 1
-    assert held == ({"num_requests_kept": 0} | ({"num_requests_lent": 0} if connector == "cuda_ipc" else {}))
+
+
+@pytest.mark.slow
+def test_the_shared_memory_connector_gives_the_same_outputs_and_leaves_no_file() -> None:
+    """kv_connector="shm": each prompt's blocks in a file that both workers map; the decode worker
+    reads past its cached prefix in place (a strided view), each file goes once it is copied, and
+    the directory of a killed worker goes at the next launch's sweep."""
+    config = SMALL | {"max_prefill_queue_size": 64, "kv_connector": "shm"}
+    with Pipeline.launch(prefill_workers=1, decode_workers=1, ports="auto", progress=False, **config) as p:
+        first, _ = complete(p, PROMPTS[:1])
+        rest, req_ids = complete(p, PROMPTS[1:] * 3)
+        trace = p.trace()
+        nothing_held = {"num_requests_kept": 0, "num_requests_lent": 0}
+        assert wait_until(lambda: p.stats()["worker-0"]["kv_transfer"] == nothing_held, 10)  # releases are one-way
+        directory = kv_directory(p.pids()["worker-0"])
+        assert directory.is_dir() and not list(directory.glob("*.kv"))  # every file released, and removed
+        os.kill(p.pids()["worker-0"], signal.SIGKILL)  # a killed worker cannot remove its directory:
+        assert wait_until(lambda: not launcher_alive(directory), 10)
+        assert directory in sweep_stale_dirs()  # the next launch's sweep does
+    want = expected(PROMPTS)
+    assert first == want[:1] and rest == want[1:] * 3
+    transfers = trace.transfers
+    assert set(req_ids) <= set(transfers.req_id) and transfers.failed.isna().all()
+    assert (transfers.first_block > 0).any()
+    assert (transfers.num_bytes / transfers.num_blocks).nunique() == 1
+
+
+def kv_directory(pid: int) -> Path:
+    """The shm connector's directory that worker process ``pid`` owns (its owner file names it)."""
+    for directory in shared_memory_parent().glob("modkit-kv-*"):
+        owner = directory / "launcher.json"
+        if owner.is_file() and json.loads(owner.read_text())["pid"] == pid:
+            return directory
+    raise AssertionError(f"no modkit-kv-* directory of pid {pid} in {shared_memory_parent()}")
 
 
 @pytest.mark.slow

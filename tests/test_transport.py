@@ -150,6 +150,37 @@ def test_allowed_methods_and_serve_forever_in_a_thread(tmp_path: Path) -> None:
         RpcServer(Echo(), f"ipc://{tmp_path}/allow2", allowed_methods=["_secret"])
 
 
+class Tally:
+    """Counts the values it is given (in the server's thread)."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def add(self, value: int) -> int:
+        self.seen.append(value)
+        return len(self.seen)
+
+    def count(self) -> int:
+        return len(self.seen)
+
+
+def test_notify_runs_a_call_without_waiting_and_the_next_call_gets_its_own_reply(tmp_path: Path) -> None:
+    tally, stop = Tally(), threading.Event()
+    with RpcServer(tally, f"ipc://{tmp_path}/notify") as server:
+        thread = threading.Thread(target=server.serve_forever, args=(stop,))
+        thread.start()
+        try:
+            with RpcClient(server.address, timeout_s=5) as client:
+                client.notify("add", 7)  # returns before the server has run it: its reply (1) comes later
+                client.notify("add", 8)
+                assert wait_until(lambda: tally.seen == [7, 8], 5)
+                assert client.call("count") == 2  # not the stale reply of a notify
+                assert client.call("add", 9) == 3
+        finally:
+            stop.set()
+            thread.join(5)
+
+
 def test_a_server_with_keys_serves_only_signed_calls_and_liveness(tmp_path: Path) -> None:
     keys, stop = new_launch_keys(), threading.Event()
     with RpcServer(Echo(), f"ipc://{tmp_path}/signed", keys=keys) as server:

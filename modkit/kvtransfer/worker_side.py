@@ -10,23 +10,34 @@
         a read that fails (the prefill worker is gone, a timeout, the blocks are not there) is
         tried once more; then the decode worker computes those tokens itself (recomputed)
 
-Two connectors, both asking over the prefill worker's RPC socket (ZeroMQ, signed like every
-call of the launch; ``ipc://`` in the launch's directory or CURVE on ``tcp://``):
+Three connectors, all asking over the prefill worker's RPC socket (ZeroMQ, signed like every
+call of the launch; ``ipc://`` in the launch's directory or CURVE on ``tcp://``), differing in
+what the answer carries:
 
 - ``ZmqKVConnector`` ("zmq", any device, any host): the prefill worker keeps the blocks on the
   host and the reply carries them as bytes, K/V as they lie in the cache with their dtype and
   shape beside them: no pickle. On a GPU that is two copies through host memory.
+- ``ShmKVConnector`` ("shm", any device, one host): the prefill worker keeps the blocks in a
+  file of its private directory and the reply carries its path; the decode worker maps the
+  file and copies from it (shared memory: no bytes through the socket).
 - ``CudaIpcKVConnector`` ("cuda_ipc", GPUs of one host): the blocks stay on the prefill
   worker's GPU and the reply carries a CUDA IPC handle to them (a few hundred bytes); the
   decode worker maps that memory and copies the blocks device to device (on one GPU, or
-  between two over NVLink/PCIe), then tells the prefill worker it may free them.
+  between two over NVLink/PCIe).
+
+The last two lend the blocks (``LendingKVConnector``): the decode worker tells the prefill
+worker when it has copied them (``kv_release``), and only then are they freed.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +47,7 @@ from modkit.registry import Registry
 from modkit.swap import resolve, spec_for
 from modkit.trace.events import TransferEvent
 from modkit.transport import RpcClient
+from modkit.transport.rundirs import shared_memory_parent, write_owner
 
 if TYPE_CHECKING:
     from modkit.config import PipelineConfig
@@ -52,6 +64,7 @@ class TransferFailed(RuntimeError):
 class _Kept:
     blocks: torch.Tensor  # (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), where keep() put it
     kept_at: float = field(default_factory=time.monotonic)
+    path: Path | None = None  # the file that holds them ("shm"), removed when they are forgotten
 
 
 class KVConnector:
@@ -87,19 +100,20 @@ class KVConnector:
 
     def wait_for_save(self, meta: KVConnectorMetadata | None) -> None:
         """Keep a copy of the blocks of each prompt this step computed, for the decode worker to read."""
-        now = time.monotonic()
-        for req_id in [r for r, kept in self.kept.items() if now - kept.kept_at > KEEP_S]:
-            del self.kept[req_id]
+        _expire(self.kept, self.forget)
         if not meta:
             return
         for req_id, block_ids in meta.reqs_to_save.items():
             index = torch.tensor(block_ids, dtype=torch.int64, device=self.layers[0].device)
             blocks = torch.stack([layer.index_select(1, index) for layer in self.layers])
-            self.kept[req_id] = _Kept(self.keep(blocks))
+            self.kept[req_id] = self.keep(blocks)
 
-    def keep(self, blocks: torch.Tensor) -> torch.Tensor:
+    def keep(self, blocks: torch.Tensor) -> _Kept:
         """Where a request's blocks wait for the decode worker: here, in host memory."""
-        return blocks.to("cpu")
+        return _Kept(blocks.to("cpu"))
+
+    def forget(self, kept: _Kept) -> None:
+        """Let go of kept blocks: here nothing to do, the tensor goes with its last reference."""
 
     def kv_blocks(self, req_id: str, first_block: int, num_blocks: int) -> dict[str, Any]:
         """Blocks ``first_block`` ... of a kept request, as raw bytes; each is read once."""
@@ -164,7 +178,10 @@ class KVConnector:
             break
         else:
             raise TransferFailed(last_error)
-        blocks = self.blocks_from(reply)
+        try:
+            blocks = self.blocks_from(reply)
+        except Exception as error:  # a handle that cannot be opened: computed here instead
+            raise TransferFailed(f"{type(error).__name__}: {error}") from error
         num_bytes = blocks.numel() * blocks.element_size()
         self._write(blocks, dst)
         del blocks  # a mapped source is unmapped here, before its owner is told it may free it
@@ -200,6 +217,9 @@ class KVConnector:
 
     def close(self) -> None:
         """Release what the connector holds (sockets, buffers); the worker is stopping."""
+        for kept in self.kept.values():
+            self.forget(kept)
+        self.kept.clear()
 
 
 KV_CONNECTORS: Registry[KVConnector] = Registry("KV connector")
@@ -231,19 +251,18 @@ class ZmqKVConnector(KVConnector):
         for client in self.clients.values():
             client.close()
         self.clients.clear()
+        super().close()
 
 
-@KV_CONNECTORS.register("cuda_ipc")
-class CudaIpcKVConnector(ZmqKVConnector):
-    """Blocks that stay on the prefill worker's GPU, mapped by the decode worker (CUDA IPC).
+class LendingKVConnector(ZmqKVConnector):
+    """A reply that carries a handle to the blocks, not the blocks: the decode worker maps them.
 
-    The question still goes over the prefill worker's RPC socket; the answer is a handle to
-    the GPU memory that holds the blocks, which the decode worker opens and copies from, device
-    to device. Workers on one host only (a handle means nothing on another), every one on CUDA
-    (``PipelineConfig`` refuses otherwise). The handle and its reference counter are torch's
-    (``torch.multiprocessing``'s CUDA sharing, without its pickling): the memory is not reused
-    while a process has it mapped, and the prefill worker keeps its tensor until the decode
-    worker calls ``kv_release`` (or ``KEEP_S`` passes, if the decode worker died).
+    The question still goes over the prefill worker's RPC socket. The prefill worker answers
+    with where its kept copy lies (``handle``) and which part of it to read (shape, stride and
+    offset: a prefix the decode worker caches is skipped without a copy), and lends it: the
+    copy stays until the decode worker, having copied the blocks into its own, calls
+    ``kv_release`` (or ``KEEP_S`` passes, if the decode worker died). Workers on one host
+    only: a handle means nothing on another (``PipelineConfig`` refuses otherwise).
     """
 
     def __init__(
@@ -254,42 +273,125 @@ class CudaIpcKVConnector(ZmqKVConnector):
 
     # -- prefill side ------------------------------------------------------------------------
 
-    def keep(self, blocks: torch.Tensor) -> torch.Tensor:
-        """On the GPU: ``blocks`` is already a copy (``index_select``), the cache's blocks are free to reuse."""
-        return blocks
-
     def wait_for_save(self, meta: KVConnectorMetadata | None) -> None:
-        now = time.monotonic()
-        for req_id in [r for r, lent in self.lent.items() if now - lent.kept_at > KEEP_S]:
-            del self.lent[req_id]
+        _expire(self.lent, self.forget)
         super().wait_for_save(meta)
 
     def kv_blocks(self, req_id: str, first_block: int, num_blocks: int) -> dict[str, Any]:
-        """A handle to blocks ``first_block`` ... of a kept request, lent until ``kv_release``."""
+        """Where blocks ``first_block`` ... of a kept request lie, lent until ``kv_release``."""
         kept = self.kept.pop(req_id, None)
         if kept is None:
             return {"found": False}
-        blocks = kept.blocks[:, :, first_block : first_block + num_blocks].contiguous()
-        self.lent[req_id] = _Kept(blocks)
-        shared = blocks.untyped_storage()._share_cuda_()
+        kept.kept_at = time.monotonic()
+        self.lent[req_id] = kept
+        blocks = kept.blocks[:, :, first_block : first_block + num_blocks]
         return {
             "found": True,
             "dtype": str(blocks.dtype).removeprefix("torch."),
             "shape": list(blocks.shape),
             "stride": list(blocks.stride()),
             "storage_offset": blocks.storage_offset(),
-            # (device, memory handle, size, offset in the allocation, ref counter handle, its
-            # offset, event handle, whether to wait on the event): ints and bytes
-            "cuda_ipc": list(shared),
+            **self.handle(kept),
         }
 
+    def handle(self, kept: _Kept) -> dict[str, Any]:
+        """What another process of this host needs to map ``kept.blocks`` (ints, strings, bytes)."""
+        raise NotImplementedError
+
     def kv_release(self, req_id: str) -> None:
-        self.lent.pop(req_id, None)
+        lent = self.lent.pop(req_id, None)
+        if lent is not None:
+            self.forget(lent)
 
     def stats(self) -> dict[str, int]:
         return super().stats() | {"num_requests_lent": len(self.lent)}
 
+    def close(self) -> None:
+        for lent in self.lent.values():
+            self.forget(lent)
+        self.lent.clear()
+        super().close()
+
     # -- decode side -------------------------------------------------------------------------
+
+    def done_reading(self, req_id: str, spec: LoadSpec) -> None:
+        """Tell the prefill worker it may free the blocks, without waiting for its answer (the
+        forward need not wait for it); if the message is lost, KEEP_S frees them."""
+        try:
+            self.clients[spec.src_worker_id].notify("kv_release", req_id)
+        except Exception:  # the blocks are in; a lost release only costs the prefill worker memory a while
+            client = self.clients.pop(spec.src_worker_id, None)
+            if client is not None:
+                client.close()
+
+
+@KV_CONNECTORS.register("shm")
+class ShmKVConnector(LendingKVConnector):
+    """Blocks kept in a file that both workers map (shared memory), read without a socket's copy.
+
+    The prefill worker keeps each request's blocks in a file of its own private directory
+    (``modkit-kv-<random>`` in ``/dev/shm``, else the temporary directory; mode 0700); the reply carries the
+    file's path, and the decode worker maps the file (``torch.from_file``) and copies from it.
+    The file goes when the blocks are released or forgotten, the directory when the worker
+    stops (or, if it was killed, at the next launch's sweep of dead launches' directories,
+    ``modkit.transport.rundirs``). Any device: the blocks pass through host memory.
+    """
+
+    def __init__(
+        self, worker_id: int, layers: list[torch.Tensor], timeout_s: float, rpc_address: Callable[[int], str]
+    ) -> None:
+        super().__init__(worker_id, layers, timeout_s, rpc_address)
+        self.directory: Path | None = None  # made at the first prompt kept
+
+    def keep(self, blocks: torch.Tensor) -> _Kept:
+        if self.directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix="modkit-kv-", dir=shared_memory_parent()))
+            write_owner(self.directory)  # this worker: if it is killed, a later launch removes the directory
+        path = self.directory / f"{uuid.uuid4().hex}.kv"
+        mapped = torch.from_file(str(path), shared=True, size=blocks.numel(), dtype=blocks.dtype)
+        mapped = mapped.view(blocks.shape).copy_(blocks)
+        return _Kept(mapped, path=path)
+
+    def forget(self, kept: _Kept) -> None:
+        if kept.path is not None:
+            kept.path.unlink(missing_ok=True)
+
+    def handle(self, kept: _Kept) -> dict[str, Any]:
+        return {"path": str(kept.path), "numel": kept.blocks.numel()}
+
+    def blocks_from(self, reply: dict[str, Any]) -> torch.Tensor:
+        """Map the prefill worker's file (read only: a private mapping) as the blocks it holds."""
+        path = Path(reply["path"])
+        if path.suffix != ".kv" or not path.parent.name.startswith("modkit-kv-"):
+            raise TransferFailed(f"{path} is not a KV connector's file")
+        dtype = getattr(torch, reply["dtype"])
+        whole = torch.from_file(str(path), shared=False, size=reply["numel"], dtype=dtype)
+        return whole.as_strided(reply["shape"], reply["stride"], reply["storage_offset"])
+
+    def close(self) -> None:
+        super().close()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@KV_CONNECTORS.register("cuda_ipc")
+class CudaIpcKVConnector(LendingKVConnector):
+    """Blocks that stay on the prefill worker's GPU, mapped by the decode worker (CUDA IPC).
+
+    The handle and its reference counter are torch's (``torch.multiprocessing``'s CUDA sharing,
+    sent as bytes and ints instead of pickled): the memory is not reused while a process has it
+    mapped. The decode worker copies device to device (on one GPU, or between two over NVLink
+    or PCIe). Every worker on CUDA (``PipelineConfig`` refuses otherwise).
+    """
+
+    def keep(self, blocks: torch.Tensor) -> _Kept:
+        """On the GPU: ``blocks`` is already a copy (``index_select``), the cache's blocks are free to reuse."""
+        return _Kept(blocks)
+
+    def handle(self, kept: _Kept) -> dict[str, Any]:
+        # (device, memory handle, size, offset in the allocation, ref counter handle, its offset,
+        # event handle, whether to wait on the event): ints and bytes
+        return {"cuda_ipc": list(kept.blocks.untyped_storage()._share_cuda_())}
 
     def blocks_from(self, reply: dict[str, Any]) -> torch.Tensor:
         """Map the prefill worker's memory (waiting on its event: the blocks are written) as a tensor."""
@@ -298,14 +400,12 @@ class CudaIpcKVConnector(ZmqKVConnector):
         blocks = torch.empty(0, dtype=dtype, device=storage.device)
         return blocks.set_(storage, reply["storage_offset"], reply["shape"], reply["stride"])
 
-    def done_reading(self, req_id: str, spec: LoadSpec) -> None:
-        """Tell the prefill worker it may free the blocks; if that call fails, KEEP_S frees them."""
-        try:
-            self.clients[spec.src_worker_id].call("kv_release", req_id)
-        except Exception:  # the blocks are in; a lost release only costs the prefill worker memory a while
-            client = self.clients.pop(spec.src_worker_id, None)
-            if client is not None:
-                client.close()
+
+def _expire(held: dict[str, _Kept], forget: Callable[[_Kept], None]) -> None:
+    """Forget the blocks held longer than ``KEEP_S`` (nobody read or released them: the request ended)."""
+    now = time.monotonic()
+    for req_id in [r for r, kept in held.items() if now - kept.kept_at > KEEP_S]:
+        forget(held.pop(req_id))
 
 
 def _as_bytes(tensor: torch.Tensor) -> bytes:

@@ -233,6 +233,16 @@ class RpcClient:
         """``obj.method(*args, **kwargs)`` on the server; results come back as decoded builtins."""
         return self.invoke(method, args, kwargs)
 
+    def notify(self, method: str, *args: Any) -> None:
+        """``obj.method(*args)`` on the server, without waiting for it: for a call whose result the
+        caller does not need. Its reply, when it comes, is discarded by the next ``call`` (as a
+        stale one); an error is only logged by the server. RpcTimeoutError if the queue is full."""
+        try:
+            self._socket.send_multipart(self._frames(next(self._req_ids), method, list(args), {}), zmq.NOBLOCK)
+        except zmq.Again:
+            self._reconnect()
+            raise RpcTimeoutError(method, self.address, 0.0) from None
+
     def invoke(
         self,
         method: str,

@@ -6,6 +6,9 @@ A launcher makes up to three directories under the temporary directory, each mod
     modkit-ipc-<random>    a pipeline's sockets (``PipelineAddresses.fresh``)
     modkit-logs-<random>   its children's logs (``process.default_log_dir``)
 
+and a prefill worker with the ``shm`` KV connector makes ``modkit-kv-<random>`` for the files
+it shares, in ``shared_memory_parent()`` (``/dev/shm`` where there is one).
+
 Each holds an owner file, ``launcher.json``: the launcher's pid and the start time the
 kernel gives that process. A launcher that exits normally removes its socket directories;
 one that was killed (SIGKILL, the OOM killer) cannot. ``sweep_stale_dirs``, which every
@@ -76,10 +79,20 @@ def launcher_alive(directory: Path) -> bool:
     return state != "Z" and process_start_time(pid) == start_time
 
 
+def shared_memory_parent() -> Path:
+    """Where files meant to be mapped by several processes go: ``/dev/shm`` (memory, not a disk)
+    where this system has one, else the temporary directory."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else Path(tempfile.gettempdir())
+
+
 def sweep_stale_dirs(parent: Path | None = None) -> list[Path]:
-    """Remove the socket and log directories of dead launchers under ``parent`` (the temporary
-    directory by default), by the rules in the module docstring; returns those removed."""
-    parent = Path(parent or tempfile.gettempdir())
+    """Remove the socket and log directories of dead launchers under ``parent`` (by default the
+    temporary directory and ``shared_memory_parent()``), by the rules in the module docstring;
+    returns those removed."""
+    if parent is None:
+        parents = {Path(tempfile.gettempdir()), shared_memory_parent()}
+        return [path for one in sorted(parents) for path in sweep_stale_dirs(one)]
     removed: list[Path] = []
     try:
         entries = list(os.scandir(parent))
