@@ -7,7 +7,8 @@
     python scripts/sim_fidelity.py --model-shape qwen2.5-0.5b --device cuda --rate 40 \\
         --num-requests 400 --prompt-len 256 --shared-prefix 128 --output-len 64 --out gpu.json
 
-A cost model is fitted on one live run of the base configuration. Then, for each
+A cost model is fitted on one live run of the base configuration; on the CPU with, measured
+on this machine, how a step changes with its threads (``modkit.sim.cpu_share``). Then, for each
 configuration (another rate, budget, block count, worker count...), ``--runs`` live runs
 (Poisson workloads of seeds 1, 2, ...) and the simulation of each one's recorded workload
 under that configuration. Prints a markdown table of the medians over the runs: output
@@ -40,7 +41,7 @@ import torch
 
 from modkit import Pipeline, loadgen
 from modkit.checks import RANDOM_MODEL_SHAPES, make_random_checkpoint
-from modkit.sim import CostModel, Workload, simulate, workload_from_trace
+from modkit.sim import CostModel, CpuShare, Workload, simulate, workload_from_trace
 from modkit.trace import Trace
 from modkit.trace.summary import TraceSummary
 
@@ -155,8 +156,10 @@ def main() -> None:
                 settings["max_model_len"] = min(common["max_model_len"], BLOCK_SIZE * (overrides["num_kv_blocks"] - 1))
             with Pipeline.launch(ports="auto", seed=0, progress=False, **settings) as pipeline:
                 if cost is None:  # the run the cost model is fitted on, not one of those predicted
-                    cost = CostModel.fit(live_run(pipeline, workload(0, args.rate), args.rate, args.output_len, 0))
-                    print(cost, flush=True)
+                    base = live_run(pipeline, workload(0, args.rate), args.rate, args.output_len, 0)
+                    share = None if host["gpu"] else CpuShare.measure(model, args.dtype)  # on a GPU: not needed
+                    cost = CostModel.fit(base, cpu_share=share)
+                    print(cost, share, flush=True)
                 runs = rows[name] = {"live": [], "simulated": []}
                 for seed in range(1, args.runs + 1):
                     trace = live_run(pipeline, workload(seed, rate), rate, args.output_len, seed)
