@@ -9,11 +9,20 @@ is the longest of a few *terms*, each a linear function of the step's features::
               num_decode_tokens       requests that compute one new token
               decode_context_tokens   sum over decodes of num_computed_tokens: the KV each one reads
               num_seqs                requests in the batch
+              batched                 1 if there is more than one: a cost that comes once a step has
+                                      two or more requests, not again with each one (see below)
               step                    1: a constant per step
 
 and the step as the scheduler sees it (plan sent to result back) takes ``step_overhead_s``
 more (the hops between the scheduler, worker and sampler), and ``idle_overhead_s`` more
 again when the worker had nothing in flight (no other step hid the plan's trip).
+
+NOTE: why ``batched``. A step's cost is not linear in its requests. The embedded model's
+decode steps, timed on the CPU (one thread), take 3.4 ms for one request, 4.5 ms for two and
+still 4.5 to 5 ms for eight: past the second, a request adds little. A fit on a run whose
+steps hold mostly one to three requests, with ``num_seqs`` alone, charges every request the
+jump from the first to the second, and at twice the traffic (eight requests a step) predicts
+steps twice as long as they are. ``batched`` takes the jump once.
 
 Two ways to get one:
 
@@ -75,6 +84,7 @@ FEATURES = (
     "num_decode_tokens",
     "decode_context_tokens",
     "num_seqs",
+    "batched",
     "step",
 )
 
@@ -104,6 +114,7 @@ def step_features(scheduled: Iterable[ScheduledLike]) -> dict[str, float]:
         else:
             f["num_prompt_tokens"] += s.num_tokens
             f["prompt_attention_tokens"] += s.num_tokens * (s.num_computed_tokens + s.num_tokens / 2)
+    f["batched"] = 1.0 if f["num_seqs"] > 1 else 0.0
     f["step"] = 1.0
     return f
 

@@ -111,7 +111,7 @@ class CpuShare:
         1 thread and on ``cores`` (default: the usable cores), each in a fresh process."""
         cores = cores or usable_cores()
         one, every = _time_in_process(1, model, dtype), _time_in_process(cores, model, dtype)
-        cost_one, cost_every = _group_costs(one), _group_costs(every)
+        cost_one, cost_every = group_costs(one), group_costs(every)
         fractions = {}
         for group in GROUPS:  # p from r = every / one = (1 - p) + p / cores
             r = cost_every[group] / cost_one[group] if cost_one[group] > 0 else 1.0
@@ -171,7 +171,7 @@ def _time_steps(model: str | None, dtype: str | None) -> dict[str, float]:
     return {kind: statistics.median(t for r in rounds for t in r[kind]) for kind in rounds[0]}
 
 
-def _group_costs(medians: dict[str, float]) -> dict[str, float]:
+def group_costs(medians: dict[str, float]) -> dict[str, float]:
     """Seconds per unit of each group (see GROUPS), from the median steps of one process."""
     (b0, b1), (d0, d1) = PROMPT_BATCHES, DECODE_BATCHES
     per_prompt_token = (medians[f"prefill_{b1}"] - medians[f"prefill_{b0}"]) / ((b1 - b0) * PROMPT_LEN)
