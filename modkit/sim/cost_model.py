@@ -21,8 +21,9 @@ NOTE: why ``batched``. A step's cost is not linear in its requests. The embedded
 decode steps, timed on the CPU (one thread), take 3.4 ms for one request, 4.5 ms for two and
 still 4.5 to 5 ms for eight: past the second, a request adds little. A fit on a run whose
 steps hold mostly one to three requests, with ``num_seqs`` alone, charges every request the
-jump from the first to the second, and at twice the traffic (eight requests a step) predicts
-steps twice as long as they are. ``batched`` takes the jump once.
+jump from the first to the second, and at twice the traffic (up to eight requests a step)
+predicted inter-token latencies 35 to 67% longer than live on the 2-core box. ``batched``
+takes the jump once.
 
 Two ways to get one:
 
