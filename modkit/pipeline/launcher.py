@@ -109,7 +109,7 @@ class Pipeline:
         self.model_name = config.resolved_model() or EMBEDDED_MODEL_NAME
         self.num_blocks: list[int] = []  # each worker's KV pool
         self.recorder: Recorder | None = None
-        self._cpu_at_clear: dict[str, float] = {}  # each process's CPU seconds at the trace's start
+        self._cpu_at_clear: dict[tuple[str, int], float] = {}  # each process's CPU seconds at the trace's start
         self.swap_key = new_key()  # signs classes sent by value to its components (modkit.swap)
         self.keys = new_launch_keys()  # sign control calls; CURVE on tcp:// (modkit.transport.security)
         self._closed = False
@@ -362,9 +362,9 @@ class Pipeline:
         if settle_s > 0:
             self.recorder.settle(settle_s)
         trace = self.recorder.trace()
-        now = self._cpu_seconds()
-        if now.keys() == self._cpu_at_clear.keys():  # none restarted or missing since: comparable
-            trace.meta["cpu_s"] = {name: now[name] - self._cpu_at_clear[name] for name in now}
+        now, then = self._cpu_seconds(), self._cpu_at_clear
+        if now and now.keys() == then.keys():  # the same processes (name and pid): none restarted since
+            trace.meta["cpu_s"] = {name: now[name, pid] - then[name, pid] for name, pid in now}
         return trace
 
     def clear_trace(self) -> None:
@@ -373,12 +373,13 @@ class Pipeline:
             self.recorder.clear()
             self._cpu_at_clear = self._cpu_seconds()
 
-    def _cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds each process has used so far, this one (the recorder, and a client run here)
-        as ``launcher``; a trace's ``meta["cpu_s"]`` is what they used in its time. Empty off Linux."""
+    def _cpu_seconds(self) -> dict[tuple[str, int], float]:
+        """(name, pid) -> CPU seconds each process has used so far, this one (the recorder, and a
+        client run here) as ``launcher``; a trace's ``meta["cpu_s"]`` is what they used in its
+        time. Empty off Linux, or if a process is gone."""
         pids = {**self.pids(), "launcher": os.getpid()}
-        seconds = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        return {name: s for name, s in seconds.items() if s is not None} if None not in seconds.values() else {}
+        seconds = {(name, pid): cpu_seconds(pid) for name, pid in pids.items()}
+        return {} if None in seconds.values() else {key: s for key, s in seconds.items() if s is not None}
 
     def _trace_meta(self) -> dict[str, Any]:
         cfg = self.config
