@@ -7,11 +7,16 @@
     python scripts/sim_fidelity.py --model-shape qwen2.5-0.5b --device cuda --rate 40 \\
         --num-requests 400 --prompt-len 256 --shared-prefix 128 --output-len 64 --out gpu.json
 
-A cost model is fitted on one live run of the base configuration. Then, for each
+A cost model is fitted on one live run of the base configuration; on the CPU with, measured
+on this machine, how a step changes with its threads (``modkit.sim.cpu_share``). Then, for each
 configuration (another rate, budget, block count, worker count...), ``--runs`` live runs
 (Poisson workloads of seeds 1, 2, ...) and the simulation of each one's recorded workload
-under that configuration. Prints a markdown table of the medians over the runs: output
-throughput, TTFT p50, ITL p50, preemptions and prefix-hit rate, live and simulated.
+under that configuration. On the CPU every configuration's pipeline is launched first and the
+runs go round them (seed 1 of each, then seed 2...), so that a machine whose other load comes
+and goes weighs on every configuration alike (an idle pipeline uses about 1% of a core); on a
+GPU, whose memory each launch takes most of, one configuration after another. Prints a
+markdown table of the medians over the runs: output throughput, TTFT p50, ITL p50,
+preemptions and prefix-hit rate, live and simulated.
 
 ``--model``, ``--model-shape`` (random weights with a known model's shapes, made on the spot),
 ``--device``, ``--dtype`` and ``--max-model-len`` go to every launch. ``--cores N`` confines
@@ -25,6 +30,7 @@ summaries as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -40,7 +46,7 @@ import torch
 
 from modkit import Pipeline, loadgen
 from modkit.checks import RANDOM_MODEL_SHAPES, make_random_checkpoint
-from modkit.sim import CostModel, Workload, simulate, workload_from_trace
+from modkit.sim import CostModel, CpuShare, Workload, simulate, workload_from_trace
 from modkit.trace import Trace
 from modkit.trace.summary import TraceSummary
 
@@ -143,30 +149,53 @@ def main() -> None:
         model = str(make_random_checkpoint(args.model_shape, tmp)) if args.model_shape else args.model
         common = {"model": model, "device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len}
         common = {k: v for k, v in common.items() if v is not None}
-        cost: CostModel | None = None
-        rows: dict[str, dict[str, list[TraceSummary]]] = {}
-        for name in ["base", *[c for c in args.configs if c != "base"]]:
-            overrides, rate_factor = CONFIGS[name]
+        names = ["base", *[c for c in args.configs if c != "base"]]
+        settings: dict[str, dict[str, Any]] = {}
+        overrides: dict[str, dict[str, Any]] = {}
+        for name in names:
+            overrides[name] = CONFIGS[name][0]
             if name == "small KV pool":
-                overrides = {"num_kv_blocks": small_pool(args.prompt_len, args.output_len, args.shared_prefix)}
-            rate = args.rate * rate_factor
-            settings = {**common, **overrides}
-            if "max_model_len" in common and "num_kv_blocks" in overrides:  # no longer than the small pool holds
-                settings["max_model_len"] = min(common["max_model_len"], BLOCK_SIZE * (overrides["num_kv_blocks"] - 1))
-            with Pipeline.launch(ports="auto", seed=0, progress=False, **settings) as pipeline:
-                if cost is None:  # the run the cost model is fitted on, not one of those predicted
-                    cost = CostModel.fit(live_run(pipeline, workload(0, args.rate), args.rate, args.output_len, 0))
-                    print(cost, flush=True)
-                runs = rows[name] = {"live": [], "simulated": []}
-                for seed in range(1, args.runs + 1):
-                    trace = live_run(pipeline, workload(seed, rate), rate, args.output_len, seed)
-                    runs["live"].append(trace.summary())
-                    runs["simulated"].append(simulate(workload_from_trace(trace), cost, **overrides).summary())
-                    print(
-                        name, overrides, seed, runs["live"][-1].to_dict(), runs["simulated"][-1].to_dict(), flush=True
-                    )
-            if name not in args.configs:
-                del rows[name]
+                overrides[name] = {"num_kv_blocks": small_pool(args.prompt_len, args.output_len, args.shared_prefix)}
+            settings[name] = {**common, **overrides[name]}
+            if "max_model_len" in common and "num_kv_blocks" in overrides[name]:  # no longer than the pool holds
+                pool = overrides[name]["num_kv_blocks"]
+                settings[name]["max_model_len"] = min(common["max_model_len"], BLOCK_SIZE * (pool - 1))
+        # On the CPU every configuration's pipeline is up at once and each round of runs goes
+        # through them all, so that each sees the machine of the same minutes (another user's
+        # load comes and goes). On a GPU each launch takes most of the card: one at a time.
+        together = host["gpu"] is None
+        seeds = range(args.runs + 1)
+        order = [(s, n) for s in seeds for n in names] if together else [(s, n) for n in names for s in seeds]
+        rows: dict[str, dict[str, list[TraceSummary]]] = {n: {"live": [], "simulated": []} for n in names}
+        cost: CostModel | None = None
+        with contextlib.ExitStack() as stack:
+
+            def up(name: str) -> Pipeline:
+                return stack.enter_context(Pipeline.launch(ports="auto", seed=0, progress=False, **settings[name]))
+
+            pipelines = {n: up(n) for n in names} if together else {}
+            for seed, name in order:
+                if seed == 0 and name != "base":
+                    continue  # seed 0 is the run the cost model is fitted on, not one of those predicted
+                if name not in pipelines:  # one at a time: the one before goes first
+                    for other in list(pipelines):
+                        pipelines.pop(other).shutdown()
+                    pipelines[name] = up(name)
+                rate = args.rate * CONFIGS[name][1]
+                trace = live_run(pipelines[name], workload(seed, rate), rate, args.output_len, seed)
+                if seed == 0:
+                    share = None if host["gpu"] else CpuShare.measure(model, args.dtype)  # on a GPU: not needed
+                    cost = CostModel.fit(trace, cpu_share=share)
+                    print(cost, share, flush=True)
+                    continue
+                assert cost is not None
+                runs = rows[name]
+                runs["live"].append(trace.summary())
+                runs["simulated"].append(simulate(workload_from_trace(trace), cost, **overrides[name]).summary())
+                print(
+                    name, overrides[name], seed, runs["live"][-1].to_dict(), runs["simulated"][-1].to_dict(), flush=True
+                )
+        rows = {n: r for n, r in rows.items() if n in args.configs}
 
     host["load_average_after"] = os.getloadavg()
     print(f"\n{host}\n")

@@ -354,6 +354,32 @@ def test_a_simulation_of_the_live_run_predicts_its_throughput_and_ttft(live: Liv
 
 
 @pytest.mark.slow
+def test_a_fit_keeps_the_machine_and_the_cpu_the_run_used(live: LiveRun) -> None:
+    """A launch on the CPU records what a fit needs to price another share of the cores
+    (modkit.sim.cpu_share): the device, each worker's threads, the cores, each process's CPU time."""
+    meta, cores = live.trace.meta, len(os.sched_getaffinity(0))
+    assert (meta["device"], meta["worker_threads"], meta["usable_cores"]) == ("cpu", cores, cores)
+    cpu = meta["cpu_s"]
+    assert set(cpu) == {"frontend", "scheduler", "worker-0", "router", "kv_cache_manager", "sampler", "launcher"}
+    assert all(seconds >= 0 for seconds in cpu.values())
+    forwards = float(live.trace.forwards.forward_s.sum())
+    assert cpu["worker-0"] >= 0.3 * forwards  # its forwards ran on it (most of the time, on a busy box)
+    cost = CostModel.fit(live.trace)
+    assert cost.fitted_on == {"device": "cpu", "worker_threads": cores, "usable_cores": cores, "num_workers": 1}
+    assert cost.cpu_demand is not None and cost.cpu_demand == pytest.approx(
+        sum(cpu.values()) / sum(w for w in _busy_seconds(live.trace))
+    )
+    assert cost.worker_threads(2) == max(1, cores // 2)
+
+
+def _busy_seconds(trace: Trace) -> list[float]:
+    """Each step's time on the worker, as the fit counts it: its end minus when the worker could start it."""
+    steps = sorted((e for e in trace.events if isinstance(e, StepEvent) and e.failed is None), key=lambda e: e.step)
+    ends = [e.started + e.step_s for e in steps]
+    return [end - max(e.started, before) for e, end, before in zip(steps, ends, [-np.inf, *ends], strict=False)]
+
+
+@pytest.mark.slow
 def test_a_thousand_requests_simulate_a_hundred_times_faster_than_they_would_run(live: LiveRun) -> None:
     """Timed in this process's CPU seconds: on a shared box the wall clock also counts the time
     other processes held the cores (a busy CI box made the same simulation 4x slower by the wall

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -50,9 +51,12 @@ from modkit.pipeline.processes import (
     READY_TIMEOUT_S,
     TARGETS,
     ComponentSpec,
+    cpu_seconds,
     log_dir_of,
+    on_cuda,
     progress_printer,
     stop_all,
+    usable_cores,
     wait_uninterrupted,
     worker_threads_env,
 )
@@ -105,6 +109,7 @@ class Pipeline:
         self.model_name = config.resolved_model() or EMBEDDED_MODEL_NAME
         self.num_blocks: list[int] = []  # each worker's KV pool
         self.recorder: Recorder | None = None
+        self._cpu_at_clear: dict[tuple[str, int], float] = {}  # each process's CPU seconds at the trace's start
         self.swap_key = new_key()  # signs classes sent by value to its components (modkit.swap)
         self.keys = new_launch_keys()  # sign control calls; CURVE on tcp:// (modkit.transport.security)
         self._closed = False
@@ -156,6 +161,7 @@ class Pipeline:
             pipeline._start_all(say)
             if record:
                 pipeline.recorder = Recorder(pipeline.events(), pipeline._trace_meta())
+                pipeline._cpu_at_clear = pipeline._cpu_seconds()
             if config.supervise:
                 pipeline.supervisor.say = say if progress else None
                 pipeline.supervisor.start(pipeline)
@@ -355,12 +361,25 @@ class Pipeline:
             raise RuntimeError("this pipeline was launched with record=False: subscribe with events() instead")
         if settle_s > 0:
             self.recorder.settle(settle_s)
-        return self.recorder.trace()
+        trace = self.recorder.trace()
+        now, then = self._cpu_seconds(), self._cpu_at_clear
+        if now and now.keys() == then.keys():  # the same processes (name and pid): none restarted since
+            trace.meta["cpu_s"] = {name: now[name, pid] - then[name, pid] for name, pid in now}
+        return trace
 
     def clear_trace(self) -> None:
         """Start the next ``trace()`` from now (its times count from now, too)."""
         if self.recorder is not None:
             self.recorder.clear()
+            self._cpu_at_clear = self._cpu_seconds()
+
+    def _cpu_seconds(self) -> dict[tuple[str, int], float]:
+        """(name, pid) -> CPU seconds each process has used so far, this one (the recorder, and a
+        client run here) as ``launcher``; a trace's ``meta["cpu_s"]`` is what they used in its
+        time. Empty off Linux, or if a process is gone."""
+        pids = {**self.pids(), "launcher": os.getpid()}
+        seconds = {(name, pid): cpu_seconds(pid) for name, pid in pids.items()}
+        return {} if None in seconds.values() else {key: s for key, s in seconds.items() if s is not None}
 
     def _trace_meta(self) -> dict[str, Any]:
         cfg = self.config
@@ -378,6 +397,10 @@ class Pipeline:
             "scheduling_policy": cfg.scheduling_policy,
             "eviction_policy": cfg.eviction_policy,
             "router_policy": cfg.router_policy,
+            # What a cost model fitted on this run was measured under (modkit.sim.cost_model.FITTED_ON).
+            "device": "cuda" if on_cuda(cfg.worker_device(0)) else "cpu",
+            "worker_threads": int(worker_threads_env(cfg)["OMP_NUM_THREADS"]),  # each worker's OpenMP threads
+            "usable_cores": usable_cores(),
         }
 
     def _left_to_supervisor(self, component: str) -> bool:

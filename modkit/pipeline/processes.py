@@ -98,6 +98,17 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds process ``pid`` has used (user and system, all its threads), from Linux's
+    ``/proc``; None where there is none, or the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5), after pid and (comm)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 def worker_threads_env(config: PipelineConfig) -> dict[str, str]:
     """The thread settings of each worker process.
 

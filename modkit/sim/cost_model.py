@@ -9,11 +9,21 @@ is the longest of a few *terms*, each a linear function of the step's features::
               num_decode_tokens       requests that compute one new token
               decode_context_tokens   sum over decodes of num_computed_tokens: the KV each one reads
               num_seqs                requests in the batch
+              batched                 1 if there is more than one: a cost that comes once a step has
+                                      two or more requests, not again with each one (see below)
               step                    1: a constant per step
 
 and the step as the scheduler sees it (plan sent to result back) takes ``step_overhead_s``
 more (the hops between the scheduler, worker and sampler), and ``idle_overhead_s`` more
 again when the worker had nothing in flight (no other step hid the plan's trip).
+
+NOTE: why ``batched``. A step's cost is not linear in its requests. The embedded model's
+decode steps, timed on the CPU (one thread), take 3.4 ms for one request, 4.5 ms for two and
+still 4.5 to 5 ms for eight: past the second, a request adds little. A fit on a run whose
+steps hold mostly one to three requests, with ``num_seqs`` alone, charges every request the
+jump from the first to the second, and at twice the traffic (up to eight requests a step)
+predicted inter-token latencies 35 to 67% longer than live on the 2-core box. ``batched``
+takes the jump once.
 
 Two ways to get one:
 
@@ -38,6 +48,16 @@ depend on that, not only their means.
 Two latencies around the steps, fitted too: ``admit_s`` (a request's arrival at the frontend
 to the scheduler planning with it: the hops through the router) and ``output_s`` (a step's
 result at the scheduler to its tokens at the frontend).
+
+What a fit was measured under is kept in ``fitted_on``, from the trace's meta: the device,
+each worker's threads, the usable cores, the number of workers. On the CPU the workers
+share the cores (``modkit.sim.cpu_share``), so a configuration with more workers runs each
+step on fewer threads, and slower while other workers compute: ``thread_scale`` rescales each
+feature's share of a step to the threads a launch of that many workers gives each one (with a
+``CpuShare`` measured on the same machine: ``CostModel.fit(trace, cpu_share=CpuShare.measure())``),
+and ``sharing`` stretches a step while other workers are busy, from ``cpu_demand``: the cores
+a busy worker kept busy in the fit, its own and the other processes' work together (the
+trace's ``meta["cpu_s"]`` over the time the worker was busy). On a GPU neither applies.
 """
 
 from __future__ import annotations
@@ -51,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from modkit.sim.cpu_share import CpuShare
 from modkit.sim.regression import robust_nonnegative_fit
 from modkit.trace.events import RequestArrived, StepEvent, TokensOut
 
@@ -64,8 +85,12 @@ FEATURES = (
     "num_decode_tokens",
     "decode_context_tokens",
     "num_seqs",
+    "batched",
     "step",
 )
+
+# Trace meta keys that say what a fit was measured under (a launch records them).
+FITTED_ON = ("device", "worker_threads", "usable_cores", "num_workers")
 
 
 class ScheduledLike(Protocol):
@@ -90,6 +115,7 @@ def step_features(scheduled: Iterable[ScheduledLike]) -> dict[str, float]:
         else:
             f["num_prompt_tokens"] += s.num_tokens
             f["prompt_attention_tokens"] += s.num_tokens * (s.num_computed_tokens + s.num_tokens / 2)
+    f["batched"] = 1.0 if f["num_seqs"] > 1 else 0.0
     f["step"] = 1.0
     return f
 
@@ -139,11 +165,45 @@ class CostModel:
     fit_error: FitError | None = None
     spread: list[float] = field(default_factory=list)  # measured / predicted step times (empty: none)
     info: dict[str, Any] = field(default_factory=dict)
+    # What the fit was measured under (FITTED_ON keys of the trace's meta); empty if not known.
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+    cpu_share: CpuShare | None = None  # measured on the fit's CPU: how a step changes with its threads
+    cpu_demand: float | None = None  # cores a busy worker kept busy in the fit, the other processes' work included
 
-    def forward_time(self, features: dict[str, float], rng: random.Random | None = None) -> float:
-        """Seconds the worker spends on a step with these features; with ``rng``, times one of ``spread``."""
-        predicted = max(sum(c * features.get(name, 0.0) for name, c in term.items()) for term in self.terms)
+    def forward_time(
+        self, features: dict[str, float], rng: random.Random | None = None, scale: dict[str, float] | None = None
+    ) -> float:
+        """Seconds the worker spends on a step with these features; with ``rng``, times one of
+        ``spread``; with ``scale`` (feature -> factor, ``thread_scale``), each feature's share rescaled."""
+        scale = scale or {}
+        predicted = max(
+            sum(c * features.get(name, 0.0) * scale.get(name, 1.0) for name, c in term.items()) for term in self.terms
+        )
         return predicted * rng.choice(self.spread) if rng is not None and self.spread else predicted
+
+    def worker_threads(self, num_workers: int) -> int | None:
+        """Each worker's threads in a launch of ``num_workers`` on the fit's CPU (as
+        ``worker_threads_env`` gives them); None unless the fit was on the CPU and says its cores."""
+        cores = self.fitted_on.get("usable_cores")
+        return max(1, cores // num_workers) if self.fitted_on.get("device") == "cpu" and cores else None
+
+    def thread_scale(self, num_workers: int) -> dict[str, float]:
+        """Feature -> how much longer its share of a step takes in a launch of ``num_workers`` than in
+        the fit (``CpuShare.thread_scale``); empty (no change) unless the fit was on the CPU, with the
+        threads it ran on, and a ``cpu_share`` measured there."""
+        threads, fitted = self.worker_threads(num_workers), self.fitted_on.get("worker_threads")
+        if self.cpu_share is None or threads is None or not fitted or threads == fitted:
+            return {}
+        return self.cpu_share.thread_scale(threads, fitted)
+
+    def sharing(self, busy_workers: float) -> float:
+        """How much longer a step takes while ``busy_workers`` (itself included; a fraction for a
+        worker busy part of the step) compute on the fit's CPU than in the fit, where it ran alone
+        (see ``modkit.sim.cpu_share``); 1 on a GPU, or where the fit's trace did not say."""
+        cores, demand = self.fitted_on.get("usable_cores"), self.cpu_demand
+        if self.fitted_on.get("device") != "cpu" or not cores or not demand:
+            return 1.0
+        return max(1.0, busy_workers * demand / cores) / max(1.0, demand / cores)
 
     def overhead(self, idle: bool) -> float:
         """Seconds a step takes beyond its forward, as the scheduler sees it."""
@@ -161,6 +221,9 @@ class CostModel:
             "output_s": self.output_s,
             "fit_error": None if error is None else dataclasses.asdict(error),
             "spread_samples": len(self.spread),
+            "fitted_on": self.fitted_on,
+            "cpu_share": None if self.cpu_share is None else self.cpu_share.describe(),
+            "cpu_demand": self.cpu_demand,
             **self.info,
         }
 
@@ -175,9 +238,10 @@ class CostModel:
     # -- from a live run ---------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, trace: Trace) -> CostModel:
+    def fit(cls, trace: Trace, cpu_share: CpuShare | None = None) -> CostModel:
         """Fit one linear term on the steps of ``trace`` (robustly, coefficients >= 0), the idle
-        overhead and the two latencies (see the module docstring).
+        overhead and the two latencies (see the module docstring); ``cpu_share``, measured on the
+        CPU the trace ran on, lets a simulation price another share of its cores.
 
         What is fitted is each step's time as the scheduler saw it: when its result came back
         minus when the worker could start it (the plan was sent, or the step before came back,
@@ -217,6 +281,9 @@ class CostModel:
             source=f"fit on {len(y)} steps",
             fit_error=error,
             spread=[float(r) for r in ratios],
+            fitted_on={k: trace.meta[k] for k in FITTED_ON if trace.meta.get(k) is not None},
+            cpu_share=cpu_share,
+            cpu_demand=_cpu_demand(trace, busy_s=float(np.sum(y))),
         )
 
     # -- from the hardware's spec sheet --------------------------------------------------------
@@ -270,6 +337,17 @@ def _steps_by_worker(trace: Trace) -> dict[int, list[StepEvent]]:
         if isinstance(e, StepEvent) and e.failed is None:
             steps.setdefault(e.worker_id, []).append(e)
     return {w: sorted(s, key=lambda e: e.step) for w, s in steps.items()}
+
+
+def _cpu_demand(trace: Trace, busy_s: float) -> float | None:
+    """The CPU seconds every process used over the trace (``meta["cpu_s"]``, a launch records
+    them) per second a worker was busy: the cores a busy worker keeps busy, with the work of
+    the other processes for its steps. None if not recorded, or fitted on several workers
+    (their shares of it are not told apart)."""
+    cpu = trace.meta.get("cpu_s")
+    if not cpu or busy_s <= 0 or trace.meta.get("num_workers", 1) != 1:
+        return None
+    return float(sum(cpu.values())) / busy_s
 
 
 def _latencies(trace: Trace) -> tuple[float, float]:

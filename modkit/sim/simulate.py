@@ -26,6 +26,19 @@ worker runs its steps one after another: a step starts when it is planned or whe
 worker's previous step ends, whichever is later, and lasts the cost model's forward time
 and overhead.
 
+On the CPU the workers share the cores (``modkit.sim.cpu_share``). With a cost model fitted on
+the CPU, each step is priced at the threads a launch of this many workers gives each one
+(``CostModel.thread_scale``, with a measured ``CpuShare``), and stretched while other workers
+are busy (``CostModel.sharing``, from the fit's ``cpu_demand``)::
+
+    forward = cost_model.forward_time(features, scale=thread_scale) x cost_model.sharing(busy)
+    busy    = 1 + the sum over the other workers of the part of this forward before that
+              worker's last step in flight ends, over the forward
+
+Only the steps already planned count: a step planned later on another worker does not
+stretch this one back (it is stretched itself for the overlap). On a GPU every worker's steps
+cost what the fit measured, as on a device of its own.
+
 The events it records are the live pipeline's (StepEvent, ForwardEvent, BlockEvents,
 RequestArrived, Routed, TokensOut, RequestDone), so the result is an ordinary ``Trace``,
 whose ``meta`` says ``simulated: True`` and which cost model timed it. It is a simulation:
@@ -135,6 +148,7 @@ class Simulation:
         self.workers = [SimWorker(i, config, max_model_len, self) for i in range(config.num_workers)]
         self.now = 0.0
         self.rng = random.Random(config.seed)  # draws each step's spread (CostModel.spread)
+        self.thread_scale = cost_model.thread_scale(config.num_workers)  # on the CPU: {} = as fitted
         self.events: list[PipelineEvent] = []
         self._queue: list[tuple[float, int, str, Any]] = []  # (time, tie-break, kind, what)
         self._order = itertools.count()
@@ -207,11 +221,21 @@ class Simulation:
         assert record is not None
         idle = len(worker.driver.in_flight) == 1  # nothing else in flight
         ready = max(self.now, worker.free_at)
-        forward_s = self.cost_model.forward_time(step_features(record.scheduled), self.rng)
+        forward_s = self.cost_model.forward_time(step_features(record.scheduled), self.rng, self.thread_scale)
+        if len(self.workers) > 1:
+            forward_s *= self.cost_model.sharing(1.0 + self._overlap(worker, ready, forward_s))
         end = ready + forward_s + self.cost_model.overhead(idle)
         worker.free_at = end
         worker.timings.append(StepTiming(record, self.now, ready, forward_s, end, len(step.sampling)))
         self._at(end, "step_done", worker.worker_id)
+
+    def _overlap(self, worker: SimWorker, ready: float, forward_s: float) -> float:
+        """How many other workers are busy during a forward from ``ready`` for ``forward_s``, on
+        average over it: each counts for the part of it before its last step in flight ends."""
+        if forward_s <= 0:
+            return 0.0
+        busy = sum(min(max(other.free_at - ready, 0.0), forward_s) for other in self.workers if other is not worker)
+        return busy / forward_s
 
     def _refuse_if_never_fits(self, worker: SimWorker, plan: Any) -> bool:
         stuck = waits_for_ever(worker.scheduler, plan)
@@ -289,5 +313,9 @@ class Simulation:
             "scheduling_policy": cfg.scheduling_policy,
             "eviction_policy": cfg.eviction_policy,
             "router_policy": cfg.router_policy,
+            # The machine simulated: the fit's (CostModel.fitted_on), with this launch's threads.
+            "device": self.cost_model.fitted_on.get("device"),
+            "worker_threads": self.cost_model.worker_threads(cfg.num_workers),
+            "usable_cores": self.cost_model.fitted_on.get("usable_cores"),
             "t0": 0.0,
         }
