@@ -231,7 +231,8 @@ class PipelineConfig:
             self._check_one_host_connector()
 
     def _check_one_host_connector(self) -> None:
-        """The shm and cuda_ipc connectors hand memory between processes of one host (cuda_ipc: GPU memory)."""
+        """The shm and cuda_ipc connectors hand memory between processes of one host: shm host
+        memory, for workers on the CPU; cuda_ipc GPU memory, for workers on CUDA."""
         name = self.kv_connector
         hosts = {self._host_of_worker(i) for i in range(self.num_workers)}
         if len(hosts) > 1:
@@ -240,18 +241,23 @@ class PipelineConfig:
                 f"{name!r} moves blocks between processes of one host, but the workers run on "
                 f"{sorted(hosts)}: use 'zmq' across hosts",
             )
-        if name != "cuda_ipc":
-            return
         for i in range(self.num_workers):
             device = self.worker_device(i)
             if device is None and hosts == {"local"}:  # a worker elsewhere decides its own default
                 import torch
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            if device is not None and not device.startswith("cuda"):
+            if device is None:
+                continue
+            if name == "cuda_ipc" and not device.startswith("cuda"):
                 raise ConfigError(
                     "kv_connector",
                     f"'cuda_ipc' needs every worker on CUDA, but worker-{i} is on {device}: use 'shm' or 'zmq'",
+                )
+            if name == "shm" and device.startswith("cuda"):
+                raise ConfigError(
+                    "kv_connector",
+                    f"'shm' is for workers on the CPU, but worker-{i} is on {device}: use 'cuda_ipc' or 'zmq'",
                 )
 
     @property

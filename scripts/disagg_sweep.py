@@ -66,6 +66,12 @@ def one_run(pipeline: Pipeline, work: Workload, rate: float, output_len: int, se
         raise RuntimeError(f"a request did not get its {output_len} tokens: {[r.output_tokens for r in results]}")
     trace = pipeline.trace(settle_s=0.5)
     s = trace.summary()
+    if s.num_requests != len(results):  # events lost on the way to the recorder: the row would be wrong
+        missed, dropped = trace.meta.get("missed"), trace.meta.get("dropped")
+        raise RuntimeError(
+            f"the trace holds {s.num_requests} of the {len(results)} requests served "
+            f"(events missed since launch: {missed}, dropped: {dropped})"
+        )
     row = {"TTFT p50": s.ttft_p50_s, "TTFT p99": s.ttft_p99_s, "ITL p50": s.itl_p50_s, "ITL p99": s.itl_p99_s}
     row["tok/s"] = s.output_throughput
     moved = trace.transfers

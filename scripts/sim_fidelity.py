@@ -76,8 +76,15 @@ METRICS = ("output_throughput", "ttft_p50_s", "itl_p50_s", "num_preemptions", "p
 def live_run(pipeline: Pipeline, workload: Workload, rate: float, output_len: int, seed: int) -> Trace:
     """Send ``workload``'s prompts at the offsets ``Workload.poisson`` drew for ``seed``; the run's trace."""
     pipeline.clear_trace()
-    loadgen.open_loop(f"{pipeline.url}/v1", pipeline.model_name, workload.prompts, rate, output_len, seed=seed)
-    return pipeline.trace(settle_s=0.5)
+    results, _ = loadgen.open_loop(f"{pipeline.url}/v1", pipeline.model_name, workload.prompts, rate, output_len, seed)
+    trace = pipeline.trace(settle_s=0.5)
+    if (held := trace.summary().num_requests) != len(results):  # events lost on the way to the recorder
+        missed, dropped = trace.meta.get("missed"), trace.meta.get("dropped")
+        raise RuntimeError(
+            f"the trace holds {held} of the {len(results)} requests served "
+            f"(events missed since launch: {missed}, dropped: {dropped}): its numbers would be wrong"
+        )
+    return trace
 
 
 def pair(live: dict[str, float], sim: dict[str, float], metric: str, scale: float = 1.0) -> str:

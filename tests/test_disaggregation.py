@@ -97,7 +97,9 @@ def test_roles_are_checked_when_the_config_is_built() -> None:
     for one_host in ("shm", "cuda_ipc"):
         with pytest.raises(ConfigError, match=r"one host, but the workers run on \['10.0.0.7', 'local'\]"):
             PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector=one_host, addresses=elsewhere)
-    PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector="shm", device="cpu")  # any device
+    PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector="shm", device="cpu")
+    with pytest.raises(ConfigError, match="'shm' is for workers on the CPU, but worker-0 is on cuda"):
+        PipelineConfig(prefill_workers=1, decode_workers=1, kv_connector="shm", device="cuda")
     config = PipelineConfig.from_cli(["--prefill-workers", "1", "--decode-workers", "2"])  # start_all.py's flags
     assert config.num_workers == 3
     assert [config.worker_role(i) for i in range(3)] == ["prefill", "decode", "decode"]
@@ -243,17 +245,18 @@ def test_disaggregated_outputs_equal_the_in_process_engine(disaggregated: Pipeli
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("connector", ["zmq", "shm", "cuda_ipc"])
-def test_on_a_gpu_each_connector_gives_the_in_process_engines_outputs(connector: str) -> None:
-    """Both workers on one GPU: blocks through host memory (zmq, shm) or mapped GPU to GPU (cuda_ipc)."""
-    gpu = {"device": "cuda", "dtype": "float32"}
+@pytest.mark.parametrize("connector", ["zmq", "cuda_ipc"])
+def test_on_a_gpu_each_connector_gives_the_in_process_engines_outputs(connector: str, tiny_model_dir: Path) -> None:
+    """Both workers on one GPU: blocks through host memory (zmq) or mapped GPU to GPU (cuda_ipc)."""
+    gpu = {"model": str(tiny_model_dir), "device": "cuda", "dtype": "float32"}
     config = SMALL | gpu | {"max_prefill_queue_size": 64, "kv_connector": connector}
     with Pipeline.launch(prefill_workers=1, decode_workers=1, ports="auto", progress=False, **config) as p:
         first, _ = complete(p, PROMPTS[:1])
         rest, req_ids = complete(p, PROMPTS[1:] * 3)
         trace = p.trace()
         nothing_held = {"num_requests_kept": 0} | ({"num_requests_lent": 0} if connector != "zmq" else {})
-        assert wait_until(lambda: p.stats()["worker-0"]["kv_transfer"] == nothing_held, 10)  # releases are one-way
+        held = lambda: p.stats()["worker-0"]["kv_transfer"]  # noqa: E731
+        assert wait_until(lambda: held() == nothing_held, 10), held()  # releases are one-way
     want = expected(PROMPTS, **gpu)
     assert first == want[:1] and rest == want[1:] * 3
     transfers = trace.transfers

@@ -17,7 +17,7 @@ what the answer carries:
 - ``ZmqKVConnector`` ("zmq", any device, any host): the prefill worker keeps the blocks on the
   host and the reply carries them as bytes, K/V as they lie in the cache with their dtype and
   shape beside them: no pickle. On a GPU that is two copies through host memory.
-- ``ShmKVConnector`` ("shm", any device, one host): the prefill worker keeps the blocks in a
+- ``ShmKVConnector`` ("shm", the CPU, one host): the prefill worker keeps the blocks in a
   file of its private directory and the reply carries its path; the decode worker maps the
   file and copies from it (shared memory: no bytes through the socket).
 - ``CudaIpcKVConnector`` ("cuda_ipc", GPUs of one host): the blocks stay on the prefill
@@ -334,7 +334,8 @@ class ShmKVConnector(LendingKVConnector):
     file's path, and the decode worker maps the file (``torch.from_file``) and copies from it.
     The file goes when the blocks are released or forgotten, the directory when the worker
     stops (or, if it was killed, at the next launch's sweep of dead launches' directories,
-    ``modkit.transport.rundirs``). Any device: the blocks pass through host memory.
+    ``modkit.transport.rundirs``). Workers on the CPU (``PipelineConfig`` refuses CUDA ones:
+    docs/disaggregation.md says why).
     """
 
     def __init__(
