@@ -81,11 +81,10 @@ class KVConnector:
 
     This base class keeps blocks on the host and writes them in; an implementation says how
     they travel by overriding ``read`` and ``kv_blocks`` (the question and the prefill side's
-    answer), and where they wait and how a reply becomes a tensor (``keep``, ``blocks_from``,
-    ``done_reading``). It is
-    built as ``cls(worker_id, layers, timeout_s, rpc_address)``: ``layers`` is the worker's KV
-    cache, one ``(2, num_blocks, block_size, num_kv_heads, head_dim)`` tensor per layer;
-    ``rpc_address(i)`` is worker ``i``'s RPC socket.
+    answer), and where they wait and how a reply becomes a tensor (``keep``, ``forget``,
+    ``blocks_from``, ``done_reading``). It is built as ``cls(worker_id, layers, timeout_s,
+    rpc_address)``: ``layers`` is the worker's KV cache, one ``(2, num_blocks, block_size,
+    num_kv_heads, head_dim)`` tensor per layer; ``rpc_address(i)`` is worker ``i``'s RPC socket.
     """
 
     def __init__(
@@ -330,8 +329,9 @@ class ShmKVConnector(LendingKVConnector):
     """Blocks kept in a file that both workers map (shared memory), read without a socket's copy.
 
     The prefill worker keeps each request's blocks in a file of its own private directory
-    (``modkit-kv-<random>`` in ``/dev/shm``, else the temporary directory; mode 0700); the reply carries the
-    file's path, and the decode worker maps the file (``torch.from_file``) and copies from it.
+    (``modkit-kv-<random>`` in ``/dev/shm``, else the temporary directory; mode 0700); the
+    reply carries the file's path, and the decode worker maps the file (``torch.from_file``)
+    and copies from it.
     The file goes when the blocks are released or forgotten, the directory when the worker
     stops (or, if it was killed, at the next launch's sweep of dead launches' directories,
     ``modkit.transport.rundirs``). Workers on the CPU (``PipelineConfig`` refuses CUDA ones:
