@@ -17,6 +17,7 @@ from typing import Any
 
 from modkit.config import PipelineConfig
 from modkit.transport import QUIET_THREADS, ComponentProcess
+from modkit.transport.process import usable_cores
 from modkit.transport.rundirs import make_private_dir
 
 READY_TIMEOUT_S = 300.0  # loading a hub model on a slow disk can take minutes
@@ -89,13 +90,6 @@ def on_cuda(device: str | None) -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity (a container or ``taskset`` may allow fewer)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def cpu_seconds(pid: int) -> float | None:

@@ -69,11 +69,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def usable_cores() -> int:
-    """The cores this process may run on, as a launch counts them (``modkit.pipeline.processes``)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
+from modkit.transport.process import usable_cores  # the cores a launch counts
 
 # The cost model's features in each group (see the module docstring).
 GROUPS = {

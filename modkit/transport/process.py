@@ -59,6 +59,13 @@ LOG_TAIL_LINES = 20
 _log_dir: Path | None = None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container or ``taskset`` may allow fewer)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class ComponentStartError(RuntimeError):
     """The child exited or timed out before it was ready; the message ends with its last log lines."""
 

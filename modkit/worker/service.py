@@ -231,7 +231,7 @@ class WorkerService(WorkerSwapping):
         return self.connector.kv_blocks(req_id, first_block, num_blocks)
 
     def kv_release(self, req_id: str) -> None:
-        """Prefill side, over RPC: the decode worker has copied the blocks it was lent (``cuda_ipc``)."""
+        """Prefill side, over RPC: the decode worker has copied the blocks it was lent (``shm``, ``cuda_ipc``)."""
         if self.connector is not None:
             self.connector.kv_release(req_id)
 
