@@ -24,7 +24,8 @@ this script and every process it starts to N of the cores it may use (CPU affini
 ``taskset``), so a big host behaves as a small one: a launch gives each worker N / workers
 threads, and the six processes share N cores. ``--out`` writes the machine (CPU, cores, GPU,
 load average before and after, versions), the settings, the cost model and every run's
-summaries as JSON.
+summaries as JSON; ``--save-traces DIR`` saves each live run's trace there (``Trace.load``
+one to fit or simulate again).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def small_pool(prompt_len: int, output_len: int, shared_prefix: int) -> int:
 METRICS = ("output_throughput", "ttft_p50_s", "itl_p50_s", "num_preemptions", "prefix_hit_rate")
 
 
+class IncompleteTrace(RuntimeError):
+    """A live run's trace lacks requests it served (events lost on the way to the recorder)."""
+
+
 def live_run(pipeline: Pipeline, workload: Workload, rate: float, output_len: int, seed: int) -> Trace:
     """Send ``workload``'s prompts at the offsets ``Workload.poisson`` drew for ``seed``; the run's trace."""
     pipeline.clear_trace()
@@ -80,9 +85,9 @@ def live_run(pipeline: Pipeline, workload: Workload, rate: float, output_len: in
     trace = pipeline.trace(settle_s=0.5)
     if (held := trace.summary().num_requests) != len(results):  # events lost on the way to the recorder
         missed, dropped = trace.meta.get("missed"), trace.meta.get("dropped")
-        raise RuntimeError(
-            f"the trace holds {held} of the {len(results)} requests served "
-            f"(events missed since launch: {missed}, dropped: {dropped}): its numbers would be wrong"
+        raise IncompleteTrace(
+            f"the trace holds {held} of the {len(results)} requests served (events missed since launch: "
+            f"{missed}, dropped: {dropped}, components behind: {trace.meta.get('behind')}): its numbers would be wrong"
         )
     return trace
 
@@ -141,6 +146,7 @@ def main() -> None:
     launch.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     launch.add_argument("--cores", type=int, default=None, help="run on this many of the usable cores (affinity)")
     parser.add_argument("--out", default=None, help="write the machine, the cost model and every run's summaries here")
+    parser.add_argument("--save-traces", default=None, help="save each live run's trace in this directory")
     args = parser.parse_args()
     if args.model and args.model_shape:
         parser.error("--model or --model-shape, not both")
@@ -175,6 +181,7 @@ def main() -> None:
         order = [(s, n) for s in seeds for n in names] if together else [(s, n) for n in names for s in seeds]
         rows: dict[str, dict[str, list[TraceSummary]]] = {n: {"live": [], "simulated": []} for n in names}
         cost: CostModel | None = None
+        skipped: list[str] = []  # runs whose traces lost events
         with contextlib.ExitStack() as stack:
 
             def up(name: str) -> Pipeline:
@@ -189,7 +196,17 @@ def main() -> None:
                         pipelines.pop(other).shutdown()
                     pipelines[name] = up(name)
                 rate = args.rate * CONFIGS[name][1]
-                trace = live_run(pipelines[name], workload(seed, rate), rate, args.output_len, seed)
+                try:
+                    trace = live_run(pipelines[name], workload(seed, rate), rate, args.output_len, seed)
+                except IncompleteTrace as error:
+                    if seed == 0:
+                        raise  # no fit, nothing to predict with
+                    skipped.append(f"{name}, seed {seed}: {error}")
+                    print("skipped:", skipped[-1], flush=True)
+                    continue
+                if args.save_traces:
+                    Path(args.save_traces).mkdir(parents=True, exist_ok=True)
+                    trace.save(Path(args.save_traces, f"{name.replace(' ', '_')}-seed{seed}.json.gz"))
                 if seed == 0:
                     share = None if host["gpu"] else CpuShare.measure(model, args.dtype)  # on a GPU: not needed
                     cost = CostModel.fit(trace, cpu_share=share)
@@ -210,6 +227,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     medians: dict[str, dict[str, dict[str, float]]] = {}
     for name, runs in rows.items():
+        if not runs["live"]:
+            print(f"| {name} | every run skipped | | | | |")
+            continue
         live = {m: float(np.median([getattr(s, m) for s in runs["live"]])) for m in METRICS}
         sim = {m: float(np.median([getattr(s, m) for s in runs["simulated"]])) for m in METRICS}
         medians[name] = {"live": live, "simulated": sim}
@@ -225,6 +245,7 @@ def main() -> None:
             "settings": vars(args),
             "cost_model": cost.describe() if cost else None,
             "medians": medians,
+            "skipped": skipped,
             "runs": {n: {k: [s.to_dict() for s in v] for k, v in r.items()} for n, r in rows.items()},
         }
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -354,14 +354,20 @@ class Pipeline:
     def trace(self, settle_s: float = 0.1) -> Trace:
         """What the recorder kept since launch (or ``clear_trace``): DataFrames of steps, requests, blocks...
 
-        First waits until no event came for ``settle_s`` (2 s at most), so that the events of
-        requests that just returned are in; 0 takes the snapshot at once (live views).
+        First waits until every event published before the call is recorded (``Recorder.catch_up``:
+        the events of requests that just returned are in), then until none came for ``settle_s``
+        (2 s at most: work still under way); 0 takes the snapshot at once (live views). If a
+        component did not catch up within 30 s, ``meta["behind"]`` names it.
         """
         if self.recorder is None:
             raise RuntimeError("this pipeline was launched with record=False: subscribe with events() instead")
+        behind: set[str] = set()
         if settle_s > 0:
+            behind = self.recorder.catch_up()
             self.recorder.settle(settle_s)
         trace = self.recorder.trace()
+        if behind:
+            trace.meta["behind"] = sorted(behind)
         now, then = self._cpu_seconds(), self._cpu_at_clear
         if now and now.keys() == then.keys():  # the same processes (name and pid): none restarted since
             trace.meta["cpu_s"] = {name: now[name, pid] - then[name, pid] for name, pid in now}

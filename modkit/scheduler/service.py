@@ -61,7 +61,7 @@ from modkit.scheduler.scheduler import Scheduler
 from modkit.scheduler.slots import InFlightStep, WorkerSlot
 from modkit.scheduler.step import never_fits_message, waits_for_ever
 from modkit.scheduler.swapping import SchedulerSwapping
-from modkit.trace.events import EventPublisher, StepEvent, step_event
+from modkit.trace.events import EventPublisher, Queued, StepEvent, step_event
 from modkit.transport import Inbox, Outbox, RpcClient
 
 KV_RPC_TIMEOUT_S = 5.0  # calls other than apply (which has its own, see modkit.kvcache.client)
@@ -177,6 +177,8 @@ class SchedulerService(SchedulerSwapping, SchedulerRecovery, SchedulerDisaggrega
             self._reject(message.req_id, "invalid", str(error))
             return
         self.owner[message.req_id] = slot.worker_id
+        if prefill is None:
+            self.events.publish(f"queued.{slot.worker_id}", Queued(time.time(), message.req_id, slot.worker_id))
 
     def _abort(self, message: AbortRequest) -> None:
         status = RequestStatus.FINISHED_STOPPED if message.reason == "stop" else RequestStatus.FINISHED_ABORTED

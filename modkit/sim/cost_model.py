@@ -15,7 +15,7 @@ is the longest of a few *terms*, each a linear function of the step's features::
 
 and the step as the scheduler sees it (plan sent to result back) takes ``step_overhead_s``
 more (the hops between the scheduler, worker and sampler), and ``idle_overhead_s`` more
-again when the worker had nothing in flight (no other step hid the plan's trip).
+again when the worker had nothing in flight (no other step hid its planning and the plan's trip).
 
 NOTE: why ``batched``. A step's cost is not linear in its requests. The embedded model's
 decode steps, timed on the CPU (one thread), take 3.4 ms for one request, 4.5 ms for two and
@@ -46,8 +46,8 @@ its steps vary as the live run's did, stalls included: the medians and tails of 
 depend on that, not only their means.
 
 Two latencies around the steps, fitted too: ``admit_s`` (a request's arrival at the frontend
-to the scheduler planning with it: the hops through the router) and ``output_s`` (a step's
-result at the scheduler to its tokens at the frontend).
+to its scheduler, ``Queued``: the hops through the router) and ``output_s`` (a step's result
+at the scheduler to its tokens at the frontend).
 
 What a fit was measured under is kept in ``fitted_on``, from the trace's meta: the device,
 each worker's threads, the usable cores, the number of workers. On the CPU the workers
@@ -73,7 +73,7 @@ import numpy as np
 
 from modkit.sim.cpu_share import CpuShare
 from modkit.sim.regression import robust_nonnegative_fit
-from modkit.trace.events import RequestArrived, StepEvent, TokensOut
+from modkit.trace.events import Queued, RequestArrived, StepEvent, TokensOut
 
 if TYPE_CHECKING:
     from modkit.model.config import ModelConfig
@@ -250,9 +250,11 @@ class CostModel:
         part of it, so a fitted model's ``step_overhead_s`` is 0: they are in its ``step``
         coefficient. The coefficients come from the steps planned ahead (the worker was busy);
         the steps sent to an idle worker give ``idle_overhead_s``, the median of what they
-        took beyond the fit.
+        took beyond the fit, counted from when their planning began: nothing hid the
+        scheduler's work for them (``schedule_s``), which a request that reached an idle
+        scheduler waits for.
         """
-        rows, wall_s, idle = [], [], []
+        rows, wall_s, idle, planning_s = [], [], [], []
         for worker_steps in _steps_by_worker(trace).values():
             prev_end = -np.inf
             for e in worker_steps:
@@ -260,6 +262,7 @@ class CostModel:
                 rows.append([step_features(e.scheduled)[name] for name in FEATURES])
                 wall_s.append(end - max(e.started, prev_end))
                 idle.append(e.started >= prev_end)
+                planning_s.append(e.schedule_s if idle[-1] else 0.0)  # nothing in flight hid it
                 prev_end = end
         x, y, is_idle = np.asarray(rows), np.asarray(wall_s), np.asarray(idle, dtype=bool)
         busy = ~is_idle if np.sum(~is_idle) >= len(FEATURES) else np.ones(len(y), dtype=bool)
@@ -267,10 +270,11 @@ class CostModel:
             raise ValueError(f"{len(y)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
         coefficients, busy_weights = robust_nonnegative_fit(x[busy], y[busy])
         predicted = x @ coefficients
-        idle_overhead = max(float(np.median(y[is_idle] - predicted[is_idle])), 0.0) if np.any(is_idle) else 0.0
+        waited = y + np.asarray(planning_s)  # for an idle worker's step: from when its planning began
+        idle_overhead = max(float(np.median(waited[is_idle] - predicted[is_idle])), 0.0) if np.any(is_idle) else 0.0
         weights = np.ones(len(y))
         weights[busy] = busy_weights
-        error = FitError.of(predicted + idle_overhead * is_idle, y, weights)
+        error = FitError.of(predicted + idle_overhead * is_idle, waited, weights)
         ratios = y[busy & (predicted > 0)] / predicted[busy & (predicted > 0)]
         admit_s, output_s = _latencies(trace)
         return cls(
@@ -351,21 +355,9 @@ def _cpu_demand(trace: Trace, busy_s: float) -> float | None:
 
 
 def _latencies(trace: Trace) -> tuple[float, float]:
-    """Medians of: arrival to the first step that schedules the request, for requests that arrived
-    while their worker had no step in flight (nothing to wait for but the hops); and a step's
-    result back at the scheduler to the next ``TokensOut`` at the frontend."""
+    """Medians of: a request's arrival at the frontend to its scheduler (``_admit_times``); and a
+    step's result back at the scheduler to the next ``TokensOut`` at the frontend."""
     steps = _steps_by_worker(trace)
-    first_step: dict[str, tuple[int, float]] = {}  # req_id -> (worker, when its first step was sent)
-    for worker_id, worker_steps in steps.items():
-        for step in worker_steps:
-            for r in step.scheduled:
-                first_step.setdefault(r.req_id, (worker_id, step.started))
-    admits = []
-    for event in trace.events:
-        if isinstance(event, RequestArrived) and event.req_id in first_step:
-            worker_id, scheduled_at = first_step[event.req_id]
-            if not _in_flight_at(steps[worker_id], event.ts):
-                admits.append(scheduled_at - event.ts)
     ends = np.sort([step.started + step.step_s for s in steps.values() for step in s])
     outputs = []
     for event in trace.events:
@@ -373,7 +365,34 @@ def _latencies(trace: Trace) -> tuple[float, float]:
             i = int(np.searchsorted(ends, event.ts, side="right")) - 1
             if i >= 0:
                 outputs.append(event.ts - ends[i])
-    return _median(admits), _median(outputs)
+    return _median(_admit_times(trace, steps)), _median(outputs)
+
+
+def _admit_times(trace: Trace, steps: dict[int, list[StepEvent]]) -> list[float]:
+    """Each request's arrival at the frontend to its arrival at the scheduler (``Queued``).
+
+    NOTE: a trace recorded before the scheduler published ``Queued`` has only the first step
+    that scheduled each request. That is the admission only for a request that arrived while
+    its worker had nothing in flight: under load those are few, and early in the run."""
+    arrived = {e.req_id: e.ts for e in trace.events if isinstance(e, RequestArrived)}
+    queued: dict[str, float] = {}
+    for e in trace.events:
+        if isinstance(e, Queued) and e.req_id in arrived:
+            queued.setdefault(e.req_id, e.ts)
+    if queued:
+        return [queued[r] - arrived[r] for r in queued]
+    first_step: dict[str, tuple[int, float]] = {}  # req_id -> (worker, when its first step was sent)
+    for worker_id, worker_steps in steps.items():
+        for step in worker_steps:
+            for r in step.scheduled:
+                first_step.setdefault(r.req_id, (worker_id, step.started))
+    admits = []
+    for req_id, ts in arrived.items():
+        if req_id in first_step:
+            worker_id, scheduled_at = first_step[req_id]
+            if not _in_flight_at(steps[worker_id], ts):
+                admits.append(scheduled_at - ts)
+    return admits
 
 
 def _in_flight_at(steps: list[StepEvent], t: float) -> bool:

@@ -16,7 +16,7 @@ The clock is a queue of timed events (discrete-event simulation), as the schedul
 would see them::
 
     arrival      the frontend sends the request on (RequestArrived); the router picks a worker (Routed);
-                 admit_s later it reaches that worker's scheduler
+                 admit_s later it reaches that worker's scheduler (Queued)
     step done    a step's result is back: update_from_output, then the next plans; admit_s...
                  output_s later its tokens reach the frontend (TokensOut, RequestDone)
 
@@ -40,7 +40,7 @@ stretch this one back (it is stretched itself for the overlap). On a GPU every w
 cost what the fit measured, as on a device of its own.
 
 The events it records are the live pipeline's (StepEvent, ForwardEvent, BlockEvents,
-RequestArrived, Routed, TokensOut, RequestDone), so the result is an ordinary ``Trace``,
+RequestArrived, Routed, Queued, TokensOut, RequestDone), so the result is an ordinary ``Trace``,
 whose ``meta`` says ``simulated: True`` and which cost model timed it. It is a simulation:
 its times are as good as the cost model, and the hops between processes are two constants.
 """
@@ -71,6 +71,7 @@ from modkit.trace.events import (
     BlockEvents,
     ForwardEvent,
     PipelineEvent,
+    Queued,
     RequestArrived,
     RequestDone,
     Routed,
@@ -194,6 +195,7 @@ class Simulation:
         except ValueError as error:
             self._done(req_id, "rejected", str(error), self.now)
             return
+        self.events.append(Queued(self.now, req_id, worker_id))
         self._plan(worker)
 
     def _plan(self, worker: SimWorker) -> None:

@@ -13,6 +13,7 @@ subscriber can tell a dropped message from a quiet component.
 topic                  publisher (socket)         message
 =====================  =========================  =====================================================
 ``step.<worker>``      scheduler (scheduler.ev)   ``StepEvent``: one per step of that worker
+``queued.<worker>``    scheduler (scheduler.ev)   ``Queued``: a request reached that worker's scheduler
 ``forward.<worker>``   worker-i (worker-i.ev)     ``ForwardEvent``: the worker's own timing of the step
 ``blocks.<worker>``    KV manager (kv.events)     ``BlockEvents``: block activity of one ``apply`` call
 ``route``              router (router.ev)         ``Routed``: the worker chosen for a request, and why
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from modkit.scheduler.output import StepRecord
 
 # What a subscriber of the whole stream asks for.
-TOPICS = ("step.", "forward.", "transfer.", "blocks.", "request", "route", "swap", "hello")
+TOPICS = ("step.", "queued.", "forward.", "transfer.", "blocks.", "request", "route", "swap", "hello")
 
 
 class ScheduledReq(msgspec.Struct, array_like=True, frozen=True):
@@ -201,6 +202,17 @@ class RequestArrived(msgspec.Struct, tag="arrived", frozen=True):
     sampling_params: SamplingParams | None = None  # this request's own (one of n: n=1, its seed)
 
 
+class Queued(msgspec.Struct, tag="queued", frozen=True):
+    """A request reached its worker's scheduler, which may plan with it from now on.
+
+    From ``RequestArrived`` to this is the hops through the router; from this to the first
+    step that schedules it, the wait for a plan (and for room in one)."""
+
+    ts: float
+    req_id: str
+    worker_id: int
+
+
 class TokensOut(msgspec.Struct, tag="tokens", frozen=True):
     """Tokens the frontend received from one step: one per request (this engine samples one per step)."""
 
@@ -252,6 +264,7 @@ PipelineEvent = (
     | TransferEvent
     | BlockEvents
     | RequestArrived
+    | Queued
     | TokensOut
     | RequestDone
     | Routed

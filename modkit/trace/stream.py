@@ -49,7 +49,10 @@ class EventStream:
         if not endpoints:
             raise ValueError("no publishers to subscribe to")
         addresses = list(dict.fromkeys(events for events, _ in endpoints.values()))
-        self.keys = keys
+        self.endpoints, self.keys = dict(endpoints), keys
+        self._marks: dict[str, set[str]] = {}  # token -> components whose Hello with it has not come yet
+        self._marks_done = threading.Condition()
+        self._hellos_read: list[Hello] = []  # read by recv, not yet confirmed by the reader
         self.subscriber = Subscriber(addresses[0], TOPICS, payload_type=PipelineEvent, keys=keys)
         for address in addresses[1:]:
             self.subscriber.connect(address)
@@ -67,9 +70,7 @@ class EventStream:
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no Hello from {sorted(pending)} within {timeout_s:g} s: are they running?")
-            for component in sorted(pending):
-                with RpcClient(endpoints[component][1], timeout_s=timeout_s, keys=self.keys) as rpc:
-                    rpc.call("announce_events", token)
+            self._announce(sorted(pending), token, timeout_s)
             until = time.monotonic() + 0.2
             while pending and (remaining := until - time.monotonic()) > 0:
                 delivery = self.subscriber.recv(remaining)
@@ -81,6 +82,46 @@ class EventStream:
                         pending.discard(event.component)
                 else:
                     self._early.append(event)
+
+    def _announce(self, components: list[str], token: str, timeout_s: float) -> None:
+        for component in components:
+            with RpcClient(self.endpoints[component][1], timeout_s=timeout_s, keys=self.keys) as rpc:
+                rpc.call("announce_events", token)
+
+    def mark(self, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> str:
+        """Ask every publisher for a ``Hello`` behind what it has published so far; its token.
+
+        A publisher's messages arrive in the order it sent them, so once ``reached(token)``,
+        everything published before this call has come in (or was dropped: ``missed``).
+        Another thread must be reading the stream and calling ``confirm()`` once it has kept
+        what it read (``Recorder`` does)."""
+        token = uuid.uuid4().hex
+        with self._marks_done:
+            self._marks[token] = set(self.endpoints)
+        self._announce(sorted(self.endpoints), token, timeout_s)
+        return token
+
+    def reached(self, token: str, timeout_s: float) -> set[str]:
+        """Wait up to ``timeout_s`` for every publisher's ``Hello`` of ``mark()``'s ``token``; the
+        components whose Hello has not come (empty: all in), and forget the token."""
+        with self._marks_done:
+            self._marks_done.wait_for(lambda: not self._marks[token], timeout_s)
+            return self._marks.pop(token)
+
+    def _saw_hello(self, hello: Hello) -> None:
+        with self._marks_done:
+            if hello.token in self._marks:
+                self._hellos_read.append(hello)
+
+    def confirm(self) -> None:
+        """The reader has kept every event ``recv`` returned so far: the ``Hello`` among them count now."""
+        with self._marks_done:
+            for hello in self._hellos_read:
+                pending = self._marks.get(hello.token)
+                if pending is not None:
+                    pending.discard(hello.component)
+            self._hellos_read.clear()
+            self._marks_done.notify_all()
 
     @property
     def missed(self) -> int:
@@ -96,8 +137,9 @@ class EventStream:
             delivery = self.subscriber.recv(max(0.0, deadline - time.monotonic()))
             if delivery is None:
                 return None
-            if not isinstance(delivery.payload, Hello):  # other subscribers' handshakes
+            if not isinstance(delivery.payload, Hello):
                 return delivery.payload
+            self._saw_hello(delivery.payload)  # a mark()'s, or another subscriber's handshake
 
     def __iter__(self) -> Iterator[PipelineEvent]:
         """Events as they come, forever (break out of the loop, then ``close()``)."""
@@ -140,6 +182,7 @@ class Recorder:
             while not self._stop.is_set():
                 event = self.stream.recv(0.1)
                 if event is None:
+                    self.stream.confirm()  # a Hello may have come alone
                     continue
                 batch = [event]
                 while (event := self.stream.recv(0)) is not None:
@@ -152,6 +195,7 @@ class Recorder:
                         excess = len(self._events) - self.max_events
                         del self._events[:excess]
                         self.dropped += excess
+                self.stream.confirm()
                 # NOTE: wake at most every BATCH_S. A thread that wakes for each message takes the GIL
                 # from the notebook's own work each time; the events keep their own time stamps anyway.
                 self._stop.wait(BATCH_S)
@@ -167,6 +211,17 @@ class Recorder:
         deadline = time.monotonic() + timeout_s
         while (quiet := time.monotonic() - self.last_event_at) < quiet_s and time.monotonic() < deadline:
             time.sleep(quiet_s - quiet)
+
+    def catch_up(self, timeout_s: float = 30.0) -> set[str]:
+        """Wait until every event published before this call is recorded (``EventStream.mark``),
+        at most ``timeout_s``; the components not caught up with (empty: none).
+
+        NOTE: a quiet spell (``settle``) is not enough. The recorder shares its process with the
+        notebook, whose own work (a load generator parsing thousands of streamed chunks a second)
+        can keep it seconds behind the pipeline: the events are queued, not lost, but a snapshot
+        taken when they stop *arriving* misses them."""
+        token = self.stream.mark(min(timeout_s, HANDSHAKE_TIMEOUT_S))
+        return self.stream.reached(token, timeout_s)
 
     def trace(self) -> Trace:
         """Everything recorded so far (since launch, or the last ``clear``)."""

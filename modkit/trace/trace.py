@@ -33,6 +33,7 @@ from modkit.trace.events import (
     BlockEvents,
     ForwardEvent,
     PipelineEvent,
+    Queued,
     RequestArrived,
     RequestDone,
     Routed,
@@ -229,7 +230,8 @@ class Trace:
 
     @cached_property
     def requests(self) -> pd.DataFrame:
-        """One row per engine request: when it arrived, was first scheduled, sent its first token, finished."""
+        """One row per engine request: when it arrived, reached its scheduler (``queued``), was first
+        scheduled, sent its first token, finished."""
         info: dict[str, dict[str, Any]] = {}
 
         def row(req_id: str) -> dict[str, Any]:
@@ -255,10 +257,21 @@ class Trace:
                     r["num_output_tokens"] = r.get("num_output_tokens", 0) + n
             elif isinstance(e, Routed):
                 row(e.req_id)["worker_id"] = e.worker_id
+            elif isinstance(e, Queued):
+                row(e.req_id).setdefault("queued", e.ts - self.t0)  # the first time (it may move on a restart)
             elif isinstance(e, RequestDone):
                 r = row(e.req_id)
                 r.update(finished=e.ts - self.t0, finish_reason=e.finish_reason)
-        columns = ["req_id", "request_id", "worker_id", "arrival", "first_scheduled", "first_token", "finished"]
+        columns = [
+            "req_id",
+            "request_id",
+            "worker_id",
+            "arrival",
+            "queued",
+            "first_scheduled",
+            "first_token",
+            "finished",
+        ]
         columns += ["num_prompt_tokens", "num_output_tokens", "num_cached_tokens", "num_preemptions", "finish_reason"]
         frame = _frame(list(info.values()), columns).reindex(columns=columns)
         frame["queue_time"] = frame["first_scheduled"] - frame["arrival"]
