@@ -11,6 +11,8 @@ is the longest of a few *terms*, each a linear function of the step's features::
               num_seqs                requests in the batch
               batched                 1 if there is more than one: a cost that comes once a step has
                                       two or more requests, not again with each one (see below)
+              prompt_step             1 if it computes prompt tokens: a cost that comes once a step has
+                                      a prompt chunk (see below)
               step                    1: a constant per step
 
 and the step as the scheduler sees it (plan sent to result back) takes ``step_overhead_s``
@@ -24,6 +26,12 @@ steps hold mostly one to three requests, with ``num_seqs`` alone, charges every 
 jump from the first to the second, and at twice the traffic (up to eight requests a step)
 predicted inter-token latencies 35 to 67% longer than live on the 2-core box. ``batched``
 takes the jump once.
+
+NOTE: why ``prompt_step``. On a GPU a decode-only step replays one CUDA graph, and a step with
+a prompt chunk runs the piecewise graphs with each layer's attention launched eagerly between
+them (``modkit.worker.cuda_graphs``): a cost per step, whatever the chunk's size. A fit on a
+run whose prompts come whole (256 tokens a step) charges it to each prompt token, and then
+prices a step of a 64-token chunk (``max_num_batched_tokens=64``) far below what it costs.
 
 Two ways to get one:
 
@@ -86,6 +94,7 @@ FEATURES = (
     "decode_context_tokens",
     "num_seqs",
     "batched",
+    "prompt_step",
     "step",
 )
 
@@ -116,6 +125,7 @@ def step_features(scheduled: Iterable[ScheduledLike]) -> dict[str, float]:
             f["num_prompt_tokens"] += s.num_tokens
             f["prompt_attention_tokens"] += s.num_tokens * (s.num_computed_tokens + s.num_tokens / 2)
     f["batched"] = 1.0 if f["num_seqs"] > 1 else 0.0
+    f["prompt_step"] = 1.0 if f["num_prompt_tokens"] else 0.0
     f["step"] = 1.0
     return f
 

@@ -19,7 +19,7 @@ well, a decode's small ones less, and a step's fixed cost (Python, the hops betw
 processes) not at all. So it is measured per group of the cost model's features::
 
     group    features                                            measured as
-    step     step                                                a step's intercept
+    step     step, prompt_step                                   a step's intercept
     prompt   num_prompt_tokens, prompt_attention_tokens          the time per prompt token
     decode   num_decode_tokens, decode_context_tokens, num_seqs  the time per decode in a batch
 
@@ -73,7 +73,7 @@ from modkit.transport.process import usable_cores  # the cores a launch counts
 
 # The cost model's features in each group (see the module docstring).
 GROUPS = {
-    "step": ("step",),
+    "step": ("step", "prompt_step"),
     "prompt": ("num_prompt_tokens", "prompt_attention_tokens"),
     "decode": ("num_decode_tokens", "decode_context_tokens", "num_seqs"),
 }
