@@ -11,7 +11,8 @@ A cost model is fitted on one live run of the base configuration; on the CPU wit
 on this machine, how a step changes with its threads (``modkit.sim.cpu_share``). Then, for each
 configuration (another rate, budget, block count, worker count...), ``--runs`` live runs
 (Poisson workloads of seeds 1, 2, ...) and the simulation of each one's recorded workload
-under that configuration. On the CPU every configuration's pipeline is launched first and the
+under that configuration. Each pipeline serves one workload (another seed) before its runs, to
+warm up. On the CPU every configuration's pipeline is launched first and the
 runs go round them (seed 1 of each, then seed 2...), so that a machine whose other load comes
 and goes weighs on every configuration alike (an idle pipeline uses about 1% of a core); on a
 GPU, whose memory each launch takes most of, one configuration after another. Prints a
@@ -61,6 +62,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], float]] = {
     "2 workers": ({"num_workers": 2}, 2.0),
 }
 BLOCK_SIZE = 16  # PipelineConfig's default
+WARM_UP_SEED = 1_000  # the workload each pipeline serves once, untraced, before the runs
 
 
 def small_pool(prompt_len: int, output_len: int, shared_prefix: int) -> int:
@@ -185,7 +187,13 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
 
             def up(name: str) -> Pipeline:
-                return stack.enter_context(Pipeline.launch(ports="auto", seed=0, progress=False, **settings[name]))
+                pipeline = stack.enter_context(Pipeline.launch(ports="auto", seed=0, progress=False, **settings[name]))
+                # NOTE: a fresh pipeline's first requests are slow (on an H200, the first prompts of a launch
+                # reached the scheduler up to 125 ms late), and a fit on them prices every step as the first.
+                rate = args.rate * CONFIGS[name][1]
+                warm_up = workload(WARM_UP_SEED, rate)
+                loadgen.open_loop(f"{pipeline.url}/v1", pipeline.model_name, warm_up.prompts, rate, args.output_len, 0)
+                return pipeline
 
             pipelines = {n: up(n) for n in names} if together else {}
             for seed, name in order:

@@ -98,6 +98,9 @@ FEATURES = (
     "step",
 )
 
+# What the scheduler's work on a step depends on (plan_features).
+PLAN_FEATURES = ("admits", "allocates", "step")
+
 # Trace meta keys that say what a fit was measured under (a launch records them).
 FITTED_ON = ("device", "worker_threads", "usable_cores", "num_workers")
 
@@ -111,6 +114,8 @@ class ScheduledLike(Protocol):
     def kind(self) -> str: ...
     @property
     def num_computed_tokens(self) -> int: ...
+    @property
+    def num_cached_tokens(self) -> int: ...
 
 
 def step_features(scheduled: Iterable[ScheduledLike]) -> dict[str, float]:
@@ -128,6 +133,19 @@ def step_features(scheduled: Iterable[ScheduledLike]) -> dict[str, float]:
     f["prompt_step"] = 1.0 if f["num_prompt_tokens"] else 0.0
     f["step"] = 1.0
     return f
+
+
+def plan_features(scheduled: Iterable[ScheduledLike], block_size: int) -> dict[str, float]:
+    """What a step costs the scheduler to plan (``PLAN_FEATURES``): a round trip to the KV cache
+    manager for the run of requests it admits, one for the new blocks of the others (the KV cache
+    manager client sends each kind once a step: ``modkit.kvcache.client``), and a constant."""
+    admits = allocates = 0.0
+    for s in scheduled:
+        if s.kind == "prompt" and s.num_computed_tokens == s.num_cached_tokens:
+            admits = 1.0  # admitted this step: it starts where its prefix-cache hit ends
+        elif -(-(s.num_computed_tokens + s.num_tokens) // block_size) > -(-s.num_computed_tokens // block_size):
+            allocates = 1.0  # its new tokens reach past the blocks it holds
+    return {"admits": admits, "allocates": allocates, "step": 1.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +187,7 @@ class CostModel:
     terms: list[dict[str, float]]  # each: feature -> seconds per unit; a forward takes its longest term
     step_overhead_s: float = 0.0  # every step, beyond its forward
     idle_overhead_s: float = 0.0  # more, for a step sent to a worker with nothing in flight
+    plan: dict[str, float] = field(default_factory=dict)  # PLAN_FEATURES -> seconds: the scheduler's work on a step
     admit_s: float = 0.0
     output_s: float = 0.0
     source: str = ""  # how it was made, for a simulated trace's meta
@@ -215,6 +234,13 @@ class CostModel:
             return 1.0
         return max(1.0, busy_workers * demand / cores) / max(1.0, demand / cores)
 
+    def plan_time(self, scheduled: Iterable[ScheduledLike], block_size: int) -> float:
+        """Seconds the scheduler takes to plan a step that schedules ``scheduled`` (``plan_features``)."""
+        if not self.plan:
+            return 0.0
+        features = plan_features(scheduled, block_size)
+        return sum(c * features[name] for name, c in self.plan.items())
+
     def overhead(self, idle: bool) -> float:
         """Seconds a step takes beyond its forward, as the scheduler sees it."""
         return self.step_overhead_s + (self.idle_overhead_s if idle else 0.0)
@@ -227,6 +253,7 @@ class CostModel:
             "terms": self.terms,
             "step_overhead_s": self.step_overhead_s,
             "idle_overhead_s": self.idle_overhead_s,
+            "plan": self.plan,
             "admit_s": self.admit_s,
             "output_s": self.output_s,
             "fit_error": None if error is None else dataclasses.asdict(error),
@@ -242,6 +269,8 @@ class CostModel:
         e = self.fit_error
         error = "" if e is None else f", error p50 {e.median:.0%} p90 {e.p90:.0%} (floor {1e3 * e.floor_s:.2g} ms)"
         overheads = f"overhead {self.step_overhead_s:.3g} s (+{self.idle_overhead_s:.3g} s idle)"
+        if self.plan:
+            overheads += "; plan " + ", ".join(f"{k}={v:.3g}" for k, v in self.plan.items() if v)
         latencies = f"admit {self.admit_s:.3g} s, output {self.output_s:.3g} s"
         return f"CostModel({self.source}: {terms}; {overheads}; {latencies}{error})"
 
@@ -260,11 +289,11 @@ class CostModel:
         part of it, so a fitted model's ``step_overhead_s`` is 0: they are in its ``step``
         coefficient. The coefficients come from the steps planned ahead (the worker was busy);
         the steps sent to an idle worker give ``idle_overhead_s``, the median of what they
-        took beyond the fit, counted from when their planning began: nothing hid the
-        scheduler's work for them (``schedule_s``), which a request that reached an idle
-        scheduler waits for.
+        took beyond the fit. The scheduler's work on each step before its plan left
+        (``schedule_s``, with its round trips to the KV cache manager) gives ``plan``.
         """
-        rows, wall_s, idle, planning_s = [], [], [], []
+        rows, wall_s, idle, plan_rows, plan_s = [], [], [], [], []
+        block_size = int(trace.meta.get("block_size") or 16)
         for worker_steps in _steps_by_worker(trace).values():
             prev_end = -np.inf
             for e in worker_steps:
@@ -272,7 +301,8 @@ class CostModel:
                 rows.append([step_features(e.scheduled)[name] for name in FEATURES])
                 wall_s.append(end - max(e.started, prev_end))
                 idle.append(e.started >= prev_end)
-                planning_s.append(e.schedule_s if idle[-1] else 0.0)  # nothing in flight hid it
+                plan_rows.append([plan_features(e.scheduled, block_size)[name] for name in PLAN_FEATURES])
+                plan_s.append(e.schedule_s)
                 prev_end = end
         x, y, is_idle = np.asarray(rows), np.asarray(wall_s), np.asarray(idle, dtype=bool)
         busy = ~is_idle if np.sum(~is_idle) >= len(FEATURES) else np.ones(len(y), dtype=bool)
@@ -280,16 +310,17 @@ class CostModel:
             raise ValueError(f"{len(y)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
         coefficients, busy_weights = robust_nonnegative_fit(x[busy], y[busy])
         predicted = x @ coefficients
-        waited = y + np.asarray(planning_s)  # for an idle worker's step: from when its planning began
-        idle_overhead = max(float(np.median(waited[is_idle] - predicted[is_idle])), 0.0) if np.any(is_idle) else 0.0
+        idle_overhead = max(float(np.median(y[is_idle] - predicted[is_idle])), 0.0) if np.any(is_idle) else 0.0
         weights = np.ones(len(y))
         weights[busy] = busy_weights
-        error = FitError.of(predicted + idle_overhead * is_idle, waited, weights)
+        error = FitError.of(predicted + idle_overhead * is_idle, y, weights)
+        plan, _ = robust_nonnegative_fit(np.asarray(plan_rows), np.asarray(plan_s))
         ratios = y[busy & (predicted > 0)] / predicted[busy & (predicted > 0)]
         admit_s, output_s = _latencies(trace)
         return cls(
             [{name: float(c) for name, c in zip(FEATURES, coefficients, strict=True)}],
             idle_overhead_s=idle_overhead,
+            plan={name: float(c) for name, c in zip(PLAN_FEATURES, plan, strict=True)},
             admit_s=admit_s,
             output_s=output_s,
             source=f"fit on {len(y)} steps",

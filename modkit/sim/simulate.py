@@ -109,11 +109,12 @@ class StepTiming:
     """A step in flight on the simulated clock."""
 
     record: StepRecord
-    started: float  # the plan was sent
+    started: float  # the plan was sent (planned: the cost model's plan_time after the scheduler could start)
     ready: float  # the worker could start it
     forward_s: float
     end: float  # its result is back at the scheduler
     num_sampled: int
+    plan_s: float  # the scheduler's work on it before it was sent
 
 
 class SimWorker:
@@ -148,6 +149,7 @@ class Simulation:
         self.router = Router(config.num_workers, config.block_size, config.router_policy)
         self.workers = [SimWorker(i, config, max_model_len, self) for i in range(config.num_workers)]
         self.now = 0.0
+        self.planner_free_at = 0.0  # when the scheduler is done planning the steps sent so far
         self.rng = random.Random(config.seed)  # draws each step's spread (CostModel.spread)
         self.thread_scale = cost_model.thread_scale(config.num_workers)  # on the CPU: {} = as fitted
         self.events: list[PipelineEvent] = []
@@ -222,13 +224,16 @@ class Simulation:
         record = scheduler.last_record
         assert record is not None
         idle = len(worker.driver.in_flight) == 1  # nothing else in flight
-        ready = max(self.now, worker.free_at)
+        # The one scheduler process plans every worker's steps, one after another.
+        plan_s = self.cost_model.plan_time(record.scheduled, self.config.block_size)
+        sent = self.planner_free_at = max(self.now, self.planner_free_at) + plan_s
+        ready = max(sent, worker.free_at)
         forward_s = self.cost_model.forward_time(step_features(record.scheduled), self.rng, self.thread_scale)
         if len(self.workers) > 1:
             forward_s *= self.cost_model.sharing(1.0 + self._overlap(worker, ready, forward_s))
         end = ready + forward_s + self.cost_model.overhead(idle)
         worker.free_at = end
-        worker.timings.append(StepTiming(record, self.now, ready, forward_s, end, len(step.sampling)))
+        worker.timings.append(StepTiming(record, sent, ready, forward_s, end, len(step.sampling), plan_s))
         self._at(end, "step_done", worker.worker_id)
 
     def _overlap(self, worker: SimWorker, ready: float, forward_s: float) -> float:
@@ -287,7 +292,7 @@ class Simulation:
             worker_id=worker.worker_id,
             started=timing.started,
             step_s=timing.end - timing.started,
-            schedule_s=0.0,
+            schedule_s=timing.plan_s,
             forward_s=timing.forward_s,
             sample_s=0.0,
         )
