@@ -17,7 +17,8 @@ runs go round them (seed 1 of each, then seed 2...), so that a machine whose oth
 and goes weighs on every configuration alike (an idle pipeline uses about 1% of a core); on a
 GPU, whose memory each launch takes most of, one configuration after another. Prints a
 markdown table of the medians over the runs: output throughput, TTFT p50, ITL p50,
-preemptions and prefix-hit rate, live and simulated.
+preemptions and prefix-hit rate, live and simulated, and how far the live runs of each
+configuration spread (their range over their median: the machine's own noise).
 
 ``--model``, ``--model-shape`` (random weights with a known model's shapes, made on the spot),
 ``--device``, ``--dtype`` and ``--max-model-len`` go to every launch. ``--cores N`` confines
@@ -98,6 +99,14 @@ def pair(live: dict[str, float], sim: dict[str, float], metric: str, scale: floa
     """``live / simulated (error)`` for one metric."""
     error = (sim[metric] - live[metric]) / live[metric] if live[metric] else 0.0
     return f"{scale * live[metric]:.1f} / {scale * sim[metric]:.1f} ({error:+.0%})"
+
+
+def spread(runs: list[TraceSummary], metric: str) -> str:
+    """How far the runs of one configuration are from each other: the range over the median, in %.
+    A prediction cannot be expected to come closer to the median than the runs themselves do."""
+    values = [getattr(s, metric) for s in runs]
+    median = float(np.median(values))
+    return f"{(max(values) - min(values)) / median:.0%}" if median else "-"
 
 
 def machine(device: str | None) -> dict[str, Any]:
@@ -231,8 +240,11 @@ def main() -> None:
 
     host["load_average_after"] = os.getloadavg()
     print(f"\n{host}\n")
-    print("| configuration | tok/s live / sim | TTFT p50 ms live / sim | ITL p50 ms live / sim | preemptions | hits |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| configuration | tok/s live / sim | TTFT p50 ms live / sim | ITL p50 ms live / sim | preemptions | hits "
+        "| live runs' spread, TTFT / ITL |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     medians: dict[str, dict[str, dict[str, float]]] = {}
     for name, runs in rows.items():
         if not runs["live"]:
@@ -244,7 +256,8 @@ def main() -> None:
         print(
             f"| {name} | {pair(live, sim, 'output_throughput')} | {pair(live, sim, 'ttft_p50_s', 1e3)} "
             f"| {pair(live, sim, 'itl_p50_s', 1e3)} | {live['num_preemptions']:.0f} / {sim['num_preemptions']:.0f} "
-            f"| {live['prefix_hit_rate']:.2f} / {sim['prefix_hit_rate']:.2f} |"
+            f"| {live['prefix_hit_rate']:.2f} / {sim['prefix_hit_rate']:.2f} "
+            f"| {spread(runs['live'], 'ttft_p50_s')} / {spread(runs['live'], 'itl_p50_s')} |"
         )
     if args.out:
         report = {

@@ -99,7 +99,7 @@ FEATURES = (
 )
 
 # What the scheduler's work on a step depends on (plan_features).
-PLAN_FEATURES = ("admits", "allocates", "step")
+PLAN_FEATURES = ("kv_round_trip", "admits", "step")
 
 # Trace meta keys that say what a fit was measured under (a launch records them).
 FITTED_ON = ("device", "worker_threads", "usable_cores", "num_workers")
@@ -137,15 +137,15 @@ def step_features(scheduled: Iterable[ScheduledLike]) -> dict[str, float]:
 
 def plan_features(scheduled: Iterable[ScheduledLike], block_size: int) -> dict[str, float]:
     """What a step costs the scheduler to plan (``PLAN_FEATURES``): a round trip to the KV cache
-    manager for the run of requests it admits, one for the new blocks of the others (the KV cache
-    manager client sends each kind once a step: ``modkit.kvcache.client``), and a constant."""
-    admits = allocates = 0.0
+    manager if it admits a request or gives one new blocks (the client sends them together, once
+    a step: ``modkit.kvcache.client``), the admissions' own work, and a constant."""
+    admits = allocates = False
     for s in scheduled:
         if s.kind == "prompt" and s.num_computed_tokens == s.num_cached_tokens:
-            admits = 1.0  # admitted this step: it starts where its prefix-cache hit ends
+            admits = True  # admitted this step: it starts where its prefix-cache hit ends
         elif -(-(s.num_computed_tokens + s.num_tokens) // block_size) > -(-s.num_computed_tokens // block_size):
-            allocates = 1.0  # its new tokens reach past the blocks it holds
-    return {"admits": admits, "allocates": allocates, "step": 1.0}
+            allocates = True  # its new tokens reach past the blocks it holds
+    return {"kv_round_trip": float(admits or allocates), "admits": float(admits), "step": 1.0}
 
 
 @dataclass(frozen=True, slots=True)
