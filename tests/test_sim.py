@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from waiting import wait_until
@@ -31,7 +32,7 @@ from modkit.config import ConfigError
 from modkit.model.config import ModelConfig
 from modkit.sampling_params import SamplingParams
 from modkit.sim import CostModel, Workload, WorkloadRequest, capacity_sweep, knees, simulate, workload_from_trace
-from modkit.sim.cost_model import FEATURES, step_features
+from modkit.sim.cost_model import FEATURES, plan_features, step_features
 from modkit.sim.regression import nonnegative_least_squares
 from modkit.trace import Trace
 from modkit.trace.events import RequestArrived, StepEvent, TokensOut
@@ -97,7 +98,8 @@ def test_every_request_finishes_at_its_length_in_an_ordinary_trace(tmp_path: Pat
     requests = trace.requests
     assert len(requests) == len(workload)
     assert (requests.num_output_tokens == 16).all() and (requests.finish_reason == "length").all()
-    assert (requests.arrival <= requests.first_scheduled).all()
+    assert (requests.queued - requests.arrival).to_numpy() == pytest.approx(COST.admit_s)  # Queued, admit_s later
+    assert (requests.queued <= requests.first_scheduled).all()
     assert (requests.first_scheduled < requests.first_token).all() and (requests.first_token <= requests.finished).all()
     assert len(trace.forwards) == len(trace.steps) > 0
     assert trace.block_state(0).counts()["held"] == 0  # every block given back
@@ -187,6 +189,48 @@ def test_a_fit_on_a_simulated_trace_gives_back_its_cost_model() -> None:
     for name in ("idle_overhead_s", "admit_s", "output_s"):
         assert getattr(fitted, name) == pytest.approx(getattr(COST, name), rel=1e-6), name
     assert fitted.spread == pytest.approx([1.0] * len(fitted.spread))
+
+
+def test_a_fit_finds_a_step_cost_that_shows_in_the_next_steps_gap() -> None:
+    """As on a GPU, where a worker launches a step's kernels and goes on: each prompt step's
+    result comes back early, and the step after it late by as much. Fitted two by two, the
+    prompt steps' cost is found all the same (one by one, a fit prices them at nothing)."""
+    prompt_steps = dataclasses.replace(COST, terms=[{**COST.terms[0], "prompt_step": 4e-3}])
+    trace = simulate(varied_workload(), prompt_steps, max_num_batched_tokens=128)
+    moved = 3e-3  # of each prompt step's time, seen in the gap before the next result instead
+    shifted = [
+        msgspec.structs.replace(e, step_s=e.step_s - moved)
+        if isinstance(e, StepEvent) and step_features(e.scheduled)["prompt_step"]
+        else e
+        for e in trace.events
+    ]
+    steps = [e for e in shifted if isinstance(e, StepEvent)]
+    assert all(a.started + a.step_s < b.started + b.step_s for a, b in itertools.pairwise(steps))  # still in order
+    fitted = CostModel.fit(Trace(shifted, trace.meta))
+    assert fitted.terms[0]["prompt_step"] == pytest.approx(4e-3, rel=0.05)
+    assert fitted.terms[0]["step"] == pytest.approx(COST.terms[0]["step"] + COST.step_overhead_s, rel=0.05)
+
+
+def test_the_scheduler_plans_one_step_after_another_and_admissions_cost_a_round_trip() -> None:
+    """``plan``: the scheduler's work on a step before it leaves, a KV round trip when it admits
+    a request or gives one new blocks; a fit gives it back from the steps' ``schedule_s``."""
+    planned = dataclasses.replace(COST, plan={"kv_round_trip": 1.5e-3, "admits": 0.5e-3, "step": 0.1e-3})
+    workload = poisson(seed=2)
+    trace = simulate(workload, planned)
+    steps = [e for e in trace.events if isinstance(e, StepEvent)]
+    for step in steps:
+        features = plan_features(step.scheduled, block_size=16)
+        expected = 0.1e-3 + 1.5e-3 * features["kv_round_trip"] + 0.5e-3 * features["admits"]
+        assert step.schedule_s == pytest.approx(expected)
+    admitting = [s for s in steps if any(r.kind == "prompt" and r.num_computed_tokens == 0 for r in s.scheduled)]
+    assert admitting and all(s.schedule_s == pytest.approx(2.1e-3) for s in admitting)
+    # One at a time (1 request/s), a request's first step leaves once planned: each TTFT is 2.1 ms longer.
+    alone = poisson(10, rate=1.0, seed=2)
+    slower = simulate(alone, planned).requests.ttft.to_numpy() - simulate(alone, COST).requests.ttft.to_numpy()
+    assert slower == pytest.approx(2.1e-3)
+    fitted = CostModel.fit(trace)
+    assert fitted.plan == pytest.approx({"kv_round_trip": 1.5e-3, "admits": 0.5e-3, "step": 0.1e-3}, rel=1e-6)
+    assert plan_features([], block_size=16) == {"kv_round_trip": 0.0, "admits": 0.0, "step": 1.0}
 
 
 def test_a_fit_on_a_trace_with_stalls_gives_back_the_ordinary_steps_cost() -> None:

@@ -287,16 +287,26 @@ class CostModel:
         whichever is later). With async scheduling steps overlap, and this is the gap between
         their results, what a request waits between two tokens. The hops between processes are
         part of it, so a fitted model's ``step_overhead_s`` is 0: they are in its ``step``
-        coefficient. The coefficients come from the steps planned ahead (the worker was busy);
-        the steps sent to an idle worker give ``idle_overhead_s``, the median of what they
-        took beyond the fit. The scheduler's work on each step before its plan left
+        coefficient. The coefficients come from the steps planned ahead (the worker was busy),
+        fitted two by two (see below); the steps sent to an idle worker give
+        ``idle_overhead_s``, the median of what they took beyond the fit.
+
+        NOTE: why two by two. On a GPU the worker launches a step's kernels and goes on, so a
+        step's GPU time can show in the gap before the *next* result: on an H100 the steps
+        with a prompt chunk came back 0.5 ms after the step before them (their forward took
+        3.1 ms) and the decode step after them late by as much. Fitted one by one, the prompt
+        steps looked like outliers and their cost was lost (TTFT p50 predicted 32% short).
+        The sum of two consecutive steps' times is the sum of their costs however it is
+        split between them, and a linear model's prediction for the pair is the sum of the
+        two; ``spread`` is measured on the pairs too. The scheduler's work on each step before its plan left
         (``schedule_s``, with its round trips to the KV cache manager) gives ``plan``.
         """
-        rows, wall_s, idle, plan_rows, plan_s = [], [], [], [], []
+        rows, wall_s, idle, plan_rows, plan_s, first = [], [], [], [], [], []
         block_size = int(trace.meta.get("block_size") or 16)
         for worker_steps in _steps_by_worker(trace).values():
             prev_end = -np.inf
-            for e in worker_steps:
+            for i, e in enumerate(worker_steps):
+                first.append(i == 0)
                 end = e.started + e.step_s
                 rows.append([step_features(e.scheduled)[name] for name in FEATURES])
                 wall_s.append(end - max(e.started, prev_end))
@@ -305,17 +315,24 @@ class CostModel:
                 plan_s.append(e.schedule_s)
                 prev_end = end
         x, y, is_idle = np.asarray(rows), np.asarray(wall_s), np.asarray(idle, dtype=bool)
-        busy = ~is_idle if np.sum(~is_idle) >= len(FEATURES) else np.ones(len(y), dtype=bool)
-        if np.sum(busy) < len(FEATURES):
+        # Pairs of steps one after the other on a busy worker (the second planned ahead of the first's end).
+        pair = np.flatnonzero(~np.asarray(first[1:], dtype=bool) & ~is_idle[1:] & ~is_idle[:-1])
+        if len(pair) < len(FEATURES):
+            pair = np.arange(len(y) - 1)  # hardly ever busy: every pair
+        if len(pair) < len(FEATURES):
             raise ValueError(f"{len(y)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
-        coefficients, busy_weights = robust_nonnegative_fit(x[busy], y[busy])
+        x2, y2 = x[pair] + x[pair + 1], y[pair] + y[pair + 1]
+        coefficients, pair_weights = robust_nonnegative_fit(x2, y2)
         predicted = x @ coefficients
         idle_overhead = max(float(np.median(y[is_idle] - predicted[is_idle])), 0.0) if np.any(is_idle) else 0.0
-        weights = np.ones(len(y))
-        weights[busy] = busy_weights
+        # Each step's weight: the most of its pairs' (a stall spoils both pairs it is in, a step beside it one).
+        weights = np.where(np.isin(np.arange(len(y)), np.concatenate([pair, pair + 1])), 0.0, 1.0)
+        np.maximum.at(weights, pair, pair_weights)
+        np.maximum.at(weights, pair + 1, pair_weights)
         error = FitError.of(predicted + idle_overhead * is_idle, y, weights)
         plan, _ = robust_nonnegative_fit(np.asarray(plan_rows), np.asarray(plan_s))
-        ratios = y[busy & (predicted > 0)] / predicted[busy & (predicted > 0)]
+        predicted2 = x2 @ coefficients
+        ratios = y2[predicted2 > 0] / predicted2[predicted2 > 0]
         admit_s, output_s = _latencies(trace)
         return cls(
             [{name: float(c) for name, c in zip(FEATURES, coefficients, strict=True)}],

@@ -16,6 +16,12 @@ squares (IRLS)::
 Ordinary steps keep a weight of 1, as in least squares; a step more than k scales off the
 fit pulls on it only as hard as one k scales off would, so a few stalls four times the usual
 step move the fit by a fraction of an ordinary step's spread, not by a share of the stall.
+
+Then, from Huber's fit, a few more rounds with Tukey's bisquare weights, which fall to 0 for a
+row more than c scales off: a row far off stops pulling at all. Huber's pull is bounded, not
+nothing, and it adds up: with one stall in ten steps, fitted on pairs of steps (one in five
+pairs holds a stall), Huber alone priced a step up to 20% above the ordinary one; Huber
+first, so that the bisquare, which has many solutions, starts near the right one.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 
 HUBER_K = 1.345  # Huber's usual constant: 95% as efficient as least squares when there are no outliers
 MAD_TO_SIGMA = 1.4826  # median |residual| x this estimates a normal spread's sigma
+BISQUARE_C = 4.685  # Tukey's usual constant: 95% as efficient as least squares when there are no outliers
 
 
 def nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -49,22 +56,31 @@ def nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def robust_nonnegative_fit(
     x: np.ndarray, y: np.ndarray, k: float = HUBER_K, max_iterations: int = 50
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Huber's fit of ``y`` on the columns of ``x``, coefficients >= 0 (see the module docstring).
+    """Huber's fit of ``y`` on the columns of ``x``, then the bisquare's, coefficients >= 0 (see
+    the module docstring).
 
     Returns the coefficients and each row's final weight (1: an ordinary row; below 1: counted
     as an outlier, the lower the further off)."""
     # A floor under the scale: when nearly every row is fitted exactly, the median residual is 0.
     floor = 1e-9 * float(np.median(np.abs(y))) + 1e-15
-    weights = np.ones(len(y))
     coefficients = nonnegative_least_squares(x, y)
-    for _ in range(max_iterations):
-        residuals = np.abs(y - x @ coefficients)
-        scale = max(MAD_TO_SIGMA * float(np.median(residuals)), floor)
-        weights = np.minimum(1.0, k * scale / np.maximum(residuals, 1e-300))
-        root = np.sqrt(weights)
-        refitted = nonnegative_least_squares(x * root[:, None], y * root)
-        moved = float(np.max(np.abs(refitted - coefficients)))
-        coefficients = refitted
-        if moved <= 1e-9 * float(np.max(np.abs(coefficients))) + 1e-15:
-            break
+
+    def huber(r: np.ndarray) -> np.ndarray:
+        return np.minimum(1.0, k / np.maximum(r, 1e-300))
+
+    def bisquare(r: np.ndarray) -> np.ndarray:
+        return np.where(r < BISQUARE_C, (1.0 - (r / BISQUARE_C) ** 2) ** 2, 0.0)
+
+    weights = np.ones(len(y))
+    for weigh in (huber, bisquare):
+        for _ in range(max_iterations):
+            residuals = np.abs(y - x @ coefficients)
+            scale = max(MAD_TO_SIGMA * float(np.median(residuals)), floor)
+            weights = weigh(residuals / scale)
+            root = np.sqrt(weights)
+            refitted = nonnegative_least_squares(x * root[:, None], y * root)
+            moved = float(np.max(np.abs(refitted - coefficients)))
+            coefficients = refitted
+            if moved <= 1e-9 * float(np.max(np.abs(coefficients))) + 1e-15:
+                break
     return coefficients, weights
