@@ -98,6 +98,8 @@ FEATURES = (
     "step",
 )
 
+WINDOW = 2  # steps in a row whose times are fitted together (CostModel.fit)
+
 # What the scheduler's work on a step depends on (plan_features).
 PLAN_FEATURES = ("kv_round_trip", "admits", "step")
 
@@ -288,18 +290,22 @@ class CostModel:
         their results, what a request waits between two tokens. The hops between processes are
         part of it, so a fitted model's ``step_overhead_s`` is 0: they are in its ``step``
         coefficient. The coefficients come from the steps planned ahead (the worker was busy),
-        fitted two by two (see below); the steps sent to an idle worker give
-        ``idle_overhead_s``, the median of what they took beyond the fit.
+        fitted in pairs (see below); the steps sent to an idle worker give ``idle_overhead_s``,
+        the median of what they took beyond the fit. The scheduler's work on each step before
+        its plan left (``schedule_s``, with its round trips to the KV cache manager) gives
+        ``plan``.
 
-        NOTE: why two by two. On a GPU the worker launches a step's kernels and goes on, so a
-        step's GPU time can show in the gap before the *next* result: on an H100 the steps
-        with a prompt chunk came back 0.5 ms after the step before them (their forward took
-        3.1 ms) and the decode step after them late by as much. Fitted one by one, the prompt
-        steps looked like outliers and their cost was lost (TTFT p50 predicted 32% short).
-        The sum of two consecutive steps' times is the sum of their costs however it is
-        split between them, and a linear model's prediction for the pair is the sum of the
-        two; ``spread`` is measured on the pairs too. The scheduler's work on each step before its plan left
-        (``schedule_s``, with its round trips to the KV cache manager) gives ``plan``.
+        NOTE: why in pairs. On a GPU a step's cost can show in its neighbours' gaps: the worker
+        prepares a step while the GPU still runs the one before. On an H100, around a step with
+        a prompt chunk, the gaps before the results of the decode step before it, of itself and
+        of the decode step after it were 4.7, 0.55 and 1.9 ms, against 1.4 ms for a decode step
+        among decode steps. Fitted one by one, the prompt steps looked like outliers and their
+        cost was lost (TTFT p50 predicted 32% short). Two consecutive steps' times add up to
+        their costs however they are split between them, so the fit is on the sum of each pair
+        of steps in a row on a busy worker (a linear model's prediction for a pair is the sum of
+        its two); ``spread`` is measured on the pairs too. (Windows of three, which hold the
+        whole spill above, did better on that run but let a stall in one step of ten spoil a
+        quarter of the rows, too many for the robust fit: ``WINDOW``.)
         """
         rows, wall_s, idle, plan_rows, plan_s, first = [], [], [], [], [], []
         block_size = int(trace.meta.get("block_size") or 16)
@@ -315,24 +321,28 @@ class CostModel:
                 plan_s.append(e.schedule_s)
                 prev_end = end
         x, y, is_idle = np.asarray(rows), np.asarray(wall_s), np.asarray(idle, dtype=bool)
-        # Pairs of steps one after the other on a busy worker (the second planned ahead of the first's end).
-        pair = np.flatnonzero(~np.asarray(first[1:], dtype=bool) & ~is_idle[1:] & ~is_idle[:-1])
-        if len(pair) < len(FEATURES):
-            pair = np.arange(len(y) - 1)  # hardly ever busy: every pair
-        if len(pair) < len(FEATURES):
+        # Windows of WINDOW steps in a row on one busy worker: each planned ahead of the one before's end.
+        starts = np.arange(len(y) - WINDOW + 1)
+        busy = ~is_idle[: len(starts)]
+        for k in range(1, WINDOW):
+            busy &= ~np.asarray(first[k : len(y) - WINDOW + 1 + k], dtype=bool) & ~is_idle[k : len(y) - WINDOW + 1 + k]
+        window = starts[busy] if np.sum(busy) >= len(FEATURES) else starts  # hardly ever busy: every window
+        if len(window) < len(FEATURES):
             raise ValueError(f"{len(y)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
-        x2, y2 = x[pair] + x[pair + 1], y[pair] + y[pair + 1]
-        coefficients, pair_weights = robust_nonnegative_fit(x2, y2)
+        xw = sum(x[window + k] for k in range(WINDOW))
+        yw = sum(y[window + k] for k in range(WINDOW))
+        coefficients, window_weights = robust_nonnegative_fit(xw, yw)
         predicted = x @ coefficients
         idle_overhead = max(float(np.median(y[is_idle] - predicted[is_idle])), 0.0) if np.any(is_idle) else 0.0
-        # Each step's weight: the most of its pairs' (a stall spoils both pairs it is in, a step beside it one).
-        weights = np.where(np.isin(np.arange(len(y)), np.concatenate([pair, pair + 1])), 0.0, 1.0)
-        np.maximum.at(weights, pair, pair_weights)
-        np.maximum.at(weights, pair + 1, pair_weights)
+        # Each step's weight: the most of its windows' (a stall spoils every window it is in, a neighbour's not all).
+        weights = np.ones(len(y))
+        weights[np.unique(np.concatenate([window + k for k in range(WINDOW)]))] = 0.0
+        for k in range(WINDOW):
+            np.maximum.at(weights, window + k, window_weights)
         error = FitError.of(predicted + idle_overhead * is_idle, y, weights)
         plan, _ = robust_nonnegative_fit(np.asarray(plan_rows), np.asarray(plan_s))
-        predicted2 = x2 @ coefficients
-        ratios = y2[predicted2 > 0] / predicted2[predicted2 > 0]
+        predicted_w = xw @ coefficients
+        ratios = yw[predicted_w > 0] / predicted_w[predicted_w > 0]
         admit_s, output_s = _latencies(trace)
         return cls(
             [{name: float(c) for name, c in zip(FEATURES, coefficients, strict=True)}],
