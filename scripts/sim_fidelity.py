@@ -26,14 +26,16 @@ this script and every process it starts to N of the cores it may use (CPU affini
 ``taskset``), so a big host behaves as a small one: a launch gives each worker N / workers
 threads, and the six processes share N cores. ``--out`` writes the machine (CPU, cores, GPU,
 load average before and after, versions), the settings, the cost model and every run's
-summaries as JSON; ``--save-traces DIR`` saves each live run's trace there (``Trace.load``
-one to fit or simulate again).
+summaries as JSON; ``--save-traces DIR`` saves each live run's trace there, and
+``--replay DIR`` fits and simulates those again without a live run (the table once more,
+from the same live runs, with the simulator as it is now).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -140,6 +142,52 @@ def confine_to_cores(n: int) -> list[int]:
     return usable[:n]
 
 
+def print_table(rows: dict[str, dict[str, list[TraceSummary]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """The markdown table of each configuration's medians, live and simulated; the medians."""
+    print(
+        "| configuration | tok/s live / sim | TTFT p50 ms live / sim | ITL p50 ms live / sim | preemptions | hits "
+        "| live runs' spread, TTFT / ITL |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    medians: dict[str, dict[str, dict[str, float]]] = {}
+    for name, runs in rows.items():
+        if not runs["live"]:
+            print(f"| {name} | every run skipped | | | | |")
+            continue
+        live = {m: float(np.median([getattr(s, m) for s in runs["live"]])) for m in METRICS}
+        sim = {m: float(np.median([getattr(s, m) for s in runs["simulated"]])) for m in METRICS}
+        medians[name] = {"live": live, "simulated": sim}
+        print(
+            f"| {name} | {pair(live, sim, 'output_throughput')} | {pair(live, sim, 'ttft_p50_s', 1e3)} "
+            f"| {pair(live, sim, 'itl_p50_s', 1e3)} | {live['num_preemptions']:.0f} / {sim['num_preemptions']:.0f} "
+            f"| {live['prefix_hit_rate']:.2f} / {sim['prefix_hit_rate']:.2f} "
+            f"| {spread(runs['live'], 'ttft_p50_s')} / {spread(runs['live'], 'itl_p50_s')} |"
+        )
+    return medians
+
+
+def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[TraceSummary]]]:
+    """Fit on ``base-seed0`` of the traces ``--save-traces`` left in ``directory`` (with the
+    ``cpu_share.json`` measured then, if there is one) and simulate every other one again."""
+    share_file = directory / "cpu_share.json"
+    share = CpuShare(**json.loads(share_file.read_text())) if share_file.exists() else None
+    cost = CostModel.fit(Trace.load(directory / "base-seed0.json.gz"), cpu_share=share)
+    print(cost, share, flush=True)
+    rows: dict[str, dict[str, list[TraceSummary]]] = {}
+    for name in names:
+        for path in sorted(directory.glob(f"{name.replace(' ', '_')}-seed*.json.gz")):
+            if path.name == "base-seed0.json.gz":
+                continue
+            trace = Trace.load(path)
+            overrides = CONFIGS[name][0]
+            if name == "small KV pool":
+                overrides = {"num_kv_blocks": trace.meta["num_blocks"][0]}
+            runs = rows.setdefault(name, {"live": [], "simulated": []})
+            runs["live"].append(trace.summary())
+            runs["simulated"].append(simulate(workload_from_trace(trace), cost, **overrides).summary())
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -158,9 +206,13 @@ def main() -> None:
     launch.add_argument("--cores", type=int, default=None, help="run on this many of the usable cores (affinity)")
     parser.add_argument("--out", default=None, help="write the machine, the cost model and every run's summaries here")
     parser.add_argument("--save-traces", default=None, help="save each live run's trace in this directory")
+    parser.add_argument("--replay", default=None, help="no live run: fit and simulate the traces saved here")
     args = parser.parse_args()
     if args.model and args.model_shape:
         parser.error("--model or --model-shape, not both")
+    if args.replay:
+        print_table(replay(Path(args.replay), ["base", *[c for c in args.configs if c != "base"]]))
+        return
     host = {**machine(args.device), "load_average_before": os.getloadavg()}
     host["cores_used"] = confine_to_cores(args.cores) if args.cores else None
 
@@ -227,6 +279,9 @@ def main() -> None:
                 if seed == 0:
                     share = None if host["gpu"] else CpuShare.measure(model, args.dtype)  # on a GPU: not needed
                     cost = CostModel.fit(trace, cpu_share=share)
+                    if args.save_traces and share is not None:
+                        share_file = Path(args.save_traces, "cpu_share.json")
+                        share_file.write_text(json.dumps(dataclasses.asdict(share)))
                     print(cost, share, flush=True)
                     continue
                 assert cost is not None
@@ -240,25 +295,7 @@ def main() -> None:
 
     host["load_average_after"] = os.getloadavg()
     print(f"\n{host}\n")
-    print(
-        "| configuration | tok/s live / sim | TTFT p50 ms live / sim | ITL p50 ms live / sim | preemptions | hits "
-        "| live runs' spread, TTFT / ITL |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    medians: dict[str, dict[str, dict[str, float]]] = {}
-    for name, runs in rows.items():
-        if not runs["live"]:
-            print(f"| {name} | every run skipped | | | | |")
-            continue
-        live = {m: float(np.median([getattr(s, m) for s in runs["live"]])) for m in METRICS}
-        sim = {m: float(np.median([getattr(s, m) for s in runs["simulated"]])) for m in METRICS}
-        medians[name] = {"live": live, "simulated": sim}
-        print(
-            f"| {name} | {pair(live, sim, 'output_throughput')} | {pair(live, sim, 'ttft_p50_s', 1e3)} "
-            f"| {pair(live, sim, 'itl_p50_s', 1e3)} | {live['num_preemptions']:.0f} / {sim['num_preemptions']:.0f} "
-            f"| {live['prefix_hit_rate']:.2f} / {sim['prefix_hit_rate']:.2f} "
-            f"| {spread(runs['live'], 'ttft_p50_s')} / {spread(runs['live'], 'itl_p50_s')} |"
-        )
+    medians = print_table(rows)
     if args.out:
         report = {
             "machine": host,
