@@ -13,6 +13,7 @@ workload and configuration with the live run.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 import os
@@ -514,3 +515,29 @@ def test_the_script_sweeps_rates_and_finds_each_configurations_knee(tmp_path: Pa
         assert p99["2 workers"] < p99["default"], rate
     assert figure.read_bytes().startswith(b"\x89PNG")
     assert f"knee of default: {one:.1f} requests/s" in done.stdout
+
+
+def test_sim_fidelity_replays_saved_traces_under_their_configurations(tmp_path: Path) -> None:
+    """``scripts/sim_fidelity.py --replay``: the fit on ``base-seed0`` and each saved run simulated
+    again under the configuration its name says (the small pool's blocks from the trace), exactly
+    as fitting and simulating them by hand does."""
+    spec = importlib.util.spec_from_file_location("sim_fidelity", Path(__file__).parents[1] / "scripts/sim_fidelity.py")
+    assert spec is not None and spec.loader is not None
+    sim_fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim_fidelity)
+    runs = {
+        "base-seed0": simulate(poisson(seed=0), COST),
+        "base-seed1": simulate(poisson(seed=1), COST),
+        "budget_64-seed1": simulate(poisson(seed=1), COST, max_num_batched_tokens=64),
+        "small_KV_pool-seed1": simulate(poisson(rate=200.0, seed=1), COST, num_kv_blocks=14),
+    }
+    for name, trace in runs.items():
+        trace.save(tmp_path / f"{name}.json.gz")
+    rows = sim_fidelity.replay(tmp_path, ["base", "budget 64", "small KV pool"])
+    cost = CostModel.fit(Trace.load(tmp_path / "base-seed0.json.gz"))
+    overrides = {"base": {}, "budget 64": {"max_num_batched_tokens": 64}, "small KV pool": {"num_kv_blocks": 14}}
+    for name, config in overrides.items():
+        recorded = Trace.load(tmp_path / f"{name.replace(' ', '_')}-seed1.json.gz")
+        expected = simulate(workload_from_trace(recorded), cost, **config).summary()
+        assert rows[name] == {"live": [recorded.summary()], "simulated": [expected]}, name
+    assert rows["small KV pool"]["simulated"][0].num_preemptions > 0  # the small pool's, not the default one
