@@ -8,6 +8,9 @@ once; the tests read its trace.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -221,3 +224,21 @@ def test_a_trace_waits_for_a_recorder_that_fell_behind(run: tuple[Pipeline, Trac
     trace = pipeline.trace(settle_s=1e-3)
     assert run_is_traced(trace, {r.id for r in replies}) and "behind" not in trace.meta
     assert trace.summary().num_output_tokens == sum(r.usage.completion_tokens for r in replies)
+
+
+def test_a_trace_does_not_wait_for_a_component_that_does_not_answer(
+    run: tuple[Pipeline, Trace, list[Any]],
+) -> None:
+    """A stopped (or dead) publisher cannot mark its stream: ``trace()`` waits for it only as long
+    as its call takes to time out, and names it in ``meta["behind"]``."""
+    pipeline, _, _ = run
+    router = pipeline.pids()["router"]
+    os.kill(router, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        trace = pipeline.trace()
+        waited = time.monotonic() - started
+    finally:
+        os.kill(router, signal.SIGCONT)
+    assert trace.meta["behind"] == ["router"] and waited < 10
+    assert "behind" not in pipeline.trace().meta  # answering again

@@ -17,7 +17,8 @@ is the longest of a few *terms*, each a linear function of the step's features::
 
 and the step as the scheduler sees it (plan sent to result back) takes ``step_overhead_s``
 more (the hops between the scheduler, worker and sampler), and ``idle_overhead_s`` more
-again when the worker had nothing in flight (no other step hid its planning and the plan's trip).
+again when the worker had nothing in flight (no other step hid the plan's trip); before the
+plan leaves, the scheduler works on it for ``plan_time`` (``plan_features``).
 
 NOTE: why ``batched``. A step's cost is not linear in its requests. The embedded model's
 decode steps, timed on the CPU (one thread), take 3.4 ms for one request, 4.5 ms for two and
@@ -47,8 +48,9 @@ Two ways to get one:
   FLOP/s) and memory (bytes over HBM bandwidth): the weights are read once a step, and each
   decode reads its KV. For hardware the learner does not have; it knows no overheads.
 
-A fitted model also keeps its steps' spread (``spread``: each step's measured time over the
-fit's prediction; about 1 for an ordinary step, 4 for a step of a stall four times as long).
+A fitted model also keeps its steps' spread (``spread``: each pair of steps' measured time
+over the fit's prediction, as fitted; about 1 for an ordinary pair, 2.5 for a pair holding a
+stall four times as long as its step).
 The simulator multiplies each forward by one drawn at random (a residual bootstrap), so that
 its steps vary as the live run's did, stalls included: the medians and tails of latencies
 depend on that, not only their means.

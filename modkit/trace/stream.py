@@ -26,9 +26,10 @@ from typing import Any
 from modkit.protocol import LaunchKeys
 from modkit.trace.events import TOPICS, Hello, PipelineEvent
 from modkit.trace.trace import Trace, event_time
-from modkit.transport import RpcClient, Subscriber
+from modkit.transport import RemoteError, RpcClient, RpcTimeoutError, Subscriber
 
 HANDSHAKE_TIMEOUT_S = 10.0
+MARK_TIMEOUT_S = 2.0  # a publisher that does not answer announce_events this soon is not waited for (mark)
 BATCH_S = 0.05  # the recorder takes what arrived at most this often
 
 
@@ -53,6 +54,7 @@ class EventStream:
         self._marks: dict[str, set[str]] = {}  # token -> components whose Hello with it has not come yet
         self._marks_done = threading.Condition()
         self._hellos_read: list[Hello] = []  # read by recv, not yet confirmed by the reader
+        self._unanswered: dict[str, set[str]] = {}  # token -> components whose announce_events call failed
         self.subscriber = Subscriber(addresses[0], TOPICS, payload_type=PipelineEvent, keys=keys)
         for address in addresses[1:]:
             self.subscriber.connect(address)
@@ -88,25 +90,33 @@ class EventStream:
             with RpcClient(self.endpoints[component][1], timeout_s=timeout_s, keys=self.keys) as rpc:
                 rpc.call("announce_events", token)
 
-    def mark(self, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> str:
+    def mark(self, timeout_s: float = MARK_TIMEOUT_S) -> str:
         """Ask every publisher for a ``Hello`` behind what it has published so far; its token.
 
         A publisher's messages arrive in the order it sent them, so once ``reached(token)``,
         everything published before this call has come in (or was dropped: ``missed``).
         Another thread must be reading the stream and calling ``confirm()`` once it has kept
-        what it read (``Recorder`` does)."""
+        what it read (``Recorder`` does). A publisher that does not answer within ``timeout_s``
+        (a component that died, or is restarting) is not waited for: ``reached`` names it."""
         token = uuid.uuid4().hex
         with self._marks_done:
             self._marks[token] = set(self.endpoints)
-        self._announce(sorted(self.endpoints), token, timeout_s)
+        for component in sorted(self.endpoints):
+            try:
+                self._announce([component], token, timeout_s)
+            except (RpcTimeoutError, RemoteError):
+                with self._marks_done:
+                    self._marks[token].discard(component)
+                    self._unanswered.setdefault(token, set()).add(component)
         return token
 
     def reached(self, token: str, timeout_s: float) -> set[str]:
         """Wait up to ``timeout_s`` for every publisher's ``Hello`` of ``mark()``'s ``token``; the
-        components whose Hello has not come (empty: all in), and forget the token."""
+        components whose Hello has not come or that did not answer (empty: all in), and forget
+        the token."""
         with self._marks_done:
             self._marks_done.wait_for(lambda: not self._marks[token], timeout_s)
-            return self._marks.pop(token)
+            return self._marks.pop(token) | self._unanswered.pop(token, set())
 
     def _saw_hello(self, hello: Hello) -> None:
         with self._marks_done:
@@ -220,7 +230,9 @@ class Recorder:
         notebook, whose own work (a load generator parsing thousands of streamed chunks a second)
         can keep it seconds behind the pipeline: the events are queued, not lost, but a snapshot
         taken when they stop *arriving* misses them."""
-        token = self.stream.mark(min(timeout_s, HANDSHAKE_TIMEOUT_S))
+        if not self._thread.is_alive():  # closed: nothing will be recorded any more
+            return set(self.stream.endpoints)
+        token = self.stream.mark()
         return self.stream.reached(token, timeout_s)
 
     def trace(self) -> Trace:
