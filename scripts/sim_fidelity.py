@@ -152,7 +152,7 @@ def print_table(rows: dict[str, dict[str, list[TraceSummary]]]) -> dict[str, dic
     medians: dict[str, dict[str, dict[str, float]]] = {}
     for name, runs in rows.items():
         if not runs["live"]:
-            print(f"| {name} | every run skipped | | | | |")
+            print(f"| {name} | every run skipped | | | | | |")
             continue
         live = {m: float(np.median([getattr(s, m) for s in runs["live"]])) for m in METRICS}
         sim = {m: float(np.median([getattr(s, m) for s in runs["simulated"]])) for m in METRICS}
