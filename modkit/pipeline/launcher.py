@@ -356,8 +356,9 @@ class Pipeline:
 
         First waits until every event published before the call is recorded (``Recorder.catch_up``:
         the events of requests that just returned are in), then until none came for ``settle_s``
-        (2 s at most: work still under way); 0 takes the snapshot at once (live views). If a
-        component did not catch up within 30 s, ``meta["behind"]`` names it.
+        (2 s at most: work still under way); 0 takes the snapshot at once (live views). A
+        component that did not answer within 2 s, or catch up within 30 s, is named in
+        ``meta["behind"]``.
         """
         if self.recorder is None:
             raise RuntimeError("this pipeline was launched with record=False: subscribe with events() instead")

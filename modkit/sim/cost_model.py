@@ -309,12 +309,11 @@ class CostModel:
         whole spill above, did better on that run but let a stall in one step of ten spoil a
         quarter of the rows, too many for the robust fit: ``WINDOW``.)
         """
-        rows, wall_s, idle, plan_rows, plan_s, first = [], [], [], [], [], []
+        rows, wall_s, idle, plan_rows, plan_s = [], [], [], [], []
         block_size = int(trace.meta.get("block_size") or 16)
         for worker_steps in _steps_by_worker(trace).values():
             prev_end = -np.inf
-            for i, e in enumerate(worker_steps):
-                first.append(i == 0)
+            for e in worker_steps:
                 end = e.started + e.step_s
                 rows.append([step_features(e.scheduled)[name] for name in FEATURES])
                 wall_s.append(end - max(e.started, prev_end))
@@ -323,11 +322,10 @@ class CostModel:
                 plan_s.append(e.schedule_s)
                 prev_end = end
         x, y, is_idle = np.asarray(rows), np.asarray(wall_s), np.asarray(idle, dtype=bool)
-        # Windows of WINDOW steps in a row on one busy worker: each planned ahead of the one before's end.
+        # Windows of WINDOW steps in a row on one busy worker. A worker's first step counts as idle,
+        # so a window of busy steps never spans two workers.
         starts = np.arange(len(y) - WINDOW + 1)
-        busy = ~is_idle[: len(starts)]
-        for k in range(1, WINDOW):
-            busy &= ~np.asarray(first[k : len(y) - WINDOW + 1 + k], dtype=bool) & ~is_idle[k : len(y) - WINDOW + 1 + k]
+        busy = np.asarray([not is_idle[i : i + WINDOW].any() for i in starts], dtype=bool)
         window = starts[busy] if np.sum(busy) >= len(FEATURES) else starts  # hardly ever busy: every window
         if len(window) < len(FEATURES):
             raise ValueError(f"{len(y)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
