@@ -7,6 +7,15 @@
     python scripts/sim_fidelity.py --model-shape qwen2.5-0.5b --device cuda --rate 40 \\
         --num-requests 400 --prompt-len 256 --shared-prefix 128 --output-len 64 --out gpu.json
 
+The default workload is a moderate load for the embedded model on a 2-core CPU: 60 Poisson
+requests at 5 a second, 64-token prompts sharing their first 32, 64 output tokens each; the
+worker is busy most of the time, with about three requests a step.
+NOTE: at a lighter load (32 output tokens, one or two requests a step) half the requests
+found the worker idle and half waited for a step in flight, and the p50 of TTFT fell on the
+cliff between the two (the 40th percentile 12 ms, the 60th 18 ms); so did ITL's, between
+steps of one request and of two. A p50 on a cliff moves by a third when the machine's speed
+moves by a tenth: it measured the machine's mood, not the simulator.
+
 A cost model is fitted on one live run of the base configuration; on the CPU with, measured
 on this machine, how a step changes with its threads (``modkit.sim.cpu_share``). Then, for each
 configuration (another rate, budget, block count, worker count...), ``--runs`` live runs
@@ -19,6 +28,12 @@ GPU, whose memory each launch takes most of, one configuration after another. Pr
 markdown table of the medians over the runs: output throughput, TTFT p50, ITL p50,
 preemptions and prefix-hit rate, live and simulated, and how far the live runs of each
 configuration spread (their range over their median: the machine's own noise).
+
+A last column splits a miss in two. Each live run is simulated once more with a cost model
+fitted on that run itself ("own fit"): what is left of the miss there is the simulator's
+(its scheduler, KV cache manager and router are the real ones, so mostly how it times the
+hops and the steps); the rest is the cost model's, carried from the fit run to a run of
+another configuration, at another time, on a machine whose speed moved in between.
 
 ``--model``, ``--model-shape`` (random weights with a known model's shapes, made on the spot),
 ``--device``, ``--dtype`` and ``--max-model-len`` go to every launch. ``--cores N`` confines
@@ -70,12 +85,13 @@ WARM_UP_SEED = 1_000  # the workload each pipeline serves once, untraced, before
 
 def small_pool(prompt_len: int, output_len: int, shared_prefix: int) -> int:
     """KV blocks for about three requests at full length: their own blocks, the shared prefix's
-    once, the null block and one spare (16 for 64-token prompts sharing 32, and 32 output tokens)."""
+    once, the null block and one spare (22 for 64-token prompts sharing 32, and 64 output tokens)."""
     shared = shared_prefix // BLOCK_SIZE
     own = -(-(prompt_len + output_len) // BLOCK_SIZE) - shared
     return 2 + shared + 3 * own
 
 
+COLUMNS = ("live", "simulated", "own fit")  # of each configuration's runs (simulate_runs)
 METRICS = ("output_throughput", "ttft_p50_s", "itl_p50_s", "num_preemptions", "prefix_hit_rate")
 
 
@@ -142,33 +158,54 @@ def confine_to_cores(n: int) -> list[int]:
     return usable[:n]
 
 
+def error(live: dict[str, float], sim: dict[str, float], metric: str) -> str:
+    """The simulated value's error, in %."""
+    return f"{(sim[metric] - live[metric]) / live[metric]:+.0%}" if live[metric] else "-"
+
+
+def simulate_runs(
+    trace: Trace, cost: CostModel, share: CpuShare | None, overrides: dict[str, Any]
+) -> dict[str, TraceSummary]:
+    """``trace``'s workload simulated under ``overrides`` with ``cost`` ("simulated"), and with a
+    cost model fitted on ``trace`` itself ("own fit")."""
+    workload = workload_from_trace(trace)
+    own = CostModel.fit(trace, cpu_share=share)
+    return {
+        "simulated": simulate(workload, cost, **overrides).summary(),
+        "own fit": simulate(workload, own, **overrides).summary(),
+    }
+
+
 def print_table(rows: dict[str, dict[str, list[TraceSummary]]]) -> dict[str, dict[str, dict[str, float]]]:
     """The markdown table of each configuration's medians, live and simulated; the medians."""
     print(
         "| configuration | tok/s live / sim | TTFT p50 ms live / sim | ITL p50 ms live / sim | preemptions | hits "
-        "| live runs' spread, TTFT / ITL |"
+        "| live runs' spread, TTFT / ITL | own fit's error, TTFT / ITL |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     medians: dict[str, dict[str, dict[str, float]]] = {}
     for name, runs in rows.items():
         if not runs["live"]:
-            print(f"| {name} | every run skipped | | | | | |")
+            print(f"| {name} | every run skipped | | | | | | |")
             continue
         live = {m: float(np.median([getattr(s, m) for s in runs["live"]])) for m in METRICS}
         sim = {m: float(np.median([getattr(s, m) for s in runs["simulated"]])) for m in METRICS}
-        medians[name] = {"live": live, "simulated": sim}
+        own = {m: float(np.median([getattr(s, m) for s in runs["own fit"]])) for m in METRICS}
+        medians[name] = {"live": live, "simulated": sim, "own fit": own}
         print(
             f"| {name} | {pair(live, sim, 'output_throughput')} | {pair(live, sim, 'ttft_p50_s', 1e3)} "
             f"| {pair(live, sim, 'itl_p50_s', 1e3)} | {live['num_preemptions']:.0f} / {sim['num_preemptions']:.0f} "
             f"| {live['prefix_hit_rate']:.2f} / {sim['prefix_hit_rate']:.2f} "
-            f"| {spread(runs['live'], 'ttft_p50_s')} / {spread(runs['live'], 'itl_p50_s')} |"
+            f"| {spread(runs['live'], 'ttft_p50_s')} / {spread(runs['live'], 'itl_p50_s')} "
+            f"| {error(live, own, 'ttft_p50_s')} / {error(live, own, 'itl_p50_s')} |"
         )
     return medians
 
 
 def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[TraceSummary]]]:
     """Fit on ``base-seed0`` of the traces ``--save-traces`` left in ``directory`` (with the
-    ``cpu_share.json`` measured then, if there is one) and simulate every other one again."""
+    ``cpu_share.json`` measured then, if there is one) and simulate every other one again, with
+    that fit and with its own."""
     share_file = directory / "cpu_share.json"
     share = CpuShare(**json.loads(share_file.read_text())) if share_file.exists() else None
     cost = CostModel.fit(Trace.load(directory / "base-seed0.json.gz"), cpu_share=share)
@@ -182,9 +219,10 @@ def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[TraceS
             overrides = CONFIGS[name][0]
             if name == "small KV pool":
                 overrides = {"num_kv_blocks": trace.meta["num_blocks"][0]}
-            runs = rows.setdefault(name, {"live": [], "simulated": []})
+            runs = rows.setdefault(name, {column: [] for column in COLUMNS})
             runs["live"].append(trace.summary())
-            runs["simulated"].append(simulate(workload_from_trace(trace), cost, **overrides).summary())
+            for column, summary in simulate_runs(trace, cost, share, overrides).items():
+                runs[column].append(summary)
     return rows
 
 
@@ -194,7 +232,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=60)
     parser.add_argument("--rate", type=float, default=5.0)
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--shared-prefix", type=int, default=32)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     launch = parser.add_argument_group("every launch")
@@ -242,8 +280,9 @@ def main() -> None:
         together = host["gpu"] is None
         seeds = range(args.runs + 1)
         order = [(s, n) for s in seeds for n in names] if together else [(s, n) for n in names for s in seeds]
-        rows: dict[str, dict[str, list[TraceSummary]]] = {n: {"live": [], "simulated": []} for n in names}
+        rows: dict[str, dict[str, list[TraceSummary]]] = {n: {column: [] for column in COLUMNS} for n in names}
         cost: CostModel | None = None
+        share: CpuShare | None = None
         skipped: list[str] = []  # runs whose traces lost events
         with contextlib.ExitStack() as stack:
 
@@ -287,7 +326,8 @@ def main() -> None:
                 assert cost is not None
                 runs = rows[name]
                 runs["live"].append(trace.summary())
-                runs["simulated"].append(simulate(workload_from_trace(trace), cost, **overrides[name]).summary())
+                for column, summary in simulate_runs(trace, cost, share, overrides[name]).items():
+                    runs[column].append(summary)
                 print(
                     name, overrides[name], seed, runs["live"][-1].to_dict(), runs["simulated"][-1].to_dict(), flush=True
                 )

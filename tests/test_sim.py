@@ -519,8 +519,8 @@ def test_the_script_sweeps_rates_and_finds_each_configurations_knee(tmp_path: Pa
 
 def test_sim_fidelity_replays_saved_traces_under_their_configurations(tmp_path: Path) -> None:
     """``scripts/sim_fidelity.py --replay``: the fit on ``base-seed0`` and each saved run simulated
-    again under the configuration its name says (the small pool's blocks from the trace), exactly
-    as fitting and simulating them by hand does."""
+    again under the configuration its name says (the small pool's blocks from the trace), with that
+    fit and with a fit on the run itself, exactly as fitting and simulating them by hand does."""
     spec = importlib.util.spec_from_file_location("sim_fidelity", Path(__file__).parents[1] / "scripts/sim_fidelity.py")
     assert spec is not None and spec.loader is not None
     sim_fidelity = importlib.util.module_from_spec(spec)
@@ -539,5 +539,7 @@ def test_sim_fidelity_replays_saved_traces_under_their_configurations(tmp_path: 
     for name, config in overrides.items():
         recorded = Trace.load(tmp_path / f"{name.replace(' ', '_')}-seed1.json.gz")
         expected = simulate(workload_from_trace(recorded), cost, **config).summary()
-        assert rows[name] == {"live": [recorded.summary()], "simulated": [expected]}, name
+        own = simulate(workload_from_trace(recorded), CostModel.fit(recorded), **config).summary()
+        assert rows[name] == {"live": [recorded.summary()], "simulated": [expected], "own fit": [own]}, name
     assert rows["small KV pool"]["simulated"][0].num_preemptions > 0  # the small pool's, not the default one
+    assert any(r["own fit"] != r["simulated"] for r in rows.values())  # two fits, told apart
