@@ -118,6 +118,23 @@ def test_a_tiny_kv_pool_preempts_and_a_big_one_does_not() -> None:
     assert tiny.summary().ttft_p50_s > big.summary().ttft_p50_s
 
 
+def test_a_scaled_cost_model_is_a_machine_that_much_slower() -> None:
+    """``scaled(2)``: every step twice as long, the hops between processes as they were."""
+    drawn = poisson(10, rate=1.0, seed=2)
+    # One request at a time, a second apart: the same steps at either speed.
+    alone = Workload([dataclasses.replace(r, arrival_s=float(i)) for i, r in enumerate(drawn.requests)])
+    base, slower = simulate(alone, COST), simulate(alone, COST.scaled(2.0))
+    assert len(slower.steps) == len(base.steps)
+    assert slower.steps.forward_s.to_numpy() == pytest.approx(2 * base.steps.forward_s.to_numpy())
+    # A request's first token: its admission and the way back, then one step sent to an idle worker.
+    first_step = base.requests.ttft.to_numpy() - COST.admit_s - COST.output_s
+    assert first_step == pytest.approx(3e-3 + 64 * 2e-4 + COST.overhead(idle=True))  # a 64-token prompt: 18.8 ms
+    assert slower.requests.ttft.to_numpy() == pytest.approx(base.requests.ttft.to_numpy() + first_step)
+    assert COST.scaled(0.5).plan == COST.plan and COST.scaled(0.5).admit_s == COST.admit_s
+    with pytest.raises(ValueError, match="positive"):
+        COST.scaled(0.0)
+
+
 def test_a_shared_prefix_is_hit_unless_prefix_caching_is_off() -> None:
     shared = simulate(poisson(shared_prefix=48), COST)
     # After the first request, each finds its first three blocks (48 of 64 tokens) cached.

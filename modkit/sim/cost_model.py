@@ -249,6 +249,21 @@ class CostModel:
         """Seconds a step takes beyond its forward, as the scheduler sees it."""
         return self.step_overhead_s + (self.idle_overhead_s if idle else 0.0)
 
+    def scaled(self, factor: float) -> CostModel:
+        """This model with each step ``factor`` times as long (its forward and its overheads): a
+        machine that much slower (``factor`` > 1) or faster. The scheduler's planning and the
+        hops between processes keep their times. How much an answer moves when the step's price
+        does is how far a change of the machine's speed carries it (notebook 09)."""
+        if not factor > 0:
+            raise ValueError(f"factor must be a positive number, got {factor!r}")
+        return dataclasses.replace(
+            self,
+            terms=[{name: c * factor for name, c in term.items()} for term in self.terms],
+            step_overhead_s=self.step_overhead_s * factor,
+            idle_overhead_s=self.idle_overhead_s * factor,
+            source=f"{self.source}, steps x {factor:g}",
+        )
+
     def describe(self) -> dict[str, Any]:
         """What it is, as plain values (a trace's meta keeps it)."""
         error = self.fit_error
