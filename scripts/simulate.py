@@ -11,8 +11,10 @@
 A trace in (``Pipeline.trace().save``, ``scripts/start_all.py --save-trace``) is replayed: its
 requests, arrivals and output lengths, with a cost model fitted on its steps (or on
 ``--cost-from``'s). ``--poisson N`` serves made-up traffic instead. ``--set FIELD=VALUE``
-changes a PipelineConfig field (repeatable). Prints the cost model and the summary (beside
-the recorded run's, for a trace in) and saves the simulated trace (``--out``).
+changes a PipelineConfig field (repeatable); ``--price 1.2`` makes every step 1.2 times as
+long (``CostModel.scaled``: the same machine 20% slower, or, below 1, faster). Prints the
+cost model and the summary (beside the recorded run's, for a trace in) and saves the
+simulated trace (``--out``).
 
 ``--sweep RATE ...`` is a capacity sweep instead (``modkit.sim.capacity_sweep``): the Poisson
 traffic at each rate, under the ``--set`` settings and under each ``--compare "NAME:
@@ -48,6 +50,9 @@ def main() -> None:
     cost.add_argument("--cost-from", metavar="TRACE", help="fit it on this trace instead")
     cost.add_argument("--roofline", choices=sorted(RANDOM_MODEL_SHAPES), help="from FLOPs and bytes of a model shape")
     cost.add_argument("--gpu", default="H100", choices=sorted(GPUS))
+    cost.add_argument(
+        "--price", type=float, default=1.0, metavar="FACTOR", help="each step FACTOR times as long: a slower machine"
+    )
     traffic = parser.add_argument_group("made-up traffic instead of a trace (Workload.poisson)")
     traffic.add_argument("--poisson", type=int, metavar="N", help="N requests, Poisson arrivals")
     traffic.add_argument("--rate", type=float, default=8.0, help="requests per second")
@@ -141,14 +146,18 @@ def run_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
 
 def pick_cost_model(args: argparse.Namespace, recorded: Trace | None, parser: argparse.ArgumentParser) -> CostModel:
+    if not args.price > 0:
+        parser.error(f"--price is a factor on each step's time, above 0; got {args.price}")
     if args.roofline:
         family, fields = RANDOM_MODEL_SHAPES[args.roofline]
         config = ModelConfig.from_hf_dict({"architectures": [f"{family}ForCausalLM"], **fields})
-        return CostModel.roofline(config, args.gpu)
-    source = Trace.load(args.cost_from) if args.cost_from else recorded
-    if source is None:
-        parser.error("made-up traffic needs a cost model: --cost-from TRACE or --roofline SHAPE")
-    return CostModel.fit(source)
+        cost_model = CostModel.roofline(config, args.gpu)
+    else:
+        source = Trace.load(args.cost_from) if args.cost_from else recorded
+        if source is None:
+            parser.error("made-up traffic needs a cost model: --cost-from TRACE or --roofline SHAPE")
+        cost_model = CostModel.fit(source)
+    return cost_model if args.price == 1 else cost_model.scaled(args.price)
 
 
 def parse_setting(setting: str, parser: argparse.ArgumentParser) -> tuple[str, Any]:

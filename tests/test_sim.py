@@ -473,6 +473,16 @@ def test_the_script_replays_a_saved_trace_with_other_settings(tmp_path: Path) ->
     assert f"preemptions        {what_if.summary().num_preemptions}" in done.stdout
     bad = subprocess.run([*command[:3], "--set", "num_kv_block=14"], cwd=repo, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'num_kv_blocks'" in bad.stderr
+    # --price: the same run on a machine twice as slow, as CostModel.scaled simulates it.
+    slower = tmp_path / "slower.json.gz"
+    done = subprocess.run([*command[:3], "--price", "2", "--out", str(slower)], cwd=repo, env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    run = Trace.load(recorded)
+    expected = simulate(workload_from_trace(run), CostModel.fit(run).scaled(2)).summary()
+    assert Trace.load(slower).summary() == expected
+    assert expected.ttft_p50_s > 1.5 * simulate(workload_from_trace(run), CostModel.fit(run)).summary().ttft_p50_s
+    bad = subprocess.run([*command[:3], "--price", "0"], cwd=repo, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--price" in bad.stderr
 
 
 def test_a_pool_too_small_for_the_model_length_lowers_it_as_a_launch_does() -> None:
