@@ -209,6 +209,26 @@ def test_a_fit_on_a_simulated_trace_gives_back_its_cost_model() -> None:
     assert fitted.spread == pytest.approx([1.0] * len(fitted.spread))
 
 
+def test_a_fit_says_how_far_the_machines_speed_moved_within_the_run() -> None:
+    """A run whose second half ran on a machine 1.5 times as slow: ``price_range`` spans 1.5."""
+    steady = simulate(varied_workload(), COST, max_num_batched_tokens=128)
+    slower = simulate(varied_workload(), COST.scaled(1.5), max_num_batched_tokens=128)
+
+    def steps(trace: Trace, first_step: int, offset_s: float) -> list[StepEvent]:
+        return [
+            msgspec.structs.replace(e, step=e.step + first_step, started=e.started + offset_s)
+            for e in trace.events
+            if isinstance(e, StepEvent)
+        ]
+
+    first = steps(steady, 0, 0.0)
+    end = max(e.started + e.step_s for e in first)
+    both = Trace([*first, *steps(slower, len(first), end + 1.0)], steady.meta)
+    assert CostModel.fit(steady).fit_error.price_range == pytest.approx((1.0, 1.0))
+    low, high = CostModel.fit(both).fit_error.price_range
+    assert low < 1 < high and high / low == pytest.approx(1.5, rel=0.1)
+
+
 def test_a_fit_finds_a_step_cost_that_shows_in_the_next_steps_gap() -> None:
     """As on a GPU, where a worker launches a step's kernels and goes on: each prompt step's
     result comes back early, and the step after it late by as much. Fitted two by two, the

@@ -101,6 +101,7 @@ FEATURES = (
 )
 
 WINDOW = 2  # steps in a row whose times are fitted together (CostModel.fit)
+PRICE_WINDOW = 25  # pairs in a row whose median is the machine's speed at a moment (FitError.price_range)
 
 # What the scheduler's work on a step depends on (plan_features).
 PLAN_FEATURES = ("kv_round_trip", "admits", "step")
@@ -160,7 +161,13 @@ class FitError:
     ``floor_s`` is the median step: a miss relative to the step, except that a step shorter
     than the median one (a result that came back just after the one before) counts against
     the median step, so a miss of 0.1 ms on a 0.05 ms step is not an error of 200%.
-    ``median_s`` and ``p90_s`` are the same misses in seconds."""
+    ``median_s`` and ``p90_s`` are the same misses in seconds. ``price_range`` is how far the
+    steps' price moved within the run, against the fit: the p10 and p90, over the run, of the
+    steps' measured over fitted time, each a median of ``PRICE_WINDOW`` pairs of steps in a
+    row (1, 1: it held still). The machine's speed moves it, and so does whatever the fit's
+    features miss that comes in stretches. Where it is wide, answers that multiply a step's
+    price (a TTFT of requests queued behind others) are off by more than the fit error says
+    (notebook 09)."""
 
     median: float
     p90: float
@@ -169,9 +176,16 @@ class FitError:
     median_s: float = 0.0
     p90_s: float = 0.0
     outliers: float = 0.0  # share of the steps the robust fit weighed less than half (stalls)
+    price_range: tuple[float, float] = (1.0, 1.0)
 
     @classmethod
-    def of(cls, predicted: np.ndarray, measured: np.ndarray, weights: np.ndarray) -> FitError:
+    def of(
+        cls,
+        predicted: np.ndarray,
+        measured: np.ndarray,
+        weights: np.ndarray,
+        price_range: tuple[float, float] = (1.0, 1.0),
+    ) -> FitError:
         floor = float(np.median(measured))
         miss = np.abs(predicted - measured)
         relative = miss / np.maximum(measured, max(floor, 1e-12))
@@ -183,6 +197,7 @@ class FitError:
             median_s=float(np.median(miss)),
             p90_s=float(np.percentile(miss, 90)),
             outliers=float(np.mean(weights < 0.5)),
+            price_range=price_range,
         )
 
 
@@ -287,6 +302,8 @@ class CostModel:
         terms = " | ".join(", ".join(f"{k}={v:.3g}" for k, v in t.items() if v) for t in self.terms)
         e = self.fit_error
         error = "" if e is None else f", error p50 {e.median:.0%} p90 {e.p90:.0%} (floor {1e3 * e.floor_s:.2g} ms)"
+        if e is not None and e.price_range != (1.0, 1.0):
+            error += f", price {e.price_range[0]:.2f} to {e.price_range[1]:.2f} of the fit within the run"
         overheads = f"overhead {self.step_overhead_s:.3g} s (+{self.idle_overhead_s:.3g} s idle)"
         if self.plan:
             overheads += "; plan " + ", ".join(f"{k}={v:.3g}" for k, v in self.plan.items() if v)
@@ -324,11 +341,12 @@ class CostModel:
         whole spill above, did better on that run but let a stall in one step of ten spoil a
         quarter of the rows, too many for the robust fit: ``WINDOW``.)
         """
-        rows, wall_s, idle, plan_rows, plan_s = [], [], [], [], []
+        rows, wall_s, idle, plan_rows, plan_s, worker = [], [], [], [], [], []
         block_size = int(trace.meta.get("block_size") or 16)
-        for worker_steps in _steps_by_worker(trace).values():
+        for worker_id, worker_steps in _steps_by_worker(trace).items():
             prev_end = -np.inf
             for e in worker_steps:
+                worker.append(worker_id)
                 end = e.started + e.step_s
                 rows.append([step_features(e.scheduled)[name] for name in FEATURES])
                 wall_s.append(end - max(e.started, prev_end))
@@ -354,10 +372,12 @@ class CostModel:
         weights[np.unique(np.concatenate([window + k for k in range(WINDOW)]))] = 0.0
         for k in range(WINDOW):
             np.maximum.at(weights, window + k, window_weights)
-        error = FitError.of(predicted + idle_overhead * is_idle, y, weights)
         plan, _ = robust_nonnegative_fit(np.asarray(plan_rows), np.asarray(plan_s))
         predicted_w = xw @ coefficients
-        ratios = yw[predicted_w > 0] / predicted_w[predicted_w > 0]
+        priced = predicted_w > 0
+        ratios = yw[priced] / predicted_w[priced]
+        price_range = _price_range(ratios, np.asarray(worker)[window][priced])
+        error = FitError.of(predicted + idle_overhead * is_idle, y, weights, price_range)
         admit_s, output_s = _latencies(trace)
         return cls(
             [{name: float(c) for name, c in zip(FEATURES, coefficients, strict=True)}],
@@ -424,6 +444,23 @@ def _steps_by_worker(trace: Trace) -> dict[int, list[StepEvent]]:
         if isinstance(e, StepEvent) and e.failed is None:
             steps.setdefault(e.worker_id, []).append(e)
     return {w: sorted(s, key=lambda e: e.step) for w, s in steps.items()}
+
+
+def _price_range(ratios: np.ndarray, workers: np.ndarray) -> tuple[float, float]:
+    """The p10 and p90 of the medians of ``PRICE_WINDOW`` ratios in a row (measured over fitted
+    time of pairs of steps, in each worker's order); the median of all of them on a worker with
+    fewer."""
+    medians = []
+    for worker_id in np.unique(workers):
+        own = ratios[workers == worker_id]
+        if len(own) < PRICE_WINDOW:
+            medians.append(float(np.median(own)))
+            continue
+        rolled = np.lib.stride_tricks.sliding_window_view(own, PRICE_WINDOW)
+        medians.extend(np.median(rolled, axis=1).tolist())
+    if not medians:
+        return (1.0, 1.0)
+    return float(np.percentile(medians, 10)), float(np.percentile(medians, 90))
 
 
 def _cpu_demand(trace: Trace, busy_s: float) -> float | None:
