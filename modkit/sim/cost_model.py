@@ -101,7 +101,7 @@ FEATURES = (
 )
 
 WINDOW = 2  # steps in a row whose times are fitted together (CostModel.fit)
-PRICE_WINDOW = 25  # pairs in a row whose median is the machine's speed at a moment (FitError.price_range)
+PRICE_WINDOW = 25  # pairs in a row whose median is the steps' price at a moment (FitError.price_range)
 
 # What the scheduler's work on a step depends on (plan_features).
 PLAN_FEATURES = ("kv_round_trip", "admits", "step")
