@@ -29,11 +29,13 @@ markdown table of the medians over the runs: output throughput, TTFT p50, ITL p5
 preemptions and prefix-hit rate, live and simulated, and how far the live runs of each
 configuration spread (their range over their median: the machine's own noise).
 
-A last column splits a miss in two. Each live run is simulated once more with a cost model
+Two more columns split a miss. Each live run is simulated once more with a cost model
 fitted on that run itself ("own fit"): what is left of the miss there is the simulator's
 (its scheduler, KV cache manager and router are the real ones, so mostly how it times the
 hops and the steps); the rest is the cost model's, carried from the fit run to a run of
-another configuration, at another time, on a machine whose speed moved in between.
+another configuration, at another time, on a machine whose speed moved in between. And the
+share of each live run's steps unlike those the fit was measured on (the median over the
+runs; ``modkit.sim.coverage``): where it is large, the fit is extrapolated there.
 
 ``--model``, ``--model-shape`` (random weights with a known model's shapes, made on the spot),
 ``--device``, ``--dtype`` and ``--max-model-len`` go to every launch. ``--cores N`` confines
@@ -92,6 +94,7 @@ def small_pool(prompt_len: int, output_len: int, shared_prefix: int) -> int:
 
 
 COLUMNS = ("live", "simulated", "own fit")  # of each configuration's runs (simulate_runs)
+UNLIKE = "unlike fit"  # and each live run's share of steps unlike the fit's recording (CostModel.extrapolation)
 METRICS = ("output_throughput", "ttft_p50_s", "itl_p50_s", "num_preemptions", "prefix_hit_rate")
 
 
@@ -176,13 +179,25 @@ def simulate_runs(
     }
 
 
-def print_table(rows: dict[str, dict[str, list[TraceSummary]]]) -> dict[str, dict[str, dict[str, float]]]:
+def unlike(cost: CostModel, trace: Trace) -> float:
+    """The share of ``trace``'s steps unlike those ``cost`` was fitted on (``modkit.sim.coverage``)."""
+    beyond = cost.extrapolation(trace)
+    assert beyond is not None, "a fitted cost model knows its recording"
+    return beyond.outside
+
+
+def plain(values: list[Any]) -> list[Any]:
+    """A column of ``rows`` as JSON values: each summary as a dict (the shares are floats already)."""
+    return [v.to_dict() if isinstance(v, TraceSummary) else v for v in values]
+
+
+def print_table(rows: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, dict[str, float]]]:
     """The markdown table of each configuration's medians, live and simulated; the medians."""
     print(
         "| configuration | tok/s live / sim | TTFT p50 ms live / sim | ITL p50 ms live / sim | preemptions | hits "
-        "| live runs' spread, TTFT / ITL | own fit's error, TTFT / ITL |"
+        "| live runs' spread, TTFT / ITL | own fit's error, TTFT / ITL | live steps unlike the fit's |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     medians: dict[str, dict[str, dict[str, float]]] = {}
     for name, runs in rows.items():
         if not runs["live"]:
@@ -197,12 +212,13 @@ def print_table(rows: dict[str, dict[str, list[TraceSummary]]]) -> dict[str, dic
             f"| {pair(live, sim, 'itl_p50_s', 1e3)} | {live['num_preemptions']:.0f} / {sim['num_preemptions']:.0f} "
             f"| {live['prefix_hit_rate']:.2f} / {sim['prefix_hit_rate']:.2f} "
             f"| {spread(runs['live'], 'ttft_p50_s')} / {spread(runs['live'], 'itl_p50_s')} "
-            f"| {error(live, own, 'ttft_p50_s')} / {error(live, own, 'itl_p50_s')} |"
+            f"| {error(live, own, 'ttft_p50_s')} / {error(live, own, 'itl_p50_s')} "
+            f"| {np.median(runs[UNLIKE]):.0%} |"
         )
     return medians
 
 
-def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[TraceSummary]]]:
+def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[Any]]]:
     """Fit on ``base-seed0`` of the traces ``--save-traces`` left in ``directory`` (with the
     ``cpu_share.json`` measured then, if there is one) and simulate every other one again, with
     that fit and with its own."""
@@ -210,7 +226,7 @@ def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[TraceS
     share = CpuShare(**json.loads(share_file.read_text())) if share_file.exists() else None
     cost = CostModel.fit(Trace.load(directory / "base-seed0.json.gz"), cpu_share=share)
     print(cost, share, flush=True)
-    rows: dict[str, dict[str, list[TraceSummary]]] = {}
+    rows: dict[str, dict[str, list[Any]]] = {}
     for name in names:
         for path in sorted(directory.glob(f"{name.replace(' ', '_')}-seed*.json.gz")):
             if path.name == "base-seed0.json.gz":
@@ -219,8 +235,9 @@ def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[TraceS
             overrides = CONFIGS[name][0]
             if name == "small KV pool":
                 overrides = {"num_kv_blocks": trace.meta["num_blocks"][0]}
-            runs = rows.setdefault(name, {column: [] for column in COLUMNS})
+            runs = rows.setdefault(name, {**{column: [] for column in COLUMNS}, UNLIKE: []})
             runs["live"].append(trace.summary())
+            runs[UNLIKE].append(unlike(cost, trace))
             for column, summary in simulate_runs(trace, cost, share, overrides).items():
                 runs[column].append(summary)
     return rows
@@ -280,7 +297,7 @@ def main() -> None:
         together = host["gpu"] is None
         seeds = range(args.runs + 1)
         order = [(s, n) for s in seeds for n in names] if together else [(s, n) for n in names for s in seeds]
-        rows: dict[str, dict[str, list[TraceSummary]]] = {n: {column: [] for column in COLUMNS} for n in names}
+        rows: dict[str, dict[str, list[Any]]] = {n: {**{c: [] for c in COLUMNS}, UNLIKE: []} for n in names}
         cost: CostModel | None = None
         share: CpuShare | None = None
         skipped: list[str] = []  # runs whose traces lost events
@@ -326,6 +343,7 @@ def main() -> None:
                 assert cost is not None
                 runs = rows[name]
                 runs["live"].append(trace.summary())
+                runs[UNLIKE].append(unlike(cost, trace))
                 for column, summary in simulate_runs(trace, cost, share, overrides[name]).items():
                     runs[column].append(summary)
                 print(
@@ -344,7 +362,9 @@ def main() -> None:
             "cost_model": cost.describe() if cost else None,
             "medians": medians,
             "skipped": skipped,
-            "runs": {n: {k: [s.to_dict() for s in v] for k, v in r.items()} for n, r in rows.items()},
+            "runs": {
+                n: {k: v if k == UNLIKE else [s.to_dict() for s in v] for k, v in r.items()} for n, r in rows.items()
+            },
         }
         Path(args.out).write_text(json.dumps(report, indent=1))
 

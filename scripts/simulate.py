@@ -13,15 +13,18 @@ requests, arrivals and output lengths, with a cost model fitted on its steps (or
 ``--cost-from``'s). ``--poisson N`` serves made-up traffic instead. ``--set FIELD=VALUE``
 changes a PipelineConfig field (repeatable); ``--price 1.2`` makes every step 1.2 times as
 long (``CostModel.scaled``: the same machine 20% slower, or, below 1, faster). Prints the
-cost model and the summary (beside the recorded run's, for a trace in) and saves the
-simulated trace (``--out``).
+cost model and the summary (beside the recorded run's, for a trace in), how many of the
+simulated steps lie beyond those the cost model was fitted on, and saves the simulated trace
+(``--out``).
 
 ``--sweep RATE ...`` is a capacity sweep instead (``modkit.sim.capacity_sweep``): the Poisson
 traffic at each rate, under the ``--set`` settings and under each ``--compare "NAME:
 FIELD=VALUE, ..."`` (those settings on top of them); it prints TTFT p99 and the requests
 completed per second at each rate, and each configuration's knee, the rate where it stops
-keeping up; ``--figure`` draws TTFT p99 against the rate, the knees dashed; ``--out`` gets
-the table as JSON.
+keeping up, and the share of each point's steps unlike any the cost model was fitted on
+("unlike fit": there the answer rests on extrapolation; ``modkit.sim.coverage``);
+``--figure`` draws TTFT p99 against the rate, the knees dashed; ``--out`` gets the table as
+JSON.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ def main() -> None:
         print(f"\nrecorded:\n{recorded.summary()}")
     summary = simulated.summary()
     print(f"\nsimulated:\n{summary}")
+    if (beyond := cost_model.extrapolation(simulated)) is not None:
+        print(f"beyond the fit's recording: {beyond}")
     print(f"\n{summary.duration_s:.1f} simulated seconds in {wall:.2f} s; trace saved to {args.out}")
 
 
@@ -127,11 +132,12 @@ def run_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     at_knee = knees(frame)
     print(cost_model)
     print(f"{len(frame)} simulations of {args.poisson} requests in {wall:.2f} s\n")
-    print(f"{'configuration':<20}{'rate':>8}{'done/s':>9}{'TTFT p99 ms':>13}{'ITL p50 ms':>12}")
+    print(f"{'configuration':<20}{'rate':>8}{'done/s':>9}{'TTFT p99 ms':>13}{'ITL p50 ms':>12}{'unlike fit':>12}")
     for row in frame.itertuples():
+        outside = "-" if row.outside_fit is None or row.outside_fit != row.outside_fit else f"{row.outside_fit:.0%}"
         print(
             f"{row.config:<20}{row.request_rate:>8g}{row.request_throughput:>9.1f}"
-            f"{1e3 * row.ttft_p99_s:>13.1f}{1e3 * row.itl_p50_s:>12.2f}"
+            f"{1e3 * row.ttft_p99_s:>13.1f}{1e3 * row.itl_p50_s:>12.2f}{outside:>12}"
         )
     for name, rate in at_knee.items():
         print(f"knee of {name}: " + (f"{rate:.1f} requests/s" if rate is not None else "none (kept up at every rate)"))

@@ -229,6 +229,41 @@ def test_a_fit_says_how_far_the_machines_speed_moved_within_the_run() -> None:
     assert low < 1 < high and high / low == pytest.approx(1.5, rel=0.1)
 
 
+def test_a_fit_says_which_steps_of_a_what_if_lie_beyond_its_recording() -> None:
+    """``CostModel.extrapolation``: a step is unlike the recording's when its leverage over the
+    recorded steps (the hat value, ``x^T (X^T X)^+ x``) is above that of 99 in 100 of them, or it
+    moves in a direction they never moved in (``modkit.sim.coverage``)."""
+    recorded = simulate(poisson(120, rate=10.0), COST)
+    cost = CostModel.fit(recorded)
+    coverage = cost.coverage
+    assert coverage is not None and coverage.num_steps == len(recorded.steps)
+    # The leverage is the textbook hat value, for the recorded steps themselves.
+    steps = [e for e in recorded.events if isinstance(e, StepEvent)]
+    x = np.asarray([[step_features(e.scheduled)[n] for n in FEATURES] for e in steps])
+    hat = np.einsum("ij,jk,ik->i", x, np.linalg.pinv(x.T @ x), x)
+    assert coverage.leverage(x) == pytest.approx(hat, rel=1e-6, abs=1e-12)
+    assert 0 < cost.extrapolation(recorded).outside <= 0.01 + 1 / coverage.num_steps  # by the edge's definition
+
+    same = simulate(poisson(120, rate=10.0, seed=1), cost)  # other arrivals, the same rate
+    assert same.meta["extrapolation"]["outside"] == cost.extrapolation(same).outside < 0.1
+    busier = cost.extrapolation(simulate(poisson(120, rate=100.0, seed=1), cost))
+    assert busier.outside > 0.5
+    most, recorded_most = busier.beyond["num_decode_tokens"]
+    assert most > 5 * recorded_most and "decodes a step" in str(busier)
+
+    # The recording's prompts all came whole, 64 tokens a prompt step: a step with a smaller chunk
+    # mixes prompt tokens and prompt steps as no recorded step did, whatever its size.
+    chunked = simulate(poisson(120, rate=10.0, seed=1), cost, max_num_batched_tokens=32)
+    steps = [e for e in chunked.events if isinstance(e, StepEvent)]
+    x = np.asarray([[step_features(e.scheduled)[n] for n in FEATURES] for e in steps])
+    part = np.asarray([any(s.kind != "decode" and s.num_tokens < 64 for s in e.scheduled) for e in steps])
+    h = coverage.leverage(x)
+    assert part.any() and np.isinf(h[part]).all() and np.isfinite(h[~part]).all()
+
+    # A cost model fitted on no recording has nothing to compare with.
+    assert COST.extrapolation(recorded) is None and simulate(poisson(8), COST).meta["extrapolation"] is None
+
+
 def test_a_fit_finds_a_step_cost_that_shows_in_the_next_steps_gap() -> None:
     """As on a GPU, where a worker launches a step's kernels and goes on: each prompt step's
     result comes back early, and the step after it late by as much. Fitted two by two, the
@@ -491,6 +526,9 @@ def test_the_script_replays_a_saved_trace_with_other_settings(tmp_path: Path) ->
     assert what_if.meta["simulated"] and what_if.meta["num_blocks"] == [14]
     assert what_if.meta["max_num_batched_tokens"] == 128  # the recorded settings, but for the one changed
     assert f"preemptions        {what_if.summary().num_preemptions}" in done.stdout
+    beyond = CostModel.fit(Trace.load(recorded)).extrapolation(what_if)
+    assert f"beyond the fit's recording: {beyond}" in done.stdout
+    assert what_if.meta["extrapolation"]["outside"] == beyond.outside
     bad = subprocess.run([*command[:3], "--set", "num_kv_block=14"], cwd=repo, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'num_kv_blocks'" in bad.stderr
     # --price: the same run on a machine twice as slow, as CostModel.scaled simulates it.
@@ -562,6 +600,11 @@ def test_the_script_sweeps_rates_and_finds_each_configurations_knee(tmp_path: Pa
         assert p99["2 workers"] < p99["default"], rate
     assert figure.read_bytes().startswith(b"\x89PNG")
     assert f"knee of default: {one:.1f} requests/s" in done.stdout
+    # Past its knee a configuration's steps grow beyond any the cost model was fitted on.
+    for name in report["knees"]:
+        outside = {r["request_rate"]: r["outside_fit"] for r in rows if r["config"] == name}
+        assert outside[max(outside)] > 0.5 > outside[min(outside)], (name, outside)
+    assert "unlike fit" in done.stdout
 
 
 def test_sim_fidelity_replays_saved_traces_under_their_configurations(tmp_path: Path) -> None:
@@ -587,6 +630,12 @@ def test_sim_fidelity_replays_saved_traces_under_their_configurations(tmp_path: 
         recorded = Trace.load(tmp_path / f"{name.replace(' ', '_')}-seed1.json.gz")
         expected = simulate(workload_from_trace(recorded), cost, **config).summary()
         own = simulate(workload_from_trace(recorded), CostModel.fit(recorded), **config).summary()
-        assert rows[name] == {"live": [recorded.summary()], "simulated": [expected], "own fit": [own]}, name
+        unlike = cost.extrapolation(recorded).outside
+        assert rows[name] == {
+            "live": [recorded.summary()],
+            "simulated": [expected],
+            "own fit": [own],
+            "unlike fit": [unlike],
+        }, name
     assert rows["small KV pool"]["simulated"][0].num_preemptions > 0  # the small pool's, not the default one
     assert any(r["own fit"] != r["simulated"] for r in rows.values())  # two fits, told apart

@@ -81,6 +81,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from modkit.sim.coverage import Coverage, Extrapolation
 from modkit.sim.cpu_share import CpuShare
 from modkit.sim.regression import robust_nonnegative_fit
 from modkit.trace.events import Queued, RequestArrived, StepEvent, TokensOut
@@ -217,6 +218,7 @@ class CostModel:
     fitted_on: dict[str, Any] = field(default_factory=dict)
     cpu_share: CpuShare | None = None  # measured on the fit's CPU: how a step changes with its threads
     cpu_demand: float | None = None  # cores a busy worker kept busy in the fit, the other processes' work included
+    coverage: Coverage | None = None  # which steps the fit's recording held (None: no recording)
 
     def forward_time(
         self, features: dict[str, float], rng: random.Random | None = None, scale: dict[str, float] | None = None
@@ -279,6 +281,15 @@ class CostModel:
             source=f"{self.source}, steps x {factor:g}",
         )
 
+    def extrapolation(self, trace: Trace) -> Extrapolation | None:
+        """How far ``trace``'s steps (a simulation's, another run's) lie beyond the steps this model
+        was fitted on (``modkit.sim.coverage``); None for a model fitted on no recording."""
+        if self.coverage is None:
+            return None
+        steps = [e for worker_steps in _steps_by_worker(trace).values() for e in worker_steps]
+        rows = [[step_features(e.scheduled)[name] for name in FEATURES] for e in steps]
+        return self.coverage.of(np.asarray(rows, dtype=float).reshape(-1, len(FEATURES)))
+
     def describe(self) -> dict[str, Any]:
         """What it is, as plain values (a trace's meta keeps it)."""
         error = self.fit_error
@@ -295,6 +306,7 @@ class CostModel:
             "fitted_on": self.fitted_on,
             "cpu_share": None if self.cpu_share is None else self.cpu_share.describe(),
             "cpu_demand": self.cpu_demand,
+            "coverage": None if self.coverage is None else self.coverage.describe(),
             **self.info,
         }
 
@@ -391,6 +403,7 @@ class CostModel:
             fitted_on={k: trace.meta[k] for k in FITTED_ON if trace.meta.get(k) is not None},
             cpu_share=cpu_share,
             cpu_demand=_cpu_demand(trace, busy_s=float(np.sum(y))),
+            coverage=Coverage.of_steps(FEATURES, x),
         )
 
     # -- from the hardware's spec sheet --------------------------------------------------------

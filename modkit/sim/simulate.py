@@ -43,6 +43,9 @@ The events it records are the live pipeline's (StepEvent, ForwardEvent, BlockEve
 RequestArrived, Routed, Queued, TokensOut, RequestDone), so the result is an ordinary ``Trace``,
 whose ``meta`` says ``simulated: True`` and which cost model timed it. It is a simulation:
 its times are as good as the cost model, and the hops between processes are two constants.
+With a fitted cost model, ``meta["extrapolation"]`` says how many of the simulated steps are
+unlike any the fit was measured on (``modkit.sim.coverage``): the share of the answer that rests on
+extrapolation.
 """
 
 from __future__ import annotations
@@ -168,7 +171,10 @@ class Simulation:
             else:
                 self._step_done(what)
         self.events.sort(key=event_time)  # in time order, as a recorder receives them
-        return Trace(self.events, self._meta())
+        trace = Trace(self.events, self._meta())
+        beyond = self.cost_model.extrapolation(trace)  # how far its steps lie beyond the fit's recording
+        trace.meta["extrapolation"] = None if beyond is None else dataclasses.asdict(beyond)
+        return trace
 
     def _at(self, t: float, kind: str, what: Any) -> None:
         heapq.heappush(self._queue, (t, next(self._order), kind, what))

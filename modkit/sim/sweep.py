@@ -39,16 +39,20 @@ def capacity_sweep(
     """Simulate ``workload_at(rate)`` at each rate under each configuration (PipelineConfig overrides).
 
     One row per (configuration, rate): ``config``, ``request_rate``, ``request_throughput``
-    (requests completed per second, first arrival to last token) and every ``TraceSummary`` field.
+    (requests completed per second, first arrival to last token), every ``TraceSummary`` field,
+    and ``outside_fit``: the share of its steps unlike those the cost model was fitted on
+    (``modkit.sim.coverage``; None for a model fitted on no recording, such as a roofline).
     """
     import pandas as pd
 
     rows = []
     for name, overrides in configs.items():
         for rate in rates:
-            summary = simulate(workload_at(rate), cost_model, **overrides).summary()
+            trace = simulate(workload_at(rate), cost_model, **overrides)
+            summary, beyond = trace.summary(), trace.meta["extrapolation"]
             throughput = summary.num_requests / summary.duration_s if summary.duration_s > 0 else 0.0
-            rows.append({"config": name, "request_rate": rate, "request_throughput": throughput, **summary.to_dict()})
+            row = {"config": name, "request_rate": rate, "request_throughput": throughput, **summary.to_dict()}
+            rows.append(row | {"outside_fit": None if beyond is None else beyond["outside"]})
     return pd.DataFrame(rows)
 
 
