@@ -28,9 +28,11 @@ the arithmetic in range.
 
 A step is **unlike the recording's** when its leverage is above that of 99 in 100 of the
 recorded steps (``edge``). A replay of the recorded run finds about 1% of its steps so; on the
-2-core box, live runs of the same configuration 1 to 7%, and runs at twice the rate 19 to 24%
+2-core box, live runs of the same configuration 1 to 8%, and runs at twice the rate 19 to 24%
 (decodes a step up to 14 at p99 where the recording had 5), the runs whose inter-token
-latency the fit then missed by the most (docs/benchmarks.md).
+latency the fit then missed by the most (docs/benchmarks.md). It says where an answer rests
+on extrapolation, not how far off it is: a fit carries the price its recording measured to
+steps like the recorded ones too.
 """
 
 from __future__ import annotations
