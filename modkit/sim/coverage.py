@@ -45,6 +45,9 @@ import numpy as np
 EDGE_PERCENTILE = 99.0  # a step is unlike the recording's beyond the leverage of this share of its own
 RANK_TOLERANCE = 1e-9  # directions the recording moved in less than this (of the most it moved) it never moved in
 NEW_DIRECTION = 1e-6  # a step's part outside the recording's directions, over its size, that counts as one
+# Up to this share of steps unlike the recording's, a run is as like it as a rerun of its configuration
+# (1 to 8% on the 2-core box), and ``Extrapolation.__str__`` names no new mix.
+RERUN_SHARE = 0.08
 
 # What each feature counts, in words (for ``Extrapolation.__str__``).
 WORDS = {
@@ -77,7 +80,7 @@ class Extrapolation:
                 further.append(f"{WORDS[name]} {here:.3g} at p99 (recorded: {recorded:.3g})")
         if further:
             return f"{text}; " + ", ".join(further)
-        return f"{text} (new mixes of the same features)" if self.outside > 0.05 else text
+        return f"{text} (new mixes of the same features)" if self.outside > RERUN_SHARE else text
 
 
 @dataclass(frozen=True, slots=True)
