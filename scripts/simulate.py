@@ -35,12 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from modkit.checks import RANDOM_MODEL_SHAPES
 from modkit.config import ConfigError
 from modkit.model.config import ModelConfig
-from modkit.sim import GPUS, CostModel, Workload, capacity_sweep, knees, simulate, workload_from_trace
+from modkit.sim import GPUS, CostModel, Extrapolation, Workload, capacity_sweep, knees, simulate, workload_from_trace
 from modkit.trace import Trace
 
 
@@ -99,8 +100,8 @@ def main() -> None:
         print(f"\nrecorded:\n{recorded.summary()}")
     summary = simulated.summary()
     print(f"\nsimulated:\n{summary}")
-    if (beyond := cost_model.extrapolation(simulated)) is not None:
-        print(f"beyond the fit's recording: {beyond}")
+    if (beyond := simulated.meta["extrapolation"]) is not None:  # simulate() measured it
+        print(f"beyond the fit's recording: {Extrapolation(**beyond)}")
     print(f"\n{summary.duration_s:.1f} simulated seconds in {wall:.2f} s; trace saved to {args.out}")
 
 
@@ -134,7 +135,7 @@ def run_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     print(f"{len(frame)} simulations of {args.poisson} requests in {wall:.2f} s\n")
     print(f"{'configuration':<20}{'rate':>8}{'done/s':>9}{'TTFT p99 ms':>13}{'ITL p50 ms':>12}{'unlike fit':>12}")
     for row in frame.itertuples():
-        outside = "-" if row.outside_fit is None or row.outside_fit != row.outside_fit else f"{row.outside_fit:.0%}"
+        outside = "-" if pd.isna(row.outside_fit) else f"{row.outside_fit:.0%}"
         print(
             f"{row.config:<20}{row.request_rate:>8g}{row.request_throughput:>9.1f}"
             f"{1e3 * row.ttft_p99_s:>13.1f}{1e3 * row.itl_p50_s:>12.2f}{outside:>12}"
