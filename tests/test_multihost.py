@@ -98,9 +98,11 @@ class HandStarted:
         self.config_file.write_text(yaml.safe_dump(config))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self) -> None:
+    def start(self, names: list[str] | None = None) -> None:
+        """Start ``names`` (by default all six, in ``COMMANDS``' order)."""
         common = ["--config", str(self.config_file), "--keys", str(self.keys_dir)]
-        for name, command in COMMANDS.items():
+        for name in names or list(COMMANDS):
+            command = COMMANDS[name]
             with open(self.tmp / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
                 self.procs[name] = subprocess.Popen([sys.executable, "-m", *command, *common], stdout=log, stderr=log)
 
@@ -108,13 +110,18 @@ class HandStarted:
     def url(self) -> str:
         return f"http://{OTHERS_HOST}:{self.ports['frontend_port']}"
 
-    def serving(self) -> bool:
+    def health(self) -> httpx.Response | None:
+        """The frontend's ``GET /health``; None while nothing listens yet."""
         died = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
         assert not died, f"exited: {died}; logs in {self.tmp}"
         try:
-            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/health", timeout=5)
         except httpx.HTTPError:
-            return False
+            return None
+
+    def serving(self) -> bool:
+        health = self.health()
+        return health is not None and health.status_code == 200
 
     def stop(self) -> dict[str, int]:
         for proc in self.procs.values():
@@ -161,6 +168,33 @@ def test_a_chat_across_the_hosts_equals_the_in_process_engine(pipeline: HandStar
     for component in ("scheduler", "worker", "router", "kv_cache_manager", "sampler"):
         port = pipeline.ports[f"{component}_port"]
         assert httpx.get(f"http://{OTHERS_HOST}:{port}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_the_frontend_says_it_serves_only_once_a_worker_is_up(tmp_path: Path) -> None:
+    # Components started in any order, the worker last (a Compose that cannot wait for a service to
+    # be healthy, such as podman-compose 4, starts them all at once and the worker loads a model):
+    # /health answers 503 until the router has heard the worker, so a client that waits for a 200
+    # is never answered with an error for its first request.
+    hand = HandStarted(tmp_path)
+    try:
+        hand.start([name for name in COMMANDS if name != "worker-0"])
+        assert wait_until(lambda: hand.health() is not None, 60), f"the frontend never listened; logs in {tmp_path}"
+        health = hand.health()
+        assert health is not None and health.status_code == 503, health and health.text
+        assert health.json()["status"] == "starting", health.json()
+        assert health.json()["error"] == "router: no worker has sent a heartbeat yet", health.json()
+        with pytest.raises(openai.APIStatusError) as caught:  # sent anyway: refused, not left waiting
+            chat(hand.url, QUESTIONS[0])
+        assert caught.value.status_code == 503, caught.value
+        hand.start(["worker-0"])
+        assert wait_until(hand.serving, 120), f"the frontend never served; logs in {tmp_path}"
+        expected = LLM(num_kv_blocks=64).chat(
+            [{"role": "user", "content": QUESTIONS[0]}], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False
+        )
+        assert chat(hand.url, QUESTIONS[0]) == expected[0].outputs[0].text
+    finally:
+        codes = hand.stop()
+    assert set(codes.values()) <= {0}, codes
 
 
 def test_every_socket_is_on_its_host_and_speaks_curve(pipeline: HandStarted) -> None:

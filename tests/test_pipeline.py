@@ -428,10 +428,12 @@ def test_shutdown_leaves_no_process_port_or_socket_file() -> None:
     os.kill(pids["worker-0"], signal.SIGKILL)  # the only worker: nothing can serve
 
     def unavailable() -> bool:
-        return pipeline_health_codes(p) == {"router": 503, "scheduler": 503, "worker-0": None}
+        return pipeline_health_codes(p) == {"router": 503, "scheduler": 503, "worker-0": None, "frontend": 503}
 
-    wait_for(unavailable, 15, "router and scheduler to answer 503")
-    assert p.health()["router"]["error"] == "no worker is alive"
+    wait_for(unavailable, 15, "router, scheduler and frontend to answer 503")
+    health = p.health()
+    assert health["router"]["error"] == "no worker is alive"
+    assert health["frontend"]["status"] == "unavailable" and health["frontend"]["error"] == "router: no worker is alive"
     with pytest.raises(openai.InternalServerError) as refused:
         hello(p.client(timeout=60))
     assert refused.value.status_code == 503 and refused.value.body["type"] == "server_error"  # type: ignore[index]

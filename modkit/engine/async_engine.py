@@ -122,6 +122,10 @@ class AsyncEngine:
 
         self._commands.put(abort)
 
+    async def not_ready(self) -> tuple[str, str] | None:
+        """Always ready: the engine is built (its model loaded) before the server takes a request."""
+        return None
+
     def stats(self) -> dict[str, float]:
         return self.core.stats()
 

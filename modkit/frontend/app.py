@@ -163,6 +163,9 @@ def build_app(
         down = list(getattr(engine, "down_components", []))
         ok = engine.error is None and not engine.draining and not down
         status = "error" if engine.error is not None else "draining" if engine.draining else "degraded"
+        not_ready = await engine.not_ready() if ok else None  # nothing down, yet nothing behind it may serve
+        if not_ready is not None:
+            ok, (status, why) = False, not_ready
         body: dict[str, Any] = {
             "status": "ok" if ok else status,
             "component": "frontend",
@@ -173,6 +176,8 @@ def build_app(
         }
         if engine.error is not None:
             body["error"] = repr(engine.error)
+        elif not_ready is not None:
+            body["error"] = why
         if down:
             body["down"] = down
         return JSONResponse(body, status_code=200 if ok else 503)

@@ -47,6 +47,11 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    async def not_ready(self) -> tuple[str, str] | None:
+        """None if a request sent now can be served; else (status, why), which ``/health`` answers
+        with a 503 (the pipeline's frontend is up before any worker it could send a request to)."""
+        ...
+
     def stats(self) -> Mapping[str, float]:
         """Counters for ``/stats``, by name."""
         ...

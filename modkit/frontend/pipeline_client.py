@@ -53,6 +53,8 @@ RESEND_ABORTS_S = 60.0  # aborts sent this recently are sent again by resubmit()
 MAX_ABORTED = 10_000  # aborted req_ids remembered, so that late outputs for one get no second abort
 RESUBMIT_TIMEOUT_S = 10.0
 ENGINE_STATS_TIMEOUT_S = 2.0  # a scrape of /metrics waits this long for the scheduler and the KV cache manager
+ROUTER_HEALTH_TIMEOUT_S = 1.0  # /health waits this long for the router's own
+READINESS_REUSED_S = 0.5  # the router's answer serves the /health calls of this long (a launch polls ten a second)
 
 
 @dataclass(slots=True)
@@ -97,6 +99,7 @@ class PipelineClient:
         self.num_aborted = 0
         self.num_rejected = 0
         self.num_orphans_aborted = 0  # requests this frontend does not follow whose outputs came: aborted
+        self._readiness: tuple[float, tuple[str, str] | None] = (-float("inf"), None)  # (when asked, answer)
 
     @property
     def max_model_len(self) -> int:
@@ -309,6 +312,27 @@ class PipelineClient:
             "num_rejected": self.num_rejected,
             "num_orphans_aborted": self.num_orphans_aborted,
         }
+
+    async def not_ready(self) -> tuple[str, str] | None:
+        """None if a request sent now can be served; else (status, why) for ``/health``. The router
+        decides: it serves once a worker has sent it a heartbeat, so a frontend up before the workers
+        (a model still loading, components started in any order) says "starting" rather than ok."""
+        asked, answer = self._readiness
+        if time.monotonic() - asked > READINESS_REUSED_S:
+            answer = await asyncio.to_thread(self._ask_router)
+            self._readiness = (time.monotonic(), answer)
+        return answer
+
+    def _ask_router(self) -> tuple[str, str] | None:
+        try:
+            with RpcClient(self.addresses.rpc("router"), ROUTER_HEALTH_TIMEOUT_S) as rpc:
+                health = rpc.call("health")
+        except RpcTimeoutError:
+            return "unavailable", f"the router did not answer within {ROUTER_HEALTH_TIMEOUT_S:g} s"
+        if health["status"] == "ok":
+            return None
+        status = "starting" if health["status"] == "starting" else "unavailable"
+        return status, f"router: {health.get('error', health['status'])}"
 
     def engine_stats(self) -> list[dict[str, float]]:
         """Each worker's counters: its scheduler's (running, waiting, preemptions, KV usage) from the

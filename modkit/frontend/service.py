@@ -4,7 +4,7 @@ uvicorn runs the app on a thread of this process, on its own asyncio loop, where
 ``PipelineClient`` sends requests to the router and receives outputs from the scheduler.
 The process's main thread runs the usual serve loop (RPC ``health`` and ``stats`` for the
 launcher, heartbeats). The app's own ``GET /health`` on the frontend port answers 503
-once the output loop has failed.
+once the output loop has failed, and until the router has heard a worker (``starting``).
 """
 
 from __future__ import annotations

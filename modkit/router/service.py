@@ -7,7 +7,9 @@
     worker-i --WorkerHeartbeat, every 0.5 s--> router.in
     KV cache manager --PUB worker.<i>: BlockStored / BlockRemoved--> router (what worker i caches)
 
-A worker with no heartbeat for ``worker_timeout_s`` is marked dead: the router routes
+A new router takes every worker as alive (the launcher started them), but says it serves
+(``/health`` "ok") only once one of them has sent it a heartbeat. A worker with no heartbeat
+for ``worker_timeout_s`` is marked dead: the router routes
 nothing more to it and tells the scheduler (``WorkerDown``), which sends that worker's
 requests back here, with their outputs so far, to be routed to a live worker. When its
 heartbeats come back (a restarted worker), it is routed to again. A worker whose
@@ -172,15 +174,21 @@ class RouterService(SwapOwner):
         self.events.announce(token)
 
     def health(self) -> dict[str, Any]:
+        """ "ok" while a worker that has sent this router a heartbeat is alive; "starting" while none
+        has sent one yet (loading its model, or started after this router); "error" once none is alive."""
         alive = [i for i, w in self.router.workers.items() if w.alive]
+        heard = [i for i in alive if i in self.worker_pids]
+        starting = not self.worker_pids  # none has ever sent one: none is up yet
+        error = None if heard else "no worker has sent a heartbeat yet" if starting else "no worker is alive"
         return {
-            "status": "ok" if alive else "error",
+            "status": "ok" if heard else "starting" if starting else "error",
             "component": "router",
             "implementation": self.implementation,
             "uptime_s": round(time.time() - self.started, 3),
             "workers_alive": alive,
+            "workers_heard": heard,
             "last_swap_error": self.last_swap_error,
-            **({} if alive else {"error": "no worker is alive"}),
+            **({} if error is None else {"error": error}),
         }
 
     def stats(self) -> dict[str, Any]:
