@@ -220,10 +220,11 @@ def print_table(rows: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, di
 
 def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[Any]]]:
     """Fit on ``base-seed0`` of the traces ``--save-traces`` left in ``directory`` (with the
-    ``cpu_share.json`` measured then, if there is one) and simulate every other one again, with
-    that fit and with its own."""
+    timings of the ``cpu_share.json`` measured then, if there is one, their parallel fractions
+    worked out again) and simulate every other one again, with that fit and with its own."""
     share_file = directory / "cpu_share.json"
-    share = CpuShare(**json.loads(share_file.read_text())) if share_file.exists() else None
+    saved = json.loads(share_file.read_text()) if share_file.exists() else None
+    share = CpuShare.from_timings(saved["cores"], saved["measured"]) if saved else None  # with today's rule
     cost = CostModel.fit(Trace.load(directory / "base-seed0.json.gz"), cpu_share=share)
     print(cost, share, flush=True)
     rows: dict[str, dict[str, list[Any]]] = {}

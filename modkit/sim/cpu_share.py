@@ -24,28 +24,36 @@ processes) not at all. So it is measured per group of the cost model's features:
     decode   num_decode_tokens, decode_context_tokens, num_seqs  the time per decode in a batch
 
 each on one thread and on every usable core: ``p = (1 - r) / (1 - 1 / cores)``, where ``r`` is
-the cost on every core over the cost on one, kept within [0, 1].
+the cost on every core over the cost on one, at most 1 (nothing runs faster than split
+evenly). It may be below 0: work that takes longer on more threads.
 
-NOTE: why not below 0. The embedded model's decodes are too small to gain from threads:
+NOTE: why below 0. The embedded model's decode steps are too small to gain from threads:
 on two threads that sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``, as a launch runs
-them), a decode step measured 1.3 to 1.5 times as long as on one, the second thread woken
-and waited for at every parallel region. A negative ``p`` would carry that over as a gain
-for fewer threads; live it is smaller (a worker alone on one thread of two took 0.86 to 1.0
-times its fit on both), and on a busy machine the offline measurement exaggerates it. So a
-group that gains nothing from threads counts as ``p = 0``: priced as fitted.
+them), a step's fixed cost measured 1.16 to 1.41 times its cost on one thread (three 2-core
+machines), the second thread woken and waited for at every parallel region. Live it shows
+the same way: in two-worker runs, a decode step while the other worker was idle (one thread,
+a core free for the other processes) took 0.84 to 0.87, 0.82 to 0.95 and 0.73 to 0.94 of its
+price in the one-worker fit on both threads. Kept at ``p = 0`` (priced as fitted), the
+simulator put it at 0.98 to 1.04; with the measured ``p``, at 0.92, 0.76 to 0.77 and 0.78
+to 0.81 (docs/benchmarks.md, "Two workers on two cores, step by step").
 
 **Sharing: the cores, in proportion to what wants them** (processor sharing, from the fit's
 trace). A launch records each process's CPU seconds over a trace (``meta["cpu_s"]``); their
 sum over the time the worker was busy (``CostModel.cpu_demand``) is how many cores a busy
 worker keeps busy, its own threads and the work of the other processes for its steps
-together (1.3: a core and a third). While ``k`` workers are busy at once (the simulator counts
-each other worker for the share of a step it is busy), they want ``k x cpu_demand`` cores of
-the ``cores`` there are, and each step takes longer by::
+together (1.3: a core and a third). While ``k`` workers are busy at once, they want
+``k x cpu_demand`` cores of the ``cores`` there are, and each step takes longer by::
 
     max(1, k x cpu_demand / cores) / max(1, cpu_demand / cores)
 
 (over the fit's own, which had one worker). On two cores with a demand of 1.3, two busy
-workers take 1.3 times as long a step each; on sixteen, nothing changes.
+workers take 1.3 times as long a step each; on sixteen, nothing changes. Measured live on the
+three 2-core machines above (demands 1.28, 1.37 and 1.28), a decode step while the other
+worker was busy took 1.35, 1.31 and 1.17 times one while it was idle (medians over three runs).
+
+Who counts as busy (``modkit.sim.simulate``): another worker with requests to serve, for the
+whole step, since it keeps stepping until they are done; an idle one for the part of the step
+before its last step in flight ends.
 
 On a GPU neither applies (a worker's host threads prepare small tensors, and the workers
 compute on their devices): a cost model fitted there, or a roofline, is used as it is.
@@ -114,13 +122,20 @@ class CpuShare:
         """Time ``model``'s steps (the embedded model by default) as a launch's worker runs them, on
         1 thread and on ``cores`` (default: the usable cores), each in a fresh process."""
         cores = cores or usable_cores()
-        one, every = _time_in_process(1, model, dtype), _time_in_process(cores, model, dtype)
-        cost_one, cost_every = group_costs(one), group_costs(every)
+        return cls.from_timings(
+            cores, {"1": _time_in_process(1, model, dtype), str(cores): _time_in_process(cores, model, dtype)}
+        )
+
+    @classmethod
+    def from_timings(cls, cores: int, measured: dict[str, dict[str, float]]) -> CpuShare:
+        """Amdahl's p of each group from the median steps on 1 thread and on ``cores`` (``measured``,
+        keyed by the thread count as text, as ``measure`` keeps them)."""
+        cost_one, cost_every = group_costs(measured["1"]), group_costs(measured[str(cores)])
         fractions = {}
         for group in GROUPS:  # p from r = every / one = (1 - p) + p / cores
             r = cost_every[group] / cost_one[group] if cost_one[group] > 0 else 1.0
-            fractions[group] = min(max((1.0 - r) / (1.0 - 1.0 / cores), 0.0), 1.0) if cores > 1 else 0.0
-        return cls(cores, fractions, {"1": one, str(cores): every})
+            fractions[group] = min((1.0 - r) / (1.0 - 1.0 / cores), 1.0) if cores > 1 else 0.0
+        return cls(cores, fractions, measured)
 
 
 def _time_in_process(threads: int, model: str | None, dtype: str | None) -> dict[str, float]:

@@ -32,12 +32,14 @@ the CPU, each step is priced at the threads a launch of this many workers gives 
 are busy (``CostModel.sharing``, from the fit's ``cpu_demand``)::
 
     forward = cost_model.forward_time(features, scale=thread_scale) x cost_model.sharing(busy)
-    busy    = 1 + the sum over the other workers of the part of this forward before that
-              worker's last step in flight ends, over the forward
+    busy    = 1 + the number of other workers with requests to serve
+              + for each other one without: the part of this forward before its last step
+                in flight ends, over the forward
 
-Only the steps already planned count: a step planned later on another worker does not
-stretch this one back (it is stretched itself for the overlap). On a GPU every worker's steps
-cost what the fit measured, as on a device of its own.
+A worker with requests keeps stepping until they are done, so it counts for the whole
+forward, though only its next step or two are planned. A worker that gets its first request
+after this step was planned does not stretch it back (its own steps are stretched for the
+overlap). On a GPU every worker's steps cost what the fit measured, as on a device of its own.
 
 The events it records are the live pipeline's (StepEvent, ForwardEvent, BlockEvents,
 RequestArrived, Routed, Queued, TokensOut, RequestDone), so the result is an ordinary ``Trace``,
@@ -244,10 +246,15 @@ class Simulation:
 
     def _overlap(self, worker: SimWorker, ready: float, forward_s: float) -> float:
         """How many other workers are busy during a forward from ``ready`` for ``forward_s``, on
-        average over it: each counts for the part of it before its last step in flight ends."""
+        average over it: one with requests to serve for all of it, another for the part of it
+        before its last step in flight ends."""
         if forward_s <= 0:
             return 0.0
-        busy = sum(min(max(other.free_at - ready, 0.0), forward_s) for other in self.workers if other is not worker)
+        busy = sum(
+            forward_s if other.scheduler.has_unfinished_requests() else min(max(other.free_at - ready, 0.0), forward_s)
+            for other in self.workers
+            if other is not worker
+        )
         return busy / forward_s
 
     def _refuse_if_never_fits(self, worker: SimWorker, plan: Any) -> bool:
