@@ -124,6 +124,26 @@ def test_a_worker_with_requests_counts_as_busy_for_all_of_another_workers_step()
     assert checked > len(steps) / 4, (checked, len(steps))
 
 
+def test_a_fit_on_two_workers_finds_how_they_shared_the_cores() -> None:
+    """A run of two workers on two cores, each step on one thread and stretched while the other
+    computed (simulated from COST, whose cpu_demand is 1.3): its CPU seconds cannot be split
+    between the workers, but its steps say what a step costs alone and how much the other
+    worker stretched it."""
+    two = simulate(workload(), COST, num_workers=2)
+    fitted = CostModel.fit(two)
+    assert fitted.fitted_on["worker_threads"] == 1 and fitted.fitted_on["num_workers"] == 2
+    assert fitted.cpu_demand == pytest.approx(COST.cpu_demand)
+    one_thread = SHARE.thread_scale(1, 2)
+    steps = [step_features(e.scheduled) for e in two.events if isinstance(e, StepEvent)]
+    # Every prompt but each worker's first has its 32-token prefix cached: the fit cannot tell a
+    # prompt token's cost from a prompt step's, and the two whole 64-token prompts are priced off.
+    steps = [f for f in steps if f["num_prompt_tokens"] <= 32]
+    alone = np.asarray([fitted.forward_time(f) for f in steps])  # each step priced alone, on one thread
+    assert alone == pytest.approx([COST.forward_time(f, scale=one_thread) for f in steps], rel=0.05)
+    unshared = dataclasses.replace(COST, cpu_demand=None)  # workers that did not slow each other
+    assert CostModel.fit(simulate(workload(), unshared, num_workers=2)).cpu_demand is None
+
+
 def test_work_slower_on_more_threads_is_priced_cheaper_on_fewer() -> None:
     """A step's fixed cost measured 1.2 times as long on two threads as on one (the second thread
     woken and waited for): on one thread it is priced at 1 / 1.2 of a fit made on two."""

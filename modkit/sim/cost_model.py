@@ -67,7 +67,12 @@ feature's share of a step to the threads a launch of that many workers gives eac
 ``CpuShare`` measured on the same machine: ``CostModel.fit(trace, cpu_share=CpuShare.measure())``),
 and ``sharing`` stretches a step while other workers are busy, from ``cpu_demand``: the cores
 a busy worker kept busy in the fit, its own and the other processes' work together (the
-trace's ``meta["cpu_s"]`` over the time the worker was busy). On a GPU neither applies.
+trace's ``meta["cpu_s"]`` over the time the worker was busy). A run of several workers on the
+CPU cannot split its CPU seconds between them; there the steps say it instead: each step is
+priced alone, stretched by ``sharing`` for the other workers computing during it, and the
+demand that makes the pairs' times fit best is kept (``_fit_sharing``; on the three 2-core
+machines of docs/benchmarks.md it found 1.1 to 1.5, where their one-worker runs' CPU seconds
+said 1.28 to 1.37). On a GPU neither applies.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ FEATURES = (
 )
 
 WINDOW = 2  # steps in a row whose times are fitted together (CostModel.fit)
+SHARING_STEPS = 10  # candidate demands between half the cores and all of them (_fit_sharing)
 PRICE_WINDOW = 25  # pairs in a row whose median is the steps' price at a moment (FitError.price_range)
 
 # What the scheduler's work on a step depends on (plan_features).
@@ -339,7 +345,9 @@ class CostModel:
         fitted in pairs (see below); the steps sent to an idle worker give ``idle_overhead_s``,
         the median of what they took beyond the fit. The scheduler's work on each step before
         its plan left (``schedule_s``, with its round trips to the KV cache manager) gives
-        ``plan``.
+        ``plan``. On a run of several workers on the CPU a step's time is its price alone times
+        the stretch ``sharing`` gives it for the other workers computing during it, under the
+        ``cpu_demand`` that fits best (``_fit_sharing``).
 
         NOTE: why in pairs. On a GPU a step's cost can show in its neighbours' gaps: the worker
         prepares a step while the GPU still runs the one before. On an H100, around a step with
@@ -355,7 +363,8 @@ class CostModel:
         """
         rows, wall_s, idle, plan_rows, plan_s, worker = [], [], [], [], [], []
         block_size = int(trace.meta.get("block_size") or 16)
-        for worker_id, worker_steps in _steps_by_worker(trace).items():
+        steps = _steps_by_worker(trace)
+        for worker_id, worker_steps in steps.items():
             prev_end = -np.inf
             for e in worker_steps:
                 worker.append(worker_id)
@@ -367,6 +376,7 @@ class CostModel:
                 plan_s.append(e.schedule_s)
                 prev_end = end
         x, y, is_idle = np.asarray(rows), np.asarray(wall_s), np.asarray(idle, dtype=bool)
+        fitted_on = {k: trace.meta[k] for k in FITTED_ON if trace.meta.get(k) is not None}
         # Windows of WINDOW steps in a row on one busy worker. A worker's first step counts as idle,
         # so a window of busy steps never spans two workers.
         starts = np.arange(len(y) - WINDOW + 1)
@@ -374,10 +384,15 @@ class CostModel:
         window = starts[busy] if np.sum(busy) >= len(FEATURES) else starts  # hardly ever busy: every window
         if len(window) < len(FEATURES):
             raise ValueError(f"{len(y)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
-        xw = sum(x[window + k] for k in range(WINDOW))
         yw = sum(y[window + k] for k in range(WINDOW))
+        if len(steps) > 1 and fitted_on.get("device") == "cpu" and fitted_on.get("usable_cores"):
+            # Workers that shared the CPU: each step priced alone, times its stretch (see _fit_sharing).
+            demand, stretch = _fit_sharing(x, yw, window, _others_busy(steps), int(fitted_on["usable_cores"]))
+        else:
+            demand, stretch = _cpu_demand(trace, busy_s=float(np.sum(y))), np.ones(len(y))
+        xw = sum(x[window + k] * stretch[window + k, None] for k in range(WINDOW))
         coefficients, window_weights = robust_nonnegative_fit(xw, yw)
-        predicted = x @ coefficients
+        predicted = (x @ coefficients) * stretch
         idle_overhead = max(float(np.median(y[is_idle] - predicted[is_idle])), 0.0) if np.any(is_idle) else 0.0
         # Each step's weight: the most of its windows' (a stall spoils every window it is in, a neighbour's not all).
         weights = np.ones(len(y))
@@ -400,9 +415,9 @@ class CostModel:
             source=f"fit on {len(y)} steps",
             fit_error=error,
             spread=[float(r) for r in ratios],
-            fitted_on={k: trace.meta[k] for k in FITTED_ON if trace.meta.get(k) is not None},
+            fitted_on=fitted_on,
             cpu_share=cpu_share,
-            cpu_demand=_cpu_demand(trace, busy_s=float(np.sum(y))),
+            cpu_demand=demand,
             coverage=Coverage.of_steps(FEATURES, x),
         )
 
@@ -474,6 +489,57 @@ def _price_range(ratios: np.ndarray, workers: np.ndarray) -> tuple[float, float]
     if not medians:
         return (1.0, 1.0)
     return float(np.percentile(medians, 10)), float(np.percentile(medians, 90))
+
+
+def _others_busy(steps: dict[int, list[StepEvent]]) -> np.ndarray:
+    """For each step (in ``fit``'s order: by worker, then by step), how many other workers were
+    computing during it, on average over it: each one's steps, back to back, cover its busy time."""
+    spans = {}
+    for worker_id, worker_steps in steps.items():
+        begins, finishes, prev_end = [], [], -np.inf
+        for e in worker_steps:
+            end = e.started + e.step_s
+            begins.append(max(e.started, prev_end))
+            finishes.append(end)
+            prev_end = end
+        spans[worker_id] = (np.asarray(begins), np.asarray(finishes))
+    busy = []
+    for worker_id, (starts, ends) in spans.items():
+        for start, end in zip(starts, ends, strict=True):
+            overlap = 0.0
+            for other, (o_starts, o_ends) in spans.items():
+                if other != worker_id:
+                    overlap += float(np.sum(np.clip(np.minimum(o_ends, end) - np.maximum(o_starts, start), 0.0, None)))
+            busy.append(overlap / (end - start) if end > start else 0.0)
+    return np.asarray(busy)
+
+
+def _fit_sharing(
+    x: np.ndarray, yw: np.ndarray, window: np.ndarray, others_busy: np.ndarray, cores: int
+) -> tuple[float | None, np.ndarray]:
+    """The ``cpu_demand`` under which processor sharing (``CostModel.sharing``) best explains a run
+    of several workers on ``cores``, and each step's stretch under it.
+
+    Such a run's CPU seconds cannot be split between the workers' steps, but its steps say how
+    much longer a step took beside busy workers than alone: each candidate demand, from half
+    the cores (below it two workers never run short) to all of them, stretches each step by
+    ``sharing(1 + others_busy)``; the fit on the steps priced alone and stretched so that misses
+    the pairs' times least (median relative miss) wins. None, and no stretch, where no sharing
+    fits better than none."""
+    best: tuple[float, float | None, np.ndarray] = (np.inf, None, np.ones(len(x)))
+    for demand in [None, *(cores / 2 * (1 + k / SHARING_STEPS) for k in range(1, SHARING_STEPS + 1))]:
+        stretch = np.ones(len(x)) if demand is None else _stretch(1.0 + others_busy, demand, cores)
+        xw = sum(x[window + k] * stretch[window + k, None] for k in range(WINDOW))
+        coefficients = np.linalg.lstsq(xw, yw, rcond=None)[0]  # to compare candidates: fast, and the miss is robust
+        miss = float(np.median(np.abs(xw @ coefficients - yw) / yw))
+        if miss < best[0]:
+            best = (miss, demand, stretch)
+    return best[1], best[2]
+
+
+def _stretch(busy: np.ndarray, demand: float, cores: int) -> np.ndarray:
+    """``CostModel.sharing`` of each step, for ``busy`` workers wanting ``demand`` cores each."""
+    return np.maximum(1.0, busy * demand / cores) / max(1.0, demand / cores)
 
 
 def _cpu_demand(trace: Trace, busy_s: float) -> float | None:
