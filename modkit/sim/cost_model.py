@@ -107,7 +107,7 @@ FEATURES = (
 )
 
 WINDOW = 2  # steps in a row whose times are fitted together (CostModel.fit)
-SHARING_STEPS = 10  # candidate demands between half the cores and all of them (_fit_sharing)
+SHARING_STEPS = 10  # candidate demands between the cores each worker could have and all of them (_fit_sharing)
 PRICE_WINDOW = 25  # pairs in a row whose median is the steps' price at a moment (FitError.price_range)
 
 # What the scheduler's work on a step depends on (plan_features).
@@ -259,7 +259,7 @@ class CostModel:
         cores, demand = self.fitted_on.get("usable_cores"), self.cpu_demand
         if self.fitted_on.get("device") != "cpu" or not cores or not demand:
             return 1.0
-        return max(1.0, busy_workers * demand / cores) / max(1.0, demand / cores)
+        return float(processor_sharing(busy_workers, demand, cores))
 
     def plan_time(self, scheduled: Iterable[ScheduledLike], block_size: int) -> float:
         """Seconds the scheduler takes to plan a step that schedules ``scheduled`` (``plan_features``)."""
@@ -387,7 +387,9 @@ class CostModel:
         yw = sum(y[window + k] for k in range(WINDOW))
         if len(steps) > 1 and fitted_on.get("device") == "cpu" and fitted_on.get("usable_cores"):
             # Workers that shared the CPU: each step priced alone, times its stretch (see _fit_sharing).
-            demand, stretch = _fit_sharing(x, yw, window, _others_busy(steps), int(fitted_on["usable_cores"]))
+            demand, stretch = _fit_sharing(
+                x, yw, window, _others_busy(steps), int(fitted_on["usable_cores"]), len(steps)
+            )
         else:
             demand, stretch = _cpu_demand(trace, busy_s=float(np.sum(y))), np.ones(len(y))
         xw = sum(x[window + k] * stretch[window + k, None] for k in range(WINDOW))
@@ -515,20 +517,22 @@ def _others_busy(steps: dict[int, list[StepEvent]]) -> np.ndarray:
 
 
 def _fit_sharing(
-    x: np.ndarray, yw: np.ndarray, window: np.ndarray, others_busy: np.ndarray, cores: int
+    x: np.ndarray, yw: np.ndarray, window: np.ndarray, others_busy: np.ndarray, cores: int, num_workers: int
 ) -> tuple[float | None, np.ndarray]:
     """The ``cpu_demand`` under which processor sharing (``CostModel.sharing``) best explains a run
-    of several workers on ``cores``, and each step's stretch under it.
+    of ``num_workers`` workers on ``cores``, and each step's stretch under it.
 
     Such a run's CPU seconds cannot be split between the workers' steps, but its steps say how
-    much longer a step took beside busy workers than alone: each candidate demand, from half
-    the cores (below it two workers never run short) to all of them, stretches each step by
-    ``sharing(1 + others_busy)``; the fit on the steps priced alone and stretched so that misses
-    the pairs' times least (median relative miss) wins. None, and no stretch, where no sharing
-    fits better than none."""
+    much longer a step took beside busy workers than alone: each candidate demand, from
+    ``cores / num_workers`` (below it the workers never run short) to all the cores, stretches
+    each step by ``sharing(1 + others_busy)``; the fit on the steps priced alone and stretched
+    so that misses the pairs' times least (median relative miss) wins. None, and no stretch,
+    where no sharing fits better than none."""
     best: tuple[float, float | None, np.ndarray] = (np.inf, None, np.ones(len(x)))
-    for demand in [None, *(cores / 2 * (1 + k / SHARING_STEPS) for k in range(1, SHARING_STEPS + 1))]:
-        stretch = np.ones(len(x)) if demand is None else _stretch(1.0 + others_busy, demand, cores)
+    lowest = cores / num_workers
+    candidates = [lowest + (cores - lowest) * k / SHARING_STEPS for k in range(1, SHARING_STEPS + 1)]
+    for demand in [None, *candidates]:
+        stretch = np.ones(len(x)) if demand is None else processor_sharing(1.0 + others_busy, demand, cores)
         xw = sum(x[window + k] * stretch[window + k, None] for k in range(WINDOW))
         coefficients = np.linalg.lstsq(xw, yw, rcond=None)[0]  # to compare candidates: fast, and the miss is robust
         miss = float(np.median(np.abs(xw @ coefficients - yw) / yw))
@@ -537,9 +541,10 @@ def _fit_sharing(
     return best[1], best[2]
 
 
-def _stretch(busy: np.ndarray, demand: float, cores: int) -> np.ndarray:
-    """``CostModel.sharing`` of each step, for ``busy`` workers wanting ``demand`` cores each."""
-    return np.maximum(1.0, busy * demand / cores) / max(1.0, demand / cores)
+def processor_sharing(busy: Any, demand: float, cores: int) -> Any:
+    """How much longer a step takes while ``busy`` workers (a number, or an array of them) want
+    ``demand`` cores each of ``cores``, than one worker alone (``modkit.sim.cpu_share``)."""
+    return np.maximum(1.0, np.asarray(busy) * demand / cores) / max(1.0, demand / cores)
 
 
 def _cpu_demand(trace: Trace, busy_s: float) -> float | None:
