@@ -326,6 +326,8 @@ class CostModel:
         if self.plan:
             overheads += "; plan " + ", ".join(f"{k}={v:.3g}" for k, v in self.plan.items() if v)
         latencies = f"admit {self.admit_s:.3g} s, output {self.output_s:.3g} s"
+        if self.cpu_demand is not None:  # on the CPU: what sharing the cores with other workers costs
+            latencies += f"; a busy worker wants {self.cpu_demand:.2f} cores"
         return f"CostModel({self.source}: {terms}; {overheads}; {latencies}{error})"
 
     # -- from a live run ---------------------------------------------------------------------
