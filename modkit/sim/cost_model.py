@@ -512,8 +512,10 @@ def _others_busy(steps: dict[int, list[StepEvent]]) -> np.ndarray:
         for start, end in zip(starts, ends, strict=True):
             overlap = 0.0
             for other, (o_starts, o_ends) in spans.items():
-                if other != worker_id:
-                    overlap += float(np.sum(np.clip(np.minimum(o_ends, end) - np.maximum(o_starts, start), 0.0, None)))
+                if other != worker_id:  # its spans are in order and apart: only those from i to j meet this one
+                    i, j = np.searchsorted(o_ends, start, "right"), np.searchsorted(o_starts, end, "left")
+                    meet = np.minimum(o_ends[i:j], end) - np.maximum(o_starts[i:j], start)
+                    overlap += float(np.sum(np.clip(meet, 0.0, None)))
             busy.append(overlap / (end - start) if end > start else 0.0)
     return np.asarray(busy)
 
