@@ -63,6 +63,35 @@ def free_component_ports(num_workers: int = 4) -> dict[str, int]:
     return {f"{name}_port": getattr(config, f"{name}_port") for name in COMPONENTS}
 
 
+# NOTE: why a CPU worker computes small steps on one thread. Its threads sleep while they wait
+# (OMP_WAIT_POLICY=PASSIVE, modkit.pipeline.processes), and a forward wakes them at every parallel
+# region. On a 2-core machine the embedded model's decode steps took 1.4 to 1.5 times as long on
+# two threads as on one, a 1,024-token prompt step 0.65 times as long; at 64 tokens the two were
+# even; Qwen2.5-0.5B's shapes decoded as fast on one thread as on two, and a 64-token chunk 1.2 to
+# 1.3 times faster on two (docs/benchmarks.md, "Small steps on one thread"). Not measured on more
+# cores, where a big model's decodes read more weights than one core can stream: there the default
+# keeps every step on every thread.
+CPU_PARALLEL_MIN_TOKENS = 64  # the default of cpu_parallel_min_tokens on a worker of two threads or fewer
+
+
+def cpu_worker_threads(usable_cores: int, num_workers: int) -> int:
+    """Each CPU worker's OpenMP threads in a launch of ``num_workers``: its share of the usable cores."""
+    return max(1, usable_cores // num_workers)
+
+
+def cpu_parallel_min_tokens(setting: int | None, threads: int) -> int:
+    """The fewest tokens a step of a CPU worker of ``threads`` threads computes on all of them
+    (``PipelineConfig.cpu_parallel_min_tokens``; None: the default for that many threads)."""
+    if setting is not None:
+        return setting
+    return CPU_PARALLEL_MIN_TOKENS if threads <= 2 else 1
+
+
+def cpu_step_threads(num_tokens: int, threads: int, min_tokens: int) -> int:
+    """The threads a CPU worker of ``threads`` threads computes a step of ``num_tokens`` tokens on."""
+    return threads if num_tokens >= min_tokens else 1
+
+
 REDACTED = "<redacted>"  # what to_dict() writes in place of the API key
 
 
@@ -94,6 +123,10 @@ class PipelineConfig:
     seed: int = 0  # seeds requests that bring no seed, so a run can be repeated
     # -- processes and network --------------------------------------------------------------
     num_workers: int = 1  # one model replica; the router spreads requests over more
+    # A CPU worker splits a step over its threads only when the step computes at least this many
+    # tokens; a smaller one (decodes, short chunks) runs on one thread. 1: every step on every
+    # thread. None: CPU_PARALLEL_MIN_TOKENS for a worker of two threads or fewer, else 1 (see there).
+    cpu_parallel_min_tokens: int | None = None
     # Each worker split over this many ranks and devices (tensor parallelism, modkit.worker.tensor_parallel);
     # must divide the model's attention and KV heads.
     tensor_parallel_size: int = 1
@@ -169,6 +202,7 @@ class PipelineConfig:
         _check_bool("async_scheduling", self.async_scheduling)
         _check_int("seed", self.seed, minimum=0)
         _check_int("num_workers", self.num_workers, minimum=1)
+        _check_int("cpu_parallel_min_tokens", self.cpu_parallel_min_tokens, minimum=1, optional=True)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1)
         self._check_roles()
         _check_bool("allow_remote", self.allow_remote)

@@ -12,7 +12,15 @@ import pytest
 import torch
 import yaml
 
-from modkit.config import DEFAULT_GPU_MODEL, DTYPES, ConfigError, PipelineConfig
+from modkit.config import (
+    CPU_PARALLEL_MIN_TOKENS,
+    DEFAULT_GPU_MODEL,
+    DTYPES,
+    ConfigError,
+    PipelineConfig,
+    cpu_parallel_min_tokens,
+    cpu_step_threads,
+)
 from modkit.engine.config import ConfigError as EngineConfigError
 from modkit.engine.config import EngineConfig
 from modkit.model import parse_dtype
@@ -37,6 +45,7 @@ CUSTOM: dict[str, Any] = {
     "attention_backend": "torch_ref",
     "seed": 7,
     "num_workers": 3,
+    "cpu_parallel_min_tokens": 16,
     "host": "0.0.0.0",
     "allow_remote": True,
     "api_key": "sk-test",
@@ -329,6 +338,19 @@ def test_api_key_stays_out_of_logs() -> None:
 def test_dtype_names_are_the_loaders() -> None:
     for name in DTYPES:
         parse_dtype(name)
+
+
+def test_a_cpu_worker_of_two_threads_runs_small_steps_on_one() -> None:
+    """Small steps gain nothing from a second thread woken for them (the NOTE by
+    CPU_PARALLEL_MIN_TOKENS); on more threads, where that was not measured, every step uses all."""
+    assert cpu_parallel_min_tokens(None, 2) == cpu_parallel_min_tokens(None, 1) == CPU_PARALLEL_MIN_TOKENS
+    assert cpu_parallel_min_tokens(None, 4) == 1
+    assert cpu_parallel_min_tokens(16, 2) == cpu_parallel_min_tokens(16, 8) == 16  # as set
+    assert [cpu_step_threads(n, 2, 64) for n in (1, 63, 64, 2048)] == [1, 1, 2, 2]
+    assert [cpu_step_threads(n, 8, 1) for n in (1, 64)] == [8, 8]
+    for bad in (0, -1, 1.5, "64", True):
+        with pytest.raises(ConfigError, match="cpu_parallel_min_tokens"):
+            PipelineConfig(cpu_parallel_min_tokens=bad)
 
 
 def test_cpu_workers_share_the_cores_and_gpu_workers_keep_one_host_thread() -> None:

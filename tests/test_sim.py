@@ -29,14 +29,14 @@ import pytest
 from waiting import wait_until
 
 from modkit import Pipeline, loadgen, viz
-from modkit.config import ConfigError
+from modkit.config import ConfigError, cpu_parallel_min_tokens
 from modkit.model.config import ModelConfig
 from modkit.sampling_params import SamplingParams
 from modkit.sim import CostModel, Workload, WorkloadRequest, capacity_sweep, knees, simulate, workload_from_trace
 from modkit.sim.cost_model import FEATURES, plan_features, step_features
 from modkit.sim.regression import nonnegative_least_squares
 from modkit.trace import Trace
-from modkit.trace.events import RequestArrived, StepEvent, TokensOut
+from modkit.trace.events import ForwardEvent, RequestArrived, StepEvent, TokensOut
 
 # A made-up model of a CPU step: 3 ms a step, 0.2 ms a prompt token, 1 ms a decode.
 COST = CostModel(
@@ -482,11 +482,23 @@ def test_a_fit_keeps_the_machine_and_the_cpu_the_run_used(live: LiveRun) -> None
     forwards = float(live.trace.forwards.forward_s.sum())
     assert cpu["worker-0"] >= 0.3 * forwards  # its forwards ran on it (most of the time, on a busy box)
     cost = CostModel.fit(live.trace)
-    assert cost.fitted_on == {"device": "cpu", "worker_threads": cores, "usable_cores": cores, "num_workers": 1}
+    split_from = cpu_parallel_min_tokens(None, cores)  # a step of fewer tokens ran on one thread
+    assert cost.fitted_on == {
+        "device": "cpu",
+        "worker_threads": cores,
+        "cpu_parallel_min_tokens": split_from,
+        "usable_cores": cores,
+        "num_workers": 1,
+    }
     assert cost.cpu_demand is not None and cost.cpu_demand == pytest.approx(
         sum(cpu.values()) / sum(w for w in _busy_seconds(live.trace))
     )
     assert cost.worker_threads(2) == max(1, cores // 2)
+    # The threads torch ran each forward on, as the worker read them back: one under split_from
+    # tokens (64-token prompts whose first 32 are cached, and decodes), all of them from there on.
+    forwards = [e for e in live.trace.events if isinstance(e, ForwardEvent)]
+    ran_on = {(e.num_tokens >= split_from, e.num_threads) for e in forwards}
+    assert ran_on == ({(False, 1), (True, cores)} if split_from > 1 else {(True, cores)}), ran_on
 
 
 def _busy_seconds(trace: Trace) -> list[float]:

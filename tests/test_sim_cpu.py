@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pytest
 
-from modkit.sim import CostModel, CpuShare, Workload, simulate
+from modkit.sim import CostModel, CpuShare, Workload, simulate, workload_from_trace
 from modkit.sim.cost_model import step_features
 from modkit.sim.cpu_share import GROUPS, HELD_OUT, PROMPT_LEN, group_costs, usable_cores
 from modkit.trace import Trace
@@ -25,7 +25,8 @@ from modkit.trace.events import Queued, RequestDone, StepEvent
 
 SHARE = CpuShare(2, {"step": 0.0, "prompt": 0.8, "decode": 0.5})
 TRIES = 3  # of the timing test below
-ON_CPU = {"device": "cpu", "worker_threads": 2, "usable_cores": 2, "num_workers": 1}
+# Fitted with one worker on both cores, which ran its steps of fewer than 64 tokens on one thread.
+ON_CPU = {"device": "cpu", "worker_threads": 2, "cpu_parallel_min_tokens": 64, "usable_cores": 2, "num_workers": 1}
 # A made-up model of a 2-core CPU, fitted with one worker on both cores, which kept 1.3 cores busy.
 COST = CostModel(
     [{"step": 2e-3, "num_prompt_tokens": 1e-4, "num_decode_tokens": 5e-4}],
@@ -40,6 +41,12 @@ COST = CostModel(
 
 def workload() -> Workload:
     return Workload.poisson(80, 40.0, prompt_len=64, output_len=16, seed=0, shared_prefix=32)
+
+
+def on_one_thread(e: StepEvent) -> dict[str, float]:
+    """How a step of a worker on one thread is priced over the fit (ON_CPU): a step of 64 tokens
+    or more ran on both threads there, a smaller one on one already."""
+    return SHARE.thread_scale(1, 2) if e.tokens_used >= 64 else {}
 
 
 def step_ratios(trace: Trace, cost: CostModel) -> np.ndarray:
@@ -60,6 +67,11 @@ def test_amdahl_scales_each_group_by_its_parallel_fraction() -> None:
     assert COST.forward_time(prompt, scale=one_thread) == pytest.approx(expected)
     # The threads a launch gives each worker: the usable cores split between them.
     assert [COST.worker_threads(n) for n in (1, 2, 3)] == [2, 1, 1]
+    # A step under 64 tokens ran on one thread in the fit, as on one worker's share of two.
+    assert COST.step_threads(63, 1) == (1, 1) and COST.step_threads(64, 1) == (2, 2)
+    assert COST.step_threads(63, 2) == (1, 1) and COST.step_threads(64, 2) == (1, 2)
+    assert COST.thread_scale(2, 63) == {} and COST.thread_scale(2, 64) == one_thread
+    assert COST.step_threads(8, 1, setting=1) == (2, 1)  # every step on both threads
 
 
 def test_processor_sharing_stretches_a_step_only_when_the_cores_are_short() -> None:
@@ -76,20 +88,44 @@ def test_one_worker_on_the_cpu_costs_what_it_was_fitted_at() -> None:
     assert ratios == pytest.approx(np.ones(len(ratios)))
 
 
+def test_a_fit_with_every_step_on_both_threads_prices_small_steps_on_one() -> None:
+    """A trace recorded before a worker ran its small steps on one thread says nothing of it: its
+    fit ran every step on both. Simulated at today's default, a step under 64 tokens is priced
+    on one thread (Amdahl's law, SHARE) and a bigger one as fitted; at ``cpu_parallel_min_tokens=1``
+    every step as fitted."""
+    every_step = dataclasses.replace(
+        COST, fitted_on={k: v for k, v in ON_CPU.items() if k != "cpu_parallel_min_tokens"}
+    )
+    trace = simulate(workload(), every_step)
+    assert trace.meta["cpu_parallel_min_tokens"] == 64
+    steps = [e for e in trace.events if isinstance(e, StepEvent)]
+    expected = [every_step.forward_time(step_features(e.scheduled), scale=SHARE.thread_scale(1, 2)) for e in steps]
+    small = np.asarray([e.tokens_used < 64 for e in steps])
+    assert 0 < small.sum() < len(steps)
+    assert np.asarray([e.forward_s for e in steps])[small] == pytest.approx(np.asarray(expected)[small])
+    assert step_ratios(trace, every_step)[~small] == pytest.approx(np.ones(int((~small).sum())))
+    as_recorded = simulate(workload(), every_step, cpu_parallel_min_tokens=1)
+    assert step_ratios(as_recorded, every_step) == pytest.approx(np.ones(len(step_ratios(as_recorded, every_step))))
+    old_trace = Trace(trace.events, {k: v for k, v in trace.meta.items() if k != "cpu_parallel_min_tokens"})
+    assert workload_from_trace(old_trace).config["cpu_parallel_min_tokens"] == 1  # as it ran
+
+
 def test_two_workers_on_the_cpu_take_longer_per_step_than_one() -> None:
     """Each of two workers gets one of the two threads, and both are stretched while the other computes."""
     trace = simulate(workload(), COST, num_workers=2)
     assert trace.meta["worker_threads"] == 1 and trace.meta["device"] == "cpu"
-    one_thread = SHARE.thread_scale(1, 2)
     steps = [e for e in trace.events if isinstance(e, StepEvent)]
     assert {e.worker_id for e in steps} == {0, 1}
-    stretched = 0
+    stretched, big = 0, 0
     for e in steps:
         features = step_features(e.scheduled)
-        on_one_thread = COST.forward_time(features, scale=one_thread)
-        assert on_one_thread > COST.forward_time(features)  # every step has prompt or decode work
-        assert on_one_thread * (1 - 1e-9) <= e.forward_s <= on_one_thread * COST.sharing(2.0) * (1 + 1e-9)
-        stretched += e.forward_s > on_one_thread * (1 + 1e-6)
+        alone = COST.forward_time(features, scale=on_one_thread(e))
+        if e.tokens_used >= 64:  # on both threads in the fit: slower on one
+            assert alone > COST.forward_time(features)
+            big += 1
+        assert alone * (1 - 1e-9) <= e.forward_s <= alone * COST.sharing(2.0) * (1 + 1e-9)
+        stretched += e.forward_s > alone * (1 + 1e-6)
+    assert big >= 2  # each worker's first prompt, at least
     assert stretched > len(steps) / 4  # at 40 req/s the two are often busy at once
     one_worker = simulate(workload(), COST)
     assert np.mean(step_ratios(trace, COST)) > np.mean(step_ratios(one_worker, COST)) * 1.1
@@ -107,7 +143,7 @@ def test_a_worker_with_requests_counts_as_busy_for_all_of_another_workers_step()
     """Only its next step or two are planned, but it keeps stepping until its requests are done:
     a step of the other worker planned meanwhile is stretched for all of it."""
     trace = simulate(workload(), COST, num_workers=2)
-    one_thread, both_busy = SHARE.thread_scale(1, 2), COST.sharing(2.0)
+    both_busy = COST.sharing(2.0)
     steps = sorted((e for e in trace.events if isinstance(e, StepEvent)), key=lambda e: (e.worker_id, e.step))
     checked = 0
     for previous, e in itertools.pairwise(steps):
@@ -118,8 +154,8 @@ def test_a_worker_with_requests_counts_as_busy_for_all_of_another_workers_step()
         other = busy_spans(trace, 1 - e.worker_id, COST.output_s)
         if not any(start < window[0] and window[1] < end for start, end in other):
             continue
-        on_one_thread = COST.forward_time(step_features(e.scheduled), scale=one_thread)
-        assert e.forward_s == pytest.approx(on_one_thread * both_busy, rel=1e-9), (e.worker_id, e.step)
+        alone = COST.forward_time(step_features(e.scheduled), scale=on_one_thread(e))
+        assert e.forward_s == pytest.approx(alone * both_busy, rel=1e-9), (e.worker_id, e.step)
         checked += 1
     assert checked > len(steps) / 4, (checked, len(steps))
 
@@ -133,13 +169,15 @@ def test_a_fit_on_two_workers_finds_how_they_shared_the_cores() -> None:
     fitted = CostModel.fit(two)
     assert fitted.fitted_on["worker_threads"] == 1 and fitted.fitted_on["num_workers"] == 2
     assert fitted.cpu_demand == pytest.approx(COST.cpu_demand)
-    one_thread = SHARE.thread_scale(1, 2)
-    steps = [step_features(e.scheduled) for e in two.events if isinstance(e, StepEvent)]
     # Every prompt but each worker's first has its 32-token prefix cached: the fit cannot tell a
     # prompt token's cost from a prompt step's, and the two whole 64-token prompts are priced off.
-    steps = [f for f in steps if f["num_prompt_tokens"] <= 32]
-    alone = np.asarray([fitted.forward_time(f) for f in steps])  # each step priced alone, on one thread
-    assert alone == pytest.approx([COST.forward_time(f, scale=one_thread) for f in steps], rel=0.05)
+    steps = [
+        e for e in two.events if isinstance(e, StepEvent) and step_features(e.scheduled)["num_prompt_tokens"] <= 32
+    ]
+    alone = np.asarray([fitted.forward_time(step_features(e.scheduled)) for e in steps])  # priced alone, one thread
+    assert alone == pytest.approx(
+        [COST.forward_time(step_features(e.scheduled), on_one_thread(e)) for e in steps], rel=0.05
+    )
     unshared = dataclasses.replace(COST, cpu_demand=None)  # workers that did not slow each other
     assert CostModel.fit(simulate(workload(), unshared, num_workers=2)).cpu_demand is None
 
@@ -163,7 +201,7 @@ def test_work_slower_on_more_threads_is_priced_cheaper_on_fewer() -> None:
 def test_a_gpu_fit_prices_every_worker_as_fitted() -> None:
     """On a GPU the host's threads do not matter and each worker has its own device."""
     on_gpu = dataclasses.replace(COST, fitted_on={**ON_CPU, "device": "cuda"})
-    assert on_gpu.thread_scale(2) == {} and on_gpu.sharing(2.0) == 1.0
+    assert on_gpu.thread_scale(2, 64) == {} and on_gpu.sharing(2.0) == 1.0
     ratios = step_ratios(simulate(workload(), on_gpu, num_workers=2), on_gpu)
     assert ratios == pytest.approx(np.ones(len(ratios)))
     unmeasured = dataclasses.replace(COST, cpu_share=None, cpu_demand=None)  # an older fit: as fitted, too

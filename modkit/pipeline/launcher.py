@@ -43,7 +43,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from modkit.config import PipelineConfig
+from modkit.config import PipelineConfig, cpu_parallel_min_tokens
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.pipeline.preflight import check_ports_free, fit_to_kv_pool, resolve_max_model_len, with_ports
@@ -390,6 +390,11 @@ class Pipeline:
 
     def _trace_meta(self) -> dict[str, Any]:
         cfg = self.config
+        on_gpu = on_cuda(cfg.worker_device(0))
+        threads = int(worker_threads_env(cfg)["OMP_NUM_THREADS"])
+        # As WorkerService runs its steps: tensor-parallel ranks keep all their threads.
+        split_from: int | None = cpu_parallel_min_tokens(cfg.cpu_parallel_min_tokens, threads)
+        split_from = None if on_gpu else 1 if cfg.tensor_parallel_size > 1 else split_from
         return {
             "model": self.model_name,
             "num_workers": cfg.num_workers,
@@ -405,8 +410,9 @@ class Pipeline:
             "eviction_policy": cfg.eviction_policy,
             "router_policy": cfg.router_policy,
             # What a cost model fitted on this run was measured under (modkit.sim.cost_model.FITTED_ON).
-            "device": "cuda" if on_cuda(cfg.worker_device(0)) else "cpu",
-            "worker_threads": int(worker_threads_env(cfg)["OMP_NUM_THREADS"]),  # each worker's OpenMP threads
+            "device": "cuda" if on_gpu else "cpu",
+            "worker_threads": threads,  # each worker's OpenMP threads
+            "cpu_parallel_min_tokens": split_from,  # a CPU worker's smaller steps ran on one thread
             "usable_cores": usable_cores(),
         }
 

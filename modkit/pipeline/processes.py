@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modkit.config import PipelineConfig
+from modkit.config import PipelineConfig, cpu_worker_threads
 from modkit.transport import QUIET_THREADS, ComponentProcess
 from modkit.transport.process import usable_cores
 from modkit.transport.rundirs import make_private_dir
@@ -117,9 +117,10 @@ def worker_threads_env(config: PipelineConfig) -> dict[str, str]:
     A spinning thread burns its share of a core while it waits, so the kernel's scheduler
     runs it less once anything else wants that core, and every barrier then waits for it:
     several workers on few cores, or one worker on a busy box, then take many times longer
-    per forward (docs/benchmarks.md has the figures).
+    per forward (docs/benchmarks.md has the figures). Waking a sleeping thread costs too, so a
+    worker runs its small steps on one of its threads (``PipelineConfig.cpu_parallel_min_tokens``).
     """
     if on_cuda(config.worker_device(0)):
         return dict(QUIET_THREADS)
-    share = str(max(1, usable_cores() // config.num_workers))
+    share = str(cpu_worker_threads(usable_cores(), config.num_workers))
     return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share, "OMP_WAIT_POLICY": "PASSIVE"}

@@ -63,7 +63,8 @@ What a fit was measured under is kept in ``fitted_on``, from the trace's meta: t
 each worker's threads, the usable cores, the number of workers. On the CPU the workers
 share the cores (``modkit.sim.cpu_share``), so a configuration with more workers runs each
 step on fewer threads, and slower while other workers compute: ``thread_scale`` rescales each
-feature's share of a step to the threads a launch of that many workers gives each one (with a
+feature's share of a step to the threads a step of its size runs on in a launch of that many
+workers (a step under ``cpu_parallel_min_tokens`` tokens on one; ``step_threads``) (with a
 ``CpuShare`` measured on the same machine: ``CostModel.fit(trace, cpu_share=CpuShare.measure())``),
 and ``sharing`` stretches a step while other workers are busy, from ``cpu_demand``: the cores
 a busy worker kept busy in the fit, its own and the other processes' work together (the
@@ -86,6 +87,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from modkit.config import cpu_parallel_min_tokens, cpu_step_threads, cpu_worker_threads
 from modkit.sim.coverage import Coverage, Extrapolation
 from modkit.sim.cpu_share import CpuShare
 from modkit.sim.regression import robust_nonnegative_fit
@@ -114,7 +116,7 @@ PRICE_WINDOW = 25  # pairs in a row whose median is the steps' price at a moment
 PLAN_FEATURES = ("kv_round_trip", "admits", "step")
 
 # Trace meta keys that say what a fit was measured under (a launch records them).
-FITTED_ON = ("device", "worker_threads", "usable_cores", "num_workers")
+FITTED_ON = ("device", "worker_threads", "cpu_parallel_min_tokens", "usable_cores", "num_workers")
 
 
 class ScheduledLike(Protocol):
@@ -241,16 +243,28 @@ class CostModel:
         """Each worker's threads in a launch of ``num_workers`` on the fit's CPU (as
         ``worker_threads_env`` gives them); None unless the fit was on the CPU and says its cores."""
         cores = self.fitted_on.get("usable_cores")
-        return max(1, cores // num_workers) if self.fitted_on.get("device") == "cpu" and cores else None
+        return cpu_worker_threads(cores, num_workers) if self.fitted_on.get("device") == "cpu" and cores else None
 
-    def thread_scale(self, num_workers: int) -> dict[str, float]:
-        """Feature -> how much longer its share of a step takes in a launch of ``num_workers`` than in
-        the fit (``CpuShare.thread_scale``); empty (no change) unless the fit was on the CPU, with the
-        threads it ran on, and a ``cpu_share`` measured there."""
+    def step_threads(self, num_tokens: int, num_workers: int, setting: int | None = None) -> tuple[int, int] | None:
+        """The threads a step of ``num_tokens`` tokens runs on in a launch of ``num_workers`` (with
+        ``cpu_parallel_min_tokens=setting``), and the threads it ran on in the fit: a CPU worker
+        runs a step under its ``cpu_parallel_min_tokens`` on one thread (a fit on a trace that
+        does not say ran every step on every thread). None unless the fit was on the CPU and says
+        its cores and threads."""
         threads, fitted = self.worker_threads(num_workers), self.fitted_on.get("worker_threads")
-        if self.cpu_share is None or threads is None or not fitted or threads == fitted:
+        if threads is None or not fitted:
+            return None
+        now = cpu_step_threads(num_tokens, threads, cpu_parallel_min_tokens(setting, threads))
+        return now, cpu_step_threads(num_tokens, fitted, self.fitted_on.get("cpu_parallel_min_tokens") or 1)
+
+    def thread_scale(self, num_workers: int, num_tokens: int, setting: int | None = None) -> dict[str, float]:
+        """Feature -> how much longer its share of a step of ``num_tokens`` tokens takes in a launch
+        of ``num_workers`` than in the fit (``step_threads``, ``CpuShare.thread_scale``); empty (no
+        change) where the threads are the same, or without a ``cpu_share`` measured on the fit's CPU."""
+        threads = self.step_threads(num_tokens, num_workers, setting)
+        if self.cpu_share is None or threads is None or threads[0] == threads[1]:
             return {}
-        return self.cpu_share.thread_scale(threads, fitted)
+        return self.cpu_share.thread_scale(*threads)
 
     def sharing(self, busy_workers: float) -> float:
         """How much longer a step takes while ``busy_workers`` (itself included; a fraction for a

@@ -2,7 +2,9 @@
 
 A launch on the CPU splits the usable cores between the workers: each gets
 ``usable_cores // num_workers`` OpenMP threads (``modkit.pipeline.processes.worker_threads_env``),
-and the workers run at the same time on the same cores, beside the scheduler, sampler,
+on which it runs its steps of ``cpu_parallel_min_tokens`` tokens or more (a smaller one on one
+thread: ``modkit.config.cpu_step_threads``), and the workers run at the same time on the same
+cores, beside the scheduler, sampler,
 frontend, router and KV cache manager. A cost model fitted on a run of one worker prices each
 step as that worker ran it: on every core, with the cores it did not use free for the other
 processes. Another number of workers changes two things, each modelled from a measurement:
@@ -35,7 +37,9 @@ the same way: in two-worker runs, a decode step while the other worker was idle 
 a core free for the other processes) took 0.84 to 0.87, 0.82 to 0.95 and 0.73 to 0.94 of its
 price in the one-worker fit on both threads. Kept at ``p = 0`` (priced as fitted), the
 simulator put it at 0.98 to 1.04; with the measured ``p``, at 0.92, 0.76 to 0.77 and 0.78
-to 0.81 (docs/benchmarks.md, "Two workers on two cores, step by step").
+to 0.81 (docs/benchmarks.md, "Two workers on two cores, step by step"). Since then a worker
+runs such small steps on one thread (``PipelineConfig.cpu_parallel_min_tokens``), and a fit on
+its trace prices them there: only the bigger steps change threads between launches.
 
 **Sharing: the cores, in proportion to what wants them** (processor sharing, from the fit's
 trace). A launch records each process's CPU seconds over a trace (``meta["cpu_s"]``); their

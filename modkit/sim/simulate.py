@@ -27,8 +27,10 @@ worker's previous step ends, whichever is later, and lasts the cost model's forw
 and overhead.
 
 On the CPU the workers share the cores (``modkit.sim.cpu_share``). With a cost model fitted on
-the CPU, each step is priced at the threads a launch of this many workers gives each one
-(``CostModel.thread_scale``, with a measured ``CpuShare``), and stretched while other workers
+the CPU, each step is priced at the threads a step of its size runs on in a launch of this
+many workers (one under ``cpu_parallel_min_tokens`` tokens, else each worker's share of the
+cores), over those it ran on in the fit (``CostModel.thread_scale``, with a measured
+``CpuShare``), and stretched while other workers
 are busy (``CostModel.sharing``, from the fit's ``cpu_demand``)::
 
     forward = cost_model.forward_time(features, scale=thread_scale) x cost_model.sharing(busy)
@@ -60,7 +62,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from modkit.config import ConfigError, PipelineConfig
+from modkit.config import ConfigError, PipelineConfig, cpu_parallel_min_tokens
 from modkit.kvcache.manager import KVCacheManager
 from modkit.request import Request, RequestStatus
 from modkit.router.router import Router
@@ -156,7 +158,7 @@ class Simulation:
         self.now = 0.0
         self.planner_free_at = 0.0  # when the scheduler is done planning the steps sent so far
         self.rng = random.Random(config.seed)  # draws each step's spread (CostModel.spread)
-        self.thread_scale = cost_model.thread_scale(config.num_workers)  # on the CPU: {} = as fitted
+        self._thread_scales: dict[tuple[int, int] | None, dict[str, float]] = {}  # by step_threads
         self.events: list[PipelineEvent] = []
         self._queue: list[tuple[float, int, str, Any]] = []  # (time, tie-break, kind, what)
         self._order = itertools.count()
@@ -236,13 +238,23 @@ class Simulation:
         plan_s = self.cost_model.plan_time(record.scheduled, self.config.block_size)
         sent = self.planner_free_at = max(self.now, self.planner_free_at) + plan_s
         ready = max(sent, worker.free_at)
-        forward_s = self.cost_model.forward_time(step_features(record.scheduled), self.rng, self.thread_scale)
+        forward_s = self.cost_model.forward_time(
+            step_features(record.scheduled), self.rng, self._thread_scale(record.tokens_used)
+        )
         if len(self.workers) > 1:
             forward_s *= self.cost_model.sharing(1.0 + self._overlap(worker, ready, forward_s))
         end = ready + forward_s + self.cost_model.overhead(idle)
         worker.free_at = end
         worker.timings.append(StepTiming(record, sent, ready, forward_s, end, len(step.sampling), plan_s))
         self._at(end, "step_done", worker.worker_id)
+
+    def _thread_scale(self, num_tokens: int) -> dict[str, float]:
+        """On the CPU, a step's cost at this launch's threads for its size over the fit's ({}: as fitted)."""
+        cost, cfg = self.cost_model, self.config
+        threads = cost.step_threads(num_tokens, cfg.num_workers, cfg.cpu_parallel_min_tokens)
+        if threads not in self._thread_scales:
+            self._thread_scales[threads] = cost.thread_scale(cfg.num_workers, num_tokens, cfg.cpu_parallel_min_tokens)
+        return self._thread_scales[threads]
 
     def _overlap(self, worker: SimWorker, ready: float, forward_s: float) -> float:
         """How many other workers are busy during a forward from ``ready`` for ``forward_s``, on
@@ -319,6 +331,8 @@ class Simulation:
 
     def _meta(self) -> dict[str, Any]:
         cfg = self.config
+        threads = self.cost_model.worker_threads(cfg.num_workers)
+        split_from = cpu_parallel_min_tokens(cfg.cpu_parallel_min_tokens, threads or 1)
         return {
             "simulated": True,
             "cost_model": self.cost_model.describe(),
@@ -335,7 +349,8 @@ class Simulation:
             "router_policy": cfg.router_policy,
             # The machine simulated: the fit's (CostModel.fitted_on), with this launch's threads.
             "device": self.cost_model.fitted_on.get("device"),
-            "worker_threads": self.cost_model.worker_threads(cfg.num_workers),
+            "worker_threads": threads,
+            "cpu_parallel_min_tokens": None if threads is None else split_from,
             "usable_cores": self.cost_model.fitted_on.get("usable_cores"),
             "t0": 0.0,
         }

@@ -132,6 +132,7 @@ _CONFIG_KEYS = (
     "scheduling_policy",
     "eviction_policy",
     "router_policy",
+    "cpu_parallel_min_tokens",
 )
 
 
@@ -141,4 +142,6 @@ def recorded_config(meta: dict[str, Any]) -> dict[str, Any]:
     config = {k: meta[k] for k in _CONFIG_KEYS if meta.get(k) is not None}
     if meta.get("num_blocks"):
         config["num_kv_blocks"] = int(meta["num_blocks"][0])
+    if meta.get("device") == "cpu" and "cpu_parallel_min_tokens" not in meta:
+        config["cpu_parallel_min_tokens"] = 1  # recorded before small steps ran on one thread: every step on all
     return config

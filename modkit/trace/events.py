@@ -162,6 +162,9 @@ class ForwardEvent(msgspec.Struct, tag="forward", frozen=True):
     # Of the sampled, rows the grammar stage constrained (structured outputs); defaulted, so that
     # a trace saved without it still loads.
     num_constrained: int = 0
+    # The threads the forward ran on (a CPU worker's small steps run on one:
+    # PipelineConfig.cpu_parallel_min_tokens); 0: not recorded (a trace saved before it).
+    num_threads: int = 0
 
 
 class BlockActivity(msgspec.Struct, array_like=True, frozen=True):

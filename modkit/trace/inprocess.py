@@ -68,6 +68,7 @@ class _RecordingExecutor(StepExecutor):
             num_seqs=len(plan.num_scheduled_tokens),
             num_sampled=len(step.req_ids),
             num_constrained=sum(1 for r in step.req_ids if self.states[r].grammar is not None),
+            num_threads=step.num_threads,
         )
         self.recording.events.append(event)
         self._pending[plan.step] = len(self.recording.events) - 1

@@ -125,6 +125,7 @@ class LaunchedStep:
     forward_s: float  # host time to launch the forward
     sample_s: float  # host time to launch the sampling (finishing adds the wait for the tokens)
     done: torch.cuda.Event | None  # recorded after the sampling on a GPU; None on a CPU (done when launched)
+    num_threads: int = 0  # torch's threads for the forward (a CPU worker runs small steps on one)
 
     def is_done(self) -> bool:
         """Whether the device has finished it (its tokens can be read without waiting)."""
@@ -162,7 +163,8 @@ class StepExecutor:
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        return LaunchedStep(plan, started, result, req_ids, sampled, t1 - t0, time.perf_counter() - t1, done)
+        sample_s, threads = time.perf_counter() - t1, torch.get_num_threads()
+        return LaunchedStep(plan, started, result, req_ids, sampled, t1 - t0, sample_s, done, threads)
 
     def finish(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Wait for the step's tokens (the one host copy). A plan made before the scheduler saw

@@ -39,9 +39,10 @@ from collections import deque
 from typing import Any
 
 import msgspec
+import torch
 
 from modkit.attention.interface import resolve_attention_backend
-from modkit.config import PipelineConfig
+from modkit.config import PipelineConfig, cpu_parallel_min_tokens, cpu_step_threads
 from modkit.engine.config import EngineConfig
 from modkit.kvtransfer.worker_side import make_connector
 from modkit.model import resolve_model_path
@@ -102,6 +103,12 @@ class WorkerService(WorkerSwapping):
         self.num_blocks = self.memory.num_blocks
         self.block_size = engine.block_size
         self.attention_backend = resolve_attention_backend(engine.attention_backend, self.device)
+        # A CPU worker computes a step of fewer than parallel_min_tokens tokens on one of its threads
+        # (PipelineConfig.cpu_parallel_min_tokens); tensor-parallel ranks keep theirs, all alike.
+        self.threads = torch.get_num_threads()
+        split = self.device.type == "cpu" and self.model.tp.size == 1
+        self.parallel_min_tokens = cpu_parallel_min_tokens(cfg.cpu_parallel_min_tokens, self.threads) if split else 1
+        self.step_threads = self.threads  # what torch runs on now
         log.info("%s: %s", worker_name(worker_id), self.memory.describe(self.max_model_len))
         with RpcClient(addresses.rpc("sampler"), timeout_s=30.0) as sampler_rpc:
             choice = sampler_rpc.call("config")  # the Sampler process decides which implementation runs here
@@ -179,6 +186,7 @@ class WorkerService(WorkerSwapping):
         try:
             if self.connector is not None:
                 self._load_kv(plan)
+            self._use_threads(plan.total_num_scheduled_tokens)
             launched = self.executor.launch(plan)
             if self.connector is not None:
                 self.connector.wait_for_save(plan.kv_connector_metadata)
@@ -192,6 +200,13 @@ class WorkerService(WorkerSwapping):
         self.launched.append(launched)
         while len(self.launched) > 1:
             self._finish(self.launched.popleft())
+
+    def _use_threads(self, num_tokens: int) -> None:
+        """Run the next step on the threads its size calls for (one, or all of the worker's)."""
+        threads = cpu_step_threads(num_tokens, self.threads, self.parallel_min_tokens)
+        if threads != self.step_threads:
+            torch.set_num_threads(threads)
+            self.step_threads = threads
 
     # -- disaggregated prefill and decode (modkit.kvtransfer) ----------------------------------
 
@@ -252,7 +267,7 @@ class WorkerService(WorkerSwapping):
         self.to_scheduler.send(done)
         states = self.executor.states
         constrained = sum(1 for r in output.req_ids if r in states and states[r].grammar is not None)
-        self._publish(plan, step.started, step.forward_s, sample_s, len(output.req_ids), num_constrained=constrained)
+        self._publish(plan, step.started, step.forward_s, sample_s, len(output.req_ids), constrained, step.num_threads)
         if output.req_ids:
             greedy = sum(1 for r in output.req_ids if r in states and states[r].params.temperature == 0.0)
             self.to_sampler.send(SamplerReport(self.worker_id, len(output.req_ids), greedy, sample_s, constrained))
@@ -267,7 +282,7 @@ class WorkerService(WorkerSwapping):
         self.num_failed_steps += 1
         self.last_error = f"{type(error).__name__}: {error}"
         self.to_scheduler.send(StepFailed(self.worker_id, plan.step, self.last_error, self.scheduler_id))
-        self._publish(plan, started, 0.0, 0.0, 0, self.last_error)
+        self._publish(plan, started, 0.0, 0.0, 0, failed=self.last_error)
 
     def _publish(
         self,
@@ -276,8 +291,9 @@ class WorkerService(WorkerSwapping):
         forward_s: float,
         sample_s: float,
         num_sampled: int,
-        failed: str | None = None,
         num_constrained: int = 0,
+        num_threads: int = 0,
+        failed: str | None = None,
     ) -> None:
         if not self.events.wants(f"forward.{self.worker_id}"):
             return  # nobody listens: not even built
@@ -292,6 +308,7 @@ class WorkerService(WorkerSwapping):
             num_sampled=num_sampled,
             failed=failed,
             num_constrained=num_constrained,
+            num_threads=num_threads,
         )
         self.events.publish(f"forward.{self.worker_id}", event)
 
@@ -310,6 +327,8 @@ class WorkerService(WorkerSwapping):
             "cuda_graphs": self.worker.runner.graphs is not None,
             "device": str(self.device),
             "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch."),
+            "threads": self.threads,  # the worker's OpenMP threads; steps under parallel_min_tokens use one
+            "parallel_min_tokens": self.parallel_min_tokens,
             "tensor_parallel_size": self.model.tp.size,
             "tensor_parallel_pids": self.ranks.pids if self.ranks is not None else [],  # ranks 1..N-1
         }
