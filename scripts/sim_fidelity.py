@@ -29,11 +29,16 @@ markdown table of the medians over the runs: output throughput, TTFT p50, ITL p5
 preemptions and prefix-hit rate, live and simulated, and how far the live runs of each
 configuration spread (their range over their median: the machine's own noise).
 
-Two more columns split a miss. Each live run is simulated once more with a cost model
+More columns split a miss. Each live run is simulated once more with a cost model
 fitted on that run itself ("own fit"): what is left of the miss there is the simulator's
 (its scheduler, KV cache manager and router are the real ones, so mostly how it times the
 hops and the steps); the rest is the cost model's, carried from the fit run to a run of
-another configuration, at another time, on a machine whose speed moved in between. And the
+another configuration, at another time, on a machine whose speed moved in between. Where the
+runs go round the pipelines (on the CPU), each is simulated again with a fit on the base
+configuration's run of its own round, a minute apart at most ("round's fit"; the base
+configuration's runs with the round before's): a cost model carried to another
+configuration, on the machine of the same minute, so what it misses beyond the own fit is
+what one configuration's steps do not say of another's. And the
 share of each live run's steps unlike those the fit was measured on (the median over the
 runs; ``modkit.sim.coverage``): where it is large, the fit is extrapolated there.
 
@@ -93,7 +98,7 @@ def small_pool(prompt_len: int, output_len: int, shared_prefix: int) -> int:
     return 2 + shared + 3 * own
 
 
-COLUMNS = ("live", "simulated", "own fit")  # of each configuration's runs (simulate_runs)
+COLUMNS = ("live", "simulated", "own fit", "round's fit")  # of each configuration's runs (simulate_runs)
 UNLIKE = "unlike fit"  # and each live run's share of steps unlike the fit's recording (CostModel.extrapolation)
 METRICS = ("output_throughput", "ttft_p50_s", "itl_p50_s", "num_preemptions", "prefix_hit_rate")
 
@@ -167,16 +172,26 @@ def error(live: dict[str, float], sim: dict[str, float], metric: str) -> str:
 
 
 def simulate_runs(
-    trace: Trace, cost: CostModel, share: CpuShare | None, overrides: dict[str, Any]
-) -> dict[str, TraceSummary]:
-    """``trace``'s workload simulated under ``overrides`` with ``cost`` ("simulated"), and with a
-    cost model fitted on ``trace`` itself ("own fit")."""
+    trace: Trace, cost: CostModel, share: CpuShare | None, overrides: dict[str, Any], nearby: CostModel | None
+) -> tuple[dict[str, TraceSummary], CostModel]:
+    """``trace``'s workload simulated under ``overrides`` with ``cost`` ("simulated"), with a cost
+    model fitted on ``trace`` itself ("own fit") and, if there is one, with ``nearby``, fitted on
+    the base configuration's run of the same round ("round's fit"); and the own fit."""
     workload = workload_from_trace(trace)
     own = CostModel.fit(trace, cpu_share=share)
-    return {
+    summaries = {
         "simulated": simulate(workload, cost, **overrides).summary(),
         "own fit": simulate(workload, own, **overrides).summary(),
     }
+    if nearby is not None:
+        summaries["round's fit"] = simulate(workload, nearby, **overrides).summary()
+    return summaries, own
+
+
+def nearby_fit(round_fits: dict[int, CostModel], name: str, seed: int) -> CostModel | None:
+    """The fit on the base configuration's run of round ``seed`` (the base configuration's own
+    runs: of the round before, seed 0 being the fit run), if that run was served."""
+    return round_fits.get(seed - 1 if name == "base" else seed)
 
 
 def unlike(cost: CostModel, trace: Trace) -> float:
@@ -195,24 +210,30 @@ def print_table(rows: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, di
     """The markdown table of each configuration's medians, live and simulated; the medians."""
     print(
         "| configuration | tok/s live / sim | TTFT p50 ms live / sim | ITL p50 ms live / sim | preemptions | hits "
-        "| live runs' spread, TTFT / ITL | own fit's error, TTFT / ITL | live steps unlike the fit's |"
+        "| live runs' spread, TTFT / ITL | own fit's error, TTFT / ITL | round's fit's error, TTFT / ITL "
+        "| live steps unlike the fit's |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     medians: dict[str, dict[str, dict[str, float]]] = {}
     for name, runs in rows.items():
         if not runs["live"]:
-            print(f"| {name} | every run skipped | | | | | | |")
+            print(f"| {name} | every run skipped | | | | | | | | |")
             continue
         live = {m: float(np.median([getattr(s, m) for s in runs["live"]])) for m in METRICS}
         sim = {m: float(np.median([getattr(s, m) for s in runs["simulated"]])) for m in METRICS}
         own = {m: float(np.median([getattr(s, m) for s in runs["own fit"]])) for m in METRICS}
         medians[name] = {"live": live, "simulated": sim, "own fit": own}
+        round_fit = "- / -"
+        if runs["round's fit"]:
+            nearby = {m: float(np.median([getattr(s, m) for s in runs["round's fit"]])) for m in METRICS}
+            medians[name]["round's fit"] = nearby
+            round_fit = f"{error(live, nearby, 'ttft_p50_s')} / {error(live, nearby, 'itl_p50_s')}"
         print(
             f"| {name} | {pair(live, sim, 'output_throughput')} | {pair(live, sim, 'ttft_p50_s', 1e3)} "
             f"| {pair(live, sim, 'itl_p50_s', 1e3)} | {live['num_preemptions']:.0f} / {sim['num_preemptions']:.0f} "
             f"| {live['prefix_hit_rate']:.2f} / {sim['prefix_hit_rate']:.2f} "
             f"| {spread(runs['live'], 'ttft_p50_s')} / {spread(runs['live'], 'itl_p50_s')} "
-            f"| {error(live, own, 'ttft_p50_s')} / {error(live, own, 'itl_p50_s')} "
+            f"| {error(live, own, 'ttft_p50_s')} / {error(live, own, 'itl_p50_s')} | {round_fit} "
             f"| {np.median(runs[UNLIKE]):.0%} |"
         )
     return medians
@@ -225,8 +246,13 @@ def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[Any]]]
     share_file = directory / "cpu_share.json"
     saved = json.loads(share_file.read_text()) if share_file.exists() else None
     share = CpuShare.from_timings(saved["cores"], saved["measured"]) if saved else None  # with today's rule
-    cost = CostModel.fit(Trace.load(directory / "base-seed0.json.gz"), cpu_share=share)
+    fit_run = Trace.load(directory / "base-seed0.json.gz")
+    cost = CostModel.fit(fit_run, cpu_share=share)
     print(cost, share, flush=True)
+    round_fits: dict[int, CostModel] = {}  # on the CPU the runs went round: each round's base run
+    if fit_run.meta.get("device") == "cpu":
+        for path in directory.glob("base-seed*.json.gz"):
+            round_fits[seed_of(path)] = CostModel.fit(Trace.load(path), cpu_share=share)
     rows: dict[str, dict[str, list[Any]]] = {}
     for name in names:
         for path in sorted(directory.glob(f"{name.replace(' ', '_')}-seed*.json.gz")):
@@ -239,9 +265,15 @@ def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[Any]]]
             runs = rows.setdefault(name, {**{column: [] for column in COLUMNS}, UNLIKE: []})
             runs["live"].append(trace.summary())
             runs[UNLIKE].append(unlike(cost, trace))
-            for column, summary in simulate_runs(trace, cost, share, overrides).items():
+            nearby = nearby_fit(round_fits, name, seed_of(path))
+            for column, summary in simulate_runs(trace, cost, share, overrides, nearby)[0].items():
                 runs[column].append(summary)
     return rows
+
+
+def seed_of(path: Path) -> int:
+    """The seed in a saved trace's name (``base-seed2.json.gz``: 2)."""
+    return int(path.name.split("-seed")[1].split(".")[0])
 
 
 def main() -> None:
@@ -301,6 +333,7 @@ def main() -> None:
         rows: dict[str, dict[str, list[Any]]] = {n: {**{c: [] for c in COLUMNS}, UNLIKE: []} for n in names}
         cost: CostModel | None = None
         share: CpuShare | None = None
+        round_fits: dict[int, CostModel] = {}  # seed -> the fit on that round's base run (runs that go round)
         skipped: list[str] = []  # runs whose traces lost events
         with contextlib.ExitStack() as stack:
 
@@ -336,6 +369,8 @@ def main() -> None:
                 if seed == 0:
                     share = None if host["gpu"] else CpuShare.measure(model, args.dtype)  # on a GPU: not needed
                     cost = CostModel.fit(trace, cpu_share=share)
+                    if together:
+                        round_fits[0] = cost
                     if args.save_traces and share is not None:
                         share_file = Path(args.save_traces, "cpu_share.json")
                         share_file.write_text(json.dumps(dataclasses.asdict(share)))
@@ -345,8 +380,12 @@ def main() -> None:
                 runs = rows[name]
                 runs["live"].append(trace.summary())
                 runs[UNLIKE].append(unlike(cost, trace))
-                for column, summary in simulate_runs(trace, cost, share, overrides[name]).items():
+                nearby = nearby_fit(round_fits, name, seed)
+                summaries, own = simulate_runs(trace, cost, share, overrides[name], nearby)
+                for column, summary in summaries.items():
                     runs[column].append(summary)
+                if together and name == "base":
+                    round_fits[seed] = own
                 print(
                     name, overrides[name], seed, runs["live"][-1].to_dict(), runs["simulated"][-1].to_dict(), flush=True
                 )

@@ -622,7 +622,9 @@ def test_the_script_sweeps_rates_and_finds_each_configurations_knee(tmp_path: Pa
 def test_sim_fidelity_replays_saved_traces_under_their_configurations(tmp_path: Path) -> None:
     """``scripts/sim_fidelity.py --replay``: the fit on ``base-seed0`` and each saved run simulated
     again under the configuration its name says (the small pool's blocks from the trace), with that
-    fit and with a fit on the run itself, exactly as fitting and simulating them by hand does."""
+    fit, with a fit on the run itself and, for CPU runs (which go round the pipelines), with a fit
+    on the base run of its round (of the round before, for a base run), exactly as fitting and
+    simulating them by hand does."""
     spec = importlib.util.spec_from_file_location("sim_fidelity", Path(__file__).parents[1] / "scripts/sim_fidelity.py")
     assert spec is not None and spec.loader is not None
     sim_fidelity = importlib.util.module_from_spec(spec)
@@ -634,20 +636,25 @@ def test_sim_fidelity_replays_saved_traces_under_their_configurations(tmp_path: 
         "small_KV_pool-seed1": simulate(poisson(rate=200.0, seed=1), COST, num_kv_blocks=14),
     }
     for name, trace in runs.items():
+        trace.meta["device"] = "cpu"  # served round the pipelines, as on a CPU
         trace.save(tmp_path / f"{name}.json.gz")
     rows = sim_fidelity.replay(tmp_path, ["base", "budget 64", "small KV pool"])
     cost = CostModel.fit(Trace.load(tmp_path / "base-seed0.json.gz"))
+    round_one = CostModel.fit(Trace.load(tmp_path / "base-seed1.json.gz"))
     overrides = {"base": {}, "budget 64": {"max_num_batched_tokens": 64}, "small KV pool": {"num_kv_blocks": 14}}
     for name, config in overrides.items():
         recorded = Trace.load(tmp_path / f"{name.replace(' ', '_')}-seed1.json.gz")
         expected = simulate(workload_from_trace(recorded), cost, **config).summary()
         own = simulate(workload_from_trace(recorded), CostModel.fit(recorded), **config).summary()
+        nearby = simulate(workload_from_trace(recorded), cost if name == "base" else round_one, **config).summary()
         unlike = cost.extrapolation(recorded).outside
         assert rows[name] == {
             "live": [recorded.summary()],
             "simulated": [expected],
             "own fit": [own],
+            "round's fit": [nearby],
             "unlike fit": [unlike],
         }, name
     assert rows["small KV pool"]["simulated"][0].num_preemptions > 0  # the small pool's, not the default one
     assert any(r["own fit"] != r["simulated"] for r in rows.values())  # two fits, told apart
+    assert rows["budget 64"]["round's fit"] != rows["budget 64"]["simulated"]  # and the round's, too
