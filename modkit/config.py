@@ -226,6 +226,11 @@ class PipelineConfig:
         self._check_addresses()
         self._check_devices()
 
+    def worker_parallel_min_tokens(self, threads: int) -> int:
+        """The fewest tokens a step of a CPU worker of ``threads`` threads runs on all of them: 1
+        (every step) for a tensor-parallel worker, whose ranks keep their threads alike."""
+        return 1 if self.tensor_parallel_size > 1 else cpu_parallel_min_tokens(self.cpu_parallel_min_tokens, threads)
+
     def _check_roles(self) -> None:
         """Prefill and decode workers come together; num_workers is their sum."""
         _check_int("prefill_workers", self.prefill_workers, minimum=0)

@@ -348,6 +348,8 @@ def test_a_cpu_worker_of_two_threads_runs_small_steps_on_one() -> None:
     assert cpu_parallel_min_tokens(16, 2) == cpu_parallel_min_tokens(16, 8) == 16  # as set
     assert [cpu_step_threads(n, 2, 64) for n in (1, 63, 64, 2048)] == [1, 1, 2, 2]
     assert [cpu_step_threads(n, 8, 1) for n in (1, 64)] == [8, 8]
+    assert PipelineConfig().worker_parallel_min_tokens(2) == CPU_PARALLEL_MIN_TOKENS
+    assert PipelineConfig(tensor_parallel_size=2).worker_parallel_min_tokens(2) == 1  # its ranks keep theirs alike
     for bad in (0, -1, 1.5, "64", True):
         with pytest.raises(ConfigError, match="cpu_parallel_min_tokens"):
             PipelineConfig(cpu_parallel_min_tokens=bad)

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from modkit.config import PipelineConfig, cpu_parallel_min_tokens
+from modkit.config import PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
 from modkit.pipeline.addresses import PipelineAddresses, worker_name
 from modkit.pipeline.preflight import check_ports_free, fit_to_kv_pool, resolve_max_model_len, with_ports
@@ -392,9 +392,7 @@ class Pipeline:
         cfg = self.config
         on_gpu = on_cuda(cfg.worker_device(0))
         threads = int(worker_threads_env(cfg)["OMP_NUM_THREADS"])
-        # As WorkerService runs its steps: tensor-parallel ranks keep all their threads.
-        split_from: int | None = cpu_parallel_min_tokens(cfg.cpu_parallel_min_tokens, threads)
-        split_from = None if on_gpu else 1 if cfg.tensor_parallel_size > 1 else split_from
+        split_from = None if on_gpu else cfg.worker_parallel_min_tokens(threads)  # as each worker runs its steps
         return {
             "model": self.model_name,
             "num_workers": cfg.num_workers,

@@ -42,7 +42,7 @@ import msgspec
 import torch
 
 from modkit.attention.interface import resolve_attention_backend
-from modkit.config import PipelineConfig, cpu_parallel_min_tokens, cpu_step_threads
+from modkit.config import PipelineConfig, cpu_step_threads
 from modkit.engine.config import EngineConfig
 from modkit.kvtransfer.worker_side import make_connector
 from modkit.model import resolve_model_path
@@ -106,8 +106,7 @@ class WorkerService(WorkerSwapping):
         # A CPU worker computes a step of fewer than parallel_min_tokens tokens on one of its threads
         # (PipelineConfig.cpu_parallel_min_tokens); tensor-parallel ranks keep theirs, all alike.
         self.threads = torch.get_num_threads()
-        split = self.device.type == "cpu" and self.model.tp.size == 1
-        self.parallel_min_tokens = cpu_parallel_min_tokens(cfg.cpu_parallel_min_tokens, self.threads) if split else 1
+        self.parallel_min_tokens = cfg.worker_parallel_min_tokens(self.threads) if self.device.type == "cpu" else 1
         self.step_threads = self.threads  # what torch runs on now
         log.info("%s: %s", worker_name(worker_id), self.memory.describe(self.max_model_len))
         with RpcClient(addresses.rpc("sampler"), timeout_s=30.0) as sampler_rpc:
