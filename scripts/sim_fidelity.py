@@ -27,7 +27,8 @@ and goes weighs on every configuration alike (an idle pipeline uses about 1% of 
 GPU, whose memory each launch takes most of, one configuration after another. Prints a
 markdown table of the medians over the runs: output throughput, TTFT p50, ITL p50,
 preemptions and prefix-hit rate, live and simulated, and how far the live runs of each
-configuration spread (their range over their median: the machine's own noise).
+configuration spread (their range over their median: the machine's own noise); under it, how
+many of the TTFT and ITL p50 medians each fit predicted within 10% of the live ones.
 
 More columns split a miss. Each live run is simulated once more with a cost model
 fitted on that run itself ("own fit"): what is left of the miss there is the simulator's
@@ -101,6 +102,8 @@ def small_pool(prompt_len: int, output_len: int, shared_prefix: int) -> int:
 COLUMNS = ("live", "simulated", "own fit", "round's fit")  # of each configuration's runs (simulate_runs)
 UNLIKE = "unlike fit"  # and each live run's share of steps unlike the fit's recording (CostModel.extrapolation)
 METRICS = ("output_throughput", "ttft_p50_s", "itl_p50_s", "num_preemptions", "prefix_hit_rate")
+LATENCIES = ("ttft_p50_s", "itl_p50_s")  # the cells counted against TARGET
+TARGET = 0.10  # how close a prediction of a latency's median should come (the simulator's goal)
 
 
 class IncompleteTrace(RuntimeError):
@@ -236,6 +239,19 @@ def print_table(rows: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, di
             f"| {error(live, own, 'ttft_p50_s')} / {error(live, own, 'itl_p50_s')} | {round_fit} "
             f"| {np.median(runs[UNLIKE]):.0%} |"
         )
+    print()
+    fits = {"simulated": "the fit run's", "own fit": "each run's own", "round's fit": "the round's"}
+    for column, label in fits.items():
+        errors = [
+            abs(m[column][metric] - m["live"][metric]) / m["live"][metric]
+            for m in medians.values()
+            if column in m
+            for metric in LATENCIES
+            if m["live"][metric]
+        ]
+        if errors:
+            within = sum(e <= TARGET for e in errors)
+            print(f"with {label} fit: {within} of {len(errors)} latency medians within {TARGET:.0%} of the live ones")
     return medians
 
 

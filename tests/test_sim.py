@@ -619,7 +619,9 @@ def test_the_script_sweeps_rates_and_finds_each_configurations_knee(tmp_path: Pa
     assert "unlike fit" in done.stdout
 
 
-def test_sim_fidelity_replays_saved_traces_under_their_configurations(tmp_path: Path) -> None:
+def test_sim_fidelity_replays_saved_traces_under_their_configurations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``scripts/sim_fidelity.py --replay``: the fit on ``base-seed0`` and each saved run simulated
     again under the configuration its name says (the small pool's blocks from the trace), with that
     fit, with a fit on the run itself and, for CPU runs (which go round the pipelines), with a fit
@@ -658,3 +660,15 @@ def test_sim_fidelity_replays_saved_traces_under_their_configurations(tmp_path: 
     assert rows["small KV pool"]["simulated"][0].num_preemptions > 0  # the small pool's, not the default one
     assert any(r["own fit"] != r["simulated"] for r in rows.values())  # two fits, told apart
     assert rows["budget 64"]["round's fit"] != rows["budget 64"]["simulated"]  # and the round's, too
+    # The table ends with how many latency medians each fit predicted within 10% of the live ones.
+    capsys.readouterr()
+    medians = sim_fidelity.print_table(rows)
+    printed = capsys.readouterr().out
+    for column, label in (
+        ("simulated", "the fit run's"),
+        ("own fit", "each run's own"),
+        ("round's fit", "the round's"),
+    ):
+        errors = [abs(m[column][k] / m["live"][k] - 1) for m in medians.values() for k in ("ttft_p50_s", "itl_p50_s")]
+        within = sum(e <= 0.10 for e in errors)
+        assert f"with {label} fit: {within} of 6 latency medians within 10% of the live ones" in printed, printed
