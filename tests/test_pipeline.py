@@ -632,8 +632,12 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         (warm,) = first
 
         def router_heard_all() -> bool:
-            stats = p.stats()  # the router's count first: it can only catch up with the manager's
-            return stats["router"]["num_kv_events"] == stats["kv_cache_manager"]["num_kv_events"] > 0
+            # Every event each pool published, but those the router knows it lost: the pools' first
+            # events (clearing them at start) may go out before its subscription arrives.
+            stats = p.stats()  # the router's counts first: they can only catch up with the manager's
+            workers, pools = stats["router"]["workers"], stats["kv_cache_manager"]["pools"]
+            heard = [w["num_kv_events"] + w["kv_events_lost"] for w in workers]
+            return heard == [pool["num_kv_events"] for pool in pools] and sum(heard) > 0
 
         wait_until(router_heard_all, 10, interval_s=0.2)
         stats = p.stats()

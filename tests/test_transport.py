@@ -338,6 +338,42 @@ def test_subscriber_reports_what_pub_dropped_at_the_high_water_mark(tmp_path: Pa
                     break
         assert seqs == sorted(seqs) and seqs[-1] >= 500
         assert subscriber.missed > 0 and len(seqs) + subscriber.missed == seqs[-1] + 1
+        assert subscriber.lost("kv") == subscriber.missed  # the first one came: every loss is a gap
+
+
+def test_subscriber_counts_what_was_sent_before_its_subscription_as_lost(tmp_path: Path) -> None:
+    """The slow joiner: no gap shows what a topic sent before the first message that arrived, its seq does."""
+    address = f"ipc://{tmp_path}/late"
+    with Publisher(address) as publisher:
+        for i in range(5):  # nobody subscribes yet: the publisher drops them
+            publisher.publish("kv", i)
+        with Subscriber(address, topics=["kv"]) as subscriber:
+            deadline = time.monotonic() + 5
+            while not publisher.wants("kv"):  # the subscription reached the publisher
+                assert time.monotonic() < deadline, "the subscription never arrived"
+                time.sleep(0.01)
+            for i in range(5, 8):
+                publisher.publish("kv", i)
+            received = [subscriber.recv(2.0) for _ in range(3)]
+            assert [(d.seq, d.payload) for d in received if d] == [(5, 5), (6, 6), (7, 7)]
+            assert subscriber.missed == 0 and subscriber.received == {"kv": 3} and subscriber.lost("kv") == 5
+            assert subscriber.lost("other") == 0  # a topic it never heard of: nothing known lost
+
+
+def test_subscriber_counts_a_restarted_publisher_from_its_new_seq(tmp_path: Path) -> None:
+    address = f"ipc://{tmp_path}/restarts"
+    with Subscriber(address, topics=["kv"]) as subscriber:
+        with Publisher(address) as first:
+            assert subscribed(first, subscriber)
+            for i in range(3):
+                first.publish("kv", i)
+            assert [d.seq for d in (subscriber.recv(2.0) for _ in range(3)) if d] == [0, 1, 2]
+        with Publisher(address) as second:  # the same address: the subscriber reconnects to it
+            assert subscribed(second, subscriber)
+            second.publish("kv", "again")
+            delivery = subscriber.recv(2.0)
+            assert delivery is not None and (delivery.seq, delivery.payload) == (0, "again")
+            assert subscriber.received["kv"] == 1 and subscriber.lost("kv") == 0
 
 
 def test_publisher_knows_which_topics_anyone_subscribes_to(tmp_path: Path) -> None:

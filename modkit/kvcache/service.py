@@ -98,12 +98,14 @@ class KVCacheService(SwapOwner):
         self.num_calls = 0
         self.num_ops = 0
         self.num_kv_events = 0  # published for the router; its /stats counts those it received
+        self.pool_kv_events = [0] * len(num_blocks)  # of them, on each pool's topic (worker.<pool>)
 
     def _sink(self, pool: int) -> Any:
         def publish(event: KVEvent) -> None:
             if self.publisher is not None:
                 self.publisher.publish(f"worker.{pool}", event_to_wire(event))
                 self.num_kv_events += 1
+                self.pool_kv_events[pool] += 1
 
         return publish
 
@@ -318,7 +320,7 @@ class KVCacheService(SwapOwner):
 
     def stats(self) -> dict[str, Any]:
         pools = []
-        for manager in self.pools:
+        for manager, num_kv_events in zip(self.pools, self.pool_kv_events, strict=True):
             s = manager.stats()
             pools.append(
                 {
@@ -330,6 +332,7 @@ class KVCacheService(SwapOwner):
                     "prefix_cache_hits": s.prefix_cache_hits,
                     "num_evictions": s.num_evictions,
                     "num_requests_holding_blocks": len(manager.held_req_ids()),
+                    "num_kv_events": num_kv_events,
                 }
             )
         calls = {"num_calls": self.num_calls, "num_ops": self.num_ops}

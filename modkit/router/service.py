@@ -16,6 +16,15 @@ heartbeats come back (a restarted worker), it is routed to again. A worker whose
 heartbeats come from another pid was restarted faster than that: it is declared dead and
 back at once, so that the scheduler moves the requests the old process held.
 
+What each worker caches, the router learns from the KV cache manager's events, which
+ZeroMQ drops until the router's subscription reaches the manager. The manager starts last,
+and the scheduler clears each pool (``AllBlocksCleared``) as soon as it reaches it, so those
+first events can go out before the subscription arrives. Nothing is lost by it (the router
+starts knowing of no cached block), and the launch returns only once the subscription has
+arrived. ``/stats`` counts, per worker, the events that came and those lost before the last
+that came (``Subscriber.lost``, from their sequence numbers); the KV cache manager's
+``/stats`` counts what each pool published.
+
 Restarts of this router: messages in its inbox are lost, and the new one starts with no
 request routed; the frontend sends its requests in flight again (``resubmit``), and
 ``RequestsFinished`` or aborts for requests it never routed are passed on or ignored.
@@ -198,6 +207,7 @@ class RouterService(SwapOwner):
             "decisions": {str(k): v for k, v in sorted(self.router.decisions.items())},
             "num_kv_events": self.num_kv_events,
             "kv_events_missed": self.kv_events.missed,
+            "kv_events_lost": sum(self.kv_events.lost(f"worker.{i}") for i in self.router.workers),
             "workers": [
                 {
                     "worker_id": i,
@@ -205,6 +215,10 @@ class RouterService(SwapOwner):
                     "num_active_requests": w.num_active_requests,
                     "active_blocks": w.active_blocks,
                     "num_cached_blocks": len(w.cached),
+                    # Of its pool's KV events (worker.<i>), as many as have come and those lost before the last
+                    # that came: the KV cache manager's /stats counts what each pool published.
+                    "num_kv_events": self.kv_events.received.get(f"worker.{i}", 0),
+                    "kv_events_lost": self.kv_events.lost(f"worker.{i}"),
                     "heartbeat_age_s": round(now - self.last_beat[i], 3),
                 }
                 for i, w in self.router.workers.items()

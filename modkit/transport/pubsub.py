@@ -6,14 +6,17 @@ Frames, as vLLM's KV cache events (``vllm/distributed/kv_events.py``)::
 
 ``seq`` counts up from 0 *per topic* of each publisher. (vLLM numbers all of a
 publisher's messages together; with one topic per publisher, as there, the two agree.
-Counting per topic lets a subscriber that filters topics still spot real gaps.)
+Counting per topic lets a subscriber that filters topics still spot real gaps, and know
+how many of a topic's messages never reached it: ``Subscriber.lost``.)
 
 NOTE: a PUB socket never blocks and never waits for a slow subscriber: once a
 subscriber's queue reaches the high-water mark (``hwm`` messages, on each side), new
 messages for it are *dropped*. Messages sent before a subscriber has connected and
 subscribed are lost as well (the "slow joiner"). ``Subscriber`` notices drops from the
-gaps in ``seq`` and counts them in ``missed``; a consumer that must not miss anything
-(a router mirroring a KV cache) then resynchronises, e.g. by asking for a snapshot.
+gaps in ``seq`` and counts them in ``missed``; ``lost(topic)`` adds those a topic sent
+before the first one that arrived (the slow joiner's, seen from the seq of that first
+one). A consumer that must not miss anything (a router mirroring a KV cache) then
+resynchronises, e.g. by asking for a snapshot.
 
 On a tcp:// address, with the launch's keys (``keys``, or the process default), the
 publisher is a CURVE server that admits only the launch's subscribers
@@ -118,8 +121,9 @@ class Subscriber:
     """Connects a SUB socket to ``address`` for ``topics`` (prefixes; "" means all) and counts missed messages.
 
     ``payload_type`` is what payloads decode to (a Struct, a tagged union, or ``Any`` for
-    plain builtins). ``missed`` totals the seq gaps seen; ``last_seq`` is per topic. A
-    subscriber starts counting from the first message it sees on each topic.
+    plain builtins). ``missed`` totals the seq gaps seen; ``last_seq`` and ``received`` are
+    per topic. ``missed`` counts from the first message it sees on each topic; ``lost``
+    also counts the messages sent before it.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class Subscriber:
         self.missed = 0
         self.addresses = [address]
         self.last_seq: dict[str, int] = {}
+        self.received: dict[str, int] = {}  # per topic, those decoded since its seq last started from 0
         self._decoder: Decoder[Any] = Decoder(payload_type)
 
     def connect(self, address: str) -> None:
@@ -171,12 +176,22 @@ class Subscriber:
             log.info("missed %d message(s) on %r from %s", seq - last - 1, topic, self.address)
         elif last is not None and seq <= last:
             log.warning("seq on %r went back from %d to %d: the publisher restarted?", topic, last, seq)
+            self.received[topic] = 0  # a new publisher's messages: lost() counts against its seq
         self.last_seq[topic] = seq
         try:
-            return Delivery(topic, seq, self._decoder.decode(frames[2]))
+            delivery = Delivery(topic, seq, self._decoder.decode(frames[2]))
         except DecodeError as error:
             log.warning("dropped seq %d on %r from %s: %s", seq, topic, self.address, error)
             return None
+        self.received[topic] = self.received.get(topic, 0) + 1
+        return delivery
+
+    def lost(self, topic: str) -> int:
+        """How many of ``topic``'s messages, up to the last one that arrived, never did (or did
+        not decode): dropped at the high-water mark, or sent before this subscription arrived.
+        (Messages after the last one that arrived are not known of yet.)"""
+        last = self.last_seq.get(topic)
+        return 0 if last is None else last + 1 - self.received.get(topic, 0)
 
     def close(self) -> None:
         self.socket.close(linger=0)
