@@ -351,3 +351,15 @@ class KVApplyReply(msgspec.Struct, frozen=True):
     num_free_blocks: int  # of the pool, after the ops
     usage: float
     apply_s: float = 0.0  # how long the manager worked on the ops (the rest of a round trip is transit)
+
+
+class KVSnapshot(msgspec.Struct, frozen=True):
+    """What one pool's prefix cache can find (``KVCacheService.kv_snapshot``), for a router that lost KV events.
+
+    ``seq``: the number its next KV event on ``worker.<pool>`` will carry. The snapshot is what
+    the events before it built, so a router replaces its view with ``block_hashes`` and then
+    applies only the events numbered ``seq`` and after."""
+
+    pool: int
+    seq: int
+    block_hashes: list[bytes]

@@ -651,6 +651,20 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         pool = stats["kv_cache_manager"]["pools"][int(warm)]
         assert pool["prefix_cache_hits"] >= 3 * 16, pool  # each later request reused the system prompt's blocks
 
+        # A restarted router heard none of those events: before it routes, it takes a snapshot of each
+        # pool, so it knows every cached block (the request's own new blocks alone would be far fewer).
+        p.restart("router")
+        ask("What does a horse say?")
+
+        def router_knows_the_pools() -> bool:
+            stats = p.stats()
+            known = [w["num_cached_blocks"] for w in stats["router"]["workers"]]
+            return known == [pool["kv_blocks_cached"] for pool in stats["kv_cache_manager"]["pools"]]
+
+        assert wait_until(router_knows_the_pools, 10, interval_s=0.2), p.stats()
+        stats = p.stats()
+        assert stats["router"]["decisions"] == {warm: 1} and stats["router"]["kv_snapshots"] >= 1, stats["router"]
+
 
 @pytest.mark.slow
 def test_every_socket_can_be_given_another_endpoint() -> None:

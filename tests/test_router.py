@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
+from waiting import wait_until
 
 from modkit import LLM, SamplingParams
+from modkit.config import PipelineConfig
 from modkit.kvcache import AllBlocksCleared, BlockRemoved, BlockStored, EventLog, hash_request_blocks
+from modkit.kvcache.service import KVCacheService
 from modkit.model import encode_chat, load_tokenizer
+from modkit.pipeline.addresses import PipelineAddresses
+from modkit.protocol import AddRequest, KVAdmit, KVCacheComputed, KVFree, RequestsFinished
 from modkit.router import NoWorkerError, Router
+from modkit.router.service import RouterService
+from modkit.transport import Outbox, RpcServer
 
 
 def test_round_robin_cycles_and_skips_dead_workers() -> None:
@@ -100,3 +114,115 @@ def test_kv_aware_keeps_each_system_prompt_on_one_engine(tiny_model_dir) -> None
         assert len({kv_choice[i] for i in range(12) if system_of[i] == system}) == 1
     # ... so less of the prompts is recomputed than when round robin spreads them.
     assert kv_rate > rr_rate + 0.05, (kv_rate, rr_rate)
+
+
+# -- the router process's view of each cache, when KV events are lost ---------------------------
+
+BLOCK = 16
+
+
+@contextmanager
+def kv_cache_manager(addresses: PipelineAddresses, num_blocks: list[int]) -> Iterator[KVCacheService]:
+    """The KV cache manager of a pipeline, served as its process serves it (RPC and KV events), in a thread."""
+    service = KVCacheService(num_blocks, BLOCK, events_address=addresses.kv_events)
+    server = RpcServer(service, addresses.rpc("kv_cache_manager"))
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, args=(stop, 0.01), daemon=True)
+    thread.start()
+    try:
+        yield service
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+        service.close()
+
+
+def ran(service: KVCacheService, pool: int, req_id: str, tokens: list[int]) -> None:
+    """What a scheduler has the KV cache manager do for a request that ran and finished: admit it,
+    cache its full blocks after the forward, free them (they stay findable in the prefix cache)."""
+    ops = [KVAdmit(req_id, tokens, 0, len(tokens)), KVCacheComputed(req_id, [], len(tokens)), KVFree(req_id)]
+    service.apply(pool, ops)  # type: ignore[arg-type]
+
+
+def route(router: RouterService, to_router: Outbox, req_id: str, tokens: list[int]) -> int:
+    """Send the router a request and turn its loop until it has routed it, then until it has heard
+    that it finished (it no longer loads its worker); the worker it chose."""
+    before = Counter(router.router.decisions)
+    to_router.send(AddRequest(req_id, tokens, SamplingParams(max_tokens=1), (), time.time()))
+    assert wait_until(lambda: router.run_once() or router.router.decisions != before, 5, 0.001), "never routed"
+    ((worker_id, _),) = (router.router.decisions - before).items()
+    to_router.send(RequestsFinished([req_id]))
+    idle = router.router.workers[worker_id]
+    assert wait_until(lambda: router.run_once() or idle.num_active_requests == 0, 5, 0.001), "never finished"
+    return worker_id
+
+
+def test_the_router_takes_a_snapshot_of_a_cache_whose_kv_events_it_lost(tmp_path: Path) -> None:
+    """A router started after the KV cache manager (a restarted one) missed every event; one
+    subscribed when a KV cache manager started again missed its first ones. Before routing, it
+    takes a snapshot of each pool, so KV-aware routing sends a cached prefix where it is cached."""
+    addresses = PipelineAddresses.at(str(tmp_path / "ipc"))
+    config = PipelineConfig(num_workers=2, block_size=BLOCK, router_policy="kv_aware").to_dict()
+    system = list(range(1000, 1064))  # four blocks
+    router: RouterService | None = None
+    to_router = Outbox(addresses.inbox("router"))
+
+    def router_hears(pool: int, service: KVCacheService) -> bool:
+        assert router is not None
+        router.run_once()
+        return router.router.workers[pool].cached == set(service.pools[pool].pool.cached)
+
+    try:
+        with kv_cache_manager(addresses, [32, 32]) as service:
+            ran(service, 0, "a", list(range(2000, 2064)))
+            ran(service, 1, "b", [*system, 7, 8])  # nobody subscribes: its events are lost
+            router = RouterService(config, addresses.ipc_dir, worker_timeout_s=600)
+            assert wait_until(service.kv_events_subscribed, 5), "the router's subscription never arrived"
+            # Both views start empty, so the costs would tie and worker 0 win: worker 1 only from a snapshot.
+            assert route(router, to_router, "c", [*system, 9]) == 1
+            stats = router.stats()
+            for i in (0, 1):
+                assert router.router.workers[i].cached == set(service.pools[i].pool.cached) != set()
+                assert stats["workers"][i]["kv_view_complete"] and stats["workers"][i]["kv_snapshots"] == 1
+            # Subscribed now: what a pool caches next comes as events, in order, and no snapshot is taken.
+            ran(service, 0, "d", list(range(3000, 3048)))
+            assert wait_until(lambda: router_hears(0, service), 5, 0.001), "the event never reached the router"
+            assert route(router, to_router, "e", [*system, 10]) == 1
+            assert router.stats()["kv_snapshots"] == 2
+        with kv_cache_manager(addresses, [32, 32]) as restarted:
+            ran(restarted, 1, "f", list(range(4000, 4064)))  # before the router's subscription is back: lost
+            # (ZeroMQ subscribes again as the router's loop turns.)
+            resubscribed = lambda: router.run_once() or restarted.kv_events_subscribed()  # noqa: E731
+            assert wait_until(resubscribed, 5, 0.001), "the router never subscribed again"
+            ran(restarted, 0, "g", [*system, 11])
+            # Its numbers went back: the router forgot what the old pools cached. Pool 1's first events
+            # never came, so routing takes a snapshot of it; the prefix is cached on worker 0 now.
+            assert wait_until(lambda: router_hears(0, restarted), 5, 0.001), "the new pool's events never came"
+            assert not router.stats()["workers"][1]["kv_view_complete"]
+            assert route(router, to_router, "h", [*system, 12]) == 0
+            for i in (0, 1):
+                assert router.router.workers[i].cached == set(restarted.pools[i].pool.cached) != set()
+            assert router.stats()["kv_snapshots"] == 3
+    finally:
+        to_router.close()
+        if router is not None:
+            router.close()
+
+
+def test_a_kv_snapshot_is_what_the_pool_caches_through_evictions_and_a_reset(tmp_path: Path) -> None:
+    """The KV cache manager's snapshot is built from its own events, as a router's view is: it must
+    equal the pool's prefix cache after blocks were evicted (``BlockRemoved``) and the cache reset."""
+    addresses = PipelineAddresses.at(str(tmp_path / "ipc"))
+    service = KVCacheService([8], BLOCK, events_address=addresses.kv_events)  # 7 blocks: every prompt evicts
+    try:
+        for i in range(6):
+            ran(service, 0, f"r{i}", list(range(100 * i, 100 * i + 3 * BLOCK)))
+            snapshot = service.kv_snapshot(0)
+            assert set(snapshot.block_hashes) == set(service.pools[0].pool.cached)
+            assert snapshot.seq == service.stats()["pools"][0]["num_kv_events"]
+        assert service.pools[0].pool.num_evictions > 0 and len(service.pools[0].pool.cached) > 0
+        assert service.reset_prefix_cache(0)
+        assert service.kv_snapshot(0).block_hashes == [] and service.pools[0].pool.cached == {}
+    finally:
+        service.close()

@@ -43,6 +43,20 @@ class AllBlocksCleared:
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 KVEventSink = Callable[[KVEvent], None]
 
+
+def apply_kv_event(cached: set[BlockHash], event: KVEvent) -> None:
+    """Update ``cached``, the hashes a pool's prefix cache can find, with one of its events.
+
+    The router mirrors each worker's cache this way, and the KV cache manager keeps the same
+    mirror of each pool, which it hands out as a snapshot (``KVCacheService.kv_snapshot``)."""
+    if isinstance(event, BlockStored):
+        cached.update(event.block_hashes)
+    elif isinstance(event, BlockRemoved):
+        cached.difference_update(event.block_hashes)
+    elif isinstance(event, AllBlocksCleared):
+        cached.clear()
+
+
 # Block activity, for views that draw the pool: (kind, req_id, block ids). Unlike vLLM's
 # events above, which say what the cache *holds*, these say who did what to which block:
 # "allocated", "hit", "cached", "freed", "evicted" (to make room for req_id), "cleared".

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modkit.guard import SwapOwner, trial
-from modkit.kvcache.events import KVEvent, event_to_wire
+from modkit.kvcache.events import KVEvent, apply_kv_event, event_to_wire
 from modkit.kvcache.eviction import EVICTION_POLICIES, try_policy
 from modkit.kvcache.hashing import BlockHash
 from modkit.kvcache.manager import KVCacheManager
-from modkit.protocol import KVAdmit, KVAllocate, KVApplyReply, KVFree, KVGetComputed, KVOp
+from modkit.protocol import KVAdmit, KVAllocate, KVApplyReply, KVFree, KVGetComputed, KVOp, KVSnapshot
 from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import BlockActivity, BlockEvents, EventPublisher, Swapped
 
@@ -98,10 +98,13 @@ class KVCacheService(SwapOwner):
         self.num_calls = 0
         self.num_ops = 0
         self.num_kv_events = 0  # published for the router; its /stats counts those it received
-        self.pool_kv_events = [0] * len(num_blocks)  # of them, on each pool's topic (worker.<pool>)
+        self.pool_kv_events = [0] * len(num_blocks)  # of them, on each pool's topic (worker.<pool>): its next seq
+        # Per pool, what a router that received every one of its KV events would know it caches (kv_snapshot).
+        self.cached_hashes: list[set[BlockHash]] = [set() for _ in num_blocks]
 
     def _sink(self, pool: int) -> Any:
         def publish(event: KVEvent) -> None:
+            apply_kv_event(self.cached_hashes[pool], event)
             if self.publisher is not None:
                 self.publisher.publish(f"worker.{pool}", event_to_wire(event))
                 self.num_kv_events += 1
@@ -210,6 +213,11 @@ class KVCacheService(SwapOwner):
         if manager.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
             return None
         return [manager.get_block_ids(request.req_id, held), num_hit, num_new]
+
+    def kv_snapshot(self, pool: int) -> KVSnapshot:
+        """The hashes pool ``pool``'s KV events so far leave cached, and the seq of its next event:
+        a router that lost some of them replaces its view of the pool with this (``modkit.router.service``)."""
+        return KVSnapshot(pool, self.pool_kv_events[pool], list(self.cached_hashes[pool]))
 
     def block_tables(self, pool: int) -> dict[str, list[int]]:
         manager = self.pools[pool]

@@ -8,6 +8,7 @@ With N workers, each with its own KV cache, the router sends each request to one
     finish(req_id)                  the request no longer loads its worker
     on_kv_event(worker_id, event)   BlockStored / BlockRemoved / AllBlocksCleared from that
                                     worker's KV cache manager: which prefixes it caches now
+    on_kv_snapshot(worker_id, hashes)  all of them at once, after events were lost
 
 ``modkit.router.Router`` satisfies ``RouterInterface``; ``RoundRobin``, ``LeastLoaded`` and
 ``KVAware`` (``modkit.router.policies``) satisfy ``RouterPolicyInterface``, and so does any
@@ -36,7 +37,7 @@ The router guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 from modkit.kvcache.events import KVEvent
@@ -77,6 +78,10 @@ class RouterInterface(Protocol):
 
     def on_kv_event(self, worker_id: int, event: KVEvent) -> None:
         """Learn from a worker's KV cache manager which block hashes it caches now."""
+        ...
+
+    def on_kv_snapshot(self, worker_id: int, block_hashes: Iterable[BlockHash]) -> None:
+        """Replace what is known of a worker's cache with every block hash it caches (a snapshot)."""
         ...
 
     def mark_dead(self, worker_id: int) -> None:

@@ -3,17 +3,18 @@
 It keeps a ``WorkerView`` per worker: whether it is alive, the requests it routed there
 and the blocks they hold (its load), and which block hashes that worker caches, learned
 from the worker's KV events (``BlockStored`` adds hashes, ``BlockRemoved`` drops them,
-``AllBlocksCleared`` forgets them all). A policy then chooses. A worker marked dead gets
-no more requests; if every worker is dead, routing fails with ``NoWorkerError``.
+``AllBlocksCleared`` forgets them all), or all at once from a snapshot when events were
+lost. A policy then chooses. A worker marked dead gets no more requests; if every worker is
+dead, routing fails with ``NoWorkerError``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from modkit.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from modkit.kvcache.hashing import hash_request_blocks
+from modkit.kvcache.events import KVEvent, apply_kv_event
+from modkit.kvcache.hashing import BlockHash, hash_request_blocks
 from modkit.router.policies import RouterPolicy, WorkerView, get_router_policy
 
 
@@ -70,13 +71,11 @@ class Router:
             worker.active_blocks -= routed[1]
 
     def on_kv_event(self, worker_id: int, event: KVEvent) -> None:
-        cached = self.workers[worker_id].cached
-        if isinstance(event, BlockStored):
-            cached.update(event.block_hashes)
-        elif isinstance(event, BlockRemoved):
-            cached.difference_update(event.block_hashes)
-        elif isinstance(event, AllBlocksCleared):
-            cached.clear()
+        apply_kv_event(self.workers[worker_id].cached, event)
+
+    def on_kv_snapshot(self, worker_id: int, block_hashes: Iterable[BlockHash]) -> None:
+        """What the worker caches, all of it at once (after KV events were lost): replaces what was known."""
+        self.workers[worker_id].cached = set(block_hashes)
 
     def mark_dead(self, worker_id: int) -> None:
         """Stop routing to a worker (its process died or stopped answering)."""

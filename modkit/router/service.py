@@ -16,14 +16,22 @@ heartbeats come back (a restarted worker), it is routed to again. A worker whose
 heartbeats come from another pid was restarted faster than that: it is declared dead and
 back at once, so that the scheduler moves the requests the old process held.
 
-What each worker caches, the router learns from the KV cache manager's events, which
-ZeroMQ drops until the router's subscription reaches the manager. The manager starts last,
-and the scheduler clears each pool (``AllBlocksCleared``) as soon as it reaches it, so those
-first events can go out before the subscription arrives. Nothing is lost by it (the router
-starts knowing of no cached block), and the launch returns only once the subscription has
-arrived. ``/stats`` counts, per worker, the events that came and those lost before the last
-that came (``Subscriber.lost``, from their sequence numbers); the KV cache manager's
-``/stats`` counts what each pool published.
+What each worker caches, the router learns from the KV cache manager's events (topic
+``worker.<i>``, numbered from 0). Its view of a worker is complete while every event has
+come, one number after the other. ZeroMQ drops events: those sent before the router's
+subscription arrived (at launch the scheduler clears each pool before it; a restarted router
+misses all that came before it), and those past a slow subscriber's high-water mark. When a
+number is skipped, or before the first request is routed with no event yet, the router asks
+the KV cache manager for a snapshot of the pool (``KVCacheService.kv_snapshot``: the hashes
+its events so far leave cached, and the number of the next) and replaces its view with it.
+Events still on their way that the snapshot already holds are applied again, which changes
+nothing: each event sets hashes present or absent, and applied in order the last word on
+each hash is the snapshot's. Numbers that go back on any pool mean the KV cache manager
+started again: every view is emptied, and those of the other pools wait for a snapshot.
+(Until an event of the new KV cache manager arrives, nothing tells the router it restarted.)
+``/stats`` counts, per worker, the events that came, those lost before the last that came
+(``Subscriber.lost``), and the snapshots taken; the KV cache manager's ``/stats`` counts
+what each pool published.
 
 Restarts of this router: messages in its inbox are lost, and the new one starts with no
 request routed; the frontend sends its requests in flight again (``resubmit``), and
@@ -32,16 +40,19 @@ request routed; the frontend sends its requests in flight again (``resubmit``), 
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from modkit.config import PipelineConfig
 from modkit.guard import SwapOwner, failure, in_charge, put_back, trial
-from modkit.kvcache.events import event_from_wire
+from modkit.kvcache.events import KVEvent, event_from_wire
 from modkit.pipeline.addresses import PipelineAddresses
 from modkit.protocol import (
     AbortRequest,
     AddRequest,
+    KVSnapshot,
     PipelineMessage,
     RequestRejected,
     RequestsFinished,
@@ -53,7 +64,23 @@ from modkit.router.policies import ROUTER_POLICIES, GuardedRouterPolicy, RouterP
 from modkit.router.router import NoWorkerError, Router
 from modkit.swap import ImplSpec, resolve
 from modkit.trace.events import EventPublisher, Routed, Swapped
-from modkit.transport import Inbox, Outbox, Subscriber
+from modkit.transport import Inbox, Outbox, RemoteError, RpcClient, RpcTimeoutError, Subscriber
+from modkit.transport.codec import convert
+
+log = logging.getLogger(__name__)
+KV_SNAPSHOT_TIMEOUT_S = 2.0  # a KV cache manager that does not answer by then: route on what is known
+KV_SNAPSHOT_RETRY_S = 5.0  # and ask again no sooner than this
+
+
+@dataclass(slots=True)
+class KVView:
+    """How far the router's view of one worker's cache (``WorkerView.cached``) can be trusted."""
+
+    complete: bool = False  # every event since the start of the pool, or since a snapshot, came
+    next_seq: int | None = None  # the number that follows the last event that came
+    snapshot_seq: int = 0  # the last snapshot holds the events numbered below this
+    num_snapshots: int = 0
+    retry_at: float = 0.0  # after a snapshot that failed
 
 
 class RouterService(SwapOwner):
@@ -73,6 +100,8 @@ class RouterService(SwapOwner):
         addresses = PipelineAddresses(ipc_dir, cfg.addresses or {})
         self.inbox = Inbox(addresses.inbox("router"), allow_remote=cfg.allow_remote)
         self.kv_events = Subscriber(addresses.kv_events, topics=("worker.",))
+        self.kv_rpc = RpcClient(addresses.rpc("kv_cache_manager"), KV_SNAPSHOT_TIMEOUT_S)
+        self.kv_views = {i: KVView() for i in self.router.workers}
         self.to_scheduler = Outbox(addresses.inbox("scheduler"))
         self.to_frontend = Outbox(addresses.inbox("frontend"))
         self.events = EventPublisher("router", addresses.events("router"), cfg.allow_remote)
@@ -92,16 +121,52 @@ class RouterService(SwapOwner):
         for message in messages:
             if not isinstance(message, AddRequest | AbortRequest):
                 self._handle(message)
+        heard = set()
         while (delivery := self.kv_events.recv(0)) is not None:
             worker_id = int(delivery.topic.removeprefix("worker."))
             if worker_id in self.router.workers:
-                self.router.on_kv_event(worker_id, event_from_wire(delivery.payload))
-                self.num_kv_events += 1
+                self._on_kv_event(worker_id, delivery.seq, event_from_wire(delivery.payload))
+                heard.add(worker_id)
+        routing = any(isinstance(m, AddRequest) for m in messages)
+        for worker_id, view in self.kv_views.items():
+            if not view.complete and (routing or worker_id in heard):
+                self._take_kv_snapshot(worker_id)
         for message in messages:
             if isinstance(message, AddRequest | AbortRequest):  # in their order: an abort may follow its add
                 self._handle(message)
         self._check_heartbeats()
         return False
+
+    def _on_kv_event(self, worker_id: int, seq: int, event: KVEvent) -> None:
+        """Apply one of worker ``worker_id``'s KV events, and note whether any before it never came."""
+        view = self.kv_views[worker_id]
+        if view.next_seq is not None and seq < view.next_seq:  # numbered afresh: a new KV cache manager,
+            for other_id, other in self.kv_views.items():  # whose pools all started empty
+                self.router.on_kv_snapshot(other_id, [])
+                other.complete, other.next_seq, other.snapshot_seq = False, None, 0
+            view.complete = seq == 0
+        elif seq > max(view.next_seq or 0, view.snapshot_seq):  # those in between never came
+            view.complete = False
+        elif seq == 0:  # the pool's first event: nothing before it to miss
+            view.complete = True
+        self.router.on_kv_event(worker_id, event)  # one the snapshot holds already changes nothing
+        view.next_seq = seq + 1
+        self.num_kv_events += 1
+
+    def _take_kv_snapshot(self, worker_id: int) -> None:
+        """Replace the view of a worker's cache with the KV cache manager's snapshot of its pool."""
+        view = self.kv_views[worker_id]
+        if not self.router.workers[worker_id].alive or time.monotonic() < view.retry_at:
+            return
+        try:
+            snapshot = convert(self.kv_rpc.call("kv_snapshot", worker_id), KVSnapshot)
+        except (RpcTimeoutError, RemoteError) as error:
+            log.warning("no snapshot of worker %d's KV cache (%s): routing on what is known", worker_id, error)
+            view.retry_at = time.monotonic() + KV_SNAPSHOT_RETRY_S
+            return
+        self.router.on_kv_snapshot(worker_id, snapshot.block_hashes)
+        view.complete, view.snapshot_seq = True, snapshot.seq
+        view.num_snapshots += 1
 
     def _handle(self, message: PipelineMessage) -> None:
         if isinstance(message, AddRequest):
@@ -133,7 +198,7 @@ class RouterService(SwapOwner):
             if before != message.pid:  # restarted before its silence was noticed: what the old one held is lost
                 self.worker_pids[message.worker_id] = message.pid
                 if self.router.workers[message.worker_id].alive:
-                    self.router.mark_dead(message.worker_id)
+                    self._mark_dead(message.worker_id)
                     self.to_scheduler.send(WorkerDown(message.worker_id, f"restarted (pid {before} -> {message.pid})"))
             if not self.router.workers[message.worker_id].alive:
                 self.router.mark_alive(message.worker_id)
@@ -175,8 +240,12 @@ class RouterService(SwapOwner):
         for worker_id, view in self.router.workers.items():
             silent = now - self.last_beat[worker_id]
             if view.alive and silent > self.worker_timeout_s:
-                self.router.mark_dead(worker_id)
+                self._mark_dead(worker_id)
                 self.to_scheduler.send(WorkerDown(worker_id, f"no heartbeat for {silent:.1f} s"))
+
+    def _mark_dead(self, worker_id: int) -> None:
+        self.router.mark_dead(worker_id)  # forgets what it cached: if it comes back, a snapshot will say
+        self.kv_views[worker_id].complete = False
 
     def announce_events(self, token: str) -> None:
         """Publish ``Hello(token)``: tells a new subscriber that its subscription arrived."""
@@ -208,6 +277,7 @@ class RouterService(SwapOwner):
             "num_kv_events": self.num_kv_events,
             "kv_events_missed": self.kv_events.missed,
             "kv_events_lost": sum(self.kv_events.lost(f"worker.{i}") for i in self.router.workers),
+            "kv_snapshots": sum(view.num_snapshots for view in self.kv_views.values()),
             "workers": [
                 {
                     "worker_id": i,
@@ -219,6 +289,9 @@ class RouterService(SwapOwner):
                     # that came: the KV cache manager's /stats counts what each pool published.
                     "num_kv_events": self.kv_events.received.get(f"worker.{i}", 0),
                     "kv_events_lost": self.kv_events.lost(f"worker.{i}"),
+                    # Whether every event since the pool's start or the last snapshot came; snapshots taken.
+                    "kv_view_complete": self.kv_views[i].complete,
+                    "kv_snapshots": self.kv_views[i].num_snapshots,
                     "heartbeat_age_s": round(now - self.last_beat[i], 3),
                 }
                 for i, w in self.router.workers.items()
@@ -226,7 +299,7 @@ class RouterService(SwapOwner):
         }
 
     def close(self) -> None:
-        for closable in (self.inbox, self.kv_events, self.to_scheduler, self.to_frontend, self.events):
+        for closable in (self.inbox, self.kv_events, self.kv_rpc, self.to_scheduler, self.to_frontend, self.events):
             closable.close()
 
 

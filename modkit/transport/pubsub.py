@@ -175,7 +175,7 @@ class Subscriber:
             self.missed += seq - last - 1
             log.info("missed %d message(s) on %r from %s", seq - last - 1, topic, self.address)
         elif last is not None and seq <= last:
-            log.warning("seq on %r went back from %d to %d: the publisher restarted?", topic, last, seq)
+            log.info("seq on %r went back from %d to %d: the publisher restarted", topic, last, seq)
             self.received[topic] = 0  # a new publisher's messages: lost() counts against its seq
         self.last_seq[topic] = seq
         try:
