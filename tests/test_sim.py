@@ -284,6 +284,45 @@ def test_a_fit_finds_a_step_cost_that_shows_in_the_next_steps_gap() -> None:
     assert fitted.terms[0]["step"] == pytest.approx(COST.terms[0]["step"] + COST.step_overhead_s, rel=0.05)
 
 
+def test_on_a_gpu_a_prompt_steps_cost_is_found_wherever_its_host_work_lands() -> None:
+    """As on an H100: a prompt step's host work shows, in streaks, either in the gap of the step
+    before it (the worker launched it before returning that step's result) or in its own, and a
+    little in the step after's either way. A fit of a GPU trace keeps each prompt step with both
+    neighbours and gives its cost back; pairs of steps, which hold it only one way round, miss it."""
+    prompt_steps = dataclasses.replace(COST, terms=[{**COST.terms[0], "prompt_step": 4e-3}])
+    # Prompts of many lengths, one every 70 ms or so: most prompt steps come between two decode steps.
+    trace = simulate(Workload.poisson(80, 15.0, prompt_len=range(8, 97), output_len=24, seed=1), prompt_steps)
+    events = list(trace.events)
+    at = [i for i, e in enumerate(events) if isinstance(e, StepEvent)]
+    steps = [events[i] for i in at]
+    shifted = 0
+    for k in range(1, len(steps) - 1):
+        before, step, after = steps[k - 1], steps[k], steps[k + 1]
+        if not step_features(step.scheduled)["prompt_step"] or step_features(before.scheduled)["prompt_step"]:
+            continue
+        if step_features(after.scheduled)["prompt_step"] or before.started + before.step_s <= step.started:
+            continue  # only prompt steps between two decode steps, planned while the one before ran
+        end = step.started + step.step_s
+        if shifted // 4 % 2 == 0:  # in streaks of four: the step before's result comes back 3 ms late
+            late = min(3e-3, end - (before.started + before.step_s) - 0.2e-3)
+            steps[k - 1] = msgspec.structs.replace(before, step_s=before.step_s + late)
+        steps[k] = msgspec.structs.replace(step, step_s=step.step_s - 0.5e-3)  # and 0.5 ms of it in the step after's
+        shifted += 1
+    assert shifted >= 20
+    for i, e in zip(at, steps, strict=True):
+        events[i] = e
+    assert all(a.started + a.step_s < b.started + b.step_s for a, b in itertools.pairwise(steps))  # still in order
+    gpu = CostModel.fit(Trace(events, {**trace.meta, "device": "cuda"}))
+    assert gpu.terms[0]["prompt_step"] == pytest.approx(4e-3, rel=0.05)
+    assert gpu.terms[0]["step"] == pytest.approx(COST.terms[0]["step"] + COST.step_overhead_s, rel=0.05)
+    in_pairs = CostModel.fit(Trace(events, {**trace.meta, "device": "cpu"}))
+    prompts = [step_features(e.scheduled) for e in steps if step_features(e.scheduled)["prompt_step"]]
+    cost = np.asarray([prompt_steps.forward_time(f) + COST.step_overhead_s for f in prompts])
+    for fitted, miss in ((gpu, lambda m: m < 0.02), (in_pairs, lambda m: m > 0.1)):
+        priced = np.asarray([fitted.forward_time(f) for f in prompts])
+        assert miss(float(np.median(np.abs(priced - cost) / cost)))
+
+
 def test_the_scheduler_plans_one_step_after_another_and_admissions_cost_a_round_trip() -> None:
     """``plan``: the scheduler's work on a step before it leaves, a KV round trip when it admits
     a request or gives one new blocks; a fit gives it back from the steps' ``schedule_s``."""

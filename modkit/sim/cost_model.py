@@ -48,9 +48,10 @@ Two ways to get one:
   FLOP/s) and memory (bytes over HBM bandwidth): the weights are read once a step, and each
   decode reads its KV. For hardware the learner does not have; it knows no overheads.
 
-A fitted model also keeps its steps' spread (``spread``: each pair of steps' measured time
-over the fit's prediction, as fitted; about 1 for an ordinary pair, 2.5 for a pair holding a
-stall four times as long as its step).
+A fitted model also keeps its steps' spread (``spread``: each of the fit's rows' measured time
+over its prediction, as fitted; a row is a pair of steps in a row, or on a GPU a step or a
+prompt step with its neighbours (``CostModel.fit``): about 1 for an ordinary pair, 2.5 for a
+pair holding a stall four times as long as its step).
 The simulator multiplies each forward by one drawn at random (a residual bootstrap), so that
 its steps vary as the live run's did, stalls included: the medians and tails of latencies
 depend on that, not only their means.
@@ -108,9 +109,8 @@ FEATURES = (
     "step",
 )
 
-WINDOW = 2  # steps in a row whose times are fitted together (CostModel.fit)
 SHARING_STEPS = 10  # candidate demands between the cores each worker could have and all of them (_fit_sharing)
-PRICE_WINDOW = 25  # pairs in a row whose median is the steps' price at a moment (FitError.price_range)
+PRICE_WINDOW = 25  # fit rows in a row whose median is the steps' price at a moment (FitError.price_range)
 
 # What the scheduler's work on a step depends on (plan_features).
 PLAN_FEATURES = ("kv_round_trip", "admits", "step")
@@ -172,7 +172,7 @@ class FitError:
     the median step, so a miss of 0.1 ms on a 0.05 ms step is not an error of 200%.
     ``median_s`` and ``p90_s`` are the same misses in seconds. ``price_range`` is how far the
     steps' price moved within the run, against the fit: the p10 and p90, over the run, of the
-    steps' measured over fitted time, each a median of ``PRICE_WINDOW`` pairs of steps in a
+    steps' measured over fitted time, each a median of ``PRICE_WINDOW`` of the fit's rows (pairs of steps) in a
     row (1, 1: it held still). The machine's speed moves it, and so does whatever the fit's
     features miss that comes in stretches. Where it is wide, answers that multiply a step's
     price (a TTFT of requests queued behind others) are off by more than the fit error says
@@ -358,24 +358,35 @@ class CostModel:
         their results, what a request waits between two tokens. The hops between processes are
         part of it, so a fitted model's ``step_overhead_s`` is 0: they are in its ``step``
         coefficient. The coefficients come from the steps planned ahead (the worker was busy),
-        fitted in pairs (see below); the steps sent to an idle worker give ``idle_overhead_s``,
+        fitted on sums of steps in a row (see below); the steps sent to an idle worker give ``idle_overhead_s``,
         the median of what they took beyond the fit. The scheduler's work on each step before
         its plan left (``schedule_s``, with its round trips to the KV cache manager) gives
         ``plan``. On a run of several workers on the CPU a step's time is its price alone times
         the stretch ``sharing`` gives it for the other workers computing during it, under the
         ``cpu_demand`` that fits best (``_fit_sharing``).
 
-        NOTE: why in pairs. On a GPU a step's cost can show in its neighbours' gaps: the worker
-        prepares a step while the GPU still runs the one before. On an H100, around a step with
-        a prompt chunk, the gaps before the results of the decode step before it, of itself and
-        of the decode step after it were 4.7, 0.55 and 1.9 ms, against 1.4 ms for a decode step
-        among decode steps. Fitted one by one, the prompt steps looked like outliers and their
-        cost was lost (TTFT p50 predicted 32% short). Two consecutive steps' times add up to
-        their costs however they are split between them, so the fit is on the sum of each pair
-        of steps in a row on a busy worker (a linear model's prediction for a pair is the sum of
-        its two); ``spread`` is measured on the pairs too. (Windows of three, which hold the
-        whole spill above, did better on that run but let a stall in one step of ten spoil a
-        quarter of the rows, too many for the robust fit: ``WINDOW``.)
+        NOTE: which steps are fitted together. On a GPU a step's cost can show in its
+        neighbours' gaps: the worker prepares a step while the GPU still runs the one before.
+        Fitted one by one, the prompt steps looked like outliers and their cost was lost (TTFT
+        p50 predicted 32% short on an H100). Steps in a row add up to their costs however their
+        times are split between them, so the fit is on sums of steps in a row on a busy worker
+        (a linear model's prediction for a sum is the sum of its steps'); ``spread`` is measured
+        on those sums too. Which steps:
+
+        - on a GPU (``_launch_ahead_rows``), each prompt step with the step before it and the
+          step after it, every other step alone. Where a prompt step's host work shows depends on
+          when its plan reached the worker. With a step in flight, the worker launches the prompt
+          step before it returns that step's result: the work shows in the step before's gap (on
+          an H100, 2026-12-07, the median of a run 4.6 to 5.1 ms, then 0.7 to 0.8 ms for the
+          prompt step itself, against 1.4 ms for a decode step among decode steps). With none in
+          flight, it shows in its own (1.3 to 1.5 ms, then 4.0 to 4.5 ms). Either way 0.5 ms
+          more shows in the step after's. Both come in streaks within every run. Pairs of steps
+          hold the whole of it one way round only; the robust fit took the other way's pairs for
+          stalls and priced a prompt step a quarter short of what its three gaps held (TTFT p50
+          11 to 14% short in three configurations);
+        - on the CPU, each pair of steps in a row. A CPU step runs where it is timed; rows around
+          each prompt step, replayed on five saved fidelity calls of the 2-core box, brought 21 of
+          their 50 latency medians within 10% of the live ones, pairs 23.
         """
         rows, wall_s, idle, plan_rows, plan_s, worker = [], [], [], [], [], []
         block_size = int(trace.meta.get("block_size") or 16)
@@ -393,35 +404,33 @@ class CostModel:
                 prev_end = end
         x, y, is_idle = np.asarray(rows), np.asarray(wall_s), np.asarray(idle, dtype=bool)
         fitted_on = {k: trace.meta[k] for k in FITTED_ON if trace.meta.get(k) is not None}
-        # Windows of WINDOW steps in a row on one busy worker. A worker's first step counts as idle,
-        # so a window of busy steps never spans two workers.
-        starts = np.arange(len(y) - WINDOW + 1)
-        busy = np.asarray([not is_idle[i : i + WINDOW].any() for i in starts], dtype=bool)
-        window = starts[busy] if np.sum(busy) >= len(FEATURES) else starts  # hardly ever busy: every window
-        if len(window) < len(FEATURES):
+        launches_ahead = str(fitted_on.get("device", "")).startswith("cuda")
+        row, member = (_launch_ahead_rows if launches_ahead else _pair_rows)(x, is_idle)
+        if len(np.unique(row)) < len(FEATURES):
             raise ValueError(f"{len(y)} steps in the trace: too few to fit {len(FEATURES)} coefficients")
-        yw = sum(y[window + k] for k in range(WINDOW))
+        yw = np.bincount(row, weights=y[member])
         if len(steps) > 1 and fitted_on.get("device") == "cpu" and fitted_on.get("usable_cores"):
             # Workers that shared the CPU: each step priced alone, times its stretch (see _fit_sharing).
             demand, stretch = _fit_sharing(
-                x, yw, window, _others_busy(steps), int(fitted_on["usable_cores"]), len(steps)
+                x, yw, (row, member), _others_busy(steps), int(fitted_on["usable_cores"]), len(steps)
             )
         else:
             demand, stretch = _cpu_demand(trace, busy_s=float(np.sum(y))), np.ones(len(y))
-        xw = sum(x[window + k] * stretch[window + k, None] for k in range(WINDOW))
-        coefficients, window_weights = robust_nonnegative_fit(xw, yw)
+        xw = _row_sums(x * stretch[:, None], row, member)
+        coefficients, row_weights = robust_nonnegative_fit(xw, yw)
         predicted = (x @ coefficients) * stretch
         idle_overhead = max(float(np.median(y[is_idle] - predicted[is_idle])), 0.0) if np.any(is_idle) else 0.0
-        # Each step's weight: the most of its windows' (a stall spoils every window it is in, a neighbour's not all).
+        # Each step's weight: the most of its rows' (a stall spoils every row it is in, a neighbour's not all).
         weights = np.ones(len(y))
-        weights[np.unique(np.concatenate([window + k for k in range(WINDOW)]))] = 0.0
-        for k in range(WINDOW):
-            np.maximum.at(weights, window + k, window_weights)
+        weights[np.unique(member)] = 0.0
+        np.maximum.at(weights, member, row_weights[row])
         plan, _ = robust_nonnegative_fit(np.asarray(plan_rows), np.asarray(plan_s))
         predicted_w = xw @ coefficients
         priced = predicted_w > 0
         ratios = yw[priced] / predicted_w[priced]
-        price_range = _price_range(ratios, np.asarray(worker)[window][priced])
+        first = np.full(len(yw), len(y))
+        np.minimum.at(first, row, member)  # each row's first step: its worker
+        price_range = _price_range(ratios, np.asarray(worker)[first][priced])
         error = FitError.of(predicted + idle_overhead * is_idle, y, weights, price_range)
         admit_s, output_s = _latencies(trace)
         return cls(
@@ -492,9 +501,44 @@ def _steps_by_worker(trace: Trace) -> dict[int, list[StepEvent]]:
     return {w: sorted(s, key=lambda e: e.step) for w, s in steps.items()}
 
 
+def _pair_rows(x: np.ndarray, is_idle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``CostModel.fit``'s rows on the CPU: each pair of steps in a row on a busy worker (every
+    pair where hardly any is), as (row, step) pairs: row r is the sum of the steps ``member[row == r]``.
+    A worker's first step counts as idle, so a busy pair never spans two workers."""
+    starts = np.arange(len(is_idle) - 1)
+    busy = starts[~(is_idle[starts] | is_idle[starts + 1])]
+    starts = busy if len(busy) >= x.shape[1] else starts
+    row = np.repeat(np.arange(len(starts)), 2)
+    return row, np.stack([starts, starts + 1], axis=1).reshape(-1)
+
+
+def _launch_ahead_rows(x: np.ndarray, is_idle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``CostModel.fit``'s rows on a GPU: each step alone, but a prompt step together with the
+    busy steps just before and after it (its host work shows in their gaps), as ``_pair_rows``
+    gives them. Steps join the rows of busy steps only (every row where hardly any is)."""
+    prompt = x[:, FEATURES.index("prompt_step")] > 0
+    # Step i+1 joins step i's row when it is busy and one of the two is a prompt step.
+    joins = ~is_idle[1:] & (prompt[:-1] | prompt[1:])
+    row = np.concatenate([[0], np.cumsum(~joins)])
+    idle_rows = np.unique(row[is_idle])
+    busy = ~np.isin(row, idle_rows)
+    if len(np.unique(row[busy])) >= x.shape[1]:
+        row, member = np.unique(row[busy], return_inverse=True)[1], np.flatnonzero(busy)
+    else:
+        member = np.arange(len(row))
+    return row, member
+
+
+def _row_sums(values: np.ndarray, row: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """Each row's sum of ``values`` (one per step) over its steps."""
+    sums = np.zeros((int(row.max()) + 1, *values.shape[1:]))
+    np.add.at(sums, row, values[member])
+    return sums
+
+
 def _price_range(ratios: np.ndarray, workers: np.ndarray) -> tuple[float, float]:
     """The p10 and p90 of the medians of ``PRICE_WINDOW`` ratios in a row (measured over fitted
-    time of pairs of steps, in each worker's order); the median of all of them on a worker with
+    time of the fit's rows, in each worker's order); the median of all of them on a worker with
     fewer."""
     medians = []
     for worker_id in np.unique(workers):
@@ -535,7 +579,12 @@ def _others_busy(steps: dict[int, list[StepEvent]]) -> np.ndarray:
 
 
 def _fit_sharing(
-    x: np.ndarray, yw: np.ndarray, window: np.ndarray, others_busy: np.ndarray, cores: int, num_workers: int
+    x: np.ndarray,
+    yw: np.ndarray,
+    rows: tuple[np.ndarray, np.ndarray],
+    others_busy: np.ndarray,
+    cores: int,
+    num_workers: int,
 ) -> tuple[float | None, np.ndarray]:
     """The ``cpu_demand`` under which processor sharing (``CostModel.sharing``) best explains a run
     of ``num_workers`` workers on ``cores``, and each step's stretch under it.
@@ -544,14 +593,14 @@ def _fit_sharing(
     much longer a step took beside busy workers than alone: each candidate demand, from
     ``cores / num_workers`` (below it the workers never run short) to all the cores, stretches
     each step by ``sharing(1 + others_busy)``; the fit on the steps priced alone and stretched
-    so that misses the pairs' times least (median relative miss) wins. None, and no stretch,
+    so that misses the rows' times least (median relative miss) wins. None, and no stretch,
     where no sharing fits better than none."""
     best: tuple[float, float | None, np.ndarray] = (np.inf, None, np.ones(len(x)))
     lowest = cores / num_workers
     candidates = [lowest + (cores - lowest) * k / SHARING_STEPS for k in range(1, SHARING_STEPS + 1)]
     for demand in [None, *candidates]:
         stretch = np.ones(len(x)) if demand is None else processor_sharing(1.0 + others_busy, demand, cores)
-        xw = sum(x[window + k] * stretch[window + k, None] for k in range(WINDOW))
+        xw = _row_sums(x * stretch[:, None], *rows)
         coefficients = np.linalg.lstsq(xw, yw, rcond=None)[0]  # to compare candidates: fast, and the miss is robust
         miss = float(np.median(np.abs(xw @ coefficients - yw) / yw))
         if miss < best[0]:
