@@ -377,10 +377,10 @@ class CostModel:
           step after it, every other step alone. Where a prompt step's host work shows depends on
           when its plan reached the worker. With a step in flight, the worker launches the prompt
           step before it returns that step's result: the work shows in the step before's gap (on
-          an H100, 2026-12-07, the median of a run 4.6 to 5.1 ms, then 0.7 to 0.8 ms for the
-          prompt step itself, against 1.4 ms for a decode step among decode steps). With none in
-          flight, it shows in its own (1.3 to 1.5 ms, then 4.0 to 4.5 ms). Either way 0.5 ms
-          more shows in the step after's. Both come in streaks within every run. Pairs of steps
+          an H100, 2026-12-07, the median of a run 4.5 to 6.6 ms, then 0.6 to 0.8 ms for the
+          prompt step itself). With none in flight, it shows in its own (1.1 to 1.3 ms, then 3.9
+          to 6.1 ms). Either way the step after takes 1.9 to 2.4 ms, against 1.4 to 1.7 ms for a
+          decode step among decode steps. Both ways come in streaks within every run. Pairs of steps
           hold the whole of it one way round only; the robust fit took the other way's pairs for
           stalls and priced a prompt step a quarter short of what its three gaps held (TTFT p50
           11 to 14% short in three configurations);
