@@ -321,6 +321,10 @@ def test_on_a_gpu_a_prompt_steps_cost_is_found_wherever_its_host_work_lands() ->
     for fitted, miss in ((gpu, lambda m: m < 0.02), (in_pairs, lambda m: m > 0.1)):
         priced = np.asarray([fitted.forward_time(f) for f in prompts])
         assert miss(float(np.median(np.abs(priced - cost) / cost)))
+    no_steps = [e for e in events if not isinstance(e, StepEvent)]
+    for device in ("cpu", "cuda"):  # a trace of too few steps says so
+        with pytest.raises(ValueError, match="too few"):
+            CostModel.fit(Trace(no_steps, {**trace.meta, "device": device}))
 
 
 def test_the_scheduler_plans_one_step_after_another_and_admissions_cost_a_round_trip() -> None:

@@ -402,7 +402,8 @@ class CostModel:
                 plan_rows.append([plan_features(e.scheduled, block_size)[name] for name in PLAN_FEATURES])
                 plan_s.append(e.schedule_s)
                 prev_end = end
-        x, y, is_idle = np.asarray(rows), np.asarray(wall_s), np.asarray(idle, dtype=bool)
+        x, y = np.asarray(rows, dtype=float).reshape(-1, len(FEATURES)), np.asarray(wall_s, dtype=float)
+        is_idle = np.asarray(idle, dtype=bool)
         fitted_on = {k: trace.meta[k] for k in FITTED_ON if trace.meta.get(k) is not None}
         launches_ahead = str(fitted_on.get("device", "")).startswith("cuda")
         row, member = (_launch_ahead_rows if launches_ahead else _pair_rows)(x, is_idle)
@@ -507,7 +508,7 @@ def _pair_rows(x: np.ndarray, is_idle: np.ndarray) -> tuple[np.ndarray, np.ndarr
     A worker's first step counts as idle, so a busy pair never spans two workers."""
     starts = np.arange(len(is_idle) - 1)
     busy = starts[~(is_idle[starts] | is_idle[starts + 1])]
-    starts = busy if len(busy) >= x.shape[1] else starts
+    starts = busy if len(busy) >= len(FEATURES) else starts
     row = np.repeat(np.arange(len(starts)), 2)
     return row, np.stack([starts, starts + 1], axis=1).reshape(-1)
 
@@ -516,13 +517,15 @@ def _launch_ahead_rows(x: np.ndarray, is_idle: np.ndarray) -> tuple[np.ndarray, 
     """``CostModel.fit``'s rows on a GPU: each step alone, but a prompt step together with the
     busy steps just before and after it (its host work shows in their gaps), as ``_pair_rows``
     gives them. Steps join the rows of busy steps only (every row where hardly any is)."""
+    if not len(is_idle):
+        return np.zeros(0, dtype=int), np.zeros(0, dtype=int)
     prompt = x[:, FEATURES.index("prompt_step")] > 0
     # Step i+1 joins step i's row when it is busy and one of the two is a prompt step.
     joins = ~is_idle[1:] & (prompt[:-1] | prompt[1:])
     row = np.concatenate([[0], np.cumsum(~joins)])
     idle_rows = np.unique(row[is_idle])
     busy = ~np.isin(row, idle_rows)
-    if len(np.unique(row[busy])) >= x.shape[1]:
+    if len(np.unique(row[busy])) >= len(FEATURES):
         row, member = np.unique(row[busy], return_inverse=True)[1], np.flatnonzero(busy)
     else:
         member = np.arange(len(row))
