@@ -172,11 +172,11 @@ class FitError:
     the median step, so a miss of 0.1 ms on a 0.05 ms step is not an error of 200%.
     ``median_s`` and ``p90_s`` are the same misses in seconds. ``price_range`` is how far the
     steps' price moved within the run, against the fit: the p10 and p90, over the run, of the
-    steps' measured over fitted time, each a median of ``PRICE_WINDOW`` of the fit's rows (pairs of steps) in a
-    row (1, 1: it held still). The machine's speed moves it, and so does whatever the fit's
-    features miss that comes in stretches. Where it is wide, answers that multiply a step's
-    price (a TTFT of requests queued behind others) are off by more than the fit error says
-    (notebook 09)."""
+    steps' measured over fitted time, each a median of ``PRICE_WINDOW`` of the fit's rows (pairs
+    of steps) in a row (1, 1: it held still). The machine's speed moves it, and so does whatever
+    the fit's features miss that comes in stretches. Where it is wide, answers that multiply a
+    step's price (a TTFT of requests queued behind others) are off by more than the fit error
+    says (notebook 09)."""
 
     median: float
     p90: float
@@ -358,12 +358,12 @@ class CostModel:
         their results, what a request waits between two tokens. The hops between processes are
         part of it, so a fitted model's ``step_overhead_s`` is 0: they are in its ``step``
         coefficient. The coefficients come from the steps planned ahead (the worker was busy),
-        fitted on sums of steps in a row (see below); the steps sent to an idle worker give ``idle_overhead_s``,
-        the median of what they took beyond the fit. The scheduler's work on each step before
-        its plan left (``schedule_s``, with its round trips to the KV cache manager) gives
-        ``plan``. On a run of several workers on the CPU a step's time is its price alone times
-        the stretch ``sharing`` gives it for the other workers computing during it, under the
-        ``cpu_demand`` that fits best (``_fit_sharing``).
+        fitted on sums of steps in a row (see below); the steps sent to an idle worker give
+        ``idle_overhead_s``, the median of what they took beyond the fit. The scheduler's work
+        on each step before its plan left (``schedule_s``, with its round trips to the KV cache
+        manager) gives ``plan``. On a run of several workers on the CPU a step's time is its
+        price alone times the stretch ``sharing`` gives it for the other workers computing
+        during it, under the ``cpu_demand`` that fits best (``_fit_sharing``).
 
         NOTE: which steps are fitted together. On a GPU a step's cost can show in its
         neighbours' gaps: the worker prepares a step while the GPU still runs the one before.
@@ -374,19 +374,22 @@ class CostModel:
         on those sums too. Which steps:
 
         - on a GPU (``_launch_ahead_rows``), each prompt step with the step before it and the
-          step after it, every other step alone. Where a prompt step's host work shows depends on
-          when its plan reached the worker. With a step in flight, the worker launches the prompt
-          step before it returns that step's result: the work shows in the step before's gap (on
-          an H100, 2026-12-07, the median of a run 4.5 to 6.6 ms, then 0.6 to 0.8 ms for the
-          prompt step itself). With none in flight, it shows in its own (1.1 to 1.3 ms, then 3.9
-          to 6.1 ms). Either way the step after takes 1.9 to 2.4 ms, against 1.4 to 1.7 ms for a
-          decode step among decode steps. Both ways come in streaks within every run. Pairs of steps
-          hold the whole of it one way round only; the robust fit took the other way's pairs for
-          stalls and priced a prompt step a quarter short of what its three gaps held (TTFT p50
-          11 to 14% short in three configurations);
-        - on the CPU, each pair of steps in a row. A CPU step runs where it is timed; rows around
-          each prompt step, replayed on five saved fidelity calls of the 2-core box, brought 21 of
-          their 50 latency medians within 10% of the live ones, pairs 23.
+          step after it, every other step alone. Where a prompt step's host work shows depends
+          on when its plan reached the worker. With a step in flight, the worker launches the
+          prompt step before it returns that step's result: the work shows in the step before's
+          gap (on an H100, 2026-12-07, the median of a run 4.5 to 6.6 ms, then 0.6 to 0.8 ms for
+          the prompt step itself). With none in flight, it shows in its own (1.1 to 1.3 ms, then
+          3.9 to 6.1 ms). Either way the step after takes 1.9 to 2.4 ms, against 1.4 to 1.7 ms
+          for a decode step among decode steps. Both ways come in streaks within every run.
+          Pairs of steps hold the whole of it one way round only; the robust fit took the other
+          way's pairs for stalls and priced a prompt step a quarter short of what its three gaps
+          held (TTFT p50 11 to 14% short in three configurations). The rows around it price it
+          as the gaps do; how many predictions that brings within 10% depends on how much the
+          fit run's prompt steps cost against the other runs' (docs/benchmarks.md, H100 D
+          and E);
+        - on the CPU, each pair of steps in a row. A CPU step runs where it is timed; rows
+          around each prompt step, replayed on five saved fidelity calls of the 2-core box,
+          brought 21 of their 50 latency medians within 10% of the live ones, pairs 23.
         """
         rows, wall_s, idle, plan_rows, plan_s, worker = [], [], [], [], [], []
         block_size = int(trace.meta.get("block_size") or 16)
@@ -504,8 +507,9 @@ def _steps_by_worker(trace: Trace) -> dict[int, list[StepEvent]]:
 
 def _pair_rows(x: np.ndarray, is_idle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``CostModel.fit``'s rows on the CPU: each pair of steps in a row on a busy worker (every
-    pair where hardly any is), as (row, step) pairs: row r is the sum of the steps ``member[row == r]``.
-    A worker's first step counts as idle, so a busy pair never spans two workers."""
+    pair where hardly any is), as (row, step) pairs: row r is the sum of the steps
+    ``member[row == r]``. A worker's first step counts as idle, so a busy pair never spans two
+    workers."""
     starts = np.arange(len(is_idle) - 1)
     busy = starts[~(is_idle[starts] | is_idle[starts + 1])]
     starts = busy if len(busy) >= len(FEATURES) else starts
