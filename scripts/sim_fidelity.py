@@ -41,7 +41,12 @@ configuration's runs with the round before's): a cost model carried to another
 configuration, on the machine of the same minute, so what it misses beyond the own fit is
 what one configuration's steps do not say of another's. And the
 share of each live run's steps unlike those the fit was measured on (the median over the
-runs; ``modkit.sim.coverage``): where it is large, the fit is extrapolated there.
+runs; ``modkit.sim.coverage``): where it is large, the fit is extrapolated there. Last, each
+live run's pace (``CostModel.pace``: how long its steps, those like the fit's, took against
+the fit's prices; +20%: a fifth longer, as on a machine that much slower), and the error of
+the fit run's cost model at that pace (``CostModel.scaled``): what is left of a miss once
+the machine's speed of that run is known, the fit's shape carried to the other
+configuration being all the rest.
 
 ``--model``, ``--model-shape`` (random weights with a known model's shapes, made on the spot),
 ``--device``, ``--dtype`` and ``--max-model-len`` go to every launch. ``--cores N`` confines
@@ -99,8 +104,11 @@ def small_pool(prompt_len: int, output_len: int, shared_prefix: int) -> int:
     return 2 + shared + 3 * own
 
 
-COLUMNS = ("live", "simulated", "own fit", "round's fit")  # of each configuration's runs (simulate_runs)
+ROUND, PACED = "round's fit", "at its pace"
+COLUMNS = ("live", "simulated", "own fit", ROUND, PACED)  # of each configuration's runs (simulate_runs)
 UNLIKE = "unlike fit"  # and each live run's share of steps unlike the fit's recording (CostModel.extrapolation)
+PACE = "pace"  # and how long its steps took against the fit's prices (CostModel.pace)
+PER_RUN = (UNLIKE, PACE)  # the columns of numbers, not summaries
 METRICS = ("output_throughput", "ttft_p50_s", "itl_p50_s", "num_preemptions", "prefix_hit_rate")
 LATENCIES = ("ttft_p50_s", "itl_p50_s")  # the cells counted against TARGET
 TARGET = 0.10  # how close a prediction of a latency's median should come (the simulator's goal)
@@ -176,10 +184,12 @@ def error(live: dict[str, float], sim: dict[str, float], metric: str) -> str:
 
 def simulate_runs(
     trace: Trace, cost: CostModel, share: CpuShare | None, overrides: dict[str, Any], nearby: CostModel | None
-) -> tuple[dict[str, TraceSummary], CostModel]:
+) -> tuple[dict[str, TraceSummary], CostModel, float | None]:
     """``trace``'s workload simulated under ``overrides`` with ``cost`` ("simulated"), with a cost
-    model fitted on ``trace`` itself ("own fit") and, if there is one, with ``nearby``, fitted on
-    the base configuration's run of the same round ("round's fit"); and the own fit."""
+    model fitted on ``trace`` itself ("own fit"), if there is one with ``nearby``, fitted on the
+    base configuration's run of the same round ("round's fit"), and with ``cost`` at ``trace``'s
+    pace ("at its pace", ``CostModel.pace``); the own fit and the pace (None: no step of the
+    trace is like the fit's)."""
     workload = workload_from_trace(trace)
     own = CostModel.fit(trace, cpu_share=share)
     summaries = {
@@ -187,8 +197,14 @@ def simulate_runs(
         "own fit": simulate(workload, own, **overrides).summary(),
     }
     if nearby is not None:
-        summaries["round's fit"] = simulate(workload, nearby, **overrides).summary()
-    return summaries, own
+        summaries[ROUND] = simulate(workload, nearby, **overrides).summary()
+    try:
+        pace: float | None = cost.pace(trace)
+    except ValueError:
+        pace = None
+    if pace is not None:
+        summaries[PACED] = simulate(workload, cost.scaled(pace), **overrides).summary()
+    return summaries, own, pace
 
 
 def nearby_fit(round_fits: dict[int, CostModel], name: str, seed: int) -> CostModel | None:
@@ -214,33 +230,41 @@ def print_table(rows: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, di
     print(
         "| configuration | tok/s live / sim | TTFT p50 ms live / sim | ITL p50 ms live / sim | preemptions | hits "
         "| live runs' spread, TTFT / ITL | own fit's error, TTFT / ITL | round's fit's error, TTFT / ITL "
-        "| live steps unlike the fit's |"
+        "| live steps unlike the fit's | live steps' pace | error at that pace, TTFT / ITL |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     medians: dict[str, dict[str, dict[str, float]]] = {}
     for name, runs in rows.items():
         if not runs["live"]:
-            print(f"| {name} | every run skipped | | | | | | | | |")
+            print(f"| {name} | every run skipped | | | | | | | | | | |")
             continue
         live = {m: float(np.median([getattr(s, m) for s in runs["live"]])) for m in METRICS}
         sim = {m: float(np.median([getattr(s, m) for s in runs["simulated"]])) for m in METRICS}
         own = {m: float(np.median([getattr(s, m) for s in runs["own fit"]])) for m in METRICS}
         medians[name] = {"live": live, "simulated": sim, "own fit": own}
-        round_fit = "- / -"
-        if runs["round's fit"]:
-            nearby = {m: float(np.median([getattr(s, m) for s in runs["round's fit"]])) for m in METRICS}
-            medians[name]["round's fit"] = nearby
-            round_fit = f"{error(live, nearby, 'ttft_p50_s')} / {error(live, nearby, 'itl_p50_s')}"
+        others = {}
+        for column in (ROUND, PACED):
+            others[column] = "- / -"
+            if runs[column]:
+                medians[name][column] = {m: float(np.median([getattr(s, m) for s in runs[column]])) for m in METRICS}
+                others[column] = " / ".join(error(live, medians[name][column], m) for m in LATENCIES)
+        paces = [p for p in runs[PACE] if p is not None]
+        pace = f"{np.median(paces) - 1:+.0%}" if paces else "-"
         print(
             f"| {name} | {pair(live, sim, 'output_throughput')} | {pair(live, sim, 'ttft_p50_s', 1e3)} "
             f"| {pair(live, sim, 'itl_p50_s', 1e3)} | {live['num_preemptions']:.0f} / {sim['num_preemptions']:.0f} "
             f"| {live['prefix_hit_rate']:.2f} / {sim['prefix_hit_rate']:.2f} "
             f"| {spread(runs['live'], 'ttft_p50_s')} / {spread(runs['live'], 'itl_p50_s')} "
-            f"| {error(live, own, 'ttft_p50_s')} / {error(live, own, 'itl_p50_s')} | {round_fit} "
-            f"| {np.median(runs[UNLIKE]):.0%} |"
+            f"| {error(live, own, 'ttft_p50_s')} / {error(live, own, 'itl_p50_s')} | {others[ROUND]} "
+            f"| {np.median(runs[UNLIKE]):.0%} | {pace} | {others[PACED]} |"
         )
     print()
-    fits = {"simulated": "the fit run's", "own fit": "each run's own", "round's fit": "the round's"}
+    fits = {
+        "simulated": "the fit run's fit",
+        "own fit": "each run's own fit",
+        ROUND: "the round's fit",
+        PACED: "the fit run's fit at each run's pace",
+    }
     for column, label in fits.items():
         errors = [
             abs(m[column][metric] - m["live"][metric]) / m["live"][metric]
@@ -251,7 +275,7 @@ def print_table(rows: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, di
         ]
         if errors:
             within = sum(e <= TARGET for e in errors)
-            print(f"with {label} fit: {within} of {len(errors)} latency medians within {TARGET:.0%} of the live ones")
+            print(f"with {label}: {within} of {len(errors)} latency medians within {TARGET:.0%} of the live ones")
     return medians
 
 
@@ -278,12 +302,14 @@ def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[Any]]]
             overrides = CONFIGS[name][0]
             if name == "small KV pool":
                 overrides = {"num_kv_blocks": trace.meta["num_blocks"][0]}
-            runs = rows.setdefault(name, {**{column: [] for column in COLUMNS}, UNLIKE: []})
+            runs = rows.setdefault(name, {column: [] for column in (*COLUMNS, *PER_RUN)})
             runs["live"].append(trace.summary())
             runs[UNLIKE].append(unlike(cost, trace))
             nearby = nearby_fit(round_fits, name, seed_of(path))
-            for column, summary in simulate_runs(trace, cost, share, overrides, nearby)[0].items():
+            summaries, _, pace = simulate_runs(trace, cost, share, overrides, nearby)
+            for column, summary in summaries.items():
                 runs[column].append(summary)
+            runs[PACE].append(pace)
     return rows
 
 
@@ -346,7 +372,7 @@ def main() -> None:
         together = host["gpu"] is None
         seeds = range(args.runs + 1)
         order = [(s, n) for s in seeds for n in names] if together else [(s, n) for n in names for s in seeds]
-        rows: dict[str, dict[str, list[Any]]] = {n: {**{c: [] for c in COLUMNS}, UNLIKE: []} for n in names}
+        rows: dict[str, dict[str, list[Any]]] = {n: {c: [] for c in (*COLUMNS, *PER_RUN)} for n in names}
         cost: CostModel | None = None
         share: CpuShare | None = None
         round_fits: dict[int, CostModel] = {}  # seed -> the fit on that round's base run (runs that go round)
@@ -397,7 +423,8 @@ def main() -> None:
                 runs["live"].append(trace.summary())
                 runs[UNLIKE].append(unlike(cost, trace))
                 nearby = nearby_fit(round_fits, name, seed)
-                summaries, own = simulate_runs(trace, cost, share, overrides[name], nearby)
+                summaries, own, pace = simulate_runs(trace, cost, share, overrides[name], nearby)
+                runs[PACE].append(pace)
                 for column, summary in summaries.items():
                     runs[column].append(summary)
                 if together and name == "base":
@@ -405,6 +432,7 @@ def main() -> None:
                 print(
                     name, overrides[name], seed, runs["live"][-1].to_dict(), runs["simulated"][-1].to_dict(), flush=True
                 )
+                print(f"pace of the fit's prices: {pace if pace is None else round(pace, 3)}", flush=True)
         rows = {n: r for n, r in rows.items() if n in args.configs}
 
     host["load_average_after"] = os.getloadavg()
@@ -419,7 +447,7 @@ def main() -> None:
             "medians": medians,
             "skipped": skipped,
             "runs": {
-                n: {k: v if k == UNLIKE else [s.to_dict() for s in v] for k, v in r.items()} for n, r in rows.items()
+                n: {k: v if k in PER_RUN else [s.to_dict() for s in v] for k, v in r.items()} for n, r in rows.items()
             },
         }
         Path(args.out).write_text(json.dumps(report, indent=1))

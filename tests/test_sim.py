@@ -229,6 +229,25 @@ def test_a_fit_says_how_far_the_machines_speed_moved_within_the_run() -> None:
     assert low < 1 < high and high / low == pytest.approx(1.5, rel=0.1)
 
 
+def test_a_runs_pace_is_how_much_longer_its_steps_took_than_the_fit_prices_them() -> None:
+    """``pace``: a run on a machine 1.3 times as slow as the fit's took 1.3 times its prices, on
+    the recording's traffic or other traffic; the recording itself 1. A trace without steps has
+    no pace."""
+    recording = simulate(varied_workload(), COST, max_num_batched_tokens=128)
+    fitted = CostModel.fit(recording)
+    assert fitted.pace(recording) == pytest.approx(1.0)
+    slower = simulate(varied_workload(), COST.scaled(1.3), max_num_batched_tokens=128)
+    assert fitted.pace(slower) == pytest.approx(1.3)
+    other = simulate(poisson(60, rate=40.0, seed=3), COST.scaled(0.8), max_num_batched_tokens=128)
+    assert fitted.pace(other) == pytest.approx(0.8)
+    # At its pace, the fit gives the other run back: its TTFTs as they were (the hops kept their times).
+    again = simulate(workload_from_trace(other), fitted.scaled(fitted.pace(other)), max_num_batched_tokens=128)
+    assert again.requests.ttft.to_numpy() == pytest.approx(other.requests.ttft.to_numpy(), rel=1e-6)
+    no_steps = Trace([e for e in recording.events if not isinstance(e, StepEvent)], recording.meta)
+    with pytest.raises(ValueError, match="no steps"):
+        fitted.pace(no_steps)
+
+
 def test_a_fit_says_which_steps_of_a_what_if_lie_beyond_its_recording() -> None:
     """``CostModel.extrapolation``: a step is unlike the recording's when its leverage over the
     recorded steps (the hat value, ``x^T (X^T X)^+ x``) is above that of 99 in 100 of them, or it
@@ -668,15 +687,15 @@ def test_sim_fidelity_replays_saved_traces_under_their_configurations(
     """``scripts/sim_fidelity.py --replay``: the fit on ``base-seed0`` and each saved run simulated
     again under the configuration its name says (the small pool's blocks from the trace), with that
     fit, with a fit on the run itself and, for CPU runs (which go round the pipelines), with a fit
-    on the base run of its round (of the round before, for a base run), exactly as fitting and
-    simulating them by hand does."""
+    on the base run of its round (of the round before, for a base run), and with the first fit at
+    the run's pace, exactly as fitting and simulating them by hand does."""
     spec = importlib.util.spec_from_file_location("sim_fidelity", Path(__file__).parents[1] / "scripts/sim_fidelity.py")
     assert spec is not None and spec.loader is not None
     sim_fidelity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sim_fidelity)
     runs = {
         "base-seed0": simulate(poisson(seed=0), COST),
-        "base-seed1": simulate(poisson(seed=1), COST),
+        "base-seed1": simulate(poisson(seed=1), COST.scaled(1.25)),  # on a machine a quarter slower
         "budget_64-seed1": simulate(poisson(seed=1), COST, max_num_batched_tokens=64),
         "small_KV_pool-seed1": simulate(poisson(rate=200.0, seed=1), COST, num_kv_blocks=14),
     }
@@ -693,25 +712,34 @@ def test_sim_fidelity_replays_saved_traces_under_their_configurations(
         own = simulate(workload_from_trace(recorded), CostModel.fit(recorded), **config).summary()
         nearby = simulate(workload_from_trace(recorded), cost if name == "base" else round_one, **config).summary()
         unlike = cost.extrapolation(recorded).outside
+        pace = cost.pace(recorded)
+        at_pace = simulate(workload_from_trace(recorded), cost.scaled(pace), **config).summary()
         assert rows[name] == {
             "live": [recorded.summary()],
             "simulated": [expected],
             "own fit": [own],
             "round's fit": [nearby],
+            "at its pace": [at_pace],
             "unlike fit": [unlike],
+            "pace": [pace],
         }, name
     assert rows["small KV pool"]["simulated"][0].num_preemptions > 0  # the small pool's, not the default one
     assert any(r["own fit"] != r["simulated"] for r in rows.values())  # two fits, told apart
     assert rows["budget 64"]["round's fit"] != rows["budget 64"]["simulated"]  # and the round's, too
+    assert rows["base"]["pace"][0] == pytest.approx(1.25) and rows["budget 64"]["pace"][0] == pytest.approx(1.0)
+    slower = rows["base"]  # the run on a slower machine: missed at the fit's pace, found at its own
+    miss = {c: slower[c][0].itl_p50_s / slower["live"][0].itl_p50_s - 1 for c in ("simulated", "at its pace")}
+    assert miss["simulated"] < -0.15 and abs(miss["at its pace"]) < 0.02, miss
     # The table ends with how many latency medians each fit predicted within 10% of the live ones.
     capsys.readouterr()
     medians = sim_fidelity.print_table(rows)
     printed = capsys.readouterr().out
     for column, label in (
-        ("simulated", "the fit run's"),
-        ("own fit", "each run's own"),
-        ("round's fit", "the round's"),
+        ("simulated", "the fit run's fit"),
+        ("own fit", "each run's own fit"),
+        ("round's fit", "the round's fit"),
+        ("at its pace", "the fit run's fit at each run's pace"),
     ):
         errors = [abs(m[column][k] / m["live"][k] - 1) for m in medians.values() for k in ("ttft_p50_s", "itl_p50_s")]
         within = sum(e <= 0.10 for e in errors)
-        assert f"with {label} fit: {within} of 6 latency medians within 10% of the live ones" in printed, printed
+        assert f"with {label}: {within} of 6 latency medians within 10% of the live ones" in printed, printed

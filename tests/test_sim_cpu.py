@@ -139,6 +139,17 @@ def busy_spans(trace: Trace, worker_id: int, output_s: float) -> list[tuple[floa
     return [(queued[r], done[r]) for r in done]
 
 
+def test_the_pace_of_two_workers_counts_their_threads_and_the_cores_they_shared() -> None:
+    """``pace`` prices each step of a two-worker run as the simulator does (one thread each, and
+    stretched while the other computes): at the fit's own speed it is 1. Priced as one worker on
+    both cores, the same steps would seem to have taken a third longer."""
+    two = simulate(workload(), COST, num_workers=2)
+    assert COST.pace(two) == pytest.approx(1.0)
+    as_one_worker = dataclasses.replace(COST, cpu_share=None, cpu_demand=None)
+    assert as_one_worker.pace(two) > 1.2
+    assert COST.pace(simulate(workload(), COST.scaled(1.5), num_workers=2)) == pytest.approx(1.5)
+
+
 def test_a_worker_with_requests_counts_as_busy_for_all_of_another_workers_step() -> None:
     """Only its next step or two are planned, but it keeps stepping until its requests are done:
     a step of the other worker planned meanwhile is stretched for all of it."""

@@ -56,6 +56,9 @@ The simulator multiplies each forward by one drawn at random (a residual bootstr
 its steps vary as the live run's did, stalls included: the medians and tails of latencies
 depend on that, not only their means.
 
+How fast another run's steps went against a fitted model's prices is its ``pace``
+(``CostModel.pace``): 1.25 where they took a quarter longer, as on a slower machine.
+
 Two latencies around the steps, fitted too: ``admit_s`` (a request's arrival at the frontend
 to its scheduler, ``Queued``: the hops through the router) and ``output_s`` (a step's result
 at the scheduler to its tokens at the frontend).
@@ -310,6 +313,47 @@ class CostModel:
         rows = [[step_features(e.scheduled)[name] for name in FEATURES] for e in steps]
         return self.coverage.of(np.asarray(rows, dtype=float).reshape(-1, len(FEATURES)))
 
+    def pace(self, trace: Trace) -> float:
+        """How long ``trace``'s steps took against what this model prices them at, as a factor
+        of how the fit's own steps did (the median of ``spread``): 1.3 where they took 30% longer,
+        as on a machine that much slower than in the fit; about 1 for the trace it was fitted on.
+        ``scaled(pace(trace))`` is this model at that run's pace: where a prediction at that pace
+        comes close and the one at the fit's pace does not, the miss was the machine's speed.
+
+        Only the steps a fitted model knows count: those like its recording's (``coverage``), so
+        that a pace measures the machine and not how the model carries to other steps. They are
+        compared as ``fit`` fitted them (sums of busy steps in a row: pairs on the CPU; on a GPU
+        a prompt step with the steps either side), each priced as ``simulate`` prices it, on the
+        threads the trace's launch ran it on and stretched for the other workers computing beside
+        it. ValueError if the trace has no such steps."""
+        steps = _steps_by_worker(trace)
+        x, y, is_idle, tokens = _timed_steps(steps)
+        if not len(y):
+            raise ValueError("the trace has no steps to compare with the model's prices")
+        num_workers = int(trace.meta.get("num_workers") or len(steps))
+        setting = trace.meta.get("cpu_parallel_min_tokens") or 1  # a trace that does not say ran all on all threads
+        scales: dict[int, dict[str, float]] = {}
+        predicted = np.empty(len(y))
+        for i, (features, num_tokens) in enumerate(zip(x, tokens, strict=True)):
+            if num_tokens not in scales:
+                scales[num_tokens] = self.thread_scale(num_workers, num_tokens, setting)
+            named = dict(zip(FEATURES, features, strict=True))
+            predicted[i] = self.forward_time(named, scale=scales[num_tokens]) + self.step_overhead_s
+        if len(steps) > 1:
+            predicted *= [self.sharing(1.0 + busy) for busy in _others_busy(steps)]
+        rows = _launch_ahead_rows if str(trace.meta.get("device", "")).startswith("cuda") else _pair_rows
+        row, member = rows(x, is_idle)
+        known = (
+            np.ones(len(y), dtype=bool) if self.coverage is None else self.coverage.leverage(x) <= self.coverage.edge
+        )
+        kept = np.bincount(row, weights=~known[member]) == 0  # rows of known steps only
+        priced = _row_sums(predicted, row, member)
+        kept &= priced > 0
+        if not np.any(kept):
+            raise ValueError(f"none of the trace's {len(y)} steps is like those the model was fitted on")
+        ratio = float(np.median(_row_sums(y, row, member)[kept] / priced[kept]))
+        return ratio / float(np.median(self.spread)) if self.spread else ratio
+
     def describe(self) -> dict[str, Any]:
         """What it is, as plain values (a trace's meta keeps it)."""
         error = self.fit_error
@@ -391,22 +435,13 @@ class CostModel:
           around each prompt step, replayed on five saved fidelity calls of the 2-core box,
           brought 21 of their 50 latency medians within 10% of the live ones, pairs 23.
         """
-        rows, wall_s, idle, plan_rows, plan_s, worker = [], [], [], [], [], []
         block_size = int(trace.meta.get("block_size") or 16)
         steps = _steps_by_worker(trace)
-        for worker_id, worker_steps in steps.items():
-            prev_end = -np.inf
-            for e in worker_steps:
-                worker.append(worker_id)
-                end = e.started + e.step_s
-                rows.append([step_features(e.scheduled)[name] for name in FEATURES])
-                wall_s.append(end - max(e.started, prev_end))
-                idle.append(e.started >= prev_end)
-                plan_rows.append([plan_features(e.scheduled, block_size)[name] for name in PLAN_FEATURES])
-                plan_s.append(e.schedule_s)
-                prev_end = end
-        x, y = np.asarray(rows, dtype=float).reshape(-1, len(FEATURES)), np.asarray(wall_s, dtype=float)
-        is_idle = np.asarray(idle, dtype=bool)
+        x, y, is_idle, _ = _timed_steps(steps)
+        worker = [worker_id for worker_id, worker_steps in steps.items() for _ in worker_steps]
+        every_step = [e for worker_steps in steps.values() for e in worker_steps]
+        plan_rows = [[plan_features(e.scheduled, block_size)[name] for name in PLAN_FEATURES] for e in every_step]
+        plan_s = [e.schedule_s for e in every_step]
         fitted_on = {k: trace.meta[k] for k in FITTED_ON if trace.meta.get(k) is not None}
         launches_ahead = str(fitted_on.get("device", "")).startswith("cuda")
         row, member = (_launch_ahead_rows if launches_ahead else _pair_rows)(x, is_idle)
@@ -503,6 +538,24 @@ def _steps_by_worker(trace: Trace) -> dict[int, list[StepEvent]]:
         if isinstance(e, StepEvent) and e.failed is None:
             steps.setdefault(e.worker_id, []).append(e)
     return {w: sorted(s, key=lambda e: e.step) for w, s in steps.items()}
+
+
+def _timed_steps(steps: dict[int, list[StepEvent]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Each step's features, its time as the scheduler saw it (its result back minus when the
+    worker could start it: the plan was sent, or the step before came back, whichever is later),
+    whether its worker was idle when it was sent, and its tokens; by worker, then by step."""
+    rows, wall_s, idle, tokens = [], [], [], []
+    for worker_steps in steps.values():
+        prev_end = -np.inf
+        for e in worker_steps:
+            end = e.started + e.step_s
+            rows.append([step_features(e.scheduled)[name] for name in FEATURES])
+            wall_s.append(end - max(e.started, prev_end))
+            idle.append(e.started >= prev_end)
+            tokens.append(e.tokens_used)
+            prev_end = end
+    x = np.asarray(rows, dtype=float).reshape(-1, len(FEATURES))
+    return x, np.asarray(wall_s, dtype=float), np.asarray(idle, dtype=bool), tokens
 
 
 def _pair_rows(x: np.ndarray, is_idle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
