@@ -243,6 +243,11 @@ def test_a_runs_pace_is_how_much_longer_its_steps_took_than_the_fit_prices_them(
     # At its pace, the fit gives the other run back: its TTFTs as they were (the hops kept their times).
     again = simulate(workload_from_trace(other), fitted.scaled(fitted.pace(other)), max_num_batched_tokens=128)
     assert again.requests.ttft.to_numpy() == pytest.approx(other.requests.ttft.to_numpy(), rel=1e-6)
+    # A light load: one token a request, a second apart, every step sent to an idle worker; its
+    # price has the idle overhead in it.
+    drawn = poisson(12, rate=1.0, seed=4)
+    alone = Workload([dataclasses.replace(r, arrival_s=float(i), output_len=1) for i, r in enumerate(drawn.requests)])
+    assert COST.pace(simulate(alone, COST)) == pytest.approx(1.0)
     no_steps = Trace([e for e in recording.events if not isinstance(e, StepEvent)], recording.meta)
     with pytest.raises(ValueError, match="no steps"):
         fitted.pace(no_steps)

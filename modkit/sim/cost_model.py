@@ -323,9 +323,10 @@ class CostModel:
         Only the steps a fitted model knows count: those like its recording's (``coverage``), so
         that a pace measures the machine and not how the model carries to other steps. They are
         compared as ``fit`` fitted them (sums of busy steps in a row: pairs on the CPU; on a GPU
-        a prompt step with the steps either side), each priced as ``simulate`` prices it, on the
-        threads the trace's launch ran it on and stretched for the other workers computing beside
-        it. ValueError if the trace has no such steps."""
+        a prompt step with the steps either side), each priced as ``simulate`` prices it: on the
+        threads the trace's launch ran it on, stretched for the other workers computing beside
+        it, and its overhead (``overhead``; a run too light for busy rows has idle steps in its
+        rows). ValueError if the trace has no such steps."""
         steps = _steps_by_worker(trace)
         x, y, is_idle, tokens = _timed_steps(steps)
         if not len(y):
@@ -338,7 +339,7 @@ class CostModel:
             if num_tokens not in scales:
                 scales[num_tokens] = self.thread_scale(num_workers, num_tokens, setting)
             named = dict(zip(FEATURES, features, strict=True))
-            predicted[i] = self.forward_time(named, scale=scales[num_tokens]) + self.step_overhead_s
+            predicted[i] = self.forward_time(named, scale=scales[num_tokens]) + self.overhead(bool(is_idle[i]))
         if len(steps) > 1:
             predicted *= [self.sharing(1.0 + busy) for busy in _others_busy(steps)]
         rows = _launch_ahead_rows if str(trace.meta.get("device", "")).startswith("cuda") else _pair_rows
