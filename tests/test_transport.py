@@ -39,6 +39,7 @@ from modkit.transport import (
     check_bind_address,
     decode,
     encode,
+    free_tcp_ports,
     tcp_address,
 )
 from modkit.transport.addresses import ipc_path
@@ -96,6 +97,21 @@ def test_child_answers_over_ipc_and_is_ready(echo: ComponentProcess) -> None:
         assert client.proxy(Echo).get_origin() == Point(5, 6)
     assert wait_until(echo.is_alive, 5)
     assert echo.state() == "running" and "echo ready" in echo.log_tail()
+
+
+def test_free_tcp_ports_are_all_different_and_each_can_be_bound() -> None:
+    """Picked one at a time, a port let go may come back at once; ``free_tcp_ports`` holds each
+    until all are picked, so a launch given them never finds two sockets on one port."""
+    ports = free_tcp_ports(64)
+    assert len(set(ports)) == 64
+    context = zmq.Context.instance()
+    sockets = [context.socket(zmq.PULL) for _ in ports]
+    try:
+        for sock, port in zip(sockets, ports, strict=True):
+            sock.bind(tcp_address(port))  # all at once: none taken by another
+    finally:
+        for sock in sockets:
+            sock.close(linger=0)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ non-loopback TCP bind with ``InsecureAddressError`` unless the caller passes
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ipaddress
 import shutil
 import socket
@@ -65,9 +66,19 @@ def ipc_address(name: str) -> str:
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago. Racy by nature: binding ``tcp://127.0.0.1:*`` is not."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    return free_tcp_ports(1, host)[0]
+
+
+def free_tcp_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` different TCP ports that were free a moment ago (racy, as ``free_tcp_port``). Each is
+    held until all are picked: one at a time, a port let go may be handed out again at once."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(n):
+            probe = held.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+            probe.bind((host, 0))
+            ports.append(int(probe.getsockname()[1]))
+        return ports
 
 
 def tcp_address(port: int | str = "*", host: str = "127.0.0.1") -> str:

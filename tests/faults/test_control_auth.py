@@ -32,7 +32,7 @@ from modkit import LLM, Pipeline, SamplingParams
 from modkit.protocol import PING, SHUTDOWN, AbortRequest, Call, ErrorReply, KVAdmit, LaunchKeys, Reply
 from modkit.swap import ImplSpec
 from modkit.transport import Inbox, Outbox, encode, tcp_address
-from modkit.transport.addresses import free_tcp_port
+from modkit.transport.addresses import free_tcp_ports
 from modkit.transport.security import mac, new_launch_keys
 
 pytestmark = pytest.mark.timeout(300)
@@ -71,7 +71,8 @@ def probes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipeline(probes: Path) -> Iterator[Pipeline]:
-    overrides = {name: tcp_address(free_tcp_port()) for name in TCP_SOCKETS}
+    ports = free_tcp_ports(len(TCP_SOCKETS))  # all different
+    overrides = {name: tcp_address(port) for name, port in zip(TCP_SOCKETS, ports, strict=True)}
     with pytest.MonkeyPatch.context() as env:  # the components can import the probes (if anything lets them)
         env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(probes), os.environ.get("PYTHONPATH")])))
         p = Pipeline.launch(
