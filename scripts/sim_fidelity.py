@@ -186,8 +186,8 @@ def simulate_runs(
     trace: Trace, cost: CostModel, share: CpuShare | None, overrides: dict[str, Any], nearby: CostModel | None
 ) -> tuple[dict[str, TraceSummary], CostModel, float | None]:
     """``trace``'s workload simulated under ``overrides`` with ``cost`` ("simulated"), with a cost
-    model fitted on ``trace`` itself ("own fit"), if there is one with ``nearby``, fitted on the
-    base configuration's run of the same round ("round's fit"), and with ``cost`` at ``trace``'s
+    model fitted on ``trace`` itself ("own fit"), with ``nearby`` (if given: the fit on the base
+    configuration's run of the same round, "round's fit"), and with ``cost`` at ``trace``'s
     pace ("at its pace", ``CostModel.pace``); the own fit and the pace (None: no step of the
     trace is like the fit's)."""
     workload = workload_from_trace(trace)
@@ -199,11 +199,10 @@ def simulate_runs(
     if nearby is not None:
         summaries[ROUND] = simulate(workload, nearby, **overrides).summary()
     try:
-        pace: float | None = cost.pace(trace)
-    except ValueError:
-        pace = None
-    if pace is not None:
-        summaries[PACED] = simulate(workload, cost.scaled(pace), **overrides).summary()
+        pace = cost.pace(trace)
+    except ValueError:  # no step of the trace is like the fit's
+        return summaries, own, None
+    summaries[PACED] = simulate(workload, cost.scaled(pace), **overrides).summary()
     return summaries, own, pace
 
 

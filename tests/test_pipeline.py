@@ -39,20 +39,16 @@ from modkit.sampling_params import SamplingParams
 from modkit.scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
 from modkit.trace import Trace
 from modkit.trace.events import BlockEvents, PipelineEvent
-from modkit.transport import ComponentProcess, Subscriber, free_tcp_port, ipc_address
+from modkit.transport import ComponentProcess, Subscriber, free_tcp_port, free_tcp_ports, ipc_address
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = ["frontend", "scheduler", "worker-0", "worker-1", "router", "kv_cache_manager", "sampler"]
 
 
 def distinct_free_ports(n: int, taken: set[int] | None = None) -> list[int]:
-    """``n`` ports free now and all different (free_tcp_port alone may hand out one port twice)."""
-    ports: list[int] = []
-    while len(ports) < n:
-        port = free_tcp_port()
-        if port not in ports and port not in (taken or set()):
-            ports.append(port)
-    return ports
+    """``n`` ports free now, all different and none of ``taken``."""
+    taken = taken or set()
+    return [port for port in free_tcp_ports(n + len(taken)) if port not in taken][:n]
 
 
 def free_ports() -> dict[str, int]:
