@@ -32,6 +32,7 @@ from modkit import Pipeline, loadgen, viz
 from modkit.config import ConfigError, cpu_parallel_min_tokens
 from modkit.model.config import ModelConfig
 from modkit.sampling_params import SamplingParams
+from modkit.scheduler.output import NO_FREE_BLOCKS
 from modkit.sim import CostModel, Workload, WorkloadRequest, capacity_sweep, knees, simulate, workload_from_trace
 from modkit.sim.cost_model import FEATURES, plan_features, step_features
 from modkit.sim.regression import nonnegative_least_squares
@@ -359,7 +360,7 @@ def test_the_scheduler_plans_one_step_after_another_and_admissions_cost_a_round_
     trace = simulate(workload, planned)
     steps = [e for e in trace.events if isinstance(e, StepEvent)]
     for step in steps:
-        features = plan_features(step.scheduled, block_size=16)
+        features = plan_features(step, block_size=16)
         expected = 0.1e-3 + 1.5e-3 * features["kv_round_trip"] + 0.5e-3 * features["admits"]
         assert step.schedule_s == pytest.approx(expected)
     admitting = [s for s in steps if any(r.kind == "prompt" and r.num_computed_tokens == 0 for r in s.scheduled)]
@@ -370,7 +371,39 @@ def test_the_scheduler_plans_one_step_after_another_and_admissions_cost_a_round_
     assert slower == pytest.approx(2.1e-3)
     fitted = CostModel.fit(trace)
     assert fitted.plan == pytest.approx({"kv_round_trip": 1.5e-3, "admits": 0.5e-3, "step": 0.1e-3}, rel=1e-6)
-    assert plan_features([], block_size=16) == {"kv_round_trip": 0.0, "admits": 0.0, "step": 1.0}
+    nothing = msgspec.structs.replace(steps[0], scheduled=[], waiting={}, preempted={})
+    assert plan_features(nothing, block_size=16) == {"kv_round_trip": 0.0, "admits": 0.0, "step": 1.0}
+
+
+@pytest.mark.slow
+def test_a_live_step_waits_for_the_kv_cache_manager_when_its_plan_features_say_so() -> None:
+    """``plan_features``' round trip against the live KV client's: a step waits for the KV cache
+    manager's reply (``kv_s`` > 0) exactly when it admits a request, gives one new blocks,
+    preempts one, or found the first in line too big for the free blocks. On a pool too small
+    for the traffic, requests wait for blocks while others decode: steps of decodes ask too."""
+    workload = Workload.poisson(12, 50.0, 40, 24, seed=3)
+    with Pipeline.launch(ports="auto", seed=0, progress=False, num_kv_blocks=12) as pipeline:
+        loadgen.open_loop(f"{pipeline.url}/v1", pipeline.model_name, workload.prompts, 50.0, 24, seed=0)
+
+        def traced() -> bool:  # every request's end and every step's record are in
+            trace = pipeline.trace(settle_s=0)
+            return len(trace.requests.dropna(subset=["finish_reason"])) == 12 and len(trace.forwards) == len(
+                trace.steps
+            )
+
+        assert wait_until(traced, 30), "the trace never held every request's end"
+        trace = pipeline.trace()
+    block_size = int(trace.meta["block_size"])
+    steps = [e for e in trace.events if isinstance(e, StepEvent)]
+    decoding_while_one_waits = [
+        e
+        for e in steps
+        if any(why.startswith(NO_FREE_BLOCKS) for why in e.waiting.values())
+        and all(r.kind == "decode" for r in e.scheduled)
+    ]
+    assert len(decoding_while_one_waits) >= 5, "the pool never made a request wait for blocks while others decoded"
+    for e in steps:
+        assert plan_features(e, block_size)["kv_round_trip"] == float(e.kv_s > 0), (e.step, e.waiting, e.preempted)
 
 
 def test_a_fit_on_a_trace_with_stalls_gives_back_the_ordinary_steps_cost() -> None:

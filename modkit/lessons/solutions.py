@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from modkit.kvcache.block_pool import KVCacheBlock
 from modkit.lessons.skeleton import EvictionSkeleton, SchedulerSkeleton
 from modkit.request import Request, RequestStatus
+from modkit.scheduler.output import NO_FREE_BLOCKS
 from modkit.scheduler.step import StepDraft
 
 # -- the scheduler ----------------------------------------------------------------------------
@@ -60,7 +61,7 @@ def schedule_waiting(self: SchedulerSkeleton, step: StepDraft) -> None:
         hit_blocks, num_hit = self.kv.get_computed_blocks(request)
         num_new = min(request.num_tokens - num_hit, step.budget)  # chunked prefill: what the budget allows
         if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
-            why = "not enough free KV blocks"
+            why = NO_FREE_BLOCKS
             break  # nobody overtakes the first that does not fit
         request.num_computed_tokens = num_hit
         if request.num_cached_tokens is None:

@@ -16,6 +16,9 @@ from modkit.sampling_params import SamplingParams
 # A step names why the first requests in line wait; num_waiting counts them all. Naming every
 # one of a long queue, every step, would cost the hot path time for a view nobody reads that far.
 MAX_WAITING_REASONS = 16
+# Why the first in line waits when admitting it asked the KV cache manager and found too few free
+# blocks. The asking is a round trip in the pipeline, whether or not anything is admitted.
+NO_FREE_BLOCKS = "not enough free KV blocks"
 # A scheduler keeps the records of its last this many steps (``Scheduler.records``): a long-running
 # engine would otherwise keep one per step for ever (each holds an entry per scheduled request).
 MAX_STEP_RECORDS = 1000

@@ -42,6 +42,7 @@ from modkit.request import Request, RequestStatus
 from modkit.scheduler.checks import admit_checks, check_stop
 from modkit.scheduler.output import (
     MAX_STEP_RECORDS,
+    NO_FREE_BLOCKS,
     CachedRequestData,
     EngineCoreOutput,
     ModelRunnerOutput,
@@ -244,7 +245,7 @@ class Scheduler:
             num_external = self.connector.get_num_new_matched_tokens(request, num_hit) if self.connector else 0
             num_new = min(request.num_tokens - num_hit - num_external, step.budget)
             if self.kv.allocate_slots(request, num_external + num_new, hit_blocks, num_hit) is None:
-                why = "not enough free KV blocks"
+                why = NO_FREE_BLOCKS
                 break
             if self.connector is not None:
                 self.connector.update_state_after_alloc(

@@ -26,6 +26,22 @@ worker runs its steps one after another: a step starts when it is planned or whe
 worker's previous step ends, whichever is later, and lasts the cost model's forward time
 and overhead.
 
+NOTE: what that leaves to the fit. A plan that leaves just before the step in flight comes back
+holds its step up: the worker waits for it. On an H100 (2026-12-07, decode steps of a 0.5B
+model 1.45 ms apart), a step whose plan left less than 0.4 ms before the step before came back
+took 1.9 to 2.3 ms, one whose plan left 0.8 ms or more before took 1.4 to 1.5 ms. The fitted
+steps' times hold that wait (``CostModel.fit`` times a step from when the plan left, if the
+step before had come back by then), and the simulator does not add it again. Tried on two
+saved H100 calls: starting each step no sooner than the fit's ``idle_overhead_s`` (the hops
+there and back) after its plan left brought one more latency median of each within 10% with
+the fit run's model, but with each run's own model, which tests the simulator alone, the mean
+miss grew from 4.0 and 4.2 points to 4.4 and 5.4 (TTFTs longer: the wait counted twice).
+Taking the wait out of the fitted times as well moved the first call's mean miss from 7.8 to
+12.5 points. The scheduler's loop is late for more than its planning (sending outputs, taking
+requests in), and the simulator times only the planning. With a small KV pool the wait is more
+common (15% of the steps, against 1 to 8%): each step's plan asks the KV cache manager whether
+the first in line fits (``plan_features``).
+
 On the CPU the workers share the cores (``modkit.sim.cpu_share``). With a cost model fitted on
 the CPU, each step is priced at the threads a step of its size runs on in a launch of this
 many workers (one under ``cpu_parallel_min_tokens`` tokens, else each worker's share of the
@@ -235,7 +251,7 @@ class Simulation:
         assert record is not None
         idle = len(worker.driver.in_flight) == 1  # nothing else in flight
         # The one scheduler process plans every worker's steps, one after another.
-        plan_s = self.cost_model.plan_time(record.scheduled, self.config.block_size)
+        plan_s = self.cost_model.plan_time(record, self.config.block_size)
         sent = self.planner_free_at = max(self.now, self.planner_free_at) + plan_s
         ready = max(sent, worker.free_at)
         forward_s = self.cost_model.forward_time(

@@ -45,6 +45,7 @@ from modkit.request import Request, RequestStatus
 from modkit.scheduler.checks import admit_checks
 from modkit.scheduler.output import (
     MAX_STEP_RECORDS,
+    NO_FREE_BLOCKS,
     CachedRequestData,
     EngineCoreOutput,
     ModelRunnerOutput,
@@ -315,7 +316,7 @@ class VLLMScheduler:
                 reasons[request.req_id] = f"max_num_seqs={self.max_num_seqs} running"
             elif head is None:
                 head = request.req_id
-                reasons[head] = "not enough free KV blocks (vLLM admits a request only if all its tokens fit)"
+                reasons[head] = f"{NO_FREE_BLOCKS} (vLLM admits a request only if all its tokens fit)"
             else:
                 reasons[request.req_id] = f"queued behind {head}"
         return reasons
