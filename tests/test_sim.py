@@ -12,6 +12,7 @@ workload and configuration with the live run.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import importlib.util
 import itertools
@@ -36,6 +37,7 @@ from modkit.scheduler.output import NO_FREE_BLOCKS
 from modkit.sim import CostModel, Workload, WorkloadRequest, capacity_sweep, knees, simulate, workload_from_trace
 from modkit.sim.cost_model import FEATURES, plan_features, step_features
 from modkit.sim.regression import nonnegative_least_squares
+from modkit.sim.simulate import OUTPUT_RUN
 from modkit.trace import Trace
 from modkit.trace.events import ForwardEvent, RequestArrived, StepEvent, TokensOut
 
@@ -208,6 +210,24 @@ def test_a_fit_on_a_simulated_trace_gives_back_its_cost_model() -> None:
     for name in ("idle_overhead_s", "admit_s", "output_s"):
         assert getattr(fitted, name) == pytest.approx(getattr(COST, name), rel=1e-6), name
     assert fitted.spread == pytest.approx([1.0] * len(fitted.spread))
+
+
+def test_tokens_reach_the_frontend_after_the_fits_output_delays_taken_in_runs() -> None:
+    """``output_delays``: a fit keeps each step's (its result at the scheduler to its tokens at
+    the frontend), in order; a simulation takes them in runs of consecutive ones (a jump one step
+    in ``OUTPUT_RUN``), and a fit on what it recorded gives back the delays it took."""
+    delays = [1e-4 + 1e-6 * i for i in range(200)]  # 0.1 to 0.3 ms, each its own
+    jittery = dataclasses.replace(COST, output_delays=delays, output_s=float(np.median(delays)))
+    trace = simulate(poisson(seed=3), jittery)
+    ends = sorted(e.started + e.step_s for e in trace.events if isinstance(e, StepEvent))
+    taken = [e.ts - ends[bisect.bisect_right(ends, e.ts) - 1] for e in trace.events if isinstance(e, TokensOut)]
+    which = [round((d - 1e-4) / 1e-6) for d in taken]
+    assert len(taken) >= 100 and taken == pytest.approx([delays[i] for i in which], abs=1e-9)
+    in_a_run = np.mean([b == (a + 1) % len(delays) for a, b in itertools.pairwise(which)])
+    assert 1 - 2 / OUTPUT_RUN < in_a_run < 1 - 0.5 / OUTPUT_RUN
+    fitted = CostModel.fit(trace)
+    assert fitted.output_delays == pytest.approx(taken, abs=1e-9)
+    assert fitted.output_s == pytest.approx(float(np.median(taken)))
 
 
 def test_a_fit_says_how_far_the_machines_speed_moved_within_the_run() -> None:

@@ -17,8 +17,12 @@ would see them::
 
     arrival      the frontend sends the request on (RequestArrived); the router picks a worker (Routed);
                  admit_s later it reaches that worker's scheduler (Queued)
-    step done    a step's result is back: update_from_output, then the next plans; admit_s...
-                 output_s later its tokens reach the frontend (TokensOut, RequestDone)
+    step done    a step's result is back: update_from_output, then the next plans; an output
+                 delay later its tokens reach the frontend (TokensOut, RequestDone)
+
+The output delays are the fit's (``CostModel.output_delays``), taken in runs of consecutive
+ones: each step the next of the fit's, or, one step in ``OUTPUT_RUN``, one picked at random
+(a model without them: ``output_s`` each time).
 
 After each, the worker is planned for as ``SchedulerService.run_once`` does it, async
 scheduling included: a plan when nothing is in flight, and one more ahead while one is. A
@@ -104,6 +108,9 @@ from modkit.trace.events import (
 )
 from modkit.trace.trace import Trace, event_time
 
+# Steps an output delay's run lasts on average: the fit's delays in a row this long, then a jump.
+OUTPUT_RUN = 8
+
 
 def simulate(workload: Workload, cost_model: CostModel, **overrides: Any) -> Trace:
     """Serve ``workload`` on a simulated clock; ``overrides`` are ``PipelineConfig`` fields.
@@ -174,6 +181,8 @@ class Simulation:
         self.now = 0.0
         self.planner_free_at = 0.0  # when the scheduler is done planning the steps sent so far
         self.rng = random.Random(config.seed)  # draws each step's spread (CostModel.spread)
+        self.output_rng = random.Random(f"{config.seed}/outputs")  # walks the fit's output delays
+        self._output_at: int | None = None  # which of them the last step took
         self._thread_scales: dict[tuple[int, int] | None, dict[str, float]] = {}  # by step_threads
         self.events: list[PipelineEvent] = []
         self._queue: list[tuple[float, int, str, Any]] = []  # (time, tie-break, kind, what)
@@ -300,13 +309,25 @@ class Simulation:
         outputs = worker.driver.finish_oldest()
         self.events.append(self._step_event(worker, timing))
         self._flush_blocks(worker)
-        at_frontend = self.now + self.cost_model.output_s
+        at_frontend = self.now + self._output_delay()
         if outputs:
             self.events.append(TokensOut(at_frontend, {o.req_id: len(o.new_token_ids) for o in outputs}))
         for output in outputs:
             if output.finish_reason is not None:
                 self._done(output.req_id, output.finish_reason, None, at_frontend)
         self._plan(worker)
+
+    def _output_delay(self) -> float:
+        """A step's result at the scheduler to its tokens at the frontend: the next of the fit's
+        delays, or one at random (one step in ``OUTPUT_RUN``, and the first)."""
+        delays = self.cost_model.output_delays
+        if not delays:
+            return self.cost_model.output_s
+        if self._output_at is None or self.output_rng.random() < 1.0 / OUTPUT_RUN:
+            self._output_at = self.output_rng.randrange(len(delays))
+        else:
+            self._output_at = (self._output_at + 1) % len(delays)
+        return delays[self._output_at]
 
     def _done(self, req_id: str, finish_reason: str, message: str | None, at: float) -> None:
         self.router.finish(req_id)
