@@ -66,7 +66,7 @@ in order (``output_delays``).
 
 NOTE: why each output delay, and not their median. A step's tokens leave the scheduler after
 it has planned the next step, and reach the frontend's event loop when it gets to them: on an
-H100 (2026-12-07) the delay was 0.24 ms at p10 and 0.9 ms at p90, against a step of 1.45 ms.
+H100 (2026-12-07) the delay was 0.24 ms at p10 and 0.9 to 1.5 ms at p90, against a step of 1.45 ms.
 A request's inter-token latency is its step's gap plus the difference of two such delays. With
 a constant delay, the simulated inter-token latencies were those of the steps alone, and with
 a budget of 64 tokens (steps of decodes at 1.4 to 1.9 ms between prompt chunks at 4 to 5 ms,
