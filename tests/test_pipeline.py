@@ -345,6 +345,33 @@ def test_requests_spread_over_workers_and_each_step_is_the_schedulers(pipeline: 
 
 
 @pytest.mark.slow
+def test_wait_held_counts_held_requests_and_raises_what_ended_one_before_it_was_held(pipeline: Pipeline) -> None:
+    client = pipeline.client(timeout=60)
+    good = {"model": pipeline.model_name, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    with ThreadPoolExecutor(3) as pool:
+        pipeline.hold_requests(True)
+        try:
+            futures = [pool.submit(client.completions.create, **good) for _ in range(2)]
+            assert pipeline.wait_held(2, futures) == 2
+            assert not any(f.done() for f in futures), "held: none has been answered"
+            with pytest.raises(TimeoutError, match="2 of 3 requests held"):
+                pipeline.wait_held(3, futures, timeout_s=0.2)
+            # Refused by the frontend, it never reaches the scheduler: its 400 comes back at once.
+            refused = pool.submit(client.completions.create, **{**good, "max_tokens": -1})
+            with pytest.raises(openai.BadRequestError, match="max_tokens"):
+                pipeline.wait_held(3, [*futures, refused], timeout_s=30)
+        finally:
+            pipeline.hold_requests(False)
+        assert [f.result().usage.completion_tokens for f in futures] == [2, 2]
+        # Sent while the hold was off, it was answered: waiting for it to be held says so.
+        answered = pool.submit(client.completions.create, **good)
+        answered.result()
+        with pytest.raises(RuntimeError, match="finished before it was held"):
+            pipeline.wait_held(1, [answered], timeout_s=30)
+        pipeline.hold_requests(False)
+
+
+@pytest.mark.slow
 def test_a_restarted_component_serves_again(pipeline: Pipeline) -> None:
     old = pipeline.pids()["router"]
     pipeline.restart("router")

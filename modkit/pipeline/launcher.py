@@ -39,8 +39,8 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from modkit.config import PipelineConfig
@@ -478,6 +478,28 @@ class Pipeline:
         """
         with self._process("scheduler").client(timeout_s=10.0) as rpc:
             return int(rpc.call("hold_new_requests", hold)["held"])
+
+    def wait_held(self, n: int, requests: Iterable[Future[Any]] = (), timeout_s: float = 60.0) -> int:
+        """Wait until ``n`` requests are held at the scheduler (see ``hold_requests``, which this
+        keeps on); returns how many are.
+
+        ``requests``: the futures of the calls that sent them. A request that ends before it is
+        held never will be: its own error is raised here (a 400 from the frontend, a lost
+        connection), or a RuntimeError if it ended well (the hold was lifted meanwhile, e.g. by
+        a scheduler restart). TimeoutError after ``timeout_s``, naming how many arrived.
+        """
+        requests = list(requests)
+        deadline = time.monotonic() + timeout_s
+        with self._process("scheduler").client(timeout_s=10.0) as rpc:
+            while (held := int(rpc.call("hold_new_requests", True)["held"])) < n:
+                for future in requests:
+                    if future.done():
+                        future.result()  # raises the request's own error
+                        raise RuntimeError("a request finished before it was held: the scheduler is not holding")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{held} of {n} requests held at the scheduler after {timeout_s:g} s")
+                time.sleep(0.005)
+        return held
 
     def drain(self, timeout_s: float = 30.0) -> bool:
         """Refuse new requests (503) and wait up to ``timeout_s`` for those in flight; True if all finished."""
