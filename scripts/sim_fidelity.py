@@ -48,6 +48,11 @@ the fit run's cost model at that pace (``CostModel.scaled``): what is left of a 
 the machine's speed of that run is known, the fit's shape carried to the other
 configuration being all the rest.
 
+``--configs base "another launch" ...`` adds a second pipeline of the base configuration,
+launched beside the first: its runs, predicted with the fit run's model, say how far a launch
+of the same settings moves the numbers (on the CPU the runs still go round, so it sees the same
+minutes as the base configuration's own runs).
+
 ``--model``, ``--model-shape`` (random weights with a known model's shapes, made on the spot),
 ``--device``, ``--dtype`` and ``--max-model-len`` go to every launch. ``--cores N`` confines
 this script and every process it starts to N of the cores it may use (CPU affinity, as
@@ -83,10 +88,14 @@ from modkit.sim import CostModel, CpuShare, Workload, simulate, workload_from_tr
 from modkit.trace import Trace
 from modkit.trace.summary import TraceSummary
 
+ANOTHER_LAUNCH = "another launch"
 # name -> (PipelineConfig overrides, request rate multiplier); "small KV pool" gets its num_kv_blocks
 # from the workload (small_pool).
 CONFIGS: dict[str, tuple[dict[str, Any], float]] = {
     "base": ({}, 1.0),
+    # The base configuration again, on a pipeline of its own (only when asked for): what a second
+    # launch of the same settings serves at, the floor under every other configuration's miss.
+    ANOTHER_LAUNCH: ({}, 1.0),
     "2x rate": ({}, 2.0),
     "budget 64": ({"max_num_batched_tokens": 64}, 1.0),
     "small KV pool": ({}, 1.0),
@@ -325,7 +334,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--shared-prefix", type=int, default=32)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        choices=list(CONFIGS),
+        help=f"default: all but {ANOTHER_LAUNCH!r} (with --replay: every one whose traces are there)",
+    )
     launch = parser.add_argument_group("every launch")
     launch.add_argument("--model", default=None, help="a checkpoint directory or hub id (default: the embedded model)")
     launch.add_argument("--model-shape", choices=sorted(RANDOM_MODEL_SHAPES), help="random weights of this shape")
@@ -340,8 +355,10 @@ def main() -> None:
     if args.model and args.model_shape:
         parser.error("--model or --model-shape, not both")
     if args.replay:
-        print_table(replay(Path(args.replay), ["base", *[c for c in args.configs if c != "base"]]))
+        asked = args.configs or list(CONFIGS)  # replay looks for each one's traces, and skips those not there
+        print_table(replay(Path(args.replay), ["base", *[c for c in asked if c != "base"]]))
         return
+    args.configs = args.configs or [c for c in CONFIGS if c != ANOTHER_LAUNCH]
     host = {**machine(args.device), "load_average_before": os.getloadavg()}
     host["cores_used"] = confine_to_cores(args.cores) if args.cores else None
 

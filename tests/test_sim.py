@@ -754,16 +754,22 @@ def test_sim_fidelity_replays_saved_traces_under_their_configurations(
     runs = {
         "base-seed0": simulate(poisson(seed=0), COST),
         "base-seed1": simulate(poisson(seed=1), COST.scaled(1.25)),  # on a machine a quarter slower
+        "another_launch-seed1": simulate(poisson(seed=1), COST.scaled(0.9)),  # the base settings, launched again
         "budget_64-seed1": simulate(poisson(seed=1), COST, max_num_batched_tokens=64),
         "small_KV_pool-seed1": simulate(poisson(rate=200.0, seed=1), COST, num_kv_blocks=14),
     }
     for name, trace in runs.items():
         trace.meta["device"] = "cpu"  # served round the pipelines, as on a CPU
         trace.save(tmp_path / f"{name}.json.gz")
-    rows = sim_fidelity.replay(tmp_path, ["base", "budget 64", "small KV pool"])
+    rows = sim_fidelity.replay(tmp_path, ["base", "another launch", "budget 64", "small KV pool"])
     cost = CostModel.fit(Trace.load(tmp_path / "base-seed0.json.gz"))
     round_one = CostModel.fit(Trace.load(tmp_path / "base-seed1.json.gz"))
-    overrides = {"base": {}, "budget 64": {"max_num_batched_tokens": 64}, "small KV pool": {"num_kv_blocks": 14}}
+    overrides = {
+        "base": {},
+        "another launch": {},
+        "budget 64": {"max_num_batched_tokens": 64},
+        "small KV pool": {"num_kv_blocks": 14},
+    }
     for name, config in overrides.items():
         recorded = Trace.load(tmp_path / f"{name.replace(' ', '_')}-seed1.json.gz")
         expected = simulate(workload_from_trace(recorded), cost, **config).summary()
@@ -785,6 +791,7 @@ def test_sim_fidelity_replays_saved_traces_under_their_configurations(
     assert any(r["own fit"] != r["simulated"] for r in rows.values())  # two fits, told apart
     assert rows["budget 64"]["round's fit"] != rows["budget 64"]["simulated"]  # and the round's, too
     assert rows["base"]["pace"][0] == pytest.approx(1.25) and rows["budget 64"]["pace"][0] == pytest.approx(1.0)
+    assert rows["another launch"]["pace"][0] == pytest.approx(0.9)
     slower = rows["base"]  # the run on a slower machine: missed at the fit's pace, found at its own
     miss = {c: slower[c][0].itl_p50_s / slower["live"][0].itl_p50_s - 1 for c in ("simulated", "at its pace")}
     assert miss["simulated"] < -0.15 and abs(miss["at its pace"]) < 0.02, miss
@@ -800,4 +807,4 @@ def test_sim_fidelity_replays_saved_traces_under_their_configurations(
     ):
         errors = [abs(m[column][k] / m["live"][k] - 1) for m in medians.values() for k in ("ttft_p50_s", "itl_p50_s")]
         within = sum(e <= 0.10 for e in errors)
-        assert f"with {label}: {within} of 6 latency medians within 10% of the live ones" in printed, printed
+        assert f"with {label}: {within} of 8 latency medians within 10% of the live ones" in printed, printed

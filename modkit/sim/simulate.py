@@ -43,8 +43,11 @@ miss grew from 4.0 and 4.2 points to 4.4 and 5.4 (TTFTs longer: the wait counted
 Taking the wait out of the fitted times as well moved the first call's mean miss from 7.8 to
 12.5 points. The scheduler's loop is late for more than its planning (sending outputs, taking
 requests in), and the simulator times only the planning. With a small KV pool the wait is more
-common (15% of the steps, against 1 to 8%): each step's plan asks the KV cache manager whether
-the first in line fits (``plan_features``).
+common: each step's plan asks the KV cache manager whether the first in line fits
+(``plan_features``). Over four H100 calls, 22 to 47% of a small pool's decode steps had a plan
+that left less than 1 ms before the step in flight came back, against 8 to 28% in the base
+runs the fits were made on, and its steps took 8 to 29% longer than such a fit prices them
+(docs/benchmarks.md, "H100 F and G").
 
 On the CPU the workers share the cores (``modkit.sim.cpu_share``). With a cost model fitted on
 the CPU, each step is priced at the threads a step of its size runs on in a launch of this
