@@ -366,9 +366,11 @@ def test_wait_held_counts_held_requests_and_raises_what_ended_one_before_it_was_
         # Sent while the hold was off, it was answered: waiting for it to be held says so.
         answered = pool.submit(client.completions.create, **good)
         answered.result()
-        with pytest.raises(RuntimeError, match="finished before it was held"):
-            pipeline.wait_held(1, [answered], timeout_s=30)
-        pipeline.hold_requests(False)
+        try:
+            with pytest.raises(RuntimeError, match="finished before it was held"):
+                pipeline.wait_held(1, [answered], timeout_s=30)
+        finally:
+            pipeline.hold_requests(False)  # wait_held keeps the hold on: the next tests need it off
 
 
 @pytest.mark.slow
