@@ -47,7 +47,10 @@ common: each step's plan asks the KV cache manager whether the first in line fit
 (``plan_features``). Over four H100 calls, 22 to 47% of a small pool's decode steps had a plan
 that left less than 1 ms before the step in flight came back, against 8 to 28% in the base
 runs the fits were made on, and its steps took 8 to 29% longer than such a fit prices them
-(docs/benchmarks.md, "H100 F and G").
+(docs/benchmarks.md, "H100 F and G"). A fixed wait for a step planned less than a fitted lead
+ahead, tried on those four calls, made three of their own fits worse: the simulation planned
+as many of a small pool's steps late as the live run, but too few of a base run's (7% against
+17%).
 
 On the CPU the workers share the cores (``modkit.sim.cpu_share``). With a cost model fitted on
 the CPU, each step is priced at the threads a step of its size runs on in a launch of this
