@@ -6,7 +6,9 @@ process) and against ``scripts/start_all.py`` (the six-process pipeline over Zer
 
 from __future__ import annotations
 
+import http.client
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai._constants import DEFAULT_CONNECTION_LIMITS
 
 from modkit import LLM, SamplingParams
 from modkit.frontend import EMBEDDED_MODEL_NAME
@@ -219,6 +222,24 @@ def test_concurrent_streams_equal_the_in_process_engine(client: openai.OpenAI, t
         served = list(pool.map(stream, conversations))
     expected = LLM(num_kv_blocks=512).chat(conversations, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     assert served == [o.outputs[0].text for o in expected]
+
+
+def test_an_idle_connection_stays_open_longer_than_the_openai_client_keeps_it(server: str) -> None:
+    """The openai client reuses a pooled connection idle for up to ``keepalive_expiry``; a server that
+    closed it first would fail the next request on it with a connection error, at random."""
+    expiry = DEFAULT_CONNECTION_LIMITS.keepalive_expiry
+    assert expiry is not None
+    connection = http.client.HTTPConnection(server.removeprefix("http://"), timeout=30)
+    try:
+        connection.request("GET", "/health", headers=AUTH)
+        assert connection.getresponse().read() and connection.sock is not None
+        # The server closing its end makes the socket readable (end of file): wait for that, or the expiry.
+        readable, _, _ = select.select([connection.sock], [], [], expiry + 1.0)
+        assert not readable, f"the server closed an idle connection within {expiry + 1.0} s"
+        connection.request("GET", "/health", headers=AUTH)  # on the same connection
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
 
 
 def test_a_client_that_disconnects_frees_its_blocks(served: Served, server: str) -> None:

@@ -20,7 +20,7 @@ import uvicorn
 from modkit.config import ConfigError, PipelineConfig
 from modkit.engine.async_engine import AsyncEngine
 from modkit.frontend import EMBEDDED_MODEL_NAME
-from modkit.frontend.app import build_app
+from modkit.frontend.app import KEEP_ALIVE_S, build_app
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     name = config.resolved_model() or EMBEDDED_MODEL_NAME
     try:
         app = build_app(engine, name, config.api_key, **config.frontend_limits())
-        uvicorn.run(app, host=config.host, port=config.frontend_port, log_level="warning")
+        uvicorn.run(
+            app, host=config.host, port=config.frontend_port, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S
+        )
     finally:
         engine.shutdown()
 

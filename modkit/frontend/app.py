@@ -61,6 +61,11 @@ from modkit.sampling_params import SamplingParams, SamplingParamsError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 UNSUPPORTED = "not supported by this server (refused rather than ignored)"
+# How long the server keeps an idle HTTP/1.1 connection open. It must outlast the clients' own
+# keep-alive: the openai client (httpx) reuses a pooled connection idle for up to 5 s, uvicorn's
+# default closes one at 5 s, and a request sent on a connection the server is closing at that
+# moment fails with a connection error (APIConnectionError) though the server is well.
+KEEP_ALIVE_S = 65
 
 # What /openapi.json documents for each /v1 route besides its 200.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

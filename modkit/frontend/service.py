@@ -17,7 +17,7 @@ import uvicorn
 
 from modkit.config import PipelineConfig
 from modkit.frontend import EMBEDDED_MODEL_NAME
-from modkit.frontend.app import build_app
+from modkit.frontend.app import KEEP_ALIVE_S, build_app
 from modkit.frontend.pipeline_client import PipelineClient
 from modkit.model import load_tokenizer, resolve_model_path
 from modkit.model.config import ModelConfig
@@ -50,6 +50,7 @@ class FrontendService:
             log_level="warning",
             loop="asyncio",
             timeout_graceful_shutdown=1,
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
         self.server = uvicorn.Server(uv_config)
         self.url = f"http://{cfg.host}:{cfg.frontend_port}"
