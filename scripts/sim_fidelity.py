@@ -18,7 +18,7 @@ moves by a tenth: it measured the machine's mood, not the simulator.
 
 A cost model is fitted on one live run of the base configuration; on the CPU with, measured
 on this machine, how a step changes with its threads (``modkit.sim.cpu_share``). Then, for each
-configuration (another rate, budget, block count, worker count...), ``--runs`` live runs
+configuration (another rate, budget, block count, policy, worker count), ``--runs`` live runs
 (Poisson workloads of seeds 1, 2, ...) and the simulation of each one's recorded workload
 under that configuration. Each pipeline serves one workload (another seed) before its runs, to
 warm up. On the CPU every configuration's pipeline is launched first and the
@@ -89,8 +89,8 @@ from modkit.trace import Trace
 from modkit.trace.summary import TraceSummary
 
 ANOTHER_LAUNCH = "another launch"
-# name -> (PipelineConfig overrides, request rate multiplier); "small KV pool" gets its num_kv_blocks
-# from the workload (small_pool).
+# name -> (PipelineConfig overrides, request rate multiplier); those in SMALL_POOL get their
+# num_kv_blocks from the workload (small_pool).
 CONFIGS: dict[str, tuple[dict[str, Any], float]] = {
     "base": ({}, 1.0),
     # The base configuration again, on a pipeline of its own (only when asked for): what a second
@@ -99,8 +99,13 @@ CONFIGS: dict[str, tuple[dict[str, Any], float]] = {
     "2x rate": ({}, 2.0),
     "budget 64": ({"max_num_batched_tokens": 64}, 1.0),
     "small KV pool": ({}, 1.0),
+    # Another policy. Where nothing waits, every policy admits alike: on the small pool requests
+    # wait for blocks, and sjf admits new ones before those preempted (more tokens to compute
+    # again) and preempts the request with the most tokens still to generate.
+    "sjf, small KV pool": ({"scheduling_policy": "sjf"}, 1.0),
     "2 workers": ({"num_workers": 2}, 2.0),
 }
+SMALL_POOL = ("small KV pool", "sjf, small KV pool")
 BLOCK_SIZE = 16  # PipelineConfig's default
 WARM_UP_SEED = 1_000  # the workload each pipeline serves once, untraced, before the runs
 
@@ -303,13 +308,13 @@ def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[Any]]]
             round_fits[seed_of(path)] = CostModel.fit(Trace.load(path), cpu_share=share)
     rows: dict[str, dict[str, list[Any]]] = {}
     for name in names:
-        for path in sorted(directory.glob(f"{name.replace(' ', '_')}-seed*.json.gz")):
+        for path in sorted(directory.glob(f"{file_stem(name)}-seed*.json.gz")):
             if path.name == "base-seed0.json.gz":
                 continue
             trace = Trace.load(path)
             overrides = CONFIGS[name][0]
-            if name == "small KV pool":
-                overrides = {"num_kv_blocks": trace.meta["num_blocks"][0]}
+            if name in SMALL_POOL:
+                overrides = {**overrides, "num_kv_blocks": trace.meta["num_blocks"][0]}
             runs = rows.setdefault(name, {column: [] for column in (*COLUMNS, *PER_RUN)})
             runs["live"].append(trace.summary())
             runs[UNLIKE].append(unlike(cost, trace))
@@ -319,6 +324,11 @@ def replay(directory: Path, names: list[str]) -> dict[str, dict[str, list[Any]]]
                 runs[column].append(summary)
             runs[PACE].append(pace)
     return rows
+
+
+def file_stem(name: str) -> str:
+    """A configuration's name as its saved traces start (``sjf, small KV pool``: ``sjf_small_KV_pool``)."""
+    return name.replace(",", "").replace(" ", "_")
 
 
 def seed_of(path: Path) -> int:
@@ -376,8 +386,9 @@ def main() -> None:
         overrides: dict[str, dict[str, Any]] = {}
         for name in names:
             overrides[name] = CONFIGS[name][0]
-            if name == "small KV pool":
-                overrides[name] = {"num_kv_blocks": small_pool(args.prompt_len, args.output_len, args.shared_prefix)}
+            if name in SMALL_POOL:
+                pool = small_pool(args.prompt_len, args.output_len, args.shared_prefix)
+                overrides[name] = {**overrides[name], "num_kv_blocks": pool}
             settings[name] = {**common, **overrides[name]}
             if "max_model_len" in common and "num_kv_blocks" in overrides[name]:  # no longer than the pool holds
                 pool = overrides[name]["num_kv_blocks"]
@@ -423,7 +434,7 @@ def main() -> None:
                     continue
                 if args.save_traces:
                     Path(args.save_traces).mkdir(parents=True, exist_ok=True)
-                    trace.save(Path(args.save_traces, f"{name.replace(' ', '_')}-seed{seed}.json.gz"))
+                    trace.save(Path(args.save_traces, f"{file_stem(name)}-seed{seed}.json.gz"))
                 if seed == 0:
                     share = None if host["gpu"] else CpuShare.measure(model, args.dtype)  # on a GPU: not needed
                     cost = CostModel.fit(trace, cpu_share=share)
