@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,10 @@ class Streamed:
     times: list[float] = field(default_factory=list)
 
 
-def stream_chat(url: str, prompt: str, max_tokens: int = KILL_TOKENS) -> Streamed:
+def stream_chat(
+    url: str, prompt: str, max_tokens: int = KILL_TOKENS, started: threading.Event | None = None
+) -> Streamed:
+    """``started``, if given, is set once the stream's first event has reached this client."""
     body = {
         "model": EMBEDDED_MODEL_NAME,
         "messages": [{"role": "user", "content": prompt}],
@@ -72,6 +76,8 @@ def stream_chat(url: str, prompt: str, max_tokens: int = KILL_TOKENS) -> Streame
             if not line.startswith("data: "):
                 continue
             out.times.append(time.monotonic())
+            if started is not None:
+                started.set()
             if line == "data: [DONE]":
                 break
             chunk = json.loads(line.removeprefix("data: "))
@@ -181,14 +187,18 @@ def test_the_only_worker_killed_mid_stream(start_all: StartAll, oracle: dict[str
     url, scheduler = start_all.urls["frontend"], start_all.urls["scheduler"]
     # On a loaded machine the router may miss heartbeats for a while: start when it sees the worker.
     assert wait_until(lambda: get_json(f"{start_all.urls['router']}/health").get("workers_alive") == [0], 30)
+    started = [threading.Event() for _ in PROMPTS]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        streams = [pool.submit(stream_chat, url, p) for p in PROMPTS]
+        streams = [pool.submit(stream_chat, url, p, KILL_TOKENS, s) for p, s in zip(PROMPTS, started, strict=True)]
 
         def all_running() -> bool:
             worker = get_json(f"{scheduler}/stats")["workers"][0]  # type: ignore[index]
             return bool(worker["num_requests_running"] == len(PROMPTS) and worker["num_steps"] > 2)
 
         assert wait_until(all_running, 60), "the streams never ran on the worker"
+        # Mid-stream for the clients too: a request whose first tokens had not reached the frontend
+        # when its worker died is answered 503 instead of a stream that ends in an error event.
+        assert wait_until(lambda: all(s.is_set() for s in started), 60), "a stream never began"
         os.kill(start_all.pids["worker-0"], signal.SIGKILL)
         killed_at = time.monotonic()
         down = wait_until(lambda: get_json(f"{url}/health").get("down") == ["worker-0"], 5)
