@@ -38,6 +38,7 @@ from modkit.sim import CostModel, Workload, WorkloadRequest, capacity_sweep, kne
 from modkit.sim.cost_model import FEATURES, plan_features, step_features
 from modkit.sim.regression import nonnegative_least_squares
 from modkit.sim.simulate import OUTPUT_RUN
+from modkit.sim.worker_loop import WorkerLoop, replay
 from modkit.trace import Trace
 from modkit.trace.events import ForwardEvent, RequestArrived, StepEvent, TokensOut
 
@@ -450,6 +451,66 @@ def test_a_fit_on_a_trace_with_stalls_gives_back_the_ordinary_steps_cost() -> No
     plain = x @ nonnegative_least_squares(x, gaps)
     ordinary = x @ np.asarray([fitted.terms[0][n] for n in FEATURES])
     assert np.median(np.abs(plain - ordinary) / ordinary) > 0.05
+
+
+# A made-up GPU worker: a decode step launches in 0.5 ms of host time and runs 1 ms on the
+# device after that; a prompt step's launch takes 4 ms more (its eager attention layers).
+LOOP = WorkerLoop(
+    launch={"step": 0.5e-3, "prompt_step": 4e-3},
+    device={"step": 1e-3},
+    sample_launch_s=0.1e-3,
+    finish_s=0.2e-3,
+    hop_in_s=0.1e-3,
+    hop_out_s=0.05e-3,
+    replan_s=0.05e-3,
+)
+
+
+def test_a_gpu_worker_overlaps_a_plan_that_comes_in_time_and_not_a_late_one() -> None:
+    """``LoopWorker`` does what the worker's loop does (``modkit.worker.service``): a plan that
+    arrives while the step before is on the device is launched before that step is finished; one
+    that arrives after the device is done overlaps nothing."""
+    launch, device = [0.5e-3, 0.5e-3], [1e-3, 1e-3]
+    starts, sent = replay([0.0, 0.3e-3], launch, device, 0.1e-3, 0.2e-3)
+    # Step 0 is launched from 0 to 0.6 ms and on the device until 1.6. Step 1 arrived at 0.3, when
+    # the host was busy: launched from 0.6 to 1.2; then step 0 is finished (1.6 + 0.2), and step
+    # 1, on the device from 1.6 to 2.6, at 2.8.
+    assert starts == pytest.approx([0.0, 0.6e-3]) and sent == pytest.approx([1.8e-3, 2.8e-3])
+    starts, sent = replay([0.0, 2.0e-3], launch, device, 0.1e-3, 0.2e-3)
+    # Step 1 arrives after step 0 was finished: launched from 2.0 to 2.6, on the device to 3.6.
+    assert starts == pytest.approx([0.0, 2.0e-3]) and sent == pytest.approx([1.8e-3, 3.8e-3])
+    # With every plan ahead, the results come at the pace of the slower of the host (launch,
+    # sample launch and finish) and the device (1 ms).
+    for host, pace in ((0.5e-3, 1e-3), (1.5e-3, 1.8e-3)):
+        _, sent = replay([0.0] * 20, [host] * 20, [1e-3] * 20, 0.1e-3, 0.2e-3)
+        assert np.diff(sent)[5:-1] == pytest.approx(pace)  # the last, with nothing launched behind it, sooner
+
+
+def test_a_fit_on_a_gpu_trace_gives_back_the_worker_loop_it_ran() -> None:
+    """On a GPU a fit also times the worker's loop (``CostModel.loop``): the launches and hops
+    measured, the rest found by replaying the trace's own plans. Fitted on a trace simulated
+    with a loop, it replays that trace's launches and results as they came, and its simulation
+    of the same workload gives the same latencies; a CPU trace gets none."""
+    planned = {"kv_round_trip": 1e-3, "step": 0.05e-3}  # a plan with a round trip comes late
+    on_gpu = dataclasses.replace(COST, fitted_on={"device": "cuda"}, loop=LOOP, plan=planned)
+    workload = varied_workload()
+    trace = simulate(workload, on_gpu, max_num_batched_tokens=128)
+    fitted = CostModel.fit(trace)
+    loop = fitted.loop
+    assert loop is not None
+    for name in FEATURES:
+        assert loop.launch[name] == pytest.approx(LOOP.launch.get(name, 0.0), abs=1e-7), name
+    for name in ("hop_in_s", "replan_s"):
+        assert getattr(loop, name) == pytest.approx(getattr(LOOP, name), abs=1e-6), name
+    # What a trace tells apart: the host's time from a launch's end to the result at the
+    # scheduler (how it splits between the sampling's launch, the finish and the hop is not).
+    around = loop.sample_launch_s + loop.finish_s + loop.hop_out_s
+    assert around == pytest.approx(LOOP.sample_launch_s + LOOP.finish_s + LOOP.hop_out_s, abs=0.02e-3)
+    assert loop.result_miss_s < 0.01e-3 and loop.launch_miss_s < 0.01e-3
+    again = simulate(workload, fitted, max_num_batched_tokens=128).summary()
+    for name in ("ttft_p50_s", "itl_p50_s", "output_throughput"):
+        assert getattr(again, name) == pytest.approx(getattr(trace.summary(), name), rel=0.03), name
+    assert CostModel.fit(simulate(workload, COST, max_num_batched_tokens=128)).loop is None
 
 
 def test_roofline_of_qwen_on_an_h100() -> None:

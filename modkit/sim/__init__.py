@@ -12,10 +12,11 @@
 ``workload`` (what to replay), ``cost_model`` (how long a step takes; ``regression``, the
 robust fit behind it; ``cpu_share``, how a step on the CPU changes with its share of the
 cores; ``coverage``, which steps a fit's recording held and how far a what-if goes beyond
-them), ``simulate`` (the simulated clock that drives the real objects; ``launch``, the KV
-pool a launch would give each worker) and ``sweep`` (a capacity sweep: many rates and
-configurations, and where each stops keeping up). A simulation answers in seconds what a live
-run answers in minutes, as well as its cost model predicts step times.
+them; ``worker_loop``, a GPU worker's loop, timed), ``simulate`` (the simulated clock that
+drives the real objects; ``launch``, the KV pool a launch would give each worker) and
+``sweep`` (a capacity sweep: many rates and configurations, and where each stops keeping up).
+A simulation answers in seconds what a live run answers in minutes, as well as its cost model
+predicts step times.
 """
 
 from modkit.sim.cost_model import GPUS, CostModel, FitError
@@ -23,6 +24,7 @@ from modkit.sim.coverage import Coverage, Extrapolation
 from modkit.sim.cpu_share import CpuShare
 from modkit.sim.simulate import simulate
 from modkit.sim.sweep import capacity_sweep, knees
+from modkit.sim.worker_loop import WorkerLoop
 from modkit.sim.workload import Workload, WorkloadRequest, workload_from_trace
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "CpuShare",
     "Extrapolation",
     "FitError",
+    "WorkerLoop",
     "Workload",
     "WorkloadRequest",
     "capacity_sweep",

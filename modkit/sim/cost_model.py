@@ -107,6 +107,7 @@ from modkit.scheduler.output import NO_FREE_BLOCKS
 from modkit.sim.coverage import Coverage, Extrapolation
 from modkit.sim.cpu_share import CpuShare
 from modkit.sim.regression import robust_nonnegative_fit
+from modkit.sim.worker_loop import WorkerLoop, fit_loop
 from modkit.trace.events import Queued, RequestArrived, StepEvent, TokensOut
 
 if TYPE_CHECKING:
@@ -262,6 +263,8 @@ class CostModel:
     cpu_share: CpuShare | None = None  # measured on the fit's CPU: how a step changes with its threads
     cpu_demand: float | None = None  # cores a busy worker kept busy in the fit, the other processes' work included
     coverage: Coverage | None = None  # which steps the fit's recording held (None: no recording)
+    # On a GPU: the worker's loop, timed (modkit.sim.worker_loop); the simulator then times steps by it.
+    loop: WorkerLoop | None = None
 
     def forward_time(
         self, features: dict[str, float], rng: random.Random | None = None, scale: dict[str, float] | None = None
@@ -310,12 +313,18 @@ class CostModel:
             return 1.0
         return float(processor_sharing(busy_workers, demand, cores))
 
-    def plan_time(self, step: PlannedLike, block_size: int) -> float:
-        """Seconds the scheduler takes to plan ``step`` (``plan_features``)."""
+    def plan_time(self, step: PlannedLike, block_size: int, rng: random.Random | None = None) -> float:
+        """Seconds the scheduler takes to plan ``step`` (``plan_features``); with ``rng`` and a
+        ``loop``, times one of the loop's spread for such a plan (``WorkerLoop.plan_spread``)."""
         if not self.plan:
             return 0.0
         features = plan_features(step, block_size)
-        return sum(c * features[name] for name, c in self.plan.items())
+        fitted = sum(c * features[name] for name, c in self.plan.items())
+        if rng is not None and self.loop is not None:
+            spread = self.loop.plan_spread.get("kv_round_trip" if features["kv_round_trip"] else "local")
+            if spread:
+                return fitted * rng.choice(spread)
+        return fitted
 
     def overhead(self, idle: bool) -> float:
         """Seconds a step takes beyond its forward, as the scheduler sees it."""
@@ -334,6 +343,7 @@ class CostModel:
             step_overhead_s=self.step_overhead_s * factor,
             idle_overhead_s=self.idle_overhead_s * factor,
             source=f"{self.source}, steps x {factor:g}",
+            loop=None if self.loop is None else self.loop.scaled(factor),
         )
 
     def extrapolation(self, trace: Trace) -> Extrapolation | None:
@@ -359,6 +369,10 @@ class CostModel:
         threads the trace's launch ran it on, stretched for the other workers computing beside
         it, and its overhead (``overhead``; a run too light for busy rows has idle steps in its
         rows). ValueError if the trace has no such steps."""
+        if self.loop is not None:
+            pace = self.loop.launch_pace(trace, lambda e: step_features(e.scheduled))
+            if pace is not None:
+                return pace
         steps = _steps_by_worker(trace)
         x, y, is_idle, tokens = _timed_steps(steps)
         if not len(y):
@@ -405,6 +419,7 @@ class CostModel:
             "cpu_share": None if self.cpu_share is None else self.cpu_share.describe(),
             "cpu_demand": self.cpu_demand,
             "coverage": None if self.coverage is None else self.coverage.describe(),
+            "loop": None if self.loop is None else self.loop.describe(),
             **self.info,
         }
 
@@ -420,7 +435,8 @@ class CostModel:
         latencies = f"admit {self.admit_s:.3g} s, output {self.output_s:.3g} s"
         if self.cpu_demand is not None:  # on the CPU: what sharing the cores with other workers costs
             latencies += f"; a busy worker wants {self.cpu_demand:.2f} cores"
-        return f"CostModel({self.source}: {terms}; {overheads}; {latencies}{error})"
+        loop = "" if self.loop is None else f"; {self.loop!r}"
+        return f"CostModel({self.source}: {terms}; {overheads}; {latencies}{error}{loop})"
 
     # -- from a live run ---------------------------------------------------------------------
 
@@ -520,6 +536,11 @@ class CostModel:
             cpu_share=cpu_share,
             cpu_demand=demand,
             coverage=Coverage.of_steps(FEATURES, x),
+            loop=_with_plan_spread(
+                fit_loop(trace, lambda e: step_features(e.scheduled), FEATURES), plan_rows, plan_s, plan
+            )
+            if launches_ahead
+            else None,
         )
 
     # -- from the hardware's spec sheet --------------------------------------------------------
@@ -565,6 +586,23 @@ GPUS = {
     "H200": GPUSpec(989e12, 4.8e12, "NVIDIA H200 SXM datasheet: 989 TFLOPS bf16 dense, 4.8 TB/s HBM3e"),
     "A100": GPUSpec(312e12, 2.039e12, "NVIDIA A100 80GB SXM datasheet: 312 TFLOPS bf16 dense, 2,039 GB/s HBM2e"),
 }
+
+
+def _with_plan_spread(
+    loop: WorkerLoop | None, plan_rows: list[list[float]], plan_s: list[float], plan: np.ndarray
+) -> WorkerLoop | None:
+    """``loop`` with each fitted plan's measured over fitted time, apart for the plans with a KV
+    round trip and those without (``WorkerLoop.plan_spread``)."""
+    if loop is None:
+        return None
+    rows, measured = np.asarray(plan_rows), np.asarray(plan_s)
+    fitted = rows @ plan
+    kv = rows[:, PLAN_FEATURES.index("kv_round_trip")] > 0
+    spread = {
+        name: [float(r) for r in measured[chosen & (fitted > 0)] / fitted[chosen & (fitted > 0)]]
+        for name, chosen in (("kv_round_trip", kv), ("local", ~kv))
+    }
+    return dataclasses.replace(loop, plan_spread=spread)
 
 
 def _steps_by_worker(trace: Trace) -> dict[int, list[StepEvent]]:

@@ -25,32 +25,36 @@ ones: each step the next of the fit's, or, one step in ``OUTPUT_RUN``, one picke
 (a model without them: ``output_s`` each time).
 
 After each, the worker is planned for as ``SchedulerService.run_once`` does it, async
-scheduling included: a plan when nothing is in flight, and one more ahead while one is. A
-worker runs its steps one after another: a step starts when it is planned or when the
-worker's previous step ends, whichever is later, and lasts the cost model's forward time
-and overhead.
+scheduling included: a plan when nothing is in flight, and one more ahead while one is. How a
+worker runs its steps depends on where the cost model was fitted:
 
-NOTE: what that leaves to the fit. A plan that leaves just before the step in flight comes back
-holds its step up: the worker waits for it. On an H100 (2026-12-07, decode steps of a 0.5B
-model 1.45 ms apart), a step whose plan left less than 0.4 ms before the step before came back
-took 1.9 to 2.3 ms, one whose plan left 0.8 ms or more before took 1.4 to 1.5 ms. The fitted
-steps' times hold that wait (``CostModel.fit`` times a step from when the plan left, if the
-step before had come back by then), and the simulator does not add it again. Tried on two
-saved H100 calls: starting each step no sooner than the fit's ``idle_overhead_s`` (the hops
-there and back) after its plan left brought one more latency median of each within 10% with
-the fit run's model, but with each run's own model, which tests the simulator alone, the mean
-miss grew from 4.0 and 4.2 points to 4.4 and 5.4 (TTFTs longer: the wait counted twice).
-Taking the wait out of the fitted times as well moved the first call's mean miss from 7.8 to
-12.5 points. The scheduler's loop is late for more than its planning (sending outputs, taking
-requests in), and the simulator times only the planning. With a small KV pool the wait is more
-common: each step's plan asks the KV cache manager whether the first in line fits
-(``plan_features``). Over four H100 calls, 22 to 47% of a small pool's decode steps had a plan
-that left less than 1 ms before the step in flight came back, against 8 to 28% in the base
-runs the fits were made on, and its steps took 8 to 29% longer than such a fit prices them
-(docs/benchmarks.md, "H100 F and G"). A fixed wait for a step planned less than a fitted lead
-ahead, tried on those four calls, made three of their own fits worse: the simulation planned
-as many of a small pool's steps late as the live run, but too few of a base run's (7% against
-17%).
+- On the CPU a worker runs its steps one after another: a step starts when it is planned or
+  when the worker's previous step ends, whichever is later, and lasts the cost model's forward
+  time and overhead. A CPU step computes where it is timed, so its time is its own.
+- On a GPU (a cost model with a ``loop``), the worker's loop is simulated
+  (``modkit.sim.worker_loop``): a plan reaches the worker a hop after it leaves, the worker
+  launches it when its host is free, and a step's result leaves when the loop finishes it,
+  which waits for the device and, with a plan in time, comes after the next step's launch. A
+  plan that arrives after the device is done with the step in flight overlaps nothing, and
+  its step takes the host's and the device's time one after the other. Each plan takes the
+  fit's planning time for its features times one of the fit's measured ratios for such a plan
+  (``WorkerLoop.plan_spread``): which plans come late depends on the tail of the planning
+  time, not on its median.
+
+NOTE: why the loop and not a price per step on a GPU. Priced per step, a fit prices the mix of
+plans on time and late of the run it was fitted on. On an H100 (2026-12-07, 0.5B model) 9 to
+13% of a base run's decode steps were late and 31 to 43% of a small KV pool's, whose every
+plan asks the KV cache manager (0.6 ms of planning against 0.05 ms). Over five H100 calls a
+small pool's steps took 8 to 37% longer than a fit on a base run priced them; on the last,
+its throughput came out 22% high and its TTFT 44% short. A fixed wait for a step planned less
+than a fitted lead ahead, tried before the loop, made three of four calls' own fits worse: a
+step is late when its plan comes after the device is done with the step before, not after
+the step's whole gap, so the simulation had a small pool's late steps but too few of a base
+run's (7% against 17%). Replayed with the loop on the last call's saved traces, the same fit gave the small pool's
+throughput +3%, TTFT +1% and ITL -6%. On another call, whose fit run was the first traffic of
+a machine started a minute before and planned a KV round trip in 1.25 ms where the later runs
+took 0.5 to 0.6 ms, the loop carried that slow planning to every plan: the small pool came out
+39% slow, against 21% priced per step (docs/benchmarks.md, "Simulation fidelity on a GPU").
 
 On the CPU the workers share the cores (``modkit.sim.cpu_share``). With a cost model fitted on
 the CPU, each step is priced at the threads a step of its size runs on in a launch of this
@@ -67,7 +71,7 @@ are busy (``CostModel.sharing``, from the fit's ``cpu_demand``)::
 A worker with requests keeps stepping until they are done, so it counts for the whole
 forward, though only its next step or two are planned. A worker that gets its first request
 after this step was planned does not stretch it back (its own steps are stretched for the
-overlap). On a GPU every worker's steps cost what the fit measured, as on a device of its own.
+overlap). On a GPU every worker runs its own loop, as on a device of its own.
 
 The events it records are the live pipeline's (StepEvent, ForwardEvent, BlockEvents,
 RequestArrived, Routed, Queued, TokensOut, RequestDone), so the result is an ordinary ``Trace``,
@@ -98,6 +102,7 @@ from modkit.scheduler.simulate import SimulatedWorker
 from modkit.scheduler.step import never_fits_message, waits_for_ever
 from modkit.sim.cost_model import CostModel, step_features
 from modkit.sim.launch import launch_pool
+from modkit.sim.worker_loop import LoopStep
 from modkit.sim.workload import Workload, WorkloadRequest
 from modkit.trace.events import (
     BlockActivity,
@@ -151,6 +156,7 @@ class StepTiming:
     end: float  # its result is back at the scheduler
     num_sampled: int
     plan_s: float  # the scheduler's work on it before it was sent
+    sample_s: float = 0.0  # the worker's, beyond the forward (with a WorkerLoop: launch, wait, finish)
 
 
 class SimWorker:
@@ -175,6 +181,10 @@ class SimWorker:
         self.driver = SimulatedWorker(self.scheduler, config.async_scheduling)
         self.timings: deque[StepTiming] = deque()  # one per step in self.driver.in_flight
         self.free_at = 0.0  # when its last step in flight ends
+        # A cost model with a WorkerLoop (fitted on a GPU): the worker's loop decides when results leave.
+        loop = sim.cost_model.loop
+        self.loop = None if loop is None else loop.worker(lambda step: sim._sent(self, step))
+        self.wake_at: float | None = None  # when the loop looks again (None: it waits for a plan)
 
 
 class Simulation:
@@ -203,6 +213,8 @@ class Simulation:
                 self._arrival(*what)
             elif kind == "add":
                 self._add(*what)
+            elif kind == "wake":
+                self._wake(*what)
             else:
                 self._step_done(what)
         self.events.sort(key=event_time)  # in time order, as a recorder receives them
@@ -264,6 +276,9 @@ class Simulation:
                 return
         record = scheduler.last_record
         assert record is not None
+        if worker.loop is not None:
+            self._send_to_loop(worker, record, len(step.sampling))
+            return
         idle = len(worker.driver.in_flight) == 1  # nothing else in flight
         # The one scheduler process plans every worker's steps, one after another.
         plan_s = self.cost_model.plan_time(record, self.config.block_size)
@@ -278,6 +293,44 @@ class Simulation:
         worker.free_at = end
         worker.timings.append(StepTiming(record, sent, ready, forward_s, end, len(step.sampling), plan_s))
         self._at(end, "step_done", worker.worker_id)
+
+    def _send_to_loop(self, worker: SimWorker, record: StepRecord, num_sampled: int) -> None:
+        """Send a plan to a worker whose loop is simulated (``modkit.sim.worker_loop``): it arrives
+        a hop later, and its result leaves when the loop finishes it (``_sent``)."""
+        loop, worker_loop = self.cost_model.loop, worker.loop
+        assert loop is not None and worker_loop is not None
+        plan_s = self.cost_model.plan_time(record, self.config.block_size, self.rng)
+        sent = self.planner_free_at = max(self.now + loop.replan_s, self.planner_free_at) + plan_s
+        features = step_features(record.scheduled)
+        timing = StepTiming(record, sent, sent, 0.0, sent, num_sampled, plan_s)
+        worker.timings.append(timing)
+        arrival = sent + loop.hop_in(self.rng)
+        worker_loop.arrive(LoopStep(timing, arrival, loop.launch_time(features, self.rng), loop.device_time(features)))
+        self._wake_at(worker, arrival)
+
+    def _wake_at(self, worker: SimWorker, t: float) -> None:
+        if worker.wake_at is None or t < worker.wake_at:
+            worker.wake_at = t
+            self._at(t, "wake", (worker.worker_id, t))
+
+    def _wake(self, worker_id: int, t: float) -> None:
+        """The worker's loop takes a turn (a wake-up that a sooner one replaced does nothing)."""
+        worker = self.workers[worker_id]
+        if worker.wake_at != t or worker.loop is None:
+            return
+        worker.wake_at = None
+        again = worker.loop.turn(self.now)
+        if again is not None:
+            self._wake_at(worker, again)
+
+    def _sent(self, worker: SimWorker, step: LoopStep) -> None:
+        """A step's result left the worker: it reaches the scheduler a hop later."""
+        assert self.cost_model.loop is not None
+        timing: StepTiming = step.key
+        timing.ready, timing.forward_s = step.launched_at, step.launch_s
+        timing.end = step.sent_at + self.cost_model.loop.hop_out_s
+        timing.sample_s = step.sent_at - step.launched_at - step.launch_s
+        self._at(timing.end, "step_done", worker.worker_id)
 
     def _thread_scale(self, num_tokens: int) -> dict[str, float]:
         """On the CPU, a step's cost at this launch's threads for its size over the fit's ({}: as fitted)."""
@@ -349,7 +402,7 @@ class Simulation:
                 record.step,
                 timing.ready,
                 timing.forward_s,
-                0.0,
+                timing.sample_s,
                 record.tokens_used,
                 len(record.scheduled),
                 timing.num_sampled,
@@ -362,7 +415,7 @@ class Simulation:
             step_s=timing.end - timing.started,
             schedule_s=timing.plan_s,
             forward_s=timing.forward_s,
-            sample_s=0.0,
+            sample_s=timing.sample_s,
         )
 
     def _flush_blocks(self, worker: SimWorker) -> None:
