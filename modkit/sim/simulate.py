@@ -50,11 +50,12 @@ its throughput came out 22% high and its TTFT 44% short. A fixed wait for a step
 than a fitted lead ahead, tried before the loop, made three of four calls' own fits worse: a
 step is late when its plan comes after the device is done with the step before, not after
 the step's whole gap, so the simulation had a small pool's late steps but too few of a base
-run's (7% against 17%). Replayed with the loop on the last call's saved traces, the same fit gave the small pool's
-throughput +3%, TTFT +1% and ITL -6%. On another call, whose fit run was the first traffic of
-a machine started a minute before and planned a KV round trip in 1.25 ms where the later runs
-took 0.5 to 0.6 ms, the loop carried that slow planning to every plan: the small pool came out
-39% slow, against 21% priced per step (docs/benchmarks.md, "Simulation fidelity on a GPU").
+run's (7% against 17%). Replayed with the loop on the last call's saved traces, the same fit
+gave the small pool's throughput +3%, TTFT +1% and ITL -6%. On another call, whose fit run
+was the first traffic of a machine started a minute before and planned a KV round trip in
+1.25 ms where the later runs took 0.5 to 0.6 ms, the loop carried that slow planning to every
+plan: the small pool came out 39% slow, against 21% priced per step (docs/benchmarks.md,
+"Simulation fidelity on a GPU").
 
 On the CPU the workers share the cores (``modkit.sim.cpu_share``). With a cost model fitted on
 the CPU, each step is priced at the threads a step of its size runs on in a launch of this

@@ -36,7 +36,15 @@ to 37% longer than a fit on a base run priced them.
 
 ``launch``, ``hop_in_s`` and ``replan_s`` are measured directly on the trace. The others are
 fitted by replaying the trace's own plans, as they left the scheduler, through ``LoopWorker``,
-so that the replayed launches and results come when the trace's did (``fit_loop``).
+so that the replayed launches and results come when the trace's did (``fit_loop``). The
+simulator draws each plan's hop and planning time from those the fit measured (``hops_in``,
+``plan_spread``): whether a plan comes late depends on their tails, not on their medians.
+
+NOTE: what a trace does not tell apart. The time from a launch's end to the result at the
+scheduler is the sampling's launch, the finish and the hop back, and a trace shows their sum,
+not how it splits: fits on four runs of one H100 call put 0.04 to 0.36 ms on the sampling's
+launch, with the three together 0.2 to 0.5 ms, each replaying its run's results within 0.1 to
+0.2 ms at the median. Where few plans come late, the device's time is as loosely held.
 """
 
 from __future__ import annotations
@@ -81,7 +89,8 @@ class LoopWorker:
     device is done with, launches the plan, and finishes every launched step but the newest
     (waiting for the device). Then it finishes the newest if the device is done with it. With
     nothing to do, it looks again when the next plan arrives or the device finishes a step.
-    ``on_sent`` hears of each step as its result leaves, in the order the steps arrived."""
+    The device runs a step once its launch is over and the step before is done. ``on_sent``
+    hears of each step as its result leaves, in the order the steps arrived."""
 
     def __init__(self, sample_launch_s: float, finish_s: float, on_sent: Callable[[LoopStep], None]) -> None:
         self.sample_launch_s, self.finish_s, self.on_sent = sample_launch_s, finish_s, on_sent
@@ -148,6 +157,9 @@ def replay(
 
 @dataclass(frozen=True, slots=True)
 class WorkerLoop:
+    """A GPU worker's loop, timed (see the module docstring): what ``LoopWorker`` needs for each
+    step, fitted on a trace by ``fit_loop`` (``CostModel.fit`` does it on a GPU trace)."""
+
     launch: dict[str, float]  # FEATURES -> seconds: the host's time to launch a step's forward
     device: dict[str, float]  # DEVICE_FEATURES -> seconds: the device's time beyond the launch
     sample_launch_s: float
