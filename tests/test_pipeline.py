@@ -657,12 +657,13 @@ def test_kv_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it() -
         (warm,) = first
 
         def router_heard_all() -> bool:
-            # Every event each pool published, but those the router knows it lost: the pools' first
-            # events (clearing them at start) may go out before its subscription arrives.
+            # The router's view of each pool holds every event it published: as they came, or in the
+            # snapshot routing took of a pool whose first events (clearing it at start) went out
+            # before the router's subscription arrived, and no later one came.
             stats = p.stats()  # the router's counts first: they can only catch up with the manager's
             workers, pools = stats["router"]["workers"], stats["kv_cache_manager"]["pools"]
-            heard = [w["num_kv_events"] + w["kv_events_lost"] for w in workers]
-            return heard == [pool["num_kv_events"] for pool in pools] and sum(heard) > 0
+            held = [w["kv_view_events"] for w in workers]
+            return held == [pool["num_kv_events"] for pool in pools] and sum(held) > 0
 
         wait_until(router_heard_all, 10, interval_s=0.2)
         stats = p.stats()

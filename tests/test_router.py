@@ -185,6 +185,8 @@ def test_the_router_takes_a_snapshot_of_a_cache_whose_kv_events_it_lost(tmp_path
             for i in (0, 1):
                 assert router.router.workers[i].cached == set(service.pools[i].pool.cached) != set()
                 assert stats["workers"][i]["kv_view_complete"] and stats["workers"][i]["kv_snapshots"] == 1
+                # Neither pool's events came (both before the subscription), yet each view holds them all.
+                assert stats["workers"][i]["kv_view_events"] == service.pool_kv_events[i] > 0
             # Subscribed now: what a pool caches next comes as events, in order, and no snapshot is taken.
             ran(service, 0, "d", list(range(3000, 3048)))
             assert wait_until(lambda: router_hears(0, service), 5, 0.001), "the event never reached the router"

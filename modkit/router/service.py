@@ -30,8 +30,9 @@ each hash is the snapshot's. Numbers that go back on any pool mean the KV cache 
 started again: every view is emptied, and those of the other pools wait for a snapshot.
 (Until an event of the new KV cache manager arrives, nothing tells the router it restarted.)
 ``/stats`` counts, per worker, the events that came, those lost before the last that came
-(``Subscriber.lost``), and the snapshots taken; the KV cache manager's ``/stats`` counts
-what each pool published.
+(``Subscriber.lost``), the snapshots taken, and how many of the pool's events the view holds
+(``kv_view_events``: those that came, or those a snapshot holds); the KV cache manager's
+``/stats`` counts what each pool published.
 
 Restarts of this router: messages in its inbox are lost, and the new one starts with no
 request routed; the frontend sends its requests in flight again (``resubmit``), and
@@ -291,6 +292,9 @@ class RouterService(SwapOwner):
                     "kv_events_lost": self.kv_events.lost(f"worker.{i}"),
                     # Whether every event since the pool's start or the last snapshot came; snapshots taken.
                     "kv_view_complete": self.kv_views[i].complete,
+                    # How many of its pool's events the view holds, as they came or in a snapshot: the
+                    # KV cache manager's count of them once the view has caught up.
+                    "kv_view_events": max(self.kv_views[i].next_seq or 0, self.kv_views[i].snapshot_seq),
                     "kv_snapshots": self.kv_views[i].num_snapshots,
                     "heartbeat_age_s": round(now - self.last_beat[i], 3),
                 }
