@@ -214,11 +214,14 @@ class WorkerLoop:
         return ratio / float(np.median(self.launch_spread)) if self.launch_spread else ratio
 
     def describe(self) -> dict[str, Any]:
-        plain = dataclasses.asdict(self)
-        plain["launch_spread"] = len(self.launch_spread)
-        plain["plan_spread"] = {k: len(v) for k, v in self.plan_spread.items()}
-        plain["hops_in"] = len(self.hops_in)
-        return plain
+        """What it is, as plain values; of the measured samples, how many (a trace's meta keeps it)."""
+        samples = {
+            "launch_spread": len(self.launch_spread),
+            "plan_spread": {k: len(v) for k, v in self.plan_spread.items()},
+            "hops_in": len(self.hops_in),
+        }
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in samples}
+        return {**values, "launch": dict(self.launch), "device": dict(self.device), **samples}
 
     def __repr__(self) -> str:
         launch = ", ".join(f"{k}={v * 1e3:.3g}" for k, v in self.launch.items() if v)
