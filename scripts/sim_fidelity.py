@@ -21,10 +21,16 @@ on this machine, how a step changes with its threads (``modkit.sim.cpu_share``).
 configuration (another rate, budget, block count, policy, worker count), ``--runs`` live runs
 (Poisson workloads of seeds 1, 2, ...) and the simulation of each one's recorded workload
 under that configuration. Each pipeline serves one workload (another seed) before its runs, to
-warm up. On the CPU every configuration's pipeline is launched first and the
-runs go round them (seed 1 of each, then seed 2...), so that a machine whose other load comes
-and goes weighs on every configuration alike (an idle pipeline uses about 1% of a core); on a
-GPU, whose memory each launch takes most of, one configuration after another. Prints a
+warm up; the base configuration's, with ``--settle`` (3% on a GPU by default), as many as it
+takes for the machine's speed to hold still: until a run's steps take within that of what a
+fit on the run before prices them at (``CostModel.pace``), so that the fit run does not catch
+a machine still speeding up (``--most-warm-ups``, 8, at most; the paces go to ``--out``, the
+warm-up runs' traces to ``--save-traces``). A drift of a few percent a run in a machine whose
+pace moves more than that from run to run gets by it (docs/benchmarks.md, H100 J). On the
+CPU every configuration's pipeline is launched first and the runs go round them (seed 1 of
+each, then seed 2...), so that a machine whose other load comes and goes weighs on every
+configuration alike (an idle pipeline uses about 1% of a core); on a GPU, whose memory each
+launch takes most of, one configuration after another. Prints a
 markdown table of the medians over the runs: output throughput, TTFT p50, ITL p50,
 preemptions and prefix-hit rate, live and simulated, and how far the live runs of each
 configuration spread (their range over their median: the machine's own noise); under it, how
@@ -76,6 +82,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +151,32 @@ def live_run(pipeline: Pipeline, workload: Workload, rate: float, output_len: in
             f"{missed}, dropped: {dropped}, components behind: {trace.meta.get('behind')}): its numbers would be wrong"
         )
     return trace
+
+
+def settle(run: Callable[[int], Trace], within: float, most: int) -> list[float]:
+    """Warm-up runs (``run(seed)``, seeds from ``WARM_UP_SEED``) until the machine's speed holds
+    still: until a run's pace against a fit on the run before (``CostModel.pace``) is within
+    ``within`` of 1, at most ``most`` runs. The paces, one per run after the first; the last is
+    the one that settled, unless there are ``most - 1`` of them and none did.
+
+    NOTE: a GPU machine started a minute before ran its decode steps 2.07, 1.88, 1.71 and then
+    1.59 ms apart, four runs of one configuration in a row: a fit on its first run priced every
+    step of the later ones 10 to 30% too long. One warm-up was not enough there."""
+    paces: list[float] = []
+    before: CostModel | None = None
+    for k in range(most):
+        try:
+            trace = run(WARM_UP_SEED + k)
+        except IncompleteTrace:  # a run whose events were lost says nothing of the pace
+            before = None
+            continue
+        if before is not None:
+            paces.append(before.pace(trace))
+            print(f"warm-up {k + 1}: pace {paces[-1]:.3f} against the run before", flush=True)
+            if abs(paces[-1] - 1) <= within:
+                break
+        before = CostModel.fit(trace)
+    return paces
 
 
 def pair(live: dict[str, float], sim: dict[str, float], metric: str, scale: float = 1.0) -> str:
@@ -358,6 +391,15 @@ def main() -> None:
     launch.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on a GPU")
     launch.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     launch.add_argument("--cores", type=int, default=None, help="run on this many of the usable cores (affinity)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="before the fit run, warm up until a run's pace against the run before is within this of 1 "
+        "(default: 0.03 on a GPU; on the CPU one warm-up run, as every other pipeline gets)",
+    )
+    parser.add_argument("--most-warm-ups", type=int, default=8, help="at most this many warm-up runs to settle")
     parser.add_argument("--out", default=None, help="write the machine, the cost model and every run's summaries here")
     parser.add_argument("--save-traces", default=None, help="save each live run's trace in this directory")
     parser.add_argument("--replay", default=None, help="no live run: fit and simulate the traces saved here")
@@ -371,6 +413,12 @@ def main() -> None:
     args.configs = args.configs or [c for c in CONFIGS if c != ANOTHER_LAUNCH]
     host = {**machine(args.device), "load_average_before": os.getloadavg()}
     host["cores_used"] = confine_to_cores(args.cores) if args.cores else None
+    if args.settle is None and host["gpu"] is not None:
+        args.settle = 0.03
+    if args.settle is not None and not 0 < args.settle < 1:
+        parser.error(f"--settle is a fraction between 0 and 1, got {args.settle}")
+    if args.most_warm_ups < 2:
+        parser.error(f"--most-warm-ups must be at least 2 (a pace compares two runs), got {args.most_warm_ups}")
 
     def workload(seed: int, rate: float) -> Workload:
         return Workload.poisson(
@@ -411,6 +459,17 @@ def main() -> None:
                 # NOTE: a fresh pipeline's first requests are slow (on an H200, the first prompts of a launch
                 # reached the scheduler up to 125 ms late), and a fit on them prices every step as the first.
                 rate = args.rate * CONFIGS[name][1]
+                if name == "base" and args.settle is not None:  # the fit run's pipeline: until the machine settles
+
+                    def warm_up_run(seed: int) -> Trace:
+                        trace = live_run(pipeline, workload(seed, rate), rate, args.output_len, seed)
+                        if args.save_traces:  # beside the runs, under a name no configuration has
+                            Path(args.save_traces).mkdir(parents=True, exist_ok=True)
+                            trace.save(Path(args.save_traces, f"warm-up-seed{seed}.json.gz"))
+                        return trace
+
+                    host["settle_paces"] = settle(warm_up_run, args.settle, args.most_warm_ups)
+                    return pipeline
                 warm_up = workload(WARM_UP_SEED, rate)
                 loadgen.open_loop(f"{pipeline.url}/v1", pipeline.model_name, warm_up.prompts, rate, args.output_len, 0)
                 return pipeline

@@ -21,8 +21,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -800,6 +801,43 @@ def test_the_script_sweeps_rates_and_finds_each_configurations_knee(tmp_path: Pa
     assert "unlike fit" in done.stdout
 
 
+def load_sim_fidelity() -> Any:
+    """``scripts/sim_fidelity.py`` as a module."""
+    spec = importlib.util.spec_from_file_location("sim_fidelity", Path(__file__).parents[1] / "scripts/sim_fidelity.py")
+    assert spec is not None and spec.loader is not None
+    sim_fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim_fidelity)
+    return sim_fidelity
+
+
+def test_sim_fidelity_settles_the_machine_before_the_fit_run() -> None:
+    """``sim_fidelity.settle``: warm-up runs until one's pace against a fit on the run before is
+    within the bound; a run whose trace lost events counts for nothing; at most ``most`` runs."""
+    sim_fidelity = load_sim_fidelity()
+    served: list[int] = []
+
+    def machine(speeds: dict[int, float]) -> Callable[[int], Trace]:
+        def run(seed: int) -> Trace:
+            served.append(seed)
+            if speeds[seed] == 0:
+                raise sim_fidelity.IncompleteTrace("lost on the way")
+            return simulate(poisson(seed=seed), COST.scaled(speeds[seed]))
+
+        return run
+
+    first = sim_fidelity.WARM_UP_SEED
+    speeding_up = {first + k: f for k, f in enumerate([1.4, 1.2, 1.05, 1.04, 1.0, 1.0, 1.0, 1.0])}
+    paces = sim_fidelity.settle(machine(speeding_up), 0.03, 8)
+    assert paces == pytest.approx([1.2 / 1.4, 1.05 / 1.2, 1.04 / 1.05], rel=0.01)
+    assert served == [first, first + 1, first + 2, first + 3]
+    served.clear()  # a lost run in between: the next one has no run before it to be measured against
+    paces = sim_fidelity.settle(machine({**speeding_up, first + 2: 0}), 0.03, 8)
+    assert paces == pytest.approx([1.2 / 1.4, 1.0 / 1.04, 1.0], rel=0.01) and len(served) == 6
+    served.clear()  # never settles: stops after ``most`` runs
+    swinging = {first + k: 1.0 + 0.2 * (k % 2) for k in range(8)}
+    assert len(sim_fidelity.settle(machine(swinging), 0.03, 4)) == 3 and len(served) == 4
+
+
 def test_sim_fidelity_replays_saved_traces_under_their_configurations(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -808,10 +846,7 @@ def test_sim_fidelity_replays_saved_traces_under_their_configurations(
     fit, with a fit on the run itself and, for CPU runs (which go round the pipelines), with a fit
     on the base run of its round (of the round before, for a base run), and with the first fit at
     the run's pace, exactly as fitting and simulating them by hand does."""
-    spec = importlib.util.spec_from_file_location("sim_fidelity", Path(__file__).parents[1] / "scripts/sim_fidelity.py")
-    assert spec is not None and spec.loader is not None
-    sim_fidelity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sim_fidelity)
+    sim_fidelity = load_sim_fidelity()
     runs = {
         "base-seed0": simulate(poisson(seed=0), COST),
         "base-seed1": simulate(poisson(seed=1), COST.scaled(1.25)),  # on a machine a quarter slower
