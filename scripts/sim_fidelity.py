@@ -469,9 +469,11 @@ def main() -> None:
                         return trace
 
                     host["settle_paces"] = settle(warm_up_run, args.settle, args.most_warm_ups)
-                    return pipeline
-                warm_up = workload(WARM_UP_SEED, rate)
-                loadgen.open_loop(f"{pipeline.url}/v1", pipeline.model_name, warm_up.prompts, rate, args.output_len, 0)
+                else:
+                    warm_up = workload(WARM_UP_SEED, rate)
+                    loadgen.open_loop(
+                        f"{pipeline.url}/v1", pipeline.model_name, warm_up.prompts, rate, args.output_len, 0
+                    )
                 return pipeline
 
             pipelines = {n: up(n) for n in names} if together else {}
