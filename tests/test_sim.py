@@ -838,6 +838,28 @@ def test_sim_fidelity_settles_the_machine_before_the_fit_run() -> None:
     assert len(sim_fidelity.settle(machine(swinging), 0.03, 4)) == 3 and len(served) == 4
 
 
+@pytest.mark.slow
+def test_sim_fidelity_settles_a_live_pipeline() -> None:
+    """``settle`` on a live pipeline, as ``sim_fidelity.py --settle`` runs it: each warm-up is a
+    traced run of the real pipeline, the paces are of real fits on them, and it stops at the
+    first pace within the bound or after ``most`` runs."""
+    sim_fidelity = load_sim_fidelity()
+    served: list[int] = []
+    with Pipeline.launch(ports="auto", seed=0, progress=False) as pipeline:
+
+        def run(seed: int) -> Trace:
+            served.append(seed)
+            warm_up = poisson(n=20, seed=seed)
+            return sim_fidelity.live_run(pipeline, warm_up, 20.0, 16, seed)
+
+        paces = sim_fidelity.settle(run, 0.10, 3)
+    first = sim_fidelity.WARM_UP_SEED
+    assert served == list(range(first, first + len(paces) + 1)) and 1 <= len(paces) <= 2, (served, paces)
+    assert all(0.5 < pace < 2.0 for pace in paces), paces  # one machine, a few seconds apart
+    settled = [abs(pace - 1) <= 0.10 for pace in paces]
+    assert not any(settled[:-1]) and (settled[-1] or len(served) == 3), paces
+
+
 def test_sim_fidelity_replays_saved_traces_under_their_configurations(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
